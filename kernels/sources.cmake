@@ -1,0 +1,4 @@
+# CUDA sources of the library, added to the loramoe targets by native/CMakeLists.txt.
+set(LMOE_CUDA_SOURCES
+  ${PROJECT_SOURCE_DIR}/native/src/backend_cuda.c
+)

@@ -1,0 +1,378 @@
+/*
+ * loramoe — prefill of Mixture-of-Experts layers with per-request LoRA adapters.
+ *
+ * One public header. It is FFI-clean: no function-like macros a binding needs, no
+ * bitfields, no varargs, fixed-width integers, no CUDA types. The LuaJIT cdef is
+ * generated from this file at build time (see lua/CMakeLists.txt).
+ *
+ * Conventions
+ *  - Every fallible call returns an lmoe_status; objects come back through
+ *    out-parameters. lmoe_status_string() names a status; the context that the call
+ *    went through holds a human-readable message (lmoe_context_last_error()).
+ *  - Streams are `void *` (a cudaStream_t on the cuda backend, ignored on cpu) and
+ *    come last. NULL means the context's stream.
+ *  - lmoe_forward() only enqueues: it never waits for the device, copies back or
+ *    allocates. Calls that do wait (buffer reads, synchronize) say so and are counted
+ *    in lmoe_counters.host_waits.
+ *  - Release functions accept NULL. Objects keep the objects they depend on alive
+ *    (reference counted), so releasing in any order is safe.
+ *  - The library never aborts, exits or prints.
+ */
+#ifndef LORAMOE_H
+#define LORAMOE_H
+
+#ifndef LMOE_FFI_CDEF
+#include <stddef.h>
+#include <stdint.h>
+#if defined(LMOE_BUILDING) && defined(__GNUC__)
+#define LMOE_API __attribute__((visibility("default")))
+#else
+#define LMOE_API
+#endif
+#ifdef __cplusplus
+extern "C" {
+#endif
+#else
+#define LMOE_API
+#endif
+
+/* Bumped when a struct below grows; structs carry their size in struct_size. */
+enum { LMOE_VERSION_MAJOR = 0, LMOE_VERSION_MINOR = 1, LMOE_VERSION_PATCH = 0 };
+
+typedef enum lmoe_status {
+  LMOE_OK = 0,
+  LMOE_ERR_INVALID_ARGUMENT = 1, /* NULL, wrong shape, out of range, wrong dtype */
+  LMOE_ERR_OUT_OF_MEMORY = 2,    /* host or device allocation failed */
+  LMOE_ERR_UNSUPPORTED = 3,      /* valid request the build or backend can't do */
+  LMOE_ERR_BACKEND = 4,          /* the CUDA runtime or driver reported an error */
+  LMOE_ERR_STATE = 5,            /* object in the wrong state (empty slot, closed, stale) */
+  LMOE_ERR_NOT_FOUND = 6,        /* name, file or device not found */
+  LMOE_ERR_FULL = 7,             /* no free slot and nothing evictable */
+  LMOE_ERR_IO = 8,               /* reading or writing a file failed */
+  LMOE_ERR_FORMAT = 9            /* a file's content is malformed */
+} lmoe_status;
+
+typedef enum lmoe_backend {
+  LMOE_BACKEND_AUTO = 0, /* cuda when built with CUDA and a device is present, else cpu */
+  LMOE_BACKEND_CPU = 1,
+  LMOE_BACKEND_CUDA = 2
+} lmoe_backend;
+
+typedef enum lmoe_dtype {
+  LMOE_DTYPE_BF16 = 0,
+  LMOE_DTYPE_F16 = 1,
+  LMOE_DTYPE_F32 = 2,
+  LMOE_DTYPE_F64 = 3, /* host-side results (the float64 reference) */
+  LMOE_DTYPE_I32 = 4  /* top-k expert ids */
+} lmoe_dtype;
+
+typedef enum lmoe_memory {
+  LMOE_MEMORY_HOST = 0,  /* pageable host memory */
+  LMOE_MEMORY_DEVICE = 1 /* device memory of the context (host memory on the cpu backend) */
+} lmoe_memory;
+
+/* How a forward decides whether to enqueue LoRA work (DESIGN.md, "guard mode"). */
+typedef enum lmoe_guard {
+  LMOE_GUARD_HOST = 0,        /* from the batch, on the host: no LoRA work when none is active */
+  LMOE_GUARD_DEVICE_SYNC = 1, /* the old way: reduce on the device, copy back, wait (1 wait/forward) */
+  LMOE_GUARD_ALWAYS = 2       /* enqueue LoRA work regardless; it exits early on device flags */
+} lmoe_guard;
+
+/* Which parts of an expert an adapter targets (bit mask). */
+typedef enum lmoe_target {
+  LMOE_TARGET_GATE = 1,
+  LMOE_TARGET_UP = 2,
+  LMOE_TARGET_DOWN = 4,
+  LMOE_TARGET_ALL = 7
+} lmoe_target;
+
+enum { LMOE_NO_ADAPTER = -1 }; /* slot of a request without adapter */
+
+typedef struct lmoe_context lmoe_context;
+typedef struct lmoe_buffer lmoe_buffer;
+typedef struct lmoe_layer lmoe_layer;
+typedef struct lmoe_pool lmoe_pool;
+typedef struct lmoe_batch lmoe_batch;
+
+/* ---------------------------------------------------------------- library */
+
+LMOE_API const char *lmoe_version(void);
+LMOE_API const char *lmoe_status_string(lmoe_status status);
+/* 1 when this build contains the CUDA backend. */
+LMOE_API int32_t lmoe_has_cuda(void);
+/* Number of CUDA devices visible (0 when built without CUDA or none present). */
+LMOE_API lmoe_status lmoe_device_count(int32_t *out);
+
+typedef struct lmoe_device_info {
+  uint32_t struct_size;
+  char name[256];
+  int32_t cc_major, cc_minor;
+  int32_t sm_count;
+  int64_t memory_bytes;
+  int64_t l2_bytes;
+} lmoe_device_info;
+LMOE_API lmoe_status lmoe_device_get_info(int32_t device, lmoe_device_info *out);
+
+/* Bytes per element of a dtype, 0 for an unknown one. */
+LMOE_API size_t lmoe_dtype_size(int32_t dtype);
+LMOE_API const char *lmoe_dtype_name(int32_t dtype);
+
+/* PEFT's LoRA scale: alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
+LMOE_API float lmoe_lora_scale(float alpha, int32_t rank, int32_t use_rslora);
+
+/* ---------------------------------------------------------------- context */
+
+/* Optional allocator hooks for device memory (host memory on the cpu backend).
+   Both NULL: the backend's own (cudaMalloc / aligned malloc). */
+typedef struct lmoe_allocator {
+  void *(*alloc)(void *user, size_t bytes);
+  void (*free)(void *user, void *ptr);
+  void *user;
+} lmoe_allocator;
+
+typedef struct lmoe_context_config {
+  uint32_t struct_size; /* sizeof(lmoe_context_config) */
+  int32_t backend;      /* lmoe_backend */
+  int32_t device;       /* CUDA device ordinal */
+  void *stream;         /* cudaStream_t to enqueue on; NULL: the context creates its own */
+  int32_t threads;      /* cpu backend worker threads; 0: one per core */
+  int32_t guard;        /* lmoe_guard */
+  lmoe_allocator allocator;
+} lmoe_context_config;
+
+/* Fill cfg with the defaults (auto backend, device 0, own stream, guard host). */
+LMOE_API void lmoe_context_config_init(lmoe_context_config *cfg);
+/* cfg may be NULL (defaults). On failure *out is NULL and, when errbuf is given, it
+   receives the reason. */
+LMOE_API lmoe_status lmoe_context_create(const lmoe_context_config *cfg, lmoe_context **out,
+                                         char *errbuf, size_t errbuf_size);
+LMOE_API void lmoe_context_release(lmoe_context *ctx);
+/* Message of the last failed call made through this context ("" when none). */
+LMOE_API const char *lmoe_context_last_error(const lmoe_context *ctx);
+LMOE_API int32_t lmoe_context_backend(const lmoe_context *ctx);
+LMOE_API int32_t lmoe_context_threads(const lmoe_context *ctx);
+LMOE_API lmoe_status lmoe_context_set_guard(lmoe_context *ctx, int32_t guard);
+LMOE_API int32_t lmoe_context_guard(const lmoe_context *ctx);
+/* The stream forwards use when they are given NULL. */
+LMOE_API void *lmoe_context_stream(const lmoe_context *ctx);
+/* Waits until all work enqueued on the stream (NULL: the context's) has finished.
+   Counted as a host wait. */
+LMOE_API lmoe_status lmoe_context_synchronize(lmoe_context *ctx, void *stream);
+
+typedef struct lmoe_counters {
+  uint64_t forwards;       /* lmoe_forward calls that enqueued work */
+  uint64_t launches;       /* kernel launches (cuda) or parallel tasks (cpu) */
+  uint64_t lora_launches;  /* of which for LoRA work */
+  uint64_t host_waits;     /* times the host waited for the device */
+  uint64_t uploads;        /* host-to-device copies */
+  uint64_t bytes_uploaded; /* their bytes */
+  uint64_t downloads;      /* device-to-host copies */
+} lmoe_counters;
+LMOE_API lmoe_status lmoe_context_counters(const lmoe_context *ctx, lmoe_counters *out);
+LMOE_API void lmoe_context_reset_counters(lmoe_context *ctx);
+
+/* ---------------------------------------------------------------- buffers */
+
+enum { LMOE_MAX_DIMS = 4 };
+
+typedef struct lmoe_buffer_desc {
+  int32_t dtype;  /* lmoe_dtype */
+  int32_t memory; /* lmoe_memory */
+  int32_t ndim;
+  int64_t shape[LMOE_MAX_DIMS];
+  int64_t numel;
+  size_t bytes;
+  void *data;     /* host or device address */
+} lmoe_buffer_desc;
+
+LMOE_API lmoe_status lmoe_buffer_create(lmoe_context *ctx, int32_t dtype, int32_t memory,
+                                        int32_t ndim, const int64_t *shape, lmoe_buffer **out);
+/* A buffer over memory the caller owns and keeps alive (not freed by the library). */
+LMOE_API lmoe_status lmoe_buffer_wrap(lmoe_context *ctx, int32_t dtype, int32_t memory,
+                                      int32_t ndim, const int64_t *shape, void *data,
+                                      lmoe_buffer **out);
+LMOE_API void lmoe_buffer_release(lmoe_buffer *buf);
+LMOE_API lmoe_status lmoe_buffer_describe(const lmoe_buffer *buf, lmoe_buffer_desc *out);
+/* Copy `count` elements of src_dtype from host memory into the buffer at element
+   `offset`, converting. Blocking (the data is in place when it returns). */
+LMOE_API lmoe_status lmoe_buffer_write(lmoe_buffer *buf, int64_t offset, const void *src,
+                                       int32_t src_dtype, int64_t count);
+/* Copy `count` elements from element `offset` into host memory as dst_dtype. Waits for
+   the context's stream first (counted as a host wait on the cuda backend). */
+LMOE_API lmoe_status lmoe_buffer_read(lmoe_buffer *buf, int64_t offset, void *dst,
+                                      int32_t dst_dtype, int64_t count);
+/* Fill with uniform values in [lo, hi) from a counter-based generator: the same seed
+   gives the same values on every backend. Integer buffers get floor(value). Enqueued. */
+LMOE_API lmoe_status lmoe_buffer_fill_random(lmoe_buffer *buf, uint64_t seed, float lo,
+                                             float hi, void *stream);
+LMOE_API lmoe_status lmoe_buffer_fill(lmoe_buffer *buf, double value, void *stream);
+
+typedef struct lmoe_compare_result {
+  double rel_l2;       /* ||a - ref|| / ||ref|| */
+  double max_abs;      /* max |a - ref| over finite pairs */
+  double ref_l2;       /* ||ref|| */
+  int64_t nonfinite;   /* elements of a that are NaN or Inf */
+  int64_t numel;
+} lmoe_compare_result;
+/* Compares two buffers of the same element count (any dtypes, any memory). Waits. */
+LMOE_API lmoe_status lmoe_buffer_compare(lmoe_buffer *a, lmoe_buffer *ref,
+                                         lmoe_compare_result *out);
+
+/* ---------------------------------------------------------------- MoE layer */
+
+typedef struct lmoe_layer_config {
+  uint32_t struct_size;
+  int32_t num_experts;  /* E */
+  int32_t hidden;       /* H */
+  int32_t intermediate; /* I */
+  int32_t top_k;        /* k, 1..E */
+  int32_t renormalize;  /* renormalise the top-k weights to sum to 1 */
+  int32_t max_tokens;   /* largest M a forward may get; sizes the workspace */
+} lmoe_layer_config;
+
+LMOE_API void lmoe_layer_config_init(lmoe_layer_config *cfg);
+/* Allocates the expert weights (uninitialised) and reserves the context's workspace. */
+LMOE_API lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg,
+                                       lmoe_layer **out);
+LMOE_API void lmoe_layer_release(lmoe_layer *layer);
+LMOE_API lmoe_status lmoe_layer_get_config(const lmoe_layer *layer, lmoe_layer_config *out);
+/* All experts from host memory: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+   Either may be NULL to leave that part unchanged. Stored as bf16. Blocking. */
+LMOE_API lmoe_status lmoe_layer_set_weights(lmoe_layer *layer, const void *w13, const void *w2,
+                                            int32_t dtype);
+/* One expert: gate [I, H], up [I, H], down [H, I]; NULL leaves that part unchanged. */
+LMOE_API lmoe_status lmoe_layer_set_expert(lmoe_layer *layer, int32_t expert, const void *gate,
+                                           const void *up, const void *down, int32_t dtype);
+/* Uniform random weights in [-scale, scale), the same on every backend for one seed. */
+LMOE_API lmoe_status lmoe_layer_randomize(lmoe_layer *layer, uint64_t seed, float scale);
+/* The layer's weight storage as buffers owned by the layer (valid while it lives):
+   which = 0 for W13 [E, 2I, H], 1 for W2 [E, H, I]. */
+LMOE_API lmoe_status lmoe_layer_weights(lmoe_layer *layer, int32_t which, lmoe_buffer **out);
+
+/* ---------------------------------------------------------------- adapter pool */
+
+typedef struct lmoe_pool_config {
+  uint32_t struct_size;
+  int32_t num_slots; /* fixed number of adapter slots */
+  int32_t max_rank;  /* largest rank of any part of any adapter */
+} lmoe_pool_config;
+
+LMOE_API void lmoe_pool_config_init(lmoe_pool_config *cfg);
+/* A pool holds adapters for one layer's shapes. */
+LMOE_API lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg,
+                                      lmoe_pool **out);
+LMOE_API void lmoe_pool_release(lmoe_pool *pool);
+LMOE_API lmoe_status lmoe_pool_get_config(const lmoe_pool *pool, lmoe_pool_config *out);
+
+/* One LoRA part for every expert, in host memory, PEFT's layout per expert:
+   a [E, rank, in], b [E, out, rank]. a == NULL and b == NULL: part absent. */
+typedef struct lmoe_lora_part {
+  const void *a;
+  const void *b;
+  int32_t rank;
+  float scale; /* multiplies B·A; see lmoe_lora_scale() */
+} lmoe_lora_part;
+
+/* An adapter's weights for one layer. Gate and up are given either separately
+   (PEFT on gate_proj / up_proj modules: in = H, out = I each) or fused (PEFT
+   target_parameters on gate_up_proj: in = H, out = 2I, one rank), never both. */
+typedef struct lmoe_adapter_desc {
+  uint32_t struct_size;
+  int32_t dtype;          /* of every array below */
+  lmoe_lora_part gate;    /* out = I */
+  lmoe_lora_part up;      /* out = I */
+  lmoe_lora_part gate_up; /* fused: out = 2I */
+  lmoe_lora_part down;    /* in = I, out = H */
+} lmoe_adapter_desc;
+
+LMOE_API void lmoe_adapter_desc_init(lmoe_adapter_desc *desc);
+
+/* A synthetic adapter for experiments and tests. */
+typedef struct lmoe_random_adapter {
+  uint32_t struct_size;
+  int32_t targets;    /* lmoe_target mask */
+  int32_t fused;      /* gate and up as one gate_up part */
+  int32_t rank;
+  float alpha;
+  int32_t use_rslora;
+  uint64_t seed;
+  float scale;        /* A and B values uniform in [-scale, scale) */
+} lmoe_random_adapter;
+
+LMOE_API void lmoe_random_adapter_init(lmoe_random_adapter *spec);
+
+/* Loads an adapter into `slot` (replacing what it held: stream-ordered, work already
+   enqueued keeps reading the old weights). Copies the arrays; they may be freed after. */
+LMOE_API lmoe_status lmoe_pool_load(lmoe_pool *pool, int32_t slot, const lmoe_adapter_desc *desc);
+LMOE_API lmoe_status lmoe_pool_load_random(lmoe_pool *pool, int32_t slot,
+                                           const lmoe_random_adapter *spec);
+LMOE_API lmoe_status lmoe_pool_unload(lmoe_pool *pool, int32_t slot);
+
+typedef struct lmoe_slot_info {
+  int32_t loaded;
+  int32_t targets;      /* lmoe_target mask */
+  int32_t fused;
+  int32_t rank_gate, rank_up, rank_down; /* 0 when absent; gate = up = rank when fused */
+  float scale_gate, scale_up, scale_down;
+  int32_t max_rank;     /* largest of the ranks */
+  int64_t bytes;        /* device bytes this slot's weights occupy */
+  uint64_t generation;  /* bumps on every load/unload of the slot */
+} lmoe_slot_info;
+LMOE_API lmoe_status lmoe_pool_slot_info(const lmoe_pool *pool, int32_t slot, lmoe_slot_info *out);
+
+/* ---------------------------------------------------------------- batch */
+
+typedef struct lmoe_batch_info {
+  int32_t num_requests;
+  int64_t num_tokens;    /* M */
+  int32_t has_active;    /* any request uses an adapter */
+  int32_t num_active;    /* distinct slots used */
+  int32_t max_rank;      /* largest rank among the active slots (needs a pool) */
+  int32_t max_slot;      /* largest slot used, -1 when none */
+} lmoe_batch_info;
+
+LMOE_API lmoe_status lmoe_batch_create(lmoe_context *ctx, lmoe_batch **out);
+LMOE_API void lmoe_batch_release(lmoe_batch *batch);
+/* Requests in order: request i has tokens[i] consecutive tokens (>= 0) and uses
+   slots[i] (or LMOE_NO_ADAPTER). Computes on the host the segment offsets, the set of
+   active slots, tokens per active slot, has_active and, when pool is given, checks the
+   slots hold adapters and finds the largest active rank. slots may be NULL (no
+   adapters). Reuses its storage: no allocation once it has seen this many requests. */
+LMOE_API lmoe_status lmoe_batch_set(lmoe_batch *batch, const lmoe_pool *pool, int32_t num_requests,
+                                    const int32_t *tokens, const int32_t *slots);
+LMOE_API lmoe_status lmoe_batch_get_info(const lmoe_batch *batch, lmoe_batch_info *out);
+/* Segment offsets (num_requests + 1 entries) into out; returns how many were written. */
+LMOE_API int32_t lmoe_batch_offsets(const lmoe_batch *batch, int64_t *out, int32_t capacity);
+/* Active slots in increasing order, and the tokens each one has (either may be NULL). */
+LMOE_API int32_t lmoe_batch_active_slots(const lmoe_batch *batch, int32_t *slots,
+                                         int64_t *tokens, int32_t capacity);
+
+/* ---------------------------------------------------------------- forward */
+
+typedef struct lmoe_forward_args {
+  uint32_t struct_size;
+  lmoe_layer *layer;
+  lmoe_pool *pool;            /* may be NULL when the batch uses no adapter */
+  const lmoe_batch *batch;    /* its token count is M */
+  lmoe_buffer *x;             /* [M, H] bf16 */
+  lmoe_buffer *router_logits; /* [M, E] f32 or bf16; or NULL and the two below */
+  lmoe_buffer *topk_ids;      /* [M, k] i32, given routing */
+  lmoe_buffer *topk_weights;  /* [M, k] f32, used as given */
+  lmoe_buffer *out;           /* [M, H] bf16, overwritten */
+} lmoe_forward_args;
+
+LMOE_API void lmoe_forward_args_init(lmoe_forward_args *args);
+/* Enqueues one MoE layer on `stream` (NULL: the context's) and returns. */
+LMOE_API lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void *stream);
+
+/* The float64 reference: straightforward loops in double precision over the same
+   inputs, written independently of the backends. out is an f32 or f64 buffer of
+   [M, H] in host memory. Waits for the context's stream. Slow: for tests. */
+LMOE_API lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *args);
+
+#ifndef LMOE_FFI_CDEF
+#ifdef __cplusplus
+}
+#endif
+#endif
+#endif /* LORAMOE_H */

@@ -1,0 +1,208 @@
+/* Context: backend choice, stream, errors, counters; library-wide queries. */
+#include "internal.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LMOE_STR2(x) #x
+#define LMOE_STR(x) LMOE_STR2(x)
+
+const char *lmoe_version(void) { return "0.1.0"; }
+
+const char *lmoe_status_string(lmoe_status status) {
+  switch (status) {
+  case LMOE_OK: return "ok";
+  case LMOE_ERR_INVALID_ARGUMENT: return "invalid argument";
+  case LMOE_ERR_OUT_OF_MEMORY: return "out of memory";
+  case LMOE_ERR_UNSUPPORTED: return "unsupported";
+  case LMOE_ERR_BACKEND: return "backend error";
+  case LMOE_ERR_STATE: return "invalid state";
+  case LMOE_ERR_NOT_FOUND: return "not found";
+  case LMOE_ERR_FULL: return "full";
+  case LMOE_ERR_IO: return "i/o error";
+  case LMOE_ERR_FORMAT: return "format error";
+  }
+  return "unknown status";
+}
+
+int32_t lmoe_has_cuda(void) {
+#ifdef LMOE_HAVE_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+lmoe_status lmoe_device_count(int32_t *out) {
+  if (!out) return LMOE_ERR_INVALID_ARGUMENT;
+#ifdef LMOE_HAVE_CUDA
+  *out = lmoe_cuda_device_count();
+#else
+  *out = 0;
+#endif
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_device_get_info(int32_t device, lmoe_device_info *out) {
+  if (!out) return LMOE_ERR_INVALID_ARGUMENT;
+  memset(out, 0, sizeof *out);
+  out->struct_size = sizeof *out;
+#ifdef LMOE_HAVE_CUDA
+  return lmoe_cuda_device_info(device, out);
+#else
+  (void)device;
+  return LMOE_ERR_UNSUPPORTED;
+#endif
+}
+
+float lmoe_lora_scale(float alpha, int32_t rank, int32_t use_rslora) {
+  if (rank <= 0) return 0.0f;
+  return use_rslora ? (float)(alpha / sqrt((double)rank)) : alpha / (float)rank;
+}
+
+lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...) {
+  if (ctx) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ctx->error, sizeof ctx->error, fmt, ap);
+    va_end(ap);
+  }
+  return st;
+}
+
+void lmoe_clear_error(lmoe_context *ctx) {
+  if (ctx) ctx->error[0] = '\0';
+}
+
+void lmoe_context_config_init(lmoe_context_config *cfg) {
+  if (!cfg) return;
+  memset(cfg, 0, sizeof *cfg);
+  cfg->struct_size = sizeof *cfg;
+  cfg->backend = LMOE_BACKEND_AUTO;
+  cfg->guard = LMOE_GUARD_HOST;
+}
+
+static lmoe_status create_fail(char *errbuf, size_t n, lmoe_status st, const char *msg) {
+  if (errbuf && n) snprintf(errbuf, n, "%s", msg);
+  return st;
+}
+
+lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context **out,
+                                char *errbuf, size_t errbuf_size) {
+  if (errbuf && errbuf_size) errbuf[0] = '\0';
+  if (!out) return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
+  *out = NULL;
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  if (cfg_in) {
+    if (cfg_in->struct_size < offsetof(lmoe_context_config, allocator) ||
+        cfg_in->struct_size > sizeof cfg)
+      return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,
+                         "config.struct_size is not a known size of lmoe_context_config "
+                         "(call lmoe_context_config_init first)");
+    memcpy(&cfg, cfg_in, cfg_in->struct_size);
+  }
+  if (cfg.backend < LMOE_BACKEND_AUTO || cfg.backend > LMOE_BACKEND_CUDA)
+    return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,
+                       "backend must be auto, cpu or cuda");
+  if (cfg.guard < LMOE_GUARD_HOST || cfg.guard > LMOE_GUARD_ALWAYS)
+    return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,
+                       "guard must be host, device_sync or always");
+  if (cfg.threads < 0 || cfg.threads > 1024)
+    return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,
+                       "threads must be 0 (one per core) .. 1024");
+  if (cfg.device < 0)
+    return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT, "device must be >= 0");
+  if ((cfg.allocator.alloc == NULL) != (cfg.allocator.free == NULL))
+    return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,
+                       "allocator.alloc and allocator.free must be given together");
+
+  const lmoe_backend_ops *ops = NULL;
+  int32_t backend = cfg.backend;
+  if (backend == LMOE_BACKEND_AUTO) {
+    backend = LMOE_BACKEND_CPU;
+#ifdef LMOE_HAVE_CUDA
+    if (lmoe_cuda_device_count() > cfg.device) backend = LMOE_BACKEND_CUDA;
+#endif
+  }
+  if (backend == LMOE_BACKEND_CUDA) {
+#ifdef LMOE_HAVE_CUDA
+    ops = lmoe_cuda_backend();
+#else
+    return create_fail(errbuf, errbuf_size, LMOE_ERR_UNSUPPORTED,
+                       "this build of loramoe has no CUDA backend (built without nvcc)");
+#endif
+  } else {
+    ops = lmoe_cpu_backend();
+  }
+
+  lmoe_context *ctx = calloc(1, sizeof *ctx);
+  if (!ctx) return create_fail(errbuf, errbuf_size, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  ctx->obj.magic = LMOE_MAGIC_CONTEXT;
+  atomic_init(&ctx->obj.refs, 1);
+  ctx->ops = ops;
+  ctx->backend = backend;
+  ctx->device = cfg.device;
+  ctx->stream = cfg.stream;
+  ctx->threads = cfg.threads;
+  ctx->guard = cfg.guard;
+  ctx->allocator = cfg.allocator;
+  lmoe_status st = ops->init(ctx);
+  if (st != LMOE_OK) {
+    create_fail(errbuf, errbuf_size, st, ctx->error[0] ? ctx->error : lmoe_status_string(st));
+    free(ctx);
+    return st;
+  }
+  *out = ctx;
+  return LMOE_OK;
+}
+
+void lmoe_context_retain(lmoe_context *ctx) { atomic_fetch_add(&ctx->obj.refs, 1); }
+
+void lmoe_context_release(lmoe_context *ctx) {
+  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return;
+  if (atomic_fetch_sub(&ctx->obj.refs, 1) != 1) return;
+  if (ctx->workspace) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, ctx->workspace);
+  ctx->ops->fini(ctx);
+  ctx->obj.magic = 0;
+  free(ctx);
+}
+
+const char *lmoe_context_last_error(const lmoe_context *ctx) {
+  if (!ctx) return "context is NULL";
+  if (ctx->obj.magic != LMOE_MAGIC_CONTEXT) return "not a loramoe context";
+  return ctx->error;
+}
+
+int32_t lmoe_context_backend(const lmoe_context *ctx) { return ctx ? ctx->backend : -1; }
+int32_t lmoe_context_threads(const lmoe_context *ctx) { return ctx ? ctx->threads : 0; }
+int32_t lmoe_context_guard(const lmoe_context *ctx) { return ctx ? ctx->guard : -1; }
+void *lmoe_context_stream(const lmoe_context *ctx) { return ctx ? ctx->stream : NULL; }
+
+lmoe_status lmoe_context_set_guard(lmoe_context *ctx, int32_t guard) {
+  if (!ctx) return LMOE_ERR_INVALID_ARGUMENT;
+  if (guard < LMOE_GUARD_HOST || guard > LMOE_GUARD_ALWAYS)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "guard %d is not one of host (0), device_sync (1), always (2)", (int)guard);
+  ctx->guard = guard;
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_context_synchronize(lmoe_context *ctx, void *stream) {
+  if (!ctx) return LMOE_ERR_INVALID_ARGUMENT;
+  ctx->counters.host_waits++;
+  return ctx->ops->synchronize(ctx, stream ? stream : ctx->stream);
+}
+
+lmoe_status lmoe_context_counters(const lmoe_context *ctx, lmoe_counters *out) {
+  if (!ctx || !out) return LMOE_ERR_INVALID_ARGUMENT;
+  *out = ctx->counters;
+  return LMOE_OK;
+}
+
+void lmoe_context_reset_counters(lmoe_context *ctx) {
+  if (ctx) memset(&ctx->counters, 0, sizeof ctx->counters);
+}

@@ -1,0 +1,134 @@
+/* Forward: validate arguments, decide on the host whether LoRA work is enqueued,
+   hand the plan to the backend. Nothing here waits for the device. */
+#include "internal.h"
+
+#include <string.h>
+
+
+void lmoe_forward_args_init(lmoe_forward_args *a) {
+  if (!a) return;
+  memset(a, 0, sizeof *a);
+  a->struct_size = sizeof *a;
+}
+
+static lmoe_status check_buf(lmoe_context *ctx, const lmoe_buffer *b, const char *name,
+                             int32_t dtype_a, int32_t dtype_b, int64_t d0, int64_t d1, bool device) {
+  char tmp[96];
+  if (!b || b->obj.magic != LMOE_MAGIC_BUFFER)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s is %s", name, b ? "not a loramoe buffer" : "NULL");
+  if (b->ctx != ctx)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s belongs to another context", name);
+  if (b->dtype != dtype_a && b->dtype != dtype_b)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s has dtype %s; expected %s%s%s", name,
+                     lmoe_dtype_name(b->dtype), lmoe_dtype_name(dtype_a),
+                     dtype_b != dtype_a ? " or " : "", dtype_b != dtype_a ? lmoe_dtype_name(dtype_b) : "");
+  if (b->ndim != 2 || b->shape[0] != d0 || b->shape[1] != d1)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s has shape %s; expected [%lld, %lld]", name,
+                     lmoe_shape_str(b, tmp, sizeof tmp), (long long)d0, (long long)d1);
+  if (device && b->memory != LMOE_MEMORY_DEVICE && ctx->backend != LMOE_BACKEND_CPU)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s must be in device memory", name);
+  return LMOE_OK;
+}
+
+/* Shared by lmoe_forward and lmoe_reference_forward. */
+lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
+                                  lmoe_forward_plan *plan, bool out_is_reference) {
+  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(ctx);
+  if (!a) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "forward args are NULL");
+  if (a->struct_size != sizeof *a)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "forward args struct_size is %u, expected %zu (call lmoe_forward_args_init)",
+                     a->struct_size, sizeof *a);
+  lmoe_layer *l = a->layer;
+  if (!l || l->obj.magic != LMOE_MAGIC_LAYER)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "layer is %s", l ? "not a loramoe layer" : "NULL");
+  if (l->ctx != ctx) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "layer belongs to another context");
+  const lmoe_batch *b = a->batch;
+  if (!b || b->obj.magic != LMOE_MAGIC_BATCH)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "batch is %s", b ? "not a loramoe batch" : "NULL");
+  if (b->ctx != ctx) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "batch belongs to another context");
+  lmoe_pool *p = a->pool;
+  if (p && p->obj.magic != LMOE_MAGIC_POOL)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "pool is not a loramoe pool");
+  if (p && p->layer != l)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "pool was made for another layer");
+  const lmoe_layer_config *c = &l->cfg;
+  int64_t M = b->num_tokens;
+  if (M > c->max_tokens)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "batch has %lld tokens; the layer was made for at most %d (max_tokens)",
+                     (long long)M, (int)c->max_tokens);
+  lmoe_status st = check_buf(ctx, a->x, "x", LMOE_DTYPE_BF16, LMOE_DTYPE_BF16, M, c->hidden, true);
+  if (st) return st;
+  if (out_is_reference)
+    st = check_buf(ctx, a->out, "out", LMOE_DTYPE_F32, LMOE_DTYPE_F64, M, c->hidden, false);
+  else
+    st = check_buf(ctx, a->out, "out", LMOE_DTYPE_BF16, LMOE_DTYPE_BF16, M, c->hidden, true);
+  if (st) return st;
+  if (!out_is_reference && a->out == a->x)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out must not be x (no in-place forward)");
+  if (a->router_logits) {
+    if (a->topk_ids || a->topk_weights)
+      return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                       "give router_logits or topk_ids with topk_weights, not both");
+    st = check_buf(ctx, a->router_logits, "router_logits", LMOE_DTYPE_F32, LMOE_DTYPE_BF16, M,
+                   c->num_experts, true);
+  } else {
+    if (!a->topk_ids || !a->topk_weights)
+      return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                       "routing is missing: give router_logits, or topk_ids and topk_weights");
+    st = check_buf(ctx, a->topk_ids, "topk_ids", LMOE_DTYPE_I32, LMOE_DTYPE_I32, M, c->top_k, true);
+    if (!st)
+      st = check_buf(ctx, a->topk_weights, "topk_weights", LMOE_DTYPE_F32, LMOE_DTYPE_F32, M, c->top_k,
+                     true);
+  }
+  if (st) return st;
+
+  /* Re-derive the active facts against the pool as it is now: a slot may have been
+     unloaded or reloaded (another rank) since the batch was built. O(active slots). */
+  int32_t max_rank = 0;
+  if (b->num_active > 0) {
+    if (!p)
+      return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                       "the batch uses adapters (%d slots) but no pool was given", (int)b->num_active);
+    for (int32_t i = 0; i < b->num_active; i++) {
+      int32_t s = b->active_slots[i];
+      if (s >= p->cfg.num_slots)
+        return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                         "the batch uses slot %d, but the pool has slots 0..%d", (int)s,
+                         (int)p->cfg.num_slots - 1);
+      if (!p->slots[s].loaded)
+        return lmoe_fail(ctx, LMOE_ERR_STATE, "the batch uses slot %d, which holds no adapter", (int)s);
+      int32_t r = lmoe_pool_slot_rank(p, s);
+      if (r > max_rank) max_rank = r;
+    }
+  }
+  memset(plan, 0, sizeof *plan);
+  plan->layer = l;
+  plan->pool = p;
+  plan->batch = b;
+  plan->M = M;
+  plan->x = a->x;
+  plan->logits = a->router_logits;
+  plan->topk_ids = a->topk_ids;
+  plan->topk_w = a->topk_weights;
+  plan->out = a->out;
+  plan->guard = ctx->guard;
+  plan->max_rank = max_rank;
+  switch (ctx->guard) {
+  case LMOE_GUARD_HOST: plan->run_lora = b->num_active > 0; break;
+  case LMOE_GUARD_ALWAYS: plan->run_lora = p != NULL; break;
+  default: plan->run_lora = false; break; /* device_sync: the backend decides after its wait */
+  }
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void *stream) {
+  lmoe_forward_plan plan;
+  lmoe_status st = lmoe_forward_validate(ctx, args, &plan, false);
+  if (st) return st;
+  st = ctx->ops->forward(ctx, &plan, stream ? stream : ctx->stream);
+  if (!st) ctx->counters.forwards++;
+  return st;
+}

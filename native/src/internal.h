@@ -1,0 +1,216 @@
+/* Private to the library: object layouts, the backend table, helpers. */
+#ifndef LMOE_INTERNAL_H
+#define LMOE_INTERNAL_H
+
+#include "loramoe.h"
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define LMOE_ERRBUF 512
+
+typedef struct lmoe_backend_ops lmoe_backend_ops;
+
+/* Every object starts with this header: a reference count, so a child keeps its
+   parent alive, and a magic that catches handles of the wrong kind. */
+typedef struct lmoe_object {
+  uint32_t magic;
+  atomic_int refs;
+} lmoe_object;
+
+enum {
+  LMOE_MAGIC_CONTEXT = 0x4c4d4358, /* "LMCX" */
+  LMOE_MAGIC_BUFFER = 0x4c4d4246,
+  LMOE_MAGIC_LAYER = 0x4c4d4c59,
+  LMOE_MAGIC_POOL = 0x4c4d504c,
+  LMOE_MAGIC_BATCH = 0x4c4d4254
+};
+
+struct lmoe_context {
+  lmoe_object obj;
+  const lmoe_backend_ops *ops;
+  void *be; /* backend state */
+  int32_t backend;
+  int32_t device;
+  void *stream;
+  int32_t threads;
+  int32_t guard;
+  lmoe_allocator allocator;
+  lmoe_counters counters;
+  /* Workspace shared by all forwards of this context, sized by the largest layer's
+     upper bounds; grown only outside forwards (layer creation). */
+  void *workspace;
+  size_t workspace_bytes;
+  char error[LMOE_ERRBUF];
+};
+
+struct lmoe_buffer {
+  lmoe_object obj;
+  lmoe_context *ctx;
+  int32_t dtype;
+  int32_t memory;
+  int32_t ndim;
+  int64_t shape[LMOE_MAX_DIMS];
+  int64_t numel;
+  size_t bytes;
+  void *data;
+  bool owned;
+};
+
+struct lmoe_layer {
+  lmoe_object obj;
+  lmoe_context *ctx;
+  lmoe_layer_config cfg;
+  lmoe_buffer *w13; /* [E, 2I, H] bf16, device memory */
+  lmoe_buffer *w2;  /* [E, H, I] bf16 */
+  void *be;         /* backend per-layer state */
+};
+
+/* Per-slot facts kept on the host. Ranges index the shrink rows of a13:
+   gate uses rows [g_lo, g_hi), up uses [u_lo, u_hi) (fused: both [0, r)). */
+typedef struct lmoe_slot {
+  bool loaded;
+  int32_t targets;
+  int32_t fused;
+  int32_t r13;          /* valid rows of a13 = g/u ranges' union */
+  int32_t g_lo, g_hi, u_lo, u_hi;
+  int32_t r2;           /* down rank, 0 when absent */
+  float scale_gate, scale_up, scale_down;
+  uint64_t generation;
+} lmoe_slot;
+
+/* Canonical adapter storage, bf16 in device memory, one block per slot:
+     a13 [E, R13, H]   R13 = 2 * max_rank (room for separate gate + up)
+     b13 [E, 2I, R13]  gate rows use columns [g_lo,g_hi), up rows [u_lo,u_hi); rest zero
+     a2  [E, R, I]     R = max_rank
+     b2  [E, H, R]
+   Unused rows/columns are zero, so a kernel may also sweep the full padded rank. */
+struct lmoe_pool {
+  lmoe_object obj;
+  lmoe_layer *layer;
+  lmoe_pool_config cfg;
+  lmoe_slot *slots;
+  void *storage;        /* device memory, num_slots * slot_bytes */
+  size_t slot_bytes;
+  size_t off_a13, off_b13, off_a2, off_b2; /* byte offsets inside a slot */
+  void *be;             /* backend per-pool state */
+};
+
+/* Host metadata of a batch. Arrays grow, never shrink. */
+struct lmoe_batch {
+  lmoe_object obj;
+  lmoe_context *ctx;
+  int32_t num_requests;
+  int32_t capacity;
+  int64_t num_tokens;
+  int64_t *offsets;       /* [num_requests + 1] */
+  int32_t *req_slot;      /* [num_requests] */
+  /* active set */
+  int32_t num_active;
+  int32_t active_cap;
+  int32_t *active_slots;  /* increasing */
+  int64_t *active_tokens; /* tokens per active slot */
+  int32_t max_rank;
+  int32_t max_slot;
+  uint64_t version;       /* bumps on every lmoe_batch_set */
+};
+
+/* What the core hands a backend's forward, validated. */
+typedef struct lmoe_forward_plan {
+  lmoe_layer *layer;
+  lmoe_pool *pool;        /* NULL when no LoRA */
+  const lmoe_batch *batch;
+  int64_t M;
+  const lmoe_buffer *x, *logits, *topk_ids, *topk_w;
+  lmoe_buffer *out;
+  int32_t guard;
+  bool run_lora;          /* host decision: enqueue LoRA work (guard host/always) */
+  int32_t max_rank;       /* largest rank among active slots, from the pool now */
+} lmoe_forward_plan;
+
+struct lmoe_backend_ops {
+  const char *name;
+  lmoe_status (*init)(lmoe_context *ctx);
+  void (*fini)(lmoe_context *ctx);
+  /* memory: LMOE_MEMORY_HOST / DEVICE; both are host memory on the cpu backend */
+  lmoe_status (*alloc)(lmoe_context *ctx, int32_t memory, size_t bytes, void **out);
+  void (*free)(lmoe_context *ctx, int32_t memory, void *p);
+  /* Copy; blocking != 0 waits for completion (counted by the core). */
+  lmoe_status (*copy)(lmoe_context *ctx, void *dst, int32_t dst_mem, const void *src,
+                      int32_t src_mem, size_t bytes, void *stream, int blocking);
+  lmoe_status (*synchronize)(lmoe_context *ctx, void *stream);
+  lmoe_status (*fill_random)(lmoe_context *ctx, lmoe_buffer *buf, uint64_t seed, float lo,
+                             float hi, void *stream);
+  lmoe_status (*fill)(lmoe_context *ctx, lmoe_buffer *buf, double value, void *stream);
+  /* Workspace bytes a layer needs for max_tokens (may be 0). */
+  size_t (*workspace_bytes)(const lmoe_context *ctx, const lmoe_layer_config *cfg,
+                            const lmoe_pool_config *pool_cfg);
+  lmoe_status (*forward)(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
+  /* Optional: called before a slot's storage is overwritten so enqueued work that reads
+     it is ordered first (stream-ordered on cuda; nothing on cpu). */
+  lmoe_status (*slot_write_begin)(lmoe_context *ctx, lmoe_pool *pool, int32_t slot);
+};
+
+/* backends */
+const lmoe_backend_ops *lmoe_cpu_backend(void);
+#ifdef LMOE_HAVE_CUDA
+const lmoe_backend_ops *lmoe_cuda_backend(void);
+int32_t lmoe_cuda_device_count(void);
+lmoe_status lmoe_cuda_device_info(int32_t device, lmoe_device_info *out);
+#endif
+
+/* errors: set the context's message and return the status */
+lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void lmoe_clear_error(lmoe_context *ctx);
+
+/* references */
+void lmoe_context_retain(lmoe_context *ctx);
+
+/* conversions (convert.c) */
+float lmoe_bf16_to_f32(uint16_t v);
+uint16_t lmoe_f32_to_bf16(float f); /* round to nearest even, NaN kept */
+float lmoe_f16_to_f32(uint16_t v);
+uint16_t lmoe_f32_to_f16(float f);
+/* Element i of an array of dtype as double / store double as dtype. */
+double lmoe_load_elem(const void *p, int32_t dtype, int64_t i);
+void lmoe_store_elem(void *p, int32_t dtype, int64_t i, double v);
+/* Convert n elements between host arrays. */
+void lmoe_convert(void *dst, int32_t dst_dtype, const void *src, int32_t src_dtype, int64_t n);
+
+/* The counter-based generator every backend uses for fill_random: uniform in [0,1)
+   for element i of a stream identified by seed. Pure function, so GPU code can
+   implement the same and match bit for bit. */
+static inline uint64_t lmoe_mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+static inline float lmoe_uniform(uint64_t seed, uint64_t i) {
+  uint64_t z = lmoe_mix64(seed ^ lmoe_mix64(i));
+  return (float)(z >> 40) * (1.0f / 16777216.0f); /* 24 bits: exact in float */
+}
+
+/* core helpers shared across files */
+lmoe_status lmoe_context_reserve(lmoe_context *ctx, const lmoe_layer_config *cfg,
+                                 const lmoe_pool_config *pool_cfg);
+lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
+                                  lmoe_forward_plan *plan, bool out_is_reference);
+int32_t lmoe_pool_slot_rank(const lmoe_pool *p, int32_t slot);
+static inline const uint16_t *lmoe_slot_ptr(const lmoe_pool *p, int32_t slot, size_t off) {
+  return (const uint16_t *)((const uint8_t *)p->storage + (size_t)slot * p->slot_bytes + off);
+}
+
+/* cpu backend pieces (backend_cpu.c owns memory and threads, cpu_forward.c the math) */
+lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
+size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config *cfg,
+                                const lmoe_pool_config *pool_cfg);
+
+/* shared validation helpers */
+bool lmoe_valid_dtype(int32_t dtype);
+const char *lmoe_shape_str(const lmoe_buffer *b, char *tmp, size_t n);
+
+#endif

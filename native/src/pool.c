@@ -1,0 +1,344 @@
+/* Adapter pool: fixed slots of LoRA weights in the canonical layout (internal.h). */
+#include "internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+
+void lmoe_pool_config_init(lmoe_pool_config *cfg) {
+  if (!cfg) return;
+  memset(cfg, 0, sizeof *cfg);
+  cfg->struct_size = sizeof *cfg;
+  cfg->num_slots = 4;
+  cfg->max_rank = 16;
+}
+
+void lmoe_adapter_desc_init(lmoe_adapter_desc *d) {
+  if (!d) return;
+  memset(d, 0, sizeof *d);
+  d->struct_size = sizeof *d;
+  d->dtype = LMOE_DTYPE_F32;
+}
+
+void lmoe_random_adapter_init(lmoe_random_adapter *s) {
+  if (!s) return;
+  memset(s, 0, sizeof *s);
+  s->struct_size = sizeof *s;
+  s->targets = LMOE_TARGET_ALL;
+  s->rank = 16;
+  s->alpha = 32.0f;
+  s->seed = 1;
+  s->scale = 0.05f;
+}
+
+static bool valid_pool(const lmoe_pool *p) { return p && p->obj.magic == LMOE_MAGIC_POOL; }
+
+lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg, lmoe_pool **out) {
+  if (!layer || layer->obj.magic != LMOE_MAGIC_LAYER) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = layer->ctx;
+  lmoe_clear_error(ctx);
+  if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
+  *out = NULL;
+  if (!cfg) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "pool config is NULL");
+  if (cfg->struct_size != sizeof(lmoe_pool_config))
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "pool config struct_size is %u, expected %zu (call lmoe_pool_config_init)",
+                     cfg->struct_size, sizeof(lmoe_pool_config));
+  if (cfg->num_slots < 1 || cfg->num_slots > 4096)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "num_slots must be 1..4096, got %d",
+                     (int)cfg->num_slots);
+  if (cfg->max_rank < 1 || cfg->max_rank > 1024)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "max_rank must be 1..1024, got %d",
+                     (int)cfg->max_rank);
+  const lmoe_layer_config *lc = &layer->cfg;
+  size_t E = (size_t)lc->num_experts, H = (size_t)lc->hidden, I = (size_t)lc->intermediate;
+  size_t R = (size_t)cfg->max_rank, R13 = 2 * R;
+  lmoe_pool *p = calloc(1, sizeof *p);
+  if (!p) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  p->obj.magic = LMOE_MAGIC_POOL;
+  atomic_init(&p->obj.refs, 1);
+  p->cfg = *cfg;
+  p->slots = calloc((size_t)cfg->num_slots, sizeof *p->slots);
+  p->off_a13 = 0;
+  p->off_b13 = p->off_a13 + E * R13 * H * 2;
+  p->off_a2 = p->off_b13 + E * 2 * I * R13 * 2;
+  p->off_b2 = p->off_a2 + E * R * I * 2;
+  p->slot_bytes = p->off_b2 + E * H * R * 2;
+  p->slot_bytes = (p->slot_bytes + 255) & ~(size_t)255;
+  lmoe_status st = p->slots ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  if (!st) st = ctx->ops->alloc(ctx, LMOE_MEMORY_DEVICE, p->slot_bytes * (size_t)cfg->num_slots,
+                                &p->storage);
+  if (!st) st = lmoe_context_reserve(ctx, lc, cfg);
+  if (st) {
+    if (p->storage) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p->storage);
+    free(p->slots);
+    free(p);
+    return st;
+  }
+  atomic_fetch_add(&layer->obj.refs, 1);
+  p->layer = layer;
+  *out = p;
+  return LMOE_OK;
+}
+
+void lmoe_pool_release(lmoe_pool *p) {
+  if (!valid_pool(p)) return;
+  if (atomic_fetch_sub(&p->obj.refs, 1) != 1) return;
+  lmoe_layer *layer = p->layer;
+  lmoe_context *ctx = layer->ctx;
+  if (p->storage) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p->storage);
+  free(p->slots);
+  p->obj.magic = 0;
+  free(p);
+  lmoe_layer_release(layer);
+}
+
+lmoe_status lmoe_pool_get_config(const lmoe_pool *p, lmoe_pool_config *out) {
+  if (!valid_pool(p) || !out) return LMOE_ERR_INVALID_ARGUMENT;
+  *out = p->cfg;
+  return LMOE_OK;
+}
+
+static lmoe_status check_slot(const lmoe_pool *p, int32_t slot) {
+  if (slot < 0 || slot >= p->cfg.num_slots)
+    return lmoe_fail(p->layer->ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "slot %d is out of range: the pool has slots 0..%d", (int)slot,
+                     (int)p->cfg.num_slots - 1);
+  return LMOE_OK;
+}
+
+static lmoe_status check_part(const lmoe_pool *p, const lmoe_lora_part *part, const char *name,
+                              bool *present) {
+  lmoe_context *ctx = p->layer->ctx;
+  *present = part->a || part->b;
+  if (!*present) return LMOE_OK;
+  if (!part->a || !part->b)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter part %s has %s but no %s", name,
+                     part->a ? "A" : "B", part->a ? "B" : "A");
+  if (part->rank < 1 || part->rank > p->cfg.max_rank)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "adapter part %s has rank %d; this pool takes ranks 1..%d (max_rank)", name,
+                     (int)part->rank, (int)p->cfg.max_rank);
+  if (!isfinite(part->scale))
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter part %s has a non-finite scale", name);
+  return LMOE_OK;
+}
+
+/* Copies part arrays (PEFT layout per expert: a [r, in], b [out, r]) into the slot
+   image: A rows [row0, row0 + r) of an [E, rows_a, in] array; B into columns
+   [col0, col0 + r) of rows [out0, out0 + out) of an [E, rows_b, cols_b] array. */
+static void place_part(uint16_t *img_a, size_t rows_a, uint16_t *img_b, size_t rows_b,
+                       size_t cols_b, const lmoe_lora_part *part, int32_t dtype, size_t E,
+                       size_t in, size_t out, size_t row0, size_t out0, size_t col0) {
+  size_t r = (size_t)part->rank;
+  for (size_t e = 0; e < E; e++) {
+    for (size_t i = 0; i < r; i++)
+      for (size_t j = 0; j < in; j++)
+        img_a[(e * rows_a + row0 + i) * in + j] =
+            lmoe_f32_to_bf16((float)lmoe_load_elem(part->a, dtype, (int64_t)((e * r + i) * in + j)));
+    for (size_t o = 0; o < out; o++)
+      for (size_t i = 0; i < r; i++)
+        img_b[(e * rows_b + out0 + o) * cols_b + col0 + i] =
+            lmoe_f32_to_bf16((float)lmoe_load_elem(part->b, dtype, (int64_t)((e * out + o) * r + i)));
+  }
+}
+
+lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *d) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = p->layer->ctx;
+  lmoe_clear_error(ctx);
+  lmoe_status st = check_slot(p, slot);
+  if (st) return st;
+  if (!d) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter description is NULL");
+  if (d->struct_size != sizeof *d)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "adapter desc struct_size is %u, expected %zu (call lmoe_adapter_desc_init)",
+                     d->struct_size, sizeof *d);
+  if (d->dtype != LMOE_DTYPE_BF16 && d->dtype != LMOE_DTYPE_F16 && d->dtype != LMOE_DTYPE_F32 &&
+      d->dtype != LMOE_DTYPE_F64)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter dtype must be bf16, f16, f32 or f64");
+  bool hg, hu, hgu, hd;
+  if ((st = check_part(p, &d->gate, "gate", &hg)) || (st = check_part(p, &d->up, "up", &hu)) ||
+      (st = check_part(p, &d->gate_up, "gate_up", &hgu)) ||
+      (st = check_part(p, &d->down, "down", &hd)))
+    return st;
+  if (hgu && (hg || hu))
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "adapter gives gate_up (fused) and gate/up (separate): give one form");
+  if (!hg && !hu && !hgu && !hd)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter has no LoRA part");
+
+  const lmoe_layer_config *lc = &p->layer->cfg;
+  size_t E = (size_t)lc->num_experts, H = (size_t)lc->hidden, I = (size_t)lc->intermediate;
+  size_t R = (size_t)p->cfg.max_rank, R13 = 2 * R;
+  uint8_t *img = calloc(1, p->slot_bytes);
+  if (!img) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory (%zu bytes)", p->slot_bytes);
+  uint16_t *a13 = (uint16_t *)(img + p->off_a13), *b13 = (uint16_t *)(img + p->off_b13);
+  uint16_t *a2 = (uint16_t *)(img + p->off_a2), *b2 = (uint16_t *)(img + p->off_b2);
+
+  lmoe_slot s = {0};
+  s.loaded = true;
+  if (hgu) {
+    int32_t r = d->gate_up.rank;
+    place_part(a13, R13, b13, 2 * I, R13, &d->gate_up, d->dtype, E, H, 2 * I, 0, 0, 0);
+    s.fused = 1;
+    s.g_lo = s.u_lo = 0;
+    s.g_hi = s.u_hi = r;
+    s.r13 = r;
+    s.scale_gate = s.scale_up = d->gate_up.scale;
+    s.targets |= LMOE_TARGET_GATE | LMOE_TARGET_UP;
+  } else {
+    int32_t row = 0;
+    if (hg) {
+      place_part(a13, R13, b13, 2 * I, R13, &d->gate, d->dtype, E, H, I, 0, 0, 0);
+      s.g_lo = 0;
+      s.g_hi = row = d->gate.rank;
+      s.scale_gate = d->gate.scale;
+      s.targets |= LMOE_TARGET_GATE;
+    }
+    if (hu) {
+      place_part(a13, R13, b13, 2 * I, R13, &d->up, d->dtype, E, H, I, (size_t)row, I, (size_t)row);
+      s.u_lo = row;
+      s.u_hi = row + d->up.rank;
+      row = s.u_hi;
+      s.scale_up = d->up.scale;
+      s.targets |= LMOE_TARGET_UP;
+    }
+    s.r13 = row;
+  }
+  if (hd) {
+    place_part(a2, R, b2, H, R, &d->down, d->dtype, E, I, H, 0, 0, 0);
+    s.r2 = d->down.rank;
+    s.scale_down = d->down.scale;
+    s.targets |= LMOE_TARGET_DOWN;
+  }
+
+  if (ctx->ops->slot_write_begin) st = ctx->ops->slot_write_begin(ctx, p, slot);
+  if (!st) {
+    st = ctx->ops->copy(ctx, (uint8_t *)p->storage + (size_t)slot * p->slot_bytes,
+                        LMOE_MEMORY_DEVICE, img, LMOE_MEMORY_HOST, p->slot_bytes, ctx->stream, 1);
+    if (ctx->backend != LMOE_BACKEND_CPU) {
+      ctx->counters.uploads++;
+      ctx->counters.bytes_uploaded += p->slot_bytes;
+      ctx->counters.host_waits++;
+    }
+  }
+  free(img);
+  if (st) {
+    p->slots[slot].loaded = false; /* content unknown after a failed copy */
+    p->slots[slot].generation++;
+    return st;
+  }
+  s.generation = p->slots[slot].generation + 1;
+  p->slots[slot] = s;
+  return LMOE_OK;
+}
+
+static void fill_uniform(float *dst, size_t n, uint64_t seed, float scale) {
+  for (size_t i = 0; i < n; i++) dst[i] = (2.0f * lmoe_uniform(seed, i) - 1.0f) * scale;
+}
+
+lmoe_status lmoe_pool_load_random(lmoe_pool *p, int32_t slot, const lmoe_random_adapter *spec) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = p->layer->ctx;
+  lmoe_clear_error(ctx);
+  if (!spec) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "random adapter spec is NULL");
+  if (spec->struct_size != sizeof *spec)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "random adapter struct_size is %u, expected %zu (call lmoe_random_adapter_init)",
+                     spec->struct_size, sizeof *spec);
+  if (spec->targets <= 0 || spec->targets > LMOE_TARGET_ALL)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "targets must be a non-empty mask of gate (1), up (2), down (4)");
+  if (spec->fused && (spec->targets & 3) != 3)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "a fused adapter targets both gate and up");
+  if (spec->rank < 1 || spec->rank > p->cfg.max_rank)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "rank %d is out of range: this pool takes ranks 1..%d (max_rank)",
+                     (int)spec->rank, (int)p->cfg.max_rank);
+  if (!(spec->scale >= 0) || !isfinite(spec->alpha))
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "scale must be >= 0 and alpha finite");
+  const lmoe_layer_config *lc = &p->layer->cfg;
+  size_t E = (size_t)lc->num_experts, H = (size_t)lc->hidden, I = (size_t)lc->intermediate;
+  size_t r = (size_t)spec->rank;
+  float sc = lmoe_lora_scale(spec->alpha, spec->rank, spec->use_rslora);
+  lmoe_adapter_desc d;
+  lmoe_adapter_desc_init(&d);
+  d.dtype = LMOE_DTYPE_F32;
+  float *bufs[8] = {0};
+  int nb = 0;
+  lmoe_status st = LMOE_OK;
+  uint64_t seed = lmoe_mix64(spec->seed);
+#define LMOE_PART(field, in, out)                                             \
+  do {                                                                        \
+    float *a = malloc(E * r * (in) * sizeof(float));                          \
+    float *b = malloc(E * (out) * r * sizeof(float));                         \
+    bufs[nb++] = a;                                                           \
+    bufs[nb++] = b;                                                           \
+    if (!a || !b) {                                                           \
+      st = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");      \
+      goto done;                                                              \
+    }                                                                         \
+    fill_uniform(a, E * r * (in), seed = lmoe_mix64(seed + 1), spec->scale); \
+    fill_uniform(b, E * (out) * r, seed = lmoe_mix64(seed + 1), spec->scale); \
+    d.field.a = a;                                                            \
+    d.field.b = b;                                                            \
+    d.field.rank = spec->rank;                                                \
+    d.field.scale = sc;                                                       \
+  } while (0)
+  if (spec->fused) {
+    LMOE_PART(gate_up, H, 2 * I);
+  } else {
+    if (spec->targets & LMOE_TARGET_GATE) LMOE_PART(gate, H, I);
+    if (spec->targets & LMOE_TARGET_UP) LMOE_PART(up, H, I);
+  }
+  if (spec->targets & LMOE_TARGET_DOWN) LMOE_PART(down, I, H);
+#undef LMOE_PART
+  st = lmoe_pool_load(p, slot, &d);
+done:
+  for (int i = 0; i < nb; i++) free(bufs[i]);
+  return st;
+}
+
+lmoe_status lmoe_pool_unload(lmoe_pool *p, int32_t slot) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(p->layer->ctx);
+  lmoe_status st = check_slot(p, slot);
+  if (st) return st;
+  uint64_t gen = p->slots[slot].generation;
+  memset(&p->slots[slot], 0, sizeof p->slots[slot]);
+  p->slots[slot].generation = gen + 1;
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_pool_slot_info(const lmoe_pool *p, int32_t slot, lmoe_slot_info *out) {
+  if (!valid_pool(p) || !out) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_status st = check_slot(p, slot);
+  if (st) return st;
+  const lmoe_slot *s = &p->slots[slot];
+  memset(out, 0, sizeof *out);
+  out->loaded = s->loaded;
+  out->generation = s->generation;
+  out->bytes = (int64_t)p->slot_bytes;
+  if (!s->loaded) return LMOE_OK;
+  out->targets = s->targets;
+  out->fused = s->fused;
+  out->rank_gate = s->g_hi - s->g_lo;
+  out->rank_up = s->u_hi - s->u_lo;
+  out->rank_down = s->r2;
+  out->scale_gate = s->scale_gate;
+  out->scale_up = s->scale_up;
+  out->scale_down = s->scale_down;
+  int32_t m = out->rank_gate > out->rank_up ? out->rank_gate : out->rank_up;
+  out->max_rank = m > s->r2 ? m : s->r2;
+  return LMOE_OK;
+}
+
+/* Largest rank of a loaded slot (for batch facts). */
+int32_t lmoe_pool_slot_rank(const lmoe_pool *p, int32_t slot) {
+  const lmoe_slot *s = &p->slots[slot];
+  int32_t m = s->g_hi - s->g_lo;
+  if (s->u_hi - s->u_lo > m) m = s->u_hi - s->u_lo;
+  return s->r2 > m ? s->r2 : m;
+}
