@@ -28,6 +28,7 @@ void lmoe_batch_release(lmoe_batch *b) {
   if (!b || b->obj.magic != LMOE_MAGIC_BATCH) return;
   if (atomic_fetch_sub(&b->obj.refs, 1) != 1) return;
   lmoe_context *ctx = b->ctx;
+  if (ctx->ops->batch_fini) ctx->ops->batch_fini(ctx, b);
   free(b->offsets);
   free(b->req_slot);
   free(b->active_slots);
@@ -128,6 +129,7 @@ lmoe_status lmoe_batch_set(lmoe_batch *b, const lmoe_pool *pool, int32_t n, cons
   b->max_rank = max_rank;
   b->max_slot = max_slot;
   b->version++;
+  if (ctx->ops->batch_stage) return ctx->ops->batch_stage(ctx, b);
   return LMOE_OK;
 }
 

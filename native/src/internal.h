@@ -115,6 +115,7 @@ struct lmoe_batch {
   int32_t max_rank;
   int32_t max_slot;
   uint64_t version;       /* bumps on every lmoe_batch_set */
+  void *be;               /* backend per-batch state (staging for the upload) */
 };
 
 /* What the core hands a backend's forward, validated. */
@@ -151,6 +152,15 @@ struct lmoe_backend_ops {
   /* Optional: called before a slot's storage is overwritten so enqueued work that reads
      it is ordered first (stream-ordered on cuda; nothing on cpu). */
   lmoe_status (*slot_write_begin)(lmoe_context *ctx, lmoe_pool *pool, int32_t slot);
+  /* Optional hooks for backend state hung on objects (the `be` fields). */
+  lmoe_status (*pool_init)(lmoe_context *ctx, lmoe_pool *pool);
+  void (*pool_fini)(lmoe_context *ctx, lmoe_pool *pool);
+  /* After a slot was loaded or unloaded (its lmoe_slot facts are current). */
+  lmoe_status (*slot_changed)(lmoe_context *ctx, lmoe_pool *pool, int32_t slot);
+  /* At the end of a successful lmoe_batch_set: stage the metadata for upload. Must not
+     race an upload of this batch's previous contents that is still enqueued. */
+  lmoe_status (*batch_stage)(lmoe_context *ctx, lmoe_batch *batch);
+  void (*batch_fini)(lmoe_context *ctx, lmoe_batch *batch);
 };
 
 /* backends */

@@ -70,6 +70,10 @@ lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg, lmo
   if (!st) st = ctx->ops->alloc(ctx, LMOE_MEMORY_DEVICE, p->slot_bytes * (size_t)cfg->num_slots,
                                 &p->storage);
   if (!st) st = lmoe_context_reserve(ctx, lc, cfg);
+  if (!st && ctx->ops->pool_init) {
+    p->layer = layer; /* hooks may look at the layer's shapes */
+    st = ctx->ops->pool_init(ctx, p);
+  }
   if (st) {
     if (p->storage) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p->storage);
     free(p->slots);
@@ -87,6 +91,7 @@ void lmoe_pool_release(lmoe_pool *p) {
   if (atomic_fetch_sub(&p->obj.refs, 1) != 1) return;
   lmoe_layer *layer = p->layer;
   lmoe_context *ctx = layer->ctx;
+  if (ctx->ops->pool_fini) ctx->ops->pool_fini(ctx, p);
   if (p->storage) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p->storage);
   free(p->slots);
   p->obj.magic = 0;
@@ -232,7 +237,7 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
   }
   s.generation = p->slots[slot].generation + 1;
   p->slots[slot] = s;
-  return LMOE_OK;
+  return ctx->ops->slot_changed ? ctx->ops->slot_changed(ctx, p, slot) : LMOE_OK;
 }
 
 static void fill_uniform(float *dst, size_t n, uint64_t seed, float scale) {
@@ -309,7 +314,8 @@ lmoe_status lmoe_pool_unload(lmoe_pool *p, int32_t slot) {
   uint64_t gen = p->slots[slot].generation;
   memset(&p->slots[slot], 0, sizeof p->slots[slot]);
   p->slots[slot].generation = gen + 1;
-  return LMOE_OK;
+  lmoe_context *ctx = p->layer->ctx;
+  return ctx->ops->slot_changed ? ctx->ops->slot_changed(ctx, p, slot) : LMOE_OK;
 }
 
 lmoe_status lmoe_pool_slot_info(const lmoe_pool *p, int32_t slot, lmoe_slot_info *out) {
