@@ -218,6 +218,10 @@ static inline const uint16_t *lmoe_slot_ptr(const lmoe_pool *p, int32_t slot, si
 lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
 size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config *cfg,
                                 const lmoe_pool_config *pool_cfg);
+/* Runs fn(arg, item, thread) for item in [0, n) on the context's worker pool (made on
+   first use, kept in ctx->be); thread is in [0, ctx->threads). Returns when all ran. */
+typedef void (*lmoe_cpu_task)(void *arg, int64_t item, int32_t thread);
+void lmoe_cpu_parallel(lmoe_context *ctx, int64_t n, lmoe_cpu_task fn, void *arg);
 
 /* shared validation helpers */
 bool lmoe_valid_dtype(int32_t dtype);
