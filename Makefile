@@ -1,0 +1,62 @@
+# Convenience front end over CMake. `make demo` and `make test` are all most people need.
+#
+#   make demo       install missing packages, build into build/, run examples/quickstart.lua
+#   make test       build, run every non-GPU test, then the C tests under ASan+UBSan
+#   make test-gpu   the tests that need a GPU (ctest -L gpu)
+#   make bench      build and run the benchmarks
+#
+# Variables: CUDA=0 forces a CPU-only build; CUDA_ARCHS="90a" builds for fewer GPU
+# architectures (the default fatbin covers sm_80/86/89/90a and takes a while);
+# JOBS sets the parallelism (default: the number of cores).
+
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
+CUDA       ?= 1
+CUDA_ARCHS ?=
+
+# CUDA when nvcc exists (on PATH or in the toolkit's usual place), else CPU only.
+NVCC := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
+ifeq ($(CUDA)$(if $(NVCC),yes,no),1yes)
+  CUDA_FLAGS := -DLMOE_CUDA=ON -DCMAKE_CUDA_COMPILER=$(NVCC) \
+                $(if $(CUDA_ARCHS),"-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHS)")
+else
+  CUDA_FLAGS := -DLMOE_CUDA=OFF
+endif
+
+CTEST := ctest --output-on-failure -j $(JOBS)
+
+.PHONY: all deps build demo test test-asan test-gpu bench clean
+
+all: build
+
+deps:
+	@sh tools/install-deps.sh
+
+build: deps
+	cmake -S . -B $(BUILD) $(CUDA_FLAGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	$(BUILD)/cli/loramoe run examples/quickstart.lua
+
+test: build
+	cd $(BUILD) && $(CTEST) -LE gpu
+	$(MAKE) --no-print-directory test-asan
+
+# The C tests again, built with AddressSanitizer and UBSan (CPU only: the sanitizers
+# don't see into device code, and it keeps this build quick).
+test-asan: deps
+	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DLMOE_SANITIZE=address,undefined -DLMOE_CUDA=OFF -DLMOE_BENCH=OFF
+	cmake --build $(ASAN_BUILD) -j $(JOBS)
+	cd $(ASAN_BUILD) && $(CTEST) -L c
+
+test-gpu: build
+	cd $(BUILD) && $(CTEST) -L gpu
+
+bench: build
+	cd $(BUILD) && ctest -L bench --verbose
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)
