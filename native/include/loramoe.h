@@ -370,6 +370,199 @@ LMOE_API lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *ar
    [M, H] in host memory. Waits for the context's stream. Slow: for tests. */
 LMOE_API lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *args);
 
+/* ---- files: safetensors, PEFT adapters, checkpoints, pool life cycle ---- */
+
+/* safetensors (docs/formats.md). Opening validates the whole header: a file that
+   opens is safe to read. Errors name the file and the tensor, in the context. */
+typedef struct lmoe_safetensors lmoe_safetensors;
+
+enum { LMOE_TENSOR_MAX_DIMS = 8 };
+
+typedef struct lmoe_tensor_info {
+  const char *name;       /* valid while the file is open */
+  const char *dtype_name; /* as written in the file: "BF16", "F8_E4M3", ... */
+  int32_t dtype;          /* lmoe_dtype, or -1 when the library can't convert it */
+  int32_t ndim;
+  int64_t shape[LMOE_TENSOR_MAX_DIMS];
+  int64_t numel;
+  uint64_t offset;        /* of the data, from the start of the file */
+  uint64_t bytes;
+} lmoe_tensor_info;
+
+LMOE_API lmoe_status lmoe_safetensors_open(lmoe_context *ctx, const char *path,
+                                           lmoe_safetensors **out);
+/* The same over bytes in memory (copied); name is used in messages. */
+LMOE_API lmoe_status lmoe_safetensors_open_memory(lmoe_context *ctx, const void *data,
+                                                  size_t size, const char *name,
+                                                  lmoe_safetensors **out);
+LMOE_API void lmoe_safetensors_close(lmoe_safetensors *st);
+LMOE_API int32_t lmoe_safetensors_count(const lmoe_safetensors *st);
+/* Tensors in file order (increasing data offset). */
+LMOE_API lmoe_status lmoe_safetensors_tensor(const lmoe_safetensors *st, int32_t index,
+                                             lmoe_tensor_info *out);
+/* LMOE_ERR_NOT_FOUND when absent (not recorded as an error of the context). */
+LMOE_API lmoe_status lmoe_safetensors_find(const lmoe_safetensors *st, const char *name,
+                                           int32_t *index);
+/* Reads tensor `index` into host memory as dst_dtype (bf16, f16, f32, f64), converting.
+   count must equal the tensor's element count. */
+LMOE_API lmoe_status lmoe_safetensors_read(lmoe_safetensors *st, int32_t index, void *dst,
+                                           int32_t dst_dtype, int64_t count);
+LMOE_API int32_t lmoe_safetensors_metadata_count(const lmoe_safetensors *st);
+LMOE_API lmoe_status lmoe_safetensors_metadata(const lmoe_safetensors *st, int32_t index,
+                                               const char **key, const char **value);
+
+typedef struct lmoe_tensor_entry {
+  const char *name;
+  int32_t dtype; /* lmoe_dtype of data, also written to the file */
+  int32_t ndim;
+  int64_t shape[LMOE_TENSOR_MAX_DIMS];
+  const void *data; /* host memory */
+} lmoe_tensor_entry;
+
+/* Writes a safetensors file (to path.tmp, then renamed). meta_keys/meta_values:
+   n_meta strings for __metadata__ (may be 0 and NULL). */
+LMOE_API lmoe_status lmoe_safetensors_write(lmoe_context *ctx, const char *path, int32_t n,
+                                            const lmoe_tensor_entry *tensors, int32_t n_meta,
+                                            const char *const *meta_keys,
+                                            const char *const *meta_values);
+
+/* Model families by tensor naming. */
+typedef enum lmoe_family {
+  LMOE_FAMILY_UNKNOWN = 0,
+  LMOE_FAMILY_QWEN = 1,   /* Qwen2-MoE / Qwen3-MoE: mlp.experts.e.{gate,up,down}_proj */
+  LMOE_FAMILY_MIXTRAL = 2 /* block_sparse_moe.experts.e.{w1,w3,w2} */
+} lmoe_family;
+
+typedef enum lmoe_peft_layout {
+  LMOE_PEFT_PER_EXPERT = 0, /* target_modules on each expert's projections */
+  LMOE_PEFT_FUSED = 1       /* target_parameters on experts.gate_up_proj / down_proj */
+} lmoe_peft_layout;
+
+/* A PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors. */
+typedef struct lmoe_peft lmoe_peft;
+
+typedef struct lmoe_peft_info {
+  uint32_t struct_size;
+  int32_t family;     /* lmoe_family, from the tensor names */
+  int32_t layout;     /* lmoe_peft_layout */
+  int32_t rank;       /* r of the config */
+  float alpha;        /* lora_alpha */
+  int32_t use_rslora;
+  int32_t targets;    /* lmoe_target mask over all layers */
+  int32_t num_layers; /* distinct layer indices with expert tensors */
+  int32_t min_layer, max_layer;
+  int32_t num_experts;    /* largest expert index + 1 (fused: from the shapes) */
+  int32_t max_rank;       /* largest tensor rank */
+  int32_t has_patterns;   /* rank_pattern or alpha_pattern non-empty */
+  int32_t num_tensors;
+  int64_t bytes;          /* tensor bytes in the file */
+} lmoe_peft_info;
+
+/* path: the adapter's directory, or its adapter_config.json. */
+LMOE_API lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out);
+LMOE_API void lmoe_peft_close(lmoe_peft *peft);
+LMOE_API void lmoe_peft_info_init(lmoe_peft_info *info);
+LMOE_API lmoe_status lmoe_peft_get_info(const lmoe_peft *peft, lmoe_peft_info *out);
+/* Layer indices that have expert tensors, increasing; returns how many were written. */
+LMOE_API int32_t lmoe_peft_layers(const lmoe_peft *peft, int32_t *out, int32_t capacity);
+/* A printable summary (rank, alpha, targets, layout, layers, bytes) into buf,
+   truncated to size; *needed (may be NULL) gets the full length + 1. */
+LMOE_API lmoe_status lmoe_peft_inspect(const lmoe_peft *peft, char *buf, size_t size,
+                                       size_t *needed);
+/* Maps one layer of the adapter for a layer of these shapes into desc (f32 arrays
+   owned by peft, valid until the next call on it or its close). Refuses what it
+   can't represent exactly, naming what and where. */
+LMOE_API lmoe_status lmoe_peft_layer_desc(lmoe_peft *peft, int32_t layer, int32_t num_experts,
+                                          int32_t hidden, int32_t intermediate,
+                                          lmoe_adapter_desc *desc);
+
+/* A synthetic PEFT adapter written to a directory (created if missing). */
+typedef struct lmoe_peft_synthetic {
+  uint32_t struct_size;
+  int32_t family;      /* lmoe_family (per-expert naming; fused always uses mlp.experts) */
+  int32_t layout;      /* lmoe_peft_layout */
+  int32_t num_layers;  /* layers 0..num_layers-1 get tensors */
+  int32_t num_experts, hidden, intermediate;
+  int32_t targets;     /* lmoe_target mask; fused: gate and up go together */
+  int32_t rank;
+  float alpha;
+  int32_t use_rslora;
+  int32_t dtype;       /* of the tensors: bf16, f16 or f32 */
+  uint64_t seed;
+  float scale;         /* values uniform in [-scale, scale) */
+  /* Optional single entries of rank_pattern / alpha_pattern (NULL: none); tensors of
+     modules the key matches get that rank. */
+  const char *rank_pattern_key;
+  int32_t rank_pattern_value;
+  const char *alpha_pattern_key;
+  float alpha_pattern_value;
+} lmoe_peft_synthetic;
+
+LMOE_API void lmoe_peft_synthetic_init(lmoe_peft_synthetic *spec);
+LMOE_API lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *dir,
+                                               const lmoe_peft_synthetic *spec);
+
+/* Base weights from a checkpoint: one .safetensors file, a
+   model.safetensors.index.json of shards, or a directory holding either. */
+typedef struct lmoe_checkpoint lmoe_checkpoint;
+
+typedef struct lmoe_checkpoint_layer_info {
+  uint32_t struct_size;
+  int32_t family;       /* lmoe_family */
+  int32_t num_experts;
+  int32_t hidden;
+  int32_t intermediate;
+  int32_t has_router;   /* the router weight [E, H] is present */
+} lmoe_checkpoint_layer_info;
+
+LMOE_API lmoe_status lmoe_checkpoint_open(lmoe_context *ctx, const char *path,
+                                          lmoe_checkpoint **out);
+LMOE_API void lmoe_checkpoint_close(lmoe_checkpoint *ck);
+LMOE_API void lmoe_checkpoint_layer_info_init(lmoe_checkpoint_layer_info *info);
+LMOE_API lmoe_status lmoe_checkpoint_get_layer_info(lmoe_checkpoint *ck, int32_t layer,
+                                                    lmoe_checkpoint_layer_info *out);
+/* Sets the experts of `dst` (made with the shapes get_layer_info gives) from the
+   checkpoint's layer `layer`. router (may be NULL) receives a new f32 host buffer
+   [E, H] with the router weight: logits = x · routerᵀ. */
+LMOE_API lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer,
+                                                lmoe_layer *dst, lmoe_buffer **router);
+
+/* Pool life cycle by name. A name is up to 127 bytes. Recency: a slot is "used" when
+   loaded, touched, or named by lmoe_batch_set / lmoe_forward with this pool. */
+enum { LMOE_ADAPTER_NAME_MAX = 128 };
+
+/* Loads under `name`: the slot that already holds name (reload in place), else a free
+   slot, else the least recently used unpinned slot (evicted). LMOE_ERR_FULL when every
+   slot is pinned. *slot (may be NULL) gets the slot. */
+LMOE_API lmoe_status lmoe_pool_load_named(lmoe_pool *pool, const char *name,
+                                          const lmoe_adapter_desc *desc, int32_t *slot);
+/* The same from one layer of a PEFT adapter (lmoe_peft_layer_desc + load_named). */
+LMOE_API lmoe_status lmoe_pool_load_peft(lmoe_pool *pool, const char *name, lmoe_peft *peft,
+                                         int32_t layer, int32_t *slot);
+LMOE_API lmoe_status lmoe_pool_unload_named(lmoe_pool *pool, const char *name);
+/* LMOE_ERR_NOT_FOUND when no slot holds name (not recorded as an error). */
+LMOE_API lmoe_status lmoe_pool_find(const lmoe_pool *pool, const char *name, int32_t *slot);
+/* Name of a slot's adapter ("" when unnamed or empty); valid until the slot changes. */
+LMOE_API const char *lmoe_pool_slot_name(const lmoe_pool *pool, int32_t slot);
+/* Pinned slots are never evicted; pins nest (counted). A pinned slot can still be
+   unloaded or reloaded explicitly. */
+LMOE_API lmoe_status lmoe_pool_pin(lmoe_pool *pool, int32_t slot);
+LMOE_API lmoe_status lmoe_pool_unpin(lmoe_pool *pool, int32_t slot);
+LMOE_API int32_t lmoe_pool_pin_count(const lmoe_pool *pool, int32_t slot);
+/* Marks a slot as just used (for LRU). */
+LMOE_API lmoe_status lmoe_pool_touch(lmoe_pool *pool, int32_t slot);
+
+typedef struct lmoe_pool_memory {
+  int64_t slot_bytes;     /* device bytes of one slot */
+  int64_t total_bytes;    /* all slots */
+  int32_t num_slots;
+  int32_t loaded_slots;
+  int64_t loaded_bytes;   /* slots holding an adapter */
+  int64_t used_bytes;     /* of which bytes the adapters' actual ranks fill */
+  int64_t evictions;      /* slots evicted by load_named since the pool was made */
+} lmoe_pool_memory;
+LMOE_API lmoe_status lmoe_pool_get_memory(const lmoe_pool *pool, lmoe_pool_memory *out);
+
 #ifndef LMOE_FFI_CDEF
 #ifdef __cplusplus
 }

@@ -129,6 +129,8 @@ lmoe_status lmoe_batch_set(lmoe_batch *b, const lmoe_pool *pool, int32_t n, cons
   b->max_rank = max_rank;
   b->max_slot = max_slot;
   b->version++;
+  /* The slots of a batch being built are the most recently used (LRU, pool.c). */
+  if (pool && na) lmoe_pool_note_use((lmoe_pool *)pool, b->active_slots, na);
   if (ctx->ops->batch_stage) return ctx->ops->batch_stage(ctx, b);
   return LMOE_OK;
 }

@@ -130,5 +130,7 @@ lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void 
   if (st) return st;
   st = ctx->ops->forward(ctx, &plan, stream ? stream : ctx->stream);
   if (!st) ctx->counters.forwards++;
+  if (!st && plan.pool && plan.batch->num_active)
+    lmoe_pool_note_use(plan.pool, plan.batch->active_slots, plan.batch->num_active);
   return st;
 }

@@ -79,6 +79,10 @@ typedef struct lmoe_slot {
   int32_t r2;           /* down rank, 0 when absent */
   float scale_gate, scale_up, scale_down;
   uint64_t generation;
+  /* life cycle (pool.c): pins survive loads and unloads; the name is the adapter's */
+  int32_t pins;
+  uint64_t last_used;   /* pool clock at the last load/touch/batch/forward */
+  char name[LMOE_ADAPTER_NAME_MAX];
 } lmoe_slot;
 
 /* Canonical adapter storage, bf16 in device memory, one block per slot:
@@ -96,6 +100,8 @@ struct lmoe_pool {
   size_t slot_bytes;
   size_t off_a13, off_b13, off_a2, off_b2; /* byte offsets inside a slot */
   void *be;             /* backend per-pool state */
+  uint64_t clock;       /* recency counter for LRU (pool.c) */
+  int64_t evictions;
 };
 
 /* Host metadata of a batch. Arrays grow, never shrink. */
@@ -210,6 +216,8 @@ lmoe_status lmoe_context_reserve(lmoe_context *ctx, const lmoe_layer_config *cfg
 lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
                                   lmoe_forward_plan *plan, bool out_is_reference);
 int32_t lmoe_pool_slot_rank(const lmoe_pool *p, int32_t slot);
+/* Stamps slots as just used, for LRU eviction (batch_set, forward). */
+void lmoe_pool_note_use(lmoe_pool *p, const int32_t *slots, int32_t n);
 static inline const uint16_t *lmoe_slot_ptr(const lmoe_pool *p, int32_t slot, size_t off) {
   return (const uint16_t *)((const uint8_t *)p->storage + (size_t)slot * p->slot_bytes + off);
 }

@@ -1,5 +1,5 @@
 /* Adapter pool: fixed slots of LoRA weights in the canonical layout (internal.h). */
-#include "internal.h"
+#include "files.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -236,6 +236,8 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
     return st;
   }
   s.generation = p->slots[slot].generation + 1;
+  s.pins = p->slots[slot].pins; /* pins belong to the slot, names to the adapter */
+  s.last_used = ++p->clock;
   p->slots[slot] = s;
   return ctx->ops->slot_changed ? ctx->ops->slot_changed(ctx, p, slot) : LMOE_OK;
 }
@@ -312,8 +314,10 @@ lmoe_status lmoe_pool_unload(lmoe_pool *p, int32_t slot) {
   lmoe_status st = check_slot(p, slot);
   if (st) return st;
   uint64_t gen = p->slots[slot].generation;
+  int32_t pins = p->slots[slot].pins;
   memset(&p->slots[slot], 0, sizeof p->slots[slot]);
   p->slots[slot].generation = gen + 1;
+  p->slots[slot].pins = pins;
   lmoe_context *ctx = p->layer->ctx;
   return ctx->ops->slot_changed ? ctx->ops->slot_changed(ctx, p, slot) : LMOE_OK;
 }
@@ -347,4 +351,165 @@ int32_t lmoe_pool_slot_rank(const lmoe_pool *p, int32_t slot) {
   int32_t m = s->g_hi - s->g_lo;
   if (s->u_hi - s->u_lo > m) m = s->u_hi - s->u_lo;
   return s->r2 > m ? s->r2 : m;
+}
+
+/* ------------------------------------------------------------ life cycle by name */
+
+void lmoe_pool_note_use(lmoe_pool *p, const int32_t *slots, int32_t n) {
+  uint64_t now = ++p->clock;
+  for (int32_t i = 0; i < n; i++)
+    if (slots[i] >= 0 && slots[i] < p->cfg.num_slots) p->slots[slots[i]].last_used = now;
+}
+
+static lmoe_status check_name(lmoe_context *ctx, const char *name) {
+  if (!name || !*name) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter name is NULL or empty");
+  if (strlen(name) >= LMOE_ADAPTER_NAME_MAX)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter name is longer than %d bytes",
+                     LMOE_ADAPTER_NAME_MAX - 1);
+  return LMOE_OK;
+}
+
+static int32_t find_name(const lmoe_pool *p, const char *name) {
+  for (int32_t i = 0; i < p->cfg.num_slots; i++)
+    if (p->slots[i].loaded && !strcmp(p->slots[i].name, name)) return i;
+  return -1;
+}
+
+lmoe_status lmoe_pool_find(const lmoe_pool *p, const char *name, int32_t *slot) {
+  if (!valid_pool(p) || !name) return LMOE_ERR_INVALID_ARGUMENT;
+  int32_t s = find_name(p, name);
+  if (s < 0) return LMOE_ERR_NOT_FOUND;
+  if (slot) *slot = s;
+  return LMOE_OK;
+}
+
+const char *lmoe_pool_slot_name(const lmoe_pool *p, int32_t slot) {
+  if (!valid_pool(p) || slot < 0 || slot >= p->cfg.num_slots || !p->slots[slot].loaded) return "";
+  return p->slots[slot].name;
+}
+
+/* Where a new adapter goes: a free unpinned slot (lowest index), else the least
+   recently used loaded slot that is not pinned. -1 when every slot is pinned. */
+static int32_t pick_slot(const lmoe_pool *p, bool *evict) {
+  *evict = false;
+  for (int32_t i = 0; i < p->cfg.num_slots; i++)
+    if (!p->slots[i].loaded && p->slots[i].pins == 0) return i;
+  int32_t best = -1;
+  for (int32_t i = 0; i < p->cfg.num_slots; i++) {
+    const lmoe_slot *s = &p->slots[i];
+    if (s->pins > 0 || !s->loaded) continue;
+    if (best < 0 || s->last_used < p->slots[best].last_used) best = i;
+  }
+  *evict = best >= 0;
+  return best;
+}
+
+lmoe_status lmoe_pool_load_named(lmoe_pool *p, const char *name, const lmoe_adapter_desc *d,
+                                 int32_t *slot) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = p->layer->ctx;
+  lmoe_clear_error(ctx);
+  lmoe_status st = check_name(ctx, name);
+  if (st) return st;
+  int32_t s = find_name(p, name);
+  bool evict = false;
+  if (s < 0) s = pick_slot(p, &evict);
+  if (s < 0)
+    return lmoe_fail(ctx, LMOE_ERR_FULL,
+                     "can't load adapter '%s': all %d slots hold pinned adapters (unpin or unload one)",
+                     name, (int)p->cfg.num_slots);
+  /* lmoe_pool_load validates before it writes: on a refused adapter the slot, and
+     whatever it held, is left as it was. */
+  st = lmoe_pool_load(p, s, d);
+  if (st) return st;
+  if (evict) p->evictions++;
+  memcpy(p->slots[s].name, name, strlen(name) + 1);
+  if (slot) *slot = s;
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_pool_load_peft(lmoe_pool *p, const char *name, lmoe_peft *peft, int32_t layer,
+                                int32_t *slot) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = p->layer->ctx;
+  lmoe_clear_error(ctx);
+  if (!peft) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "peft adapter is NULL");
+  lmoe_status st = check_name(ctx, name);
+  if (st) return st;
+  const lmoe_layer_config *c = &p->layer->cfg;
+  lmoe_adapter_desc d;
+  lmoe_adapter_desc_init(&d);
+  st = lmoe_peft_layer_desc(peft, layer, c->num_experts, c->hidden, c->intermediate, &d);
+  if (st) {
+    /* the message went to the adapter's context; keep it visible on the pool's */
+    if (lmoe_peft_context_error(peft) && ctx->error[0] == 0)
+      lmoe_fail(ctx, st, "%s", lmoe_peft_context_error(peft));
+    return st;
+  }
+  return lmoe_pool_load_named(p, name, &d, slot);
+}
+
+lmoe_status lmoe_pool_unload_named(lmoe_pool *p, const char *name) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = p->layer->ctx;
+  lmoe_clear_error(ctx);
+  lmoe_status st = check_name(ctx, name);
+  if (st) return st;
+  int32_t s = find_name(p, name);
+  if (s < 0) return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "no slot holds adapter '%s'", name);
+  return lmoe_pool_unload(p, s);
+}
+
+lmoe_status lmoe_pool_pin(lmoe_pool *p, int32_t slot) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(p->layer->ctx);
+  lmoe_status st = check_slot(p, slot);
+  if (st) return st;
+  p->slots[slot].pins++;
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_pool_unpin(lmoe_pool *p, int32_t slot) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(p->layer->ctx);
+  lmoe_status st = check_slot(p, slot);
+  if (st) return st;
+  if (p->slots[slot].pins == 0)
+    return lmoe_fail(p->layer->ctx, LMOE_ERR_STATE, "slot %d is not pinned", (int)slot);
+  p->slots[slot].pins--;
+  return LMOE_OK;
+}
+
+int32_t lmoe_pool_pin_count(const lmoe_pool *p, int32_t slot) {
+  if (!valid_pool(p) || slot < 0 || slot >= p->cfg.num_slots) return 0;
+  return p->slots[slot].pins;
+}
+
+lmoe_status lmoe_pool_touch(lmoe_pool *p, int32_t slot) {
+  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(p->layer->ctx);
+  lmoe_status st = check_slot(p, slot);
+  if (st) return st;
+  p->slots[slot].last_used = ++p->clock;
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_pool_get_memory(const lmoe_pool *p, lmoe_pool_memory *out) {
+  if (!valid_pool(p) || !out) return LMOE_ERR_INVALID_ARGUMENT;
+  memset(out, 0, sizeof *out);
+  const lmoe_layer_config *c = &p->layer->cfg;
+  int64_t E = c->num_experts, H = c->hidden, I = c->intermediate;
+  out->slot_bytes = (int64_t)p->slot_bytes;
+  out->num_slots = p->cfg.num_slots;
+  out->total_bytes = (int64_t)p->slot_bytes * p->cfg.num_slots;
+  out->evictions = p->evictions;
+  for (int32_t i = 0; i < p->cfg.num_slots; i++) {
+    const lmoe_slot *s = &p->slots[i];
+    if (!s->loaded) continue;
+    out->loaded_slots++;
+    out->loaded_bytes += (int64_t)p->slot_bytes;
+    /* a13 + b13 rows of the gate/up rank, a2 + b2 of the down rank, bf16 */
+    out->used_bytes += 2 * E * ((int64_t)s->r13 * (H + 2 * I) + (int64_t)s->r2 * (I + H));
+  }
+  return LMOE_OK;
 }

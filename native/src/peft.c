@@ -1,0 +1,1082 @@
+/* PEFT LoRA adapters: adapter_config.json + adapter_model.safetensors, mapped onto
+   the experts of one MoE layer (docs/formats.md). What can't be represented exactly
+   is refused with a message that says what and where. */
+#include "files.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <regex.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+enum { PART_GATE = 0, PART_UP = 1, PART_DOWN = 2, PART_GATE_UP = 3, PART_COUNT = 4 };
+static const char *part_names[PART_COUNT] = {"gate", "up", "down", "gate_up"};
+
+/* One tensor of the file, classified by its name. */
+typedef struct peft_tensor {
+  int32_t st_index;
+  int32_t layer;  /* -1: not under model.layers.N */
+  int32_t part;   /* PART_*, -1: not an expert LoRA tensor */
+  int32_t expert; /* per-expert index, -1 for fused */
+  int32_t is_b;
+  int32_t family;
+  char *module;   /* module name in the base model, e.g. model.layers.0.mlp.experts.3.gate_proj */
+  char *param;    /* fused: the parameter name (gate_up_proj, down_proj) */
+} peft_tensor;
+
+typedef struct pattern {
+  char *key;
+  double value;
+  regex_t re;
+  bool compiled;
+} pattern;
+
+struct lmoe_peft {
+  lmoe_object obj;
+  lmoe_context *ctx;
+  char *dir;
+  lmoe_safetensors *st;
+  /* config */
+  int32_t r;
+  double alpha;
+  int32_t use_rslora;
+  char *target_modules; /* printable: list joined by ", " or the regex */
+  char **tparams;       /* target_parameters */
+  int32_t n_tparams;
+  char *layers_to_transform; /* printable, NULL when absent */
+  pattern *rank_pat, *alpha_pat;
+  int32_t n_rank_pat, n_alpha_pat;
+  /* tensors */
+  peft_tensor *t;
+  int32_t n;
+  int32_t family, layout, targets, num_experts, max_rank;
+  int32_t *layers;
+  int32_t n_layers;
+  int64_t bytes;
+  /* layer_desc output */
+  float *buf[2 * PART_COUNT];
+};
+
+static bool valid_peft(const lmoe_peft *p) { return p && p->obj.magic == LMOE_MAGIC_PEFT; }
+
+const char *lmoe_peft_context_error(const lmoe_peft *p) {
+  return valid_peft(p) ? lmoe_context_last_error(p->ctx) : NULL;
+}
+
+void lmoe_peft_info_init(lmoe_peft_info *info) {
+  if (!info) return;
+  memset(info, 0, sizeof *info);
+  info->struct_size = sizeof *info;
+}
+
+static void free_patterns(pattern *p, int32_t n) {
+  for (int32_t i = 0; i < n; i++) {
+    if (p[i].compiled) regfree(&p[i].re);
+    free(p[i].key);
+  }
+  free(p);
+}
+
+static void peft_free(lmoe_peft *p) {
+  if (!p) return;
+  lmoe_safetensors_close(p->st);
+  for (int32_t i = 0; i < p->n; i++) {
+    free(p->t[i].module);
+    free(p->t[i].param);
+  }
+  free(p->t);
+  for (int32_t i = 0; i < p->n_tparams; i++) free(p->tparams[i]);
+  free(p->tparams);
+  free(p->target_modules);
+  free(p->layers_to_transform);
+  free_patterns(p->rank_pat, p->n_rank_pat);
+  free_patterns(p->alpha_pat, p->n_alpha_pat);
+  free(p->layers);
+  for (int i = 0; i < 2 * PART_COUNT; i++) free(p->buf[i]);
+  if (p->ctx) lmoe_context_release(p->ctx);
+  free(p->dir);
+  p->obj.magic = 0;
+  free(p);
+}
+
+/* ------------------------------------------------------------ patterns */
+
+/* PEFT matches rank_pattern / alpha_pattern keys as Python regexes against the module
+   name: re.match(rf"(.*\.)?({key})$", name). POSIX extended regexes agree on the
+   syntax such keys use once \d \w \s and (?: are spelled out. */
+static bool compile_pattern(regex_t *re, const char *key, bool suffix) {
+  size_t n = strlen(key);
+  char *s = malloc(n * 12 + 32);
+  if (!s) return false;
+  char *o = s;
+  o += sprintf(o, suffix ? "^(.*\\.)?(" : "^(");
+  for (size_t i = 0; i < n; i++) {
+    if (key[i] == '\\' && i + 1 < n) {
+      char c = key[++i];
+      if (c == 'd') o += sprintf(o, "[0-9]");
+      else if (c == 'w') o += sprintf(o, "[A-Za-z0-9_]");
+      else if (c == 's') o += sprintf(o, "[[:space:]]");
+      else *o++ = '\\', *o++ = c;
+    } else if (key[i] == '(' && i + 2 < n && key[i + 1] == '?' && key[i + 2] == ':') {
+      *o++ = '(';
+      i += 2;
+    } else {
+      *o++ = key[i];
+    }
+  }
+  o += sprintf(o, ")$");
+  bool ok = regcomp(re, s, REG_EXTENDED | REG_NOSUB) == 0;
+  free(s);
+  return ok;
+}
+
+static const pattern *match_pattern(const pattern *p, int32_t n, const char *name) {
+  for (int32_t i = 0; i < n; i++)
+    if (regexec(&p[i].re, name, 0, NULL, 0) == 0) return &p[i];
+  return NULL;
+}
+
+static lmoe_status parse_patterns(lmoe_peft *p, const cJSON *obj, const char *field, pattern **out,
+                                  int32_t *n_out, const char *cfg) {
+  *out = NULL;
+  *n_out = 0;
+  if (!obj || cJSON_IsNull(obj)) return LMOE_OK;
+  if (!cJSON_IsObject(obj))
+    return lmoe_fail(p->ctx, LMOE_ERR_FORMAT, "%s: %s is not an object", cfg, field);
+  int n = cJSON_GetArraySize(obj);
+  pattern *pat = calloc((size_t)n + 1, sizeof *pat);
+  if (!pat) return lmoe_fail(p->ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  *out = pat;
+  for (const cJSON *it = obj->child; it; it = it->next) {
+    pattern *q = &pat[(*n_out)++];
+    q->key = strdup(it->string);
+    if (!q->key) return lmoe_fail(p->ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    if (!cJSON_IsNumber(it) || !isfinite(it->valuedouble))
+      return lmoe_fail(p->ctx, LMOE_ERR_FORMAT, "%s: %s['%s'] is not a number", cfg, field, it->string);
+    q->value = it->valuedouble;
+    if (!strcmp(field, "rank_pattern") &&
+        (q->value < 1 || q->value > 65536 || q->value != floor(q->value)))
+      return lmoe_fail(p->ctx, LMOE_ERR_FORMAT, "%s: rank_pattern['%s'] = %g is not a rank", cfg,
+                       it->string, q->value);
+    if (!compile_pattern(&q->re, it->string, true))
+      return lmoe_fail(p->ctx, LMOE_ERR_UNSUPPORTED, "%s: %s key '%s' is not a regex this library can use",
+                       cfg, field, it->string);
+    q->compiled = true;
+  }
+  return LMOE_OK;
+}
+
+/* Rank and alpha PEFT gives a module (param: the fused parameter, or NULL). */
+static void module_rank_alpha(const lmoe_peft *p, const char *module, const char *param, int32_t *r,
+                              double *alpha) {
+  const pattern *rp = NULL, *ap = NULL;
+  if (param) {
+    char full[512];
+    snprintf(full, sizeof full, "%s.%s", module, param);
+    rp = match_pattern(p->rank_pat, p->n_rank_pat, full);
+    ap = match_pattern(p->alpha_pat, p->n_alpha_pat, full);
+  }
+  if (!rp) rp = match_pattern(p->rank_pat, p->n_rank_pat, module);
+  if (!ap) ap = match_pattern(p->alpha_pat, p->n_alpha_pat, module);
+  *r = rp ? (int32_t)rp->value : p->r;
+  *alpha = ap ? ap->value : p->alpha;
+}
+
+/* ------------------------------------------------------------ config */
+
+static char *join_strings(const cJSON *arr) {
+  size_t len = 1;
+  for (const cJSON *s = arr->child; s; s = s->next) len += strlen(s->valuestring) + 2;
+  char *o = malloc(len);
+  if (!o) return NULL;
+  o[0] = 0;
+  for (const cJSON *s = arr->child; s; s = s->next) {
+    if (s != arr->child) strcat(o, ", ");
+    strcat(o, s->valuestring);
+  }
+  return o;
+}
+
+static bool string_array(const cJSON *v) {
+  if (!cJSON_IsArray(v)) return false;
+  for (const cJSON *s = v->child; s; s = s->next)
+    if (!cJSON_IsString(s)) return false;
+  return true;
+}
+
+static lmoe_status parse_config(lmoe_peft *p, const char *text, size_t len, const char *cfg) {
+  lmoe_context *ctx = p->ctx;
+  cJSON *root = cJSON_ParseWithLength(text, len);
+  if (!root) return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: not valid JSON", cfg);
+  lmoe_status s = LMOE_OK;
+  if (!cJSON_IsObject(root)) {
+    s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: not a JSON object", cfg);
+    goto done;
+  }
+  /* Duplicate keys would make cJSON's lookups pick one silently. */
+  for (const cJSON *a = root->child; a; a = a->next)
+    for (const cJSON *b = a->next; b; b = b->next)
+      if (!strcmp(a->string, b->string)) {
+        s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: key '%s' appears twice", cfg, a->string);
+        goto done;
+      }
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "peft_type");
+  if (v && !(cJSON_IsString(v) && !strcmp(v->valuestring, "LORA"))) {
+    s = lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "%s: peft_type is %s; only LORA adapters are supported", cfg,
+                  cJSON_IsString(v) ? v->valuestring : "not a string");
+    goto done;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "r");
+  p->r = 8; /* PEFT's default */
+  if (v) {
+    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > 65536 ||
+        v->valuedouble != floor(v->valuedouble)) {
+      s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: r is not a positive integer", cfg);
+      goto done;
+    }
+    p->r = (int32_t)v->valuedouble;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "lora_alpha");
+  p->alpha = 8;
+  if (v) {
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) {
+      s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: lora_alpha is not a number", cfg);
+      goto done;
+    }
+    p->alpha = v->valuedouble;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "use_rslora");
+  if (v && !cJSON_IsBool(v) && !cJSON_IsNull(v)) {
+    s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: use_rslora is not true or false", cfg);
+    goto done;
+  }
+  p->use_rslora = cJSON_IsTrue(v);
+  v = cJSON_GetObjectItemCaseSensitive(root, "use_dora");
+  if (cJSON_IsTrue(v)) {
+    s = lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "%s: use_dora is true; DoRA adapters are not supported", cfg);
+    goto done;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "bias");
+  if (v && !cJSON_IsNull(v) && !(cJSON_IsString(v) && !strcmp(v->valuestring, "none"))) {
+    s = lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "%s: bias is '%s'; only \"none\" is supported", cfg,
+                  cJSON_IsString(v) ? v->valuestring : "?");
+    goto done;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "lora_bias");
+  if (cJSON_IsTrue(v)) {
+    s = lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "%s: lora_bias is true; LoRA biases are not supported", cfg);
+    goto done;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "target_modules");
+  if (cJSON_IsString(v)) {
+    p->target_modules = strdup(v->valuestring);
+  } else if (string_array(v)) {
+    p->target_modules = join_strings(v);
+  } else if (v && !cJSON_IsNull(v)) {
+    s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: target_modules is neither a list of names nor a regex", cfg);
+    goto done;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "target_parameters");
+  if (string_array(v)) {
+    int n = cJSON_GetArraySize(v);
+    p->tparams = calloc((size_t)n + 1, sizeof(char *));
+    if (!p->tparams) {
+      s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+      goto done;
+    }
+    for (const cJSON *e = v->child; e; e = e->next) {
+      if (!(p->tparams[p->n_tparams++] = strdup(e->valuestring))) {
+        s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+        goto done;
+      }
+    }
+  } else if (v && !cJSON_IsNull(v)) {
+    s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: target_parameters is not a list of names", cfg);
+    goto done;
+  }
+  v = cJSON_GetObjectItemCaseSensitive(root, "layers_to_transform");
+  if (v && !cJSON_IsNull(v)) {
+    char *txt = cJSON_PrintUnformatted(v);
+    p->layers_to_transform = txt ? strdup(txt) : NULL;
+    cJSON_free(txt);
+  }
+  if ((s = parse_patterns(p, cJSON_GetObjectItemCaseSensitive(root, "rank_pattern"), "rank_pattern",
+                          &p->rank_pat, &p->n_rank_pat, cfg)))
+    goto done;
+  if ((s = parse_patterns(p, cJSON_GetObjectItemCaseSensitive(root, "alpha_pattern"), "alpha_pattern",
+                          &p->alpha_pat, &p->n_alpha_pat, cfg)))
+    goto done;
+done:
+  cJSON_Delete(root);
+  return s;
+}
+
+/* ------------------------------------------------------------ tensor names */
+
+static bool parse_index(const char **s, int32_t *out) {
+  const char *q = *s;
+  if (*q < '0' || *q > '9') return false;
+  long v = 0;
+  while (*q >= '0' && *q <= '9') {
+    v = v * 10 + (*q - '0');
+    if (v > 1000000) return false;
+    q++;
+  }
+  *out = (int32_t)v;
+  *s = q;
+  return true;
+}
+
+static bool eat(const char **s, const char *prefix) {
+  size_t n = strlen(prefix);
+  if (strncmp(*s, prefix, n)) return false;
+  *s += n;
+  return true;
+}
+
+/* Which part a fused target parameter names (its last component), -1 if none. */
+static int32_t fused_param_part(const char *param) {
+  const char *last = strrchr(param, '.');
+  last = last ? last + 1 : param;
+  if (!strcmp(last, "gate_up_proj")) return PART_GATE_UP;
+  if (!strcmp(last, "down_proj")) return PART_DOWN;
+  return -1;
+}
+
+/* Does a target_parameters entry name a parameter of an experts module? */
+static bool tparam_on_experts(const char *param) {
+  const char *last = strrchr(param, '.');
+  if (!last) return true; /* a bare name matches any module with that parameter */
+  size_t n = (size_t)(last - param);
+  return n >= 7 && !strncmp(last - 7, "experts", 7);
+}
+
+static lmoe_status classify(lmoe_peft *p, int32_t idx, const char *cfg) {
+  lmoe_context *ctx = p->ctx;
+  lmoe_tensor_info ti;
+  lmoe_safetensors_tensor(p->st, idx, &ti);
+  peft_tensor *t = &p->t[p->n++];
+  t->st_index = idx;
+  t->layer = -1;
+  t->part = -1;
+  t->expert = -1;
+  const char *name = ti.name, *s = name;
+  eat(&s, "base_model.model.");
+  size_t n = strlen(s);
+  const char *tail = NULL;
+  if (n > 15 && !strcmp(s + n - 15, ".lora_A.weight")) tail = s + n - 15, t->is_b = 0;
+  else if (n > 15 && !strcmp(s + n - 15, ".lora_B.weight")) tail = s + n - 15, t->is_b = 1;
+  const char *m = s;
+  if (!eat(&m, "model.layers.") || !parse_index(&m, &t->layer) || *m != '.') {
+    t->layer = -1;
+    return LMOE_OK; /* outside the decoder layers (lm_head, embeddings): not ours */
+  }
+  t->module = strndup(s, tail ? (size_t)(tail - s) : n);
+  if (!t->module) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  if (!tail) return LMOE_OK; /* lora_magnitude_vector, embeddings, modules_to_save... */
+  m++;
+  int32_t fam = 0;
+  if (eat(&m, "mlp.experts")) fam = LMOE_FAMILY_QWEN;
+  else if (eat(&m, "block_sparse_moe.experts")) fam = LMOE_FAMILY_MIXTRAL;
+  else return LMOE_OK;
+  if (m == tail || !strncmp(m, ".base_layer", 11)) {
+    /* fused: experts(.base_layer)^d.lora_X.weight; depth d picks the parameter */
+    int32_t depth = 0;
+    while (m != tail && eat(&m, ".base_layer")) depth++;
+    if (m != tail) return LMOE_OK;
+    int32_t order[8], no = 0;
+    for (int32_t i = 0; i < p->n_tparams && no < 8; i++)
+      if (tparam_on_experts(p->tparams[i])) order[no++] = i;
+    if (no == 0)
+      return lmoe_fail(ctx, LMOE_ERR_FORMAT,
+                       "%s: tensor '%s' is a fused-experts LoRA but %s lists no target_parameters", lmoe_st_display_name(p->st), name, cfg);
+    if (depth >= no)
+      return lmoe_fail(ctx, LMOE_ERR_FORMAT,
+                       "%s: tensor '%s' is nested %d deep but target_parameters names %d experts parameters",
+                       lmoe_st_display_name(p->st), name, (int)depth, (int)no);
+    /* Nesting follows the list: the first parameter is innermost (most base_layer). */
+    const char *param = p->tparams[order[no - 1 - depth]];
+    int32_t part = fused_param_part(param);
+    if (part < 0)
+      return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                       "%s: tensor '%s' targets experts parameter '%s'; only gate_up_proj and down_proj are supported",
+                       lmoe_st_display_name(p->st), name, param);
+    const char *last = strrchr(param, '.');
+    t->param = strdup(last ? last + 1 : param);
+    if (!t->param) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    /* The module of a fused tensor is the experts module itself. */
+    char *em = strndup(s, (size_t)(strstr(t->module, ".experts") - t->module) + 8);
+    if (!em) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    free(t->module);
+    t->module = em;
+    t->part = part;
+    t->family = fam;
+    return LMOE_OK;
+  }
+  int32_t e;
+  if (!eat(&m, ".") || !parse_index(&m, &e) || *m != '.') return LMOE_OK;
+  m++;
+  size_t rest = (size_t)(tail - m);
+  int32_t part = -1;
+  static const char *qn[3] = {"gate_proj", "up_proj", "down_proj"}, *mn[3] = {"w1", "w3", "w2"};
+  for (int32_t i = 0; i < 3; i++) {
+    const char *want = fam == LMOE_FAMILY_QWEN ? qn[i] : mn[i];
+    if (strlen(want) == rest && !strncmp(m, want, rest)) part = i;
+  }
+  if (part < 0) return LMOE_OK;
+  t->part = part;
+  t->expert = e;
+  t->family = fam;
+  return LMOE_OK;
+}
+
+static int cmp_int(const void *a, const void *b) {
+  int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+  return (x > y) - (x < y);
+}
+
+/* Path of a file in the adapter directory. */
+static char *join_path(const char *dir, const char *file) {
+  size_t n = strlen(dir) + strlen(file) + 2;
+  char *o = malloc(n);
+  if (o) snprintf(o, n, "%s%s%s", dir, *dir && dir[strlen(dir) - 1] != '/' ? "/" : "", file);
+  return o;
+}
+
+lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out) {
+  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(ctx);
+  if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
+  *out = NULL;
+  if (!path) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "path is NULL");
+  lmoe_peft *p = calloc(1, sizeof *p);
+  if (!p) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  p->obj.magic = LMOE_MAGIC_PEFT;
+  atomic_init(&p->obj.refs, 1);
+  lmoe_context_retain(ctx);
+  p->ctx = ctx;
+  /* The directory, or a path to its adapter_config.json. */
+  size_t pl = strlen(path);
+  const char *cfgname = "adapter_config.json";
+  if (pl >= strlen(cfgname) && !strcmp(path + pl - strlen(cfgname), cfgname))
+    p->dir = strndup(path, pl - strlen(cfgname));
+  else
+    p->dir = strdup(path);
+  char *cfg = p->dir ? join_path(p->dir, cfgname) : NULL;
+  char *model = p->dir ? join_path(p->dir, "adapter_model.safetensors") : NULL;
+  char *text = NULL;
+  size_t len = 0;
+  lmoe_status s = (cfg && model) ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  if (!s) s = lmoe_read_text_file(ctx, cfg, 16u << 20, &text, &len);
+  if (!s) s = parse_config(p, text, len, cfg);
+  if (!s) s = lmoe_safetensors_open(ctx, model, &p->st);
+  int32_t n = s ? 0 : lmoe_safetensors_count(p->st);
+  if (!s && !(p->t = calloc((size_t)n + 1, sizeof *p->t)))
+    s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  for (int32_t i = 0; !s && i < n; i++) s = classify(p, i, cfg);
+  /* Facts over all layers: families agree, one layout, the layers present. */
+  if (!s && !(p->layers = calloc((size_t)n + 1, sizeof *p->layers)))
+    s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  bool per = false, fused = false;
+  for (int32_t i = 0; !s && i < p->n; i++) {
+    const peft_tensor *t = &p->t[i];
+    lmoe_tensor_info ti;
+    lmoe_safetensors_tensor(p->st, t->st_index, &ti);
+    p->bytes += (int64_t)ti.bytes;
+    if (t->part < 0) continue;
+    if (p->family && t->family != p->family)
+      s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' uses %s names, others %s names",
+                    lmoe_st_display_name(p->st), ti.name,
+                    t->family == LMOE_FAMILY_QWEN ? "Qwen (mlp.experts)" : "Mixtral (block_sparse_moe)",
+                    p->family == LMOE_FAMILY_QWEN ? "Qwen" : "Mixtral");
+    p->family = t->family;
+    if (t->expert >= 0) {
+      per = true;
+      if (t->expert + 1 > p->num_experts) p->num_experts = t->expert + 1;
+      p->targets |= 1 << t->part;
+    } else {
+      fused = true;
+      p->targets |= t->part == PART_GATE_UP ? (LMOE_TARGET_GATE | LMOE_TARGET_UP) : LMOE_TARGET_DOWN;
+    }
+    int32_t r = ti.ndim == 2 ? (int32_t)(t->is_b ? ti.shape[1] : ti.shape[0]) : 0;
+    if (t->expert < 0 && p->num_experts == 0 && ti.ndim == 2) {
+      /* Fused ranks are E*r: E comes later, from the layer. */
+    } else if (r > p->max_rank) {
+      p->max_rank = r;
+    }
+    bool seen = false;
+    for (int32_t j = 0; j < p->n_layers; j++) seen |= p->layers[j] == t->layer;
+    if (!seen) p->layers[p->n_layers++] = t->layer;
+  }
+  if (!s && per && fused)
+    s = lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                  "%s: mixes per-expert modules and fused target_parameters tensors",
+                  lmoe_st_display_name(p->st));
+  if (!s && p->n_layers == 0)
+    s = lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: no LoRA tensors of MoE experts found",
+                  lmoe_st_display_name(p->st));
+  free(text);
+  free(cfg);
+  free(model);
+  if (s) {
+    peft_free(p);
+    return s;
+  }
+  p->layout = fused ? LMOE_PEFT_FUSED : LMOE_PEFT_PER_EXPERT;
+  qsort(p->layers, (size_t)p->n_layers, sizeof *p->layers, cmp_int);
+  *out = p;
+  return LMOE_OK;
+}
+
+void lmoe_peft_close(lmoe_peft *p) {
+  if (!valid_peft(p)) return;
+  if (atomic_fetch_sub(&p->obj.refs, 1) != 1) return;
+  peft_free(p);
+}
+
+lmoe_status lmoe_peft_get_info(const lmoe_peft *p, lmoe_peft_info *out) {
+  if (!valid_peft(p) || !out) return LMOE_ERR_INVALID_ARGUMENT;
+  if (out->struct_size != sizeof *out)
+    return lmoe_fail(p->ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "peft info struct_size is %u, expected %zu (call lmoe_peft_info_init)",
+                     out->struct_size, sizeof *out);
+  out->family = p->family;
+  out->layout = p->layout;
+  out->rank = p->r;
+  out->alpha = (float)p->alpha;
+  out->use_rslora = p->use_rslora;
+  out->targets = p->targets;
+  out->num_layers = p->n_layers;
+  out->min_layer = p->layers[0];
+  out->max_layer = p->layers[p->n_layers - 1];
+  out->num_experts = p->num_experts;
+  out->max_rank = p->max_rank;
+  out->has_patterns = p->n_rank_pat + p->n_alpha_pat > 0;
+  out->num_tensors = lmoe_safetensors_count(p->st);
+  out->bytes = p->bytes;
+  return LMOE_OK;
+}
+
+int32_t lmoe_peft_layers(const lmoe_peft *p, int32_t *out, int32_t capacity) {
+  if (!valid_peft(p) || !out || capacity <= 0) return 0;
+  int32_t n = p->n_layers < capacity ? p->n_layers : capacity;
+  memcpy(out, p->layers, (size_t)n * sizeof *out);
+  return n;
+}
+
+/* Appends to a bounded buffer, counting what would have been written. */
+typedef struct sbuf {
+  char *buf;
+  size_t size, len;
+} sbuf;
+
+static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#include <stdarg.h>
+static void sb_printf(sbuf *b, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char *dst = b->len < b->size ? b->buf + b->len : NULL;
+  int n = vsnprintf(dst, dst ? b->size - b->len : 0, fmt, ap);
+  va_end(ap);
+  if (n > 0) b->len += (size_t)n;
+}
+
+lmoe_status lmoe_peft_inspect(const lmoe_peft *p, char *buf, size_t size, size_t *needed) {
+  if (!valid_peft(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  if (!buf && size) return lmoe_fail(p->ctx, LMOE_ERR_INVALID_ARGUMENT, "buf is NULL");
+  sbuf b = {buf, size, 0};
+  if (size) buf[0] = 0;
+  static const char *fam[] = {"unknown", "qwen (mlp.experts.E.{gate,up,down}_proj)",
+                              "mixtral (block_sparse_moe.experts.E.{w1,w3,w2})"};
+  sb_printf(&b, "adapter: %s\n", p->dir);
+  sb_printf(&b, "layout: %s\n", p->layout == LMOE_PEFT_FUSED ? "fused experts (target_parameters)"
+                                                              : "per-expert modules (target_modules)");
+  sb_printf(&b, "family: %s\n", p->layout == LMOE_PEFT_FUSED ? "fused experts" : fam[p->family]);
+  sb_printf(&b, "rank: %d  alpha: %g  rslora: %s  scale: %g\n", (int)p->r, p->alpha,
+            p->use_rslora ? "yes" : "no", (double)lmoe_lora_scale((float)p->alpha, p->r, p->use_rslora));
+  sb_printf(&b, "targets:%s%s%s\n", p->targets & LMOE_TARGET_GATE ? " gate" : "",
+            p->targets & LMOE_TARGET_UP ? " up" : "", p->targets & LMOE_TARGET_DOWN ? " down" : "");
+  if (p->target_modules) sb_printf(&b, "target_modules: %s\n", p->target_modules);
+  if (p->n_tparams) {
+    sb_printf(&b, "target_parameters:");
+    for (int32_t i = 0; i < p->n_tparams; i++) sb_printf(&b, "%s%s", i ? ", " : " ", p->tparams[i]);
+    sb_printf(&b, "\n");
+  }
+  for (int32_t i = 0; i < p->n_rank_pat; i++)
+    sb_printf(&b, "rank_pattern: %s = %g\n", p->rank_pat[i].key, p->rank_pat[i].value);
+  for (int32_t i = 0; i < p->n_alpha_pat; i++)
+    sb_printf(&b, "alpha_pattern: %s = %g\n", p->alpha_pat[i].key, p->alpha_pat[i].value);
+  sb_printf(&b, "layers: %d (", (int)p->n_layers);
+  for (int32_t i = 0; i < p->n_layers; i++) {
+    int32_t j = i;
+    while (j + 1 < p->n_layers && p->layers[j + 1] == p->layers[j] + 1) j++;
+    sb_printf(&b, "%s%d", i ? ", " : "", (int)p->layers[i]);
+    if (j > i) sb_printf(&b, "-%d", (int)p->layers[j]);
+    i = j;
+  }
+  sb_printf(&b, ")\n");
+  if (p->layers_to_transform) sb_printf(&b, "layers_to_transform: %s\n", p->layers_to_transform);
+  if (p->layout == LMOE_PEFT_PER_EXPERT) sb_printf(&b, "experts: %d\n", (int)p->num_experts);
+  int32_t other = 0, outside = 0;
+  for (int32_t i = 0; i < p->n; i++) {
+    if (p->t[i].layer < 0) outside++;
+    else if (p->t[i].part < 0) other++;
+  }
+  if (other) sb_printf(&b, "other tensors in layers: %d (refused when their layer is loaded)\n", (int)other);
+  if (outside) sb_printf(&b, "tensors outside the layers: %d (not used by loramoe)\n", (int)outside);
+  sb_printf(&b, "tensors: %d  bytes: %lld\n", (int)lmoe_safetensors_count(p->st), (long long)p->bytes);
+  if (needed) *needed = b.len + 1;
+  return LMOE_OK;
+}
+
+/* ------------------------------------------------------------ one layer */
+
+static lmoe_status read_tensor(lmoe_peft *p, const peft_tensor *t, float **out, lmoe_tensor_info *ti) {
+  lmoe_safetensors_tensor(p->st, t->st_index, ti);
+  if (ti->ndim != 2)
+    return lmoe_fail(p->ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' has %d dimensions; LoRA weights have 2",
+                     lmoe_st_display_name(p->st), ti->name, (int)ti->ndim);
+  *out = malloc((size_t)(ti->numel ? ti->numel : 1) * sizeof(float));
+  if (!*out) return lmoe_fail(p->ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  return lmoe_safetensors_read(p->st, t->st_index, *out, LMOE_DTYPE_F32, ti->numel);
+}
+
+static float part_scale(const lmoe_peft *p, int32_t r, double alpha) {
+  return lmoe_lora_scale((float)alpha, r, p->use_rslora);
+}
+
+/* Checks a tensor's rank against what the config says for its module. */
+static lmoe_status check_rank(lmoe_peft *p, const peft_tensor *t, int32_t got, int32_t *want_r,
+                              double *alpha, const char *tname) {
+  module_rank_alpha(p, t->module, t->param, want_r, alpha);
+  if (got != *want_r)
+    return lmoe_fail(p->ctx, LMOE_ERR_FORMAT,
+                     "%s: tensor '%s' has rank %d, but the config gives module %s rank %d",
+                     lmoe_st_display_name(p->st), tname, (int)got, t->module, (int)*want_r);
+  return LMOE_OK;
+}
+
+static lmoe_status map_fused(lmoe_peft *p, int32_t part, const peft_tensor *ta, const peft_tensor *tb,
+                             int32_t E, int64_t in, int64_t outd, lmoe_lora_part *dst, float **abuf,
+                             float **bbuf) {
+  lmoe_context *ctx = p->ctx;
+  const char *fn = lmoe_st_display_name(p->st);
+  lmoe_tensor_info ia, ib;
+  float *A = NULL, *B = NULL;
+  lmoe_status s = read_tensor(p, ta, &A, &ia);
+  if (!s) s = read_tensor(p, tb, &B, &ib);
+  if (s) goto done;
+  if (ia.shape[0] % E != 0 || ia.shape[0] == 0 || ia.shape[1] != in) {
+    s = lmoe_fail(ctx, LMOE_ERR_FORMAT,
+                  "%s: tensor '%s' has shape [%lld, %lld]; expected [%d*r, %lld] for %d experts (%s)", fn,
+                  ia.name, (long long)ia.shape[0], (long long)ia.shape[1], (int)E, (long long)in, (int)E,
+                  part_names[part]);
+    goto done;
+  }
+  int64_t r = ia.shape[0] / E;
+  if (ib.shape[0] != outd || ib.shape[1] != ia.shape[0]) {
+    s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' has shape [%lld, %lld]; expected [%lld, %lld] (%s)",
+                  fn, ib.name, (long long)ib.shape[0], (long long)ib.shape[1], (long long)outd,
+                  (long long)ia.shape[0], part_names[part]);
+    goto done;
+  }
+  int32_t want;
+  double alpha;
+  if ((s = check_rank(p, ta, (int32_t)r, &want, &alpha, ia.name))) goto done;
+  /* A [E*r, in] is (E, r, in) expert-major: already PEFT's per-expert layout.
+     B [out, E*r] is (out, r, E) expert-minor: b[e][o][j] = B[o][j*E + e]. */
+  float *b = malloc((size_t)(E * outd * r) * sizeof(float));
+  if (!b) {
+    s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    goto done;
+  }
+  for (int64_t e = 0; e < E; e++)
+    for (int64_t o = 0; o < outd; o++)
+      for (int64_t j = 0; j < r; j++) b[(e * outd + o) * r + j] = B[o * (r * E) + j * E + e];
+  *abuf = A;
+  *bbuf = b;
+  A = NULL;
+  dst->a = *abuf;
+  dst->b = *bbuf;
+  dst->rank = (int32_t)r;
+  dst->scale = part_scale(p, (int32_t)r, alpha);
+done:
+  free(A);
+  free(B);
+  return s;
+}
+
+static lmoe_status map_per_expert(lmoe_peft *p, int32_t layer, int32_t part, int32_t E, int64_t in,
+                                  int64_t outd, lmoe_lora_part *dst, float **abuf, float **bbuf) {
+  lmoe_context *ctx = p->ctx;
+  const char *fn = lmoe_st_display_name(p->st);
+  const peft_tensor **ta = calloc((size_t)E, sizeof *ta), **tb = calloc((size_t)E, sizeof *tb);
+  int32_t *rank = calloc((size_t)E, sizeof *rank);
+  float *scale = calloc((size_t)E, sizeof *scale);
+  float *a = NULL, *b = NULL, *tmp = NULL;
+  lmoe_status s = (ta && tb && rank && scale) ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  for (int32_t i = 0; !s && i < p->n; i++) {
+    const peft_tensor *t = &p->t[i];
+    if (t->layer != layer || t->part != part || t->expert < 0) continue;
+    if (t->expert >= E) {
+      s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: layer %d has LoRA tensors for expert %d, but the layer has %d experts",
+                    fn, (int)layer, (int)t->expert, (int)E);
+      break;
+    }
+    (t->is_b ? tb : ta)[t->expert] = t;
+  }
+  /* Every expert or none: a partial set is a broken or foreign adapter. */
+  int32_t have = 0, missing = -1;
+  for (int32_t e = 0; !s && e < E; e++) {
+    if (ta[e] && tb[e]) have++;
+    else if (missing < 0) missing = e;
+    if (!s && (!!ta[e] != !!tb[e]))
+      s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: layer %d expert %d %s has lora_%s but no lora_%s", fn,
+                    (int)layer, (int)e, part_names[part], ta[e] ? "A" : "B", ta[e] ? "B" : "A");
+  }
+  if (!s && have == 0) goto done; /* part not targeted */
+  if (!s && have != E)
+    s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: layer %d: %s LoRA tensors are missing for expert %d (%d of %d experts have them)",
+                  fn, (int)layer, part_names[part], (int)missing, (int)have, (int)E);
+  int32_t R = 0;
+  for (int32_t e = 0; !s && e < E; e++) {
+    lmoe_tensor_info ia, ib;
+    lmoe_safetensors_tensor(p->st, ta[e]->st_index, &ia);
+    lmoe_safetensors_tensor(p->st, tb[e]->st_index, &ib);
+    if (ia.ndim != 2 || ib.ndim != 2 || ia.shape[1] != in || ib.shape[0] != outd || ia.shape[0] != ib.shape[1] ||
+        ia.shape[0] < 1) {
+      s = lmoe_fail(ctx, LMOE_ERR_FORMAT,
+                    "%s: layer %d expert %d %s: lora_A %s and lora_B %s don't fit in = %lld, out = %lld", fn,
+                    (int)layer, (int)e, part_names[part], ia.name, ib.name, (long long)in, (long long)outd);
+      break;
+    }
+    double alpha;
+    int32_t want;
+    if ((s = check_rank(p, ta[e], (int32_t)ia.shape[0], &want, &alpha, ia.name))) break;
+    rank[e] = want;
+    scale[e] = part_scale(p, want, alpha);
+    if (want > R) R = want;
+  }
+  if (s) goto done;
+  /* Pad every expert to the largest rank with zero rows of A and columns of B; one
+     scale for the part, each expert's own folded into its B. */
+  a = calloc((size_t)(E * R * in), sizeof(float));
+  b = calloc((size_t)(E * outd * R), sizeof(float));
+  if (!a || !b) {
+    s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    goto done;
+  }
+  float s0 = scale[0];
+  for (int32_t e = 0; !s && e < E; e++) {
+    lmoe_tensor_info ti;
+    if ((s = read_tensor(p, ta[e], &tmp, &ti))) break;
+    for (int64_t j = 0; j < rank[e]; j++) memcpy(a + ((int64_t)e * R + j) * in, tmp + j * in, (size_t)in * sizeof(float));
+    free(tmp);
+    tmp = NULL;
+    if ((s = read_tensor(p, tb[e], &tmp, &ti))) break;
+    float f = scale[e] == s0 ? 1.0f : scale[e] / s0;
+    for (int64_t o = 0; o < outd; o++)
+      for (int64_t j = 0; j < rank[e]; j++) b[((int64_t)e * outd + o) * R + j] = tmp[o * rank[e] + j] * f;
+    free(tmp);
+    tmp = NULL;
+  }
+  if (s) goto done;
+  *abuf = a;
+  *bbuf = b;
+  a = b = NULL;
+  dst->a = *abuf;
+  dst->b = *bbuf;
+  dst->rank = R;
+  dst->scale = s0;
+done:
+  free(tmp);
+  free(a);
+  free(b);
+  free(ta);
+  free(tb);
+  free(rank);
+  free(scale);
+  return s;
+}
+
+lmoe_status lmoe_peft_layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t H, int32_t I,
+                                 lmoe_adapter_desc *desc) {
+  if (!valid_peft(p)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = p->ctx;
+  lmoe_clear_error(ctx);
+  if (!desc) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "desc is NULL");
+  if (E < 1 || H < 1 || I < 1)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "shapes must be positive (E %d, H %d, I %d)", (int)E,
+                     (int)H, (int)I);
+  const char *fn = lmoe_st_display_name(p->st);
+  bool found = false;
+  for (int32_t i = 0; i < p->n_layers; i++) found |= p->layers[i] == layer;
+  if (!found) {
+    char list[256] = "";
+    for (int32_t i = 0; i < p->n_layers && strlen(list) < 200; i++)
+      snprintf(list + strlen(list), sizeof list - strlen(list), "%s%d", i ? ", " : "", (int)p->layers[i]);
+    return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: no expert LoRA tensors for layer %d (layers: %s%s)", fn,
+                     (int)layer, list, strlen(list) >= 200 ? ", ..." : "");
+  }
+  /* Anything else the adapter targets in this layer would be silently dropped. */
+  for (int32_t i = 0; i < p->n; i++) {
+    const peft_tensor *t = &p->t[i];
+    if (t->layer != layer || t->part >= 0) continue;
+    lmoe_tensor_info ti;
+    lmoe_safetensors_tensor(p->st, t->st_index, &ti);
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "%s: layer %d: tensor '%s' (module %s) is not a LoRA of the routed experts; loramoe "
+                     "computes only the experts, so this adapter can't be applied exactly",
+                     fn, (int)layer, ti.name, t->module ? t->module : "?");
+  }
+  for (int i = 0; i < 2 * PART_COUNT; i++) {
+    free(p->buf[i]);
+    p->buf[i] = NULL;
+  }
+  lmoe_adapter_desc d;
+  lmoe_adapter_desc_init(&d);
+  d.dtype = LMOE_DTYPE_F32;
+  lmoe_status s = LMOE_OK;
+  if (p->layout == LMOE_PEFT_FUSED) {
+    for (int32_t part = PART_DOWN; !s && part <= PART_GATE_UP; part++) {
+      const peft_tensor *ta = NULL, *tb = NULL;
+      for (int32_t i = 0; i < p->n; i++) {
+        const peft_tensor *t = &p->t[i];
+        if (t->layer != layer || t->part != part) continue;
+        const peft_tensor **slot = t->is_b ? &tb : &ta;
+        if (*slot)
+          return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: layer %d has two %s lora_%s tensors", fn, (int)layer,
+                           part_names[part], t->is_b ? "B" : "A");
+        *slot = t;
+      }
+      if (!ta && !tb) continue;
+      if (!ta || !tb)
+        return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: layer %d %s has lora_%s but no lora_%s", fn, (int)layer,
+                         part_names[part], ta ? "A" : "B", ta ? "B" : "A");
+      if (part == PART_GATE_UP)
+        s = map_fused(p, part, ta, tb, E, H, 2 * (int64_t)I, &d.gate_up, &p->buf[0], &p->buf[1]);
+      else
+        s = map_fused(p, part, ta, tb, E, I, H, &d.down, &p->buf[2], &p->buf[3]);
+    }
+  } else {
+    s = map_per_expert(p, layer, PART_GATE, E, H, I, &d.gate, &p->buf[0], &p->buf[1]);
+    if (!s) s = map_per_expert(p, layer, PART_UP, E, H, I, &d.up, &p->buf[2], &p->buf[3]);
+    if (!s) s = map_per_expert(p, layer, PART_DOWN, E, I, H, &d.down, &p->buf[4], &p->buf[5]);
+  }
+  if (s) return s;
+  *desc = d;
+  return LMOE_OK;
+}
+
+/* ------------------------------------------------------------ synthetic writer */
+
+void lmoe_peft_synthetic_init(lmoe_peft_synthetic *s) {
+  if (!s) return;
+  memset(s, 0, sizeof *s);
+  s->struct_size = sizeof *s;
+  s->family = LMOE_FAMILY_QWEN;
+  s->layout = LMOE_PEFT_PER_EXPERT;
+  s->num_layers = 1;
+  s->num_experts = 4;
+  s->hidden = 64;
+  s->intermediate = 32;
+  s->targets = LMOE_TARGET_ALL;
+  s->rank = 8;
+  s->alpha = 16.0f;
+  s->dtype = LMOE_DTYPE_BF16;
+  s->seed = 1;
+  s->scale = 0.1f;
+}
+
+typedef struct tensor_list {
+  lmoe_tensor_entry *e;
+  char **names;
+  void **data;
+  int32_t n, cap;
+} tensor_list;
+
+static bool tl_add(tensor_list *l, const char *name, int32_t dtype, int64_t d0, int64_t d1, uint64_t seed,
+                   float scale) {
+  if (l->n == l->cap) {
+    int32_t cap = l->cap ? 2 * l->cap : 64;
+    lmoe_tensor_entry *e = realloc(l->e, (size_t)cap * sizeof *e);
+    if (e) l->e = e;
+    char **nm = realloc(l->names, (size_t)cap * sizeof *nm);
+    if (nm) l->names = nm;
+    void **dt = realloc(l->data, (size_t)cap * sizeof *dt);
+    if (dt) l->data = dt;
+    if (!e || !nm || !dt) return false;
+    l->cap = cap;
+  }
+  int64_t n = d0 * d1;
+  float *f = malloc((size_t)(n ? n : 1) * sizeof(float));
+  void *d = malloc((size_t)(n ? n : 1) * lmoe_dtype_size(dtype));
+  char *nm = strdup(name);
+  if (!f || !d || !nm) {
+    free(f);
+    free(d);
+    free(nm);
+    return false;
+  }
+  for (int64_t i = 0; i < n; i++) f[i] = (2.0f * lmoe_uniform(seed, (uint64_t)i) - 1.0f) * scale;
+  lmoe_convert(d, dtype, f, LMOE_DTYPE_F32, n);
+  free(f);
+  lmoe_tensor_entry *e = &l->e[l->n];
+  memset(e, 0, sizeof *e);
+  e->name = nm;
+  e->dtype = dtype;
+  e->ndim = 2;
+  e->shape[0] = d0;
+  e->shape[1] = d1;
+  e->data = d;
+  l->names[l->n] = nm;
+  l->data[l->n] = d;
+  l->n++;
+  return true;
+}
+
+static void tl_free(tensor_list *l) {
+  for (int32_t i = 0; i < l->n; i++) {
+    free(l->names[i]);
+    free(l->data[i]);
+  }
+  free(l->e);
+  free(l->names);
+  free(l->data);
+}
+
+lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *dir, const lmoe_peft_synthetic *sp) {
+  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(ctx);
+  if (!dir || !sp) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "dir or spec is NULL");
+  if (sp->struct_size != sizeof *sp)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "synthetic spec struct_size is %u, expected %zu (call lmoe_peft_synthetic_init)",
+                     sp->struct_size, sizeof *sp);
+  if (sp->family != LMOE_FAMILY_QWEN && sp->family != LMOE_FAMILY_MIXTRAL)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "family must be qwen (1) or mixtral (2)");
+  if (sp->layout != LMOE_PEFT_PER_EXPERT && sp->layout != LMOE_PEFT_FUSED)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "layout must be per-expert (0) or fused (1)");
+  if (sp->num_layers < 1 || sp->num_layers > 1024 || sp->num_experts < 1 || sp->num_experts > 4096 ||
+      sp->hidden < 1 || sp->hidden > 65536 || sp->intermediate < 1 || sp->intermediate > 65536 ||
+      sp->rank < 1 || sp->rank > 1024 || !isfinite(sp->alpha) || !(sp->scale >= 0))
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "synthetic adapter shapes, rank or scale out of range");
+  if (sp->targets <= 0 || sp->targets > LMOE_TARGET_ALL)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "targets must be a non-empty mask of gate, up, down");
+  if (sp->layout == LMOE_PEFT_FUSED && (sp->targets & 3) && (sp->targets & 3) != 3)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "a fused adapter targets gate and up together");
+  if (sp->dtype != LMOE_DTYPE_BF16 && sp->dtype != LMOE_DTYPE_F16 && sp->dtype != LMOE_DTYPE_F32)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "dtype must be bf16, f16 or f32");
+  if (sp->rank_pattern_key && (sp->rank_pattern_value < 1 || sp->rank_pattern_value > 1024))
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "rank_pattern_value must be 1..1024");
+  if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+    return lmoe_fail(ctx, LMOE_ERR_IO, "%s: cannot create the directory: %s", dir, strerror(errno));
+  regex_t rre;
+  bool have_rre = false;
+  if (sp->rank_pattern_key) {
+    if (!compile_pattern(&rre, sp->rank_pattern_key, true))
+      return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "rank_pattern_key '%s' is not a usable regex",
+                       sp->rank_pattern_key);
+    have_rre = true;
+  }
+  int64_t E = sp->num_experts, H = sp->hidden, I = sp->intermediate;
+  bool qwen = sp->family == LMOE_FAMILY_QWEN, fused = sp->layout == LMOE_PEFT_FUSED;
+  static const char *qn[3] = {"gate_proj", "up_proj", "down_proj"}, *mn[3] = {"w1", "w3", "w2"};
+  tensor_list tl = {0};
+  lmoe_status s = LMOE_OK;
+  uint64_t seed = lmoe_mix64(sp->seed);
+  char name[512], module[400];
+  for (int32_t L = 0; L < sp->num_layers && !s; L++) {
+    if (fused) {
+      /* target_parameters = [gate_up_proj, down_proj] (those targeted): the first is
+         nested deepest, under base_layer. */
+      int32_t parts[2], np = 0;
+      if (sp->targets & 3) parts[np++] = PART_GATE_UP;
+      if (sp->targets & LMOE_TARGET_DOWN) parts[np++] = PART_DOWN;
+      snprintf(module, sizeof module, "model.layers.%d.mlp.experts", (int)L);
+      for (int32_t i = 0; i < np && !s; i++) {
+        int32_t r = sp->rank;
+        char full[480];
+        snprintf(full, sizeof full, "%s.%s", module, parts[i] == PART_GATE_UP ? "gate_up_proj" : "down_proj");
+        if (have_rre && (regexec(&rre, full, 0, NULL, 0) == 0 || regexec(&rre, module, 0, NULL, 0) == 0))
+          r = sp->rank_pattern_value;
+        int64_t in = parts[i] == PART_GATE_UP ? H : I, out = parts[i] == PART_GATE_UP ? 2 * I : H;
+        char nest[64] = "";
+        for (int32_t d = 0; d < np - 1 - i; d++) strcat(nest, ".base_layer");
+        snprintf(name, sizeof name, "base_model.model.%s%s.lora_A.weight", module, nest);
+        if (!tl_add(&tl, name, sp->dtype, E * r, in, seed = lmoe_mix64(seed + 1), sp->scale)) s = LMOE_ERR_OUT_OF_MEMORY;
+        snprintf(name, sizeof name, "base_model.model.%s%s.lora_B.weight", module, nest);
+        if (!s && !tl_add(&tl, name, sp->dtype, out, E * r, seed = lmoe_mix64(seed + 1), sp->scale))
+          s = LMOE_ERR_OUT_OF_MEMORY;
+      }
+      continue;
+    }
+    for (int64_t e = 0; e < E && !s; e++)
+      for (int32_t part = 0; part < 3 && !s; part++) {
+        if (!(sp->targets & (1 << part))) continue;
+        snprintf(module, sizeof module, "model.layers.%d.%s.experts.%lld.%s", (int)L,
+                 qwen ? "mlp" : "block_sparse_moe", (long long)e, qwen ? qn[part] : mn[part]);
+        int32_t r = have_rre && regexec(&rre, module, 0, NULL, 0) == 0 ? sp->rank_pattern_value : sp->rank;
+        int64_t in = part == PART_DOWN ? I : H, out = part == PART_DOWN ? H : I;
+        snprintf(name, sizeof name, "base_model.model.%s.lora_A.weight", module);
+        if (!tl_add(&tl, name, sp->dtype, r, in, seed = lmoe_mix64(seed + 1), sp->scale)) s = LMOE_ERR_OUT_OF_MEMORY;
+        snprintf(name, sizeof name, "base_model.model.%s.lora_B.weight", module);
+        if (!s && !tl_add(&tl, name, sp->dtype, out, r, seed = lmoe_mix64(seed + 1), sp->scale))
+          s = LMOE_ERR_OUT_OF_MEMORY;
+      }
+  }
+  if (have_rre) regfree(&rre);
+  if (s) {
+    tl_free(&tl);
+    return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  }
+  /* adapter_config.json, with the fields PEFT writes that matter here. */
+  cJSON *c = cJSON_CreateObject();
+  cJSON_AddStringToObject(c, "peft_type", "LORA");
+  cJSON_AddStringToObject(c, "base_model_name_or_path", "synthetic");
+  cJSON_AddStringToObject(c, "task_type", "CAUSAL_LM");
+  cJSON_AddNumberToObject(c, "r", sp->rank);
+  cJSON_AddNumberToObject(c, "lora_alpha", sp->alpha);
+  cJSON_AddNumberToObject(c, "lora_dropout", 0.0);
+  cJSON_AddBoolToObject(c, "use_rslora", sp->use_rslora != 0);
+  cJSON_AddBoolToObject(c, "use_dora", 0);
+  cJSON_AddStringToObject(c, "bias", "none");
+  cJSON_AddNullToObject(c, "layers_to_transform");
+  if (fused) {
+    cJSON_AddNullToObject(c, "target_modules");
+    cJSON *tp = cJSON_AddArrayToObject(c, "target_parameters");
+    if (sp->targets & 3) cJSON_AddItemToArray(tp, cJSON_CreateString("mlp.experts.gate_up_proj"));
+    if (sp->targets & LMOE_TARGET_DOWN) cJSON_AddItemToArray(tp, cJSON_CreateString("mlp.experts.down_proj"));
+  } else {
+    cJSON *tm = cJSON_AddArrayToObject(c, "target_modules");
+    for (int32_t part = 0; part < 3; part++)
+      if (sp->targets & (1 << part)) cJSON_AddItemToArray(tm, cJSON_CreateString(qwen ? qn[part] : mn[part]));
+    cJSON_AddNullToObject(c, "target_parameters");
+  }
+  cJSON *rp = cJSON_AddObjectToObject(c, "rank_pattern");
+  if (sp->rank_pattern_key) cJSON_AddNumberToObject(rp, sp->rank_pattern_key, sp->rank_pattern_value);
+  cJSON *ap = cJSON_AddObjectToObject(c, "alpha_pattern");
+  if (sp->alpha_pattern_key) cJSON_AddNumberToObject(ap, sp->alpha_pattern_key, sp->alpha_pattern_value);
+  char *json = cJSON_Print(c);
+  cJSON_Delete(c);
+  char *cfg = join_path(dir, "adapter_config.json"), *model = join_path(dir, "adapter_model.safetensors");
+  if (!json || !cfg || !model) {
+    s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  } else {
+    const char *mk[1] = {"format"}, *mv[1] = {"pt"};
+    s = lmoe_safetensors_write(ctx, model, tl.n, tl.e, 1, mk, mv);
+    if (!s) {
+      FILE *f = fopen(cfg, "wb");
+      bool ok = f && fputs(json, f) >= 0 && fputc('\n', f) != EOF;
+      if (f && fclose(f) != 0) ok = false;
+      if (!ok) s = lmoe_fail(ctx, LMOE_ERR_IO, "%s: write failed: %s", cfg, strerror(errno));
+    }
+  }
+  cJSON_free(json);
+  free(cfg);
+  free(model);
+  tl_free(&tl);
+  return s;
+}
