@@ -804,6 +804,31 @@ function experiment.pick_backend(o)
   return "cpu"
 end
 
+-- experiment.setup(argv, {cpu = {...}, cuda = {...}, out = "out/x", sweep = {"field", ...}})
+-- -> base scenario, output directory, swept overrides. The base is the backend's
+-- defaults with every `field=value` word of the command line applied, except `out=`,
+-- `backend=` and the fields named in `sweep`, which come back in the third result
+-- (a script uses them to replace its sweep's values).
+function experiment.setup(argv, cfg)
+  local o = experiment.args(argv)
+  local backend = experiment.pick_backend(o)
+  local base = copy((backend == "cuda" and cfg.cuda or cfg.cpu) or {})
+  base.backend = backend
+  local sweep = {}
+  for _, f in ipairs(cfg.sweep or {}) do sweep[f] = true end
+  local swept = {}
+  for k, v in pairs(o) do
+    if type(k) == "string" and k ~= "out" and k ~= "backend" then
+      if sweep[k] then
+        swept[k] = type(v) == "table" and v or { v }
+      else
+        base[k] = v
+      end
+    end
+  end
+  return base, o.out or cfg.out or "out", swept
+end
+
 -- Columns most tables want first; report.columns adds the rest.
 experiment.columns = {
   "name", "backend", "device", "preset", "layers", "distinct_layers", "tokens", "requests",

@@ -75,16 +75,28 @@ local function make_axis(values, logbase, include_zero)
     local ticks = {}
     local stride = max(1, ceil((ehi - elo) / 10)) -- at most ~10 labelled ticks
     for e = elo, ehi, stride do ticks[#ticks + 1] = b ^ e end
-    -- Few decades on a base-10 axis: add 2 and 5 so the axis still reads.
+    -- Few decades on a base-10 axis: bounds and ticks on the 1-2-5 steps, so data
+    -- spanning 40..110 gets 20..200, not 10..1000.
     if b == 10 and ehi - elo <= 2 then
-      local more = {}
-      for e = elo, ehi - 1 do
-        more[#more + 1] = 10 ^ e
-        more[#more + 1] = 2 * 10 ^ e
-        more[#more + 1] = 5 * 10 ^ e
+      local steps = {}
+      for e = elo - 1, ehi do
+        steps[#steps + 1] = 10 ^ e
+        steps[#steps + 1] = 2 * 10 ^ e
+        steps[#steps + 1] = 5 * 10 ^ e
       end
-      more[#more + 1] = 10 ^ ehi
-      ticks = more
+      local tlo, thi = steps[1], steps[#steps]
+      for _, v in ipairs(steps) do
+        if v <= lo * (1 + 1e-9) then tlo = v end
+      end
+      for i = #steps, 1, -1 do
+        if steps[i] >= hi * (1 - 1e-9) then thi = steps[i] end
+      end
+      if thi <= tlo then thi = 10 * tlo end
+      axis.lo, axis.hi = tlo, thi
+      ticks = {}
+      for _, v in ipairs(steps) do
+        if v >= tlo * (1 - 1e-9) and v <= thi * (1 + 1e-9) then ticks[#ticks + 1] = v end
+      end
     end
     axis.ticks = ticks
     local llo, lhi = log(axis.lo), log(axis.hi)
