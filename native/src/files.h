@@ -28,6 +28,10 @@ lmoe_status lmoe_st_read_f32(lmoe_safetensors *st, const char *name, int32_t ndi
 /* How messages show a path (as the caller gave it). */
 const char *lmoe_short_path(const char *path);
 
+/* A PEFT adapter from its two files' bytes (the fuzzer's entry). */
+lmoe_status lmoe_peft_open_parts(lmoe_context *ctx, const char *config, size_t config_len,
+                                 const void *model, size_t model_len, lmoe_peft **out);
+
 /* Last error of the context a PEFT adapter was opened with. */
 const char *lmoe_peft_context_error(const lmoe_peft *p);
 

@@ -445,33 +445,13 @@ static char *join_path(const char *dir, const char *file) {
   return o;
 }
 
-lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out) {
-  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
-  lmoe_clear_error(ctx);
-  if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
-  *out = NULL;
-  if (!path) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "path is NULL");
-  lmoe_peft *p = calloc(1, sizeof *p);
-  if (!p) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  p->obj.magic = LMOE_MAGIC_PEFT;
-  atomic_init(&p->obj.refs, 1);
-  lmoe_context_retain(ctx);
-  p->ctx = ctx;
-  /* The directory, or a path to its adapter_config.json. */
-  size_t pl = strlen(path);
-  const char *cfgname = "adapter_config.json";
-  if (pl >= strlen(cfgname) && !strcmp(path + pl - strlen(cfgname), cfgname))
-    p->dir = strndup(path, pl - strlen(cfgname));
-  else
-    p->dir = strdup(path);
-  char *cfg = p->dir ? join_path(p->dir, cfgname) : NULL;
-  char *model = p->dir ? join_path(p->dir, "adapter_model.safetensors") : NULL;
-  char *text = NULL;
-  size_t len = 0;
-  lmoe_status s = (cfg && model) ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  if (!s) s = lmoe_read_text_file(ctx, cfg, 16u << 20, &text, &len);
-  if (!s) s = parse_config(p, text, len, cfg);
-  if (!s) s = lmoe_safetensors_open(ctx, model, &p->st);
+/* Shared by lmoe_peft_open and the fuzzer's in-memory entry: p->dir and the config
+   text are set, st is an opened adapter_model.safetensors (owned from here on). */
+static lmoe_status peft_finish(lmoe_peft *p, const char *text, size_t len, const char *cfg,
+                               lmoe_safetensors *st) {
+  lmoe_context *ctx = p->ctx;
+  p->st = st;
+  lmoe_status s = parse_config(p, text, len, cfg);
   int32_t n = s ? 0 : lmoe_safetensors_count(p->st);
   if (!s && !(p->t = calloc((size_t)n + 1, sizeof *p->t)))
     s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
@@ -486,25 +466,23 @@ lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out)
     lmoe_safetensors_tensor(p->st, t->st_index, &ti);
     p->bytes += (int64_t)ti.bytes;
     if (t->part < 0) continue;
-    if (p->family && t->family != p->family)
+    if (p->family && t->family != p->family) {
       s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' uses %s names, others %s names",
                     lmoe_st_display_name(p->st), ti.name,
                     t->family == LMOE_FAMILY_QWEN ? "Qwen (mlp.experts)" : "Mixtral (block_sparse_moe)",
                     p->family == LMOE_FAMILY_QWEN ? "Qwen" : "Mixtral");
+      break;
+    }
     p->family = t->family;
     if (t->expert >= 0) {
       per = true;
       if (t->expert + 1 > p->num_experts) p->num_experts = t->expert + 1;
       p->targets |= 1 << t->part;
+      int32_t r = ti.ndim == 2 ? (int32_t)(t->is_b ? ti.shape[1] : ti.shape[0]) : 0;
+      if (r > p->max_rank) p->max_rank = r;
     } else {
-      fused = true;
+      fused = true; /* fused ranks are E*r: known once a layer's E is */
       p->targets |= t->part == PART_GATE_UP ? (LMOE_TARGET_GATE | LMOE_TARGET_UP) : LMOE_TARGET_DOWN;
-    }
-    int32_t r = ti.ndim == 2 ? (int32_t)(t->is_b ? ti.shape[1] : ti.shape[0]) : 0;
-    if (t->expert < 0 && p->num_experts == 0 && ti.ndim == 2) {
-      /* Fused ranks are E*r: E comes later, from the layer. */
-    } else if (r > p->max_rank) {
-      p->max_rank = r;
     }
     bool seen = false;
     for (int32_t j = 0; j < p->n_layers; j++) seen |= p->layers[j] == t->layer;
@@ -517,6 +495,47 @@ lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out)
   if (!s && p->n_layers == 0)
     s = lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: no LoRA tensors of MoE experts found",
                   lmoe_st_display_name(p->st));
+  if (s) return s;
+  p->layout = fused ? LMOE_PEFT_FUSED : LMOE_PEFT_PER_EXPERT;
+  qsort(p->layers, (size_t)p->n_layers, sizeof *p->layers, cmp_int);
+  return LMOE_OK;
+}
+
+static lmoe_peft *peft_new(lmoe_context *ctx) {
+  lmoe_peft *p = calloc(1, sizeof *p);
+  if (!p) return NULL;
+  p->obj.magic = LMOE_MAGIC_PEFT;
+  atomic_init(&p->obj.refs, 1);
+  lmoe_context_retain(ctx);
+  p->ctx = ctx;
+  return p;
+}
+
+lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out) {
+  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(ctx);
+  if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
+  *out = NULL;
+  if (!path) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "path is NULL");
+  lmoe_peft *p = peft_new(ctx);
+  if (!p) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  /* The directory, or a path to its adapter_config.json. */
+  size_t pl = strlen(path);
+  const char *cfgname = "adapter_config.json";
+  if (pl >= strlen(cfgname) && !strcmp(path + pl - strlen(cfgname), cfgname))
+    p->dir = strndup(path, pl - strlen(cfgname));
+  else
+    p->dir = strdup(path);
+  char *cfg = p->dir ? join_path(p->dir, cfgname) : NULL;
+  char *model = p->dir ? join_path(p->dir, "adapter_model.safetensors") : NULL;
+  char *text = NULL;
+  size_t len = 0;
+  lmoe_safetensors *st = NULL;
+  lmoe_status s = (cfg && model) ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  if (!s) s = lmoe_read_text_file(ctx, cfg, 16u << 20, &text, &len);
+  if (!s) s = lmoe_safetensors_open(ctx, model, &st);
+  if (!s) s = peft_finish(p, text, len, cfg, st);
+  else lmoe_safetensors_close(st);
   free(text);
   free(cfg);
   free(model);
@@ -524,8 +543,26 @@ lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out)
     peft_free(p);
     return s;
   }
-  p->layout = fused ? LMOE_PEFT_FUSED : LMOE_PEFT_PER_EXPERT;
-  qsort(p->layers, (size_t)p->n_layers, sizeof *p->layers, cmp_int);
+  *out = p;
+  return LMOE_OK;
+}
+
+lmoe_status lmoe_peft_open_parts(lmoe_context *ctx, const char *config, size_t config_len,
+                                 const void *model, size_t model_len, lmoe_peft **out) {
+  *out = NULL;
+  lmoe_clear_error(ctx);
+  lmoe_peft *p = peft_new(ctx);
+  if (!p || !(p->dir = strdup("(memory)"))) {
+    peft_free(p);
+    return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  }
+  lmoe_safetensors *st = NULL;
+  lmoe_status s = lmoe_safetensors_open_memory(ctx, model, model_len, "adapter_model.safetensors", &st);
+  if (!s) s = peft_finish(p, config, config_len, "adapter_config.json", st);
+  if (s) {
+    peft_free(p);
+    return s;
+  }
   *out = p;
   return LMOE_OK;
 }
