@@ -366,8 +366,9 @@ static lmoe_status classify(lmoe_peft *p, int32_t idx, const char *cfg) {
   eat(&s, "base_model.model.");
   size_t n = strlen(s);
   const char *tail = NULL;
-  if (n > 15 && !strcmp(s + n - 15, ".lora_A.weight")) tail = s + n - 15, t->is_b = 0;
-  else if (n > 15 && !strcmp(s + n - 15, ".lora_B.weight")) tail = s + n - 15, t->is_b = 1;
+  const size_t tl = sizeof ".lora_A.weight" - 1;
+  if (n > tl && !strcmp(s + n - tl, ".lora_A.weight")) tail = s + n - tl, t->is_b = 0;
+  else if (n > tl && !strcmp(s + n - tl, ".lora_B.weight")) tail = s + n - tl, t->is_b = 1;
   const char *m = s;
   if (!eat(&m, "model.layers.") || !parse_index(&m, &t->layer) || *m != '.') {
     t->layer = -1;
