@@ -3,7 +3,7 @@
 #   make demo       install missing packages, build into build/, run examples/quickstart.lua
 #   make test       build, run every non-GPU test, then the C tests under ASan+UBSan
 #   make test-gpu   the tests that need a GPU (ctest -L gpu)
-#   make bench      build and run the benchmarks
+#   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
 #
 # Variables: CUDA=0 forces a CPU-only build; CUDA_ARCHS="90a" builds for fewer GPU
 # architectures (the default fatbin covers sm_80/86/89/90a and takes a while);
@@ -55,8 +55,14 @@ test-asan: deps
 test-gpu: build
 	cd $(BUILD) && $(CTEST) -L gpu
 
+# Every benchmark program the build made; the GPU ones only when a device is visible.
 bench: build
-	cd $(BUILD) && ctest -L bench --verbose
+	@set -e; for b in $$(find $(BUILD)/bench -maxdepth 1 -type f -executable | sort); do \
+	  echo "== $$b"; "$$b"; done
+	@set -e; if [ -d $(BUILD)/bench/gpu ] && $(BUILD)/cli/loramoe info | grep -q '^devices: *[1-9]'; then \
+	  for b in $$(find $(BUILD)/bench/gpu -maxdepth 1 -type f -executable | sort); do \
+	    echo "== $$b"; "$$b"; done; \
+	else echo "(no GPU visible: GPU benchmarks skipped)"; fi
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
