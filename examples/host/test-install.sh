@@ -1,0 +1,49 @@
+#!/bin/sh
+# Install-tree test: configure and install loramoe into a temporary prefix, then build
+# examples/host against that prefix twice, with find_package(loramoe) and with
+# pkg-config, and run it each time. Also checks that the installed Lua files load.
+#
+#   examples/host/test-install.sh            (CPU-only build of the library, fast)
+#   LMOE_CMAKE_ARGS="-DLMOE_CUDA=ON" JOBS=8 examples/host/test-install.sh
+set -eu
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/loramoe-install.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+jobs=${JOBS:-2}
+prefix="$tmp/prefix"
+
+echo "== configure, build and install loramoe into $prefix"
+# shellcheck disable=SC2086  # LMOE_CMAKE_ARGS is a list of words
+cmake -S "$root" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$prefix" \
+  -DLMOE_TESTS=OFF -DLMOE_BENCH=OFF ${LMOE_CMAKE_ARGS:--DLMOE_CUDA=OFF} >"$tmp/configure.log" ||
+  { cat "$tmp/configure.log"; exit 1; }
+cmake --build "$tmp/build" -j "$jobs" >"$tmp/build.log" 2>&1 || { tail -50 "$tmp/build.log"; exit 1; }
+cmake --install "$tmp/build" >"$tmp/install.log" || { cat "$tmp/install.log"; exit 1; }
+
+pc=$(find "$prefix" -name loramoe.pc | head -n 1)
+cfg=$(find "$prefix" -name loramoeConfig.cmake | head -n 1)
+[ -n "$pc" ] || { echo "FAIL: no loramoe.pc installed"; exit 1; }
+[ -n "$cfg" ] || { echo "FAIL: no loramoeConfig.cmake installed"; exit 1; }
+for f in init.lua experiment.lua report.lua svg.lua; do
+  [ -f "$prefix/share/lua/5.4/loramoe/$f" ] || { echo "FAIL: share/lua/5.4/loramoe/$f not installed"; exit 1; }
+done
+
+echo "== the installed Lua module loads from the prefix alone"
+libdir=$(dirname "$(dirname "$pc")")
+LUA_PATH="$prefix/share/lua/5.4/?.lua;$prefix/share/lua/5.4/?/init.lua" \
+LUA_CPATH="$libdir/lua/5.4/?.so" \
+  lua5.4 -e 'local lm = require "loramoe"; local e = require "loramoe.experiment"
+             assert(lm.version() == lm._VERSION, "version"); print("lua5.4: loramoe " .. lm.version())'
+
+for how in config pkgconfig; do
+  echo "== examples/host with LORAMOE_FIND=$how"
+  PKG_CONFIG_PATH="$(dirname "$pc")${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}" \
+    cmake -S "$root/examples/host" -B "$tmp/host-$how" -DLORAMOE_FIND=$how \
+      -DCMAKE_PREFIX_PATH="$prefix" >"$tmp/host-$how.log" || { cat "$tmp/host-$how.log"; exit 1; }
+  cmake --build "$tmp/host-$how" -j "$jobs" >>"$tmp/host-$how.log" 2>&1 || { cat "$tmp/host-$how.log"; exit 1; }
+  grep "host: loramoe found in $prefix" "$tmp/host-$how.log" >/dev/null ||
+    { echo "FAIL: the host did not find loramoe in the prefix"; cat "$tmp/host-$how.log"; exit 1; }
+  "$tmp/host-$how/loramoe_host" --frames 24 --backend "${HOST_BACKEND:-cpu}"
+done
+echo "install test: ok"
