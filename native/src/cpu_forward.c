@@ -16,10 +16,12 @@
    projection, as a GPU kernel that stores the intermediate in bf16 would; the float64
    reference (reference.c) applies the same rounding so both define the same result.
 
-   Speed: weights are bf16 in memory; a block of 16 rows is converted to fp32 and
-   transposed into a small [K][16] panel once per tile, then a 6-token x 16-row register
-   block of fp32 accumulators sweeps K (vector extensions, so gcc emits AVX2/AVX-512 FMAs
-   in the clones below without -march=native). Each weight row is read once per tile. */
+   Speed: per work item the tokens are the vector lanes: x, gu, h and y live in
+   feature-major tiles [features][TILE]. A block of MR = 6 bf16 weight rows is widened
+   to fp32 once per tile, then for each group of 16 tokens 6 vector accumulators sweep
+   K with one vector load of x and 6 broadcasts of w per step (vector extensions, so
+   gcc emits AVX2/AVX-512 FMAs in the clones below without -march=native). Each weight
+   row is read once per tile of up to TILE tokens. */
 #include "internal.h"
 
 #include <math.h>
@@ -40,9 +42,9 @@
 #endif
 
 enum {
-  TILE = 48, /* pairs per work item: one expert's tokens share each converted weight panel */
-  MR = 6,    /* tokens per register block */
-  NR = 16,   /* weight rows per register block (one fp32 vector of 16) */
+  TILE = 64, /* pairs per work item: one expert's tokens share each widened weight row */
+  MR = 6,    /* weight rows per register block */
+  NR = 16,   /* tokens per register block (one fp32 vector of 16 lanes) */
   ALIGN = 64,
   REDUCE_CHUNK = 16, /* tokens per reduce / route item */
 };
@@ -63,7 +65,7 @@ static inline float round_bf16(float f) { return bf16f(lmoe_f32_to_bf16(f)); }
 typedef struct ws_layout {
   size_t ids, wts, slot_of, offsets, sorted, items, y, scratch; /* byte offsets */
   size_t per_thread;                                             /* scratch bytes per thread */
-  size_t xs, gu, hs, panel, sh13, sh2, outp;                     /* inside a thread's scratch */
+  size_t xt, gut, ht, wbuf, sh13t, sh2t;                         /* inside a thread's scratch */
   size_t total;
 } ws_layout;
 
@@ -82,20 +84,18 @@ static void layout(ws_layout *L, int64_t M, int32_t k, int32_t E, int32_t H, int
   L->items = o, o += up64(nitems * 3 * sizeof(int32_t));
   L->y = o, o += up64(P * (size_t)H * sizeof(float));
   L->scratch = o;
-  /* Rows of the token-major scratch arrays: TILE plus a register block of slack, so a
-     block that starts near the end never reads past its array. */
-  size_t rows = TILE + MR;
+  /* Per thread, feature-major tiles [features][TILE] (tokens are the vector lanes):
+     xt holds x and later y (x is dead once gate/up are done). */
   size_t R13 = 2 * (size_t)R;
   size_t kmax = (size_t)(H > I ? H : I);
   if (R13 > kmax) kmax = R13;
-  size_t t = 0;
-  L->xs = t, t += up64(rows * (size_t)H * sizeof(float));
-  L->gu = t, t += up64(rows * 2 * (size_t)I * sizeof(float));
-  L->hs = t, t += up64(rows * (size_t)I * sizeof(float));
-  L->panel = t, t += up64(kmax * NR * sizeof(float));
-  L->sh13 = t, t += up64(rows * (R13 ? R13 : 1) * sizeof(float));
-  L->sh2 = t, t += up64(rows * (R ? (size_t)R : 1) * sizeof(float));
-  L->outp = t, t += up64(rows * sizeof(float *));
+  size_t t = 0, lane = TILE * sizeof(float);
+  L->xt = t, t += up64((size_t)H * lane);
+  L->gut = t, t += up64(2 * (size_t)I * lane);
+  L->ht = t, t += up64((size_t)I * lane);
+  L->wbuf = t, t += up64(MR * kmax * sizeof(float));
+  L->sh13t = t, t += up64((R13 ? R13 : 1) * lane);
+  L->sh2t = t, t += up64((R ? (size_t)R : 1) * lane);
   L->per_thread = t;
   L->total = o + t * (size_t)threads;
 }
@@ -111,57 +111,53 @@ size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config
 
 /* ---------------------------------------------------------------- GEMM tile */
 
-/* out[t][col0 + r] (=|+=) alpha * sum_h W[r][h] * X[t][h] for r < rows, t < m.
-   W is bf16 [rows][ldw]; X is fp32 [m][ldx]; out rows are given as pointers.
-   accumulate = 0 stores, 1 adds. panel holds K*NR floats. */
+/* OUT[r][lane] (=|+=) alpha * sum_h W[r][h] * XT[h][lane], for r < rows and lanes in
+   [lo, hi). W is bf16 [rows][ldw]; XT and OUT are feature-major fp32 tiles with TILE
+   lanes per row. accumulate = 0 stores, 1 adds. wbuf holds MR*K floats.
+   MR weight rows are widened to fp32 once, then for each group of NR lanes a register
+   block of MR x NR accumulators sweeps K: one vector load of x and MR broadcasts of
+   w feed MR vector FMAs per step. */
 static inline __attribute__((always_inline)) void
-gemm_tile(const uint16_t *W, size_t ldw, int32_t rows, int32_t K, const float *X, size_t ldx,
-          int32_t m, float *const *outp, int32_t col0, int accumulate, float alpha, float *panel) {
-  if (m <= 0 || rows <= 0) return;
-  for (int32_t r0 = 0; r0 < rows; r0 += NR) {
-    int32_t nb = rows - r0 < NR ? rows - r0 : NR;
-    /* bf16 rows -> fp32 panel [K][NR], lanes past nb zero */
-    for (int32_t c = 0; c < NR; c++) {
-      if (c < nb) {
-        const uint16_t *w = W + (size_t)(r0 + c) * ldw;
-        for (int32_t h = 0; h < K; h++) panel[(size_t)h * NR + c] = bf16f(w[h]);
-      } else {
-        for (int32_t h = 0; h < K; h++) panel[(size_t)h * NR + c] = 0.0f;
+gemm_tile(const uint16_t *W, size_t ldw, int32_t rows, int32_t K, const float *XT, int32_t lo,
+          int32_t hi, float *OUT, int accumulate, float alpha, float *wbuf) {
+  if (hi <= lo || rows <= 0) return;
+  for (int32_t r0 = 0; r0 < rows; r0 += MR) {
+    int32_t nr = rows - r0 < MR ? rows - r0 : MR;
+    for (int32_t i = 0; i < nr; i++) {
+      const uint16_t *w = W + (size_t)(r0 + i) * ldw;
+      float *d = wbuf + (size_t)i * K;
+      for (int32_t h = 0; h < K; h++) { /* bf16 -> fp32: the bits move up 16 */
+        uint32_t u = (uint32_t)w[h] << 16;
+        memcpy(&d[h], &u, sizeof u);
       }
     }
-    for (int32_t t0 = 0; t0 < m; t0 += MR) {
-      int32_t mt = m - t0 < MR ? m - t0 : MR;
-      /* Rows past m repeat the last valid one: computed, never stored. */
-      const float *x0 = X + (size_t)(t0 + (0 < mt ? 0 : mt - 1)) * ldx;
-      const float *x1 = X + (size_t)(t0 + (1 < mt ? 1 : mt - 1)) * ldx;
-      const float *x2 = X + (size_t)(t0 + (2 < mt ? 2 : mt - 1)) * ldx;
-      const float *x3 = X + (size_t)(t0 + (3 < mt ? 3 : mt - 1)) * ldx;
-      const float *x4 = X + (size_t)(t0 + (4 < mt ? 4 : mt - 1)) * ldx;
-      const float *x5 = X + (size_t)(t0 + (5 < mt ? 5 : mt - 1)) * ldx;
+    /* rows past nr repeat the last one: computed, never stored */
+    const float *w0 = wbuf, *w1 = wbuf + (size_t)(1 < nr ? 1 : nr - 1) * K;
+    const float *w2 = wbuf + (size_t)(2 < nr ? 2 : nr - 1) * K;
+    const float *w3 = wbuf + (size_t)(3 < nr ? 3 : nr - 1) * K;
+    const float *w4 = wbuf + (size_t)(4 < nr ? 4 : nr - 1) * K;
+    const float *w5 = wbuf + (size_t)(5 < nr ? 5 : nr - 1) * K;
+    for (int32_t g0 = lo - lo % NR; g0 < hi; g0 += NR) {
       vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0};
-      const vf16 *pw = (const vf16 *)panel;
+      const float *xp = XT + g0;
       for (int32_t h = 0; h < K; h++) {
-        vf16 w = pw[h];
-        a0 += x0[h] * w;
-        a1 += x1[h] * w;
-        a2 += x2[h] * w;
-        a3 += x3[h] * w;
-        a4 += x4[h] * w;
-        a5 += x5[h] * w;
+        vf16 x = *(const vf16 *)(xp + (size_t)h * TILE);
+        a0 += w0[h] * x;
+        a1 += w1[h] * x;
+        a2 += w2[h] * x;
+        a3 += w3[h] * x;
+        a4 += w4[h] * x;
+        a5 += w5[h] * x;
       }
       vf16 acc[MR] = {a0, a1, a2, a3, a4, a5};
-      for (int32_t i = 0; i < mt; i++) {
-        float *o = outp[t0 + i] + col0 + r0;
+      int32_t l0 = lo > g0 ? lo - g0 : 0, l1 = hi < g0 + NR ? hi - g0 : NR;
+      for (int32_t i = 0; i < nr; i++) {
+        float *o = OUT + (size_t)(r0 + i) * TILE + g0;
         vf16 v = acc[i] * alpha;
-        if (nb == NR) {
-          if (accumulate) {
-            vf16 old;
-            memcpy(&old, o, sizeof old);
-            v += old;
-          }
-          memcpy(o, &v, sizeof v);
+        if (!accumulate) {
+          *(vf16 *)o = v; /* whole group: lanes outside [lo, hi) are scratch */
         } else {
-          for (int32_t c = 0; c < nb; c++) o[c] = accumulate ? o[c] + v[c] : v[c];
+          for (int32_t c = l0; c < l1; c++) o[c] = accumulate ? o[c] + v[c] : v[c];
         }
       }
     }
@@ -235,29 +231,28 @@ LMOE_CLONES static void expert_task(void *arg, int64_t item, int32_t thread) {
   fwd *f = arg;
   const ws_layout *L = f->L;
   uint8_t *sc = f->scratch + L->per_thread * (size_t)thread;
-  float *xs = (float *)(sc + L->xs), *gu = (float *)(sc + L->gu), *hs = (float *)(sc + L->hs);
-  float *panel = (float *)(sc + L->panel), *sh13 = (float *)(sc + L->sh13);
-  float *sh2 = (float *)(sc + L->sh2);
-  float **outp = (float **)(sc + L->outp);
+  float *xt = (float *)(sc + L->xt), *gut = (float *)(sc + L->gut), *ht = (float *)(sc + L->ht);
+  float *wbuf = (float *)(sc + L->wbuf), *sh13t = (float *)(sc + L->sh13t);
+  float *sh2t = (float *)(sc + L->sh2t), *yt = xt;
   const size_t H = (size_t)f->H, I = (size_t)f->I, I2 = 2 * I;
   const int32_t e = f->items[3 * item], start = f->items[3 * item + 1], n = f->items[3 * item + 2];
   const int32_t *pairs = f->sorted + start;
+  const int32_t np = (n + NR - 1) / NR * NR; /* lanes computed; those past n are zero */
 
-  /* gather x rows of the tile as fp32 */
+  /* gather x of the tile, feature-major, as fp32 */
   for (int32_t i = 0; i < n; i++) {
     const uint16_t *xr = f->x + (size_t)(pairs[i] / f->k) * H;
-    float *d = xs + (size_t)i * H;
-    for (size_t h = 0; h < H; h++) d[h] = bf16f(xr[h]);
+    for (size_t h = 0; h < H; h++) xt[h * TILE + (size_t)i] = bf16f(xr[h]);
   }
+  for (size_t h = 0; h < H; h++)
+    for (int32_t i = n; i < np; i++) xt[h * TILE + (size_t)i] = 0.0f;
   /* gu = W13_e x */
-  for (int32_t i = 0; i < n; i++) outp[i] = gu + (size_t)i * I2;
-  gemm_tile(f->w13 + (size_t)e * I2 * H, H, (int32_t)I2, (int32_t)H, xs, H, n, outp, 0, 0, 1.0f,
-            panel);
+  gemm_tile(f->w13 + (size_t)e * I2 * H, H, (int32_t)I2, (int32_t)H, xt, 0, n, gut, 0, 1.0f, wbuf);
 
   const lmoe_pool *pool = f->plan->pool;
   const size_t R = (size_t)f->R, R13 = (size_t)f->R13;
-  /* gate/up LoRA, per run of consecutive tokens sharing a slot (requests are
-     contiguous, so a tile has few runs) */
+  /* gate/up LoRA per run of consecutive tokens sharing a slot (requests are
+     contiguous, so a tile has few runs): shrink, then expand into gate and up rows */
   if (f->lora) {
     for (int32_t s = 0; s < n;) {
       int32_t slot = f->slot_of[pairs[s] / f->k], len = 1;
@@ -266,30 +261,26 @@ LMOE_CLONES static void expert_task(void *arg, int64_t item, int32_t thread) {
       if (sl && sl->r13 > 0) {
         const uint16_t *a13 = lmoe_slot_ptr(pool, slot, pool->off_a13) + (size_t)e * R13 * H;
         const uint16_t *b13 = lmoe_slot_ptr(pool, slot, pool->off_b13) + (size_t)e * I2 * R13;
-        for (int32_t i = 0; i < len; i++) outp[i] = sh13 + (size_t)(s + i) * R13;
-        gemm_tile(a13, H, sl->r13, (int32_t)H, xs + (size_t)s * H, H, len, outp, 0, 0, 1.0f, panel);
-        for (int32_t i = 0; i < len; i++) outp[i] = gu + (size_t)(s + i) * I2;
+        gemm_tile(a13, H, sl->r13, (int32_t)H, xt, s, s + len, sh13t, 0, 1.0f, wbuf);
         if (sl->g_hi > sl->g_lo)
           gemm_tile(b13 + sl->g_lo, R13, (int32_t)I, sl->g_hi - sl->g_lo,
-                    sh13 + (size_t)s * R13 + sl->g_lo, R13, len, outp, 0, 1, sl->scale_gate, panel);
+                    sh13t + (size_t)sl->g_lo * TILE, s, s + len, gut, 1, sl->scale_gate, wbuf);
         if (sl->u_hi > sl->u_lo)
           gemm_tile(b13 + I * R13 + sl->u_lo, R13, (int32_t)I, sl->u_hi - sl->u_lo,
-                    sh13 + (size_t)s * R13 + sl->u_lo, R13, len, outp, (int32_t)I, 1, sl->scale_up,
-                    panel);
+                    sh13t + (size_t)sl->u_lo * TILE, s, s + len, gut + I * TILE, 1, sl->scale_up,
+                    wbuf);
       }
       s += len;
     }
   }
   /* h = silu(g) * u, stored as bf16 values (see the note at the top) */
-  for (int32_t i = 0; i < n; i++) {
-    const float *g = gu + (size_t)i * I2, *u = g + I;
-    float *hr = hs + (size_t)i * I;
-    for (size_t c = 0; c < I; c++) hr[c] = round_bf16(g[c] / (1.0f + expf(-g[c])) * u[c]);
+  for (size_t c = 0; c < I; c++) {
+    const float *g = gut + c * TILE, *u = gut + (I + c) * TILE;
+    float *hr = ht + c * TILE;
+    for (int32_t i = 0; i < np; i++) hr[i] = round_bf16(g[i] / (1.0f + expf(-g[i])) * u[i]);
   }
-  /* y = W2_e h, straight into the pair's row */
-  for (int32_t i = 0; i < n; i++) outp[i] = f->y + (size_t)pairs[i] * H;
-  gemm_tile(f->w2 + (size_t)e * H * I, I, (int32_t)H, (int32_t)I, hs, I, n, outp, 0, 0, 1.0f,
-            panel);
+  /* y = W2_e h (+ down LoRA) */
+  gemm_tile(f->w2 + (size_t)e * H * I, I, (int32_t)H, (int32_t)I, ht, 0, n, yt, 0, 1.0f, wbuf);
   if (f->lora) {
     for (int32_t s = 0; s < n;) {
       int32_t slot = f->slot_of[pairs[s] / f->k], len = 1;
@@ -298,20 +289,17 @@ LMOE_CLONES static void expert_task(void *arg, int64_t item, int32_t thread) {
       if (sl && sl->r2 > 0) {
         const uint16_t *a2 = lmoe_slot_ptr(pool, slot, pool->off_a2) + (size_t)e * R * I;
         const uint16_t *b2 = lmoe_slot_ptr(pool, slot, pool->off_b2) + (size_t)e * H * R;
-        for (int32_t i = 0; i < len; i++) outp[i] = sh2 + (size_t)(s + i) * R;
-        gemm_tile(a2, I, sl->r2, (int32_t)I, hs + (size_t)s * I, I, len, outp, 0, 0, 1.0f, panel);
-        for (int32_t i = 0; i < len; i++) outp[i] = f->y + (size_t)pairs[s + i] * H;
-        gemm_tile(b2, R, (int32_t)H, sl->r2, sh2 + (size_t)s * R, R, len, outp, 0, 1, sl->scale_down,
-                  panel);
+        gemm_tile(a2, I, sl->r2, (int32_t)I, ht, s, s + len, sh2t, 0, 1.0f, wbuf);
+        gemm_tile(b2, R, (int32_t)H, sl->r2, sh2t, s, s + len, yt, 1, sl->scale_down, wbuf);
       }
       s += len;
     }
   }
-  /* routed weight */
+  /* routed weight, into the pair's row of y */
   for (int32_t i = 0; i < n; i++) {
     float w = f->wts[pairs[i]];
     float *yr = f->y + (size_t)pairs[i] * H;
-    for (size_t h = 0; h < H; h++) yr[h] *= w;
+    for (size_t h = 0; h < H; h++) yr[h] = w * yt[h * TILE + (size_t)i];
   }
 }
 
