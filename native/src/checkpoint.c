@@ -98,7 +98,9 @@ static lmoe_status open_index(lmoe_checkpoint *ck, const char *index) {
   for (const cJSON *e = wm->child; e && !s; e = e->next) {
     const char *f = e->valuestring;
     for (int32_t i = 0; i < ck->n_files; i++) {
-      if (!ends_with(lmoe_st_display_name(ck->files[i]), f)) continue;
+      const char *shard = lmoe_st_display_name(ck->files[i]);
+      size_t sl = strlen(shard), fl = strlen(f);
+      if (!ends_with(shard, f) || (sl > fl && shard[sl - fl - 1] != '/')) continue;
       if (lmoe_safetensors_find(ck->files[i], e->string, NULL) != LMOE_OK)
         s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' is mapped to %s, which doesn't hold it", index,
                       e->string, f);
