@@ -25,11 +25,13 @@
 
 #define LMOE_LUA_NAME "loramoe.core"
 
-enum { K_CONTEXT, K_BUFFER, K_LAYER, K_POOL, K_BATCH, K_COUNT };
+enum { K_CONTEXT, K_BUFFER, K_LAYER, K_POOL, K_BATCH, K_SAFETENSORS, K_PEFT, K_CHECKPOINT, K_COUNT };
 
 static const char *const kind_mt[K_COUNT] = {"loramoe.context", "loramoe.buffer", "loramoe.layer",
-                                             "loramoe.pool", "loramoe.batch"};
-static const char *const kind_name[K_COUNT] = {"context", "buffer", "layer", "pool", "batch"};
+                                             "loramoe.pool",    "loramoe.batch",  "loramoe.safetensors",
+                                             "loramoe.peft",    "loramoe.checkpoint"};
+static const char *const kind_name[K_COUNT] = {"context", "buffer",      "layer", "pool",
+                                               "batch",   "safetensors", "peft",  "checkpoint"};
 
 /* Registry key of the presets table (filled by the pure-Lua layer). */
 #define PRESETS_KEY "loramoe.presets"
@@ -122,9 +124,30 @@ static int box_open(lua_State *L, int idx, lbox *b) {
   return 1;
 }
 
+/* Raises "attempt to use a closed <kind>" with the position of the first caller
+   outside loramoe's own Lua files (the pure-Lua layer calls the core for users). */
+static int closed_error(lua_State *L, int kind) {
+  lua_Debug ar;
+  int level = 1;
+  for (int l = 1; lua_getstack(L, l, &ar); l++) {
+    lua_getinfo(L, "S", &ar);
+    const char *src = ar.source, *slash = src ? strrchr(src, '/') : NULL;
+    int internal = slash && slash - src >= 7 && strncmp(slash - 7, "loramoe/", 8) == 0 &&
+                   strlen(slash) > 4 && strcmp(slash + strlen(slash) - 4, ".lua") == 0;
+    if (!internal) {
+      level = l;
+      break;
+    }
+  }
+  luaL_where(L, level);
+  lua_pushfstring(L, "attempt to use a closed %s", kind_name[kind]);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
 static lbox *checkbox(lua_State *L, int idx, int kind) {
   lbox *b = tobox(L, idx, kind);
-  if (!box_open(L, idx, b)) luaL_error(L, "attempt to use a closed %s", kind_name[kind]);
+  if (!box_open(L, idx, b)) closed_error(L, kind);
   return b;
 }
 
@@ -138,6 +161,9 @@ static void box_release(int kind, lbox *b) {
   case K_LAYER: lmoe_layer_release((lmoe_layer *)h); break;
   case K_POOL: lmoe_pool_release((lmoe_pool *)h); break;
   case K_BATCH: lmoe_batch_release((lmoe_batch *)h); break;
+  case K_SAFETENSORS: lmoe_safetensors_close((lmoe_safetensors *)h); break;
+  case K_PEFT: lmoe_peft_close((lmoe_peft *)h); break;
+  case K_CHECKPOINT: lmoe_checkpoint_close((lmoe_checkpoint *)h); break;
   }
 }
 
@@ -187,6 +213,16 @@ static void report_pressure(lua_State *L, double bytes) {
 
 static int field_type(lua_State *L, int t, const char *k) { return lua_getfield(L, t, k); }
 
+/* An integer from a number value only: strings are not coerced (the FFI binding
+   does not coerce either). */
+static lua_Integer strict_int(lua_State *L, int idx, int *isint) {
+  if (lua_type(L, idx) != LUA_TNUMBER) {
+    *isint = 0;
+    return 0;
+  }
+  return lua_tointegerx(L, idx, isint);
+}
+
 static int field_error(lua_State *L, int arg, const char *k, const char *what) {
   return luaL_argerror(L, arg, lua_pushfstring(L, "field '%s' %s", k, what));
 }
@@ -196,7 +232,7 @@ static lua_Integer opt_field_int(lua_State *L, int t, int arg, const char *k, lu
   lua_Integer v = def;
   if (ty != LUA_TNIL) {
     int isint = 0;
-    v = lua_tointegerx(L, -1, &isint);
+    v = strict_int(L, -1, &isint);
     if (!isint) field_error(L, arg, k, "must be an integer");
   }
   lua_pop(L, 1);
@@ -265,7 +301,7 @@ static int check_shape(lua_State *L, int arg, int64_t *shape) {
   for (lua_Integer i = 1; i <= n; i++) {
     int isint = 0;
     lua_geti(L, arg, i);
-    lua_Integer d = lua_tointegerx(L, -1, &isint);
+    lua_Integer d = strict_int(L, -1, &isint);
     lua_pop(L, 1);
     if (!isint || d < 0)
       luaL_argerror(L, arg, lua_pushfstring(L, "shape[%I] must be a non-negative integer", i));
@@ -916,39 +952,43 @@ static int pool_load_random(lua_State *L) {
   return push_status(L, lmoe_pool_load_random((lmoe_pool *)b->h, slot, &spec), b->ctx);
 }
 
-/* One part {a=, b=, rank=, scale= | alpha=, rslora=} of pool:load's description. */
-static void load_part(lua_State *L, const char *name, lmoe_lora_part *part, lua_Integer E,
-                      lua_Integer in, lua_Integer out) {
-  if (lua_getfield(L, 3, name) == LUA_TNIL) {
+/* One part {a=, b=, rank=, scale= | alpha=, rslora=} of an adapter description (the
+   table at di, argument arg). The scratch arrays stay on the stack until the load. */
+static void load_part(lua_State *L, int di, int arg, const char *name, lmoe_lora_part *part,
+                      lua_Integer E, lua_Integer in, lua_Integer out) {
+  if (lua_getfield(L, di, name) == LUA_TNIL) {
     lua_pop(L, 1);
     return;
   }
   int t = lua_gettop(L);
-  if (!lua_istable(L, t)) field_error(L, 3, name, "must be a table {a=, b=, rank=, scale=}");
+  if (!lua_istable(L, t)) field_error(L, arg, name, "must be a table {a=, b=, rank=, scale=}");
   char what[32];
   snprintf(what, sizeof what, "%s.a", name);
-  if (lua_getfield(L, t, "a") != LUA_TTABLE) luaL_argerror(L, 3, lua_pushfstring(L, "%s must be a table of numbers", what));
+  if (lua_getfield(L, t, "a") != LUA_TTABLE)
+    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a table of numbers", what));
   lua_Integer na = luaL_len(L, -1);
   lua_pop(L, 1);
   lua_Integer rank = 0;
   if (lua_getfield(L, t, "rank") == LUA_TNIL) {
     if (na % (E * in) != 0 || na == 0)
-      luaL_argerror(L, 3, lua_pushfstring(L, "%s has %I values: not a multiple of E*in = %I (give rank)",
-                                          what, na, E * in));
+      luaL_argerror(L, arg, lua_pushfstring(L, "%s has %I values: not a multiple of E*in = %I (give rank)",
+                                            what, na, E * in));
     rank = na / (E * in);
   } else {
     int isint = 0;
-    rank = lua_tointegerx(L, -1, &isint);
+    rank = strict_int(L, -1, &isint);
     if (!isint || rank < 1 || rank > INT32_MAX)
-      luaL_argerror(L, 3, lua_pushfstring(L, "%s.rank must be a positive integer", name));
+      luaL_argerror(L, arg, lua_pushfstring(L, "%s.rank must be a positive integer", name));
   }
   lua_pop(L, 1);
   double scale = 1.0;
   if (lua_getfield(L, t, "scale") != LUA_TNIL) {
-    if (!lua_isnumber(L, -1)) luaL_argerror(L, 3, lua_pushfstring(L, "%s.scale must be a number", name));
+    if (lua_type(L, -1) != LUA_TNUMBER)
+      luaL_argerror(L, arg, lua_pushfstring(L, "%s.scale must be a number", name));
     scale = lua_tonumber(L, -1);
   } else if (lua_getfield(L, t, "alpha") != LUA_TNIL) {
-    if (!lua_isnumber(L, -1)) luaL_argerror(L, 3, lua_pushfstring(L, "%s.alpha must be a number", name));
+    if (lua_type(L, -1) != LUA_TNUMBER)
+      luaL_argerror(L, arg, lua_pushfstring(L, "%s.alpha must be a number", name));
     lua_getfield(L, t, "rslora");
     scale = lmoe_lora_scale((float)lua_tonumber(L, -2), (int32_t)rank, lua_toboolean(L, -1));
     lua_pop(L, 2);
@@ -957,15 +997,28 @@ static void load_part(lua_State *L, const char *name, lmoe_lora_part *part, lua_
   }
   lua_pop(L, 1);
   lua_getfield(L, t, "a");
-  part->a = table_to_doubles(L, -1, 3, what, E * rank * in);
+  part->a = table_to_doubles(L, -1, arg, what, E * rank * in);
   lua_replace(L, -2); /* keep the scratch, drop the table */
   snprintf(what, sizeof what, "%s.b", name);
   lua_getfield(L, t, "b");
-  part->b = table_to_doubles(L, -1, 3, what, E * out * rank);
+  part->b = table_to_doubles(L, -1, arg, what, E * out * rank);
   lua_replace(L, -2);
   part->rank = (int32_t)rank;
   part->scale = (float)scale;
-  /* the part table and its two scratch arrays stay on the stack until the load */
+}
+
+/* Fills d from the description table at di (argument arg) for the pool's layer. */
+static void fill_desc(lua_State *L, lbox *pool, int di, int arg, lmoe_adapter_desc *d) {
+  luaL_checktype(L, di, LUA_TTABLE);
+  lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)pool->aux);
+  lua_Integer E = c.num_experts, H = c.hidden, I = c.intermediate;
+  lmoe_adapter_desc_init(d);
+  d->dtype = LMOE_DTYPE_F64;
+  luaL_checkstack(L, 16, "loramoe: adapter description");
+  load_part(L, di, arg, "gate", &d->gate, E, H, I);
+  load_part(L, di, arg, "up", &d->up, E, H, I);
+  load_part(L, di, arg, "gate_up", &d->gate_up, E, H, 2 * I);
+  load_part(L, di, arg, "down", &d->down, E, I, H);
 }
 
 /* pool:load(slot, {gate=, up=, gate_up=, down=}): each part {a=, b=, rank=, scale=}
@@ -973,17 +1026,8 @@ static void load_part(lua_State *L, const char *name, lmoe_lora_part *part, lua_
 static int pool_load(lua_State *L) {
   lbox *b = checkpool(L, 1);
   int32_t slot = (int32_t)luaL_checkinteger(L, 2);
-  luaL_checktype(L, 3, LUA_TTABLE);
-  lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)b->aux);
-  lua_Integer E = c.num_experts, H = c.hidden, I = c.intermediate;
   lmoe_adapter_desc d;
-  lmoe_adapter_desc_init(&d);
-  d.dtype = LMOE_DTYPE_F64;
-  luaL_checkstack(L, 16, "loramoe: pool:load");
-  load_part(L, "gate", &d.gate, E, H, I);
-  load_part(L, "up", &d.up, E, H, I);
-  load_part(L, "gate_up", &d.gate_up, E, H, 2 * I);
-  load_part(L, "down", &d.down, E, I, H);
+  fill_desc(L, b, 3, 3, &d);
   return push_status(L, lmoe_pool_load((lmoe_pool *)b->h, slot, &d), b->ctx);
 }
 
@@ -1062,13 +1106,13 @@ static int batch_set(lua_State *L) {
       luaL_argerror(L, 3, lua_pushfstring(L, "request %I must be a table {tokens=, adapter=}", i + 1));
     int isint = 0;
     lua_getfield(L, -1, "tokens");
-    lua_Integer t = lua_tointegerx(L, -1, &isint);
+    lua_Integer t = strict_int(L, -1, &isint);
     if (!isint || t < INT32_MIN || t > INT32_MAX)
       luaL_argerror(L, 3, lua_pushfstring(L, "request %I: tokens must be an integer", i + 1));
     lua_pop(L, 1);
     lua_Integer s = LMOE_NO_ADAPTER;
     if (lua_getfield(L, -1, "adapter") != LUA_TNIL) {
-      s = lua_tointegerx(L, -1, &isint);
+      s = strict_int(L, -1, &isint);
       if (!isint || s < INT32_MIN || s > INT32_MAX)
         luaL_argerror(L, 3, lua_pushfstring(L, "request %I: adapter must be a slot number or nil", i + 1));
     }
@@ -1137,6 +1181,642 @@ static int batch_active_slots(lua_State *L) {
   return 2;
 }
 
+/* ------------------------------------------------------------------ pool by name */
+
+static int push_slot(lua_State *L, lmoe_status st, int32_t slot, const lmoe_context *ctx) {
+  if (st) return push_fail(L, st, ctx);
+  lua_pushinteger(L, slot);
+  return 1;
+}
+
+/* pool:load_named(name, desc) -> slot */
+static int pool_load_named(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  lmoe_adapter_desc d;
+  fill_desc(L, b, 3, 3, &d);
+  int32_t slot = -1;
+  lmoe_status st = lmoe_pool_load_named((lmoe_pool *)b->h, name, &d, &slot);
+  return push_slot(L, st, slot, b->ctx);
+}
+
+/* pool:load_peft(name, peft, layer_index) -> slot */
+static int pool_load_peft(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  lmoe_peft *peft = (lmoe_peft *)checkbox(L, 3, K_PEFT)->h;
+  int32_t layer = (int32_t)check_range(L, 4, 0, INT32_MAX, "layer");
+  int32_t slot = -1;
+  lmoe_status st = lmoe_pool_load_peft((lmoe_pool *)b->h, name, peft, layer, &slot);
+  return push_slot(L, st, slot, b->ctx);
+}
+
+static int pool_unload_named(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  return push_status(L, lmoe_pool_unload_named((lmoe_pool *)b->h, luaL_checkstring(L, 2)), b->ctx);
+}
+
+/* pool:find(name) -> slot, or nil, "NOT_FOUND: ...", "NOT_FOUND" */
+static int pool_find(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  int32_t slot = -1;
+  lmoe_status st = lmoe_pool_find((lmoe_pool *)b->h, name, &slot);
+  if (st == LMOE_ERR_NOT_FOUND) /* not recorded in the context: say it here */
+    return push_fail_msg(L, st, lua_pushfstring(L, "no slot holds an adapter named '%s'", name));
+  return push_slot(L, st, slot, b->ctx);
+}
+
+static int pool_slot_name(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  const char *n = lmoe_pool_slot_name((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2));
+  lua_pushstring(L, n ? n : "");
+  return 1;
+}
+
+static int pool_pin(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  return push_status(L, lmoe_pool_pin((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)), b->ctx);
+}
+
+static int pool_unpin(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  return push_status(L, lmoe_pool_unpin((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)), b->ctx);
+}
+
+static int pool_pin_count(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  lua_pushinteger(L, lmoe_pool_pin_count((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)));
+  return 1;
+}
+
+static int pool_touch(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  return push_status(L, lmoe_pool_touch((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)), b->ctx);
+}
+
+static int pool_memory(lua_State *L) {
+  lbox *b = checkpool(L, 1);
+  lmoe_pool_memory m;
+  memset(&m, 0, sizeof m);
+  lmoe_status st = lmoe_pool_get_memory((lmoe_pool *)b->h, &m);
+  if (st) return push_fail(L, st, b->ctx);
+  lua_createtable(L, 0, 7);
+  lua_pushinteger(L, (lua_Integer)m.slot_bytes);
+  lua_setfield(L, -2, "slot_bytes");
+  lua_pushinteger(L, (lua_Integer)m.total_bytes);
+  lua_setfield(L, -2, "total_bytes");
+  lua_pushinteger(L, m.num_slots);
+  lua_setfield(L, -2, "slots");
+  lua_pushinteger(L, m.loaded_slots);
+  lua_setfield(L, -2, "loaded_slots");
+  lua_pushinteger(L, (lua_Integer)m.loaded_bytes);
+  lua_setfield(L, -2, "loaded_bytes");
+  lua_pushinteger(L, (lua_Integer)m.used_bytes);
+  lua_setfield(L, -2, "used_bytes");
+  lua_pushinteger(L, (lua_Integer)m.evictions);
+  lua_setfield(L, -2, "evictions");
+  return 1;
+}
+
+/* ------------------------------------------------------------------ safetensors */
+
+static const char *const family_names[] = {"unknown", "qwen", "mixtral", NULL};
+static const char *const layout_names[] = {"per_expert", "fused", NULL};
+
+static void push_targets(lua_State *L, int32_t mask) {
+  lua_createtable(L, 3, 0);
+  int n = 0;
+  if (mask & LMOE_TARGET_GATE) {
+    lua_pushliteral(L, "gate");
+    lua_rawseti(L, -2, ++n);
+  }
+  if (mask & LMOE_TARGET_UP) {
+    lua_pushliteral(L, "up");
+    lua_rawseti(L, -2, ++n);
+  }
+  if (mask & LMOE_TARGET_DOWN) {
+    lua_pushliteral(L, "down");
+    lua_rawseti(L, -2, ++n);
+  }
+}
+
+/* ctx:safetensors(path) -> file */
+static int ctx_safetensors(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  const char *path = luaL_checkstring(L, 2);
+  lbox *b = newbox(L, K_SAFETENSORS, 1);
+  lmoe_safetensors *st = NULL;
+  lmoe_status s = lmoe_safetensors_open(ctx, path, &st);
+  if (s) return push_fail(L, s, ctx);
+  b->h = st;
+  b->ctx = ctx;
+  b->owned = 1;
+  return 1;
+}
+
+/* ctx:safetensors_string(bytes, name?) -> file, from bytes in memory (copied) */
+static int ctx_safetensors_string(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  size_t len = 0;
+  const char *data = luaL_checklstring(L, 2, &len);
+  const char *name = luaL_optstring(L, 3, "(string)");
+  lbox *b = newbox(L, K_SAFETENSORS, 1);
+  lmoe_safetensors *st = NULL;
+  lmoe_status s = lmoe_safetensors_open_memory(ctx, data, len, name, &st);
+  if (s) return push_fail(L, s, ctx);
+  b->h = st;
+  b->ctx = ctx;
+  b->owned = 1;
+  return 1;
+}
+
+static lbox *checkst(lua_State *L, int idx) { return checkbox(L, idx, K_SAFETENSORS); }
+
+static int st_count(lua_State *L) {
+  lua_pushinteger(L, lmoe_safetensors_count((lmoe_safetensors *)checkst(L, 1)->h));
+  return 1;
+}
+
+/* Tensor index from an argument: a 0-based index, or a name. Pushes the failure and
+   returns -1 when the name is absent. */
+static int32_t tensor_index(lua_State *L, lbox *b, int arg) {
+  if (lua_type(L, arg) == LUA_TSTRING) {
+    int32_t idx = -1;
+    const char *name = lua_tostring(L, arg);
+    lmoe_status st = lmoe_safetensors_find((lmoe_safetensors *)b->h, name, &idx);
+    if (st == LMOE_ERR_NOT_FOUND) {
+      push_fail_msg(L, st, lua_pushfstring(L, "no tensor named '%s'", name));
+      return -1;
+    }
+    if (st) {
+      push_fail(L, st, b->ctx);
+      return -1;
+    }
+    return idx;
+  }
+  return (int32_t)check_range(L, arg, 0, INT32_MAX, "tensor index");
+}
+
+static void push_tensor_info(lua_State *L, const lmoe_tensor_info *ti) {
+  lua_createtable(L, 0, 8);
+  lua_pushstring(L, ti->name ? ti->name : "");
+  lua_setfield(L, -2, "name");
+  lua_pushstring(L, ti->dtype_name ? ti->dtype_name : "");
+  lua_setfield(L, -2, "file_dtype");
+  if (ti->dtype >= 0 && ti->dtype <= LMOE_DTYPE_I32) {
+    lua_pushstring(L, dtype_names[ti->dtype]);
+    lua_setfield(L, -2, "dtype");
+  }
+  lua_createtable(L, ti->ndim, 0);
+  for (int i = 0; i < ti->ndim && i < LMOE_TENSOR_MAX_DIMS; i++) {
+    lua_pushinteger(L, (lua_Integer)ti->shape[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "shape");
+  lua_pushinteger(L, (lua_Integer)ti->numel);
+  lua_setfield(L, -2, "numel");
+  lua_pushinteger(L, (lua_Integer)ti->offset);
+  lua_setfield(L, -2, "offset");
+  lua_pushinteger(L, (lua_Integer)ti->bytes);
+  lua_setfield(L, -2, "bytes");
+}
+
+/* file:tensor(index | name) -> {name=, dtype=, file_dtype=, shape=, numel=, offset=, bytes=} */
+static int st_tensor(lua_State *L) {
+  lbox *b = checkst(L, 1);
+  int32_t idx = tensor_index(L, b, 2);
+  if (idx < 0) return 3;
+  lmoe_tensor_info ti;
+  memset(&ti, 0, sizeof ti);
+  lmoe_status st = lmoe_safetensors_tensor((lmoe_safetensors *)b->h, idx, &ti);
+  if (st) return push_fail(L, st, b->ctx);
+  push_tensor_info(L, &ti);
+  return 1;
+}
+
+/* file:tensors() -> list of tensor tables, in file order */
+static int st_tensors(lua_State *L) {
+  lbox *b = checkst(L, 1);
+  int32_t n = lmoe_safetensors_count((lmoe_safetensors *)b->h);
+  lua_createtable(L, n > 0 ? n : 0, 0);
+  for (int32_t i = 0; i < n; i++) {
+    lmoe_tensor_info ti;
+    memset(&ti, 0, sizeof ti);
+    lmoe_status st = lmoe_safetensors_tensor((lmoe_safetensors *)b->h, i, &ti);
+    if (st) return push_fail(L, st, b->ctx);
+    push_tensor_info(L, &ti);
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
+}
+
+/* file:find(name) -> 0-based index, or nil, "NOT_FOUND: ...", "NOT_FOUND" */
+static int st_find(lua_State *L) {
+  lbox *b = checkst(L, 1);
+  luaL_checkstring(L, 2);
+  int32_t idx = tensor_index(L, b, 2);
+  if (idx < 0) return 3;
+  lua_pushinteger(L, idx);
+  return 1;
+}
+
+/* file:read(index | name) -> flat table of the tensor's values */
+static int st_read(lua_State *L) {
+  lbox *b = checkst(L, 1);
+  int32_t idx = tensor_index(L, b, 2);
+  if (idx < 0) return 3;
+  lmoe_tensor_info ti;
+  memset(&ti, 0, sizeof ti);
+  lmoe_status st = lmoe_safetensors_tensor((lmoe_safetensors *)b->h, idx, &ti);
+  if (st) return push_fail(L, st, b->ctx);
+  if (ti.numel > INT_MAX) return push_fail_msg(L, LMOE_ERR_UNSUPPORTED, "tensor is too large for a Lua table");
+  double *v = (double *)lua_newuserdatauv(L, (size_t)(ti.numel ? ti.numel : 1) * sizeof(double), 0);
+  st = lmoe_safetensors_read((lmoe_safetensors *)b->h, idx, v, LMOE_DTYPE_F64, ti.numel);
+  if (st) return push_fail(L, st, b->ctx);
+  lua_createtable(L, (int)ti.numel, 0);
+  for (int64_t i = 0; i < ti.numel; i++) {
+    lua_pushnumber(L, v[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  return 1;
+}
+
+/* file:metadata() -> {key = value} of __metadata__ */
+static int st_metadata(lua_State *L) {
+  lbox *b = checkst(L, 1);
+  int32_t n = lmoe_safetensors_metadata_count((lmoe_safetensors *)b->h);
+  lua_createtable(L, 0, n > 0 ? n : 0);
+  for (int32_t i = 0; i < n; i++) {
+    const char *k = NULL, *v = NULL;
+    lmoe_status st = lmoe_safetensors_metadata((lmoe_safetensors *)b->h, i, &k, &v);
+    if (st) return push_fail(L, st, b->ctx);
+    lua_pushstring(L, v ? v : "");
+    lua_setfield(L, -2, k ? k : "");
+  }
+  return 1;
+}
+
+/* ctx:write_safetensors(path, {{name=, dtype=, shape=, data=}, ...}, metadata?)
+   data is a flat table of numbers (converted to dtype) or a host loramoe.buffer (its
+   dtype and shape unless given). */
+static int ctx_write_safetensors(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  const char *path = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  int has_meta = !lua_isnoneornil(L, 4);
+  if (has_meta) luaL_checktype(L, 4, LUA_TTABLE);
+  lua_settop(L, 4);
+  lua_Integer n = luaL_len(L, 3);
+  if (n > INT32_MAX) luaL_argerror(L, 3, "too many tensors");
+  lmoe_tensor_entry *e = (lmoe_tensor_entry *)lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof *e, 0);
+  memset(e, 0, (size_t)(n ? n : 1) * sizeof *e);
+  lua_newtable(L); /* 6: temporary buffers, released after the write */
+  int temps = lua_gettop(L);
+  int ntemp = 0;
+  /* Pass 1: validate everything (may raise; nothing acquired yet). */
+  for (lua_Integer i = 0; i < n; i++) {
+    if (lua_geti(L, 3, i + 1) != LUA_TTABLE)
+      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I must be a table {name=, dtype=, shape=, data=}", i + 1));
+    int t = lua_gettop(L);
+    if (lua_getfield(L, t, "name") != LUA_TSTRING)
+      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: name must be a string", i + 1));
+    e[i].name = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    lbox *src = NULL;
+    lmoe_buffer_desc bd;
+    lua_getfield(L, t, "data");
+    if (luaL_testudata(L, -1, kind_mt[K_BUFFER])) {
+      src = checkbox(L, lua_gettop(L), K_BUFFER);
+      bd = describe(L, src);
+    } else if (!lua_istable(L, -1)) {
+      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: data must be a table of numbers or a loramoe.buffer", i + 1));
+    }
+    lua_pop(L, 1);
+    e[i].dtype = src ? bd.dtype : LMOE_DTYPE_F32;
+    e[i].dtype = opt_field_option(L, t, 3, "dtype", dtype_names, e[i].dtype);
+    if (lua_getfield(L, t, "shape") != LUA_TNIL) {
+      int64_t shape[LMOE_MAX_DIMS];
+      int nd = check_shape(L, lua_gettop(L), shape);
+      e[i].ndim = nd;
+      for (int d = 0; d < nd; d++) e[i].shape[d] = shape[d];
+    } else if (src) {
+      e[i].ndim = bd.ndim;
+      for (int d = 0; d < bd.ndim; d++) e[i].shape[d] = bd.shape[d];
+    } else {
+      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: shape is missing", i + 1));
+    }
+    lua_pop(L, 1);
+    if (src) {
+      if (bd.dtype != e[i].dtype)
+        luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: dtype differs from its buffer's", i + 1));
+      if (bd.memory != LMOE_MEMORY_HOST && lmoe_context_backend(src->ctx) != LMOE_BACKEND_CPU)
+        luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: the buffer must be in host memory", i + 1));
+      e[i].data = bd.data;
+    }
+    lua_pop(L, 1);
+  }
+  int32_t nmeta = 0;
+  const char **mk = NULL, **mv = NULL;
+  if (has_meta) {
+    for (lua_pushnil(L); lua_next(L, 4); lua_pop(L, 1)) {
+      if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
+        luaL_argerror(L, 4, "metadata keys and values must be strings");
+      nmeta++;
+    }
+    mk = (const char **)lua_newuserdatauv(L, (size_t)(nmeta ? nmeta : 1) * 2 * sizeof *mk, 0);
+    mv = mk + nmeta;
+    int32_t j = 0;
+    for (lua_pushnil(L); lua_next(L, 4); lua_pop(L, 1)) {
+      mk[j] = lua_tostring(L, -2);
+      mv[j] = lua_tostring(L, -1);
+      j++;
+    }
+  }
+  /* Pass 2: convert table data into temporary host buffers of the entry's dtype. */
+  lmoe_status st = LMOE_OK;
+  for (lua_Integer i = 0; i < n && !st; i++) {
+    if (e[i].data) continue;
+    lua_geti(L, 3, i + 1);
+    lua_getfield(L, -1, "data");
+    int64_t numel = 1;
+    for (int d = 0; d < e[i].ndim; d++) numel *= e[i].shape[d];
+    char what[40];
+    snprintf(what, sizeof what, "tensor %d data", (int)(i + 1));
+    double *v = table_to_doubles(L, -1, 3, what, (lua_Integer)numel);
+    lbox *tb = newbox(L, K_BUFFER, 1);
+    lmoe_buffer *buf = NULL;
+    int64_t flat[1] = {numel};
+    st = lmoe_buffer_create(ctx, e[i].dtype, LMOE_MEMORY_HOST, 1, flat, &buf);
+    if (!st) {
+      tb->h = buf;
+      tb->ctx = ctx;
+      tb->owned = 1;
+      st = lmoe_buffer_write(buf, 0, v, LMOE_DTYPE_F64, numel);
+      lmoe_buffer_desc bd;
+      if (!st) st = lmoe_buffer_describe(buf, &bd);
+      if (!st) e[i].data = bd.data;
+    }
+    lua_rawseti(L, temps, ++ntemp); /* the box: freed below, or by the GC */
+    lua_pop(L, 3);
+  }
+  if (!st) st = lmoe_safetensors_write(ctx, path, (int32_t)n, e, nmeta, mk, mv);
+  for (int i = 1; i <= ntemp; i++) {
+    lua_rawgeti(L, temps, i);
+    box_release(K_BUFFER, (lbox *)lua_touserdata(L, -1));
+    lua_pop(L, 1);
+  }
+  return push_status(L, st, ctx);
+}
+
+/* ------------------------------------------------------------------ PEFT adapters */
+
+/* ctx:peft(path) -> adapter (a directory or its adapter_config.json) */
+static int ctx_peft(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  const char *path = luaL_checkstring(L, 2);
+  lbox *b = newbox(L, K_PEFT, 1);
+  lmoe_peft *p = NULL;
+  lmoe_status st = lmoe_peft_open(ctx, path, &p);
+  if (st) return push_fail(L, st, ctx);
+  b->h = p;
+  b->ctx = ctx;
+  b->owned = 1;
+  return 1;
+}
+
+static lbox *checkpeft(lua_State *L, int idx) { return checkbox(L, idx, K_PEFT); }
+
+static int peft_info(lua_State *L) {
+  lbox *b = checkpeft(L, 1);
+  lmoe_peft_info i;
+  lmoe_peft_info_init(&i);
+  lmoe_status st = lmoe_peft_get_info((lmoe_peft *)b->h, &i);
+  if (st) return push_fail(L, st, b->ctx);
+  lua_createtable(L, 0, 15);
+  lua_pushstring(L, i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
+  lua_setfield(L, -2, "family");
+  lua_pushstring(L, i.layout >= 0 && i.layout <= 1 ? layout_names[i.layout] : "unknown");
+  lua_setfield(L, -2, "layout");
+  lua_pushinteger(L, i.rank);
+  lua_setfield(L, -2, "rank");
+  lua_pushnumber(L, i.alpha);
+  lua_setfield(L, -2, "alpha");
+  lua_pushboolean(L, i.use_rslora);
+  lua_setfield(L, -2, "rslora");
+  push_targets(L, i.targets);
+  lua_setfield(L, -2, "targets");
+  lua_pushinteger(L, i.num_layers);
+  lua_setfield(L, -2, "layers");
+  lua_pushinteger(L, i.min_layer);
+  lua_setfield(L, -2, "min_layer");
+  lua_pushinteger(L, i.max_layer);
+  lua_setfield(L, -2, "max_layer");
+  lua_pushinteger(L, i.num_experts);
+  lua_setfield(L, -2, "experts");
+  lua_pushinteger(L, i.max_rank);
+  lua_setfield(L, -2, "max_rank");
+  lua_pushboolean(L, i.has_patterns);
+  lua_setfield(L, -2, "has_patterns");
+  lua_pushinteger(L, i.num_tensors);
+  lua_setfield(L, -2, "tensors");
+  lua_pushinteger(L, (lua_Integer)i.bytes);
+  lua_setfield(L, -2, "bytes");
+  return 1;
+}
+
+static int peft_layers(lua_State *L) {
+  lbox *b = checkpeft(L, 1);
+  lmoe_peft_info i;
+  lmoe_peft_info_init(&i);
+  lmoe_status st = lmoe_peft_get_info((lmoe_peft *)b->h, &i);
+  if (st) return push_fail(L, st, b->ctx);
+  int32_t cap = i.num_layers > 0 ? i.num_layers : 1;
+  int32_t *v = (int32_t *)lua_newuserdatauv(L, (size_t)cap * sizeof *v, 0);
+  int32_t n = lmoe_peft_layers((lmoe_peft *)b->h, v, cap);
+  lua_createtable(L, n, 0);
+  for (int32_t k = 0; k < n; k++) {
+    lua_pushinteger(L, v[k]);
+    lua_rawseti(L, -2, k + 1);
+  }
+  return 1;
+}
+
+static int peft_inspect(lua_State *L) {
+  lbox *b = checkpeft(L, 1);
+  size_t need = 0;
+  char probe[1];
+  lmoe_status st = lmoe_peft_inspect((lmoe_peft *)b->h, probe, sizeof probe, &need);
+  if (st) return push_fail(L, st, b->ctx);
+  char *buf = (char *)lua_newuserdatauv(L, need + 1, 0);
+  st = lmoe_peft_inspect((lmoe_peft *)b->h, buf, need + 1, NULL);
+  if (st) return push_fail(L, st, b->ctx);
+  lua_pushstring(L, buf);
+  return 1;
+}
+
+static void push_part(lua_State *L, const char *name, const lmoe_lora_part *p, lua_Integer E,
+                      lua_Integer in, lua_Integer out) {
+  if (!p->a || !p->b) return;
+  lua_Integer r = p->rank, na = E * r * in, nb = E * out * r;
+  const float *a = (const float *)p->a, *bv = (const float *)p->b;
+  lua_createtable(L, 0, 4);
+  lua_createtable(L, na > INT_MAX ? 0 : (int)na, 0);
+  for (lua_Integer i = 0; i < na; i++) {
+    lua_pushnumber(L, a[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "a");
+  lua_createtable(L, nb > INT_MAX ? 0 : (int)nb, 0);
+  for (lua_Integer i = 0; i < nb; i++) {
+    lua_pushnumber(L, bv[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "b");
+  lua_pushinteger(L, r);
+  lua_setfield(L, -2, "rank");
+  lua_pushnumber(L, p->scale);
+  lua_setfield(L, -2, "scale");
+  lua_setfield(L, -2, name);
+}
+
+/* peft:layer_desc(layer_index, {experts=, hidden=, intermediate=}) -> a description
+   for pool:load ({gate=, up=, gate_up=, down=}, parts as Lua tables). */
+static int peft_layer_desc(lua_State *L) {
+  lbox *b = checkpeft(L, 1);
+  int32_t layer = (int32_t)check_range(L, 2, 0, INT32_MAX, "layer");
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lua_Integer E = opt_field_int(L, 3, 3, "experts", 0), H = opt_field_int(L, 3, 3, "hidden", 0),
+              I = opt_field_int(L, 3, 3, "intermediate", 0);
+  if (E < 1 || E > INT32_MAX) field_error(L, 3, "experts", "must be a positive integer");
+  if (H < 1 || H > INT32_MAX) field_error(L, 3, "hidden", "must be a positive integer");
+  if (I < 1 || I > INT32_MAX) field_error(L, 3, "intermediate", "must be a positive integer");
+  lmoe_adapter_desc d;
+  lmoe_adapter_desc_init(&d);
+  lmoe_status st = lmoe_peft_layer_desc((lmoe_peft *)b->h, layer, (int32_t)E, (int32_t)H, (int32_t)I, &d);
+  if (st) return push_fail(L, st, b->ctx);
+  if (d.dtype != LMOE_DTYPE_F32) return push_fail_msg(L, LMOE_ERR_UNSUPPORTED, "layer_desc gave non-f32 arrays");
+  lua_createtable(L, 0, 4);
+  push_part(L, "gate", &d.gate, E, H, I);
+  push_part(L, "up", &d.up, E, H, I);
+  push_part(L, "gate_up", &d.gate_up, E, H, 2 * I);
+  push_part(L, "down", &d.down, E, I, H);
+  return 1;
+}
+
+/* ctx:write_peft(dir, {family=, layout=, layers=, experts=, hidden=, intermediate=,
+   targets=, rank=, alpha=, rslora=, dtype=, seed=, scale=, rank_pattern={key=r},
+   alpha_pattern={key=a}}): a synthetic PEFT adapter on disk. */
+static int ctx_write_peft(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  const char *dir = luaL_checkstring(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lmoe_peft_synthetic s;
+  lmoe_peft_synthetic_init(&s);
+  s.family = opt_field_option(L, 3, 3, "family", family_names, s.family);
+  s.layout = opt_field_option(L, 3, 3, "layout", layout_names, s.layout);
+#define SYN_INT(f, k)                                                          \
+  do {                                                                         \
+    lua_Integer v_ = opt_field_int(L, 3, 3, k, s.f);                           \
+    if (v_ < INT32_MIN || v_ > INT32_MAX) field_error(L, 3, k, "is out of range"); \
+    s.f = (int32_t)v_;                                                         \
+  } while (0)
+  SYN_INT(num_layers, "layers");
+  SYN_INT(num_experts, "experts");
+  SYN_INT(hidden, "hidden");
+  SYN_INT(intermediate, "intermediate");
+  SYN_INT(rank, "rank");
+#undef SYN_INT
+  s.targets = targets_mask(L, 3, 3);
+  s.alpha = (float)opt_field_num(L, 3, 3, "alpha", s.alpha);
+  s.use_rslora = opt_field_bool(L, 3, 3, "rslora", s.use_rslora);
+  s.dtype = opt_field_option(L, 3, 3, "dtype", dtype_names, s.dtype);
+  s.seed = (uint64_t)opt_field_int(L, 3, 3, "seed", (lua_Integer)s.seed);
+  s.scale = (float)opt_field_num(L, 3, 3, "scale", s.scale);
+  static const char *const pats[2] = {"rank_pattern", "alpha_pattern"};
+  for (int p = 0; p < 2; p++) {
+    int ty = lua_getfield(L, 3, pats[p]);
+    if (ty == LUA_TTABLE) {
+      lua_pushnil(L);
+      if (lua_next(L, -2)) {
+        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TNUMBER)
+          field_error(L, 3, pats[p], "must be {key = number}");
+        if (p == 0) {
+          s.rank_pattern_key = lua_tostring(L, -2);
+          s.rank_pattern_value = (int32_t)lua_tointeger(L, -1);
+        } else {
+          s.alpha_pattern_key = lua_tostring(L, -2);
+          s.alpha_pattern_value = (float)lua_tonumber(L, -1);
+        }
+        lua_pop(L, 2);
+        if (lua_next(L, -2)) field_error(L, 3, pats[p], "takes one entry");
+      }
+    } else if (ty != LUA_TNIL) {
+      field_error(L, 3, pats[p], "must be {key = number}");
+    }
+    lua_pop(L, 1); /* the keys stay referenced by the spec table */
+  }
+  return push_status(L, lmoe_peft_write_synthetic(ctx, dir, &s), ctx);
+}
+
+/* ------------------------------------------------------------------ checkpoints */
+
+/* ctx:checkpoint(path) -> checkpoint (a .safetensors file, an index, or a directory) */
+static int ctx_checkpoint(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  const char *path = luaL_checkstring(L, 2);
+  lbox *b = newbox(L, K_CHECKPOINT, 1);
+  lmoe_checkpoint *ck = NULL;
+  lmoe_status st = lmoe_checkpoint_open(ctx, path, &ck);
+  if (st) return push_fail(L, st, ctx);
+  b->h = ck;
+  b->ctx = ctx;
+  b->owned = 1;
+  return 1;
+}
+
+static int ck_layer_info(lua_State *L) {
+  lbox *b = checkbox(L, 1, K_CHECKPOINT);
+  int32_t layer = (int32_t)check_range(L, 2, 0, INT32_MAX, "layer");
+  lmoe_checkpoint_layer_info i;
+  lmoe_checkpoint_layer_info_init(&i);
+  lmoe_status st = lmoe_checkpoint_get_layer_info((lmoe_checkpoint *)b->h, layer, &i);
+  if (st) return push_fail(L, st, b->ctx);
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
+  lua_setfield(L, -2, "family");
+  lua_pushinteger(L, i.num_experts);
+  lua_setfield(L, -2, "experts");
+  lua_pushinteger(L, i.hidden);
+  lua_setfield(L, -2, "hidden");
+  lua_pushinteger(L, i.intermediate);
+  lua_setfield(L, -2, "intermediate");
+  lua_pushboolean(L, i.has_router);
+  lua_setfield(L, -2, "has_router");
+  return 1;
+}
+
+/* ck:load_layer(index, layer, with_router?) -> router buffer [E, H] f32 (host) when
+   with_router, else true */
+static int ck_load_layer(lua_State *L) {
+  lbox *b = checkbox(L, 1, K_CHECKPOINT);
+  int32_t idx = (int32_t)check_range(L, 2, 0, INT32_MAX, "layer");
+  lmoe_layer *layer = (lmoe_layer *)checklayer(L, 3)->h;
+  int want = lua_toboolean(L, 4);
+  if (!want) return push_status(L, lmoe_checkpoint_load_layer((lmoe_checkpoint *)b->h, idx, layer, NULL), b->ctx);
+  lua_getiuservalue(L, 1, 1); /* the context box: the router's parent */
+  lbox *rb = newbox(L, K_BUFFER, -1);
+  lmoe_buffer *router = NULL;
+  lmoe_status st = lmoe_checkpoint_load_layer((lmoe_checkpoint *)b->h, idx, layer, &router);
+  if (router) { /* owned by the box even if the call failed after making it */
+    rb->h = router;
+    rb->ctx = b->ctx;
+    rb->owned = 1;
+  }
+  if (st) return push_fail(L, st, b->ctx);
+  return 1;
+}
+
 /* ------------------------------------------------------------------ parents */
 
 /* layer:context(), batch:context(), buffer:context(), pool:layer(): the object this
@@ -1195,6 +1875,9 @@ static const luaL_Reg ctx_methods[] = {
     {"reset_counters", ctx_reset_counters}, {"last_error", ctx_last_error},
     {"buffer", ctx_buffer},         {"wrap", ctx_wrap},
     {"layer", ctx_layer},           {"batch", ctx_batch},
+    {"safetensors", ctx_safetensors}, {"safetensors_string", ctx_safetensors_string},
+    {"write_safetensors", ctx_write_safetensors}, {"peft", ctx_peft},
+    {"write_peft", ctx_write_peft}, {"checkpoint", ctx_checkpoint},
     {NULL, NULL}};
 
 static const luaL_Reg buf_methods[] = {
@@ -1212,14 +1895,30 @@ static const luaL_Reg layer_methods[] = {
 static const luaL_Reg pool_methods[] = {
     {"config", pool_config}, {"load", pool_load}, {"load_random", pool_load_random},
     {"unload", pool_unload}, {"slot_info", pool_slot_info}, {"layer", obj_parent},
+    {"load_named", pool_load_named}, {"load_peft", pool_load_peft},
+    {"unload_named", pool_unload_named}, {"find", pool_find}, {"slot_name", pool_slot_name},
+    {"pin", pool_pin}, {"unpin", pool_unpin}, {"pin_count", pool_pin_count},
+    {"touch", pool_touch}, {"memory", pool_memory}, {NULL, NULL}};
+
+static const luaL_Reg st_methods[] = {
+    {"count", st_count}, {"tensor", st_tensor}, {"tensors", st_tensors}, {"find", st_find},
+    {"read", st_read},   {"metadata", st_metadata}, {"context", obj_parent}, {NULL, NULL}};
+
+static const luaL_Reg peft_methods[] = {
+    {"info", peft_info}, {"layers", peft_layers}, {"inspect", peft_inspect},
+    {"layer_desc", peft_layer_desc}, {"context", obj_parent}, {NULL, NULL}};
+
+static const luaL_Reg ck_methods[] = {
+    {"layer_info", ck_layer_info}, {"load_layer", ck_load_layer}, {"context", obj_parent},
     {NULL, NULL}};
 
 static const luaL_Reg batch_methods[] = {
     {"set", batch_set}, {"info", batch_info}, {"offsets", batch_offsets},
     {"active_slots", batch_active_slots}, {"context", obj_parent}, {NULL, NULL}};
 
-static const luaL_Reg *const kind_methods[K_COUNT] = {ctx_methods, buf_methods, layer_methods,
-                                                      pool_methods, batch_methods};
+static const luaL_Reg *const kind_methods[K_COUNT] = {ctx_methods,  buf_methods, layer_methods,
+                                                      pool_methods, batch_methods, st_methods,
+                                                      peft_methods, ck_methods};
 
 static const luaL_Reg lib[] = {
     {"version", l_version},       {"status_string", l_status_string}, {"has_cuda", l_has_cuda},

@@ -266,10 +266,12 @@ end
 
 -- ------------------------------------------------------------------ objects
 
-local kinds = { "context", "buffer", "layer", "pool", "batch" }
+local kinds = { "context", "buffer", "layer", "pool", "batch", "safetensors", "peft", "checkpoint" }
 local release = {
   context = C.lmoe_context_release, buffer = C.lmoe_buffer_release,
   layer = C.lmoe_layer_release, pool = C.lmoe_pool_release, batch = C.lmoe_batch_release,
+  safetensors = C.lmoe_safetensors_close, peft = C.lmoe_peft_close,
+  checkpoint = C.lmoe_checkpoint_close,
 }
 local methods, props, mts = {}, {}, {}
 
@@ -353,6 +355,9 @@ end
 methods.layer.context = function(self) return check(self, "layer", "context")._parent end
 methods.batch.context = function(self) return check(self, "batch", "context")._parent end
 methods.pool.layer = function(self) return check(self, "pool", "layer")._parent end
+methods.safetensors.context = function(self) return check(self, "safetensors", "context")._parent end
+methods.peft.context = function(self) return check(self, "peft", "context")._parent end
+methods.checkpoint.context = function(self) return check(self, "checkpoint", "context")._parent end
 methods.buffer.context = function(self)
   local p = check(self, "buffer", "context")._parent
   if self._borrowed_from then p = p._parent end
@@ -823,35 +828,36 @@ function Pool.load_random(self, slot, spec)
 end
 
 -- One part {a=, b=, rank=, scale= | alpha=, rslora=} of pool:load's description.
-local function load_part(d, name, part, keep, E, inn, out)
+local function load_part(d, name, part, keep, E, inn, out, argn, fname)
+  argn, fname = argn or 2, fname or "load"
   local t = d[name]
   if t == nil then
     part.a, part.b, part.rank, part.scale = nil, nil, 0, 0
     return
   end
-  if type(t) ~= "table" then field_error(2, "load", name, "must be a table {a=, b=, rank=, scale=}") end
+  if type(t) ~= "table" then field_error(argn, fname, name, "must be a table {a=, b=, rank=, scale=}") end
   local what = name .. ".a"
-  if type(t.a) ~= "table" then argerror(2, "load", what .. " must be a table of numbers", 4) end
+  if type(t.a) ~= "table" then argerror(argn, fname, what .. " must be a table of numbers", 4) end
   local na = #t.a
   local rank = t.rank
   if rank == nil then
     if na == 0 or na % (E * inn) ~= 0 then
-      argerror(2, "load", format("%s has %d values: not a multiple of E*in = %d (give rank)", what, na, E * inn))
+      argerror(argn, fname, format("%s has %d values: not a multiple of E*in = %d (give rank)", what, na, E * inn))
     end
     rank = na / (E * inn)
   elseif type(rank) ~= "number" or rank ~= floor(rank) or rank < 1 or rank > 2147483647 then
-    argerror(2, "load", name .. ".rank must be a positive integer")
+    argerror(argn, fname, name .. ".rank must be a positive integer")
   end
   local scale = 1.0
   if t.scale ~= nil then
-    if type(t.scale) ~= "number" then argerror(2, "load", name .. ".scale must be a number", 4) end
+    if type(t.scale) ~= "number" then argerror(argn, fname, name .. ".scale must be a number", 4) end
     scale = t.scale
   elseif t.alpha ~= nil then
-    if type(t.alpha) ~= "number" then argerror(2, "load", name .. ".alpha must be a number", 4) end
+    if type(t.alpha) ~= "number" then argerror(argn, fname, name .. ".alpha must be a number", 4) end
     scale = tonumber(C.lmoe_lora_scale(t.alpha, rank, t.rslora and 1 or 0))
   end
-  local a = to_doubles(t.a, E * rank * inn, 2, "load", what)
-  local b = to_doubles(t.b, E * out * rank, 2, "load", name .. ".b")
+  local a = to_doubles(t.a, E * rank * inn, argn, fname, what)
+  local b = to_doubles(t.b, E * out * rank, argn, fname, name .. ".b")
   keep[#keep + 1], keep[#keep + 2] = a, b
   part.a, part.b, part.rank, part.scale = a, b, rank, scale
 end
@@ -896,6 +902,502 @@ function Pool.slot_info(self, slot)
     scale_gate = s.scale_gate, scale_up = s.scale_up, scale_down = s.scale_down,
     rank = s.max_rank, bytes = tonumber(s.bytes), generation = tonumber(s.generation),
   }
+end
+
+-- ------------------------------------------------------------------ pool by name
+
+local out_slot = ffi.new("int32_t[1]")
+local pool_mem = ffi.new("lmoe_pool_memory")
+
+local function slot_result(st, ctx)
+  if st ~= 0 then return fail(st, ctx) end
+  return out_slot[0]
+end
+
+-- The adapter description of pool:load, as C structs; keep holds the arrays.
+local function fill_desc(self, d, argn, fname)
+  checktype(d, "table", argn, fname)
+  local c = get_layer_config(self._layer)
+  local E, H, I = c.num_experts, c.hidden, c.intermediate
+  C.lmoe_adapter_desc_init(adapter_desc)
+  adapter_desc.dtype = C.LMOE_DTYPE_F64
+  local keep = {}
+  load_part(d, "gate", adapter_desc.gate, keep, E, H, I, argn, fname)
+  load_part(d, "up", adapter_desc.up, keep, E, H, I, argn, fname)
+  load_part(d, "gate_up", adapter_desc.gate_up, keep, E, H, 2 * I, argn, fname)
+  load_part(d, "down", adapter_desc.down, keep, E, I, H, argn, fname)
+  return keep
+end
+
+-- pool:load_named(name, desc) -> slot
+function Pool.load_named(self, name, d)
+  local h = check(self, "pool", "load_named")._h
+  checktype(name, "string", 1, "load_named")
+  local keep = fill_desc(self, d, 2, "load_named")
+  out_slot[0] = -1
+  local st = C.lmoe_pool_load_named(h, name, adapter_desc, out_slot)
+  keep = nil
+  return slot_result(st, self._ctx)
+end
+
+-- pool:load_peft(name, peft, layer_index) -> slot
+function Pool.load_peft(self, name, peft, layer)
+  local h = check(self, "pool", "load_peft")._h
+  checktype(name, "string", 1, "load_peft")
+  local ph = check_obj(peft, "peft", 2, "load_peft")._h
+  layer = checkrange(layer, 3, "load_peft", 0, 2147483647, "layer")
+  out_slot[0] = -1
+  return slot_result(C.lmoe_pool_load_peft(h, name, ph, layer, out_slot), self._ctx)
+end
+
+function Pool.unload_named(self, name)
+  local h = check(self, "pool", "unload_named")._h
+  return status(C.lmoe_pool_unload_named(h, checktype(name, "string", 1, "unload_named")), self._ctx)
+end
+
+-- pool:find(name) -> slot, or nil, "NOT_FOUND: ...", "NOT_FOUND"
+function Pool.find(self, name)
+  local h = check(self, "pool", "find")._h
+  checktype(name, "string", 1, "find")
+  out_slot[0] = -1
+  local st = C.lmoe_pool_find(h, name, out_slot)
+  if st == C.LMOE_ERR_NOT_FOUND then -- not recorded in the context: say it here
+    return fail_msg(st, format("no slot holds an adapter named '%s'", name))
+  end
+  return slot_result(st, self._ctx)
+end
+
+function Pool.slot_name(self, slot)
+  local h = check(self, "pool", "slot_name")._h
+  local n = C.lmoe_pool_slot_name(h, checkint(slot, 1, "slot_name"))
+  if n == nil then return "" end
+  return ffi.string(n)
+end
+
+function Pool.pin(self, slot)
+  local h = check(self, "pool", "pin")._h
+  return status(C.lmoe_pool_pin(h, checkint(slot, 1, "pin")), self._ctx)
+end
+
+function Pool.unpin(self, slot)
+  local h = check(self, "pool", "unpin")._h
+  return status(C.lmoe_pool_unpin(h, checkint(slot, 1, "unpin")), self._ctx)
+end
+
+function Pool.pin_count(self, slot)
+  local h = check(self, "pool", "pin_count")._h
+  return C.lmoe_pool_pin_count(h, checkint(slot, 1, "pin_count"))
+end
+
+function Pool.touch(self, slot)
+  local h = check(self, "pool", "touch")._h
+  return status(C.lmoe_pool_touch(h, checkint(slot, 1, "touch")), self._ctx)
+end
+
+function Pool.memory(self)
+  local h = check(self, "pool", "memory")._h
+  ffi.fill(pool_mem, ffi.sizeof(pool_mem))
+  local st = C.lmoe_pool_get_memory(h, pool_mem)
+  if st ~= 0 then return fail(st, self._ctx) end
+  local m = pool_mem
+  return {
+    slot_bytes = tonumber(m.slot_bytes), total_bytes = tonumber(m.total_bytes), slots = m.num_slots,
+    loaded_slots = m.loaded_slots, loaded_bytes = tonumber(m.loaded_bytes),
+    used_bytes = tonumber(m.used_bytes), evictions = tonumber(m.evictions),
+  }
+end
+
+-- ------------------------------------------------------------------ safetensors
+
+local family_names = { [0] = "unknown", "qwen", "mixtral" }
+local layout_names = { [0] = "per_expert", "fused" }
+local families, layouts = index_of(family_names), index_of(layout_names)
+local out_st = ffi.new("lmoe_safetensors *[1]")
+local out_peft = ffi.new("lmoe_peft *[1]")
+local out_ck = ffi.new("lmoe_checkpoint *[1]")
+local tensor_info = ffi.new("lmoe_tensor_info")
+local out_idx = ffi.new("int32_t[1]")
+local out_key = ffi.new("const char *[1]")
+local out_val = ffi.new("const char *[1]")
+local out_need = ffi.new("size_t[1]")
+local peft_info = ffi.new("lmoe_peft_info")
+local ck_info = ffi.new("lmoe_checkpoint_layer_info")
+local peft_syn = ffi.new("lmoe_peft_synthetic")
+
+local function targets_list(mask)
+  local t = {}
+  if bit.band(mask, 1) ~= 0 then t[#t + 1] = "gate" end
+  if bit.band(mask, 2) ~= 0 then t[#t + 1] = "up" end
+  if bit.band(mask, 4) ~= 0 then t[#t + 1] = "down" end
+  return t
+end
+
+-- ctx:safetensors(path) -> file
+function Ctx.safetensors(self, path)
+  local h = check(self, "context", "safetensors")._h
+  checktype(path, "string", 1, "safetensors")
+  out_st[0] = nil
+  local st = C.lmoe_safetensors_open(h, path, out_st)
+  if st ~= 0 then return fail(st, h) end
+  return wrap("safetensors", out_st[0], h, self)
+end
+
+-- ctx:safetensors_string(bytes, name?) -> file, from bytes in memory (copied)
+function Ctx.safetensors_string(self, data, name)
+  local h = check(self, "context", "safetensors_string")._h
+  checktype(data, "string", 1, "safetensors_string")
+  if name ~= nil then checktype(name, "string", 2, "safetensors_string") end
+  out_st[0] = nil
+  local st = C.lmoe_safetensors_open_memory(h, data, #data, name or "(string)", out_st)
+  if st ~= 0 then return fail(st, h) end
+  return wrap("safetensors", out_st[0], h, self)
+end
+
+local File = methods.safetensors
+
+function File.count(self) return C.lmoe_safetensors_count(check(self, "safetensors", "count")._h) end
+
+-- A 0-based index from an index or a name; nil, msg, code when the name is absent.
+local function tensor_index(self, v, fname)
+  local h = self._h
+  if type(v) == "string" then
+    local st = C.lmoe_safetensors_find(h, v, out_idx)
+    if st == C.LMOE_ERR_NOT_FOUND then return fail_msg(st, format("no tensor named '%s'", v)) end
+    if st ~= 0 then return fail(st, self._ctx) end
+    return out_idx[0]
+  end
+  return checkrange(v, 1, fname, 0, 2147483647, "tensor index")
+end
+
+local function tensor_table(ti)
+  local shape = {}
+  for i = 0, ti.ndim - 1 do shape[i + 1] = tonumber(ti.shape[i]) end
+  return {
+    name = ti.name ~= nil and ffi.string(ti.name) or "",
+    file_dtype = ti.dtype_name ~= nil and ffi.string(ti.dtype_name) or "",
+    dtype = dtype_names[ti.dtype], shape = shape, numel = tonumber(ti.numel),
+    offset = tonumber(ti.offset), bytes = tonumber(ti.bytes),
+  }
+end
+
+-- file:tensor(index | name) -> {name=, dtype=, file_dtype=, shape=, numel=, offset=, bytes=}
+function File.tensor(self, which)
+  local h = check(self, "safetensors", "tensor")._h
+  local idx, msg, code = tensor_index(self, which, "tensor")
+  if not idx then return nil, msg, code end
+  local st = C.lmoe_safetensors_tensor(h, idx, tensor_info)
+  if st ~= 0 then return fail(st, self._ctx) end
+  return tensor_table(tensor_info)
+end
+
+function File.tensors(self)
+  local h = check(self, "safetensors", "tensors")._h
+  local t = {}
+  for i = 0, C.lmoe_safetensors_count(h) - 1 do
+    local st = C.lmoe_safetensors_tensor(h, i, tensor_info)
+    if st ~= 0 then return fail(st, self._ctx) end
+    t[i + 1] = tensor_table(tensor_info)
+  end
+  return t
+end
+
+function File.find(self, name)
+  check(self, "safetensors", "find")
+  checktype(name, "string", 1, "find")
+  return tensor_index(self, name, "find")
+end
+
+-- file:read(index | name) -> flat table of the tensor's values
+function File.read(self, which)
+  local h = check(self, "safetensors", "read")._h
+  local idx, msg, code = tensor_index(self, which, "read")
+  if not idx then return nil, msg, code end
+  local st = C.lmoe_safetensors_tensor(h, idx, tensor_info)
+  if st ~= 0 then return fail(st, self._ctx) end
+  local n = tonumber(tensor_info.numel)
+  local v = ffi.new("double[?]", n > 0 and n or 1)
+  st = C.lmoe_safetensors_read(h, idx, v, C.LMOE_DTYPE_F64, n)
+  if st ~= 0 then return fail(st, self._ctx) end
+  local t = {}
+  for i = 0, n - 1 do t[i + 1] = v[i] end
+  return t
+end
+
+function File.metadata(self)
+  local h = check(self, "safetensors", "metadata")._h
+  local t = {}
+  for i = 0, C.lmoe_safetensors_metadata_count(h) - 1 do
+    local st = C.lmoe_safetensors_metadata(h, i, out_key, out_val)
+    if st ~= 0 then return fail(st, self._ctx) end
+    t[out_key[0] ~= nil and ffi.string(out_key[0]) or ""] = out_val[0] ~= nil and ffi.string(out_val[0]) or ""
+  end
+  return t
+end
+
+-- ctx:write_safetensors(path, {{name=, dtype=, shape=, data=}, ...}, metadata?)
+-- data is a flat table of numbers (converted to dtype) or a host loramoe.buffer.
+function Ctx.write_safetensors(self, path, tensors, meta)
+  local h = check(self, "context", "write_safetensors")._h
+  checktype(path, "string", 1, "write_safetensors")
+  checktype(tensors, "table", 2, "write_safetensors")
+  if meta ~= nil then checktype(meta, "table", 3, "write_safetensors") end
+  local n = #tensors
+  local e = ffi.new("lmoe_tensor_entry[?]", n > 0 and n or 1)
+  local keep, temps = {}, {}
+  for i = 1, n do
+    local t = tensors[i]
+    if type(t) ~= "table" then
+      argerror(2, "write_safetensors", format("tensor %d must be a table {name=, dtype=, shape=, data=}", i))
+    end
+    if type(t.name) ~= "string" then argerror(2, "write_safetensors", format("tensor %d: name must be a string", i)) end
+    local ent = e[i - 1]
+    ent.name = t.name
+    keep[#keep + 1] = t.name
+    local src, bd = nil, nil
+    if type(t.data) == "table" and getmetatable(t.data) == mts.buffer then
+      src = check_obj(t.data, "buffer", 2, "write_safetensors")
+      bd = src:describe()
+    elseif type(t.data) ~= "table" then
+      argerror(2, "write_safetensors", format("tensor %d: data must be a table of numbers or a loramoe.buffer", i))
+    end
+    local dt = bd and dtypes[bd.dtype] or C.LMOE_DTYPE_F32
+    dt = field_option(t, "dtype", dtypes, 2, "write_safetensors", dt)
+    ent.dtype = dt
+    local shape = t.shape or (bd and bd.shape)
+    if shape == nil then argerror(2, "write_safetensors", format("tensor %d: shape is missing", i)) end
+    local nd = check_shape(shape, 2, "write_safetensors")
+    ent.ndim = nd
+    local numel = 1
+    for d = 0, nd - 1 do
+      ent.shape[d] = shape_buf[d]
+      numel = numel * tonumber(shape_buf[d])
+    end
+    if src then
+      if dtypes[bd.dtype] ~= dt then argerror(2, "write_safetensors", format("tensor %d: dtype differs from its buffer's", i)) end
+      if bd.memory ~= "host" and C.lmoe_context_backend(src._ctx) ~= C.LMOE_BACKEND_CPU then
+        argerror(2, "write_safetensors", format("tensor %d: the buffer must be in host memory", i))
+      end
+      ent.data = src:data()
+      keep[#keep + 1] = src
+    else
+      local v = to_doubles(t.data, numel, 2, "write_safetensors", format("tensor %d data", i))
+      keep[#keep + 1] = v
+      temps[#temps + 1] = { ent = ent, v = v, numel = numel, dtype = dt }
+    end
+  end
+  local nmeta = 0
+  if meta then
+    for k, v in pairs(meta) do
+      if type(k) ~= "string" or type(v) ~= "string" then
+        argerror(3, "write_safetensors", "metadata keys and values must be strings")
+      end
+      nmeta = nmeta + 1
+    end
+  end
+  local mk = ffi.new("const char *[?]", nmeta > 0 and nmeta or 1)
+  local mv = ffi.new("const char *[?]", nmeta > 0 and nmeta or 1)
+  if meta then
+    local j = 0
+    for k, v in pairs(meta) do
+      mk[j], mv[j] = k, v
+      keep[#keep + 1], keep[#keep + 2] = k, v
+      j = j + 1
+    end
+  end
+  -- Table data goes through temporary host buffers of the entry's dtype (converted by
+  -- the library), released right after the write.
+  local st = 0
+  local bufs = {}
+  for _, tmp in ipairs(temps) do
+    shape_buf[0] = tmp.numel
+    out_buf[0] = nil
+    st = C.lmoe_buffer_create(h, tmp.dtype, C.LMOE_MEMORY_HOST, 1, shape_buf, out_buf)
+    if st ~= 0 then break end
+    local b = ffi.gc(out_buf[0], C.lmoe_buffer_release)
+    bufs[#bufs + 1] = b
+    st = C.lmoe_buffer_write(b, 0, tmp.v, C.LMOE_DTYPE_F64, tmp.numel)
+    if st == 0 then st = C.lmoe_buffer_describe(b, desc) end
+    if st ~= 0 then break end
+    tmp.ent.data = desc.data
+  end
+  if st == 0 then st = C.lmoe_safetensors_write(h, path, n, e, nmeta, mk, mv) end
+  for _, b in ipairs(bufs) do
+    ffi.gc(b, nil)
+    C.lmoe_buffer_release(b)
+  end
+  keep = nil
+  return status(st, h)
+end
+
+-- ------------------------------------------------------------------ PEFT adapters
+
+-- ctx:peft(path) -> adapter
+function Ctx.peft(self, path)
+  local h = check(self, "context", "peft")._h
+  checktype(path, "string", 1, "peft")
+  out_peft[0] = nil
+  local st = C.lmoe_peft_open(h, path, out_peft)
+  if st ~= 0 then return fail(st, h) end
+  return wrap("peft", out_peft[0], h, self)
+end
+
+local Peft = methods.peft
+
+function Peft.info(self)
+  local h = check(self, "peft", "info")._h
+  C.lmoe_peft_info_init(peft_info)
+  local st = C.lmoe_peft_get_info(h, peft_info)
+  if st ~= 0 then return fail(st, self._ctx) end
+  local i = peft_info
+  return {
+    family = family_names[i.family] or "unknown", layout = layout_names[i.layout] or "unknown",
+    rank = i.rank, alpha = i.alpha, rslora = i.use_rslora ~= 0, targets = targets_list(i.targets),
+    layers = i.num_layers, min_layer = i.min_layer, max_layer = i.max_layer,
+    experts = i.num_experts, max_rank = i.max_rank, has_patterns = i.has_patterns ~= 0,
+    tensors = i.num_tensors, bytes = tonumber(i.bytes),
+  }
+end
+
+function Peft.layers(self)
+  local h = check(self, "peft", "layers")._h
+  C.lmoe_peft_info_init(peft_info)
+  local st = C.lmoe_peft_get_info(h, peft_info)
+  if st ~= 0 then return fail(st, self._ctx) end
+  local cap = peft_info.num_layers > 0 and peft_info.num_layers or 1
+  local v = ffi.new("int32_t[?]", cap)
+  local n = C.lmoe_peft_layers(h, v, cap)
+  local t = {}
+  for k = 0, n - 1 do t[k + 1] = v[k] end
+  return t
+end
+
+function Peft.inspect(self)
+  local h = check(self, "peft", "inspect")._h
+  local probe = ffi.new("char[1]")
+  local st = C.lmoe_peft_inspect(h, probe, 1, out_need)
+  if st ~= 0 then return fail(st, self._ctx) end
+  local size = tonumber(out_need[0]) + 1
+  local buf = ffi.new("char[?]", size)
+  st = C.lmoe_peft_inspect(h, buf, size, nil)
+  if st ~= 0 then return fail(st, self._ctx) end
+  return ffi.string(buf)
+end
+
+local function part_table(p, E, inn, out)
+  if p.a == nil or p.b == nil then return nil end
+  local r = p.rank
+  local a, b = ffi.cast("const float *", p.a), ffi.cast("const float *", p.b)
+  local ta, tb = {}, {}
+  for i = 0, E * r * inn - 1 do ta[i + 1] = a[i] end
+  for i = 0, E * out * r - 1 do tb[i + 1] = b[i] end
+  return { a = ta, b = tb, rank = r, scale = p.scale }
+end
+
+-- peft:layer_desc(layer_index, {experts=, hidden=, intermediate=}) -> description for pool:load
+function Peft.layer_desc(self, layer, cfg)
+  local h = check(self, "peft", "layer_desc")._h
+  layer = checkrange(layer, 1, "layer_desc", 0, 2147483647, "layer")
+  checktype(cfg, "table", 2, "layer_desc")
+  local E, H, I = field_int(cfg, "experts", 2, "layer_desc", 0), field_int(cfg, "hidden", 2, "layer_desc", 0),
+    field_int(cfg, "intermediate", 2, "layer_desc", 0)
+  if E < 1 or E > 2147483647 then field_error(2, "layer_desc", "experts", "must be a positive integer") end
+  if H < 1 or H > 2147483647 then field_error(2, "layer_desc", "hidden", "must be a positive integer") end
+  if I < 1 or I > 2147483647 then field_error(2, "layer_desc", "intermediate", "must be a positive integer") end
+  local d = ffi.new("lmoe_adapter_desc")
+  C.lmoe_adapter_desc_init(d)
+  local st = C.lmoe_peft_layer_desc(h, layer, E, H, I, d)
+  if st ~= 0 then return fail(st, self._ctx) end
+  if d.dtype ~= C.LMOE_DTYPE_F32 then return fail_msg(C.LMOE_ERR_UNSUPPORTED, "layer_desc gave non-f32 arrays") end
+  return {
+    gate = part_table(d.gate, E, H, I), up = part_table(d.up, E, H, I),
+    gate_up = part_table(d.gate_up, E, H, 2 * I), down = part_table(d.down, E, I, H),
+  }
+end
+
+-- ctx:write_peft(dir, spec): a synthetic PEFT adapter on disk.
+function Ctx.write_peft(self, dir, spec)
+  local h = check(self, "context", "write_peft")._h
+  checktype(dir, "string", 1, "write_peft")
+  checktype(spec, "table", 2, "write_peft")
+  local s = peft_syn
+  C.lmoe_peft_synthetic_init(s)
+  local f = "write_peft"
+  s.family = field_option(spec, "family", families, 2, f, s.family)
+  s.layout = field_option(spec, "layout", layouts, 2, f, s.layout)
+  s.num_layers = field_int(spec, "layers", 2, f, s.num_layers)
+  s.num_experts = field_int(spec, "experts", 2, f, s.num_experts)
+  s.hidden = field_int(spec, "hidden", 2, f, s.hidden)
+  s.intermediate = field_int(spec, "intermediate", 2, f, s.intermediate)
+  s.rank = field_int(spec, "rank", 2, f, s.rank)
+  s.targets = targets_mask(spec.targets, 2, f)
+  s.alpha = field_num(spec, "alpha", 2, f, s.alpha)
+  s.use_rslora = field_bool(spec, "rslora", 2, f, s.use_rslora ~= 0) and 1 or 0
+  s.dtype = field_option(spec, "dtype", dtypes, 2, f, s.dtype)
+  s.seed = field_int(spec, "seed", 2, f, tonumber(s.seed))
+  s.scale = field_num(spec, "scale", 2, f, s.scale)
+  local keep = {}
+  for _, pat in ipairs { "rank_pattern", "alpha_pattern" } do
+    local p = spec[pat]
+    if p ~= nil then
+      if type(p) ~= "table" then field_error(2, f, pat, "must be {key = number}") end
+      local k, v = next(p)
+      if k ~= nil then
+        if type(k) ~= "string" or type(v) ~= "number" then field_error(2, f, pat, "must be {key = number}") end
+        if next(p, k) ~= nil then field_error(2, f, pat, "takes one entry") end
+        keep[#keep + 1] = k
+        if pat == "rank_pattern" then
+          s.rank_pattern_key, s.rank_pattern_value = k, v
+        else
+          s.alpha_pattern_key, s.alpha_pattern_value = k, v
+        end
+      end
+    end
+  end
+  local st = C.lmoe_peft_write_synthetic(h, dir, s)
+  s.rank_pattern_key, s.alpha_pattern_key = nil, nil
+  keep = nil
+  return status(st, h)
+end
+
+-- ------------------------------------------------------------------ checkpoints
+
+-- ctx:checkpoint(path) -> checkpoint
+function Ctx.checkpoint(self, path)
+  local h = check(self, "context", "checkpoint")._h
+  checktype(path, "string", 1, "checkpoint")
+  out_ck[0] = nil
+  local st = C.lmoe_checkpoint_open(h, path, out_ck)
+  if st ~= 0 then return fail(st, h) end
+  return wrap("checkpoint", out_ck[0], h, self)
+end
+
+local Ck = methods.checkpoint
+
+function Ck.layer_info(self, layer)
+  local h = check(self, "checkpoint", "layer_info")._h
+  layer = checkrange(layer, 1, "layer_info", 0, 2147483647, "layer")
+  C.lmoe_checkpoint_layer_info_init(ck_info)
+  local st = C.lmoe_checkpoint_get_layer_info(h, layer, ck_info)
+  if st ~= 0 then return fail(st, self._ctx) end
+  return {
+    family = family_names[ck_info.family] or "unknown", experts = ck_info.num_experts,
+    hidden = ck_info.hidden, intermediate = ck_info.intermediate, has_router = ck_info.has_router ~= 0,
+  }
+end
+
+-- ck:load_layer(index, layer, with_router?) -> router buffer [E, H] f32 (host) when
+-- with_router, else true
+function Ck.load_layer(self, index, layer, with_router)
+  local h = check(self, "checkpoint", "load_layer")._h
+  index = checkrange(index, 1, "load_layer", 0, 2147483647, "layer")
+  local lh = check_obj(layer, "layer", 2, "load_layer")._h
+  if not with_router then return status(C.lmoe_checkpoint_load_layer(h, index, lh, nil), self._ctx) end
+  out_buf[0] = nil
+  local st = C.lmoe_checkpoint_load_layer(h, index, lh, out_buf)
+  local router = nil
+  if out_buf[0] ~= nil then router = wrap("buffer", out_buf[0], self._ctx, self._parent) end
+  if st ~= 0 then return fail(st, self._ctx) end
+  return router
 end
 
 -- ------------------------------------------------------------------ batch

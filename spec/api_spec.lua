@@ -1,0 +1,145 @@
+-- The Lua-level API is the same under both runtimes: this list is the contract, and
+-- each run checks that its core (C module or FFI binding) has exactly these names.
+local h = dofile("spec/helpers.lua")
+local lm = h.lm
+
+local module_functions = {
+  "version", "status_string", "has_cuda", "device_count", "device_info", "dtype_size",
+  "dtype_name", "lora_scale", "now", "context",
+}
+local methods = {
+  context = { "close", "is_closed", "set_guard", "stream", "synchronize", "counters",
+              "reset_counters", "last_error", "buffer", "wrap", "layer", "batch", "safetensors",
+              "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint" },
+  buffer = { "close", "is_closed", "shape", "describe", "data", "write", "read", "fill_random",
+             "fill", "compare", "context" },
+  layer = { "close", "is_closed", "config", "randomize", "set_weights", "set_expert", "weights",
+            "pool", "forward", "reference", "context" },
+  pool = { "close", "is_closed", "config", "load", "load_random", "unload", "slot_info", "layer",
+           "load_named", "load_peft", "unload_named", "find", "slot_name", "pin", "unpin", "pin_count",
+           "touch", "memory" },
+  batch = { "close", "is_closed", "set", "info", "offsets", "active_slots", "context" },
+  safetensors = { "close", "is_closed", "count", "tensor", "tensors", "find", "read", "metadata", "context" },
+  peft = { "close", "is_closed", "info", "layers", "inspect", "layer_desc", "context" },
+  checkpoint = { "close", "is_closed", "layer_info", "load_layer", "context" },
+}
+-- Added by the pure-Lua layer on top of either core.
+local lua_methods = { layer = { inputs = true, check = true } }
+
+local function sorted_keys(t)
+  local k = {}
+  for name in pairs(t) do k[#k + 1] = name end
+  table.sort(k)
+  return k
+end
+
+describe("the API surface", function()
+  it("runs on the runtime the test asked for", function()
+    local want = os.getenv("LORAMOE_LUA")
+    if want then assert.are.equal(want, lm.runtime) end
+    assert.are.equal(rawget(_G, "jit") and "luajit" or "lua5.4", lm.runtime)
+  end)
+
+  it("names the module and its version", function()
+    assert.are.equal("loramoe", lm._NAME)
+    assert.are.equal("loramoe.core", lm.core._NAME)
+    assert.matches("^%d+%.%d+%.%d+$", lm._VERSION)
+    assert.are.equal(lm.version(), lm._VERSION) -- binding built for the library it loads
+  end)
+
+  it("has every module function", function()
+    for _, name in ipairs(module_functions) do
+      assert.are.equal("function", type(lm.core[name]), name)
+      assert.are.equal(lm.core[name], lm[name])
+    end
+  end)
+
+  for kind, names in pairs(methods) do
+    it("gives " .. kind .. " objects exactly the documented methods", function()
+      local want = {}
+      for _, n in ipairs(names) do want[n] = true end
+      for n in pairs(lua_methods[kind] or {}) do want[n] = true end
+      assert.are.same(sorted_keys(want), sorted_keys(lm.core.methods[kind]))
+    end)
+  end
+
+  it("documents every function and method in docs/lua.md", function()
+    local f = assert(io.open("docs/lua.md", "r"))
+    local doc = f:read("a")
+    f:close()
+    for _, name in ipairs(module_functions) do
+      assert.truthy(doc:find("lm." .. name, 1, true), "lm." .. name .. " is not documented")
+    end
+    local var = { context = "ctx", buffer = "buf", layer = "layer", pool = "pool", batch = "batch",
+                  safetensors = "file", peft = "peft", checkpoint = "ck" }
+    for kind, names in pairs(methods) do
+      local all = {}
+      for _, n in ipairs(names) do all[#all + 1] = n end
+      for n in pairs(lua_methods[kind] or {}) do all[#all + 1] = n end
+      for _, n in ipairs(all) do
+        local ref = var[kind] .. ":" .. n
+        assert.truthy(doc:find(ref, 1, true), ref .. " is not documented")
+      end
+    end
+  end)
+
+  it("binds every function of the C header in both bindings", function()
+    local function slurp(p)
+      local f = assert(io.open(p, "r"))
+      local s = f:read("a")
+      f:close()
+      return s
+    end
+    local header = slurp("native/include/loramoe.h")
+    local cmod = slurp("lua/loramoe_core.c")
+    local ffi = slurp("lua/loramoe/ffi_core.lua")
+    local n = 0
+    for name in header:gmatch("LMOE_API[^;(]-[%s%*](lmoe_[%w_]+)%s*%(") do
+      n = n + 1
+      assert.truthy(cmod:find(name .. "%s*%(") or cmod:find("not bound: " .. name, 1, true),
+        name .. " is not called in lua/loramoe_core.c")
+      assert.truthy(ffi:find("C%." .. name .. "[^%w_]") or ffi:find("not bound: " .. name, 1, true),
+        name .. " is not used in lua/loramoe/ffi_core.lua")
+    end
+    assert.is_true(n > 40)
+  end)
+end)
+
+describe("library functions", function()
+  it("answers the queries", function()
+    assert.is_boolean(lm.has_cuda())
+    local n = assert(lm.device_count())
+    assert.is_true(math.type == nil or math.type(n) == "integer")
+    if n == 0 then
+      local info, msg, code = lm.device_info(0)
+      assert.is_nil(info)
+      assert.is_string(msg)
+      assert.is_string(code)
+    end
+    assert.are.equal(2, lm.dtype_size("bf16"))
+    assert.are.equal(8, lm.dtype_size("f64"))
+    assert.are.equal("i32", lm.dtype_name(4))
+    assert.are.equal("invalid argument", lm.status_string(1))
+    assert.are.near(2.0, lm.lora_scale(32, 16), 1e-6)
+    assert.are.near(8.0, lm.lora_scale(32, 16, true), 1e-6)
+  end)
+
+  it("has a monotonic clock", function()
+    local a = lm.now()
+    local b = lm.now()
+    assert.is_number(a)
+    assert.is_true(b >= a)
+  end)
+
+  it("keeps the presets of PERFORMANCE.md", function()
+    assert.are.same({ experts = 16, hidden = 256, intermediate = 128, top_k = 2, layers = 4 }, lm.presets.tiny)
+    assert.are.equal(128, lm.presets["qwen3-30b-a3b"].experts)
+    assert.are.equal(14336, lm.presets["mixtral-8x7b"].intermediate)
+  end)
+
+  it("raises on bad arguments", function()
+    h.raises("bad argument #1 to 'dtype_size' (invalid option 'bf17')", function() lm.dtype_size("bf17") end)
+    h.raises("bad argument #2 to 'lora_scale' (rank must be 1..", function() lm.lora_scale(32, 0) end)
+    h.raises("bad argument #1 to 'device_info' (device must be 0..", function() lm.device_info(-1) end)
+  end)
+end)
