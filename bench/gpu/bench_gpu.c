@@ -1,0 +1,365 @@
+/* GPU benchmark of one MoE layer with LoRA adapters (PERFORMANCE.md):
+     bench_gpu [preset ...] [--m 512,2048,...] [--iters N] [--stack]
+   presets: qwen3 (E128 H2048 I768 k8), mixtral (E8 H4096 I14336 k2).
+   Per M and case: eager and CUDA-graph replay, median ms of >= 50 (CUDA events,
+   input sets rotated), TFLOP/s and % of the floor. --stack: the guard modes over a
+   48-layer qwen3 stack (host waits per forward, ms per forward). */
+#define _POSIX_C_SOURCE 200809L
+#include "loramoe.h"
+
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define NSETS 3
+#define PEAK_FLOPS 790e12
+#define PEAK_BYTES 3.0e12
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+static double median(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+#define CK(ctx, call)                                                                          \
+  do {                                                                                         \
+    lmoe_status st_ = (call);                                                                  \
+    if (st_) {                                                                                 \
+      fprintf(stderr, "%s:%d: %s: %s: %s\n", __FILE__, __LINE__, #call, lmoe_status_string(st_), \
+              lmoe_context_last_error(ctx));                                                   \
+      exit(1);                                                                                 \
+    }                                                                                          \
+  } while (0)
+#define CU(call)                                                                     \
+  do {                                                                               \
+    cudaError_t e_ = (call);                                                         \
+    if (e_) {                                                                        \
+      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      exit(1);                                                                       \
+    }                                                                                \
+  } while (0)
+
+typedef struct preset {
+  const char *name;
+  int E, H, I, k;
+} preset;
+
+static const preset PRESETS[] = {{"qwen3-30b-a3b", 128, 2048, 768, 8}, {"mixtral-8x7b", 8, 4096, 14336, 2}};
+
+typedef struct bench {
+  lmoe_context *ctx;
+  cudaStream_t s;
+  preset p;
+  int maxM;
+  lmoe_layer *layer;
+  lmoe_pool *pool16, *poolmix;
+  lmoe_batch *batch;
+  lmoe_buffer *x[NSETS], *lg[NSETS], *out;
+  FILE *csv;
+} bench;
+
+static lmoe_buffer *view(lmoe_context *ctx, lmoe_buffer *b, int rows, int cols, int dtype) {
+  lmoe_buffer_desc d;
+  lmoe_buffer_describe(b, &d);
+  int64_t sh[2] = {rows, cols};
+  lmoe_buffer *v = NULL;
+  CK(ctx, lmoe_buffer_wrap(ctx, dtype, LMOE_MEMORY_DEVICE, 2, sh, d.data, &v));
+  return v;
+}
+
+typedef struct bcase {
+  const char *name;
+  int pool; /* 0 none, 1 r16, 2 mixed */
+  int slots[8];
+  int rank_of[4];
+} bcase;
+
+static const bcase CASES[] = {
+    {"no adapter", 0, {-1, -1, -1, -1, -1, -1, -1, -1}, {0, 0, 0, 0}},
+    {"4 adapters r16", 1, {0, 1, 2, 3, 0, 1, 2, 3}, {16, 16, 16, 16}},
+    {"half without", 1, {0, -1, 1, -1, 2, -1, 3, -1}, {16, 16, 16, 16}},
+    {"mixed ranks 4-32", 2, {0, 1, 2, 3, 0, 1, 2, 3}, {4, 8, 16, 32}},
+};
+
+static double case_flops(const preset *p, int M, const bcase *c) {
+  double pairs = (double)M * p->k, per_req = pairs / 8;
+  double f = pairs * 6.0 * p->H * p->I;
+  for (int i = 0; i < 8; i++)
+    if (c->slots[i] >= 0) f += per_req * 6.0 * c->rank_of[c->slots[i]] * (p->H + p->I);
+  return f;
+}
+
+static double case_bytes(const preset *p, int M, const bcase *c) {
+  double b = (double)p->E * 3 * p->H * p->I * 2 + 2.0 * M * p->H * 2 + (double)M * p->E * 4;
+  int seen[4] = {0};
+  for (int i = 0; i < 8; i++) {
+    int s = c->slots[i];
+    if (s >= 0 && !seen[s]) {
+      seen[s] = 1;
+      b += (double)p->E * 6.0 * c->rank_of[s] * (p->H + p->I);
+    }
+  }
+  return b;
+}
+
+static void setup(bench *b, const preset *p, int maxM) {
+  memset(b, 0, sizeof *b);
+  b->p = *p;
+  b->maxM = maxM;
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  cfg.backend = LMOE_BACKEND_CUDA;
+  char err[256];
+  if (lmoe_context_create(&cfg, &b->ctx, err, sizeof err)) {
+    fprintf(stderr, "context: %s\n", err);
+    exit(1);
+  }
+  lmoe_context *ctx = b->ctx;
+  b->s = lmoe_context_stream(ctx);
+  lmoe_layer_config lc;
+  lmoe_layer_config_init(&lc);
+  lc.num_experts = p->E, lc.hidden = p->H, lc.intermediate = p->I, lc.top_k = p->k;
+  lc.max_tokens = maxM;
+  CK(ctx, lmoe_layer_create(ctx, &lc, &b->layer));
+  CK(ctx, lmoe_layer_randomize(b->layer, 7, 0.02f));
+  lmoe_pool_config pc;
+  lmoe_pool_config_init(&pc);
+  pc.num_slots = 4, pc.max_rank = 16;
+  CK(ctx, lmoe_pool_create(b->layer, &pc, &b->pool16));
+  pc.max_rank = 32;
+  CK(ctx, lmoe_pool_create(b->layer, &pc, &b->poolmix));
+  for (int s = 0; s < 4; s++) {
+    lmoe_random_adapter ra;
+    lmoe_random_adapter_init(&ra);
+    ra.targets = LMOE_TARGET_ALL;
+    ra.rank = 16;
+    ra.alpha = 32;
+    ra.seed = 100 + s;
+    CK(ctx, lmoe_pool_load_random(b->pool16, s, &ra));
+    ra.rank = 4 << s;
+    ra.seed = 200 + s;
+    CK(ctx, lmoe_pool_load_random(b->poolmix, s, &ra));
+  }
+  CK(ctx, lmoe_batch_create(ctx, &b->batch));
+  int64_t sx[2] = {maxM, p->H}, sl[2] = {maxM, p->E};
+  for (int i = 0; i < NSETS; i++) {
+    CK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sx, &b->x[i]));
+    CK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_F32, LMOE_MEMORY_DEVICE, 2, sl, &b->lg[i]));
+    CK(ctx, lmoe_buffer_fill_random(b->x[i], 11 + i, -1, 1, NULL));
+    CK(ctx, lmoe_buffer_fill_random(b->lg[i], 21 + i, -2, 2, NULL));
+  }
+  CK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sx, &b->out));
+  CK(ctx, lmoe_context_synchronize(ctx, NULL));
+}
+
+static void teardown(bench *b) {
+  for (int i = 0; i < NSETS; i++) lmoe_buffer_release(b->x[i]), lmoe_buffer_release(b->lg[i]);
+  lmoe_buffer_release(b->out);
+  lmoe_batch_release(b->batch);
+  lmoe_pool_release(b->pool16);
+  lmoe_pool_release(b->poolmix);
+  lmoe_layer_release(b->layer);
+  lmoe_context_release(b->ctx);
+}
+
+/* Median ms of `iters` forwards, eager (graph = 0) or graph replays (graph = 1). */
+static double time_forward(bench *b, int M, lmoe_pool *pool, int graph, int iters) {
+  lmoe_context *ctx = b->ctx;
+  lmoe_forward_args a[NSETS];
+  lmoe_buffer *views[NSETS * 2 + 1];
+  int nv = 0;
+  lmoe_buffer *ov = view(ctx, b->out, M, b->p.H, LMOE_DTYPE_BF16);
+  for (int i = 0; i < NSETS; i++) {
+    lmoe_forward_args_init(&a[i]);
+    a[i].layer = b->layer;
+    a[i].pool = pool;
+    a[i].batch = b->batch;
+    a[i].x = views[nv++] = view(ctx, b->x[i], M, b->p.H, LMOE_DTYPE_BF16);
+    a[i].router_logits = views[nv++] = view(ctx, b->lg[i], M, b->p.E, LMOE_DTYPE_F32);
+    a[i].out = ov;
+  }
+  cudaGraphExec_t ge[NSETS] = {0};
+  if (graph) {
+    for (int i = 0; i < NSETS; i++) {
+      cudaGraph_t g;
+      CU(cudaStreamBeginCapture(b->s, cudaStreamCaptureModeThreadLocal));
+      CK(ctx, lmoe_forward(ctx, &a[i], NULL));
+      CU(cudaStreamEndCapture(b->s, &g));
+      CU(cudaGraphInstantiate(&ge[i], g, 0));
+      cudaGraphDestroy(g);
+    }
+  }
+  cudaEvent_t ev[2 * 256];
+  if (iters > 256) iters = 256;
+  for (int i = 0; i < 2 * iters; i++) CU(cudaEventCreate(&ev[i]));
+  for (int w = 0; w < 5; w++) {
+    if (graph) CU(cudaGraphLaunch(ge[w % NSETS], b->s));
+    else CK(ctx, lmoe_forward(ctx, &a[w % NSETS], NULL));
+  }
+  for (int i = 0; i < iters; i++) {
+    CU(cudaEventRecord(ev[2 * i], b->s));
+    if (graph) CU(cudaGraphLaunch(ge[i % NSETS], b->s));
+    else CK(ctx, lmoe_forward(ctx, &a[i % NSETS], NULL));
+    CU(cudaEventRecord(ev[2 * i + 1], b->s));
+  }
+  CU(cudaStreamSynchronize(b->s));
+  double t[256];
+  for (int i = 0; i < iters; i++) {
+    float ms;
+    CU(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    t[i] = ms;
+  }
+  for (int i = 0; i < 2 * iters; i++) cudaEventDestroy(ev[i]);
+  for (int i = 0; i < NSETS; i++)
+    if (ge[i]) cudaGraphExecDestroy(ge[i]);
+  for (int i = 0; i < nv; i++) lmoe_buffer_release(views[i]);
+  lmoe_buffer_release(ov);
+  return median(t, iters);
+}
+
+static void run_preset(bench *b, const int *Ms, int nM, int iters) {
+  const preset *p = &b->p;
+  printf("\n### %s (E%d H%d I%d k%d)\n\n", p->name, p->E, p->H, p->I, p->k);
+  printf("| M | case | eager ms | graph ms | TFLOP/s (graph) | floor ms | %% of floor |\n");
+  printf("|---|---|---|---|---|---|---|\n");
+  for (int mi = 0; mi < nM; mi++) {
+    int M = Ms[mi];
+    if (M > b->maxM) continue;
+    for (size_t ci = 0; ci < sizeof CASES / sizeof CASES[0]; ci++) {
+      const bcase *c = &CASES[ci];
+      lmoe_pool *pool = c->pool == 0 ? NULL : c->pool == 1 ? b->pool16 : b->poolmix;
+      int tok[8];
+      for (int i = 0; i < 8; i++) tok[i] = M / 8 + (i < M % 8);
+      CK(b->ctx, lmoe_batch_set(b->batch, pool, 8, tok, c->slots));
+      double te = time_forward(b, M, pool, 0, iters);
+      double tg = time_forward(b, M, pool, 1, iters);
+      double fl = case_flops(p, M, c), by = case_bytes(p, M, c);
+      double floor_ms = fmax(fl / PEAK_FLOPS, by / PEAK_BYTES) * 1e3;
+      printf("| %d | %s | %.3f | %.3f | %.0f | %.3f | %.0f%% |\n", M, c->name, te, tg, fl / (tg * 1e-3) / 1e12,
+             floor_ms, 100.0 * floor_ms / tg);
+      fflush(stdout);
+      if (b->csv)
+        fprintf(b->csv, "%s,%d,%s,%.4f,%.4f,%.1f,%.4f\n", p->name, M, c->name, te, tg,
+                fl / (tg * 1e-3) / 1e12, floor_ms);
+    }
+  }
+}
+
+/* (f) early exit: graph replay with guard always and no adapter vs guard host, no adapter. */
+static void run_early_exit(bench *b, const int *Ms, int nM, int iters) {
+  printf("\n### early exit: graph replay, no active adapter (%s)\n\n", b->p.name);
+  printf("| M | guard host ms | guard always ms | overhead |\n|---|---|---|---|\n");
+  int none[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+  for (int mi = 0; mi < nM; mi++) {
+    int M = Ms[mi];
+    if (M > b->maxM) continue;
+    int tok[8];
+    for (int i = 0; i < 8; i++) tok[i] = M / 8 + (i < M % 8);
+    CK(b->ctx, lmoe_batch_set(b->batch, b->pool16, 8, tok, none));
+    lmoe_context_set_guard(b->ctx, LMOE_GUARD_HOST);
+    double th = time_forward(b, M, b->pool16, 1, iters);
+    lmoe_context_set_guard(b->ctx, LMOE_GUARD_ALWAYS);
+    double ta = time_forward(b, M, b->pool16, 1, iters);
+    lmoe_context_set_guard(b->ctx, LMOE_GUARD_HOST);
+    printf("| %d | %.3f | %.3f | %+.1f%% |\n", M, th, ta, 100.0 * (ta - th) / th);
+  }
+}
+
+/* Guard modes over a 48-layer stack (one layer's weights, 48 forwards ping-ponging x
+   and out): host waits per stack forward and wall ms per stack forward. */
+static void run_stack(bench *b, int M) {
+  const int L = 48, reps = 10;
+  printf("\n### guard modes, %d-layer %s stack, M=%d, half the requests on 4 adapters r16\n\n", L,
+         b->p.name, M);
+  printf("| guard | host waits / forward | ms / forward (wall) |\n|---|---|---|\n");
+  int slots[8] = {0, -1, 1, -1, 2, -1, 3, -1}, tok[8];
+  for (int i = 0; i < 8; i++) tok[i] = M / 8 + (i < M % 8);
+  CK(b->ctx, lmoe_batch_set(b->batch, b->pool16, 8, tok, slots));
+  lmoe_context *ctx = b->ctx;
+  lmoe_buffer *xv = view(ctx, b->x[0], M, b->p.H, LMOE_DTYPE_BF16);
+  lmoe_buffer *ov = view(ctx, b->out, M, b->p.H, LMOE_DTYPE_BF16);
+  lmoe_buffer *lv = view(ctx, b->lg[0], M, b->p.E, LMOE_DTYPE_F32);
+  const char *names[3] = {"host", "device_sync", "always"};
+  for (int g = 0; g < 3; g++) {
+    lmoe_context_set_guard(ctx, g);
+    lmoe_forward_args a;
+    lmoe_forward_args_init(&a);
+    a.layer = b->layer, a.pool = b->pool16, a.batch = b->batch, a.router_logits = lv;
+    double best = 1e30;
+    lmoe_counters c0, c1;
+    for (int r = 0; r < reps; r++) {
+      CK(ctx, lmoe_context_synchronize(ctx, NULL));
+      lmoe_context_counters(ctx, &c0);
+      double t0 = now_s();
+      for (int l = 0; l < L; l++) {
+        a.x = l & 1 ? ov : xv;
+        a.out = l & 1 ? xv : ov;
+        CK(ctx, lmoe_forward(ctx, &a, NULL));
+      }
+      lmoe_context_counters(ctx, &c1);
+      CK(ctx, lmoe_context_synchronize(ctx, NULL));
+      double t = (now_s() - t0) * 1e3;
+      if (r > 0 && t < best) best = t;
+    }
+    printf("| %s | %llu | %.2f |\n", names[g], (unsigned long long)(c1.host_waits - c0.host_waits), best);
+  }
+  lmoe_context_set_guard(ctx, LMOE_GUARD_HOST);
+  /* restore x[0]: the stack overwrote it */
+  CK(ctx, lmoe_buffer_fill_random(b->x[0], 11, -1, 1, NULL));
+  lmoe_buffer_release(xv), lmoe_buffer_release(ov), lmoe_buffer_release(lv);
+}
+
+int main(int argc, char **argv) {
+  int Ms[16] = {512, 2048, 8192, 16384}, nM = 4, iters = 50, stack = 0, nsel = 0;
+  const char *sel[4];
+  FILE *csv = NULL;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--m") && i + 1 < argc) {
+      nM = 0;
+      for (char *t = strtok(argv[++i], ","); t && nM < 16; t = strtok(NULL, ",")) Ms[nM++] = atoi(t);
+    } else if (!strcmp(argv[i], "--iters") && i + 1 < argc) {
+      iters = atoi(argv[++i]);
+    } else if (!strcmp(argv[i], "--stack")) {
+      stack = 1;
+    } else if (!strcmp(argv[i], "--csv") && i + 1 < argc) {
+      csv = fopen(argv[++i], "w");
+    } else if (nsel < 4) {
+      sel[nsel++] = argv[i];
+    }
+  }
+  lmoe_device_info di;
+  if (lmoe_device_get_info(0, &di)) {
+    fprintf(stderr, "no CUDA device\n");
+    return 1;
+  }
+  printf("card: %s (sm_%d%d, %d SMs)\n", di.name, di.cc_major, di.cc_minor, di.sm_count);
+  int maxM = 0;
+  for (int i = 0; i < nM; i++) maxM = Ms[i] > maxM ? Ms[i] : maxM;
+  for (size_t pi = 0; pi < sizeof PRESETS / sizeof PRESETS[0]; pi++) {
+    int want = nsel == 0;
+    for (int s = 0; s < nsel; s++) want |= strstr(PRESETS[pi].name, sel[s]) != NULL;
+    if (!want) continue;
+    bench b;
+    setup(&b, &PRESETS[pi], maxM);
+    b.csv = csv;
+    run_preset(&b, Ms, nM, iters);
+    if (pi == 0) {
+      run_early_exit(&b, Ms, nM, iters);
+      if (stack) run_stack(&b, 2048 <= maxM ? 2048 : maxM);
+    }
+    teardown(&b);
+  }
+  if (csv) fclose(csv);
+  return 0;
+}

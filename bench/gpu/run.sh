@@ -1,0 +1,22 @@
+#!/bin/bash
+# The GPU benchmark in one command: builds (unless BUILD names a ready build
+# directory), runs loramoe's layer benchmark and the torch peer on the same card.
+#   bash bench/gpu/run.sh [presets...]        e.g. bash bench/gpu/run.sh qwen3
+# Env: BUILD (default build-cuda), MS (default 512,2048,8192,16384), ITERS (50), OUTDIR.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+build=${BUILD:-$root/build-cuda}
+ms=${MS:-512,2048,8192,16384}
+iters=${ITERS:-50}
+outdir=${OUTDIR:-$build/bench-out}
+mkdir -p "$outdir"
+if [ ! -x "$build/bench/gpu/bench_gpu" ]; then
+  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLMOE_LUA=OFF >/dev/null
+  cmake --build "$build" -j --target bench_gpu >/dev/null
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+echo "commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "== loramoe"
+"$build/bench/gpu/bench_gpu" "$@" --m "$ms" --iters "$iters" --stack --csv "$outdir/loramoe.csv"
+echo "== torch peer (torch._grouped_mm GEMMs, torch routing/LoRA/reduction)"
+python3 "$root/bench/peer_torch.py" --m "$ms" --iters "$iters" --csv "$outdir/peer.csv" "$@"

@@ -1,0 +1,112 @@
+/* CUDA kernels of the loramoe forward: launchers callable from C. Each launcher only
+   enqueues on the stream given last and returns the launch status (cudaGetLastError);
+   none of them waits for the device or allocates. */
+#ifndef LMOE_KERNELS_H
+#define LMOE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Row tile of the grouped GEMMs: every expert's pair list is padded to a multiple. */
+enum { LMOE_K_BM = 128 };
+
+/* Per-slot facts on the device (a table per pool, indexed by slot; written in stream
+   order by lmoe_k_set_slot when a slot is loaded or unloaded). */
+typedef struct lmoe_dslot {
+  int32_t r13;              /* shrink rows of a13 in use (max(g_hi, u_hi)), 0: no gate/up */
+  int32_t r2;               /* down rank, 0: no down */
+  int32_t g_lo, g_hi, u_lo, u_hi;
+  float sg, su, sd;         /* scales of gate, up, down */
+  int32_t pad;
+} lmoe_dslot;
+
+/* Batch metadata on the device, an int32 array:
+     [0] n_req, [1] n_active, [2 .. 2+n_req] offsets (n_req + 1),
+     then group of each request (0 = no adapter, 1 + index into the active list),
+     then the active slots (n_active). */
+enum { LMOE_META_MAX_REQ_PARAM = 400, LMOE_META_MAX_ACTIVE_PARAM = 120 };
+static inline size_t lmoe_meta_ints(int32_t n_req, int32_t n_active) {
+  return 2 + ((size_t)n_req + 1) + (size_t)n_req + (size_t)n_active;
+}
+/* Small batches travel as kernel parameters (copied at launch, so they never race a
+   later batch): the same layout, in a fixed-size struct. */
+typedef struct lmoe_meta_param {
+  int32_t count; /* ints used */
+  int32_t v[2 + LMOE_META_MAX_REQ_PARAM + 1 + LMOE_META_MAX_REQ_PARAM + LMOE_META_MAX_ACTIVE_PARAM];
+} lmoe_meta_param;
+
+/* Everything the forward's kernels read, by value. Pointers into the context's
+   workspace, the layer, the pool and the batch. */
+typedef struct lmoe_fwd {
+  int32_t M, H, I, E, k, renorm;
+  int32_t mt_max;            /* upper bound of row tiles: (M*k + E*(BM-1)) / BM */
+  int32_t gstride;           /* groups per expert in cnt/off: pool slots + 1 (1 without pool) */
+  int32_t lora;              /* LoRA may run (meta and pool present) */
+  int32_t R;                 /* pool max_rank (0 without pool) */
+  int32_t t13s, t2s;         /* row strides of t13, t2 (multiples of 8) */
+  int32_t al_x, al_lora;     /* 16-byte aligned fast paths allowed */
+  const uint16_t *x;         /* [M, H] */
+  const void *logits;        /* [M, E] f32 or bf16, or NULL */
+  int32_t logits_bf16;
+  const int32_t *ids_in;     /* given routing, or NULL */
+  const float *w_in;
+  uint16_t *out;             /* [M, H] */
+  const uint16_t *w13, *w2;
+  /* workspace */
+  int32_t *ids;              /* [M*k] */
+  float *tw;                 /* [M*k] */
+  int32_t *tok_group;        /* [M] */
+  int32_t *cnt, *off;        /* [E*gstride] */
+  int32_t *tile_expert;      /* [mt_max] */
+  int32_t *ntiles;           /* [1] */
+  int32_t *any;              /* [1] device_sync flag */
+  int32_t *sorted_pair;      /* [mt_max*BM] */
+  int32_t *sorted_group;     /* [mt_max*BM] */
+  uint16_t *h;               /* [mt_max*BM, I] */
+  uint16_t *y;               /* [M*k, H] */
+  uint16_t *t13, *t2;        /* [mt_max*BM, t13s], [mt_max*BM, t2s] */
+  /* batch and pool */
+  const int32_t *meta;       /* device meta, or NULL (no LoRA) */
+  const lmoe_dslot *slots;
+  const uint16_t *pool;      /* storage base */
+  size_t slot_elems, off_a13, off_b13, off_a2, off_b2; /* in bf16 elements */
+} lmoe_fwd;
+
+/* Workspace layout for the upper bounds of a layer (and pool): byte offsets. */
+typedef struct lmoe_ws_layout {
+  size_t ids, tw, tok_group, cnt, off, tile_expert, ntiles, any, sorted_pair, sorted_group, h, y,
+      t13, t2, total;
+  int32_t mt_max, t13s, t2s;
+} lmoe_ws_layout;
+void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
+                   int32_t num_slots, int32_t max_rank, lmoe_ws_layout *out);
+
+/* One-time per-device setup (shared-memory limits of the GEMM kernels). */
+cudaError_t lmoe_k_init(void);
+
+cudaError_t lmoe_k_fill_random(void *p, int32_t dtype, int64_t n, uint64_t seed, float lo, float hi,
+                               cudaStream_t s);
+cudaError_t lmoe_k_fill(void *p, int32_t dtype, int64_t n, double v, cudaStream_t s);
+cudaError_t lmoe_k_set_slot(lmoe_dslot *table, int32_t slot, lmoe_dslot facts, cudaStream_t s);
+cudaError_t lmoe_k_meta_write(int32_t *dst, const lmoe_meta_param *m, cudaStream_t s);
+
+/* The forward's stages, in order. Each returns the launch status. */
+cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s);     /* top-k, groups, counts */
+cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s);       /* device_sync: any active */
+cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s);      /* offsets, tiles, padding */
+cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s);   /* pairs sorted by expert, group */
+cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s);  /* t13 = s * A13 x  (LoRA) */
+cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s); /* h = silu(g) * u */
+cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s);   /* t2 = s * A2 h    (LoRA) */
+cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s);   /* y = w * (W2 h + B2 t2) */
+cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s);    /* out = sum_j y */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,572 @@
+/* cuda backend: device memory, copies, fills and the stream-ordered forward.
+
+   The forward only enqueues: no host wait (except the device_sync guard's one, on
+   purpose), no blocking copy, no device-to-host read, no allocation. Batch metadata
+   reaches the device once per batch version: small batches as kernel parameters
+   (copied at launch, so a later lmoe_batch_set can never race them), large ones and
+   captured ones through the batch's pinned staging buffer. A batch captured in a graph
+   keeps staging into that same buffer, so each replay reads its current contents. */
+#include "internal.h"
+#include "lmoe_kernels.h"
+
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct cuda_ctx {
+  cudaStream_t stream;
+  int own_stream;
+  int32_t *any_host; /* pinned: the device_sync guard's flag */
+} cuda_ctx;
+
+typedef struct cuda_pool {
+  lmoe_dslot *table; /* [num_slots] */
+} cuda_pool;
+
+typedef struct cuda_batch {
+  int32_t *host;       /* metadata, pageable */
+  size_t host_cap;     /* ints */
+  size_t ints;         /* ints in use */
+  int32_t *pinned;     /* staging for the copy path */
+  int32_t *dev;        /* device copy */
+  size_t dev_cap;      /* ints, for pinned and dev */
+  uint64_t pinned_version;
+  cudaEvent_t ev;      /* recorded after each copy out of pinned */
+  int captured;        /* a graph reads pinned: stage into it on every set */
+  uint64_t up_version; /* last upload by parameters: version and stream */
+  void *up_stream;
+  int up_valid;
+} cuda_batch;
+
+static lmoe_status cuda_err(lmoe_context *ctx, cudaError_t e, const char *what) {
+  lmoe_status st = e == cudaErrorMemoryAllocation ? LMOE_ERR_OUT_OF_MEMORY : LMOE_ERR_BACKEND;
+  return lmoe_fail(ctx, st, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+/* ---------------------------------------------------------------- devices */
+
+int32_t lmoe_cuda_device_count(void) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError(); /* no driver or no device: not an error for a CPU user */
+    return 0;
+  }
+  return n;
+}
+
+lmoe_status lmoe_cuda_device_info(int32_t device, lmoe_device_info *out) {
+  int n = lmoe_cuda_device_count();
+  if (device < 0 || device >= n) return n ? LMOE_ERR_INVALID_ARGUMENT : LMOE_ERR_NOT_FOUND;
+  struct cudaDeviceProp p;
+  if (cudaGetDeviceProperties(&p, device) != cudaSuccess) {
+    cudaGetLastError();
+    return LMOE_ERR_BACKEND;
+  }
+  snprintf(out->name, sizeof out->name, "%s", p.name);
+  out->cc_major = p.major;
+  out->cc_minor = p.minor;
+  out->sm_count = p.multiProcessorCount;
+  out->memory_bytes = (int64_t)p.totalGlobalMem;
+  out->l2_bytes = p.l2CacheSize;
+  return LMOE_OK;
+}
+
+/* ---------------------------------------------------------------- context */
+
+static int kernels_ready[64];
+
+static lmoe_status cu_init(lmoe_context *ctx) {
+  int n = lmoe_cuda_device_count();
+  if (n == 0)
+    return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "no CUDA device is available (driver missing or no GPU)");
+  if (ctx->device >= n)
+    return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "CUDA device %d does not exist (%d present)",
+                     (int)ctx->device, n);
+  cudaError_t e = cudaSetDevice(ctx->device);
+  if (e) return cuda_err(ctx, e, "cudaSetDevice");
+  cuda_ctx *c = calloc(1, sizeof *c);
+  if (!c) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  if (ctx->device < 64 && !kernels_ready[ctx->device]) {
+    e = lmoe_k_init();
+    if (e) {
+      free(c);
+      return cuda_err(ctx, e, "setting up the kernels");
+    }
+    kernels_ready[ctx->device] = 1;
+  }
+  e = cudaHostAlloc((void **)&c->any_host, sizeof(int32_t), cudaHostAllocDefault);
+  if (e) {
+    free(c);
+    return cuda_err(ctx, e, "cudaHostAlloc");
+  }
+  if (ctx->stream) {
+    c->stream = (cudaStream_t)ctx->stream;
+  } else {
+    e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
+    if (e) {
+      cudaFreeHost(c->any_host);
+      free(c);
+      return cuda_err(ctx, e, "cudaStreamCreate");
+    }
+    c->own_stream = 1;
+    ctx->stream = c->stream;
+  }
+  ctx->be = c;
+  return LMOE_OK;
+}
+
+static void cu_fini(lmoe_context *ctx) {
+  cuda_ctx *c = ctx->be;
+  if (!c) return;
+  cudaSetDevice(ctx->device);
+  if (c->own_stream) {
+    cudaStreamSynchronize(c->stream);
+    cudaStreamDestroy(c->stream);
+  }
+  cudaFreeHost(c->any_host);
+  cudaGetLastError(); /* at process exit the runtime may be gone: nothing to report */
+  free(c);
+  ctx->be = NULL;
+}
+
+static lmoe_status cu_alloc(lmoe_context *ctx, int32_t memory, size_t bytes, void **out) {
+  *out = NULL;
+  if (memory == LMOE_MEMORY_HOST) {
+    *out = malloc(bytes ? bytes : 1);
+    if (!*out) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "could not allocate %zu bytes of host memory", bytes);
+    return LMOE_OK;
+  }
+  if (bytes == 0) bytes = 256;
+  if (ctx->allocator.alloc) {
+    *out = ctx->allocator.alloc(ctx->allocator.user, bytes);
+    if (!*out)
+      return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY,
+                       "the allocator hook could not allocate %zu bytes of device memory", bytes);
+    return LMOE_OK;
+  }
+  cudaSetDevice(ctx->device);
+  cudaError_t e = cudaMalloc(out, bytes);
+  if (e) {
+    cudaGetLastError();
+    *out = NULL;
+    return lmoe_fail(ctx, e == cudaErrorMemoryAllocation ? LMOE_ERR_OUT_OF_MEMORY : LMOE_ERR_BACKEND,
+                     "could not allocate %zu bytes of device memory: %s", bytes, cudaGetErrorString(e));
+  }
+  return LMOE_OK;
+}
+
+/* Device memory may still be read by enqueued work (any stream, graphs too): wait for
+   the device before handing it back. Frees happen outside forwards. */
+static void cu_free(lmoe_context *ctx, int32_t memory, void *p) {
+  if (!p) return;
+  if (memory == LMOE_MEMORY_HOST) {
+    free(p);
+    return;
+  }
+  cudaSetDevice(ctx->device);
+  cudaDeviceSynchronize();
+  ctx->counters.host_waits++;
+  if (ctx->allocator.free)
+    ctx->allocator.free(ctx->allocator.user, p);
+  else
+    cudaFree(p);
+  cudaGetLastError();
+}
+
+static lmoe_status cu_copy(lmoe_context *ctx, void *dst, int32_t dst_mem, const void *src,
+                           int32_t src_mem, size_t bytes, void *stream, int blocking) {
+  if (!bytes) return LMOE_OK;
+  if (dst_mem == LMOE_MEMORY_HOST && src_mem == LMOE_MEMORY_HOST) {
+    memmove(dst, src, bytes);
+    return LMOE_OK;
+  }
+  cudaStream_t s = (cudaStream_t)(stream ? stream : ctx->stream);
+  cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s);
+  if (!e && blocking) e = cudaStreamSynchronize(s);
+  if (e) return cuda_err(ctx, e, "cudaMemcpyAsync");
+  return LMOE_OK;
+}
+
+static lmoe_status cu_sync(lmoe_context *ctx, void *stream) {
+  cudaError_t e = cudaStreamSynchronize((cudaStream_t)(stream ? stream : ctx->stream));
+  if (e) return cuda_err(ctx, e, "cudaStreamSynchronize");
+  return LMOE_OK;
+}
+
+static lmoe_status cu_fill_random(lmoe_context *ctx, lmoe_buffer *b, uint64_t seed, float lo,
+                                  float hi, void *stream) {
+  if (b->memory == LMOE_MEMORY_HOST) { /* host buffer: the same generator on the host */
+    lmoe_status st = cu_sync(ctx, ctx->stream);
+    ctx->counters.host_waits++;
+    if (st) return st;
+    float span = hi - lo;
+    for (int64_t i = 0; i < b->numel; i++) {
+      float prod = span * lmoe_uniform(seed, (uint64_t)i);
+      lmoe_store_elem(b->data, b->dtype, i, (double)(lo + prod));
+    }
+    return LMOE_OK;
+  }
+  cudaError_t e = lmoe_k_fill_random(b->data, b->dtype, b->numel, seed, lo, hi, (cudaStream_t)stream);
+  ctx->counters.launches++;
+  return e ? cuda_err(ctx, e, "fill_random launch") : LMOE_OK;
+}
+
+static lmoe_status cu_fill(lmoe_context *ctx, lmoe_buffer *b, double v, void *stream) {
+  if (b->memory == LMOE_MEMORY_HOST) {
+    lmoe_status st = cu_sync(ctx, ctx->stream);
+    ctx->counters.host_waits++;
+    if (st) return st;
+    for (int64_t i = 0; i < b->numel; i++) lmoe_store_elem(b->data, b->dtype, i, v);
+    return LMOE_OK;
+  }
+  cudaError_t e = lmoe_k_fill(b->data, b->dtype, b->numel, v, (cudaStream_t)stream);
+  ctx->counters.launches++;
+  return e ? cuda_err(ctx, e, "fill launch") : LMOE_OK;
+}
+
+static size_t cu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config *cfg,
+                                 const lmoe_pool_config *pc) {
+  (void)ctx;
+  lmoe_ws_layout L;
+  lmoe_k_layout(cfg->max_tokens, cfg->num_experts, cfg->hidden, cfg->intermediate, cfg->top_k,
+                pc ? pc->num_slots : 0, pc ? pc->max_rank : 0, &L);
+  return L.total;
+}
+
+/* ---------------------------------------------------------------- pools */
+
+static lmoe_status cu_pool_init(lmoe_context *ctx, lmoe_pool *pool) {
+  cuda_pool *cp = calloc(1, sizeof *cp);
+  if (!cp) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  size_t bytes = (size_t)pool->cfg.num_slots * sizeof(lmoe_dslot);
+  lmoe_status st = cu_alloc(ctx, LMOE_MEMORY_DEVICE, bytes, (void **)&cp->table);
+  if (st) {
+    free(cp);
+    return st;
+  }
+  cudaError_t e = cudaMemsetAsync(cp->table, 0, bytes, (cudaStream_t)ctx->stream);
+  if (!e) e = cudaMemsetAsync(pool->storage, 0, pool->slot_bytes * (size_t)pool->cfg.num_slots,
+                              (cudaStream_t)ctx->stream);
+  if (e) {
+    cu_free(ctx, LMOE_MEMORY_DEVICE, cp->table);
+    free(cp);
+    return cuda_err(ctx, e, "cudaMemsetAsync");
+  }
+  pool->be = cp;
+  return LMOE_OK;
+}
+
+static void cu_pool_fini(lmoe_context *ctx, lmoe_pool *pool) {
+  cuda_pool *cp = pool->be;
+  if (!cp) return;
+  cu_free(ctx, LMOE_MEMORY_DEVICE, cp->table);
+  free(cp);
+  pool->be = NULL;
+}
+
+/* The slot's facts reach the device table as kernel parameters: stream-ordered after
+   work already enqueued, with nothing on the host to race. */
+static lmoe_status cu_slot_changed(lmoe_context *ctx, lmoe_pool *pool, int32_t slot) {
+  cuda_pool *cp = pool->be;
+  const lmoe_slot *s = &pool->slots[slot];
+  lmoe_dslot d;
+  memset(&d, 0, sizeof d);
+  if (s->loaded) {
+    d.r13 = s->g_hi > s->u_hi ? s->g_hi : s->u_hi;
+    d.r2 = s->r2;
+    d.g_lo = s->g_lo;
+    d.g_hi = s->g_hi;
+    d.u_lo = s->u_lo;
+    d.u_hi = s->u_hi;
+    d.sg = s->scale_gate;
+    d.su = s->scale_up;
+    d.sd = s->scale_down;
+  }
+  cudaError_t e = lmoe_k_set_slot(cp->table, slot, d, (cudaStream_t)ctx->stream);
+  ctx->counters.launches++;
+  return e ? cuda_err(ctx, e, "slot table update") : LMOE_OK;
+}
+
+/* ---------------------------------------------------------------- batches */
+
+static lmoe_status wait_event(lmoe_context *ctx, cuda_batch *cb) {
+  cudaError_t e = cudaEventQuery(cb->ev);
+  if (e == cudaErrorNotReady) {
+    ctx->counters.host_waits++;
+    e = cudaEventSynchronize(cb->ev);
+  }
+  if (e) return cuda_err(ctx, e, "waiting for the batch's previous upload");
+  return LMOE_OK;
+}
+
+static int32_t find_group(const lmoe_batch *b, int32_t slot) {
+  int32_t lo = 0, hi = b->num_active;
+  while (lo < hi) {
+    int32_t mid = (lo + hi) / 2;
+    if (b->active_slots[mid] < slot) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < b->num_active && b->active_slots[lo] == slot ? lo + 1 : 0;
+}
+
+static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
+  cuda_batch *cb = b->be;
+  cudaError_t e;
+  if (!cb) {
+    cb = calloc(1, sizeof *cb);
+    if (!cb) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    e = cudaEventCreateWithFlags(&cb->ev, cudaEventDisableTiming);
+    if (e) {
+      free(cb);
+      return cuda_err(ctx, e, "cudaEventCreate");
+    }
+    b->be = cb;
+  }
+  int32_t n = b->num_requests, A = b->num_active;
+  size_t ints = lmoe_meta_ints(n, A);
+  if (ints > cb->host_cap) {
+    size_t cap = ints * 2 < 64 ? 64 : ints * 2;
+    int32_t *h = realloc(cb->host, cap * sizeof *h);
+    if (!h) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    cb->host = h;
+    cb->host_cap = cap;
+  }
+  if (ints > cb->dev_cap) {
+    if (cb->captured)
+      return lmoe_fail(ctx, LMOE_ERR_STATE,
+                       "this batch was captured in a graph with room for %zu metadata words; "
+                       "%d requests need %zu (make a new batch, or capture it larger)",
+                       cb->dev_cap, (int)n, ints);
+    size_t cap = cb->host_cap;
+    int32_t *d = NULL, *p = NULL;
+    lmoe_status st = cu_alloc(ctx, LMOE_MEMORY_DEVICE, cap * sizeof(int32_t), (void **)&d);
+    if (st) return st;
+    e = cudaHostAlloc((void **)&p, cap * sizeof(int32_t), cudaHostAllocDefault);
+    if (e) {
+      cu_free(ctx, LMOE_MEMORY_DEVICE, d);
+      return cuda_err(ctx, e, "cudaHostAlloc");
+    }
+    if (cb->dev) cu_free(ctx, LMOE_MEMORY_DEVICE, cb->dev); /* waits for readers */
+    if (cb->pinned) cudaFreeHost(cb->pinned);
+    cb->dev = d;
+    cb->pinned = p;
+    cb->dev_cap = cap;
+    cb->pinned_version = 0;
+    cb->up_valid = 0;
+  }
+  int32_t *m = cb->host;
+  m[0] = n;
+  m[1] = A;
+  int32_t *offs = m + 2, *grp = offs + n + 1, *act = grp + n;
+  for (int32_t i = 0; i <= n; i++) offs[i] = (int32_t)b->offsets[i];
+  for (int32_t i = 0; i < n; i++) grp[i] = b->req_slot[i] >= 0 ? find_group(b, b->req_slot[i]) : 0;
+  for (int32_t i = 0; i < A; i++) act[i] = b->active_slots[i];
+  cb->ints = ints;
+  if (cb->captured) {
+    lmoe_status st = wait_event(ctx, cb); /* only if a replay that reads it is pending */
+    if (st) return st;
+    memcpy(cb->pinned, cb->host, ints * sizeof(int32_t));
+    cb->pinned_version = b->version;
+  }
+  return LMOE_OK;
+}
+
+static void cu_batch_fini(lmoe_context *ctx, lmoe_batch *b) {
+  cuda_batch *cb = b->be;
+  if (!cb) return;
+  if (cb->dev) cu_free(ctx, LMOE_MEMORY_DEVICE, cb->dev);
+  if (cb->pinned) cudaFreeHost(cb->pinned);
+  cudaEventDestroy(cb->ev);
+  cudaGetLastError();
+  free(cb->host);
+  free(cb);
+  b->be = NULL;
+}
+
+/* Enqueues the batch's metadata into its device copy (once per version and stream). */
+static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStream_t s, int capturing) {
+  cuda_batch *cb = b->be;
+  size_t bytes = cb->ints * sizeof(int32_t);
+  cudaError_t e;
+  bool by_param = !capturing && b->num_requests <= LMOE_META_MAX_REQ_PARAM &&
+                  b->num_active <= LMOE_META_MAX_ACTIVE_PARAM;
+  if (by_param) {
+    if (cb->up_valid && cb->up_version == b->version && cb->up_stream == (void *)s) return LMOE_OK;
+    lmoe_meta_param mp;
+    mp.count = (int32_t)cb->ints;
+    memcpy(mp.v, cb->host, bytes);
+    e = lmoe_k_meta_write(cb->dev, &mp, s);
+    ctx->counters.launches++;
+    if (e) return cuda_err(ctx, e, "metadata upload");
+    cb->up_valid = 1;
+    cb->up_version = b->version;
+    cb->up_stream = (void *)s;
+  } else {
+    if (cb->pinned_version != b->version) {
+      if (!capturing) {
+        lmoe_status st = wait_event(ctx, cb);
+        if (st) return st;
+      }
+      memcpy(cb->pinned, cb->host, bytes);
+      cb->pinned_version = b->version;
+    }
+    e = cudaMemcpyAsync(cb->dev, cb->pinned, bytes, cudaMemcpyHostToDevice, s);
+    if (!e) e = cudaEventRecordWithFlags(cb->ev, s, capturing ? cudaEventRecordExternal : cudaEventRecordDefault);
+    if (e) return cuda_err(ctx, e, "metadata upload");
+    if (capturing) cb->captured = 1;
+    cb->up_valid = 0;
+  }
+  ctx->counters.uploads++;
+  ctx->counters.bytes_uploaded += bytes;
+  return LMOE_OK;
+}
+
+/* ---------------------------------------------------------------- forward */
+
+#define LAUNCH(call, lora_work)                                       \
+  do {                                                                \
+    cudaError_t e_ = (call);                                          \
+    ctx->counters.launches++;                                         \
+    if (lora_work) ctx->counters.lora_launches++;                     \
+    if (e_) return cuda_err(ctx, e_, "kernel launch (" #call ")");    \
+  } while (0)
+
+static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream) {
+  cudaStream_t s = (cudaStream_t)stream;
+  const lmoe_layer *l = plan->layer;
+  const lmoe_layer_config *c = &l->cfg;
+  const lmoe_batch *b = plan->batch;
+  lmoe_pool *pool = plan->pool;
+  int64_t M = plan->M;
+  if (M == 0) return LMOE_OK;
+  if (!b->be) return lmoe_fail(ctx, LMOE_ERR_STATE, "the batch has no staged metadata (call lmoe_batch_set)");
+
+  enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  cudaError_t e = cudaStreamIsCapturing(s, &cap);
+  if (e) return cuda_err(ctx, e, "cudaStreamIsCapturing");
+  int capturing = cap == cudaStreamCaptureStatusActive;
+  if (capturing && plan->guard == LMOE_GUARD_DEVICE_SYNC)
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "the device_sync guard waits for the device and cannot be captured in a graph");
+
+  lmoe_ws_layout L;
+  lmoe_k_layout(c->max_tokens, c->num_experts, c->hidden, c->intermediate, c->top_k,
+                pool ? pool->cfg.num_slots : 0, pool ? pool->cfg.max_rank : 0, &L);
+  if (L.total > ctx->workspace_bytes || !ctx->workspace)
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "the workspace (%zu bytes) is smaller than this layer needs (%zu)",
+                     ctx->workspace_bytes, L.total);
+  uint8_t *ws = ctx->workspace;
+
+  lmoe_fwd f;
+  memset(&f, 0, sizeof f);
+  f.M = (int32_t)M;
+  f.H = c->hidden;
+  f.I = c->intermediate;
+  f.E = c->num_experts;
+  f.k = c->top_k;
+  f.renorm = c->renormalize;
+  f.mt_max = (int32_t)(((int64_t)M * c->top_k + (int64_t)c->num_experts * (LMOE_K_BM - 1)) / LMOE_K_BM);
+  f.gstride = pool ? pool->cfg.num_slots + 1 : 1;
+  f.R = pool ? pool->cfg.max_rank : 0;
+  f.t13s = L.t13s;
+  f.t2s = L.t2s;
+  f.x = plan->x->data;
+  f.out = plan->out->data;
+  f.w13 = l->w13->data;
+  f.w2 = l->w2->data;
+  if (plan->logits) {
+    f.logits = plan->logits->data;
+    f.logits_bf16 = plan->logits->dtype == LMOE_DTYPE_BF16;
+    f.ids = (int32_t *)(ws + L.ids);
+    f.tw = (float *)(ws + L.tw);
+  } else {
+    f.ids = plan->topk_ids->data;
+    f.tw = plan->topk_w->data;
+  }
+  f.tok_group = (int32_t *)(ws + L.tok_group);
+  f.cnt = (int32_t *)(ws + L.cnt);
+  f.off = (int32_t *)(ws + L.off);
+  f.tile_expert = (int32_t *)(ws + L.tile_expert);
+  f.ntiles = (int32_t *)(ws + L.ntiles);
+  f.any = (int32_t *)(ws + L.any);
+  f.sorted_pair = (int32_t *)(ws + L.sorted_pair);
+  f.sorted_group = (int32_t *)(ws + L.sorted_group);
+  f.h = (uint16_t *)(ws + L.h);
+  f.y = (uint16_t *)(ws + L.y);
+  f.t13 = (uint16_t *)(ws + L.t13);
+  f.t2 = (uint16_t *)(ws + L.t2);
+  size_t H = (size_t)c->hidden, I = (size_t)c->intermediate;
+  f.al_x = ((((uintptr_t)f.x) | (H * 2)) % 16 == 0 ? 1 : 0) | (H % 8 == 0 ? 2 : 0) | (I % 8 == 0 ? 4 : 0);
+
+  bool lora_possible = pool && (plan->guard == LMOE_GUARD_DEVICE_SYNC || plan->run_lora);
+  if (lora_possible) {
+    cuda_pool *cp = pool->be;
+    size_t E = (size_t)c->num_experts, R = (size_t)pool->cfg.max_rank, sb = pool->slot_bytes;
+    f.slots = cp->table;
+    f.pool = pool->storage;
+    f.slot_elems = sb / 2;
+    f.off_a13 = pool->off_a13 / 2;
+    f.off_b13 = pool->off_b13 / 2;
+    f.off_a2 = pool->off_a2 / 2;
+    f.off_b2 = pool->off_b2 / 2;
+    f.al_lora = (((pool->off_a13 | sb | (2 * R * H * 2) | (H * 2)) % 16 == 0) ? 8 : 0) |
+                (((pool->off_b13 | sb | (2 * I * 2 * R * 2) | (2 * R * 2)) % 16 == 0) ? 16 : 0) |
+                (((pool->off_a2 | sb | (R * I * 2) | (I * 2)) % 16 == 0) ? 32 : 0) |
+                (((pool->off_b2 | sb | (H * R * 2) | (R * 2)) % 16 == 0) ? 64 : 0);
+    (void)E;
+    lmoe_status st = upload_meta(ctx, b, s, capturing);
+    if (st) return st;
+    f.meta = ((cuda_batch *)b->be)->dev;
+    f.lora = 1;
+  }
+
+  e = cudaMemsetAsync(f.cnt, 0, (size_t)c->num_experts * f.gstride * sizeof(int32_t), s);
+  if (e) return cuda_err(ctx, e, "cudaMemsetAsync");
+  LAUNCH(lmoe_k_route(&f, s), 0);
+
+  bool run_lora = plan->run_lora && f.meta;
+  if (plan->guard == LMOE_GUARD_DEVICE_SYNC) {
+    /* The old way, kept to measure it: ask the device, copy back, wait. */
+    cuda_ctx *cc = ctx->be;
+    LAUNCH(lmoe_k_any(&f, s), 0);
+    e = cudaMemcpyAsync(cc->any_host, f.any, sizeof(int32_t), cudaMemcpyDeviceToHost, s);
+    ctx->counters.downloads++;
+    if (!e) e = cudaStreamSynchronize(s);
+    ctx->counters.host_waits++;
+    if (e) return cuda_err(ctx, e, "device_sync guard");
+    run_lora = *cc->any_host != 0 && f.meta;
+  }
+
+  LAUNCH(lmoe_k_scan(&f, s), 0);
+  LAUNCH(lmoe_k_scatter(&f, s), 0);
+  if (run_lora) LAUNCH(lmoe_k_shrink13(&f, s), 1);
+  LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
+  if (run_lora) LAUNCH(lmoe_k_shrink2(&f, s), 1);
+  LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
+  LAUNCH(lmoe_k_reduce(&f, s), 0);
+  return LMOE_OK;
+}
+
+static const lmoe_backend_ops cuda_ops = {
+    .name = "cuda",
+    .init = cu_init,
+    .fini = cu_fini,
+    .alloc = cu_alloc,
+    .free = cu_free,
+    .copy = cu_copy,
+    .synchronize = cu_sync,
+    .fill_random = cu_fill_random,
+    .fill = cu_fill,
+    .workspace_bytes = cu_workspace_bytes,
+    .forward = cu_forward,
+    .slot_write_begin = NULL,
+    .pool_init = cu_pool_init,
+    .pool_fini = cu_pool_fini,
+    .slot_changed = cu_slot_changed,
+    .batch_stage = cu_batch_stage,
+    .batch_fini = cu_batch_fini,
+};
+
+const lmoe_backend_ops *lmoe_cuda_backend(void) { return &cuda_ops; }

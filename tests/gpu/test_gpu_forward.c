@@ -1,0 +1,218 @@
+/* GPU forward: CUDA against a float64 host computation (and lmoe_reference_forward /
+   the cpu backend where those run) on random shapes and batch mixes; device memory
+   steady over 1,000 forwards; errors as statuses with messages. */
+#include "gpu_common.h"
+
+static const double TOL = 1e-2; /* bf16 operands, fp32 accumulation */
+
+/* One random case; returns its rel L2 error. */
+static void run_case(lmoe_context *ctx, int idx, int E, int H, int I, int k, int M, int S, int R,
+                     int given, int special) {
+  gpu_case c;
+  case_init(&c, ctx, E, H, I, k, M, S, R, given, (int)(test_rand() % 3 == 0));
+  if (given) case_set_routing(&c, special == 1);
+  /* adapters: mixed ranks, fused or separate, subsets of parts */
+  for (int s = 0; s < S; s++) {
+    int fused = (int)(test_rand() % 3 == 0);
+    int targets = fused ? (int)(3 | (test_rand() & 4)) : (int)(1 + test_rand() % 7);
+    int rg = 1 + (int)(test_rand() % (uint64_t)R), ru = 1 + (int)(test_rand() % (uint64_t)R);
+    int rd = 1 + (int)(test_rand() % (uint64_t)R);
+    if (s == 0) targets = 7, rg = R, rd = R; /* one adapter with everything at max rank */
+    case_load_adapter(&c, s, targets, fused, rg, ru, rd);
+  }
+  int nreq = 1 + (int)(test_rand() % 6);
+  int slots[8];
+  for (int i = 0; i < nreq; i++) slots[i] = S ? (int)(test_rand() % (uint64_t)(S + 1)) - 1 : -1;
+  if (S && special == 2) slots[0] = 0, nreq = 1; /* one adapter for the whole batch */
+  case_set_batch(&c, nreq, slots);
+
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  OK(ctx, lmoe_buffer_fill(c.out, NAN, NULL)); /* poison: every element must be written */
+  OK(ctx, lmoe_forward(ctx, &a, NULL));
+  double *ref = malloc(sizeof(double) * (size_t)M * H), *base = malloc(sizeof(double) * (size_t)M * H);
+  case_reference(&c, ref, 1);
+  int64_t bad = 0;
+  double err = case_compare(&c, ref, &bad);
+  lmoe_batch_info bi;
+  lmoe_batch_get_info(c.batch, &bi);
+  printf("case %2d: E=%d H=%d I=%d k=%d M=%d slots=%d R=%d %s active=%d  rel_l2=%.2e\n", idx, E, H, I,
+         k, M, S, R, given ? "given-routing" : "logits", bi.num_active, err);
+  CHECK(bad == 0 && err < TOL, "case %d: rel L2 %.3e, %lld non-finite", idx, err, (long long)bad);
+  if (bi.num_active > 0) {
+    case_reference(&c, base, 0);
+    double d = rel_diff(base, ref, (size_t)M * H);
+    CHECK(d > 10 * TOL || d > 20 * err, "case %d: adapters change the output by only %.2e", idx, d);
+  }
+  /* the library's float64 reference (it rounds h to bf16 as the backends store it,
+     so it sits a bf16 rounding away from the test's pure float64) */
+  int64_t sref[2] = {M, H};
+  lmoe_buffer *rb = NULL;
+  OK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_F64, LMOE_MEMORY_HOST, 2, sref, &rb));
+  a.out = rb;
+  OK(ctx, lmoe_reference_forward(ctx, &a));
+  double *lr = malloc(sizeof(double) * (size_t)M * H);
+  OK(ctx, lmoe_buffer_read(rb, 0, lr, LMOE_DTYPE_F64, (int64_t)M * H));
+  double dref = rel_diff(lr, ref, (size_t)M * H);
+  CHECK(dref < 5e-3, "case %d: lmoe_reference_forward differs from the test's float64 by %.2e", idx, dref);
+  float *gpu = malloc(sizeof(float) * (size_t)M * H + 4);
+  OK(ctx, lmoe_buffer_read(c.out, 0, gpu, LMOE_DTYPE_F32, (int64_t)M * H));
+  double *gd = malloc(sizeof(double) * (size_t)M * H + 8);
+  for (size_t i = 0; i < (size_t)M * H; i++) gd[i] = gpu[i];
+  double dlib = rel_diff(gd, lr, (size_t)M * H);
+  /* the cpu backend on the same weights, inputs, adapters and batch */
+  double *cd = malloc(sizeof(double) * (size_t)M * H + 8);
+  cpu_mirror_forward(&c, cd);
+  double dcpu = rel_diff(gd, cd, (size_t)M * H);
+  double dcpu_ref = rel_diff(cd, lr, (size_t)M * H);
+  printf("         vs lmoe_reference %.2e, vs cpu backend %.2e (cpu vs reference %.2e)\n", dlib, dcpu,
+         dcpu_ref);
+  CHECK(dlib < TOL, "case %d: cuda vs lmoe_reference_forward %.3e", idx, dlib);
+  CHECK(dcpu < TOL, "case %d: cuda vs cpu backend %.3e", idx, dcpu);
+  free(lr), free(gpu), free(gd), free(cd);
+  lmoe_buffer_release(rb);
+  free(ref);
+  free(base);
+  case_free(&c);
+}
+
+static void test_random_cases(void) {
+  lmoe_context *ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  int idx = 0;
+  /* fixed corners first: M=1, all tokens on one expert, experts without tokens,
+     odd sizes (the unaligned load path), a batch on one adapter */
+  run_case(ctx, idx++, 8, 256, 128, 2, 1, 3, 16, 0, 0);
+  run_case(ctx, idx++, 16, 128, 64, 1, 300, 2, 8, 1, 1);
+  run_case(ctx, idx++, 16, 256, 192, 4, 3, 4, 32, 0, 0);
+  run_case(ctx, idx++, 4, 100, 60, 2, 77, 3, 5, 0, 0);
+  run_case(ctx, idx++, 8, 192, 96, 2, 129, 2, 16, 1, 2);
+  run_case(ctx, idx++, 1, 64, 40, 1, 50, 2, 7, 0, 0);
+  run_case(ctx, idx++, 8, 512, 256, 8, 260, 0, 0, 0, 0);
+  for (int i = 0; i < 12; i++) {
+    int E = 1 + (int)(test_rand() % 24);
+    int k = 1 + (int)(test_rand() % (uint64_t)(E < 6 ? E : 6));
+    int H = 8 * (4 + (int)(test_rand() % 40)), I = 8 * (2 + (int)(test_rand() % 40));
+    if (i % 4 == 3) H += 2, I += 6; /* not multiples of 8 */
+    int M = 1 + (int)(test_rand() % 400);
+    int S = i % 5 == 4 ? 0 : 1 + (int)(test_rand() % 4), R = 1 + (int)(test_rand() % 32);
+    run_case(ctx, idx++, E, H, I, k, M, S, R, (int)(test_rand() & 1), 0);
+  }
+  lmoe_context_release(ctx);
+}
+
+/* The same inputs twice give the same bits (the reduction has a fixed order). */
+static void test_deterministic(void) {
+  lmoe_context *ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  gpu_case c;
+  case_init(&c, ctx, 16, 256, 128, 4, 700, 3, 16, 0, 0);
+  for (int s = 0; s < 3; s++) case_load_adapter(&c, s, 7, s == 1, 16, 8, 4 + 4 * s);
+  int slots[4] = {0, -1, 1, 2};
+  case_set_batch(&c, 4, slots);
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  size_t n = (size_t)c.M * c.H;
+  uint16_t *o1 = malloc(n * 2), *o2 = malloc(n * 2);
+  OK(ctx, lmoe_forward(ctx, &a, NULL));
+  OK(ctx, lmoe_buffer_read(c.out, 0, o1, LMOE_DTYPE_BF16, (int64_t)n));
+  for (int i = 0; i < 3; i++) OK(ctx, lmoe_forward(ctx, &a, NULL));
+  OK(ctx, lmoe_buffer_read(c.out, 0, o2, LMOE_DTYPE_BF16, (int64_t)n));
+  CHECK(memcmp(o1, o2, n * 2) == 0, "two forwards of the same inputs differ");
+  free(o1), free(o2);
+  case_free(&c);
+  lmoe_context_release(ctx);
+}
+
+/* Device memory in use is the same before and after 1,000 forwards with changing
+   batches (nothing allocated per forward or per batch_set of a known size). */
+static void test_memory_steady(void) {
+  lmoe_context *ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  gpu_case c;
+  case_init(&c, ctx, 16, 256, 128, 2, 256, 4, 16, 0, 0);
+  for (int s = 0; s < 4; s++) case_load_adapter(&c, s, 7, 0, 16, 16, 16);
+  int slots[8] = {0, 1, 2, 3, -1, 0, 1, 2};
+  case_set_batch(&c, 8, slots);
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  OK(ctx, lmoe_forward(ctx, &a, NULL));
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  size_t free0 = 0, total = 0, free1 = 0;
+  cudaMemGetInfo(&free0, &total);
+  for (int i = 0; i < 1000; i++) {
+    int sl[8];
+    for (int q = 0; q < 8; q++) sl[q] = (int)(test_rand() % 5) - 1;
+    case_set_batch(&c, 8, sl);
+    OK(ctx, lmoe_forward(ctx, &a, NULL));
+  }
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  cudaMemGetInfo(&free1, &total);
+  CHECK(free0 == free1, "device memory free went from %zu to %zu over 1000 forwards", free0, free1);
+  case_free(&c);
+  lmoe_context_release(ctx);
+}
+
+static void test_errors(void) {
+  lmoe_context *ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  gpu_case c;
+  case_init(&c, ctx, 8, 128, 64, 2, 64, 2, 8, 0, 0);
+  case_load_adapter(&c, 0, 7, 0, 8, 8, 8);
+  int slots[2] = {0, -1};
+  case_set_batch(&c, 2, slots);
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  /* wrong shape of x */
+  lmoe_buffer *bad = NULL;
+  int64_t sh[2] = {64, 100};
+  OK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sh, &bad));
+  a.x = bad;
+  FAILS(ctx, LMOE_ERR_INVALID_ARGUMENT, lmoe_forward(ctx, &a, NULL));
+  lmoe_buffer_release(bad);
+  case_args(&c, &a);
+  /* slot out of range in a batch */
+  int tok[1] = {64}, sl[1] = {5};
+  FAILS(ctx, LMOE_ERR_INVALID_ARGUMENT, lmoe_batch_set(c.batch, c.pool, 1, tok, sl));
+  /* a slot unloaded after the batch was built */
+  OK(ctx, lmoe_pool_unload(c.pool, 0));
+  FAILS(ctx, LMOE_ERR_STATE, lmoe_forward(ctx, &a, NULL));
+  /* out of device memory: a layer whose workspace cannot exist */
+  lmoe_layer_config lc;
+  lmoe_layer_config_init(&lc);
+  lc.num_experts = 8, lc.hidden = 4096, lc.intermediate = 4096, lc.top_k = 8;
+  lc.max_tokens = 1 << 24;
+  lmoe_layer *huge = NULL;
+  FAILS(ctx, LMOE_ERR_OUT_OF_MEMORY, lmoe_layer_create(ctx, &lc, &huge));
+  CHECK(huge == NULL, "failed layer_create left a layer");
+  /* the context still works afterwards */
+  OK(ctx, lmoe_pool_load_random(c.pool, 0, &(lmoe_random_adapter){.struct_size = sizeof(lmoe_random_adapter),
+                                                                   .targets = 7, .rank = 4, .alpha = 8,
+                                                                   .seed = 3, .scale = 0.05f}));
+  OK(ctx, lmoe_forward(ctx, &a, NULL));
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  /* a context on a device that does not exist */
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  cfg.backend = LMOE_BACKEND_CUDA;
+  cfg.device = 999;
+  lmoe_context *none = NULL;
+  char err[256] = "";
+  lmoe_status st = lmoe_context_create(&cfg, &none, err, sizeof err);
+  CHECK(st == LMOE_ERR_NOT_FOUND && none == NULL && err[0], "device 999 gave %s: %s",
+        lmoe_status_string(st), err);
+  case_free(&c);
+  lmoe_context_release(ctx);
+}
+
+int main(void) {
+  int n = 0;
+  lmoe_device_count(&n);
+  if (n == 0) {
+    fprintf(stderr, "no CUDA device: the gpu tests need one\n");
+    return 1;
+  }
+  test_rng_state = (uint64_t)time(NULL) * 2654435761u + 17;
+  printf("seed %llu\n", (unsigned long long)test_rng_state);
+  test_random_cases();
+  test_deterministic();
+  test_memory_steady();
+  test_errors();
+  return test_summary();
+}

@@ -1,0 +1,192 @@
+/* Stream order, proven: (a) CUPTI counts every host synchronisation, blocking or
+   device-to-host copy and allocation the library makes over 100 forwards whose batch
+   changes between forwards — 0 with guard host and always, exactly 1 wait and 1
+   download per forward with device_sync; (b) a forward captured in a CUDA graph on a
+   blocking stream replays correctly after the batch changes (new adapter mix, none). */
+#include "gpu_common.h"
+
+#include <cupti.h>
+
+static volatile int counting;
+static int n_sync, n_d2h, n_blocking, n_alloc;
+
+static void CUPTIAPI on_runtime(void *user, CUpti_CallbackDomain dom, CUpti_CallbackId id,
+                                const void *data) {
+  (void)user;
+  const CUpti_CallbackData *d = data;
+  if (dom != CUPTI_CB_DOMAIN_RUNTIME_API || d->callbackSite != CUPTI_API_ENTER || !counting) return;
+  switch (id) {
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamSynchronize_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamSynchronize_ptsz_v7000:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaDeviceSynchronize_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaEventSynchronize_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamQuery_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamQuery_ptsz_v7000:
+    n_sync++;
+    break;
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpy_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpy2D_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpyFromSymbol_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemset_v3020:
+    n_blocking++;
+    break;
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpyAsync_v3020: {
+    const cudaMemcpyAsync_v3020_params *p = d->functionParams;
+    if (p->kind == cudaMemcpyDeviceToHost || p->kind == cudaMemcpyDefault) n_d2h++;
+    break;
+  }
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMalloc_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaFree_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaHostAlloc_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMallocHost_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaFreeHost_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMallocAsync_v11020:
+    n_alloc++;
+    break;
+  default:
+    break;
+  }
+}
+
+static void random_mix(int *slots, int n, int S) {
+  int none = (int)(test_rand() % 4 == 0); /* a quarter of the batches use no adapter */
+  for (int i = 0; i < n; i++) slots[i] = none ? -1 : (int)(test_rand() % (uint64_t)(S + 1)) - 1;
+}
+
+static void test_sync_counts(int guard, const char *name) {
+  lmoe_context *ctx = gpu_context(guard, NULL);
+  gpu_case c;
+  case_init(&c, ctx, 16, 256, 128, 4, 512, 4, 16, 0, 0);
+  for (int s = 0; s < 4; s++) case_load_adapter(&c, s, 7, s == 3, 4 << (s % 3), 8, 16);
+  int slots[8];
+  random_mix(slots, 8, 4);
+  case_set_batch(&c, 8, slots);
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  OK(ctx, lmoe_forward(ctx, &a, NULL)); /* warm: modules loaded, storage grown */
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  lmoe_counters c0, c1;
+  lmoe_context_counters(ctx, &c0);
+  n_sync = n_d2h = n_blocking = n_alloc = 0;
+  counting = 1;
+  for (int i = 0; i < 100; i++) {
+    random_mix(slots, 8, 4);
+    case_set_batch(&c, 8, slots);
+    OK(ctx, lmoe_forward(ctx, &a, NULL));
+  }
+  counting = 0;
+  lmoe_context_counters(ctx, &c1);
+  int want = guard == LMOE_GUARD_DEVICE_SYNC ? 100 : 0;
+  printf("guard %-11s: CUPTI syncs %d, d2h copies %d, blocking copies %d, allocations %d; "
+         "counted host waits %llu, launches %llu (lora %llu), uploads %llu (%llu bytes)\n",
+         name, n_sync, n_d2h, n_blocking, n_alloc, (unsigned long long)(c1.host_waits - c0.host_waits),
+         (unsigned long long)(c1.launches - c0.launches),
+         (unsigned long long)(c1.lora_launches - c0.lora_launches),
+         (unsigned long long)(c1.uploads - c0.uploads),
+         (unsigned long long)(c1.bytes_uploaded - c0.bytes_uploaded));
+  CHECK(n_sync == want, "guard %s: %d host synchronisations over 100 forwards (want %d)", name, n_sync, want);
+  CHECK(n_d2h == want, "guard %s: %d device-to-host copies (want %d)", name, n_d2h, want);
+  CHECK(n_blocking == 0, "guard %s: %d blocking copies", name, n_blocking);
+  CHECK(n_alloc == 0, "guard %s: %d allocations during forwards", name, n_alloc);
+  CHECK(c1.host_waits - c0.host_waits == (uint64_t)want, "guard %s: counters say %llu host waits", name,
+        (unsigned long long)(c1.host_waits - c0.host_waits));
+  /* and the last forward is right */
+  double *ref = malloc(sizeof(double) * (size_t)c.M * c.H);
+  case_reference(&c, ref, 1);
+  int64_t bad;
+  double err = case_compare(&c, ref, &bad);
+  CHECK(bad == 0 && err < 1e-2, "guard %s: last forward rel L2 %.3e", name, err);
+  free(ref);
+  case_free(&c);
+  lmoe_context_release(ctx);
+}
+
+static void test_graph_replay(int guard, const char *name) {
+  cudaStream_t s;
+  if (cudaStreamCreate(&s) != cudaSuccess) { /* a blocking stream, on purpose */
+    CHECK(0, "cudaStreamCreate failed");
+    return;
+  }
+  lmoe_context *ctx = gpu_context(guard, s);
+  gpu_case c;
+  case_init(&c, ctx, 16, 256, 192, 4, 333, 4, 32, 0, 0);
+  case_load_adapter(&c, 0, 7, 0, 16, 16, 16);
+  case_load_adapter(&c, 1, 7, 1, 32, 32, 4);
+  case_load_adapter(&c, 2, 3, 0, 8, 4, 1);
+  case_load_adapter(&c, 3, 4, 0, 1, 1, 32);
+  int slots[6] = {0, 1, 2, 3, -1, 0};
+  case_set_batch(&c, 6, slots);
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  OK(ctx, lmoe_forward(ctx, &a, NULL)); /* eager once: modules loaded before capture */
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  cudaGraph_t g = NULL;
+  cudaGraphExec_t ge = NULL;
+  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaSuccess, "begin capture");
+  lmoe_status st = lmoe_forward(ctx, &a, NULL);
+  cudaError_t ce = cudaStreamEndCapture(s, &g);
+  CHECK(st == LMOE_OK && ce == cudaSuccess, "capture: %s / %s", lmoe_context_last_error(ctx),
+        cudaGetErrorString(ce));
+  if (st || ce) return;
+  ce = cudaGraphInstantiate(&ge, g, 0);
+  CHECK(ce == cudaSuccess, "instantiate: %s", cudaGetErrorString(ce));
+  double *ref = malloc(sizeof(double) * (size_t)c.M * c.H);
+  int mixes[7][6] = {{0, 1, 2, 3, -1, 0}, {-1, -1, -1, -1, -1, -1}, {3, 3, 3, 3, 3, 3},
+                     {2, -1, 1, -1, 0, -1}, {-1, -1, -1, -1, -1, -1}, {1, 0, 3, 2, 1, 0},
+                     {0, 0, 0, -1, 2, 2}};
+  for (int m = 0; m < 7; m++) {
+    case_set_batch(&c, 6, mixes[m]);
+    OK(ctx, lmoe_buffer_fill(c.out, NAN, NULL));
+    CHECK(cudaGraphLaunch(ge, s) == cudaSuccess, "graph launch");
+    case_reference(&c, ref, 1);
+    int64_t bad;
+    double err = case_compare(&c, ref, &bad);
+    printf("graph (%s) replay %d: rel_l2 %.2e\n", name, m, err);
+    CHECK(bad == 0 && err < 1e-2, "graph %s replay %d: rel L2 %.3e, %lld non-finite", name, m, err,
+          (long long)bad);
+  }
+  /* a batch change while a replay that reads its staging is still pending: the set
+     waits (counted) for that replay's upload, and the next replay sees the new batch */
+  lmoe_counters c0, c1;
+  lmoe_context_counters(ctx, &c0);
+  for (int i = 0; i < 20; i++) cudaGraphLaunch(ge, s);
+  case_set_batch(&c, 6, mixes[5]);
+  cudaGraphLaunch(ge, s);
+  lmoe_context_counters(ctx, &c1);
+  printf("graph (%s): batch set behind 20 pending replays made %llu counted waits\n", name,
+         (unsigned long long)(c1.host_waits - c0.host_waits));
+  case_reference(&c, ref, 1);
+  int64_t bad;
+  double err = case_compare(&c, ref, &bad);
+  CHECK(bad == 0 && err < 1e-2, "graph %s after a pending set: rel L2 %.3e", name, err);
+  free(ref);
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  case_free(&c);
+  lmoe_context_release(ctx);
+  cudaStreamDestroy(s);
+}
+
+int main(void) {
+  int n = 0;
+  lmoe_device_count(&n);
+  if (n == 0) {
+    fprintf(stderr, "no CUDA device: the gpu tests need one\n");
+    return 1;
+  }
+  test_rng_state = (uint64_t)time(NULL) * 2654435761u + 99;
+  printf("seed %llu\n", (unsigned long long)test_rng_state);
+  CUpti_SubscriberHandle sub;
+  if (cuptiSubscribe(&sub, on_runtime, NULL) != CUPTI_SUCCESS ||
+      cuptiEnableDomain(1, sub, CUPTI_CB_DOMAIN_RUNTIME_API) != CUPTI_SUCCESS) {
+    fprintf(stderr, "CUPTI subscription failed\n");
+    return 1;
+  }
+  test_sync_counts(LMOE_GUARD_HOST, "host");
+  test_sync_counts(LMOE_GUARD_ALWAYS, "always");
+  test_sync_counts(LMOE_GUARD_DEVICE_SYNC, "device_sync");
+  cuptiUnsubscribe(sub);
+  test_graph_replay(LMOE_GUARD_ALWAYS, "always");
+  test_graph_replay(LMOE_GUARD_HOST, "host");
+  return test_summary();
+}
