@@ -55,14 +55,14 @@ test-asan: deps
 test-gpu: build
 	cd $(BUILD) && $(CTEST) -L gpu
 
-# Every benchmark program the build made; the GPU ones only when a device is visible.
+# The CPU benchmarks; with a GPU visible, bench/gpu/run.sh too (loramoe and the torch
+# peer on the same card).
 bench: build
 	@set -e; for b in $$(find $(BUILD)/bench -maxdepth 1 -type f -executable | sort); do \
 	  echo "== $$b"; "$$b"; done
-	@set -e; if [ -d $(BUILD)/bench/gpu ] && $(BUILD)/cli/loramoe info | grep -q '^devices: *[1-9]'; then \
-	  for b in $$(find $(BUILD)/bench/gpu -maxdepth 1 -type f -executable | sort); do \
-	    echo "== $$b"; "$$b"; done; \
-	else echo "(no GPU visible: GPU benchmarks skipped)"; fi
+	@if $(BUILD)/cli/loramoe info | grep -q '^devices: *[1-9]' && [ -x $(BUILD)/bench/gpu/bench_gpu ]; then \
+	  BUILD=$(abspath $(BUILD)) bash bench/gpu/run.sh; \
+	else echo "(no GPU visible or no CUDA build: GPU benchmarks skipped)"; fi
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
