@@ -60,17 +60,20 @@ static void add_path(luaL_Buffer *b, const char *dirs) {
 /* package.path = $LORAMOE_LUA_PATH ; build tree ; install location ; the default. */
 static int set_package_path(lua_State *L) {
   lua_getglobal(L, "package");
+  int pkg = lua_gettop(L);
+  /* The default (which honours LUA_PATH), read before the buffer may use the stack. */
+  lua_getfield(L, pkg, "path");
+  const char *def = lua_tostring(L, -1);
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   add_path(&b, getenv("LORAMOE_LUA_PATH"));
   add_path(&b, LMOE_LUA_BUILD_DIR);
   add_path(&b, LMOE_LUA_SOURCE_DIR);
   add_path(&b, LMOE_LUA_INSTALL_DIR);
-  lua_getfield(L, -2, "path"); /* the default, which honours LUA_PATH */
-  luaL_addvalue(&b);
+  if (def) luaL_addstring(&b, def);
   luaL_pushresult(&b);
-  lua_setfield(L, -2, "path");
-  lua_pop(L, 1);
+  lua_setfield(L, pkg, "path");
+  lua_settop(L, pkg - 1);
   return 0;
 }
 
