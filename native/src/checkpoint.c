@@ -303,6 +303,26 @@ lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer, lmoe_
     free(w13);
     free(w2);
   } else {
+    /* Every expert's tensors are there with their shapes before any is written, so a
+       broken checkpoint leaves the layer as it was. */
+    for (int64_t e = 0; e < E && !s; e++)
+      for (int p = 0; p < 3 && !s; p++) {
+        const char *pn = p == 0 ? ln.g : p == 1 ? ln.u : ln.d;
+        snprintf(name, sizeof name, "%s.experts.%lld.%s.weight", ln.block, (long long)e, pn);
+        lmoe_tensor_info ti;
+        if (!find(ck, name, &ti))
+          s = lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: tensor '%s' is missing", ck->path, name);
+        else if (ti.ndim != 2 || ti.shape[0] != (p == 2 ? H : I) || ti.shape[1] != (p == 2 ? I : H))
+          s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' is not [%lld, %lld]", ck->path, name,
+                        (long long)(p == 2 ? H : I), (long long)(p == 2 ? I : H));
+        else if (ti.dtype < 0)
+          s = lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "%s: tensor '%s': %s is not supported", ck->path, name,
+                        ti.dtype_name);
+      }
+    if (s) {
+      lmoe_buffer_release(rb);
+      return s;
+    }
     float *g = malloc((size_t)(I * H) * sizeof(float)), *u = malloc((size_t)(I * H) * sizeof(float));
     float *d = malloc((size_t)(H * I) * sizeof(float));
     int64_t sg[2] = {I, H}, sd[2] = {H, I};

@@ -270,7 +270,7 @@ static lmoe_status parse_header(lmoe_safetensors *st, const char *header, size_t
   const char *end = NULL;
   cJSON *root = cJSON_ParseWithLengthOpts(header, n, &end, 0);
   if (!root) {
-    const char *at = cJSON_GetErrorPtr();
+    const char *at = end; /* cJSON sets it to the error position */
     size_t pos = at && at >= header && at <= header + n ? (size_t)(at - header) : 0;
     return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: the header is not valid JSON (near byte %zu of %zu)",
                      fn, pos, n);
