@@ -277,3 +277,28 @@ describe("experiment progress", function()
     assert.are.equal("", read(errfile))
   end)
 end)
+
+describe("example scripts", function()
+  -- Each example runs from one command; here with the smallest settings, checking that
+  -- it exits cleanly and writes JSON that reads back with one row per point.
+  local lua = os.getenv("LORAMOE_LUA") or (jit and "luajit" or "lua5.4")
+  local cases = {
+    { "sync_study", "layers=2 tokens=32 requests=4", 9 },
+    { "adapter_fraction", "tokens=32 requests=4 adapter_fraction=0,1", 2 },
+    { "rank_sweep", "tokens=32 requests=4 rank=4,8", 4 },
+    { "distinct_adapters", "tokens=32 requests=4 adapters=1,2", 2 },
+    { "tokens_sweep", "tokens=16,32", 4 },
+  }
+  for _, c in ipairs(cases) do
+    it(c[1] .. ".lua runs and writes its results", function()
+      local out = tmpdir .. "/" .. c[1]
+      local cmd = string.format("%s examples/%s.lua backend=cpu threads=2 reps=1 warmup=0 %s out=%s >%s/stdout.txt 2>&1",
+                                lua, c[1], c[2], out, tmpdir)
+      local ok = os.execute(cmd)
+      if not (ok == true or ok == 0) then error("failed: " .. cmd .. "\n" .. read(tmpdir .. "/stdout.txt")) end
+      local doc = assert(json.decode(read(out .. "/" .. c[1] .. ".json")))
+      assert.are.equal(c[3], #doc.results)
+      assert.truthy(read(tmpdir .. "/stdout.txt"):find("|", 1, true)) -- a markdown table
+    end)
+  end
+end)
