@@ -207,6 +207,9 @@ static int cmd_version(int argc, char **argv) {
   return EXIT_SUCCESS;
 }
 
+/* `loramoe adapter ...` (cli/adapter.c). */
+int lmoe_cli_adapter(int argc, char **argv);
+
 /* Subcommands. To add one, write `static int cmd_x(int argc, char **argv)` and list it. */
 static const struct command {
   const char *name;
@@ -216,6 +219,7 @@ static const struct command {
 } commands[] = {
   {"run", cmd_run, "run SCRIPT [ARGS...]", "run a Lua script with loramoe available (- reads stdin)"},
   {"info", cmd_info, "info", "version, build options, CUDA devices, Lua version"},
+  {"adapter", lmoe_cli_adapter, "adapter inspect|make", "inspect a PEFT adapter, or write a synthetic one"},
   {"help", cmd_help, "help", "this text"},
   {"--help", cmd_help, NULL, NULL},
   {"-h", cmd_help, NULL, NULL},

@@ -53,7 +53,7 @@ static double scale_of(const tcase *c, const char *module) {
 /* The adapter's deltas for one layer, from the file, PEFT's way. */
 static host_delta expected_delta(lmoe_context *ctx, const char *dir, const tcase *c, int E, int H, int I) {
   host_delta d = delta_new(E, H, I);
-  char path[4096], name[512], module[400];
+  char path[4200], name[512], module[400];
   snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
   lmoe_safetensors *st;
   OK(ctx, lmoe_safetensors_open(ctx, path, &st));
