@@ -345,7 +345,9 @@ local function check_obj(v, kind, n, fname, what)
   return v
 end
 
+-- A new object owning handle h: the finalizer is set right after the NULL check.
 local function wrap(kind, h, ctx, parent)
+  if h == nil then return fail_msg(C.LMOE_ERR_BACKEND, "the library returned no " .. kind) end
   return setmetatable({ _h = ffi.gc(h, release[kind]), _ctx = ctx, _parent = parent }, mts[kind])
 end
 
@@ -432,10 +434,9 @@ function M.context(opts)
   out_ctx[0] = nil
   local st = C.lmoe_context_create(ctx_cfg, out_ctx, errbuf, ffi.sizeof(errbuf))
   if st ~= 0 then return fail_msg(st, ffi.string(errbuf)) end
-  local h = out_ctx[0]
-  if h == nil then return fail_msg(C.LMOE_ERR_BACKEND, "context_create returned no context") end
-  local ctx = wrap("context", h, nil, nil)
-  ctx._ctx = h
+  local ctx, msg, code = wrap("context", out_ctx[0], nil, nil)
+  if not ctx then return nil, msg, code end
+  ctx._ctx = ctx._h
   return ctx
 end
 
@@ -509,7 +510,8 @@ function Ctx.wrap(self, dtype, shape, ptr, memory, owner)
   out_buf[0] = nil
   local st = C.lmoe_buffer_wrap(h, dtype, memory, nd, shape_buf, ffi.cast("void *", ptr), out_buf)
   if st ~= 0 then return fail(st, h) end
-  local b = wrap("buffer", out_buf[0], h, self)
+  local b, msg, code = wrap("buffer", out_buf[0], h, self)
+  if not b then return nil, msg, code end
   b._owner = owner
   return b
 end
@@ -729,7 +731,8 @@ function Layer.pool(self, cfg)
   out_pool[0] = nil
   local st = C.lmoe_pool_create(h, pool_cfg, out_pool)
   if st ~= 0 then return fail(st, self._ctx) end
-  local p = wrap("pool", out_pool[0], self._ctx, self)
+  local p, msg, code = wrap("pool", out_pool[0], self._ctx, self)
+  if not p then return nil, msg, code end
   p._layer = h -- borrowed: the C pool holds a reference to its layer
   return p
 end
