@@ -105,14 +105,17 @@ def lora_configs(family, layout, block_name):
 def make_family(family, out_dir):
     torch.manual_seed(1234 if family == "qwen" else 5678)
     cfg = make_config(family)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float32).eval()
+    if hasattr(model, "set_experts_implementation"):
+        # transformers 5: plain loops, which also run in float64 on the CPU
+        model.set_experts_implementation("eager")
     # Weights of a useful size, exactly representable in bf16.
     for name, p in model.named_parameters():
         uniform_bf16_(p, 0.5 if name.endswith("gate.weight") or "router" in name else 0.1)
     layout = experts_layout(model)
     os.makedirs(out_dir, exist_ok=True)
     base = copy.deepcopy(model)
-    model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
     model.to(torch.float32)
 
     # Inputs with a clear top-k margin, so float32 and float64 routing agree.
@@ -148,7 +151,7 @@ def make_family(family, out_dir):
         for _, p in lora:
             uniform_bf16_(p, 0.2)
         adir = os.path.join(out_dir, lay)
-        pm.save_pretrained(adir, safe_serialization=True)
+        pm.save_pretrained(adir)
         pm.double()
         with torch.no_grad():
             out = run_block(moe_block(pm.base_model.model, LAYER), x)
