@@ -1,4 +1,5 @@
--- The whole stack from a `loramoe run` script: the built-in C module, a cpu context,
+-- The whole stack from a `loramoe run` script: the built-in C module, a context
+-- (`loramoe run forward.lua [seed] [backend]`, backend cpu by default),
 -- a small layer with random weights, two random adapters of different ranks, a batch
 -- where one request has no adapter, one forward, checked against the float64
 -- reference on fresh random inputs.
@@ -11,10 +12,11 @@ assert(found:match("loramoe[/\\]init%.lua$"), "require 'loramoe' finds the Lua f
 assert(type(require "loramoe") == "table")
 
 local seed = os.time() -- fresh inputs every run; printed so a failure can be replayed
-if arg[1] then seed = math.tointeger(arg[1]) end
-print("seed", seed)
+if arg[1] and arg[1] ~= "" then seed = assert(math.tointeger(tonumber(arg[1])), "seed must be an integer") end
+local backend = arg[2] or "cpu"
+print("seed", seed, "backend", backend)
 
-local ctx = assert(core.context { backend = "cpu", threads = 2 })
+local ctx = assert(core.context { backend = backend, threads = 2 })
 local E, H, I, K, M = 8, 64, 32, 2, 40
 local layer = assert(ctx:layer { experts = E, hidden = H, intermediate = I, top_k = K, max_tokens = M })
 assert(layer:randomize(seed, 0.1))
