@@ -1,5 +1,5 @@
 -- The whole stack from a `loramoe run` script: the built-in C module, a context
--- (`loramoe run forward.lua [seed] [backend]`, backend cpu by default),
+-- (`loramoe run forward.lua [seed|-] [backend]`, backend cpu by default),
 -- a small layer with random weights, two random adapters of different ranks, a batch
 -- where one request has no adapter, one forward, checked against the float64
 -- reference on fresh random inputs.
@@ -11,8 +11,9 @@ local found = assert(package.searchpath("loramoe", package.path))
 assert(found:match("loramoe[/\\]init%.lua$"), "require 'loramoe' finds the Lua files: " .. found)
 assert(type(require "loramoe") == "table")
 
-local seed = os.time() -- fresh inputs every run; printed so a failure can be replayed
-if arg[1] and arg[1] ~= "" then seed = assert(math.tointeger(tonumber(arg[1])), "seed must be an integer") end
+-- Fresh inputs every run unless a seed is given ("-": pick one); printed so a failure
+-- can be replayed.
+local seed = math.tointeger(tonumber(arg[1] or "")) or os.time()
 local backend = arg[2] or "cpu"
 print("seed", seed, "backend", backend)
 
