@@ -1,7 +1,8 @@
 #!/bin/sh
 # Install-tree test: configure and install loramoe into a temporary prefix, then build
 # examples/host against that prefix twice, with find_package(loramoe) and with
-# pkg-config, and run it each time. Also checks that the installed Lua files load.
+# pkg-config, and run it each time. Also checks that the installed Lua files load, and
+# (when luarocks is installed) that `luarocks make` builds and installs the rock.
 #
 #   examples/host/test-install.sh            (CPU-only build of the library, fast)
 #   LMOE_CMAKE_ARGS="-DLMOE_CUDA=ON" JOBS=8 examples/host/test-install.sh
@@ -46,4 +47,20 @@ for how in config pkgconfig; do
     { echo "FAIL: the host did not find loramoe in the prefix"; cat "$tmp/host-$how.log"; exit 1; }
   "$tmp/host-$how/loramoe_host" --frames 24 --backend "${HOST_BACKEND:-cpu}"
 done
+# The rockspec: `luarocks make` from the checkout into a private tree, for Lua 5.4 (the
+# C module), then load it with nothing but the tree's paths.
+if command -v luarocks >/dev/null 2>&1; then
+  echo "== luarocks make (Lua 5.4) into a temporary tree"
+  (cd "$root" && luarocks --lua-version 5.4 make --tree "$tmp/rocks" \
+     LORAMOE_CMAKE_ARGS="${LMOE_CMAKE_ARGS:--DLMOE_CUDA=OFF}" loramoe-0.1.0-1.rockspec) \
+     >"$tmp/rock.log" 2>&1 || { tail -40 "$tmp/rock.log"; exit 1; }
+  (eval "$(luarocks --lua-version 5.4 --tree "$tmp/rocks" path)" && cd "$tmp" &&
+   lua5.4 -e 'local lm = require "loramoe"
+              assert(package.searchpath("loramoe.core", package.cpath):find("rocks", 1, true))
+              local r = require("loramoe.experiment").run({ backend = "cpu", preset = "tiny",
+                layers = 1, tokens = 16, requests = 2, reps = 1, warmup = 0 }, { progress = false })
+              print("rock: loramoe " .. lm.version() .. ", one forward in " .. r.time_ms .. " ms")')
+else
+  echo "NOTE: luarocks is not installed; the rockspec was not tested (apt-get install luarocks)"
+fi
 echo "install test: ok"
