@@ -14,6 +14,7 @@
 local svg = {}
 
 local floor, ceil, log, abs, max, min = math.floor, math.ceil, math.log, math.abs, math.max, math.min
+local huge = math.huge
 local format, concat = string.format, table.concat
 
 svg.palette = { "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000" }
@@ -141,9 +142,23 @@ end
 local function begin(o, legend_rows)
   local W, H = o.width or 760, o.height or 440
   local legend_w = legend_rows > 0 and (o.legend_width or 170) or 0
+  -- The note wraps at word boundaries (about 5.6 px per character at 10 px).
+  local note_lines = {}
+  if o.note then
+    local per, line = floor((W - 16) / 5.6), ""
+    for word in tostring(o.note):gmatch("%S+") do
+      if line ~= "" and #line + 1 + #word > per then
+        note_lines[#note_lines + 1] = line
+        line = word
+      else
+        line = (line == "") and word or (line .. " " .. word)
+      end
+    end
+    if line ~= "" then note_lines[#note_lines + 1] = line end
+  end
   local box = { x = 72, y = o.title and 46 or 20 }
   box.w = W - box.x - 24 - legend_w
-  box.h = H - box.y - (o.note and 74 or 58)
+  box.h = H - box.y - 58 - 13 * #note_lines
   local out = {}
   out[#out + 1] = format('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" ' ..
     'viewBox="0 0 %d %d" font-family="Helvetica, Arial, sans-serif" font-size="12">', W, H, W, H)
@@ -152,9 +167,9 @@ local function begin(o, legend_rows)
     out[#out + 1] = format('<text x="%s" y="26" text-anchor="middle" font-size="15" ' ..
       'font-weight="bold">%s</text>', num(box.x + box.w / 2), esc(o.title))
   end
-  if o.note then
+  for i, line in ipairs(note_lines) do
     out[#out + 1] = format('<text x="%d" y="%d" font-size="10" fill="#555">%s</text>',
-      8, H - 8, esc(o.note))
+      8, H - 8 - 13 * (#note_lines - i), esc(line))
   end
   return out, box, W, H, legend_w
 end
@@ -269,6 +284,10 @@ function svg.bars(o)
     for i = 1, #o.groups do vals[#vals + 1] = s.values[i] end
   end
   local ly = logbase_of(o.logy)
+  -- Headroom so the value written above the tallest bar stays inside the frame.
+  local top = -huge
+  for _, v in ipairs(vals) do if finite(v) and v > top then top = v end end
+  if top > 0 then vals[#vals + 1] = ly and top * 1.5 or top * 1.08 end
   local ay = make_axis(vals, ly, not ly)
   local out, box = begin(o, #o.series)
   y_axis(out, box, ay, o.ylabel)
