@@ -18,10 +18,11 @@
 
    Speed: per work item the tokens are the vector lanes: x, gu, h and y live in
    feature-major tiles [features][TILE]. A block of MR = 6 bf16 weight rows is widened
-   to fp32 once per tile, then for each group of 16 tokens 6 vector accumulators sweep
-   K with one vector load of x and 6 broadcasts of w per step (vector extensions, so
-   gcc emits AVX2/AVX-512 FMAs in the clones below without -march=native). Each weight
-   row is read once per tile of up to TILE tokens. */
+   to fp32 once per tile, then for each group of 16 (AVX-512: 32) tokens 12 vector
+   accumulators sweep K (see gemm_tile; vector extensions, compiled per ISA and picked
+   at run time, so no -march=native is needed). Each weight row is read once per tile
+   of up to TILE tokens. LoRA runs per slot inside a tile: pairs are sorted by
+   (expert, slot), so a tile holds few slot runs. */
 #include "internal.h"
 
 #include <math.h>
@@ -33,23 +34,20 @@
 #pragma GCC optimize("fp-contract=fast")
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(__SANITIZE_ADDRESS__)
-/* One build, the best code for the machine it runs on (dispatched once by ifunc). */
-#define LMOE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LMOE_CLONES
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* One build, the best code for the CPU it runs on: the expert task is compiled for
+   AVX-512, for AVX2+FMA and for the baseline, and picked at run time. */
+#define LMOE_X86_DISPATCH 1
 #endif
 
 enum {
   TILE = 64, /* pairs per work item: one expert's tokens share each widened weight row */
   MR = 6,    /* weight rows per register block */
-  NR = 16,   /* tokens per register block (one fp32 vector of 16 lanes) */
+  NR = 32,   /* lanes computed are a multiple of this (the widest register block) */
   ALIGN = 64,
   REDUCE_CHUNK = 16, /* tokens per reduce / route item */
 };
 
-typedef float vf16 __attribute__((vector_size(NR * sizeof(float))));
 
 static inline float bf16f(uint16_t v) {
   uint32_t u = (uint32_t)v << 16;
@@ -58,12 +56,12 @@ static inline float bf16f(uint16_t v) {
   return f;
 }
 
-static inline float round_bf16(float f) { return bf16f(lmoe_f32_to_bf16(f)); }
 
 /* ---------------------------------------------------------------- workspace */
 
 typedef struct ws_layout {
   size_t ids, wts, slot_of, offsets, sorted, items, y, scratch; /* byte offsets */
+  size_t by_slot, slot_off;                                      /* LoRA: pairs by slot first */
   size_t per_thread;                                             /* scratch bytes per thread */
   size_t xt, gut, ht, wbuf, sh13t, sh2t;                         /* inside a thread's scratch */
   size_t total;
@@ -72,7 +70,7 @@ typedef struct ws_layout {
 static size_t up64(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
 
 static void layout(ws_layout *L, int64_t M, int32_t k, int32_t E, int32_t H, int32_t I,
-                   int32_t R, int32_t threads) {
+                   int32_t R, int32_t S, int32_t threads) {
   size_t P = (size_t)M * (size_t)k;
   size_t nitems = (P + TILE - 1) / TILE + (size_t)E;
   size_t o = 0;
@@ -81,6 +79,8 @@ static void layout(ws_layout *L, int64_t M, int32_t k, int32_t E, int32_t H, int
   L->slot_of = o, o += up64((size_t)M * sizeof(int32_t));
   L->offsets = o, o += up64(((size_t)E + 1) * sizeof(int32_t));
   L->sorted = o, o += up64(P * sizeof(int32_t));
+  L->by_slot = o, o += up64(S ? P * sizeof(int32_t) : 0);
+  L->slot_off = o, o += up64(((size_t)S + 2) * sizeof(int32_t));
   L->items = o, o += up64(nitems * 3 * sizeof(int32_t));
   L->y = o, o += up64(P * (size_t)H * sizeof(float));
   L->scratch = o;
@@ -103,8 +103,8 @@ static void layout(ws_layout *L, int64_t M, int32_t k, int32_t E, int32_t H, int
 size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config *cfg,
                                 const lmoe_pool_config *pool_cfg) {
   ws_layout L;
-  int32_t R = pool_cfg ? pool_cfg->max_rank : 0;
-  layout(&L, cfg->max_tokens, cfg->top_k, cfg->num_experts, cfg->hidden, cfg->intermediate, R,
+  int32_t R = pool_cfg ? pool_cfg->max_rank : 0, S = pool_cfg ? pool_cfg->num_slots : 0;
+  layout(&L, cfg->max_tokens, cfg->top_k, cfg->num_experts, cfg->hidden, cfg->intermediate, R, S,
          ctx->threads > 0 ? ctx->threads : 1);
   return L.total + ALIGN; /* room to align the base */
 }
@@ -113,56 +113,110 @@ size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config
 
 /* OUT[r][lane] (=|+=) alpha * sum_h W[r][h] * XT[h][lane], for r < rows and lanes in
    [lo, hi). W is bf16 [rows][ldw]; XT and OUT are feature-major fp32 tiles with TILE
-   lanes per row. accumulate = 0 stores, 1 adds. wbuf holds MR*K floats.
-   MR weight rows are widened to fp32 once, then for each group of NR lanes a register
-   block of MR x NR accumulators sweeps K: one vector load of x and MR broadcasts of
-   w feed MR vector FMAs per step. */
-static inline __attribute__((always_inline)) void
-gemm_tile(const uint16_t *W, size_t ldw, int32_t rows, int32_t K, const float *XT, int32_t lo,
-          int32_t hi, float *OUT, int accumulate, float alpha, float *wbuf) {
-  if (hi <= lo || rows <= 0) return;
-  for (int32_t r0 = 0; r0 < rows; r0 += MR) {
-    int32_t nr = rows - r0 < MR ? rows - r0 : MR;
-    for (int32_t i = 0; i < nr; i++) {
-      const uint16_t *w = W + (size_t)(r0 + i) * ldw;
-      float *d = wbuf + (size_t)i * K;
-      for (int32_t h = 0; h < K; h++) { /* bf16 -> fp32: the bits move up 16 */
-        uint32_t u = (uint32_t)w[h] << 16;
-        memcpy(&d[h], &u, sizeof u);
-      }
-    }
-    /* rows past nr repeat the last one: computed, never stored */
-    const float *w0 = wbuf, *w1 = wbuf + (size_t)(1 < nr ? 1 : nr - 1) * K;
-    const float *w2 = wbuf + (size_t)(2 < nr ? 2 : nr - 1) * K;
-    const float *w3 = wbuf + (size_t)(3 < nr ? 3 : nr - 1) * K;
-    const float *w4 = wbuf + (size_t)(4 < nr ? 4 : nr - 1) * K;
-    const float *w5 = wbuf + (size_t)(5 < nr ? 5 : nr - 1) * K;
-    for (int32_t g0 = lo - lo % NR; g0 < hi; g0 += NR) {
-      vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0};
-      const float *xp = XT + g0;
-      for (int32_t h = 0; h < K; h++) {
-        vf16 x = *(const vf16 *)(xp + (size_t)h * TILE);
-        a0 += w0[h] * x;
-        a1 += w1[h] * x;
-        a2 += w2[h] * x;
-        a3 += w3[h] * x;
-        a4 += w4[h] * x;
-        a5 += w5[h] * x;
-      }
-      vf16 acc[MR] = {a0, a1, a2, a3, a4, a5};
-      int32_t l0 = lo > g0 ? lo - g0 : 0, l1 = hi < g0 + NR ? hi - g0 : NR;
-      for (int32_t i = 0; i < nr; i++) {
-        float *o = OUT + (size_t)(r0 + i) * TILE + g0;
-        vf16 v = acc[i] * alpha;
-        if (!accumulate) {
-          *(vf16 *)o = v; /* whole group: lanes outside [lo, hi) are scratch */
-        } else {
-          for (int32_t c = l0; c < l1; c++) o[c] = accumulate ? o[c] + v[c] : v[c];
-        }
-      }
-    }
+   lanes per row. accumulate = 0 stores whole 16-lane groups (lanes outside [lo, hi)
+   are scratch), 1 adds inside [lo, hi) only. wbuf holds MR*K floats.
+   MR weight rows are widened to fp32 once, then for each group of GW lanes a
+   register block of MR x NV native vectors (GW = 16 lanes with SSE/AVX2, 32 with
+   AVX-512) sweeps K: NV vector loads of x and MR broadcasts of w feed MR*NV vector
+   FMAs per step, 12 independent accumulators, enough to hide the FMA latency.
+   Instantiated per vector width so each is native in its target (gcc splits
+   over-wide generic vectors badly). */
+#define LMOE_GEMM_TILE(NAME, VT, NV)                                                          \
+  static inline __attribute__((always_inline)) void NAME(                                     \
+      const uint16_t *W, size_t ldw, int32_t rows, int32_t K, const float *XT, int32_t lo,     \
+      int32_t hi, float *OUT, int accumulate, float alpha, float *wbuf) {                     \
+    enum { VL = sizeof(VT) / sizeof(float), GW = VL * NV }; /* lanes per group */           \
+    if (hi <= lo || rows <= 0) return;                                                        \
+    for (int32_t r0 = 0; r0 < rows; r0 += MR) {                                               \
+      int32_t nr = rows - r0 < MR ? rows - r0 : MR;                                           \
+      for (int32_t i = 0; i < nr; i++) {                                                      \
+        const uint16_t *w = W + (size_t)(r0 + i) * ldw;                                       \
+        float *d = wbuf + (size_t)i * K;                                                      \
+        for (int32_t h = 0; h < K; h++) { /* bf16 -> fp32: the bits move up 16 */            \
+          uint32_t u = (uint32_t)w[h] << 16;                                                  \
+          memcpy(&d[h], &u, sizeof u);                                                        \
+        }                                                                                     \
+      }                                                                                       \
+      /* rows past nr repeat the last one: computed, never stored */                          \
+      const float *wr[MR];                                                                    \
+      for (int32_t i = 0; i < MR; i++) wr[i] = wbuf + (size_t)(i < nr ? i : nr - 1) * K;      \
+      for (int32_t g0 = lo - lo % GW; g0 < hi; g0 += GW) {                                    \
+        VT acc[MR][NV];                                                                       \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++)                                  \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = (VT){0};             \
+        const float *xp = XT + g0;                                                            \
+        for (int32_t h = 0; h < K; h++) {                                                     \
+          VT x[NV];                                                                           \
+          _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                                \
+            x[v] = *(const VT *)(xp + (size_t)h * TILE + v * VL);                             \
+          _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                              \
+            float wv = wr[i][h];                                                              \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv * x[v];      \
+          }                                                                                   \
+        }                                                                                     \
+        int32_t l0 = lo > g0 ? lo - g0 : 0, l1 = hi < g0 + GW ? hi - g0 : GW;                 \
+        for (int32_t i = 0; i < nr; i++) {                                                    \
+          float *o = OUT + (size_t)(r0 + i) * TILE + g0;                                      \
+          _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                              \
+            VT val = acc[i][v] * alpha;                                                       \
+            if (!accumulate) {                                                                \
+              *(VT *)(o + v * VL) = val;                                                      \
+            } else if (l0 <= v * VL && v * VL + VL <= l1) {                                   \
+              *(VT *)(o + v * VL) += val;                                                     \
+            } else {                                                                          \
+              for (int32_t c = 0; c < VL; c++)                                                \
+                if (v * VL + c >= l0 && v * VL + c < l1) o[v * VL + c] += val[c];             \
+            }                                                                                 \
+          }                                                                                   \
+        }                                                                                     \
+      }                                                                                       \
+    }                                                                                         \
   }
-}
+
+/* hr[i] = bf16(silu(g[i]) * u[i]) for i < n (a multiple of the vector length).
+   exp by range reduction, x = i*ln2 + r with |r| < ln2, and a degree-8 Taylor
+   polynomial (relative error ~1e-7, far below the bf16 rounding that follows);
+   libm's expf would not vectorise. NaN stays NaN through the rounding. */
+#define LMOE_SILU(NAME, VT, IT, UT)                                                                 \
+  static inline __attribute__((always_inline)) void NAME(const float *g, const float *u,        \
+                                                         float *hr, int32_t n) {                \
+    enum { VL = sizeof(VT) / sizeof(float) };                                                   \
+    for (int32_t i = 0; i < n; i += VL) {                                                       \
+      VT gv = *(const VT *)(g + i), uv = *(const VT *)(u + i);                                  \
+      VT x = -gv;                                                                               \
+      IT lo = x < -87.0f, hi = x > 88.0f;                                                       \
+      x = (VT)(((IT)x & ~lo) | ((IT)((VT){0} - 87.0f) & lo));                                   \
+      x = (VT)(((IT)x & ~hi) | ((IT)((VT){0} + 88.0f) & hi));                                   \
+      IT k = __builtin_convertvector(x * 1.44269504088896341f, IT);                            \
+      VT kf = __builtin_convertvector(k, VT);                                                   \
+      VT r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;                       \
+      VT p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 +  \
+             r * (1.0f / 720 + r * (1.0f / 5040 + r * (1.0f / 40320))))))));                    \
+      VT e = p * (VT)((k + 127) << 23);                                                         \
+      VT h = gv / (1.0f + e) * uv;                                                              \
+      UT b = (UT)h, nan = (UT)(h != h);                                                         \
+      UT rb = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u; /* round to nearest even */     \
+      *(VT *)(hr + i) = (VT)((rb & ~nan) | (b & nan));                                          \
+    }                                                                                           \
+  }
+
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+typedef uint32_t vu4 __attribute__((vector_size(16)));
+LMOE_GEMM_TILE(gemm_tile_v4, vf4, 4)
+LMOE_SILU(silu_v4, vf4, vi4, vu4)
+#ifdef LMOE_X86_DISPATCH
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+LMOE_GEMM_TILE(gemm_tile_v8, vf8, 2)
+LMOE_GEMM_TILE(gemm_tile_v16, vf16, 2)
+LMOE_SILU(silu_v8, vf8, vi8, vu8)
+LMOE_SILU(silu_v16, vf16, vi16, vu16)
+#endif
 
 /* ---------------------------------------------------------------- the forward */
 
@@ -227,7 +281,27 @@ static void route_task(void *arg, int64_t item, int32_t thread) {
   }
 }
 
-LMOE_CLONES static void expert_task(void *arg, int64_t item, int32_t thread) {
+/* The expert work of one item. width (a constant after inlining) picks the GEMM
+   instance, so each target below gets only its own. */
+#define gemm_tile(...)                                       \
+  do {                                                       \
+    if (width == 16) GEMM16(__VA_ARGS__);                    \
+    else if (width == 8) GEMM8(__VA_ARGS__);                 \
+    else gemm_tile_v4(__VA_ARGS__);                          \
+  } while (0)
+#ifdef LMOE_X86_DISPATCH
+#define GEMM16 gemm_tile_v16
+#define GEMM8 gemm_tile_v8
+#define SILU16 silu_v16
+#define SILU8 silu_v8
+#else
+#define GEMM16 gemm_tile_v4
+#define GEMM8 gemm_tile_v4
+#define SILU16 silu_v4
+#define SILU8 silu_v4
+#endif
+static inline __attribute__((always_inline)) void expert_body(void *arg, int64_t item,
+                                                              int32_t thread, const int width) {
   fwd *f = arg;
   const ws_layout *L = f->L;
   uint8_t *sc = f->scratch + L->per_thread * (size_t)thread;
@@ -277,7 +351,9 @@ LMOE_CLONES static void expert_task(void *arg, int64_t item, int32_t thread) {
   for (size_t c = 0; c < I; c++) {
     const float *g = gut + c * TILE, *u = gut + (I + c) * TILE;
     float *hr = ht + c * TILE;
-    for (int32_t i = 0; i < np; i++) hr[i] = round_bf16(g[i] / (1.0f + expf(-g[i])) * u[i]);
+    if (width == 16) SILU16(g, u, hr, np);
+    else if (width == 8) SILU8(g, u, hr, np);
+    else silu_v4(g, u, hr, np);
   }
   /* y = W2_e h (+ down LoRA) */
   gemm_tile(f->w2 + (size_t)e * H * I, I, (int32_t)H, (int32_t)I, ht, 0, n, yt, 0, 1.0f, wbuf);
@@ -301,6 +377,33 @@ LMOE_CLONES static void expert_task(void *arg, int64_t item, int32_t thread) {
     float *yr = f->y + (size_t)pairs[i] * H;
     for (size_t h = 0; h < H; h++) yr[h] = w * yt[h * TILE + (size_t)i];
   }
+}
+
+#undef gemm_tile
+
+static void expert_task_base(void *arg, int64_t item, int32_t thread) {
+  expert_body(arg, item, thread, 4);
+}
+#ifdef LMOE_X86_DISPATCH
+__attribute__((target("avx2,fma"))) static void expert_task_avx2(void *arg, int64_t item,
+                                                                  int32_t thread) {
+  expert_body(arg, item, thread, 8);
+}
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) static void
+expert_task_avx512(void *arg, int64_t item, int32_t thread) {
+  expert_body(arg, item, thread, 16);
+}
+#endif
+
+static lmoe_cpu_task pick_expert_task(void) {
+#ifdef LMOE_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return expert_task_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return expert_task_avx2;
+#endif
+  return expert_task_base;
 }
 
 static void reduce_task(void *arg, int64_t item, int32_t thread) {
@@ -327,6 +430,7 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
   const int64_t M = plan->M;
   const int32_t E = c->num_experts, k = c->top_k;
   const int32_t R = plan->pool ? plan->pool->cfg.max_rank : 0;
+  const int32_t S = plan->pool ? plan->pool->cfg.num_slots : 0;
 
   /* Given routing: the host can check the ids, so it does, before any work. */
   if (!plan->logits) {
@@ -339,7 +443,7 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
   }
 
   ws_layout L;
-  layout(&L, M, k, E, c->hidden, c->intermediate, R, ctx->threads > 0 ? ctx->threads : 1);
+  layout(&L, M, k, E, c->hidden, c->intermediate, R, S, ctx->threads > 0 ? ctx->threads : 1);
   uint8_t *ws = (uint8_t *)(((uintptr_t)ctx->workspace + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1));
   if (!ctx->workspace || L.total + (size_t)(ws - (uint8_t *)ctx->workspace) > ctx->workspace_bytes)
     return lmoe_fail(ctx, LMOE_ERR_STATE,
@@ -404,14 +508,24 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
       nitems++;
     }
   }
-  /* off[e] is now the start of expert e; fill using a running cursor per expert
-     (reusing the ids' order keeps tokens ascending inside an expert) */
-  for (int64_t p = 0; p < P; p++) sorted[off[f.ids[p]]++] = (int32_t)p;
+  /* off[e] is now the start of expert e; fill using a running cursor per expert.
+     With LoRA the pairs are first put in slot order (stable), so inside an expert a
+     slot's tokens are adjacent: one LoRA pass per slot and tile, not per request. */
+  if (f.lora) {
+    int32_t *so = (int32_t *)(ws + L.slot_off), *by = (int32_t *)(ws + L.by_slot);
+    memset(so, 0, ((size_t)S + 2) * sizeof *so);
+    for (int64_t p = 0; p < P; p++) so[f.slot_of[p / k] + 2]++; /* key slot + 1, >= 0 */
+    for (int32_t i = 2; i < S + 2; i++) so[i] += so[i - 1];
+    for (int64_t p = 0; p < P; p++) by[so[f.slot_of[p / k] + 1]++] = (int32_t)p;
+    for (int64_t q = 0; q < P; q++) sorted[off[f.ids[by[q]]]++] = by[q];
+  } else {
+    for (int64_t p = 0; p < P; p++) sorted[off[f.ids[p]]++] = (int32_t)p;
+  }
   f.sorted = sorted;
   f.items = items;
 
   /* 3. experts (LoRA fused in when it runs: then this task counts as LoRA work) */
-  lmoe_cpu_parallel(ctx, nitems, expert_task, &f);
+  lmoe_cpu_parallel(ctx, nitems, pick_expert_task(), &f);
   ctx->counters.launches++;
   if (f.lora) ctx->counters.lora_launches++;
 
