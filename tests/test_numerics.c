@@ -215,6 +215,15 @@ static void test_edges(void) {
   check_case(&c, LMOE_GUARD_DEVICE_SYNC, test_rand());
   c.given_topk = 1; /* bf16 logits */
   check_case(&c, LMOE_GUARD_HOST, test_rand());
+  /* H and I past the kernel's K chunk (128), not multiples of it; a tile past 64 */
+  c.E = 3, c.H = 300, c.I = 200, c.k = 2, c.given_topk = 0, c.max_rank = 16;
+  c.ad[0] = (adapter_spec){16, 7, 0, 0};
+  c.ad[1] = (adapter_spec){9, 7, 1, 0};
+  c.ad[2] = (adapter_spec){13, 5, 0, 1};
+  c.nreq = 3;
+  int tok2[3] = {70, 41, 29}, sl2[3] = {1, 0, 2};
+  memcpy(c.tokens, tok2, sizeof tok2), memcpy(c.slots, sl2, sizeof sl2);
+  check_case(&c, LMOE_GUARD_HOST, test_rand());
 }
 
 /* The adapters must matter: a test that can't see a wrong LoRA term proves nothing. */

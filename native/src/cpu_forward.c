@@ -44,6 +44,8 @@ enum {
   TILE = 64, /* pairs per work item: one expert's tokens share each widened weight row */
   MR = 6,    /* weight rows per register block */
   NR = 32,   /* lanes computed are a multiple of this (the widest register block) */
+  KC = 128,  /* K is swept in chunks: a chunk of the x tile (KC x TILE floats) stays in
+                L1 while every row block of W passes over it */
   ALIGN = 64,
   REDUCE_CHUNK = 16, /* tokens per reduce / route item */
 };
@@ -87,13 +89,11 @@ static void layout(ws_layout *L, int64_t M, int32_t k, int32_t E, int32_t H, int
   /* Per thread, feature-major tiles [features][TILE] (tokens are the vector lanes):
      xt holds x and later y (x is dead once gate/up are done). */
   size_t R13 = 2 * (size_t)R;
-  size_t kmax = (size_t)(H > I ? H : I);
-  if (R13 > kmax) kmax = R13;
   size_t t = 0, lane = TILE * sizeof(float);
   L->xt = t, t += up64((size_t)H * lane);
   L->gut = t, t += up64(2 * (size_t)I * lane);
   L->ht = t, t += up64((size_t)I * lane);
-  L->wbuf = t, t += up64(MR * kmax * sizeof(float));
+  L->wbuf = t, t += up64(MR * KC * sizeof(float));
   L->sh13t = t, t += up64((R13 ? R13 : 1) * lane);
   L->sh2t = t, t += up64((R ? (size_t)R : 1) * lane);
   L->per_thread = t;
@@ -113,8 +113,8 @@ size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config
 
 /* OUT[r][lane] (=|+=) alpha * sum_h W[r][h] * XT[h][lane], for r < rows and lanes in
    [lo, hi). W is bf16 [rows][ldw]; XT and OUT are feature-major fp32 tiles with TILE
-   lanes per row. accumulate = 0 stores whole 16-lane groups (lanes outside [lo, hi)
-   are scratch), 1 adds inside [lo, hi) only. wbuf holds MR*K floats.
+   lanes per row. accumulate = 0 stores whole lane groups (lanes outside [lo, hi)
+   are scratch), 1 adds inside [lo, hi) only. wbuf holds MR*KC floats.
    MR weight rows are widened to fp32 once, then for each group of GW lanes a
    register block of MR x NV native vectors (GW = 16 lanes with SSE/AVX2, 32 with
    AVX-512) sweeps K: NV vector loads of x and MR broadcasts of w feed MR*NV vector
@@ -127,45 +127,50 @@ size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config
       int32_t hi, float *OUT, int accumulate, float alpha, float *wbuf) {                     \
     enum { VL = sizeof(VT) / sizeof(float), GW = VL * NV }; /* lanes per group */           \
     if (hi <= lo || rows <= 0) return;                                                        \
-    for (int32_t r0 = 0; r0 < rows; r0 += MR) {                                               \
-      int32_t nr = rows - r0 < MR ? rows - r0 : MR;                                           \
-      for (int32_t i = 0; i < nr; i++) {                                                      \
-        const uint16_t *w = W + (size_t)(r0 + i) * ldw;                                       \
-        float *d = wbuf + (size_t)i * K;                                                      \
-        for (int32_t h = 0; h < K; h++) { /* bf16 -> fp32: the bits move up 16 */            \
-          uint32_t u = (uint32_t)w[h] << 16;                                                  \
-          memcpy(&d[h], &u, sizeof u);                                                        \
-        }                                                                                     \
-      }                                                                                       \
-      /* rows past nr repeat the last one: computed, never stored */                          \
-      const float *wr[MR];                                                                    \
-      for (int32_t i = 0; i < MR; i++) wr[i] = wbuf + (size_t)(i < nr ? i : nr - 1) * K;      \
-      for (int32_t g0 = lo - lo % GW; g0 < hi; g0 += GW) {                                    \
-        VT acc[MR][NV];                                                                       \
-        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++)                                  \
-        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = (VT){0};             \
-        const float *xp = XT + g0;                                                            \
-        for (int32_t h = 0; h < K; h++) {                                                     \
-          VT x[NV];                                                                           \
-          _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                                \
-            x[v] = *(const VT *)(xp + (size_t)h * TILE + v * VL);                             \
-          _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                              \
-            float wv = wr[i][h];                                                              \
-            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv * x[v];      \
+    for (int32_t k0 = 0; k0 < K; k0 += KC) {                                                  \
+      const int32_t kc = K - k0 < KC ? K - k0 : KC;                                           \
+      const int add = accumulate || k0 > 0;                                                   \
+      for (int32_t r0 = 0; r0 < rows; r0 += MR) {                                             \
+        int32_t nr = rows - r0 < MR ? rows - r0 : MR;                                         \
+        for (int32_t i = 0; i < nr; i++) {                                                    \
+          const uint16_t *w = W + (size_t)(r0 + i) * ldw + k0;                                \
+          float *d = wbuf + (size_t)i * KC;                                                   \
+          for (int32_t h = 0; h < kc; h++) { /* bf16 -> fp32: the bits move up 16 */         \
+            uint32_t u = (uint32_t)w[h] << 16;                                                \
+            memcpy(&d[h], &u, sizeof u);                                                      \
           }                                                                                   \
         }                                                                                     \
-        int32_t l0 = lo > g0 ? lo - g0 : 0, l1 = hi < g0 + GW ? hi - g0 : GW;                 \
-        for (int32_t i = 0; i < nr; i++) {                                                    \
-          float *o = OUT + (size_t)(r0 + i) * TILE + g0;                                      \
-          _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                              \
-            VT val = acc[i][v] * alpha;                                                       \
-            if (!accumulate) {                                                                \
-              *(VT *)(o + v * VL) = val;                                                      \
-            } else if (l0 <= v * VL && v * VL + VL <= l1) {                                   \
-              *(VT *)(o + v * VL) += val;                                                     \
-            } else {                                                                          \
-              for (int32_t c = 0; c < VL; c++)                                                \
-                if (v * VL + c >= l0 && v * VL + c < l1) o[v * VL + c] += val[c];             \
+        /* rows past nr repeat the last one: computed, never stored */                        \
+        const float *wr[MR];                                                                  \
+        for (int32_t i = 0; i < MR; i++) wr[i] = wbuf + (size_t)(i < nr ? i : nr - 1) * KC;   \
+        for (int32_t g0 = lo - lo % GW; g0 < hi; g0 += GW) {                                  \
+          VT acc[MR][NV];                                                                     \
+          _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++)                                \
+          _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = (VT){0};           \
+          const float *xp = XT + (size_t)k0 * TILE + g0;                                      \
+          for (int32_t h = 0; h < kc; h++) {                                                  \
+            VT x[NV];                                                                         \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++)                              \
+              x[v] = *(const VT *)(xp + (size_t)h * TILE + v * VL);                           \
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {                            \
+              float wv = wr[i][h];                                                            \
+              _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] += wv * x[v];    \
+            }                                                                                 \
+          }                                                                                   \
+          int32_t l0 = lo > g0 ? lo - g0 : 0, l1 = hi < g0 + GW ? hi - g0 : GW;               \
+          if (!accumulate) l0 = 0, l1 = GW; /* store mode owns whole groups */                \
+          for (int32_t i = 0; i < nr; i++) {                                                  \
+            float *o = OUT + (size_t)(r0 + i) * TILE + g0;                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                            \
+              VT val = acc[i][v] * alpha;                                                     \
+              if (!add) {                                                                     \
+                *(VT *)(o + v * VL) = val;                                                    \
+              } else if (l0 <= v * VL && v * VL + VL <= l1) {                                 \
+                *(VT *)(o + v * VL) += val;                                                   \
+              } else {                                                                        \
+                for (int32_t c = 0; c < VL; c++)                                              \
+                  if (v * VL + c >= l0 && v * VL + c < l1) o[v * VL + c] += val[c];           \
+              }                                                                               \
             }                                                                                 \
           }                                                                                   \
         }                                                                                     \
