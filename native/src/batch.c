@@ -157,7 +157,9 @@ int32_t lmoe_batch_active_slots(const lmoe_batch *b, int32_t *slots, int64_t *to
                                 int32_t capacity) {
   if (!b || b->obj.magic != LMOE_MAGIC_BATCH || capacity < 0) return 0;
   int32_t n = b->num_active < capacity ? b->num_active : capacity;
-  if (slots) memcpy(slots, b->active_slots, (size_t)n * sizeof *slots);
-  if (tokens) memcpy(tokens, b->active_tokens, (size_t)n * sizeof *tokens);
+  /* n > 0: the arrays are NULL until a batch has had an active slot (memcpy(_, NULL, 0)
+     is undefined behaviour, and UBSan says so) */
+  if (slots && n > 0) memcpy(slots, b->active_slots, (size_t)n * sizeof *slots);
+  if (tokens && n > 0) memcpy(tokens, b->active_tokens, (size_t)n * sizeof *tokens);
   return n;
 }
