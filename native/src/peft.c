@@ -24,6 +24,7 @@ typedef struct peft_tensor {
   int32_t family;
   char *module;   /* module name in the base model, e.g. model.layers.0.mlp.experts.3.gate_proj */
   char *param;    /* fused: the parameter name (gate_up_proj, down_proj) */
+  int32_t depth;  /* fused: how many .base_layer levels deep */
 } peft_tensor;
 
 typedef struct pattern {
@@ -414,6 +415,7 @@ static lmoe_status classify(lmoe_peft *p, int32_t idx, const char *cfg) {
     t->module = em;
     t->part = part;
     t->family = fam;
+    t->depth = depth;
     return LMOE_OK;
   }
   int32_t e;
@@ -431,6 +433,51 @@ static lmoe_status classify(lmoe_peft *p, int32_t idx, const char *cfg) {
   t->expert = e;
   t->family = fam;
   return LMOE_OK;
+}
+
+/* PEFT saves target_parameters as a sorted list, while the base_layer nesting follows
+   the order the parameters were given in when the adapter was made (seen with PEFT
+   0.21: given [gate_up_proj, down_proj], saved [down_proj, gate_up_proj], gate_up_proj
+   innermost). So when a layer has both fused parameters, the shapes decide: gate_up's
+   A is [E*r, H] and its B [2I, E*r]; down's A is [E*r, I] and its B [H, E*r]. With the
+   in/out sizes a0,b0 at depth 0 and a1,b1 at depth 1, "depth 0 is gate_up" holds iff
+   b0 == 2*a1 && a0 == b1, and "depth 0 is down" iff b1 == 2*a0 && a1 == b0; both can't
+   hold for non-empty tensors. When neither holds the list order stays and the shape
+   checks at load time report the mismatch. */
+static void resolve_fused_nesting(lmoe_peft *p) {
+  for (int32_t i = 0; i < p->n; i++) {
+    peft_tensor *t = &p->t[i];
+    if (t->part < 0 || t->expert >= 0 || t->depth != 0 || t->is_b) continue;
+    int64_t io[2][2] = {{-1, -1}, {-1, -1}}; /* [depth][A in, B out] */
+    int32_t idx[2][2] = {{-1, -1}, {-1, -1}};
+    for (int32_t j = 0; j < p->n; j++) {
+      peft_tensor *u = &p->t[j];
+      if (u->part < 0 || u->expert >= 0 || u->layer != t->layer || u->family != t->family ||
+          u->depth > 1 || strcmp(u->module, t->module))
+        continue;
+      lmoe_tensor_info ti;
+      lmoe_safetensors_tensor(p->st, u->st_index, &ti);
+      if (ti.ndim != 2) return;
+      io[u->depth][u->is_b] = u->is_b ? ti.shape[0] : ti.shape[1];
+      idx[u->depth][u->is_b] = j;
+    }
+    if (idx[0][0] < 0 || idx[0][1] < 0 || idx[1][0] < 0 || idx[1][1] < 0) continue;
+    int64_t a0 = io[0][0], b0 = io[0][1], a1 = io[1][0], b1 = io[1][1];
+    int32_t want0 = -1;
+    if (b0 == 2 * a1 && a0 == b1) want0 = PART_GATE_UP;
+    else if (b1 == 2 * a0 && a1 == b0) want0 = PART_DOWN;
+    if (want0 < 0 || p->t[idx[0][0]].part == want0) continue;
+    for (int32_t d = 0; d < 2; d++)
+      for (int32_t k = 0; k < 2; k++) {
+        peft_tensor *u = &p->t[idx[d][k]];
+        u->part = (d == 0) == (want0 == PART_GATE_UP) ? PART_GATE_UP : PART_DOWN;
+        char *name = strdup(u->part == PART_GATE_UP ? "gate_up_proj" : "down_proj");
+        if (name) {
+          free(u->param);
+          u->param = name;
+        }
+      }
+  }
 }
 
 static int cmp_int(const void *a, const void *b) {
@@ -457,6 +504,7 @@ static lmoe_status peft_finish(lmoe_peft *p, const char *text, size_t len, const
   if (!s && !(p->t = calloc((size_t)n + 1, sizeof *p->t)))
     s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   for (int32_t i = 0; !s && i < n; i++) s = classify(p, i, cfg);
+  if (!s) resolve_fused_nesting(p);
   /* Facts over all layers: families agree, one layout, the layers present. */
   if (!s && !(p->layers = calloc((size_t)n + 1, sizeof *p->layers)))
     s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
