@@ -50,6 +50,7 @@ typedef struct lmoe_fwd {
   int32_t R;                 /* pool max_rank (0 without pool) */
   int32_t t13s, t2s;         /* row strides of t13, t2 (multiples of 8) */
   int32_t al_x, al_lora;     /* 16-byte aligned fast paths allowed */
+  int32_t gemm_cfg;          /* tile configuration, from lmoe_k_init */
   const uint16_t *x;         /* [M, H] */
   const void *logits;        /* [M, E] f32 or bf16, or NULL */
   int32_t logits_bf16;
@@ -86,8 +87,9 @@ typedef struct lmoe_ws_layout {
 void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                    int32_t num_slots, int32_t max_rank, lmoe_ws_layout *out);
 
-/* One-time per-device setup (shared-memory limits of the GEMM kernels). */
-cudaError_t lmoe_k_init(void);
+/* Per-device setup of the current device: shared-memory limits of the GEMM kernels;
+   *gemm_cfg receives the tile configuration to use on it. */
+cudaError_t lmoe_k_init(int32_t *gemm_cfg);
 
 cudaError_t lmoe_k_fill_random(void *p, int32_t dtype, int64_t n, uint64_t seed, float lo, float hi,
                                cudaStream_t s);

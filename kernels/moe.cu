@@ -17,7 +17,6 @@
 
 #define BM LMOE_K_BM
 #define BK 32
-#define STAGES 4
 #define GROUP_M 8
 #define PAD_GROUP 0x7fffffff
 
@@ -93,7 +92,7 @@ static __device__ __forceinline__ void ldmatrix_x4(uint32_t &r0, uint32_t &r1, u
 }
 
 static __device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a, const uint32_t *b) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -473,76 +472,158 @@ static __device__ __forceinline__ void load_chunk(const lmoe_fwd &f, const tile_
   }
 }
 
+/* Row pointers of the base product, fixed for a tile: each thread always loads the
+   same (row, 16-byte chunk) pieces, so the K loop only adds the column. */
+template <int BN, int THREADS> struct base_ptrs {
+  const uint16_t *a[BM * 4 / THREADS];
+  const uint16_t *b[BN * 4 / THREADS];
+  int K, ala, alb;
+};
+
+template <int MODE, int BN, int THREADS>
+static __device__ __forceinline__ void make_ptrs(const lmoe_fwd &f, const tile_ctx &tc, const int *row_pair,
+                                                 const int *row_group, base_ptrs<BN, THREADS> &p) {
+  const int H = f.H, I = f.I, R = f.R, hs = (I + 7) & ~7;
+  int tid = threadIdx.x;
+#pragma unroll
+  for (int q = 0; q < BM * 4 / THREADS; q++) {
+    int r = (tid + q * THREADS) >> 2;
+    int pair = row_pair[r];
+    const uint16_t *row = 0;
+    if (MODE == MODE_GATEUP || MODE == MODE_SHRINK13) {
+      if (pair >= 0 && (MODE == MODE_GATEUP || row_group[r] == tc.g)) row = f.x + (size_t)(pair / f.k) * H;
+    } else {
+      if (pair >= 0 && (MODE == MODE_DOWN || row_group[r] == tc.g)) row = f.h + (size_t)(tc.p0 + r) * hs;
+    }
+    p.a[q] = row;
+  }
+#pragma unroll
+  for (int q = 0; q < BN * 4 / THREADS; q++) {
+    int n = (tid + q * THREADS) >> 2;
+    const uint16_t *row = 0;
+    if (MODE == MODE_GATEUP) {
+      int j = tc.n0 + (n >> 1), which = n & 1;
+      if (j < I) row = f.w13 + ((size_t)tc.e * 2 * I + (size_t)which * I + j) * H;
+    } else if (MODE == MODE_DOWN) {
+      int o = tc.n0 + n;
+      if (o < H) row = f.w2 + ((size_t)tc.e * H + o) * I;
+    } else if (MODE == MODE_SHRINK13) {
+      int q2 = tc.n0 + n;
+      if (q2 < tc.r)
+        row = f.pool + (size_t)tc.slot * f.slot_elems + f.off_a13 + ((size_t)tc.e * 2 * R + q2) * H;
+    } else {
+      int q2 = tc.n0 + n;
+      if (q2 < tc.r) row = f.pool + (size_t)tc.slot * f.slot_elems + f.off_a2 + ((size_t)tc.e * R + q2) * I;
+    }
+    p.b[q] = row;
+  }
+  p.K = (MODE == MODE_GATEUP || MODE == MODE_SHRINK13) ? H : I;
+  p.ala = (MODE == MODE_GATEUP || MODE == MODE_SHRINK13) ? (f.al_x & AL_X) : 1;
+  p.alb = MODE == MODE_GATEUP ? (f.al_x & AL_W13) : MODE == MODE_DOWN ? (f.al_x & AL_W2)
+          : MODE == MODE_SHRINK13 ? (f.al_lora & AL_A13) : (f.al_lora & AL_A2);
+}
+
+template <int BN, int THREADS>
+static __device__ __forceinline__ void load_base(const base_ptrs<BN, THREADS> &p, int chunk, uint16_t *as,
+                                                 uint16_t *bs) {
+  int tid = threadIdx.x, ch = tid & 3, col = chunk * BK + ch * 8;
+#pragma unroll
+  for (int q = 0; q < BM * 4 / THREADS; q++) {
+    int r = (tid + q * THREADS) >> 2;
+    load8(as + swz(r, ch), p.a[q], col, p.K, p.ala);
+  }
+#pragma unroll
+  for (int q = 0; q < BN * 4 / THREADS; q++) {
+    int n = (tid + q * THREADS) >> 2;
+    load8(bs + swz(n, ch), p.b[q], col, p.K, p.alb);
+  }
+}
+
+/* Fragments of one k16 step of a warp's tile, loaded with ldmatrix. */
 template <int BN, int WARPS_M, int WARPS_N>
-static __device__ __forceinline__ void compute_stage(const uint16_t *as, const uint16_t *bs,
-                                                     float (*acc)[BN / WARPS_N / 8][4]) {
+static __device__ __forceinline__ void load_frags(const uint16_t *as, const uint16_t *bs, int kk,
+                                                  uint32_t (*a)[4], uint32_t (*b)[2]) {
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int wm0 = (warp / WARPS_N) * WTM, wn0 = (warp % WARPS_N) * WTN;
 #pragma unroll
-  for (int kk = 0; kk < 2; kk++) {
-    uint32_t a[MI][4], b[NI][2];
+  for (int mi = 0; mi < MI; mi++) {
+    int r = wm0 + mi * 16 + (lane & 15), ch = kk * 2 + (lane >> 4);
+    ldmatrix_x4(a[mi][0], a[mi][1], a[mi][2], a[mi][3], as + swz(r, ch));
+  }
 #pragma unroll
-    for (int mi = 0; mi < MI; mi++) {
-      int r = wm0 + mi * 16 + (lane & 15), ch = kk * 2 + (lane >> 4);
-      ldmatrix_x4(a[mi][0], a[mi][1], a[mi][2], a[mi][3], as + swz(r, ch));
-    }
-#pragma unroll
-    for (int nj = 0; nj < NI / 2; nj++) {
-      int n = wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3), ch = kk * 2 + ((lane >> 3) & 1);
-      ldmatrix_x4(b[2 * nj][0], b[2 * nj][1], b[2 * nj + 1][0], b[2 * nj + 1][1], bs + swz(n, ch));
-    }
-#pragma unroll
-    for (int mi = 0; mi < MI; mi++)
-#pragma unroll
-      for (int ni = 0; ni < NI; ni++) mma_bf16(acc[mi][ni], a[mi], b[ni]);
+  for (int nj = 0; nj < NI / 2; nj++) {
+    int n = wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3), ch = kk * 2 + ((lane >> 3) & 1);
+    ldmatrix_x4(b[2 * nj][0], b[2 * nj][1], b[2 * nj + 1][0], b[2 * nj + 1][1], bs + swz(n, ch));
   }
 }
 
-template <int MODE, int BN, int WARPS_M, int WARPS_N>
+template <int MI, int NI>
+static __device__ __forceinline__ void mma_frags(float (*acc)[NI][4], uint32_t (*a)[4], uint32_t (*b)[2]) {
+#pragma unroll
+  for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+    for (int ni = 0; ni < NI; ni++) mma_bf16(acc[mi][ni], a[mi], b[ni]);
+}
+
+template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
 static __device__ void mainloop(const lmoe_fwd &f, const tile_ctx &tc, int nchunks, uint16_t *As,
                                 uint16_t *Bs, const int *row_pair, const int *row_group,
                                 const int *lg_list, const int *lg_cnt, int nl,
                                 float (*acc)[BN / WARPS_N / 8][4]) {
   constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  base_ptrs<BN, THREADS> bp;
+  make_ptrs<MODE, BN, THREADS>(f, tc, row_pair, row_group, bp);
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; s++) {
-    if (s < nchunks)
+  for (int s = 0; s < ST - 1; s++) {
+    if (s < tc.nbase)
+      load_base<BN, THREADS>(bp, s, As + s * BM * BK, Bs + s * BN * BK);
+    else if (s < nchunks)
       load_chunk<MODE, BN, THREADS>(f, tc, s, As + s * BM * BK, Bs + s * BN * BK, row_pair,
                                     row_group, lg_list, lg_cnt, nl);
     cp_async_commit();
   }
+  constexpr int MI = BM / WARPS_M / 16, NI = BN / WARPS_N / 8;
   for (int c = 0; c < nchunks; c++) {
-    cp_async_wait<STAGES - 2>();
+    cp_async_wait<ST - 2>();
     __syncthreads();
-    int nc = c + STAGES - 1;
+    /* the first k16 step's fragments go out before the next chunk's loads are issued,
+       the second's before the first step's products: their latencies overlap work */
+    int st = c % ST;
+    uint32_t a0[MI][4], b0[NI][2], a1[MI][4], b1[NI][2];
+    load_frags<BN, WARPS_M, WARPS_N>(As + st * BM * BK, Bs + st * BN * BK, 0, a0, b0);
+    int nc = c + ST - 1;
     if (nc < nchunks) {
-      int st = nc % STAGES;
-      load_chunk<MODE, BN, THREADS>(f, tc, nc, As + st * BM * BK, Bs + st * BN * BK, row_pair,
-                                    row_group, lg_list, lg_cnt, nl);
+      int sn = nc % ST;
+      if (nc < tc.nbase)
+        load_base<BN, THREADS>(bp, nc, As + sn * BM * BK, Bs + sn * BN * BK);
+      else
+        load_chunk<MODE, BN, THREADS>(f, tc, nc, As + sn * BM * BK, Bs + sn * BN * BK, row_pair,
+                                      row_group, lg_list, lg_cnt, nl);
     }
     cp_async_commit();
-    int st = c % STAGES;
-    compute_stage<BN, WARPS_M, WARPS_N>(As + st * BM * BK, Bs + st * BN * BK, acc);
+    load_frags<BN, WARPS_M, WARPS_N>(As + st * BM * BK, Bs + st * BN * BK, 1, a1, b1);
+    mma_frags<MI, NI>(acc, a0, b0);
+    mma_frags<MI, NI>(acc, a1, b1);
   }
   cp_async_wait<0>();
   __syncthreads();
 }
 
-template <int MODE, int BN, int WARPS_M, int WARPS_N>
+template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
 static size_t gemm_smem(void) {
-  return (size_t)STAGES * (BM + BN) * BK * 2 + (size_t)4 * BM * sizeof(int) + 16;
+  return (size_t)ST * (BM + BN) * BK * 2 + (size_t)4 * BM * sizeof(int) + 16;
 }
 
-template <int MODE, int BN, int WARPS_M, int WARPS_N>
+template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
 static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     k_gemm(lmoe_fwd f, int lora) {
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
   constexpr bool SHRINK = MODE == MODE_SHRINK13 || MODE == MODE_SHRINK2;
   extern __shared__ __align__(16) uint8_t smem[];
   uint16_t *As = (uint16_t *)smem;
-  uint16_t *Bs = As + STAGES * BM * BK;
-  int *row_pair = (int *)(Bs + STAGES * BN * BK);
+  uint16_t *Bs = As + ST * BM * BK;
+  int *row_pair = (int *)(Bs + ST * BN * BK);
   int *row_group = row_pair + BM;
   int *lg_list = row_group + BM;
   int *lg_cnt = lg_list + BM;
@@ -616,40 +697,53 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     for (int mi = 0; mi < MI; mi++)
 #pragma unroll
       for (int ni = 0; ni < NI; ni++) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
-    mainloop<MODE, BN, WARPS_M, WARPS_N>(f, tc, tc.nbase + nlora, As, Bs, row_pair, row_group, lg_list,
+    mainloop<MODE, BN, WARPS_M, WARPS_N, ST>(f, tc, tc.nbase + nlora, As, Bs, row_pair, row_group, lg_list,
                                          lg_cnt, nl, acc);
-    const int hs = (f.I + 7) & ~7;
+    /* Epilogue through shared memory (free after the main loop): the tile's output
+       rows leave as 16-byte stores instead of 2- and 4-byte ones. */
+    constexpr int OUTW = MODE == MODE_GATEUP ? BN / 2 : BN;
+    constexpr int OS = OUTW + 8; /* padded row: spreads rows over the banks */
+    uint16_t *so = As;
+    float wrow[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+      for (int half = 0; half < 2; half++) {
+        int pair = row_pair[wm0 + mi * 16 + (lane >> 2) + half * 8];
+        wrow[mi][half] = MODE == MODE_DOWN && pair >= 0 ? f.tw[pair] : 1.0f;
+      }
 #pragma unroll
     for (int mi = 0; mi < MI; mi++) {
 #pragma unroll
       for (int half = 0; half < 2; half++) {
         int r = wm0 + mi * 16 + (lane >> 2) + half * 8;
-        int pair = row_pair[r];
-        if (pair < 0) continue;
-        if (MODE == MODE_GATEUP) {
-          uint16_t *hrow = f.h + (size_t)(tc.p0 + r) * hs;
 #pragma unroll
-          for (int ni = 0; ni < NI; ni++) {
-            int j = tc.n0 + (wn0 + ni * 8 + 2 * (lane & 3)) / 2;
-            float gt = acc[mi][ni][half * 2], up = acc[mi][ni][half * 2 + 1];
-            float hv = gt / (1.0f + __expf(-gt)) * up;
-            if (j < f.I) hrow[j] = f2bf(hv);
-          }
-        } else {
-          float w = f.tw[pair];
-          uint16_t *yrow = f.y + (size_t)pair * f.H;
-#pragma unroll
-          for (int ni = 0; ni < NI; ni++) {
-            int o = tc.n0 + wn0 + ni * 8 + 2 * (lane & 3);
-            float v0 = w * acc[mi][ni][half * 2], v1 = w * acc[mi][ni][half * 2 + 1];
-            if (o + 1 < f.H && !(f.H & 1)) {
-              *(uint32_t *)(yrow + o) = (uint32_t)f2bf(v0) | ((uint32_t)f2bf(v1) << 16);
-            } else {
-              if (o < f.H) yrow[o] = f2bf(v0);
-              if (o + 1 < f.H) yrow[o + 1] = f2bf(v1);
-            }
+        for (int ni = 0; ni < NI; ni++) {
+          int c = wn0 + ni * 8 + 2 * (lane & 3);
+          float a0 = acc[mi][ni][half * 2], a1 = acc[mi][ni][half * 2 + 1];
+          if (MODE == MODE_GATEUP) {
+            so[r * OS + c / 2] = f2bf(a0 / (1.0f + __expf(-a0)) * a1);
+          } else {
+            float w = wrow[mi][half];
+            *(uint32_t *)(so + r * OS + c) = (uint32_t)f2bf(w * a0) | ((uint32_t)f2bf(w * a1) << 16);
           }
         }
+      }
+    }
+    __syncthreads();
+    const int hs = (f.I + 7) & ~7;
+    const int limit = MODE == MODE_GATEUP ? f.I : f.H;
+    const bool vec = MODE == MODE_GATEUP || (f.H & 7) == 0;
+    for (int i = threadIdx.x; i < BM * (OUTW / 8); i += blockDim.x) {
+      int r = i / (OUTW / 8), c = (i % (OUTW / 8)) * 8, col = tc.n0 + c;
+      int pair = row_pair[r];
+      if (pair < 0 || col >= limit) continue;
+      uint16_t *dst = MODE == MODE_GATEUP ? f.h + (size_t)(tc.p0 + r) * hs + col : f.y + (size_t)pair * f.H + col;
+      const uint16_t *src = so + r * OS + c;
+      if (vec && col + 8 <= limit) {
+        *(uint4 *)dst = *(const uint4 *)src;
+      } else {
+        for (int q = 0; q < 8 && col + q < limit; q++) dst[q] = src[q];
       }
     }
     return;
@@ -669,7 +763,7 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       for (int mi = 0; mi < MI; mi++)
 #pragma unroll
         for (int ni = 0; ni < NI; ni++) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
-      mainloop<MODE, BN, WARPS_M, WARPS_N>(f, tc, tc.nbase, As, Bs, row_pair, row_group, lg_list, lg_cnt,
+      mainloop<MODE, BN, WARPS_M, WARPS_N, ST>(f, tc, tc.nbase, As, Bs, row_pair, row_group, lg_list, lg_cnt,
                                            nl, acc);
       uint16_t *tb = MODE == MODE_SHRINK13 ? f.t13 : f.t2;
       int ts = MODE == MODE_SHRINK13 ? f.t13s : f.t2s;
@@ -742,10 +836,8 @@ static __global__ void k_reduce(lmoe_fwd f) {
 
 /* ------------------------------------------------------------------ launchers */
 
-#define GEMM_MAIN MODE_GATEUP, 128, 2, 4
-#define GEMM_DOWN MODE_DOWN, 128, 2, 4
-#define GEMM_S13 MODE_SHRINK13, 32, 4, 1
-#define GEMM_S2 MODE_SHRINK2, 32, 4, 1
+#define GEMM_S13 MODE_SHRINK13, 32, 4, 1, 4
+#define GEMM_S2 MODE_SHRINK2, 32, 4, 1, 4
 
 static int grid_for(int64_t n, int threads) {
   int64_t b = (n + threads - 1) / threads;
@@ -753,19 +845,38 @@ static int grid_for(int64_t n, int threads) {
   return (int)(b > 0 ? b : 1);
 }
 
-extern "C" cudaError_t lmoe_k_init(void) {
-  cudaError_t e;
-  if ((e = cudaFuncSetAttribute(k_gemm<GEMM_MAIN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)gemm_smem<GEMM_MAIN>())))
+/* Tile configurations of the two big GEMMs: 0 = 128x256 tiles (warps of 64x64),
+   4 stages, ~98 KB of shared memory (fits sm_80..sm_90); 1 = 128x128 tiles (warps of
+   64x32), 4 stages, ~66 KB, for devices with less. Measured on H100 (docs/gpu-notes.md):
+   0 beats 1 by ~10%; 8 stages or 6 stages changed nothing. LMOE_GEMM_CFG=1 forces 1. */
+#include <stdlib.h>
+
+template <int MODE, int BN, int WM, int WN, int ST> static cudaError_t set_smem(int limit, int *ok) {
+  size_t need = gemm_smem<MODE, BN, WM, WN, ST>();
+  if ((int)need > limit) {
+    *ok = 0;
+    return cudaSuccess;
+  }
+  return cudaFuncSetAttribute(k_gemm<MODE, BN, WM, WN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              (int)need);
+}
+
+extern "C" cudaError_t lmoe_k_init(int32_t *gemm_cfg) {
+  int dev = 0, limit = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (!e) e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e) return e;
+  int ok[2] = {1, 1}, must = 1;
+  if ((e = set_smem<MODE_GATEUP, 256, 2, 4, 4>(limit, &ok[0])) || (e = set_smem<MODE_DOWN, 256, 2, 4, 4>(limit, &ok[0])) ||
+      (e = set_smem<MODE_GATEUP, 128, 2, 4, 4>(limit, &ok[1])) || (e = set_smem<MODE_DOWN, 128, 2, 4, 4>(limit, &ok[1])) ||
+      (e = set_smem<GEMM_S13>(limit, &must)) || (e = set_smem<GEMM_S2>(limit, &must)))
     return e;
-  if ((e = cudaFuncSetAttribute(k_gemm<GEMM_DOWN>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)gemm_smem<GEMM_DOWN>())))
-    return e;
-  if ((e = cudaFuncSetAttribute(k_gemm<GEMM_S13>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)gemm_smem<GEMM_S13>())))
-    return e;
-  return cudaFuncSetAttribute(k_gemm<GEMM_S2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              (int)gemm_smem<GEMM_S2>());
+  if (!ok[1] || !must) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
+  int cfg = ok[0] ? 0 : 1;
+  const char *env = getenv("LMOE_GEMM_CFG");
+  if (env && atoi(env) == 1) cfg = 1;
+  *gemm_cfg = cfg;
+  return cudaSuccess;
 }
 
 extern "C" cudaError_t lmoe_k_fill_random(void *p, int32_t dtype, int64_t n, uint64_t seed, float lo,
@@ -820,16 +931,21 @@ extern "C" cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) {
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s) {
-  int ntn = (f->I + 63) / 64;
-  k_gemm<GEMM_MAIN><<<f->mt_max * ntn, 256, gemm_smem<GEMM_MAIN>(), s>>>(*f, lora);
+template <int MODE, int BN, int WM, int WN, int ST>
+static cudaError_t launch_gemm(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  int ntn = MODE == MODE_GATEUP ? (f->I + BN / 2 - 1) / (BN / 2) : (f->H + BN - 1) / BN;
+  k_gemm<MODE, BN, WM, WN, ST><<<f->mt_max * ntn, 32 * WM * WN, gemm_smem<MODE, BN, WM, WN, ST>(), s>>>(*f, lora);
   return cudaGetLastError();
 }
 
+extern "C" cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  if (f->gemm_cfg == 1) return launch_gemm<MODE_GATEUP, 128, 2, 4, 4>(f, lora, s);
+  return launch_gemm<MODE_GATEUP, 256, 2, 4, 4>(f, lora, s);
+}
+
 extern "C" cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s) {
-  int ntn = (f->H + 127) / 128;
-  k_gemm<GEMM_DOWN><<<f->mt_max * ntn, 256, gemm_smem<GEMM_DOWN>(), s>>>(*f, lora);
-  return cudaGetLastError();
+  if (f->gemm_cfg == 1) return launch_gemm<MODE_DOWN, 128, 2, 4, 4>(f, lora, s);
+  return launch_gemm<MODE_DOWN, 256, 2, 4, 4>(f, lora, s);
 }
 
 extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {

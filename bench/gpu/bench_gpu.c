@@ -228,6 +228,8 @@ static double time_forward(bench *b, int M, lmoe_pool *pool, int graph, int iter
   return median(t, iters);
 }
 
+static int only_case = -1, profile_only = 0;
+
 static void run_preset(bench *b, const int *Ms, int nM, int iters) {
   const preset *p = &b->p;
   printf("\n### %s (E%d H%d I%d k%d)\n\n", p->name, p->E, p->H, p->I, p->k);
@@ -238,11 +240,13 @@ static void run_preset(bench *b, const int *Ms, int nM, int iters) {
     if (M > b->maxM) continue;
     for (size_t ci = 0; ci < sizeof CASES / sizeof CASES[0]; ci++) {
       const bcase *c = &CASES[ci];
+      if (only_case >= 0 && (int)ci != only_case) continue;
       lmoe_pool *pool = c->pool == 0 ? NULL : c->pool == 1 ? b->pool16 : b->poolmix;
       int tok[8];
       for (int i = 0; i < 8; i++) tok[i] = M / 8 + (i < M % 8);
       CK(b->ctx, lmoe_batch_set(b->batch, pool, 8, tok, c->slots));
       double te = time_forward(b, M, pool, 0, iters);
+      if (profile_only) continue;
       double tg = time_forward(b, M, pool, 1, iters);
       double fl = case_flops(p, M, c), by = case_bytes(p, M, c);
       double floor_ms = fmax(fl / PEAK_FLOPS, by / PEAK_BYTES) * 1e3;
@@ -330,6 +334,10 @@ int main(int argc, char **argv) {
       for (char *t = strtok(argv[++i], ","); t && nM < 16; t = strtok(NULL, ",")) Ms[nM++] = atoi(t);
     } else if (!strcmp(argv[i], "--iters") && i + 1 < argc) {
       iters = atoi(argv[++i]);
+    } else if (!strcmp(argv[i], "--case") && i + 1 < argc) {
+      only_case = atoi(argv[++i]);
+    } else if (!strcmp(argv[i], "--profile")) {
+      profile_only = 1; /* one eager timing pass per case, for a profiler */
     } else if (!strcmp(argv[i], "--stack")) {
       stack = 1;
     } else if (!strcmp(argv[i], "--csv") && i + 1 < argc) {
@@ -354,7 +362,7 @@ int main(int argc, char **argv) {
     setup(&b, &PRESETS[pi], maxM);
     b.csv = csv;
     run_preset(&b, Ms, nM, iters);
-    if (pi == 0) {
+    if (pi == 0 && !profile_only) {
       run_early_exit(&b, Ms, nM, iters);
       if (stack) run_stack(&b, 2048 <= maxM ? 2048 : maxM);
     }

@@ -18,6 +18,7 @@ typedef struct cuda_ctx {
   cudaStream_t stream;
   int own_stream;
   int32_t *any_host; /* pinned: the device_sync guard's flag */
+  int32_t gemm_cfg;   /* GEMM tile configuration for this device */
 } cuda_ctx;
 
 typedef struct cuda_pool {
@@ -76,6 +77,7 @@ lmoe_status lmoe_cuda_device_info(int32_t device, lmoe_device_info *out) {
 /* ---------------------------------------------------------------- context */
 
 static int kernels_ready[64];
+static int32_t kernels_cfg[64];
 
 static lmoe_status cu_init(lmoe_context *ctx) {
   int n = lmoe_cuda_device_count();
@@ -88,13 +90,20 @@ static lmoe_status cu_init(lmoe_context *ctx) {
   if (e) return cuda_err(ctx, e, "cudaSetDevice");
   cuda_ctx *c = calloc(1, sizeof *c);
   if (!c) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  if (ctx->device < 64 && !kernels_ready[ctx->device]) {
-    e = lmoe_k_init();
+  if (ctx->device >= 64 || !kernels_ready[ctx->device]) {
+    int32_t cfg = 0;
+    e = lmoe_k_init(&cfg);
     if (e) {
       free(c);
-      return cuda_err(ctx, e, "setting up the kernels");
+      return cuda_err(ctx, e, "setting up the kernels for this device");
     }
-    kernels_ready[ctx->device] = 1;
+    if (ctx->device < 64) {
+      kernels_cfg[ctx->device] = cfg;
+      kernels_ready[ctx->device] = 1;
+    }
+    c->gemm_cfg = cfg;
+  } else {
+    c->gemm_cfg = kernels_cfg[ctx->device];
   }
   e = cudaHostAlloc((void **)&c->any_host, sizeof(int32_t), cudaHostAllocDefault);
   if (e) {
@@ -498,6 +507,7 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   f.t13 = (uint16_t *)(ws + L.t13);
   f.t2 = (uint16_t *)(ws + L.t2);
   size_t H = (size_t)c->hidden, I = (size_t)c->intermediate;
+  f.gemm_cfg = ((cuda_ctx *)ctx->be)->gemm_cfg;
   f.al_x = ((((uintptr_t)f.x) | (H * 2)) % 16 == 0 ? 1 : 0) | (H % 8 == 0 ? 2 : 0) | (I % 8 == 0 ? 4 : 0);
 
   bool lora_possible = pool && (plan->guard == LMOE_GUARD_DEVICE_SYNC || plan->run_lora);

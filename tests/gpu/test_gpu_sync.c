@@ -141,7 +141,22 @@ static void test_graph_replay(int guard, const char *name) {
     case_reference(&c, ref, 1);
     int64_t bad;
     double err = case_compare(&c, ref, &bad);
-    printf("graph (%s) replay %d: rel_l2 %.2e\n", name, m, err);
+    printf("graph (%s) replay %d: rel_l2 %.2e  split", name, m, err);
+    for (int q = 0; q < 6; q++) printf(" %d:%d", c.req_tok[q], c.req_slot[q]);
+    printf("\n");
+    if (err > 1e-2) { /* which tokens are off */
+      float *o = malloc(sizeof(float) * (size_t)c.M * c.H);
+      lmoe_buffer_read(c.out, 0, o, LMOE_DTYPE_F32, (int64_t)c.M * c.H);
+      for (int t = 0; t < c.M; t++) {
+        double nn = 0, dd = 0;
+        for (int j = 0; j < c.H; j++) {
+          double d = o[(size_t)t * c.H + j] - ref[(size_t)t * c.H + j];
+          nn += d * d, dd += ref[(size_t)t * c.H + j] * ref[(size_t)t * c.H + j];
+        }
+        if (nn > 1e-4 * dd) printf("   token %d rel %.3f\n", t, sqrt(nn / dd));
+      }
+      free(o);
+    }
     CHECK(bad == 0 && err < 1e-2, "graph %s replay %d: rel L2 %.3e, %lld non-finite", name, m, err,
           (long long)bad);
   }

@@ -1,0 +1,71 @@
+-- The cuda backend from Lua (tag #gpu: excluded by default, run with
+-- `busted --tags gpu spec/gpu_spec.lua` on a machine with a GPU).
+local h = dofile("spec/helpers.lua")
+local lm = h.lm
+
+local function rel_l2(a, ref)
+  local num, den = 0, 0
+  for i = 1, #ref do
+    num = num + (a[i] - ref[i]) ^ 2
+    den = den + ref[i] ^ 2
+  end
+  return math.sqrt(num / den)
+end
+
+describe("the cuda backend #gpu", function()
+  local ctx
+  before_each(function()
+    assert.is_true(lm.has_cuda() == true or lm.has_cuda() == 1, "this build has no CUDA backend")
+    ctx = assert(lm.context { backend = "cuda" })
+  end)
+  after_each(function() ctx:close() end)
+
+  it("matches the float64 reference on a mixed batch", function()
+    local r = h.rig(ctx, 200)
+    assert.is_true(r.layer:forward(r.args))
+    local c = assert(r.layer:check(r.args))
+    assert.are.equal(0, c.nonfinite)
+    assert.is_true(c.ref_l2 > 0)
+    assert.is_true(c.rel_l2 < 1e-2, "rel_l2 " .. c.rel_l2)
+  end)
+
+  it("gives what the cpu backend gives on the same inputs", function()
+    local r = h.rig(ctx, 96)
+    assert.is_true(r.layer:forward(r.args))
+    local gpu = assert(r.args.out:read())
+    local cpu = h.cpu()
+    local rc = h.rig(cpu, 96) -- same seeds: the same weights, adapters, inputs
+    assert.is_true(rc.layer:forward(rc.args))
+    local ref = assert(rc.args.out:read())
+    cpu:close()
+    assert.is_true(rel_l2(gpu, ref) < 1e-2, "rel_l2 " .. rel_l2(gpu, ref))
+  end)
+
+  it("waits for the device only under the device_sync guard, once per forward", function()
+    local r = h.rig(ctx, 64)
+    for _, g in ipairs(lm.guards) do
+      assert.is_true(ctx:set_guard(g))
+      assert.is_true(ctx:synchronize())
+      ctx:reset_counters()
+      for _ = 1, 5 do assert.is_true(r.layer:forward(r.args)) end
+      local c = ctx:counters()
+      assert.are.equal(5, c.forwards)
+      assert.are.equal(g == "device_sync" and 5 or 0, c.host_waits, "guard " .. g)
+      local chk = assert(r.layer:check(r.args))
+      assert.is_true(chk.rel_l2 < 1e-2, "guard " .. g .. " rel_l2 " .. chk.rel_l2)
+    end
+  end)
+
+  it("launches no LoRA work under guard host when the batch has no adapter", function()
+    local r = h.rig(ctx, 64)
+    assert.is_true(ctx:set_guard("host"))
+    assert.is_true(r.batch:set(r.pool, { { tokens = 64 } }))
+    ctx:reset_counters()
+    assert.is_true(r.layer:forward(r.args))
+    assert.are.equal(0, ctx:counters().lora_launches)
+    assert.is_true(ctx:set_guard("always"))
+    ctx:reset_counters()
+    assert.is_true(r.layer:forward(r.args))
+    assert.is_true(ctx:counters().lora_launches > 0)
+  end)
+end)
