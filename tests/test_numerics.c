@@ -336,9 +336,10 @@ static void test_thread_independence(void) {
   c.nreq = 3, c.tokens[0] = 100, c.tokens[1] = 17, c.tokens[2] = 60;
   c.slots[0] = 1, c.slots[1] = -1, c.slots[2] = 0;
   uint64_t seed = test_rand();
-  uint16_t *o[2];
-  for (int i = 0; i < 2; i++) {
-    c.threads = i ? 4 : 1;
+  uint16_t *o[3];
+  const int nthreads[3] = {1, 4, 7}; /* 7 threads also cut smaller tiles */
+  for (int i = 0; i < 3; i++) {
+    c.threads = nthreads[i];
     built b;
     build(&b, &c, LMOE_GUARD_HOST, seed);
     lmoe_forward_args a;
@@ -349,7 +350,8 @@ static void test_thread_independence(void) {
     unbuild(&b);
   }
   CHECK(memcmp(o[0], o[1], 177u * 72u * 2u) == 0, "1 thread and 4 threads differ");
-  free(o[0]), free(o[1]);
+  CHECK(memcmp(o[0], o[2], 177u * 72u * 2u) == 0, "1 thread and 7 threads differ");
+  free(o[0]), free(o[1]), free(o[2]);
 }
 
 /* ------------------------------------------------------------------ naive model */

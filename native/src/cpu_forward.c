@@ -74,7 +74,7 @@ static size_t up64(size_t n) { return (n + ALIGN - 1) & ~(size_t)(ALIGN - 1); }
 static void layout(ws_layout *L, int64_t M, int32_t k, int32_t E, int32_t H, int32_t I,
                    int32_t R, int32_t S, int32_t threads) {
   size_t P = (size_t)M * (size_t)k;
-  size_t nitems = (P + TILE - 1) / TILE + (size_t)E;
+  size_t nitems = (P + 15) / 16 + (size_t)E; /* tiles are >= 16 pairs */
   size_t o = 0;
   L->ids = o, o += up64(P * sizeof(int32_t));
   L->wts = o, o += up64(P * sizeof(float));
@@ -502,14 +502,22 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
   const int64_t P = M * k;
   memset(off, 0, ((size_t)E + 1) * sizeof *off);
   for (int64_t p = 0; p < P; p++) off[f.ids[p] + 1]++;
+  /* Smaller tiles when full ones would leave threads idle. Lanes are independent, so
+     the tile size changes no result, only the weight reuse. */
+  int32_t tile = TILE;
+  int64_t want = 2 * (int64_t)(ctx->threads > 0 ? ctx->threads : 1);
+  if (P < want * TILE) {
+    int64_t t = (P + want - 1) / want;
+    tile = (int32_t)(t < 16 ? 16 : (t + 15) / 16 * 16);
+  }
   int64_t nitems = 0;
   for (int32_t e = 0; e < E; e++) {
     int32_t cnt = off[e + 1];
     off[e + 1] += off[e];
-    for (int32_t s = 0; s < cnt; s += TILE) {
+    for (int32_t s = 0; s < cnt; s += tile) {
       items[3 * nitems] = e;
       items[3 * nitems + 1] = off[e] + s;
-      items[3 * nitems + 2] = cnt - s < TILE ? cnt - s : TILE;
+      items[3 * nitems + 2] = cnt - s < tile ? cnt - s : tile;
       nitems++;
     }
   }
