@@ -200,6 +200,31 @@ static void test_fill_random(lmoe_context *ctx) {
   lmoe_buffer_release(a), lmoe_buffer_release(b), lmoe_buffer_release(c), lmoe_buffer_release(ints);
 }
 
+/* Large fills run in chunks on the worker pool: same values for any thread count. */
+static void test_fill_threads(void) {
+  enum { N = 300001 };
+  lmoe_context *c1 = test_cpu_context(1, LMOE_GUARD_HOST), *c3 = test_cpu_context(3, LMOE_GUARD_HOST);
+  int64_t shape[1] = {N};
+  lmoe_buffer *a, *b;
+  OK(c1, lmoe_buffer_create(c1, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 1, shape, &a));
+  OK(c3, lmoe_buffer_create(c3, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 1, shape, &b));
+  uint64_t seed = test_rand();
+  OK(c1, lmoe_buffer_fill_random(a, seed, -1.0f, 1.0f, NULL));
+  OK(c3, lmoe_buffer_fill_random(b, seed, -1.0f, 1.0f, NULL));
+  uint16_t *va = malloc(sizeof(uint16_t) * N), *vb = malloc(sizeof(uint16_t) * N);
+  OK(c1, lmoe_buffer_read(a, 0, va, LMOE_DTYPE_BF16, N));
+  OK(c3, lmoe_buffer_read(b, 0, vb, LMOE_DTYPE_BF16, N));
+  CHECK(memcmp(va, vb, sizeof(uint16_t) * N) == 0, "fill_random differs between 1 and 3 threads");
+  OK(c3, lmoe_buffer_fill(b, -0.5, NULL));
+  OK(c3, lmoe_buffer_read(b, 0, vb, LMOE_DTYPE_BF16, N));
+  int bad = 0;
+  for (int i = 0; i < N; i++) bad += vb[i] != 0xbf00; /* -0.5 in bf16 */
+  CHECK(bad == 0, "fill left %d elements", bad);
+  free(va), free(vb);
+  lmoe_buffer_release(a), lmoe_buffer_release(b);
+  lmoe_context_release(c1), lmoe_context_release(c3);
+}
+
 int main(void) {
   test_seed("test_buffers");
   lmoe_context *ctx = test_cpu_context(1, LMOE_GUARD_HOST);
@@ -207,6 +232,7 @@ int main(void) {
   test_f16(ctx);
   test_round_trips(ctx);
   test_fill_random(ctx);
+  test_fill_threads();
   CHECK(lmoe_dtype_size(LMOE_DTYPE_BF16) == 2 && lmoe_dtype_size(LMOE_DTYPE_F64) == 8 &&
             lmoe_dtype_size(77) == 0,
         "dtype sizes");

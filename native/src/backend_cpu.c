@@ -168,22 +168,46 @@ static lmoe_status cpu_sync(lmoe_context *ctx, void *stream) {
   return LMOE_OK;
 }
 
+/* Fills are element-wise pure functions of (seed, index), so they split into chunks
+   over the worker pool without changing a value. */
+enum { FILL_CHUNK = 1 << 16 };
+
+typedef struct fill_job {
+  lmoe_buffer *b;
+  uint64_t seed;
+  float lo, span;
+  double value;
+  bool random;
+} fill_job;
+
+static void fill_chunk(void *arg, int64_t item, int32_t thread) {
+  (void)thread;
+  const fill_job *j = arg;
+  int64_t end = (item + 1) * FILL_CHUNK < j->b->numel ? (item + 1) * FILL_CHUNK : j->b->numel;
+  for (int64_t i = item * FILL_CHUNK; i < end; i++) {
+    if (j->random) {
+      float u = lmoe_uniform(j->seed, (uint64_t)i);
+      float prod = j->span * u; /* two roundings, no fused multiply-add: GPU code matches */
+      lmoe_store_elem(j->b->data, j->b->dtype, i, (double)(j->lo + prod));
+    } else {
+      lmoe_store_elem(j->b->data, j->b->dtype, i, j->value);
+    }
+  }
+}
+
 static lmoe_status cpu_fill_random(lmoe_context *ctx, lmoe_buffer *b, uint64_t seed, float lo,
                                    float hi, void *stream) {
   (void)stream;
-  float span = hi - lo;
-  for (int64_t i = 0; i < b->numel; i++) {
-    float u = lmoe_uniform(seed, (uint64_t)i);
-    float prod = span * u; /* two roundings, no fused multiply-add: GPU code matches */
-    lmoe_store_elem(b->data, b->dtype, i, (double)(lo + prod));
-  }
+  fill_job j = {b, seed, lo, hi - lo, 0.0, true};
+  lmoe_cpu_parallel(ctx, (b->numel + FILL_CHUNK - 1) / FILL_CHUNK, fill_chunk, &j);
   ctx->counters.launches++;
   return LMOE_OK;
 }
 
 static lmoe_status cpu_fill(lmoe_context *ctx, lmoe_buffer *b, double v, void *stream) {
   (void)stream;
-  for (int64_t i = 0; i < b->numel; i++) lmoe_store_elem(b->data, b->dtype, i, v);
+  fill_job j = {b, 0, 0.0f, 0.0f, v, false};
+  lmoe_cpu_parallel(ctx, (b->numel + FILL_CHUNK - 1) / FILL_CHUNK, fill_chunk, &j);
   ctx->counters.launches++;
   return LMOE_OK;
 }
