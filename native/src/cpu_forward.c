@@ -420,10 +420,14 @@ static void reduce_task(void *arg, int64_t item, int32_t thread) {
   for (int64_t t = item * REDUCE_CHUNK; t < t_end; t++) {
     const float *y0 = f->y + (size_t)t * f->k * H;
     uint16_t *o = out + (size_t)t * H;
-    for (size_t h = 0; h < H; h++) {
+    for (size_t h = 0; h < H; h++) { /* lmoe_f32_to_bf16, inline so the loop vectorises */
       float s = y0[h];
       for (int32_t j = 1; j < f->k; j++) s += y0[(size_t)j * H + h];
-      o[h] = lmoe_f32_to_bf16(s);
+      uint32_t u;
+      memcpy(&u, &s, sizeof u);
+      uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+      uint16_t quiet = (uint16_t)((u >> 16) | 0x40u);
+      o[h] = (u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded;
     }
   }
 }
