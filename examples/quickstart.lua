@@ -64,13 +64,13 @@ local timings = {}
 for _, g in ipairs { "device_sync", "always", "host" } do timings[g] = { measure(g) } end
 
 -- The check. The float64 reference is plain loops: on the GPU it checks a batch of
--- the same eight requests with 8 tokens each (a few seconds for qwen3), on the CPU
+-- the same eight requests with 4 tokens each (a few seconds for qwen3), on the CPU
 -- the batch that was timed.
 local check_args = args
 if gpu then
   local small = lm.assert(ctx:batch())
-  lm.assert(small:set(pool, requests(8)))
-  check_args = lm.assert(layer:inputs(64, 8))
+  lm.assert(small:set(pool, requests(4)))
+  check_args = lm.assert(layer:inputs(32, 8))
   check_args.pool, check_args.batch = pool, small
   lm.assert(layer:forward(check_args))
 end
