@@ -135,10 +135,10 @@ local what = string.format("%s, %d layers, M=%d", r1.preset, r1.layers, last_m)
 plot("sync_study_syncs.svg", svg.bars { groups = groups, series = bars("syncs_per_forward", p1),
   title = "Host waits per forward (" .. what .. ")", ylabel = "host waits per forward", note = note })
 plot("sync_study_time.svg", svg.bars { groups = groups, series = bars("time_ms", p1),
-  title = "Time per forward, each forward alone (" .. what .. ")", ylabel = "time per forward (ms)",
+  title = "Time per forward, each alone (" .. what .. ")", ylabel = "time per forward (ms)",
   note = note })
 plot("sync_study_host.svg", svg.bars { groups = groups, series = bars("host_us", p1), logy = true,
-  title = "Host time per forward, waits included (" .. what .. ")",
+  title = "Host time per forward, waits included (M=" .. last_m .. ")",
   ylabel = "host time per forward (µs, log scale)", note = note })
 if pn ~= p1 then
   plot("sync_study_throughput.svg", svg.bars { groups = groups, series = bars("tokens_per_s", pn),

@@ -76,9 +76,9 @@ local function make_axis(values, logbase, include_zero)
     local ticks = {}
     local stride = max(1, ceil((ehi - elo) / 10)) -- at most ~10 labelled ticks
     for e = elo, ehi, stride do ticks[#ticks + 1] = b ^ e end
-    -- Few decades on a base-10 axis: bounds and ticks on the 1-2-5 steps, so data
+    -- Up to 3 decades on a base-10 axis: bounds and ticks on the 1-2-5 steps, so data
     -- spanning 40..110 gets 20..200, not 10..1000.
-    if b == 10 and ehi - elo <= 2 then
+    if b == 10 and ehi - elo <= 3 then
       local steps = {}
       for e = elo - 1, ehi do
         steps[#steps + 1] = 10 ^ e
@@ -164,8 +164,15 @@ local function begin(o, legend_rows)
     'viewBox="0 0 %d %d" font-family="Helvetica, Arial, sans-serif" font-size="12">', W, H, W, H)
   out[#out + 1] = format('<rect width="%d" height="%d" fill="white"/>', W, H)
   if o.title then
-    out[#out + 1] = format('<text x="%s" y="26" text-anchor="middle" font-size="15" ' ..
-      'font-weight="bold">%s</text>', num(box.x + box.w / 2), esc(o.title))
+    -- Centred on the plot when it fits there, else on the whole figure, and smaller
+    -- when even that is too narrow (bold text is about 0.62 em per character).
+    local size = 15
+    if #o.title * size * 0.62 > W - 16 then size = max(9, floor((W - 16) / (#o.title * 0.62))) end
+    local half = #o.title * size * 0.62 / 2
+    local cx = box.x + box.w / 2
+    if cx - half < 8 or cx + half > W - 8 then cx = W / 2 end
+    out[#out + 1] = format('<text x="%s" y="26" text-anchor="middle" font-size="%d" ' ..
+      'font-weight="bold">%s</text>', num(cx), size, esc(o.title))
   end
   for i, line in ipairs(note_lines) do
     out[#out + 1] = format('<text x="%d" y="%d" font-size="10" fill="#555">%s</text>',
