@@ -367,7 +367,11 @@ static __global__ void k_scatter(lmoe_fwd f) {
 typedef struct tile_ctx {
   int e, p0, n0;       /* expert, first sorted row, first output column */
   int nbase;           /* K chunks of the base product */
-  int g, slot, r;      /* shrink: the group, its slot and rank */
+  int g, slot, r;      /* (unused by the shrinks now; kept for the LoRA chunk loader) */
+  /* shrink: the groups present, their ranks, slots, and where each one's rows of A
+     start in the concatenated N (each rank rounded up to BK) */
+  int nl;
+  const int *rank, *cum, *slot_of;
 } tile_ctx;
 
 template <int MODE, int BN, int THREADS>
@@ -490,10 +494,11 @@ static __device__ __forceinline__ void make_ptrs(const lmoe_fwd &f, const tile_c
     int r = (tid + q * THREADS) >> 2;
     int pair = row_pair[r];
     const uint16_t *row = 0;
+    bool lora_row = row_group[r] >= 1 && row_group[r] != PAD_GROUP;
     if (MODE == MODE_GATEUP || MODE == MODE_SHRINK13) {
-      if (pair >= 0 && (MODE == MODE_GATEUP || row_group[r] == tc.g)) row = f.x + (size_t)(pair / f.k) * H;
+      if (pair >= 0 && (MODE == MODE_GATEUP || lora_row)) row = f.x + (size_t)(pair / f.k) * H;
     } else {
-      if (pair >= 0 && (MODE == MODE_DOWN || row_group[r] == tc.g)) row = f.h + (size_t)(tc.p0 + r) * hs;
+      if (pair >= 0 && (MODE == MODE_DOWN || lora_row)) row = f.h + (size_t)(tc.p0 + r) * hs;
     }
     p.a[q] = row;
   }
@@ -507,13 +512,17 @@ static __device__ __forceinline__ void make_ptrs(const lmoe_fwd &f, const tile_c
     } else if (MODE == MODE_DOWN) {
       int o = tc.n0 + n;
       if (o < H) row = f.w2 + ((size_t)tc.e * H + o) * I;
-    } else if (MODE == MODE_SHRINK13) {
-      int q2 = tc.n0 + n;
-      if (q2 < tc.r)
-        row = f.pool + (size_t)tc.slot * f.slot_elems + f.off_a13 + ((size_t)tc.e * 2 * R + q2) * H;
     } else {
-      int q2 = tc.n0 + n;
-      if (q2 < tc.r) row = f.pool + (size_t)tc.slot * f.slot_elems + f.off_a2 + ((size_t)tc.e * R + q2) * I;
+      int idx = tc.n0 + n, gi = 0;
+      while (gi < tc.nl - 1 && idx >= tc.cum[gi + 1]) gi++;
+      int q2 = idx - tc.cum[gi];
+      if (tc.nl > 0 && idx < tc.cum[tc.nl] && q2 < tc.rank[gi]) {
+        size_t base = (size_t)tc.slot_of[gi] * f.slot_elems;
+        if (MODE == MODE_SHRINK13)
+          row = f.pool + base + f.off_a13 + ((size_t)tc.e * 2 * R + q2) * H;
+        else
+          row = f.pool + base + f.off_a2 + ((size_t)tc.e * R + q2) * I;
+      }
     }
     p.b[q] = row;
   }
@@ -654,7 +663,7 @@ static __device__ void mainloop(const lmoe_fwd &f, const tile_ctx &tc, int nchun
 
 template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
 static size_t gemm_smem(void) {
-  return (size_t)ST * (BM + BN) * BK * 2 + (size_t)4 * BM * sizeof(int) + 16;
+  return (size_t)ST * (BM + BN) * BK * 2 + (size_t)(7 * BM + 4) * sizeof(int) + 16;
 }
 
 template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
@@ -669,6 +678,9 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   int *row_group = row_pair + BM;
   int *lg_list = row_group + BM;
   int *lg_cnt = lg_list + BM;
+  int *lg_cum = lg_cnt + BM;   /* [BM + 1] */
+  int *lg_slot = lg_cum + BM + 1;
+  int *row_gi = lg_slot + BM;  /* index of the row's group in lg_list, or -1 */
   __shared__ int s_nl, s_nlora;
 
   /* tile: groups of GROUP_M row tiles walk the N tiles together, so a wave of blocks
@@ -720,6 +732,23 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
       for (int i = lane; i < nl; i += 32) nlora += lg_cnt[i];
 #pragma unroll
       for (int o = 16; o; o >>= 1) nlora += __shfl_xor_sync(0xffffffffu, nlora, o);
+      if (SHRINK) {
+        if (lane == 0) {
+          int at = 0;
+          for (int i = 0; i < nl; i++) {
+            lg_cum[i] = at;
+            lg_slot[i] = act[lg_list[i] - 1];
+            at += (lg_cnt[i] + BK - 1) / BK * BK;
+          }
+          lg_cum[nl] = at;
+        }
+        for (int r = lane; r < BM; r += 32) {
+          int g = row_group[r], gi = -1;
+          for (int i = 0; i < nl; i++)
+            if (lg_list[i] == g) gi = i;
+          row_gi[r] = gi;
+        }
+      }
     }
     if (lane == 0) {
       s_nl = nl;
@@ -791,45 +820,50 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     return;
   }
 
-  /* shrink: per group present, t = scale * (A_slot . row) for that group's rows */
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
-  for (int li = 0; li < nl; li++) {
-    tc.g = lg_list[li];
-    tc.slot = act[tc.g - 1];
-    tc.r = lg_cnt[li];
-    lmoe_dslot ds = f.slots[tc.slot];
-    int K = MODE == MODE_SHRINK13 ? f.H : f.I;
-    tc.nbase = (K + BK - 1) / BK;
-    for (tc.n0 = 0; tc.n0 < tc.r; tc.n0 += BN) {
+  /* shrink: one K pass computes every present group's A rows side by side (N = the
+     groups' ranks, each rounded up to BK); each row keeps its own group's columns,
+     t = scale * (A_slot . row), zeros up to the rounded rank. */
+  tc.nl = nl;
+  tc.rank = lg_cnt;
+  tc.cum = lg_cum;
+  tc.slot_of = lg_slot;
+  int K = MODE == MODE_SHRINK13 ? f.H : f.I;
+  tc.nbase = (K + BK - 1) / BK;
+  int total = nl > 0 ? lg_cum[nl] : 0;
+  uint16_t *tb = MODE == MODE_SHRINK13 ? f.t13 : f.t2;
+  int ts = MODE == MODE_SHRINK13 ? f.t13s : f.t2s;
+  for (tc.n0 = 0; tc.n0 < total; tc.n0 += BN) {
 #pragma unroll
-      for (int mi = 0; mi < MI; mi++)
+    for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-        for (int ni = 0; ni < NI; ni++) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
-      mainloop<MODE, BN, WARPS_M, WARPS_N, ST>(f, tc, tc.nbase, As, Bs, row_pair, row_group, lg_list, lg_cnt,
-                                           nl, acc);
-      uint16_t *tb = MODE == MODE_SHRINK13 ? f.t13 : f.t2;
-      int ts = MODE == MODE_SHRINK13 ? f.t13s : f.t2s;
+      for (int ni = 0; ni < NI; ni++) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
+    mainloop<MODE, BN, WARPS_M, WARPS_N, ST>(f, tc, tc.nbase, As, Bs, row_pair, row_group, lg_list, lg_cnt,
+                                             nl, acc);
 #pragma unroll
-      for (int mi = 0; mi < MI; mi++) {
+    for (int mi = 0; mi < MI; mi++) {
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-          int r = wm0 + mi * 16 + (lane >> 2) + half * 8;
-          if (row_group[r] != tc.g) continue;
-          uint16_t *trow = tb + (size_t)(tc.p0 + r) * ts;
+      for (int half = 0; half < 2; half++) {
+        int r = wm0 + mi * 16 + (lane >> 2) + half * 8;
+        int gi = row_gi[r];
+        if (gi < 0 || row_pair[r] < 0) continue;
+        int lo = lg_cum[gi], hi = lg_cum[gi + 1];
+        const lmoe_dslot ds = f.slots[lg_slot[gi]];
+        uint16_t *trow = tb + (size_t)(tc.p0 + r) * ts;
 #pragma unroll
-          for (int ni = 0; ni < NI; ni++) {
-            int c = tc.n0 + wn0 + ni * 8 + 2 * (lane & 3);
-            float s0, s1;
-            if (MODE == MODE_SHRINK13) {
-              s0 = c >= ds.g_lo && c < ds.g_hi ? ds.sg : c >= ds.u_lo && c < ds.u_hi ? ds.su : 0.0f;
-              s1 = c + 1 >= ds.g_lo && c + 1 < ds.g_hi ? ds.sg
-                   : c + 1 >= ds.u_lo && c + 1 < ds.u_hi ? ds.su : 0.0f;
-            } else {
-              s0 = s1 = ds.sd;
-            }
-            *(uint32_t *)(trow + c) = (uint32_t)f2bf(s0 * acc[mi][ni][half * 2]) |
-                                      ((uint32_t)f2bf(s1 * acc[mi][ni][half * 2 + 1]) << 16);
+        for (int ni = 0; ni < NI; ni++) {
+          int idx = tc.n0 + wn0 + ni * 8 + 2 * (lane & 3);
+          if (idx < lo || idx >= hi) continue; /* segments are BK-aligned: idx+1 follows */
+          int c = idx - lo;
+          float s0, s1;
+          if (MODE == MODE_SHRINK13) {
+            s0 = c >= ds.g_lo && c < ds.g_hi ? ds.sg : c >= ds.u_lo && c < ds.u_hi ? ds.su : 0.0f;
+            s1 = c + 1 >= ds.g_lo && c + 1 < ds.g_hi ? ds.sg
+                 : c + 1 >= ds.u_lo && c + 1 < ds.u_hi ? ds.su : 0.0f;
+          } else {
+            s0 = s1 = ds.sd;
           }
+          *(uint32_t *)(trow + c) = (uint32_t)f2bf(s0 * acc[mi][ni][half * 2]) |
+                                    ((uint32_t)f2bf(s1 * acc[mi][ni][half * 2 + 1]) << 16);
         }
       }
     }
@@ -878,8 +912,8 @@ static __global__ void k_reduce(lmoe_fwd f) {
 
 /* ------------------------------------------------------------------ launchers */
 
-#define GEMM_S13 MODE_SHRINK13, 32, 4, 1, 4
-#define GEMM_S2 MODE_SHRINK2, 32, 4, 1, 4
+#define GEMM_S13 MODE_SHRINK13, 128, 4, 2, 4
+#define GEMM_S2 MODE_SHRINK2, 128, 4, 2, 4
 
 static int grid_for(int64_t n, int threads) {
   int64_t b = (n + threads - 1) / threads;
@@ -964,12 +998,12 @@ extern "C" cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) {
 }
 
 extern "C" cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) {
-  k_gemm<GEMM_S13><<<f->mt_max, 128, gemm_smem<GEMM_S13>(), s>>>(*f, 1);
+  k_gemm<GEMM_S13><<<f->mt_max, 256, gemm_smem<GEMM_S13>(), s>>>(*f, 1);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) {
-  k_gemm<GEMM_S2><<<f->mt_max, 128, gemm_smem<GEMM_S2>(), s>>>(*f, 1);
+  k_gemm<GEMM_S2><<<f->mt_max, 256, gemm_smem<GEMM_S2>(), s>>>(*f, 1);
   return cudaGetLastError();
 }
 
