@@ -81,8 +81,10 @@ local target_bits = { gate = 1, up = 2, down = 4 }
 
 -- ------------------------------------------------------------------ small helpers
 
-local function bad(field, msg, level)
-  error(format("experiment: field '%s' %s", field, msg), level or 3)
+-- Scenario errors carry no position: they name the field, and a scenario is often
+-- built far from where it is checked (a sweep, a command line).
+local function bad(field, msg)
+  error(format("experiment: field '%s' %s", field, msg), 0)
 end
 
 local function is_int(v) return type(v) == "number" and v == floor(v) end
@@ -156,7 +158,7 @@ function experiment.scenario(t)
   if type(t) ~= "table" then error("experiment.scenario: expects a table", 2) end
   for k in pairs(t) do
     if experiment.defaults[k] == nil then
-      error(format("experiment: unknown field '%s' (see docs/experiments.md)", tostring(k)), 2)
+      error(format("experiment: unknown field '%s' (see docs/experiments.md)", tostring(k)), 0)
     end
   end
   local s = {}
@@ -219,7 +221,7 @@ function experiment.scenario(t)
   if not guard_names[s.guard] then bad("guard", "must be host, device_sync or always") end
   if s.mode == "graph" then
     error("experiment: mode 'graph' is not available: the C API does not expose CUDA-graph " ..
-          "capture and replay yet; use mode = 'eager'", 2)
+          "capture and replay yet; use mode = 'eager'", 0)
   elseif s.mode ~= "eager" then
     bad("mode", "must be 'eager'")
   end
