@@ -12,7 +12,8 @@
 extern "C" {
 #endif
 
-/* Row tile of the grouped GEMMs: every expert's pair list is padded to a multiple. */
+/* Largest row tile of the grouped GEMMs: every expert's pair list is padded to a
+   multiple of the row tile in use (128, or 64 when experts get few pairs). */
 enum { LMOE_K_BM = 128 };
 
 /* Per-slot facts on the device (a table per pool, indexed by slot; written in stream
@@ -44,7 +45,8 @@ typedef struct lmoe_meta_param {
    workspace, the layer, the pool and the batch. */
 typedef struct lmoe_fwd {
   int32_t M, H, I, E, k, renorm;
-  int32_t mt_max;            /* upper bound of row tiles: (M*k + E*(BM-1)) / BM */
+  int32_t bm;                /* row tile: 128, or 64 for small batches (fewer padding rows) */
+  int32_t mt_max;            /* upper bound of row tiles: (M*k + E*(bm-1)) / bm */
   int32_t gstride;           /* groups per expert in cnt/off: pool slots + 1 (1 without pool) */
   int32_t lora;              /* LoRA may run (meta and pool present) */
   int32_t R;                 /* pool max_rank (0 without pool) */

@@ -15,7 +15,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define BM LMOE_K_BM
+#define BMAX LMOE_K_BM /* the largest row tile; 64-row tiles serve small batches */
 #define BK 32
 #define GROUP_M 8
 #define PAD_GROUP 0x7fffffff
@@ -27,8 +27,8 @@ static inline size_t round_up_sz(size_t v, size_t m) { return (v + m - 1) / m * 
 extern "C" void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                               int32_t num_slots, int32_t max_rank, lmoe_ws_layout *o) {
   size_t P = (size_t)max_tokens * (size_t)k;
-  size_t mt = (P + (size_t)E * (BM - 1)) / BM;
-  size_t rows = mt * BM;
+  size_t mt = (P + (size_t)E * (64 - 1)) / 64 + 1; /* most tiles: 64-row tiles */
+  size_t rows = (P + (size_t)E * (BMAX - 1)) / BMAX * BMAX + BMAX; /* most rows: 128-row tiles */
   size_t gs = (size_t)(num_slots > 0 ? num_slots : 0) + 1;
   size_t hs = round_up_sz((size_t)I, 8);
   size_t t13s = max_rank > 0 ? round_up_sz(2 * (size_t)max_rank, BK) : 0;
@@ -290,13 +290,13 @@ static __global__ void k_scan(lmoe_fwd f) {
   extern __shared__ int sbase[]; /* [E] */
   __shared__ int warp_sum[32];
   __shared__ int total_rows;
-  int E = f.E, gs = f.gstride;
+  int E = f.E, gs = f.gstride, bm = f.bm;
   int G = f.meta ? f.meta[1] + 1 : 1;
   if (G > gs) G = gs;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int c = 0;
     for (int g = 0; g < G; g++) c += f.cnt[(size_t)e * gs + g];
-    sbase[e] = (c + BM - 1) / BM * BM;
+    sbase[e] = (c + bm - 1) / bm * bm;
   }
   __syncthreads();
   /* exclusive scan: each thread a contiguous run of experts */
@@ -333,19 +333,19 @@ static __global__ void k_scan(lmoe_fwd f) {
     run += pad;
   }
   __syncthreads();
-  if (threadIdx.x == 0) f.ntiles[0] = total_rows / BM;
+  if (threadIdx.x == 0) f.ntiles[0] = total_rows / bm;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int base = sbase[e], at = base;
     for (int g = 0; g < G; g++) {
       f.off[(size_t)e * gs + g] = at;
       at += f.cnt[(size_t)e * gs + g];
     }
-    int end = (at - base + BM - 1) / BM * BM + base;
+    int end = (at - base + bm - 1) / bm * bm + base;
     for (int p = at; p < end; p++) {
       f.sorted_pair[p] = -1;
       f.sorted_group[p] = PAD_GROUP;
     }
-    for (int m = base / BM; m < end / BM; m++) f.tile_expert[m] = e;
+    for (int m = base / bm; m < end / bm; m++) f.tile_expert[m] = e;
   }
 }
 
@@ -374,7 +374,7 @@ typedef struct tile_ctx {
   const int *rank, *cum, *slot_of;
 } tile_ctx;
 
-template <int MODE, int BN, int THREADS>
+template <int MODE, int BN, int THREADS, int BM>
 static __device__ __forceinline__ void load_chunk(const lmoe_fwd &f, const tile_ctx &tc, int chunk,
                                                   uint16_t *as, uint16_t *bs, const int *row_pair,
                                                   const int *row_group, const int *lg_list,
@@ -478,15 +478,15 @@ static __device__ __forceinline__ void load_chunk(const lmoe_fwd &f, const tile_
 
 /* Row pointers of the base product, fixed for a tile: each thread always loads the
    same (row, 16-byte chunk) pieces, so the K loop only adds the column. */
-template <int BN, int THREADS> struct base_ptrs {
+template <int BN, int THREADS, int BM> struct base_ptrs {
   const uint16_t *a[BM * 4 / THREADS];
   const uint16_t *b[BN * 4 / THREADS];
   int K, ala, alb;
 };
 
-template <int MODE, int BN, int THREADS>
+template <int MODE, int BN, int THREADS, int BM>
 static __device__ __forceinline__ void make_ptrs(const lmoe_fwd &f, const tile_ctx &tc, const int *row_pair,
-                                                 const int *row_group, base_ptrs<BN, THREADS> &p) {
+                                                 const int *row_group, base_ptrs<BN, THREADS, BM> &p) {
   const int H = f.H, I = f.I, R = f.R, hs = (I + 7) & ~7;
   int tid = threadIdx.x;
 #pragma unroll
@@ -532,8 +532,8 @@ static __device__ __forceinline__ void make_ptrs(const lmoe_fwd &f, const tile_c
           : MODE == MODE_SHRINK13 ? (f.al_lora & AL_A13) : (f.al_lora & AL_A2);
 }
 
-template <int BN, int THREADS>
-static __device__ __forceinline__ void load_base(const base_ptrs<BN, THREADS> &p, int chunk, uint16_t *as,
+template <int BN, int THREADS, int BM>
+static __device__ __forceinline__ void load_base(const base_ptrs<BN, THREADS, BM> &p, int chunk, uint16_t *as,
                                                  uint16_t *bs) {
   int tid = threadIdx.x, ch = tid & 3, col = chunk * BK + ch * 8;
 #pragma unroll
@@ -549,7 +549,7 @@ static __device__ __forceinline__ void load_base(const base_ptrs<BN, THREADS> &p
 }
 
 /* Fragments of one k16 step of a warp's tile, loaded with ldmatrix. */
-template <int BN, int WARPS_M, int WARPS_N>
+template <int BN, int WARPS_M, int WARPS_N, int BM>
 static __device__ __forceinline__ void load_frags(const uint16_t *as, const uint16_t *bs, int kk,
                                                   uint32_t (*a)[4], uint32_t (*b)[2]) {
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
@@ -575,15 +575,15 @@ static __device__ __forceinline__ void mma_frags(float (*acc)[NI][4], uint32_t (
     for (int ni = 0; ni < NI; ni++) mma_bf16(acc[mi][ni], a[mi], b[ni]);
 }
 
-template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
+template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST, int BM>
 static __device__ void mainloop(const lmoe_fwd &f, const tile_ctx &tc, int nchunks, uint16_t *As,
                                 uint16_t *Bs, const int *row_pair, const int *row_group,
                                 const int *lg_list, const int *lg_cnt, int nl,
                                 float (*acc)[BN / WARPS_N / 8][4]) {
   constexpr int THREADS = 32 * WARPS_M * WARPS_N;
   constexpr int APER = BM * 4 / THREADS, BPER = BN * 4 / THREADS;
-  base_ptrs<BN, THREADS> bp;
-  make_ptrs<MODE, BN, THREADS>(f, tc, row_pair, row_group, bp);
+  base_ptrs<BN, THREADS, BM> bp;
+  make_ptrs<MODE, BN, THREADS, BM>(f, tc, row_pair, row_group, bp);
   /* Fast path (K a multiple of BK, rows 16-byte aligned): branch-free loads, each
      piece one cp.async from a pointer fixed for the tile, missing rows zero-filled by a
      source size of 0. */
@@ -625,9 +625,9 @@ static __device__ void mainloop(const lmoe_fwd &f, const tile_ctx &tc, int nchun
     if (s < tc.nbase && fast)
       LMOE_FAST_LOAD(s, s);
     else if (s < tc.nbase)
-      load_base<BN, THREADS>(bp, s, As + s * BM * BK, Bs + s * BN * BK);
+      load_base<BN, THREADS, BM>(bp, s, As + s * BM * BK, Bs + s * BN * BK);
     else if (s < nchunks)
-      load_chunk<MODE, BN, THREADS>(f, tc, s, As + s * BM * BK, Bs + s * BN * BK, row_pair,
+      load_chunk<MODE, BN, THREADS, BM>(f, tc, s, As + s * BM * BK, Bs + s * BN * BK, row_pair,
                                     row_group, lg_list, lg_cnt, nl);
     cp_async_commit();
   }
@@ -639,20 +639,20 @@ static __device__ void mainloop(const lmoe_fwd &f, const tile_ctx &tc, int nchun
        the second's before the first step's products: their latencies overlap work */
     int st = c % ST;
     uint32_t a0[MI][4], b0[NI][2], a1[MI][4], b1[NI][2];
-    load_frags<BN, WARPS_M, WARPS_N>(As + st * BM * BK, Bs + st * BN * BK, 0, a0, b0);
+    load_frags<BN, WARPS_M, WARPS_N, BM>(As + st * BM * BK, Bs + st * BN * BK, 0, a0, b0);
     int nc = c + ST - 1;
     if (nc < nchunks) {
       int sn = nc % ST;
       if (nc < tc.nbase && fast)
         LMOE_FAST_LOAD(sn, nc);
       else if (nc < tc.nbase)
-        load_base<BN, THREADS>(bp, nc, As + sn * BM * BK, Bs + sn * BN * BK);
+        load_base<BN, THREADS, BM>(bp, nc, As + sn * BM * BK, Bs + sn * BN * BK);
       else
-        load_chunk<MODE, BN, THREADS>(f, tc, nc, As + sn * BM * BK, Bs + sn * BN * BK, row_pair,
+        load_chunk<MODE, BN, THREADS, BM>(f, tc, nc, As + sn * BM * BK, Bs + sn * BN * BK, row_pair,
                                       row_group, lg_list, lg_cnt, nl);
     }
     cp_async_commit();
-    load_frags<BN, WARPS_M, WARPS_N>(As + st * BM * BK, Bs + st * BN * BK, 1, a1, b1);
+    load_frags<BN, WARPS_M, WARPS_N, BM>(As + st * BM * BK, Bs + st * BN * BK, 1, a1, b1);
     mma_frags<MI, NI>(acc, a0, b0);
     mma_frags<MI, NI>(acc, a1, b1);
   }
@@ -661,12 +661,12 @@ static __device__ void mainloop(const lmoe_fwd &f, const tile_ctx &tc, int nchun
 #undef LMOE_FAST_LOAD
 }
 
-template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
+template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST, int BM>
 static size_t gemm_smem(void) {
   return (size_t)ST * (BM + BN) * BK * 2 + (size_t)(7 * BM + 4) * sizeof(int) + 16;
 }
 
-template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST>
+template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST, int BM>
 static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     k_gemm(lmoe_fwd f, int lora) {
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
@@ -768,7 +768,7 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     for (int mi = 0; mi < MI; mi++)
 #pragma unroll
       for (int ni = 0; ni < NI; ni++) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
-    mainloop<MODE, BN, WARPS_M, WARPS_N, ST>(f, tc, tc.nbase + nlora, As, Bs, row_pair, row_group, lg_list,
+    mainloop<MODE, BN, WARPS_M, WARPS_N, ST, BM>(f, tc, tc.nbase + nlora, As, Bs, row_pair, row_group, lg_list,
                                          lg_cnt, nl, acc);
     /* Epilogue through shared memory (free after the main loop): the tile's output
        rows leave as 16-byte stores instead of 2- and 4-byte ones. */
@@ -837,7 +837,7 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     for (int mi = 0; mi < MI; mi++)
 #pragma unroll
       for (int ni = 0; ni < NI; ni++) acc[mi][ni][0] = acc[mi][ni][1] = acc[mi][ni][2] = acc[mi][ni][3] = 0.0f;
-    mainloop<MODE, BN, WARPS_M, WARPS_N, ST>(f, tc, tc.nbase, As, Bs, row_pair, row_group, lg_list, lg_cnt,
+    mainloop<MODE, BN, WARPS_M, WARPS_N, ST, BM>(f, tc, tc.nbase, As, Bs, row_pair, row_group, lg_list, lg_cnt,
                                              nl, acc);
 #pragma unroll
     for (int mi = 0; mi < MI; mi++) {
@@ -927,13 +927,13 @@ static int grid_for(int64_t n, int threads) {
    0 beats 1 by ~10%; 8 stages or 6 stages changed nothing. LMOE_GEMM_CFG=1 forces 1. */
 #include <stdlib.h>
 
-template <int MODE, int BN, int WM, int WN, int ST> static cudaError_t set_smem(int limit, int *ok) {
-  size_t need = gemm_smem<MODE, BN, WM, WN, ST>();
+template <int MODE, int BN, int WM, int WN, int ST, int BM> static cudaError_t set_smem(int limit, int *ok) {
+  size_t need = gemm_smem<MODE, BN, WM, WN, ST, BM>();
   if ((int)need > limit) {
     *ok = 0;
     return cudaSuccess;
   }
-  return cudaFuncSetAttribute(k_gemm<MODE, BN, WM, WN, ST>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return cudaFuncSetAttribute(k_gemm<MODE, BN, WM, WN, ST, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               (int)need);
 }
 
@@ -943,9 +943,14 @@ extern "C" cudaError_t lmoe_k_init(int32_t *gemm_cfg) {
   if (!e) e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e) return e;
   int ok[2] = {1, 1}, must = 1;
-  if ((e = set_smem<MODE_GATEUP, 256, 2, 4, 4>(limit, &ok[0])) || (e = set_smem<MODE_DOWN, 256, 2, 4, 4>(limit, &ok[0])) ||
-      (e = set_smem<MODE_GATEUP, 128, 2, 4, 4>(limit, &ok[1])) || (e = set_smem<MODE_DOWN, 128, 2, 4, 4>(limit, &ok[1])) ||
-      (e = set_smem<GEMM_S13>(limit, &must)) || (e = set_smem<GEMM_S2>(limit, &must)))
+  if ((e = set_smem<MODE_GATEUP, 256, 2, 4, 4, 128>(limit, &ok[0])) ||
+      (e = set_smem<MODE_DOWN, 256, 2, 4, 4, 128>(limit, &ok[0])) ||
+      (e = set_smem<MODE_GATEUP, 128, 2, 4, 4, 128>(limit, &ok[1])) ||
+      (e = set_smem<MODE_DOWN, 128, 2, 4, 4, 128>(limit, &ok[1])) ||
+      (e = set_smem<MODE_GATEUP, 256, 2, 4, 4, 64>(limit, &must)) ||
+      (e = set_smem<MODE_DOWN, 256, 2, 4, 4, 64>(limit, &must)) ||
+      (e = set_smem<GEMM_S13, 128>(limit, &must)) || (e = set_smem<GEMM_S2, 128>(limit, &must)) ||
+      (e = set_smem<GEMM_S13, 64>(limit, &must)) || (e = set_smem<GEMM_S2, 64>(limit, &must)))
     return e;
   if (!ok[1] || !must) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
   int cfg = ok[0] ? 0 : 1;
@@ -998,30 +1003,39 @@ extern "C" cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) {
 }
 
 extern "C" cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) {
-  k_gemm<GEMM_S13><<<f->mt_max, 256, gemm_smem<GEMM_S13>(), s>>>(*f, 1);
+  if (f->bm == 64)
+    k_gemm<GEMM_S13, 64><<<f->mt_max, 256, gemm_smem<GEMM_S13, 64>(), s>>>(*f, 1);
+  else
+    k_gemm<GEMM_S13, 128><<<f->mt_max, 256, gemm_smem<GEMM_S13, 128>(), s>>>(*f, 1);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) {
-  k_gemm<GEMM_S2><<<f->mt_max, 256, gemm_smem<GEMM_S2>(), s>>>(*f, 1);
+  if (f->bm == 64)
+    k_gemm<GEMM_S2, 64><<<f->mt_max, 256, gemm_smem<GEMM_S2, 64>(), s>>>(*f, 1);
+  else
+    k_gemm<GEMM_S2, 128><<<f->mt_max, 256, gemm_smem<GEMM_S2, 128>(), s>>>(*f, 1);
   return cudaGetLastError();
 }
 
-template <int MODE, int BN, int WM, int WN, int ST>
+template <int MODE, int BN, int WM, int WN, int ST, int BM>
 static cudaError_t launch_gemm(const lmoe_fwd *f, int lora, cudaStream_t s) {
   int ntn = MODE == MODE_GATEUP ? (f->I + BN / 2 - 1) / (BN / 2) : (f->H + BN - 1) / BN;
-  k_gemm<MODE, BN, WM, WN, ST><<<f->mt_max * ntn, 32 * WM * WN, gemm_smem<MODE, BN, WM, WN, ST>(), s>>>(*f, lora);
+  k_gemm<MODE, BN, WM, WN, ST, BM><<<f->mt_max * ntn, 32 * WM * WN, gemm_smem<MODE, BN, WM, WN, ST, BM>(), s>>>(
+      *f, lora);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s) {
-  if (f->gemm_cfg == 1) return launch_gemm<MODE_GATEUP, 128, 2, 4, 4>(f, lora, s);
-  return launch_gemm<MODE_GATEUP, 256, 2, 4, 4>(f, lora, s);
+  if (f->bm == 64) return launch_gemm<MODE_GATEUP, 256, 2, 4, 4, 64>(f, lora, s);
+  if (f->gemm_cfg == 1) return launch_gemm<MODE_GATEUP, 128, 2, 4, 4, 128>(f, lora, s);
+  return launch_gemm<MODE_GATEUP, 256, 2, 4, 4, 128>(f, lora, s);
 }
 
 extern "C" cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s) {
-  if (f->gemm_cfg == 1) return launch_gemm<MODE_DOWN, 128, 2, 4, 4>(f, lora, s);
-  return launch_gemm<MODE_DOWN, 256, 2, 4, 4>(f, lora, s);
+  if (f->bm == 64) return launch_gemm<MODE_DOWN, 256, 2, 4, 4, 64>(f, lora, s);
+  if (f->gemm_cfg == 1) return launch_gemm<MODE_DOWN, 128, 2, 4, 4, 128>(f, lora, s);
+  return launch_gemm<MODE_DOWN, 256, 2, 4, 4, 128>(f, lora, s);
 }
 
 extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {

@@ -476,7 +476,10 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   f.E = c->num_experts;
   f.k = c->top_k;
   f.renorm = c->renormalize;
-  f.mt_max = (int32_t)(((int64_t)M * c->top_k + (int64_t)c->num_experts * (LMOE_K_BM - 1)) / LMOE_K_BM);
+  /* 64-row tiles when experts average under 96 pairs: a 128-row tile would be mostly
+     padding there. At 128 pairs the 128-row tiles already win (docs/gpu-notes.md). */
+  f.bm = (int64_t)M * c->top_k < 96 * (int64_t)c->num_experts ? 64 : LMOE_K_BM;
+  f.mt_max = (int32_t)(((int64_t)M * c->top_k + (int64_t)c->num_experts * (f.bm - 1)) / f.bm);
   f.gstride = pool ? pool->cfg.num_slots + 1 : 1;
   f.R = pool ? pool->cfg.max_rank : 0;
   f.t13s = L.t13s;

@@ -88,6 +88,7 @@ static void test_random_cases(void) {
   run_case(ctx, idx++, 8, 192, 96, 2, 129, 2, 16, 1, 2);
   run_case(ctx, idx++, 1, 64, 40, 1, 50, 2, 7, 0, 0);
   run_case(ctx, idx++, 8, 512, 256, 8, 260, 0, 0, 0, 0);
+  run_case(ctx, idx++, 4, 256, 128, 2, 700, 3, 16, 0, 0); /* many pairs per expert: 128-row tiles */
   /* LMOE_TEST_QUICK: the fixed corners only (for runs under compute-sanitizer) */
   int nrand = getenv("LMOE_TEST_QUICK") ? 0 : 12;
   for (int i = 0; i < nrand; i++) {
