@@ -4,8 +4,10 @@
    purpose), no blocking copy, no device-to-host read, no allocation. Batch metadata
    reaches the device once per batch version: small batches as kernel parameters
    (copied at launch, so a later lmoe_batch_set can never race them), large ones and
-   captured ones through the batch's pinned staging buffer. A batch captured in a graph
-   keeps staging into that same buffer, so each replay reads its current contents. */
+   captured ones through the batch's pinned staging buffer, written by lmoe_batch_set
+   (which waits, counted, only while an upload reading it is pending). A batch captured
+   in a graph keeps staging into that same buffer, so each replay reads its current
+   contents. */
 #include "internal.h"
 #include "lmoe_kernels.h"
 
@@ -373,8 +375,11 @@ static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
   for (int32_t i = 0; i < n; i++) grp[i] = b->req_slot[i] >= 0 ? find_group(b, b->req_slot[i]) : 0;
   for (int32_t i = 0; i < A; i++) act[i] = b->active_slots[i];
   cb->ints = ints;
-  if (cb->captured) {
-    lmoe_status st = wait_event(ctx, cb); /* only if a replay that reads it is pending */
+  /* Batches that travel through the pinned staging (captured in a graph, or too large
+     for kernel parameters) are staged here, so the forward itself never waits: the
+     wait, counted, happens only if an upload that reads the staging is still pending. */
+  if (cb->captured || n > LMOE_META_MAX_REQ_PARAM || A > LMOE_META_MAX_ACTIVE_PARAM) {
+    lmoe_status st = wait_event(ctx, cb);
     if (st) return st;
     memcpy(cb->pinned, cb->host, ints * sizeof(int32_t));
     cb->pinned_version = b->version;
@@ -414,10 +419,7 @@ static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStrea
     cb->up_stream = (void *)s;
   } else {
     if (cb->pinned_version != b->version) {
-      if (!capturing) {
-        lmoe_status st = wait_event(ctx, cb);
-        if (st) return st;
-      }
+      /* only a first capture of a small batch gets here: its staging was never read */
       memcpy(cb->pinned, cb->host, bytes);
       cb->pinned_version = b->version;
     }

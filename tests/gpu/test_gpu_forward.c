@@ -140,7 +140,11 @@ static void test_many_requests(void) {
   for (int round = 0; round < 3; round++) {
     for (int i = 0; i < n; i++) slots[i] = (int)(test_rand() % 4) - 1;
     case_set_batch(&c, n, slots);
+    lmoe_counters c0, c1;
+    lmoe_context_counters(ctx, &c0);
     OK(ctx, lmoe_forward(ctx, &a, NULL));
+    lmoe_context_counters(ctx, &c1);
+    CHECK(c1.host_waits == c0.host_waits, "a forward of a large batch waited for the device");
     if (round < 2) continue; /* the next set lands while this forward may still run */
     case_reference(&c, ref, 1);
     int64_t bad;
