@@ -438,8 +438,35 @@ static int l_context(lua_State *L) {
   return 1;
 }
 
+/* lm.adopt_context(p): a context object over a context someone else made (an
+   embedding host), holding its own reference, so closing or collecting it never frees
+   the host's context. p must point to a live context (a freed one cannot be told
+   apart); NULL and pointers to other loramoe objects are refused. */
+static int l_adopt_context(lua_State *L) {
+  luaL_argexpected(L, lua_islightuserdata(L, 1), 1, "light userdata (an lmoe_context *)");
+  lmoe_context *ctx = (lmoe_context *)lua_touserdata(L, 1);
+  luaL_argcheck(L, ctx != NULL, 1, "context pointer is NULL");
+  /* The library checks the magic of every handle; this is its message for a handle
+     of another kind. */
+  if (strcmp(lmoe_context_last_error(ctx), "not a loramoe context") == 0)
+    luaL_argerror(L, 1, "not a loramoe context");
+  lbox *b = newbox(L, K_CONTEXT, 0); /* may raise: before the reference is taken */
+  lmoe_context_retain(ctx);
+  b->h = ctx;
+  b->ctx = ctx;
+  b->owned = 1;
+  return 1;
+}
+
 static lmoe_context *checkctx(lua_State *L, int idx) {
   return (lmoe_context *)checkbox(L, idx, K_CONTEXT)->h;
+}
+
+/* ctx:pointer(): the lmoe_context * as a light userdata, for C code and
+   lm.adopt_context; valid while some reference to the context is held. */
+static int ctx_pointer(lua_State *L) {
+  lua_pushlightuserdata(L, checkctx(L, 1));
+  return 1;
 }
 
 static int ctx_set_guard(lua_State *L) {
@@ -1878,6 +1905,7 @@ static const luaL_Reg ctx_methods[] = {
     {"safetensors", ctx_safetensors}, {"safetensors_string", ctx_safetensors_string},
     {"write_safetensors", ctx_write_safetensors}, {"peft", ctx_peft},
     {"write_peft", ctx_write_peft}, {"checkpoint", ctx_checkpoint},
+    {"pointer", ctx_pointer},
     {NULL, NULL}};
 
 static const luaL_Reg buf_methods[] = {
@@ -1924,7 +1952,7 @@ static const luaL_Reg lib[] = {
     {"version", l_version},       {"status_string", l_status_string}, {"has_cuda", l_has_cuda},
     {"device_count", l_device_count}, {"device_info", l_device_info}, {"dtype_size", l_dtype_size},
     {"dtype_name", l_dtype_name}, {"lora_scale", l_lora_scale},       {"now", l_now},
-    {"context", l_context},       {NULL, NULL}};
+    {"context", l_context},       {"adopt_context", l_adopt_context}, {NULL, NULL}};
 
 /* Metatable for one kind; the methods table goes into `methods` (at mi) too. */
 static void make_kind(lua_State *L, int kind, int mi) {

@@ -5,12 +5,12 @@ local lm = h.lm
 
 local module_functions = {
   "version", "status_string", "has_cuda", "device_count", "device_info", "dtype_size",
-  "dtype_name", "lora_scale", "now", "context",
+  "dtype_name", "lora_scale", "now", "context", "adopt_context",
 }
 local methods = {
   context = { "close", "is_closed", "set_guard", "stream", "synchronize", "counters",
               "reset_counters", "last_error", "buffer", "wrap", "layer", "batch", "safetensors",
-              "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint" },
+              "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint", "pointer" },
   buffer = { "close", "is_closed", "shape", "describe", "data", "write", "read", "fill_random",
              "fill", "compare", "context" },
   layer = { "close", "is_closed", "config", "randomize", "set_weights", "set_expert", "weights",

@@ -440,7 +440,37 @@ function M.context(opts)
   return ctx
 end
 
+-- lm.adopt_context(p): a context object over a context someone else made (an
+-- embedding host), holding its own reference (lmoe_context_retain), so closing or
+-- collecting it never frees the host's context. p is a light userdata or a pointer
+-- cdata to a live context (a freed one cannot be told apart); NULL and pointers to
+-- other loramoe objects are refused.
+function M.adopt_context(p)
+  local t = type(p)
+  if t ~= "userdata" and t ~= "cdata" then
+    argerror(1, "adopt_context", "light userdata (an lmoe_context *) expected, got " .. typename(p))
+  end
+  local ok, h = pcall(ffi.cast, "lmoe_context *", p)
+  if not ok then argerror(1, "adopt_context", "light userdata (an lmoe_context *) expected, got " .. typename(p)) end
+  if h == nil then argerror(1, "adopt_context", "context pointer is NULL") end
+  -- The library checks the magic of every handle; this is its message for a handle
+  -- of another kind.
+  if ffi.string(C.lmoe_context_last_error(h)) == "not a loramoe context" then
+    argerror(1, "adopt_context", "not a loramoe context")
+  end
+  C.lmoe_context_retain(h)
+  local ctx = wrap("context", h, nil, nil)
+  ctx._ctx = ctx._h
+  return ctx
+end
+
 local Ctx, CtxP = methods.context, props.context
+
+-- ctx:pointer(): the lmoe_context * (a void * cdata), for C code and lm.adopt_context;
+-- valid while some reference to the context is held.
+function Ctx.pointer(self)
+  return ffi.cast("void *", check(self, "context", "pointer")._h)
+end
 
 function CtxP.backend(self)
   local b = C.lmoe_context_backend(check(self, "context", "backend")._h)

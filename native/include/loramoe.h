@@ -147,6 +147,10 @@ LMOE_API void lmoe_context_config_init(lmoe_context_config *cfg);
 LMOE_API lmoe_status lmoe_context_create(const lmoe_context_config *cfg, lmoe_context **out,
                                          char *errbuf, size_t errbuf_size);
 LMOE_API void lmoe_context_release(lmoe_context *ctx);
+/* Adds a reference, for a second owner (a Lua state that adopts a context the host
+   made): the context is freed when the last reference is released. NULL and handles
+   that are not a context are ignored. */
+LMOE_API void lmoe_context_retain(lmoe_context *ctx);
 /* Message of the last failed call made through this context ("" when none). */
 LMOE_API const char *lmoe_context_last_error(const lmoe_context *ctx);
 LMOE_API int32_t lmoe_context_backend(const lmoe_context *ctx);

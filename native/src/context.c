@@ -160,7 +160,10 @@ lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context 
   return LMOE_OK;
 }
 
-void lmoe_context_retain(lmoe_context *ctx) { atomic_fetch_add(&ctx->obj.refs, 1); }
+void lmoe_context_retain(lmoe_context *ctx) {
+  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return;
+  atomic_fetch_add(&ctx->obj.refs, 1);
+}
 
 void lmoe_context_release(lmoe_context *ctx) {
   if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return;

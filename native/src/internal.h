@@ -182,8 +182,7 @@ lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void lmoe_clear_error(lmoe_context *ctx);
 
-/* references */
-void lmoe_context_retain(lmoe_context *ctx);
+/* references: lmoe_context_retain is public (loramoe.h) */
 
 /* conversions (convert.c) */
 float lmoe_bf16_to_f32(uint16_t v);
