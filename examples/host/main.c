@@ -1,16 +1,22 @@
 /*
  * An application that embeds Lua 5.4 and loramoe the way a game or app would.
  *
- * The host owns the frame loop, the lua_State and (on CUDA) the stream. Each frame it
- * calls tick.lua's tick(frame), which composes a batch of requests and enqueues one
- * MoE forward on the host's stream, then returns at once. The host never blocks its
- * loop on the device: with CUDA it records an event after each frame's work and polls
- * it with cudaEventQuery; when too many frames are still in flight it skips enqueueing
- * for this frame instead of waiting. The only wait is at shutdown.
+ * The host owns the frame loop, the lua_State, the loramoe context and (on CUDA) the
+ * stream. It creates the context itself and hands it to Lua as a light userdata
+ * (global `host.context`); tick.lua adopts it once (lm.adopt_context, which takes its
+ * own reference). Each frame the host calls tick.lua's tick(frame), which composes a
+ * batch of requests and enqueues one MoE forward on the context's stream, then returns
+ * at once. The host never blocks its loop on the device: with CUDA it records an event
+ * after each frame's work and polls it with cudaEventQuery; when too many frames are
+ * still in flight it skips enqueueing for this frame instead of waiting. The only wait
+ * is at shutdown, after which the host closes Lua and then releases its context.
  *
  * loramoe's C API has no event query; the host does not need one, because it owns the
- * stream and can record and query its own events on it. docs/embedding.md is the
- * contract this file follows (ownership, threads, close order).
+ * stream and can record and query its own events on it. Built without the CUDA
+ * toolkit, the host cannot make a stream or events: on the cuda backend the context
+ * then makes its own stream and the host does not count frames in flight (CUDA's own
+ * launch queue is the bound). docs/embedding.md is the contract this file follows
+ * (ownership, reference counting, threads, close order).
  *
  *   loramoe_host [--frames N] [--backend cpu|cuda|auto] [--script tick.lua]
  */
@@ -50,7 +56,9 @@ enum { MAX_IN_FLIGHT = 3 }; /* frames of device work the host lets queue up */
 
 typedef struct host {
   lua_State *L;
-  void *stream; /* cudaStream_t, or NULL on the cpu backend */
+  lmoe_context *ctx; /* the host's reference; Lua holds its own */
+  int cuda;          /* the context runs on the cuda backend */
+  void *stream;      /* the host's own cudaStream_t (HOST_CUDA), else NULL */
   int tick_ref; /* registry reference to tick.lua's table */
 #ifdef HOST_CUDA
   cudaEvent_t events[MAX_IN_FLIGHT];
@@ -115,6 +123,7 @@ static void set_paths(lua_State *L) {
 
 /* Retires frames whose device work has finished; never waits. */
 static void poll(host *h) {
+  if (h->cuda && !h->stream) return; /* no events of our own: retired at the drain */
 #ifdef HOST_CUDA
   if (h->stream) {
     while (h->in_flight > 0) {
@@ -160,17 +169,20 @@ int main(int argc, char **argv) {
   host h;
   memset(&h, 0, sizeof h);
   h.tick_ref = LUA_NOREF;
+  lua_State *L = NULL;
+  int status = 1;
 
-  /* 1. The device side the host owns: its stream (on CUDA), made before any Lua. */
+  /* 1. The device side the host owns, made before any Lua: the loramoe context and, on
+     CUDA with the toolkit, the stream it enqueues on. */
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  if (strcmp(backend, "cpu") == 0) cfg.backend = LMOE_BACKEND_CPU;
+  else if (strcmp(backend, "cuda") == 0) cfg.backend = LMOE_BACKEND_CUDA;
+  else cfg.backend = LMOE_BACKEND_AUTO;
+#ifdef HOST_CUDA
   int32_t devices = 0;
   if (lmoe_device_count(&devices) != LMOE_OK) devices = 0;
-  int use_cuda = lmoe_has_cuda() && devices > 0 && strcmp(backend, "cpu") != 0;
-  if (strcmp(backend, "cuda") == 0 && !use_cuda) {
-    fprintf(stderr, "host: --backend cuda, but this loramoe has no CUDA or sees no device\n");
-    return 1;
-  }
-#ifdef HOST_CUDA
-  if (use_cuda) {
+  if (cfg.backend != LMOE_BACKEND_CPU && lmoe_has_cuda() && devices > 0) {
     cudaStream_t s;
     if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) {
       fprintf(stderr, "host: cannot create a CUDA stream\n");
@@ -179,22 +191,37 @@ int main(int argc, char **argv) {
     h.stream = s;
     for (int i = 0; i < MAX_IN_FLIGHT; i++)
       cudaEventCreateWithFlags(&h.events[i], cudaEventDisableTiming);
-  }
-#else
-  if (use_cuda) {
-    fprintf(stderr, "host: built without the CUDA toolkit; running loramoe on the cpu\n");
-    use_cuda = 0;
+    cfg.backend = LMOE_BACKEND_CUDA;
+    cfg.stream = h.stream; /* the context enqueues on it and never destroys it */
   }
 #endif
+  cfg.guard = LMOE_GUARD_HOST; /* forwards decide LoRA work from the batch: no waits */
+  char err[256];
+  if (lmoe_context_create(&cfg, &h.ctx, err, sizeof err) != LMOE_OK) {
+    fprintf(stderr, "host: cannot create the loramoe context: %s\n", err);
+    goto done;
+  }
+  h.cuda = lmoe_context_backend(h.ctx) == LMOE_BACKEND_CUDA;
+  if (h.cuda && !h.stream)
+    fprintf(stderr, "host: built without the CUDA toolkit; the context made its own stream "
+                    "and the host cannot poll it\n");
 
-  /* 2. The Lua state the host owns, with loramoe on its paths. */
-  lua_State *L = luaL_newstate();
-  if (!L) return 1;
+  /* 2. The Lua state the host owns, with loramoe on its paths and the host's objects in
+     the global `host`: {context = <light userdata>, backend =, version =}. */
+  L = luaL_newstate();
+  if (!L) goto done;
   h.L = L;
   luaL_openlibs(L);
   set_paths(L);
+  lua_createtable(L, 0, 3);
+  lua_pushlightuserdata(L, h.ctx); /* tick.lua adopts it: lm.adopt_context(host.context) */
+  lua_setfield(L, -2, "context");
+  lua_pushstring(L, h.cuda ? "cuda" : "cpu");
+  lua_setfield(L, -2, "backend");
+  lua_pushstring(L, lmoe_version()); /* the module must be the same loramoe build */
+  lua_setfield(L, -2, "version");
+  lua_setglobal(L, "host");
 
-  int status = 1;
   /* 3. The per-frame script: a chunk returning {init=, tick=, shutdown=}. */
   lua_pushcfunction(L, traceback);
   if (luaL_loadfile(L, script) != LUA_OK || lua_pcall(L, 0, 1, -2) != LUA_OK) {
@@ -208,21 +235,15 @@ int main(int argc, char **argv) {
   h.tick_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pop(L, 1); /* the handler */
 
-  /* 4. init{backend=, stream=}: the script makes its loramoe context on our stream. */
-  lua_createtable(L, 0, 2);
-  lua_pushstring(L, use_cuda ? "cuda" : "cpu");
-  lua_setfield(L, -2, "backend");
-  if (h.stream) {
-    lua_pushlightuserdata(L, h.stream);
-    lua_setfield(L, -2, "stream");
-  }
+  /* 4. init(host): the script adopts our context and makes its layer, pool, buffers. */
+  lua_getglobal(L, "host");
   if (call_script(&h, "init", 1, 0) != 0) goto done;
 
   /* 5. The frame loop. */
   double t0 = now_s(), busy = 0;
   for (long f = 0; f < frames; f++) {
     poll(&h);
-    if (h.in_flight < MAX_IN_FLIGHT) {
+    if (h.in_flight < MAX_IN_FLIGHT || (h.cuda && !h.stream)) {
       double a = now_s();
       lua_pushinteger(L, f);
       if (call_script(&h, "tick", 1, 0) != 0) goto done;
@@ -237,31 +258,46 @@ int main(int argc, char **argv) {
   }
   double loop_s = now_s() - t0;
 
-  /* 6. Shutdown, the one place the host waits: drain the stream, then let the script
-     close its loramoe objects (context last), then close Lua, then the stream. */
-#ifdef HOST_CUDA
-  if (h.stream) cudaStreamSynchronize((cudaStream_t)h.stream);
-#endif
-  poll(&h);
-  if (call_script(&h, "shutdown", 0, 1) != 0) goto done;
-  long waits = -1;
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "host_waits");
-    waits = (long)lua_tointeger(L, -1);
-    lua_pop(L, 1);
+  /* 6. Shutdown. The host reads the frames' counters through its own reference, then
+     waits once (the only wait of the run), lets the script close its objects and its
+     reference, closes Lua, releases its context, and destroys its stream last. */
+  lmoe_counters c;
+  memset(&c, 0, sizeof c);
+  if (lmoe_context_counters(h.ctx, &c) != LMOE_OK) goto done;
+  if (lmoe_context_synchronize(h.ctx, NULL) != LMOE_OK) {
+    fprintf(stderr, "host: %s\n", lmoe_context_last_error(h.ctx));
+    goto done;
   }
-  lua_pop(L, 1);
+  if (h.cuda && !h.stream) {
+    h.completed += h.in_flight;
+    h.in_flight = 0;
+  }
+  poll(&h);
+  if (call_script(&h, "shutdown", 0, 0) != 0) goto done;
   printf("host: %ld frames in %.3f s on %s, %ld forwards enqueued, %ld completed, %ld frames "
          "skipped (device behind), %.1f us per tick in Lua, %ld host waits inside the frames\n",
-         frames, loop_s, use_cuda ? "cuda" : "cpu", h.enqueued, h.completed, h.skipped,
-         h.enqueued ? 1e6 * busy / (double)h.enqueued : 0.0, waits);
-  status = (h.completed == h.enqueued && waits == 0) ? 0 : 1;
+         frames, loop_s, h.cuda ? "cuda" : "cpu", h.enqueued, h.completed, h.skipped,
+         h.enqueued ? 1e6 * busy / (double)h.enqueued : 0.0, (long)c.host_waits);
+  status = (h.completed == h.enqueued && c.forwards == (uint64_t)h.enqueued && c.host_waits == 0)
+               ? 0 : 1;
 
 done:
-  if (h.tick_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, h.tick_ref);
-  lua_close(L); /* collects whatever the script left open */
+  if (L) {
+    if (h.tick_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, h.tick_ref);
+    lua_close(L); /* collects whatever the script left open, its context object included */
+  }
+  if (h.ctx) {
+    /* Lua's reference is gone; ours still holds the context: show it, then drop it. */
+    lmoe_counters after;
+    if (status == 0 &&
+        (lmoe_context_counters(h.ctx, &after) != LMOE_OK || after.forwards != c.forwards)) {
+      fprintf(stderr, "host: the context did not outlive the Lua state\n");
+      status = 1;
+    }
+    lmoe_context_release(h.ctx); /* the last reference: the context is destroyed here */
+  }
 #ifdef HOST_CUDA
-  if (h.stream) {
+  if (h.stream) { /* after the context that enqueued on it */
     for (int i = 0; i < MAX_IN_FLIGHT; i++) cudaEventDestroy(h.events[i]);
     cudaStreamDestroy((cudaStream_t)h.stream);
   }

@@ -1,11 +1,16 @@
--- The per-frame script of examples/host (main.c). The host calls:
---   init{backend=, stream=}  once: make the loramoe context on the host's stream, a
---                            layer, an adapter pool, buffers and a batch;
---   tick(frame)              every frame: compose this frame's requests (how many,
---                            how long, which adapter) and enqueue one forward; returns
---                            at once, nothing here waits for the device;
---   shutdown() -> counters   after the host drained its stream: close everything,
---                            context last, and report the counters.
+-- The per-frame script of examples/host (main.c). The host made the loramoe context
+-- (and, on CUDA, its stream) and put it in the global `host`:
+--   host = { context = <light userdata: lmoe_context *>, backend = "cpu"|"cuda",
+--            version = <the host's lmoe_version()> }
+-- and calls:
+--   init(host)     once: adopt the host's context (our own reference to it), make a
+--                  layer, an adapter pool, buffers and a batch;
+--   tick(frame)    every frame: compose this frame's requests (how many, how long,
+--                  which adapter) and enqueue one forward; returns at once, nothing
+--                  here waits for the device;
+--   shutdown()     after the host drained the stream: close everything, our context
+--                  reference last. The host reads the counters and releases its own
+--                  reference after it closed this Lua state.
 -- State lives in this chunk's locals: loramoe keeps no globals, and neither do we.
 
 local lm = require "loramoe"
@@ -16,8 +21,15 @@ local TOKENS = 64 -- tokens per frame; fixed so the buffers are made once
 local requests = {}
 
 function M.init(host)
-  -- The host owns the stream; the context only enqueues on it and never destroys it.
-  ctx = lm.assert(lm.context { backend = host.backend, stream = host.stream, guard = "host" })
+  -- The module carries its own copy of the library (Lua 5.4): a context may cross
+  -- between the host's copy and ours only when both are the same loramoe build.
+  if host.version ~= lm.version() then
+    error(("the host links loramoe %s, the Lua module is %s"):format(host.version, lm.version()))
+  end
+  -- Our own reference to the host's context: closing it (or the collector) never frees
+  -- the host's context, and the host's release never pulls it from under us.
+  ctx = lm.adopt_context(host.context)
+  assert(ctx.backend == host.backend and ctx.guard == "host")
   local preset = host.backend == "cuda" and "qwen3-30b-a3b" or "tiny"
   layer = lm.assert(ctx:layer { preset = preset, max_tokens = TOKENS })
   lm.assert(layer:randomize(1, 0.05))
@@ -55,14 +67,13 @@ function M.tick(frame)
 end
 
 function M.shutdown()
-  local counters = lm.assert(ctx:counters())
-  -- Device memory is invisible to the GC: close explicitly, dependants first.
+  -- Device memory is invisible to the GC: close explicitly, dependants first. Closing
+  -- ctx drops our reference only; the host still holds its own.
   batch:close()
   args.x:close(); args.logits:close(); args.out:close()
   pool:close()
   layer:close()
   ctx:close()
-  return counters
 end
 
 return M
