@@ -1,7 +1,9 @@
 # Convenience front end over CMake. `make demo` and `make test` are all most people need.
 #
 #   make demo       install missing packages, build into build/, run examples/quickstart.lua
-#   make test       build, run every non-GPU test, then the C tests under ASan+UBSan
+#   make test       build, run every non-GPU test, then the C tests under ASan+UBSan,
+#                   the safetensors/PEFT fuzzer for FUZZ_TIME seconds (clang), and the
+#                   install-tree test (find_package, pkg-config, luarocks make)
 #   make test-gpu   the tests that need a GPU (ctest -L gpu)
 #   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
 #
@@ -14,6 +16,8 @@ ASAN_BUILD ?= build-asan
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CUDA       ?= 1
 CUDA_ARCHS ?=
+FUZZ_BUILD ?= build-fuzz
+FUZZ_TIME  ?= 60
 
 # CUDA when nvcc exists (on PATH or in the toolkit's usual place), else CPU only.
 NVCC := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
@@ -26,7 +30,7 @@ endif
 
 CTEST := ctest --output-on-failure -j $(JOBS)
 
-.PHONY: all deps build demo test test-asan test-gpu bench clean
+.PHONY: all deps build demo test test-asan test-fuzz test-install test-gpu bench clean
 
 all: build
 
@@ -43,6 +47,8 @@ demo: build
 test: build
 	cd $(BUILD) && $(CTEST) -LE gpu
 	$(MAKE) --no-print-directory test-asan
+	$(MAKE) --no-print-directory test-fuzz
+	$(MAKE) --no-print-directory test-install
 
 # The C tests again, built with AddressSanitizer and UBSan (CPU only: the sanitizers
 # don't see into device code, and it keeps this build quick).
@@ -51,6 +57,19 @@ test-asan: deps
 	  -DLMOE_SANITIZE=address,undefined -DLMOE_CUDA=OFF -DLMOE_BENCH=OFF
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && $(CTEST) -L c
+
+# libFuzzer over the safetensors reader and the PEFT mapping, bounded in time, under
+# ASan+UBSan. Needs clang (libFuzzer ships with its runtime).
+test-fuzz: deps
+	CC=clang cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLMOE_CUDA=OFF \
+	  -DLMOE_LUA=OFF -DLMOE_BENCH=OFF -DLMOE_FUZZ_TIME=$(FUZZ_TIME)
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_formats
+	cd $(FUZZ_BUILD) && ctest --output-on-failure -L fuzz
+
+# Install into a temporary prefix; build the embedding example against it with
+# find_package(loramoe) and with pkg-config; luarocks make from the checkout.
+test-install: deps
+	JOBS=$(JOBS) sh examples/host/test-install.sh
 
 test-gpu: build
 	cd $(BUILD) && $(CTEST) -L gpu
@@ -65,4 +84,4 @@ bench: build
 	else echo "(no GPU visible or no CUDA build: GPU benchmarks skipped)"; fi
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

@@ -5,7 +5,8 @@
 # CUDA is optional and not installed here: the build uses nvcc when it finds one.
 set -eu
 
-PACKAGES="cmake make gcc pkg-config lua5.4 liblua5.4-dev luajit libluajit-5.1-dev lua-busted libcjson-dev"
+# clang and libclang-rt-dev: the libFuzzer target; luarocks: the rockspec test.
+PACKAGES="cmake make gcc pkg-config lua5.4 liblua5.4-dev luajit libluajit-5.1-dev lua-busted libcjson-dev clang libclang-rt-dev luarocks"
 
 if ! command -v dpkg-query >/dev/null 2>&1; then
   echo "install-deps: not a Debian-based system; make sure these (or your distribution's" >&2
