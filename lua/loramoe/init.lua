@@ -122,4 +122,40 @@ function lm.per_forward(before, after, forwards)
   return t
 end
 
+-- ------------------------------------------------------------------ adapters from files
+
+-- lm.adapter.load(path, opts): a PEFT adapter (its directory, or adapter_config.json)
+-- in one call. opts.pool: load it there under opts.name (default: path) and return
+-- slot, peft_info; the layer index is opts.layer, or the adapter's only layer (a
+-- multi-layer adapter needs opts.layer). Without a pool: return the opened peft object
+-- (opts.context required then). Misuse raises; refusals return nil, message, code.
+lm.adapter = {}
+function lm.adapter.load(path, opts)
+  if type(path) ~= "string" then raise("bad argument #1 to 'load' (string expected, got " .. type(path) .. ")") end
+  if opts ~= nil and type(opts) ~= "table" then raise("bad argument #2 to 'load' (table expected, got " .. type(opts) .. ")") end
+  opts = opts or {}
+  local pool, ctx = opts.pool, opts.context
+  if pool then ctx = pool:layer():context() end
+  if not ctx then raise("bad argument #2 to 'load' (opts.pool or opts.context expected)") end
+  local peft, err, code = ctx:peft(path)
+  if not peft then return nil, err, code end
+  if not pool then return peft end
+  local info = peft:info()
+  local layer = opts.layer
+  if layer == nil then
+    local layers = peft:layers()
+    if #layers ~= 1 then
+      peft:close()
+      raise(format("bad argument #2 to 'load' (opts.layer expected: %s has %d layers, %d..%d)",
+        path, #layers, info.min_layer, info.max_layer))
+    end
+    layer = layers[1]
+  end
+  local slot
+  slot, err, code = pool:load_peft(opts.name or path, peft, layer)
+  peft:close()
+  if not slot then return nil, err, code end
+  return slot, info
+end
+
 return lm
