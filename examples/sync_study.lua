@@ -13,7 +13,12 @@
 -- the ones the CPU backend emulates and counts in device_sync mode.
 --
 --   loramoe run examples/sync_study.lua [out=DIR] [backend=cpu|cuda] [reps=N]
---                 [tokens=M1,M2,...] [pipeline=1,4] [any scenario field=value]
+--                 [tokens=M1,M2,...] [pipeline=1,4] [mode=eager|graph]
+--                 [any scenario field=value]
+--
+-- mode=graph (cuda only) replays the stack as one CUDA graph per forward; the guard
+-- device_sync cannot be captured (it waits for the device), so only host and always
+-- are measured then. Run it once per mode to compare eager and graph.
 --
 -- Writes a markdown table to stdout, and DIR/sync_study.{json,csv} and the plots
 -- DIR/sync_study_{syncs,time,host}.svg (plus _throughput.svg with several pipeline
@@ -46,6 +51,7 @@ base.tokens, base.pipeline = nil, nil
 
 local cases = { { "no adapters", 0 }, { "half with adapters", 0.5 }, { "all with adapters", 1 } }
 local guards = { "host", "device_sync", "always" }
+if base.mode == "graph" then guards = { "host", "always" } end
 local fractions = {}
 for i, c in ipairs(cases) do fractions[i] = c[2] end
 
@@ -84,6 +90,11 @@ if r1.distinct_layers < r1.layers then
     "does not flatter the timing.", r1.layers, r1.distinct_layers,
     3 * r1.experts * r1.hidden * r1.intermediate * 2 / 1e9))
 end
+if r1.mode == "graph" then
+  print("Each forward is one replay of a CUDA graph that holds the whole stack, captured " ..
+    "once per scenario; the batch is set before each replay. device_sync is left out: its " ..
+    "wait cannot be captured.")
+end
 if r1.backend == "cpu" then
   print("On the CPU the waits in device_sync mode are emulated (the backend counts the wait " ..
     "it would make); their cost is not a GPU's.")
@@ -95,6 +106,7 @@ print("`pipeline` is the number of forwards enqueued back to back before the hos
   "calls, waits included: time it could not spend preparing the next batch.\n")
 io.write(report.markdown(rows, {
   { "pipeline", "pipeline" }, { "tokens", "M" }, { "case", "batch" }, { "guard", "guard" },
+  { "mode", "mode" },
   { "syncs_per_forward", "syncs/forward" },
   { "time_ms", "ms/forward", "%.3f" },
   { "time_ms_min", "min", "%.3f" }, { "time_ms_max", "max", "%.3f" },

@@ -25,13 +25,14 @@
 
 #define LMOE_LUA_NAME "loramoe.core"
 
-enum { K_CONTEXT, K_BUFFER, K_LAYER, K_POOL, K_BATCH, K_SAFETENSORS, K_PEFT, K_CHECKPOINT, K_COUNT };
+enum { K_CONTEXT, K_BUFFER, K_LAYER, K_POOL, K_BATCH, K_SAFETENSORS, K_PEFT, K_CHECKPOINT, K_GRAPH, K_COUNT };
 
 static const char *const kind_mt[K_COUNT] = {"loramoe.context", "loramoe.buffer", "loramoe.layer",
                                              "loramoe.pool",    "loramoe.batch",  "loramoe.safetensors",
-                                             "loramoe.peft",    "loramoe.checkpoint"};
+                                             "loramoe.peft",    "loramoe.checkpoint", "loramoe.graph"};
 static const char *const kind_name[K_COUNT] = {"context", "buffer",      "layer", "pool",
-                                               "batch",   "safetensors", "peft",  "checkpoint"};
+                                               "batch",   "safetensors", "peft",  "checkpoint",
+                                               "graph"};
 
 /* Registry key of the presets table (filled by the pure-Lua layer). */
 #define PRESETS_KEY "loramoe.presets"
@@ -164,6 +165,7 @@ static void box_release(int kind, lbox *b) {
   case K_SAFETENSORS: lmoe_safetensors_close((lmoe_safetensors *)h); break;
   case K_PEFT: lmoe_peft_close((lmoe_peft *)h); break;
   case K_CHECKPOINT: lmoe_checkpoint_close((lmoe_checkpoint *)h); break;
+  case K_GRAPH: lmoe_graph_release((lmoe_graph *)h); break;
   }
 }
 
@@ -1844,6 +1846,34 @@ static int ck_load_layer(lua_State *L) {
   return 1;
 }
 
+/* ------------------------------------------------------------------ graphs */
+
+/* ctx:graph_begin(stream?): start capturing (cuda backend only). */
+static int ctx_graph_begin(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  return push_status(L, lmoe_graph_begin(ctx, opt_stream(L, 2)), ctx);
+}
+
+/* ctx:graph_end(stream?) -> graph: end the capture and instantiate it. */
+static int ctx_graph_end(lua_State *L) {
+  lmoe_context *ctx = checkctx(L, 1);
+  void *s = opt_stream(L, 2);
+  lbox *b = newbox(L, K_GRAPH, 1);
+  lmoe_graph *g = NULL;
+  lmoe_status st = lmoe_graph_end(ctx, s, &g);
+  if (st) return push_fail(L, st, ctx);
+  b->h = g;
+  b->ctx = ctx;
+  b->owned = 1;
+  return 1;
+}
+
+/* graph:launch(stream?): enqueue one replay. */
+static int graph_launch(lua_State *L) {
+  lbox *b = checkbox(L, 1, K_GRAPH);
+  return push_status(L, lmoe_graph_launch((lmoe_graph *)b->h, opt_stream(L, 2)), b->ctx);
+}
+
 /* ------------------------------------------------------------------ parents */
 
 /* layer:context(), batch:context(), buffer:context(), pool:layer(): the object this
@@ -1906,6 +1936,7 @@ static const luaL_Reg ctx_methods[] = {
     {"write_safetensors", ctx_write_safetensors}, {"peft", ctx_peft},
     {"write_peft", ctx_write_peft}, {"checkpoint", ctx_checkpoint},
     {"pointer", ctx_pointer},
+    {"graph_begin", ctx_graph_begin}, {"graph_end", ctx_graph_end},
     {NULL, NULL}};
 
 static const luaL_Reg buf_methods[] = {
@@ -1944,9 +1975,12 @@ static const luaL_Reg batch_methods[] = {
     {"set", batch_set}, {"info", batch_info}, {"offsets", batch_offsets},
     {"active_slots", batch_active_slots}, {"context", obj_parent}, {NULL, NULL}};
 
+static const luaL_Reg graph_methods[] = {
+    {"launch", graph_launch}, {"context", obj_parent}, {NULL, NULL}};
+
 static const luaL_Reg *const kind_methods[K_COUNT] = {ctx_methods,  buf_methods, layer_methods,
                                                       pool_methods, batch_methods, st_methods,
-                                                      peft_methods, ck_methods};
+                                                      peft_methods, ck_methods, graph_methods};
 
 static const luaL_Reg lib[] = {
     {"version", l_version},       {"status_string", l_status_string}, {"has_cuda", l_has_cuda},

@@ -10,7 +10,8 @@ local module_functions = {
 local methods = {
   context = { "close", "is_closed", "set_guard", "stream", "synchronize", "counters",
               "reset_counters", "last_error", "buffer", "wrap", "layer", "batch", "safetensors",
-              "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint", "pointer" },
+              "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint", "pointer",
+              "graph_begin", "graph_end" },
   buffer = { "close", "is_closed", "shape", "describe", "data", "write", "read", "fill_random",
              "fill", "compare", "context" },
   layer = { "close", "is_closed", "config", "randomize", "set_weights", "set_expert", "weights",
@@ -22,6 +23,7 @@ local methods = {
   safetensors = { "close", "is_closed", "count", "tensor", "tensors", "find", "read", "metadata", "context" },
   peft = { "close", "is_closed", "info", "layers", "inspect", "layer_desc", "context" },
   checkpoint = { "close", "is_closed", "layer_info", "load_layer", "context" },
+  graph = { "close", "is_closed", "launch", "context" },
 }
 -- Added by the pure-Lua layer on top of either core.
 local lua_methods = { layer = { inputs = true, check = true } }
@@ -71,7 +73,7 @@ describe("the API surface", function()
       assert.truthy(doc:find("lm." .. name, 1, true), "lm." .. name .. " is not documented")
     end
     local var = { context = "ctx", buffer = "buf", layer = "layer", pool = "pool", batch = "batch",
-                  safetensors = "file", peft = "peft", checkpoint = "ck" }
+                  safetensors = "file", peft = "peft", checkpoint = "ck", graph = "graph" }
     for kind, names in pairs(methods) do
       local all = {}
       for _, n in ipairs(names) do all[#all + 1] = n end

@@ -92,16 +92,28 @@ describe("experiment scenarios", function()
     assert.are.equal(7, s.target_mask)
   end)
 
-  it("refuses unknown fields, bad values and graph mode with clear messages", function()
+  it("refuses unknown fields and bad values with clear messages", function()
     assert.has_error(function() exp.scenario { token = 5 } end,
       "experiment: unknown field 'token' (see docs/experiments.md)")
     assert.has_error(function() exp.scenario { guard = "sometimes" } end)
     assert.has_error(function() exp.scenario { preset = "nope" } end)
     assert.has_error(function() exp.scenario { targets = "gate,left" } end)
-    local ok, err = pcall(exp.scenario, { mode = "graph" })
+    assert.has_error(function() exp.scenario { mode = "lazy" } end,
+      "experiment: field 'mode' must be 'eager' or 'graph'")
+    -- graph mode is a valid scenario, but not with a guard that waits for the device
+    assert.are.equal("graph", exp.scenario({ mode = "graph" }).mode)
+    local ok, err = pcall(exp.scenario, { mode = "graph", guard = "device_sync" })
     assert.is_false(ok)
-    assert.matches("graph", err)
-    assert.matches("eager", err)
+    assert.matches("device_sync", err)
+  end)
+
+  it("refuses graph mode on the cpu backend, naming the cuda backend", function()
+    local ok, err = pcall(exp.run, { backend = "cpu", threads = 2, preset = "tiny", layers = 2,
+                                     tokens = 16, mode = "graph", warmup = 0, reps = 1 },
+                          { progress = false })
+    assert.is_false(ok)
+    assert.are.equal("experiment: mode 'graph' needs the cuda backend (CUDA graphs); this scenario " ..
+                     "runs on the cpu backend: use mode = 'eager'", err)
   end)
 
   it("spreads tokens and adapters over the requests", function()

@@ -56,6 +56,52 @@ describe("the cuda backend #gpu", function()
     end
   end)
 
+  it("replays a captured forward for new adapter mixes (graph)", function()
+    local r = h.rig(ctx, 200)
+    assert.is_true(ctx:set_guard("always")) -- the capture then holds the LoRA work
+    assert.is_true(r.layer:forward(r.args)) -- eager once: kernels loaded
+    assert.is_true(ctx:synchronize())
+    assert.is_true(ctx:graph_begin())
+    assert.is_true(r.layer:forward(r.args))
+    local g = assert(ctx:graph_end())
+    assert.are.equal(ctx, g:context())
+    local mixes = {
+      { { tokens = 50, adapter = 2 }, { tokens = 100 }, { tokens = 50, adapter = 3 } },
+      { { tokens = 120 }, { tokens = 80 } },
+      { { tokens = 1, adapter = 0 }, { tokens = 199, adapter = 1 } },
+    }
+    for i, mix in ipairs(mixes) do
+      assert.is_true(r.batch:set(r.pool, mix))
+      assert.is_true(r.args.out:fill(0 / 0))
+      ctx:reset_counters()
+      assert.is_true(g:launch())
+      local cnt = ctx:counters()
+      assert.are.equal(1, cnt.launches)
+      assert.are.equal(1, cnt.forwards)
+      local got = assert(r.args.out:read())
+      local c = assert(r.layer:check(r.args))
+      assert.are.equal(0, c.nonfinite, "mix " .. i)
+      assert.is_true(c.rel_l2 < 1e-2, "mix " .. i .. " rel_l2 " .. c.rel_l2)
+      assert.is_true(r.layer:forward(r.args)) -- eager, same batch: the same bits
+      local eager = assert(r.args.out:read())
+      for j = 1, #eager do
+        if eager[j] ~= got[j] then error("mix " .. i .. ": replay and eager differ at " .. j) end
+      end
+    end
+    assert.is_true(g:close())
+    h.raises("attempt to use a closed graph", function() g:launch() end)
+  end)
+
+  it("refuses a capture whose forward failed (device_sync cannot be captured)", function()
+    local r = h.rig(ctx, 64)
+    assert.is_true(r.layer:forward(r.args))
+    assert.is_true(ctx:synchronize())
+    assert.is_true(ctx:set_guard("device_sync"))
+    assert.is_true(ctx:graph_begin())
+    h.fails("UNSUPPORTED", "cannot be captured", r.layer:forward(r.args))
+    h.fails("UNSUPPORTED", "discarded", ctx:graph_end())
+  end)
+
   it("launches no LoRA work under guard host when the batch has no adapter", function()
     local r = h.rig(ctx, 64)
     assert.is_true(ctx:set_guard("host"))

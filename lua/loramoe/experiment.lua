@@ -63,7 +63,7 @@ experiment.defaults = {
   targets = "all",        -- "all" | "gate,up" | {"gate","up","down"}
   fused = false,          -- gate and up as one gate_up part
   guard = "host",         -- "host" | "device_sync" | "always"
-  mode = "eager",         -- "eager" ("graph" is refused: not exposed by the C API yet)
+  mode = "eager",         -- "eager" | "graph" (replay a CUDA graph of the stack; cuda only)
   warmup = 2,
   reps = 10,
   pipeline = 1,           -- forwards enqueued back to back per synchronize
@@ -219,11 +219,10 @@ function experiment.scenario(t)
   if not is_int(s.rank) or s.rank < 1 then bad("rank", "must be a positive integer") end
   s.target_mask, s.target_list, s.target_text = parse_targets(s.targets)
   if not guard_names[s.guard] then bad("guard", "must be host, device_sync or always") end
-  if s.mode == "graph" then
-    error("experiment: mode 'graph' is not available: the C API does not expose CUDA-graph " ..
-          "capture and replay yet; use mode = 'eager'", 0)
-  elseif s.mode ~= "eager" then
-    bad("mode", "must be 'eager'")
+  if s.mode ~= "eager" and s.mode ~= "graph" then bad("mode", "must be 'eager' or 'graph'") end
+  if s.mode == "graph" and s.guard == "device_sync" then
+    bad("mode", "'graph' cannot be used with guard device_sync: its forward waits for the device, " ..
+        "which a CUDA graph cannot capture")
   end
   if not is_int(s.warmup) or s.warmup < 0 then bad("warmup", "must be an integer >= 0") end
   if not is_int(s.reps) or s.reps < 1 then bad("reps", "must be an integer >= 1") end
@@ -581,6 +580,36 @@ function experiment.run(t, opts)
     local layers = {}
     for l = 1, L do layers[l] = st.sets[(l - 1) % nd + 1].layer end
 
+    -- mode "graph": one eager forward of the stack (kernels loaded, storage grown),
+    -- then the stack captured once into a CUDA graph; every repetition below replays it
+    -- after setting the batch (the replay reads the batch as set).
+    local graph
+    if s.mode == "graph" then
+      if c.backend ~= "cuda" then
+        error("experiment: mode 'graph' needs the cuda backend (CUDA graphs); this scenario runs " ..
+              "on the " .. c.backend .. " backend: use mode = 'eager'", 0)
+      end
+      check(batch:set(first_pool, reqs))
+      for l = 1, L do check(layers[l]:forward(fargs[l])) end
+      check(ctx:synchronize())
+      check(ctx:graph_begin())
+      local ok_fwd, err_fwd = true, nil
+      for l = 1, L do
+        local ok, msg = layers[l]:forward(fargs[l])
+        if not ok then ok_fwd, err_fwd = false, msg break end
+      end
+      local g, msg = ctx:graph_end()
+      if not ok_fwd then error("experiment: capturing the stack: " .. tostring(err_fwd), 0) end
+      graph = check(g, msg, "capturing the stack into a CUDA graph")
+    end
+    local function enqueue()
+      if graph then
+        check(graph:launch())
+      else
+        for l = 1, L do check(layers[l]:forward(fargs[l])) end
+      end
+    end
+
     local total = s.warmup + s.reps
     local depth = s.pipeline
     local times, host, batch_t, enq = {}, {}, {}, {}
@@ -599,7 +628,7 @@ function experiment.run(t, opts)
         local a = now()
         check(batch:set(first_pool, reqs))
         local b = now()
-        for l = 1, L do check(layers[l]:forward(fargs[l])) end
+        enqueue()
         local e = now()
         tb, te = tb + (b - a), te + (e - b)
       end
@@ -616,6 +645,7 @@ function experiment.run(t, opts)
       progress(format("%s%s rep %d/%d", label, rep <= s.warmup and " warm-up" or "", rep, total))
     end
     counters0 = check(ctx:counters())
+    if graph then graph:close() end
 
     local r = {}
     r.name = s.name or default_name(s)

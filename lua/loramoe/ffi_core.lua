@@ -75,6 +75,7 @@ local out_buf = ffi.new("lmoe_buffer *[1]")
 local out_layer = ffi.new("lmoe_layer *[1]")
 local out_pool = ffi.new("lmoe_pool *[1]")
 local out_batch = ffi.new("lmoe_batch *[1]")
+local out_graph = ffi.new("lmoe_graph *[1]")
 local out_i32 = ffi.new("int32_t[1]")
 local errbuf = ffi.new("char[256]")
 local ctx_cfg = ffi.new("lmoe_context_config")
@@ -266,12 +267,13 @@ end
 
 -- ------------------------------------------------------------------ objects
 
-local kinds = { "context", "buffer", "layer", "pool", "batch", "safetensors", "peft", "checkpoint" }
+local kinds = { "context", "buffer", "layer", "pool", "batch", "safetensors", "peft", "checkpoint",
+  "graph" }
 local release = {
   context = C.lmoe_context_release, buffer = C.lmoe_buffer_release,
   layer = C.lmoe_layer_release, pool = C.lmoe_pool_release, batch = C.lmoe_batch_release,
   safetensors = C.lmoe_safetensors_close, peft = C.lmoe_peft_close,
-  checkpoint = C.lmoe_checkpoint_close,
+  checkpoint = C.lmoe_checkpoint_close, graph = C.lmoe_graph_release,
 }
 local methods, props, mts = {}, {}, {}
 
@@ -360,6 +362,7 @@ methods.pool.layer = function(self) return check(self, "pool", "layer")._parent 
 methods.safetensors.context = function(self) return check(self, "safetensors", "context")._parent end
 methods.peft.context = function(self) return check(self, "peft", "context")._parent end
 methods.checkpoint.context = function(self) return check(self, "checkpoint", "context")._parent end
+methods.graph.context = function(self) return check(self, "graph", "context")._parent end
 methods.buffer.context = function(self)
   local p = check(self, "buffer", "context")._parent
   if self._borrowed_from then p = p._parent end
@@ -552,6 +555,27 @@ function Ctx.batch(self)
   local st = C.lmoe_batch_create(h, out_batch)
   if st ~= 0 then return fail(st, h) end
   return wrap("batch", out_batch[0], h, self)
+end
+
+-- ctx:graph_begin(stream?): start capturing (cuda backend only).
+function Ctx.graph_begin(self, stream)
+  local h = check(self, "context", "graph_begin")._h
+  return status(C.lmoe_graph_begin(h, opt_stream(stream, 1, "graph_begin")), h)
+end
+
+-- ctx:graph_end(stream?) -> graph: end the capture and instantiate it.
+function Ctx.graph_end(self, stream)
+  local h = check(self, "context", "graph_end")._h
+  out_graph[0] = nil
+  local st = C.lmoe_graph_end(h, opt_stream(stream, 1, "graph_end"), out_graph)
+  if st ~= 0 then return fail(st, h) end
+  return wrap("graph", out_graph[0], h, self)
+end
+
+-- graph:launch(stream?): enqueue one replay.
+function methods.graph.launch(self, stream)
+  local g = check(self, "graph", "launch")
+  return status(C.lmoe_graph_launch(g._h, opt_stream(stream, 1, "launch")), g._ctx)
 end
 
 -- ctx:layer(cfg): a preset name, or {experts=, hidden=, intermediate=, top_k=,

@@ -374,6 +374,34 @@ LMOE_API lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *ar
    [M, H] in host memory. Waits for the context's stream. Slow: for tests. */
 LMOE_API lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *args);
 
+/* ---------------------------------------------------------------- graphs */
+
+/* CUDA-graph capture and replay of forwards (cuda backend only; the cpu backend
+   answers LMOE_ERR_UNSUPPORTED). docs/api.md, "Graphs", gives the rules in full:
+   - Between begin and end call only lmoe_forward on the captured stream: nothing that
+     waits or reads back (buffer reads, synchronize, lmoe_batch_set, device_sync guard).
+     The capture is thread-local (cudaStreamCaptureModeThreadLocal): other threads,
+     with their own contexts, may go on allocating and synchronising meanwhile.
+   - A replay reads the buffers, layers, pools and batch that were captured, as they
+     are at replay time: they must outlive the graph and keep their shapes. The batch
+     may be set again with the same token count M and any adapter mix; the replay
+     computes that mix. Under guard host a capture holds only the LoRA work its batch
+     had then: capture under guard always to replay arbitrary mixes.
+   - Replays share the context's workspace with every other forward of it: as with
+     eager forwards, keep them on one stream (or order the streams). */
+typedef struct lmoe_graph lmoe_graph;
+
+/* Starts capturing `stream` (NULL: the context's). One capture per context at a time. */
+LMOE_API lmoe_status lmoe_graph_begin(lmoe_context *ctx, void *stream);
+/* Ends the capture begun on `stream` and instantiates it. On any failure (a forward
+   failed, an uncapturable call was made) the capture is discarded and *out is NULL. */
+LMOE_API lmoe_status lmoe_graph_end(lmoe_context *ctx, void *stream, lmoe_graph **out);
+/* Enqueues one replay on `stream` (NULL: the context's) and returns. Counted as one
+   launch; forwards, uploads and bytes_uploaded grow by what the capture held. */
+LMOE_API lmoe_status lmoe_graph_launch(lmoe_graph *graph, void *stream);
+/* NULL is fine. A replay still enqueued completes first (freed asynchronously). */
+LMOE_API void lmoe_graph_release(lmoe_graph *graph);
+
 /* ---- files: safetensors, PEFT adapters, checkpoints, pool life cycle ---- */
 
 /* safetensors (docs/formats.md). Opening validates the whole header: a file that

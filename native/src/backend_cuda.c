@@ -564,6 +564,62 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   return LMOE_OK;
 }
 
+/* ---------------------------------------------------------------- graphs */
+
+/* Thread-local capture mode: the capturing thread is kept from calls that would
+   break the capture (a read-back, a synchronize: they fail and the capture's end
+   reports it), while other threads, say with contexts of their own, may allocate and
+   synchronise freely. Global mode would turn their legal calls into errors too. */
+static lmoe_status cu_graph_begin(lmoe_context *ctx, void *stream) {
+  cudaStream_t s = (cudaStream_t)stream;
+  enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  cudaError_t e = cudaStreamIsCapturing(s, &cap);
+  if (e) return cuda_err(ctx, e, "cudaStreamIsCapturing");
+  if (cap != cudaStreamCaptureStatusNone)
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "the stream is already being captured");
+  e = cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+  if (e) {
+    cudaGetLastError();
+    return cuda_err(ctx, e, "cudaStreamBeginCapture");
+  }
+  return LMOE_OK;
+}
+
+static lmoe_status cu_graph_end(lmoe_context *ctx, void *stream, void **exec) {
+  *exec = NULL;
+  cudaGraph_t g = NULL;
+  cudaError_t e = cudaStreamEndCapture((cudaStream_t)stream, &g);
+  if (e) {
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    return lmoe_fail(ctx, LMOE_ERR_BACKEND,
+                     "the capture failed and was discarded: %s (%s); between lmoe_graph_begin and "
+                     "lmoe_graph_end only forwards on the captured stream may be called",
+                     cudaGetErrorString(e), cudaGetErrorName(e));
+  }
+  cudaGraphExec_t ge = NULL;
+  e = cudaGraphInstantiate(&ge, g, 0);
+  cudaGraphDestroy(g);
+  if (e) {
+    cudaGetLastError();
+    return cuda_err(ctx, e, "cudaGraphInstantiate");
+  }
+  *exec = ge;
+  return LMOE_OK;
+}
+
+static lmoe_status cu_graph_launch(lmoe_context *ctx, void *exec, void *stream) {
+  cudaError_t e = cudaGraphLaunch((cudaGraphExec_t)exec, (cudaStream_t)stream);
+  return e ? cuda_err(ctx, e, "cudaGraphLaunch") : LMOE_OK;
+}
+
+/* The runtime frees an instance that is still in flight once it completes. */
+static void cu_graph_free(lmoe_context *ctx, void *exec) {
+  cudaSetDevice(ctx->device);
+  cudaGraphExecDestroy((cudaGraphExec_t)exec);
+  cudaGetLastError();
+}
+
 static const lmoe_backend_ops cuda_ops = {
     .name = "cuda",
     .init = cu_init,
@@ -582,6 +638,10 @@ static const lmoe_backend_ops cuda_ops = {
     .slot_changed = cu_slot_changed,
     .batch_stage = cu_batch_stage,
     .batch_fini = cu_batch_fini,
+    .graph_begin = cu_graph_begin,
+    .graph_end = cu_graph_end,
+    .graph_launch = cu_graph_launch,
+    .graph_free = cu_graph_free,
 };
 
 const lmoe_backend_ops *lmoe_cuda_backend(void) { return &cuda_ops; }

@@ -127,8 +127,12 @@ lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
 lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void *stream) {
   lmoe_forward_plan plan;
   lmoe_status st = lmoe_forward_validate(ctx, args, &plan, false);
+  if (!st) st = ctx->ops->forward(ctx, &plan, stream ? stream : ctx->stream);
+  /* A forward that failed while capturing leaves a graph without its work: the
+     capture's end refuses it (graph.c). */
+  if (st && ctx && ctx->obj.magic == LMOE_MAGIC_CONTEXT && ctx->capturing && !ctx->capture_failed)
+    ctx->capture_failed = st;
   if (st) return st;
-  st = ctx->ops->forward(ctx, &plan, stream ? stream : ctx->stream);
   if (!st) ctx->counters.forwards++;
   if (!st && plan.pool && plan.batch->num_active)
     lmoe_pool_note_use(plan.pool, plan.batch->active_slots, plan.batch->num_active);

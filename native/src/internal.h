@@ -25,7 +25,8 @@ enum {
   LMOE_MAGIC_BUFFER = 0x4c4d4246,
   LMOE_MAGIC_LAYER = 0x4c4d4c59,
   LMOE_MAGIC_POOL = 0x4c4d504c,
-  LMOE_MAGIC_BATCH = 0x4c4d4254
+  LMOE_MAGIC_BATCH = 0x4c4d4254,
+  LMOE_MAGIC_GRAPH = 0x4c4d4752
 };
 
 struct lmoe_context {
@@ -43,6 +44,13 @@ struct lmoe_context {
      upper bounds; grown only outside forwards (layer creation). */
   void *workspace;
   size_t workspace_bytes;
+  /* A capture in progress (graph.c): its stream, the counters at its start (work
+     counted while capturing has not run, so lmoe_graph_end takes it back out), and the
+     first failed forward's status (the graph would miss that work). */
+  int32_t capturing;
+  void *capture_stream;
+  lmoe_status capture_failed;
+  lmoe_counters capture_start;
   char error[LMOE_ERRBUF];
 };
 
@@ -124,6 +132,15 @@ struct lmoe_batch {
   void *be;               /* backend per-batch state (staging for the upload) */
 };
 
+/* A captured, instantiated graph (graph.c; the backend's executable in be). per_launch
+   is what one replay adds to the counters besides its single launch. */
+struct lmoe_graph {
+  lmoe_object obj;
+  lmoe_context *ctx;
+  void *be;
+  lmoe_counters per_launch;
+};
+
 /* What the core hands a backend's forward, validated. */
 typedef struct lmoe_forward_plan {
   lmoe_layer *layer;
@@ -167,6 +184,13 @@ struct lmoe_backend_ops {
      race an upload of this batch's previous contents that is still enqueued. */
   lmoe_status (*batch_stage)(lmoe_context *ctx, lmoe_batch *batch);
   void (*batch_fini)(lmoe_context *ctx, lmoe_batch *batch);
+  /* Optional (NULL: graphs unsupported): capture `stream` into a graph, end the capture
+     and instantiate it into *exec (on failure the capture is ended and discarded),
+     replay an instance on a stream (enqueue only), destroy an instance. */
+  lmoe_status (*graph_begin)(lmoe_context *ctx, void *stream);
+  lmoe_status (*graph_end)(lmoe_context *ctx, void *stream, void **exec);
+  lmoe_status (*graph_launch)(lmoe_context *ctx, void *exec, void *stream);
+  void (*graph_free)(lmoe_context *ctx, void *exec);
 };
 
 /* backends */
