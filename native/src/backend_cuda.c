@@ -423,6 +423,12 @@ static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStrea
       memcpy(cb->pinned, cb->host, bytes);
       cb->pinned_version = b->version;
     }
+    /* A captured copy is replayed for every later content of this batch: it must move
+       the whole staging (dev_cap words), not this version's length, or a replay of a
+       batch with more requests or active slots than at capture reads a stale tail of
+       the active-slot list (seen: wrong adapters on one request's tokens, 3 runs in 15,
+       when a request of the captured batch happened to have no tokens). */
+    if (capturing) bytes = cb->dev_cap * sizeof(int32_t);
     e = cudaMemcpyAsync(cb->dev, cb->pinned, bytes, cudaMemcpyHostToDevice, s);
     if (!e) e = cudaEventRecordWithFlags(cb->ev, s, capturing ? cudaEventRecordExternal : cudaEventRecordDefault);
     if (e) return cuda_err(ctx, e, "metadata upload");
