@@ -21,6 +21,11 @@ typedef struct cuda_ctx {
   int own_stream;
   int32_t *any_host; /* pinned: the device_sync guard's flag */
   int32_t gemm_cfg;   /* GEMM tile configuration for this device */
+  /* Recorded after every lmoe_graph_launch: an event-record node inside a graph only
+     fires when the replay runs, so it cannot tell a replay that is enqueued but not
+     started; this one, recorded on the stream at launch, can (cu_batch_stage). */
+  cudaEvent_t graph_ev;
+  int graph_ev_ok;
 } cuda_ctx;
 
 typedef struct cuda_pool {
@@ -137,6 +142,7 @@ static void cu_fini(lmoe_context *ctx) {
     cudaStreamDestroy(c->stream);
   }
   cudaFreeHost(c->any_host);
+  if (c->graph_ev_ok) cudaEventDestroy(c->graph_ev);
   cudaGetLastError(); /* at process exit the runtime may be gone: nothing to report */
   free(c);
   ctx->be = NULL;
@@ -381,6 +387,15 @@ static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
   if (cb->captured || n > LMOE_META_MAX_REQ_PARAM || A > LMOE_META_MAX_ACTIVE_PARAM) {
     lmoe_status st = wait_event(ctx, cb);
     if (st) return st;
+    cuda_ctx *cc = ctx->be;
+    if (cb->captured && cc->graph_ev_ok) { /* replays launched but maybe not started */
+      e = cudaEventQuery(cc->graph_ev);
+      if (e == cudaErrorNotReady) {
+        ctx->counters.host_waits++;
+        e = cudaEventSynchronize(cc->graph_ev);
+      }
+      if (e) return cuda_err(ctx, e, "waiting for the graph replays that read this batch");
+    }
     memcpy(cb->pinned, cb->host, ints * sizeof(int32_t));
     cb->pinned_version = b->version;
   }
@@ -610,13 +625,25 @@ static lmoe_status cu_graph_end(lmoe_context *ctx, void *stream, void **exec) {
     cudaGetLastError();
     return cuda_err(ctx, e, "cudaGraphInstantiate");
   }
+  cuda_ctx *cc = ctx->be;
+  if (!cc->graph_ev_ok) {
+    e = cudaEventCreateWithFlags(&cc->graph_ev, cudaEventDisableTiming);
+    if (e) {
+      cudaGraphExecDestroy(ge);
+      return cuda_err(ctx, e, "cudaEventCreate");
+    }
+    cc->graph_ev_ok = 1;
+  }
   *exec = ge;
   return LMOE_OK;
 }
 
 static lmoe_status cu_graph_launch(lmoe_context *ctx, void *exec, void *stream) {
+  cuda_ctx *cc = ctx->be;
   cudaError_t e = cudaGraphLaunch((cudaGraphExec_t)exec, (cudaStream_t)stream);
-  return e ? cuda_err(ctx, e, "cudaGraphLaunch") : LMOE_OK;
+  if (e) return cuda_err(ctx, e, "cudaGraphLaunch");
+  if (cc->graph_ev_ok) e = cudaEventRecord(cc->graph_ev, (cudaStream_t)stream);
+  return e ? cuda_err(ctx, e, "cudaEventRecord after cudaGraphLaunch") : LMOE_OK;
 }
 
 /* The runtime frees an instance that is still in flight once it completes. */
