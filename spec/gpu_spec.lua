@@ -3,14 +3,7 @@
 local h = dofile("spec/helpers.lua")
 local lm = h.lm
 
-local function rel_l2(a, ref)
-  local num, den = 0, 0
-  for i = 1, #ref do
-    num = num + (a[i] - ref[i]) ^ 2
-    den = den + ref[i] ^ 2
-  end
-  return math.sqrt(num / den)
-end
+local rel_l2 = h.rel_l2
 
 describe("the cuda backend #gpu", function()
   local ctx

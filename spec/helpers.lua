@@ -8,6 +8,16 @@ h.lm = lm
 h.is54 = lm.runtime == "lua5.4"
 
 -- A runtime failure: nil, "CODE: message", "CODE".
+-- ||a - ref|| / ||ref|| over two Lua arrays of numbers.
+function h.rel_l2(a, ref)
+  local num, den = 0, 0
+  for i = 1, #ref do
+    num = num + (a[i] - ref[i]) ^ 2
+    den = den + ref[i] ^ 2
+  end
+  return math.sqrt(num / den)
+end
+
 function h.fails(code, pattern, v, msg, c)
   assert.is_nil(v)
   assert.are.equal(code, c)

@@ -79,6 +79,19 @@ static void test_seed(const char *name) {
   printf("%s: LMOE_TEST_SEED=%llu\n", name, (unsigned long long)seed);
 }
 
+/* A layer of the given shapes, weights uniform in [-scale, scale) from the test's
+   generator (scale 0: weights left unset). */
+static lmoe_layer *test_layer(lmoe_context *ctx, int E, int H, int I, int K, int max_tokens,
+                              float scale) {
+  lmoe_layer_config lc;
+  lmoe_layer_config_init(&lc);
+  lc.num_experts = E, lc.hidden = H, lc.intermediate = I, lc.top_k = K, lc.max_tokens = max_tokens;
+  lmoe_layer *layer = NULL;
+  OK(ctx, lmoe_layer_create(ctx, &lc, &layer));
+  if (scale > 0) OK(ctx, lmoe_layer_randomize(layer, test_rand(), scale));
+  return layer;
+}
+
 static lmoe_context *test_cpu_context(int threads, int guard) {
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);

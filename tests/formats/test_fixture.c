@@ -17,7 +17,7 @@ static double rel_l2(const double *a, const double *ref, long n) {
   return sqrt(num / (den > 0 ? den : 1));
 }
 
-/* Reads tensor `name` of expected.safetensors as f64; *rows/*cols get its shape. */
+/* Reads tensor `name` of expected.safetensors as f64; *rows and *cols get its shape. */
 static double *read2(lmoe_context *ctx, lmoe_safetensors *st, const char *name, int64_t *rows, int64_t *cols) {
   int32_t idx;
   if (lmoe_safetensors_find(st, name, &idx) != LMOE_OK) return NULL;

@@ -186,16 +186,7 @@ static void run_case(lmoe_context *ctx, const tcase *c, int idx) {
   OK(ctx, lmoe_peft_inspect(peft, tiny, sizeof tiny, &need));
   CHECK(strlen(tiny) == sizeof tiny - 1 && need == strlen(text) + 1, "inspect truncates and reports the length");
 
-  lmoe_layer_config lc;
-  lmoe_layer_config_init(&lc);
-  lc.num_experts = E;
-  lc.hidden = H;
-  lc.intermediate = I;
-  lc.top_k = K;
-  lc.max_tokens = 64;
-  lmoe_layer *layer;
-  OK(ctx, lmoe_layer_create(ctx, &lc, &layer));
-  OK(ctx, lmoe_layer_randomize(layer, test_rand(), 0.2f));
+  lmoe_layer *layer = test_layer(ctx, E, H, I, K, 64, 0.2f);
   lmoe_pool_config pc;
   lmoe_pool_config_init(&pc);
   pc.num_slots = 2;

@@ -224,16 +224,7 @@ int main(int argc, char **argv) {
   (void)argc, (void)argv;
   test_seed("test_pool_life");
   lmoe_context *ctx = test_cpu_context(2, LMOE_GUARD_HOST);
-  lmoe_layer_config lc;
-  lmoe_layer_config_init(&lc);
-  lc.num_experts = E;
-  lc.hidden = H;
-  lc.intermediate = I;
-  lc.top_k = K;
-  lc.max_tokens = 64;
-  lmoe_layer *layer;
-  OK(ctx, lmoe_layer_create(ctx, &lc, &layer));
-  OK(ctx, lmoe_layer_randomize(layer, test_rand(), 0.2f));
+  lmoe_layer *layer = test_layer(ctx, E, H, I, K, 64, 0.2f);
   test_names_lru_pins(ctx, layer);
   test_reload_between_forwards(ctx, layer);
   lmoe_layer_release(layer);

@@ -109,11 +109,7 @@ int main(void) {
     fprintf(stderr, "cuda context: %s\n", err);
     return 1;
   }
-  lmoe_layer_config lc;
-  lmoe_layer_config_init(&lc);
-  lc.num_experts = E, lc.hidden = H, lc.intermediate = I, lc.top_k = K, lc.max_tokens = M;
-  OK(ctx, lmoe_layer_create(ctx, &lc, &layer));
-  OK(ctx, lmoe_layer_randomize(layer, test_rand(), 0.05f));
+  layer = test_layer(ctx, E, H, I, K, M, 0.05f);
   lmoe_pool_config pc;
   lmoe_pool_config_init(&pc);
   pc.num_slots = 2, pc.max_rank = 16;
