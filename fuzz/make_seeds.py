@@ -46,6 +46,12 @@ seeds = {
     "peft_fused": config(target_modules=None,
                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     + b"\0" + safetensors(fused),
+    # pattern keys: a counted repetition that must be refused before regcomp expands it
+    # (a fuzzer once grew one that took over 2 GB to compile), and one that must work
+    "peft_pattern_blowup": config(target_modules=["gate_proj", "up_proj", "down_proj"],
+                                  rank_pattern={"((a{255}){255}){255}": 2},
+                                  alpha_pattern={r"experts\.[0-9]{1,3}\.down_proj": 4})
+    + b"\0" + safetensors(per),
 }
 os.makedirs(HERE, exist_ok=True)
 for name, data in seeds.items():

@@ -426,6 +426,34 @@ static void test_refusals(lmoe_context *ctx) {
     lmoe_layer_release(layer);
     lmoe_peft_close(p);
   }
+  /* rank_pattern / alpha_pattern keys come from an untrusted file: keys whose counted
+     repetitions would take gigabytes to compile, back-references and overlong keys are
+     refused with a reason (a fuzzer found the first); an ordinary counted key still works */
+  fresh(ctx, dir, 0);
+  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"((a{255}){255}){255}\": 4, \"x\": 4");
+  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "expands to more than 4096 atoms");
+  fresh(ctx, dir, 0);
+  edit_config(dir, "\"alpha_pattern\":\t{", "\"alpha_pattern\": {\"a{99}{99}\": 4, \"x\": 4");
+  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "expands to more than 4096 atoms");
+  fresh(ctx, dir, 0);
+  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"(up)_proj\\\\1\": 4, \"x\": 4");
+  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "uses a back-reference");
+  {
+    char key[1100], to[1200];
+    memset(key, 'a', 1030);
+    key[1030] = 0;
+    snprintf(to, sizeof to, "\"rank_pattern\": {\"%s\": 4, \"x\": 4", key);
+    fresh(ctx, dir, 0);
+    edit_config(dir, "\"rank_pattern\":\t{", to);
+    expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "is longer than 1024 characters");
+  }
+  fresh(ctx, dir, 0);
+  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"experts\\\\.[0-9]{1,3}\\\\.down_proj\": 4, \"x\": 4");
+  {
+    lmoe_peft *p;
+    OK(ctx, lmoe_peft_open(ctx, dir, &p));
+    lmoe_peft_close(p);
+  }
   /* fused: a fused tensor with no target_parameters to say which parameter it is */
   fresh(ctx, dir, 1);
   edit_config(dir, "\"target_parameters\":", "\"target_parameters\": null, \"unused\":");
