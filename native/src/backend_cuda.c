@@ -26,6 +26,8 @@ typedef struct cuda_ctx {
      started; this one, recorded on the stream at launch, can (cu_batch_stage). */
   cudaEvent_t graph_ev;
   int graph_ev_ok;
+  void *graph_ev_stream; /* the stream graph_ev was last recorded on */
+  int graph_ev_recorded;
 } cuda_ctx;
 
 typedef struct cuda_pool {
@@ -640,9 +642,19 @@ static lmoe_status cu_graph_end(lmoe_context *ctx, void *stream, void **exec) {
 
 static lmoe_status cu_graph_launch(lmoe_context *ctx, void *exec, void *stream) {
   cuda_ctx *cc = ctx->be;
-  cudaError_t e = cudaGraphLaunch((cudaGraphExec_t)exec, (cudaStream_t)stream);
+  cudaError_t e = cudaSuccess;
+  /* graph_ev must complete only after every replay launched so far: a launch on another
+     stream than the last first waits (on the device) for the replays before it. */
+  if (cc->graph_ev_ok && cc->graph_ev_recorded && cc->graph_ev_stream != stream)
+    e = cudaStreamWaitEvent((cudaStream_t)stream, cc->graph_ev, 0);
+  if (e) return cuda_err(ctx, e, "cudaStreamWaitEvent before cudaGraphLaunch");
+  e = cudaGraphLaunch((cudaGraphExec_t)exec, (cudaStream_t)stream);
   if (e) return cuda_err(ctx, e, "cudaGraphLaunch");
-  if (cc->graph_ev_ok) e = cudaEventRecord(cc->graph_ev, (cudaStream_t)stream);
+  if (cc->graph_ev_ok) {
+    e = cudaEventRecord(cc->graph_ev, (cudaStream_t)stream);
+    cc->graph_ev_stream = stream;
+    cc->graph_ev_recorded = !e;
+  }
   return e ? cuda_err(ctx, e, "cudaEventRecord after cudaGraphLaunch") : LMOE_OK;
 }
 
