@@ -45,7 +45,7 @@ int main(int argc, char **argv) {
   }
   double *t = malloc(sizeof(double) * (size_t)reps);
   for (int pass = 0; pass < 2; pass++) {
-    const lmoe_pool *p = pass ? NULL : pool;
+    lmoe_pool *p = pass ? NULL : pool;
     for (int i = 0; i < 100; i++) lmoe_batch_set(b, p, NREQ, tok, sl); /* warm-up */
     for (int r = 0; r < reps; r++) {
       double t0 = now_s();

@@ -1120,10 +1120,10 @@ static lbox *checkbatch(lua_State *L, int idx) { return checkbox(L, idx, K_BATCH
 /* batch:set(pool | nil, {{tokens=, adapter=}, ...}); adapter absent or -1: none. */
 static int batch_set(lua_State *L) {
   lbox *b = checkbatch(L, 1);
-  const lmoe_pool *pool = NULL;
+  lmoe_pool *pool = NULL;
   if (!lua_isnoneornil(L, 2)) {
     luaL_argexpected(L, luaL_testudata(L, 2, kind_mt[K_POOL]) != NULL, 2, "loramoe.pool or nil");
-    pool = (const lmoe_pool *)checkpool(L, 2)->h;
+    pool = (lmoe_pool *)checkpool(L, 2)->h;
   }
   luaL_checktype(L, 3, LUA_TTABLE);
   lua_Integer n = luaL_len(L, 3);

@@ -340,9 +340,10 @@ LMOE_API void lmoe_batch_release(lmoe_batch *batch);
 /* Requests in order: request i has tokens[i] consecutive tokens (>= 0) and uses
    slots[i] (or LMOE_NO_ADAPTER). Computes on the host the segment offsets, the set of
    active slots, tokens per active slot, has_active and, when pool is given, checks the
-   slots hold adapters and finds the largest active rank. slots may be NULL (no
-   adapters). Reuses its storage: no allocation once it has seen this many requests. */
-LMOE_API lmoe_status lmoe_batch_set(lmoe_batch *batch, const lmoe_pool *pool, int32_t num_requests,
+   slots hold adapters and finds the largest active rank; the pool also records the
+   slots as used (recency for eviction). slots may be NULL (no adapters). Reuses its
+   storage: no allocation once it has seen this many requests. */
+LMOE_API lmoe_status lmoe_batch_set(lmoe_batch *batch, lmoe_pool *pool, int32_t num_requests,
                                     const int32_t *tokens, const int32_t *slots);
 LMOE_API lmoe_status lmoe_batch_get_info(const lmoe_batch *batch, lmoe_batch_info *out);
 /* Segment offsets (num_requests + 1 entries) into out; returns how many were written. */

@@ -60,7 +60,7 @@ static lmoe_status grow(lmoe_batch *b, int32_t n, int32_t max_slot) {
   return LMOE_OK;
 }
 
-lmoe_status lmoe_batch_set(lmoe_batch *b, const lmoe_pool *pool, int32_t n, const int32_t *tokens,
+lmoe_status lmoe_batch_set(lmoe_batch *b, lmoe_pool *pool, int32_t n, const int32_t *tokens,
                            const int32_t *slots) {
   if (!b || b->obj.magic != LMOE_MAGIC_BATCH) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = b->ctx;
@@ -130,7 +130,7 @@ lmoe_status lmoe_batch_set(lmoe_batch *b, const lmoe_pool *pool, int32_t n, cons
   b->max_slot = max_slot;
   b->version++;
   /* The slots of a batch being built are the most recently used (LRU, pool.c). */
-  if (pool && na) lmoe_pool_note_use((lmoe_pool *)pool, b->active_slots, na);
+  if (pool && na) lmoe_pool_note_use(pool, b->active_slots, na);
   if (ctx->ops->batch_stage) return ctx->ops->batch_stage(ctx, b);
   return LMOE_OK;
 }
