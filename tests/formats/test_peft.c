@@ -360,24 +360,55 @@ static void fresh(lmoe_context *ctx, const char *dir, int layout) {
   OK(ctx, lmoe_peft_write_synthetic(ctx, dir, &sp));
 }
 
+/* A config edit (in a fresh adapter of `layout`) and the refusal it must bring. */
+typedef struct config_refusal {
+  int layout, at_open;
+  const char *from, *to;
+  lmoe_status want;
+  const char *text;
+} config_refusal;
+
 static void test_refusals(lmoe_context *ctx) {
   char dir[4096];
   snprintf(dir, sizeof dir, "%s/refuse", work_dir);
+  char long_key[1200];
+  snprintf(long_key, sizeof long_key, "\"rank_pattern\": {\"%01030d\": 4, \"x\": 4", 0);
+  const config_refusal edits[] = {
+      {0, 1, "\"use_dora\":\tfalse", "\"use_dora\": true", LMOE_ERR_UNSUPPORTED, "use_dora is true"},
+      {0, 1, "\"bias\":\t\"none\"", "\"bias\": \"lora_only\"", LMOE_ERR_UNSUPPORTED, "bias is 'lora_only'"},
+      {0, 1, "\"peft_type\":\t\"LORA\"", "\"peft_type\": \"IA3\"", LMOE_ERR_UNSUPPORTED, "only LORA adapters"},
+      {0, 1, "\"r\":\t4", "\"r\": 4, \"r\": 8", LMOE_ERR_FORMAT, "key 'r' appears twice"},
+      {0, 0, "\"r\":\t4", "\"r\": 6", LMOE_ERR_FORMAT,
+       "has rank 4, but the config gives module model.layers.0.mlp.experts.0"},
+      /* rank_pattern / alpha_pattern keys come from an untrusted file: keys whose counted
+         repetitions would take gigabytes to compile (a fuzzer grew one), back-references
+         and overlong keys are refused with a reason */
+      {0, 1, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"((a{255}){255}){255}\": 4, \"x\": 4",
+       LMOE_ERR_UNSUPPORTED, "expands to more than 4096 atoms"},
+      {0, 1, "\"alpha_pattern\":\t{", "\"alpha_pattern\": {\"a{99}{99}\": 4, \"x\": 4", LMOE_ERR_UNSUPPORTED,
+       "expands to more than 4096 atoms"},
+      {0, 1, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"(up)_proj\\\\1\": 4, \"x\": 4", LMOE_ERR_UNSUPPORTED,
+       "uses a back-reference"},
+      {0, 1, "\"rank_pattern\":\t{", long_key, LMOE_ERR_UNSUPPORTED, "is longer than 1024 characters"},
+      /* fused: a fused tensor with no target_parameters to say which parameter it is */
+      {1, 1, "\"target_parameters\":", "\"target_parameters\": null, \"unused\":", LMOE_ERR_FORMAT,
+       "lists no target_parameters"},
+      {1, 1, "mlp.experts.gate_up_proj", "mlp.experts.gate_proj", LMOE_ERR_UNSUPPORTED,
+       "only gate_up_proj and down_proj are supported"},
+  };
+  for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+    fresh(ctx, dir, edits[i].layout);
+    edit_config(dir, edits[i].from, edits[i].to);
+    expect_refusal(ctx, dir, edits[i].at_open, edits[i].want, edits[i].text);
+  }
+  /* an ordinary counted repetition in a key still works */
   fresh(ctx, dir, 0);
-  edit_config(dir, "\"use_dora\":\tfalse", "\"use_dora\": true");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "use_dora is true");
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"bias\":\t\"none\"", "\"bias\": \"lora_only\"");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "bias is 'lora_only'");
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"peft_type\":\t\"LORA\"", "\"peft_type\": \"IA3\"");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "only LORA adapters");
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"r\":\t4", "\"r\": 4, \"r\": 8");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_FORMAT, "key 'r' appears twice");
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"r\":\t4", "\"r\": 6");
-  expect_refusal(ctx, dir, 0, LMOE_ERR_FORMAT, "has rank 4, but the config gives module model.layers.0.mlp.experts.0");
+  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"experts\\\\.[0-9]{1,3}\\\\.down_proj\": 4, \"x\": 4");
+  {
+    lmoe_peft *p;
+    OK(ctx, lmoe_peft_open(ctx, dir, &p));
+    lmoe_peft_close(p);
+  }
   fresh(ctx, dir, 0);
   rewrite_model(ctx, dir, "base_model.model.model.layers.0.mlp.experts.2.up_proj.lora_A.weight", NULL);
   expect_refusal(ctx, dir, 0, LMOE_ERR_FORMAT, "layer 0 expert 2 up has lora_B but no lora_A");
@@ -426,41 +457,6 @@ static void test_refusals(lmoe_context *ctx) {
     lmoe_layer_release(layer);
     lmoe_peft_close(p);
   }
-  /* rank_pattern / alpha_pattern keys come from an untrusted file: keys whose counted
-     repetitions would take gigabytes to compile, back-references and overlong keys are
-     refused with a reason (a fuzzer found the first); an ordinary counted key still works */
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"((a{255}){255}){255}\": 4, \"x\": 4");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "expands to more than 4096 atoms");
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"alpha_pattern\":\t{", "\"alpha_pattern\": {\"a{99}{99}\": 4, \"x\": 4");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "expands to more than 4096 atoms");
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"(up)_proj\\\\1\": 4, \"x\": 4");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "uses a back-reference");
-  {
-    char key[1100], to[1200];
-    memset(key, 'a', 1030);
-    key[1030] = 0;
-    snprintf(to, sizeof to, "\"rank_pattern\": {\"%s\": 4, \"x\": 4", key);
-    fresh(ctx, dir, 0);
-    edit_config(dir, "\"rank_pattern\":\t{", to);
-    expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "is longer than 1024 characters");
-  }
-  fresh(ctx, dir, 0);
-  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"experts\\\\.[0-9]{1,3}\\\\.down_proj\": 4, \"x\": 4");
-  {
-    lmoe_peft *p;
-    OK(ctx, lmoe_peft_open(ctx, dir, &p));
-    lmoe_peft_close(p);
-  }
-  /* fused: a fused tensor with no target_parameters to say which parameter it is */
-  fresh(ctx, dir, 1);
-  edit_config(dir, "\"target_parameters\":", "\"target_parameters\": null, \"unused\":");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_FORMAT, "lists no target_parameters");
-  fresh(ctx, dir, 1);
-  edit_config(dir, "mlp.experts.gate_up_proj", "mlp.experts.gate_proj");
-  expect_refusal(ctx, dir, 1, LMOE_ERR_UNSUPPORTED, "only gate_up_proj and down_proj are supported");
   FAILS(ctx, LMOE_ERR_NOT_FOUND, lmoe_peft_open(ctx, "/nonexistent-dir-for-test", &(lmoe_peft *){NULL}));
 }
 
