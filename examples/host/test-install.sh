@@ -32,6 +32,9 @@ done
 
 echo "== the installed Lua module loads from the prefix alone"
 libdir=$(dirname "$(dirname "$pc")")
+# one copy of the library in a process: the module uses the installed shared library
+objdump -p "$libdir/lua/5.4/loramoe/core.so" | grep -q 'NEEDED.*libloramoe\.so' ||
+  { echo "FAIL: core.so does not link libloramoe.so"; exit 1; }
 LUA_PATH="$prefix/share/lua/5.4/?.lua;$prefix/share/lua/5.4/?/init.lua" \
 LUA_CPATH="$libdir/lua/5.4/?.so" \
   lua5.4 -e 'local lm = require "loramoe"; local e = require "loramoe.experiment"
@@ -56,7 +59,12 @@ if command -v luarocks >/dev/null 2>&1; then
      >"$tmp/rock.log" 2>&1 || { tail -40 "$tmp/rock.log"; exit 1; }
   (eval "$(luarocks --lua-version 5.4 --tree "$tmp/rocks" path)" && cd "$tmp" &&
    lua5.4 -e 'local lm = require "loramoe"
-              assert(package.searchpath("loramoe.core", package.cpath):find("rocks", 1, true))
+              local core = package.searchpath("loramoe.core", package.cpath)
+              assert(core:find("rocks", 1, true), core)
+              -- the module loaded the libloramoe of the rock, not one of the build tree
+              local maps = io.open("/proc/self/maps"):read("a")
+              local lib = maps:match("(%S*libloramoe%.so[%.%d]*)\n")
+              assert(lib and lib:find("rocks", 1, true), "libloramoe loaded from " .. tostring(lib))
               local r = require("loramoe.experiment").run({ backend = "cpu", preset = "tiny",
                 layers = 1, tokens = 16, requests = 2, reps = 1, warmup = 0 }, { progress = false })
               print("rock: loramoe " .. lm.version() .. ", one forward in " .. r.time_ms .. " ms")')
