@@ -15,6 +15,8 @@ extern "C" {
 /* Largest row tile of the grouped GEMMs: every expert's pair list is padded to a
    multiple of the row tile in use (128, or 64 when experts get few pairs). */
 enum { LMOE_K_BM = 128 };
+/* K chunk of the GEMMs; the LoRA ranks' rows in t13/t2 are padded to it. */
+enum { LMOE_K_BK = 32 };
 
 /* Per-slot facts on the device (a table per pool, indexed by slot; written in stream
    order by lmoe_k_set_slot when a slot is loaded or unloaded). */
