@@ -56,7 +56,11 @@ static void random_mix(int *slots, int n, int S) {
 static void test_sync_counts(int guard, const char *name) {
   lmoe_context *ctx = gpu_context(guard, NULL);
   gpu_case c;
+#ifdef LMOE_SIM_CUDA
+  case_init(&c, ctx, 16, 128, 64, 4, 128, 4, 16, 0, 0); /* the simulated device is slow */
+#else
   case_init(&c, ctx, 16, 256, 128, 4, 512, 4, 16, 0, 0);
+#endif
   for (int s = 0; s < 4; s++) case_load_adapter(&c, s, 7, s == 3, 4 << (s % 3), 8, 16);
   int slots[8];
   random_mix(slots, 8, 4);

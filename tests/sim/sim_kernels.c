@@ -1,0 +1,366 @@
+/* The forward's kernels for the simulated device: the launchers of kernels/lmoe_kernels.h
+   with the same arguments, each enqueued on the simulated stream with a copy of its
+   parameters (as a launch copies them) and run there in stream order.
+
+   They compute the layer plainly, per (token, expert) pair, from what the device holds
+   when they run: the routing from the logits (or the given top-k), each token's adapter
+   group from the batch metadata in device memory, the slot's facts from the pool's
+   device slot table and its weights from the pool's storage. So a forward is right only
+   if the host delivered each of those in stream order, which is what the sim tests
+   check. The alignment stages (scan, scatter) and the LoRA shrinks are folded into
+   gate/up and down here: they run as empty kernels, to keep the launch order. Storage
+   and rounding follow the real kernels (bf16 h, y and out; fp32 accumulation). */
+#include "internal.h"
+#include "lmoe_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline float bf(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t to_bf(float f) { return lmoe_f32_to_bf16(f); }
+
+/* sum_i w[i] * x[i], in four independent 4-lane sums (SSE2 registers on any x86-64) */
+static float dot_v4(const float *w, const float *x, int n) {
+  v4f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v4f w0, w1, w2, w3, x0, x1, x2, x3;
+    memcpy(&w0, w + i, 16), memcpy(&w1, w + i + 4, 16), memcpy(&w2, w + i + 8, 16), memcpy(&w3, w + i + 12, 16);
+    memcpy(&x0, x + i, 16), memcpy(&x1, x + i + 4, 16), memcpy(&x2, x + i + 8, 16), memcpy(&x3, x + i + 12, 16);
+    a0 += w0 * x0, a1 += w1 * x1, a2 += w2 * x2, a3 += w3 * x3;
+  }
+  v4f acc = (a0 + a1) + (a2 + a3);
+  float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; i < n; i++) s += w[i] * x[i];
+  return s;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+typedef float v8f __attribute__((vector_size(32)));
+/* the same with 8-lane sums, for CPUs with AVX2 and FMA (picked at run time) */
+__attribute__((target("avx2,fma"))) static float dot_v8(const float *w, const float *x, int n) {
+  v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    v8f w0, w1, w2, w3, x0, x1, x2, x3;
+    memcpy(&w0, w + i, 32), memcpy(&w1, w + i + 8, 32), memcpy(&w2, w + i + 16, 32), memcpy(&w3, w + i + 24, 32);
+    memcpy(&x0, x + i, 32), memcpy(&x1, x + i + 8, 32), memcpy(&x2, x + i + 16, 32), memcpy(&x3, x + i + 24, 32);
+    a0 += w0 * x0, a1 += w1 * x1, a2 += w2 * x2, a3 += w3 * x3;
+  }
+  v8f acc = (a0 + a1) + (a2 + a3);
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; i++) s += w[i] * x[i];
+  return s;
+}
+
+static float (*dot_impl)(const float *, const float *, int);
+
+static float dot(const float *w, const float *x, int n) {
+  if (!dot_impl) /* kernels run on the device thread only */
+    dot_impl = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? dot_v8 : dot_v4;
+  return dot_impl(w, x, n);
+}
+#else
+static float dot(const float *w, const float *x, int n) { return dot_v4(w, x, n); }
+#endif
+
+static void to_float(float *dst, const uint16_t *src, size_t n) {
+  for (size_t i = 0; i < n; i++) dst[i] = bf(src[i]);
+}
+
+static void *alloc(size_t bytes) {
+  void *p = malloc(bytes ? bytes : 1);
+  if (!p) abort();
+  return p;
+}
+
+/* The pairs (t * k + j) routed to each expert: order[start[e] .. start[e + 1]). */
+static void pairs_by_expert(const lmoe_fwd *f, int32_t *start, int32_t *order) {
+  size_t P = (size_t)f->M * f->k;
+  for (int32_t e = 0; e <= f->E; e++) start[e] = 0;
+  for (size_t p = 0; p < P; p++) start[f->ids[p] + 1]++;
+  for (int32_t e = 0; e < f->E; e++) start[e + 1] += start[e];
+  int32_t *fill = alloc(sizeof(int32_t) * (size_t)(f->E > 0 ? f->E : 1));
+  for (int32_t e = 0; e < f->E; e++) fill[e] = start[e];
+  for (size_t p = 0; p < P; p++) order[fill[f->ids[p]]++] = (int32_t)p;
+  free(fill);
+}
+
+/* A kernel of the forward whose parameters are the lmoe_fwd alone. */
+#define KERNEL(name)                                                   \
+  static void name##_run(const void *a);                               \
+  static cudaError_t name##_launch(const lmoe_fwd *f, cudaStream_t s) { \
+    return lmoe_sim_launch(s, name##_run, f, sizeof *f);               \
+  }
+
+cudaError_t lmoe_k_init(int32_t *gemm_cfg) {
+  *gemm_cfg = 0;
+  return cudaSuccess;
+}
+
+/* ---------------------------------------------------------------- fills */
+
+typedef struct fill_args {
+  void *p;
+  int32_t dtype;
+  int64_t n;
+  uint64_t seed;
+  float lo, hi;
+  double v;
+  int random;
+} fill_args;
+
+static void fill_run(const void *a_) {
+  const fill_args *a = a_;
+  float span = a->hi - a->lo;
+  for (int64_t i = 0; i < a->n; i++) {
+    if (a->random) {
+      float prod = span * lmoe_uniform(a->seed, (uint64_t)i);
+      lmoe_store_elem(a->p, a->dtype, i, (double)(a->lo + prod));
+    } else {
+      lmoe_store_elem(a->p, a->dtype, i, a->v);
+    }
+  }
+}
+
+cudaError_t lmoe_k_fill_random(void *p, int32_t dtype, int64_t n, uint64_t seed, float lo, float hi,
+                               cudaStream_t s) {
+  fill_args a = {p, dtype, n, seed, lo, hi, 0, 1};
+  return lmoe_sim_launch(s, fill_run, &a, sizeof a);
+}
+
+cudaError_t lmoe_k_fill(void *p, int32_t dtype, int64_t n, double v, cudaStream_t s) {
+  fill_args a = {p, dtype, n, 0, 0, 0, v, 0};
+  return lmoe_sim_launch(s, fill_run, &a, sizeof a);
+}
+
+typedef struct slot_args {
+  lmoe_dslot *table;
+  int32_t slot;
+  lmoe_dslot facts;
+} slot_args;
+
+static void set_slot_run(const void *a_) {
+  const slot_args *a = a_;
+  a->table[a->slot] = a->facts;
+}
+
+cudaError_t lmoe_k_set_slot(lmoe_dslot *table, int32_t slot, lmoe_dslot facts, cudaStream_t s) {
+  slot_args a = {table, slot, facts};
+  return lmoe_sim_launch(s, set_slot_run, &a, sizeof a);
+}
+
+typedef struct meta_args {
+  int32_t *dst;
+  lmoe_meta_param m;
+} meta_args;
+
+static void meta_run(const void *a_) {
+  const meta_args *a = a_;
+  memcpy(a->dst, a->m.v, (size_t)a->m.count * sizeof(int32_t));
+}
+
+cudaError_t lmoe_k_meta_write(int32_t *dst, const lmoe_meta_param *m, cudaStream_t s) {
+  meta_args a;
+  a.dst = dst;
+  a.m = *m;
+  return lmoe_sim_launch(s, meta_run, &a, sizeof a);
+}
+
+/* ---------------------------------------------------------------- forward */
+
+KERNEL(route)
+KERNEL(any)
+KERNEL(nothing)
+KERNEL(reduce)
+
+typedef struct lora_args {
+  lmoe_fwd f;
+  int lora;
+} lora_args;
+
+static void nothing_run(const void *a) { (void)a; }
+
+/* top-k of softmax(logits), as the CPU backend: an equal value never passes an earlier
+   expert; weights over all experts, or over the k chosen with renormalise */
+static void route_run(const void *a) {
+  const lmoe_fwd *f = a;
+  float *v = malloc(sizeof(float) * (size_t)f->E);
+  if (!v) abort();
+  if (f->logits) {
+    for (int32_t t = 0; t < f->M; t++) {
+      float mx = -INFINITY;
+      for (int32_t e = 0; e < f->E; e++) {
+        size_t i = (size_t)t * f->E + e;
+        v[e] = f->logits_bf16 ? bf(((const uint16_t *)f->logits)[i]) : ((const float *)f->logits)[i];
+        if (v[e] > mx) mx = v[e];
+      }
+      float sum = 0, sel_sum = 0, p[32];
+      int32_t sel[32];
+      for (int32_t e = 0; e < f->E; e++) sum += expf(v[e] - mx);
+      for (int32_t j = 0; j < f->k; j++) {
+        int32_t best = -1;
+        for (int32_t e = 0; e < f->E; e++) {
+          int taken = 0;
+          for (int32_t q = 0; q < j; q++) taken |= sel[q] == e;
+          if (!taken && (best < 0 || v[e] > v[best])) best = e;
+        }
+        sel[j] = best;
+        sel_sum += p[j] = expf(v[best] - mx);
+      }
+      for (int32_t j = 0; j < f->k; j++) {
+        f->ids[(size_t)t * f->k + j] = sel[j];
+        f->tw[(size_t)t * f->k + j] = p[j] / (f->renorm ? sel_sum : sum);
+      }
+    }
+  }
+  free(v);
+  /* each token's adapter group, from the metadata on the device */
+  for (int32_t t = 0; t < f->M; t++) f->tok_group[t] = 0;
+  if (f->meta) {
+    int32_t n = f->meta[0];
+    const int32_t *offs = f->meta + 2, *grp = offs + n + 1;
+    for (int32_t i = 0; i < n; i++)
+      for (int32_t t = offs[i]; t < offs[i + 1] && t < f->M; t++) f->tok_group[t] = grp[i];
+  }
+}
+
+static void any_run(const void *a) {
+  const lmoe_fwd *f = a;
+  int32_t any = 0;
+  for (int32_t t = 0; t < f->M; t++) any |= f->tok_group[t] != 0;
+  f->any[0] = any;
+}
+
+/* The slot a token's LoRA comes from, or -1. */
+static int32_t token_slot(const lmoe_fwd *f, int lora, int32_t t) {
+  if (!lora || !f->meta || f->tok_group[t] <= 0) return -1;
+  int32_t n = f->meta[0];
+  return f->meta[2 + (n + 1) + n + f->tok_group[t] - 1];
+}
+
+static const uint16_t *slot_base(const lmoe_fwd *f, int32_t slot) {
+  return f->pool + (size_t)slot * f->slot_elems;
+}
+
+/* h = silu(x W_g^T + LoRA_g) * (x W_u^T + LoRA_u) for every pair, expert by expert
+   (each weight row converted once and swept over the expert's pairs) */
+static void gateup_run(const void *a_) {
+  const lora_args *a = a_;
+  const lmoe_fwd *f = &a->f;
+  int32_t H = f->H, I = f->I, k = f->k, R13 = 2 * f->R;
+  size_t P = (size_t)f->M * k, hs = ((size_t)I + 7) / 8 * 8;
+  float *xf = alloc(sizeof(float) * (size_t)f->M * H), *gu = alloc(sizeof(float) * P * 2 * I);
+  float *wf = alloc(sizeof(float) * ((size_t)H + (size_t)R13 + 8)), *t13 = wf + H;
+  float *lf = alloc(sizeof(float) * ((size_t)R13 * H + 2 * (size_t)I * R13 + 8)); /* a13, b13 as float */
+  int32_t *start = alloc(sizeof(int32_t) * ((size_t)f->E + 1)), *order = alloc(sizeof(int32_t) * (P + 1));
+  to_float(xf, f->x, (size_t)f->M * H);
+  pairs_by_expert(f, start, order);
+  for (int32_t e = 0; e < f->E; e++) {
+    if (start[e] == start[e + 1]) continue;
+    for (int32_t i = 0; i < 2 * I; i++) {
+      to_float(wf, f->w13 + ((size_t)e * 2 * I + i) * H, (size_t)H);
+      for (int32_t q = start[e]; q < start[e + 1]; q++) {
+        int32_t p = order[q];
+        gu[(size_t)p * 2 * I + i] = dot(wf, xf + (size_t)(p / k) * H, H);
+      }
+    }
+  }
+  for (size_t p = 0; p < P; p++) {
+    int32_t t = (int32_t)(p / k), e = f->ids[p], slot = token_slot(f, a->lora, t);
+    float *g = gu + p * 2 * I, *u = g + I;
+    if (slot >= 0) {
+      lmoe_dslot d = f->slots[slot];
+      const uint16_t *a13 = slot_base(f, slot) + f->off_a13 + (size_t)e * R13 * H;
+      const uint16_t *b13 = slot_base(f, slot) + f->off_b13 + (size_t)e * 2 * I * R13;
+      float *af = lf, *bf13 = lf + (size_t)R13 * H;
+      to_float(af, a13, (size_t)d.r13 * H);
+      to_float(bf13, b13, (size_t)2 * I * R13);
+      for (int32_t r = 0; r < d.r13; r++) t13[r] = dot(af + (size_t)r * H, xf + (size_t)t * H, H);
+      for (int32_t i = 0; i < I; i++) {
+        g[i] += d.sg * dot(bf13 + (size_t)i * R13 + d.g_lo, t13 + d.g_lo, d.g_hi - d.g_lo);
+        u[i] += d.su * dot(bf13 + (size_t)(I + i) * R13 + d.u_lo, t13 + d.u_lo, d.u_hi - d.u_lo);
+      }
+    }
+    uint16_t *hr = f->h + p * hs;
+    for (int32_t i = 0; i < I; i++) hr[i] = to_bf(g[i] / (1.0f + expf(-g[i])) * u[i]);
+  }
+  free(xf), free(gu), free(wf), free(lf), free(start), free(order);
+}
+
+/* y = w * (h W_2^T + LoRA_d) for every pair, expert by expert */
+static void down_run(const void *a_) {
+  const lora_args *a = a_;
+  const lmoe_fwd *f = &a->f;
+  int32_t H = f->H, I = f->I, k = f->k, R = f->R;
+  size_t P = (size_t)f->M * k, hs = ((size_t)I + 7) / 8 * 8;
+  float *hf = alloc(sizeof(float) * P * I), *yf = alloc(sizeof(float) * P * H);
+  float *wf = alloc(sizeof(float) * ((size_t)I + (size_t)R + 8)), *t2 = wf + I;
+  float *lf = alloc(sizeof(float) * ((size_t)R * I + (size_t)H * R + 8)); /* a2, b2 as float */
+  int32_t *start = alloc(sizeof(int32_t) * ((size_t)f->E + 1)), *order = alloc(sizeof(int32_t) * (P + 1));
+  for (size_t p = 0; p < P; p++) to_float(hf + p * I, f->h + p * hs, (size_t)I);
+  pairs_by_expert(f, start, order);
+  for (int32_t e = 0; e < f->E; e++) {
+    if (start[e] == start[e + 1]) continue;
+    for (int32_t c = 0; c < H; c++) {
+      to_float(wf, f->w2 + ((size_t)e * H + c) * I, (size_t)I);
+      for (int32_t q = start[e]; q < start[e + 1]; q++) {
+        int32_t p = order[q];
+        yf[(size_t)p * H + c] = dot(wf, hf + (size_t)p * I, I);
+      }
+    }
+  }
+  for (size_t p = 0; p < P; p++) {
+    int32_t t = (int32_t)(p / k), e = f->ids[p], slot = token_slot(f, a->lora, t);
+    float *y = yf + p * H;
+    if (slot >= 0) {
+      lmoe_dslot d = f->slots[slot];
+      const uint16_t *a2 = slot_base(f, slot) + f->off_a2 + (size_t)e * R * I;
+      const uint16_t *b2 = slot_base(f, slot) + f->off_b2 + (size_t)e * H * R;
+      float *af = lf, *bf2 = lf + (size_t)R * I;
+      to_float(af, a2, (size_t)d.r2 * I);
+      to_float(bf2, b2, (size_t)H * R);
+      for (int32_t r = 0; r < d.r2; r++) t2[r] = dot(af + (size_t)r * I, hf + p * I, I);
+      for (int32_t c = 0; c < H; c++) y[c] += d.sd * dot(bf2 + (size_t)c * R, t2, d.r2);
+    }
+    for (int32_t c = 0; c < H; c++) f->y[p * H + c] = to_bf(f->tw[p] * y[c]);
+  }
+  free(hf), free(yf), free(wf), free(lf), free(start), free(order);
+}
+
+static void reduce_run(const void *a) {
+  const lmoe_fwd *f = a;
+  for (int32_t t = 0; t < f->M; t++)
+    for (int32_t c = 0; c < f->H; c++) {
+      float s = 0;
+      for (int32_t j = 0; j < f->k; j++) s += bf(f->y[((size_t)t * f->k + j) * f->H + c]);
+      f->out[(size_t)t * f->H + c] = to_bf(s);
+    }
+}
+
+cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s) { return route_launch(f, s); }
+cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s) { return any_launch(f, s); }
+cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
+cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
+cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
+cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
+cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) { return reduce_launch(f, s); }
+
+cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  lora_args a = {*f, lora};
+  return lmoe_sim_launch(s, gateup_run, &a, sizeof a);
+}
+
+cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  lora_args a = {*f, lora};
+  return lmoe_sim_launch(s, down_run, &a, sizeof a);
+}
