@@ -42,7 +42,10 @@ static void run_case(lmoe_context *ctx, int idx, int E, int H, int I, int k, int
   if (bi.num_active > 0) {
     case_reference(&c, base, 0);
     double d = rel_diff(base, ref, (size_t)M * H);
-    CHECK(d > 10 * TOL || d > 20 * err, "case %d: adapters change the output by only %.2e", idx, d);
+    /* the adapters' effect stands well clear of the error (a batch whose adapted
+       requests have few tokens changes the whole output by little) */
+    CHECK(d > 10 * TOL || d > 10 * err, "case %d: adapters change the output by only %.2e (error %.2e)", idx,
+          d, err);
   }
   /* the library's float64 reference (it rounds h to bf16 as the backends store it,
      so it sits a bf16 rounding away from the test's pure float64) */
@@ -191,8 +194,8 @@ static void test_errors(void) {
   gpu_case c;
   case_init(&c, ctx, 8, 128, 64, 2, 64, 2, 8, 0, 0);
   case_load_adapter(&c, 0, 7, 0, 8, 8, 8);
-  int slots[2] = {0, -1};
-  case_set_batch(&c, 2, slots);
+  int32_t tok2[2] = {40, 24}, slots[2] = {0, -1}; /* slot 0 active: request 0 has tokens */
+  OK(ctx, lmoe_batch_set(c.batch, c.pool, 2, tok2, slots));
   lmoe_forward_args a;
   case_args(&c, &a);
   /* wrong shape of x */

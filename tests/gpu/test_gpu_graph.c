@@ -3,7 +3,8 @@
    splits). Each replay must match the float64 reference (lmoe_reference_forward) and
    be bitwise equal to an eager forward of the same batch: the same kernels with the
    same parameters run in the same order, and none of them uses atomics whose order
-   could change a sum. Also: the counters a capture and a replay leave, the refusals
+   could change a sum. Replays still in flight when the batch changes compute the batch
+   they were launched with. Also: the counters a capture and a replay leave, the refusals
    (end without begin, begin twice), and a capture spoiled by a failed forward. */
 #include "gpu_common.h"
 
@@ -105,6 +106,46 @@ static void test_replay(void) {
     CHECK(diff == 0, "replay %d (%s): %zu values differ from an eager forward of the same batch", m,
           names[m], diff);
   }
+
+  /* Replays in flight while the batch changes: each lmoe_graph_launch is followed at
+     once by lmoe_batch_set of the next mix, with no wait by the caller, and a
+     stream-ordered copy keeps each replay's output. Every replay must compute the batch
+     as it was when it was launched: the set may not rewrite the staging a launched but
+     not yet started replay will read (it waits, counted, instead). */
+  enum { PIPE = 6 };
+  int pipe_mix[PIPE][6] = {{0, 1, 2, 3, -1, 0}, {-1, -1, -1, -1, -1, -1}, {3, 3, 3, 3, 3, 3},
+                           {2, -1, 1, -1, 0, -1}, {1, 0, 3, 2, 1, 0}, {0, 0, 0, -1, 2, 2}};
+  int pipe_tok[PIPE][6], pipe_slot[PIPE][6];
+  lmoe_buffer *snap[PIPE];
+  lmoe_buffer_desc od, sd;
+  OK(ctx, lmoe_buffer_describe(c.out, &od));
+  case_set_batch(&c, 6, pipe_mix[0]);
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  lmoe_context_counters(ctx, &c0);
+  for (int r = 0; r < PIPE; r++) {
+    for (int q = 0; q < 6; q++) pipe_tok[r][q] = c.req_tok[q], pipe_slot[r][q] = c.req_slot[q];
+    OK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sh, &snap[r]));
+    OK(ctx, lmoe_buffer_describe(snap[r], &sd));
+    OK(ctx, lmoe_graph_launch(g, NULL));
+    CHECK(cudaMemcpyAsync(sd.data, od.data, od.bytes, cudaMemcpyDeviceToDevice,
+                          (cudaStream_t)lmoe_context_stream(ctx)) == cudaSuccess, "snapshot copy");
+    if (r + 1 < PIPE) case_set_batch(&c, 6, pipe_mix[r + 1]);
+  }
+  lmoe_context_counters(ctx, &c1);
+  printf("replays in flight: %d batch sets made %llu counted waits\n", PIPE - 1,
+         (unsigned long long)(c1.host_waits - c0.host_waits));
+  for (int r = 0; r < PIPE; r++) {
+    for (int q = 0; q < 6; q++) c.req_tok[q] = pipe_tok[r][q], c.req_slot[q] = pipe_slot[r][q];
+    OK(ctx, lmoe_batch_set(c.batch, c.pool, 6, c.req_tok, c.req_slot));
+    OK(ctx, lmoe_buffer_read(snap[r], 0, og, LMOE_DTYPE_F32, (int64_t)n));
+    library_reference(&c, href, ref);
+    int64_t bad;
+    double err = rel_l2_f(og, ref, n, &bad);
+    CHECK(bad == 0 && err < 1e-2, "replay %d launched before the next batch set: rel L2 %.3e, %lld non-finite",
+          r, err, (long long)bad);
+    lmoe_buffer_release(snap[r]);
+  }
+
   lmoe_buffer_release(href);
   free(og), free(oe), free(ref);
 
