@@ -50,13 +50,14 @@ test: build
 	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory test-install
 
-# The C tests again, built with AddressSanitizer and UBSan (CPU only: the sanitizers
-# don't see into device code, and it keeps this build quick).
+# The C tests and the CUDA backend on the simulated device (tests/sim) again, built with
+# AddressSanitizer and UBSan (no nvcc: the sanitizers don't see into device code, and
+# it keeps this build quick).
 test-asan: deps
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	  -DLMOE_SANITIZE=address,undefined -DLMOE_CUDA=OFF -DLMOE_BENCH=OFF
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
-	cd $(ASAN_BUILD) && $(CTEST) -L c
+	cd $(ASAN_BUILD) && $(CTEST) -L 'c|sim'
 
 # libFuzzer over the safetensors reader and the PEFT mapping, bounded in time, under
 # ASan+UBSan. Needs clang (libFuzzer ships with its runtime).
