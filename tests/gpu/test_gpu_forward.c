@@ -41,11 +41,14 @@ static void run_case(lmoe_context *ctx, int idx, int E, int H, int I, int k, int
   CHECK(bad == 0 && err < TOL, "case %d: rel L2 %.3e, %lld non-finite", idx, err, (long long)bad);
   if (bi.num_active > 0) {
     case_reference(&c, base, 0);
-    double d = rel_diff(base, ref, (size_t)M * H);
-    /* the adapters' effect stands well clear of the error (a batch whose adapted
-       requests have few tokens changes the whole output by little) */
-    CHECK(d > 10 * TOL || d > 10 * err, "case %d: adapters change the output by only %.2e (error %.2e)", idx,
-          d, err);
+    /* the adapters' effect on the rows of adapted tokens stands well clear of the
+       error (over the whole output it shrinks with the share of adapted tokens) */
+    double num = 0, den = 0;
+    for (int q = 0, t0 = 0; q < c.nreq; t0 += c.req_tok[q++])
+      for (size_t i = (size_t)t0 * H; c.req_slot[q] >= 0 && i < (size_t)(t0 + c.req_tok[q]) * H; i++)
+        num += (base[i] - ref[i]) * (base[i] - ref[i]), den += ref[i] * ref[i];
+    double d = den > 0 ? sqrt(num / den) : 0;
+    CHECK(d > 2 * TOL, "case %d: adapters change their tokens' output by only %.2e", idx, d);
   }
   /* the library's float64 reference (it rounds h to bf16 as the backends store it,
      so it sits a bf16 rounding away from the test's pure float64) */
