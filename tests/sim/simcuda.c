@@ -86,6 +86,9 @@ static struct sim_stream legacy, *streams = &legacy;
 static region *regions;
 static size_t live_bytes, capacity;
 static long delay_ns;
+static int quit;           /* set when the library is unloaded: the device thread ends */
+static int started;
+static pthread_t device;
 static _Thread_local cudaError_t last_error;
 
 static CUpti_CallbackFunc cb_fn;
@@ -175,6 +178,7 @@ static void *device_thread(void *arg) {
       s = streams;
     }
     if (!pick) {
+      if (quit) break;
       pthread_cond_wait(&cv, &mu);
       continue;
     }
@@ -193,7 +197,20 @@ static void *device_thread(void *arg) {
     free_ops(o);
     pthread_cond_broadcast(&cv);
   }
+  pthread_mutex_unlock(&mu);
   return NULL;
+}
+
+/* The device thread runs code of this library: it must end before the library is
+   unmapped (a host that dlcloses it, as LuaJIT does at exit). Work still queued then
+   runs first. */
+__attribute__((destructor)) static void stop(void) {
+  if (!started) return;
+  pthread_mutex_lock(&mu);
+  quit = 1;
+  pthread_cond_broadcast(&cv);
+  pthread_mutex_unlock(&mu);
+  pthread_join(device, NULL);
 }
 
 static void start(void) {
@@ -201,15 +218,11 @@ static void start(void) {
   delay_ns = (d ? atol(d) : 20) * 1000L;
   if (delay_ns < 0 || delay_ns > 999999999L) delay_ns = 20000;
   capacity = (size_t)(m ? atol(m) : 8192) << 20;
-  pthread_t t;
-  pthread_attr_t at;
-  pthread_attr_init(&at);
-  pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-  if (pthread_create(&t, &at, device_thread, NULL) != 0) {
+  if (pthread_create(&device, NULL, device_thread, NULL) != 0) {
     fprintf(stderr, "simulated device: cannot start its thread\n");
     abort();
   }
-  pthread_attr_destroy(&at);
+  started = 1;
 }
 
 static void lock(void) {
