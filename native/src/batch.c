@@ -131,8 +131,12 @@ lmoe_status lmoe_batch_set(lmoe_batch *b, lmoe_pool *pool, int32_t n, const int3
   b->version++;
   /* The slots of a batch being built are the most recently used (LRU, pool.c). */
   if (pool && na) lmoe_pool_note_use(pool, b->active_slots, na);
-  if (ctx->ops->batch_stage) return ctx->ops->batch_stage(ctx, b);
-  return LMOE_OK;
+  /* A backend refusal here (a captured batch outgrowing its staging) comes after the
+     batch changed: the batch is marked, and forwards refuse it until a set succeeds,
+     rather than computing the new requests with the old metadata. */
+  st = ctx->ops->batch_stage ? ctx->ops->batch_stage(ctx, b) : LMOE_OK;
+  b->unstaged = st != LMOE_OK;
+  return st;
 }
 
 lmoe_status lmoe_batch_get_info(const lmoe_batch *b, lmoe_batch_info *out) {

@@ -48,6 +48,9 @@ lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
   if (!b || b->obj.magic != LMOE_MAGIC_BATCH)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "batch is %s", b ? "not a loramoe batch" : "NULL");
   if (b->ctx != ctx) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "batch belongs to another context");
+  if (b->unstaged)
+    return lmoe_fail(ctx, LMOE_ERR_STATE,
+                     "the batch's last lmoe_batch_set failed after it changed the batch: set it again");
   lmoe_pool *p = a->pool;
   if (p && p->obj.magic != LMOE_MAGIC_POOL)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "pool is not a loramoe pool");

@@ -129,6 +129,7 @@ struct lmoe_batch {
   int32_t max_rank;
   int32_t max_slot;
   uint64_t version;       /* bumps on every lmoe_batch_set */
+  bool unstaged;          /* the backend could not stage the last set: forwards refuse it */
   void *be;               /* backend per-batch state (staging for the upload) */
 };
 

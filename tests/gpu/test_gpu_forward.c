@@ -208,6 +208,13 @@ static void test_errors(void) {
   a.x = bad;
   FAILS(ctx, LMOE_ERR_INVALID_ARGUMENT, lmoe_forward(ctx, &a, NULL));
   lmoe_buffer_release(bad);
+  /* x in host memory: the cuda forward reads device memory only */
+  int64_t shx[2] = {64, 128};
+  OK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_HOST, 2, shx, &bad));
+  a.x = bad;
+  FAILS(ctx, LMOE_ERR_INVALID_ARGUMENT, lmoe_forward(ctx, &a, NULL));
+  CHECK(strstr(lmoe_context_last_error(ctx), "must be in device memory"), "%s", lmoe_context_last_error(ctx));
+  lmoe_buffer_release(bad);
   case_args(&c, &a);
   /* slot out of range in a batch */
   int tok[1] = {64}, sl[1] = {5};
@@ -239,8 +246,105 @@ static void test_errors(void) {
   lmoe_status st = lmoe_context_create(&cfg, &none, err, sizeof err);
   CHECK(st == LMOE_ERR_NOT_FOUND && none == NULL && err[0], "device 999 gave %s: %s",
         lmoe_status_string(st), err);
+  /* device facts */
+  lmoe_device_info di;
+  memset(&di, 0, sizeof di);
+  di.struct_size = sizeof di;
+  OK(ctx, lmoe_device_get_info(0, &di));
+  CHECK(di.name[0] && di.cc_major >= 8 && di.sm_count > 0 && di.memory_bytes > 0,
+        "device 0: '%s' sm_%d%d, %d SMs, %lld bytes", di.name, (int)di.cc_major, (int)di.cc_minor,
+        (int)di.sm_count, (long long)di.memory_bytes);
+  CHECK(lmoe_device_get_info(-1, &di) != LMOE_OK && lmoe_device_get_info(999, &di) != LMOE_OK,
+        "devices -1 and 999 are refused");
   case_free(&c);
   lmoe_context_release(ctx);
+}
+
+/* Device memory through the caller's allocator hooks: every allocation goes through
+   them, each is freed once by the end, and the forward is right. */
+typedef struct hook_count {
+  int allocs, frees;
+  size_t live;
+} hook_count;
+
+static void *hook_alloc(void *user, size_t bytes) {
+  hook_count *h = user;
+  void *p = NULL;
+  if (cudaMalloc(&p, bytes) != cudaSuccess) return NULL;
+  h->allocs++;
+  h->live += bytes;
+  return p;
+}
+
+static void hook_free(void *user, void *p) {
+  hook_count *h = user;
+  h->frees++;
+  cudaFree(p);
+}
+
+static void test_allocator_hooks(void) {
+  hook_count hc = {0, 0, 0};
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  cfg.backend = LMOE_BACKEND_CUDA;
+  cfg.allocator.alloc = hook_alloc;
+  cfg.allocator.free = hook_free;
+  cfg.allocator.user = &hc;
+  lmoe_context *ctx = NULL;
+  char err[256];
+  OK(NULL, lmoe_context_create(&cfg, &ctx, err, sizeof err));
+  if (!ctx) return;
+  gpu_case c;
+  case_init(&c, ctx, 8, 128, 64, 2, 96, 2, 8, 0, 0);
+  case_load_adapter(&c, 0, 7, 0, 8, 8, 8);
+  int slots[3] = {0, -1, 1};
+  case_load_adapter(&c, 1, 5, 0, 4, 4, 4);
+  case_set_batch(&c, 3, slots);
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  OK(ctx, lmoe_forward(ctx, &a, NULL));
+  double *ref = malloc(sizeof(double) * (size_t)c.M * c.H);
+  case_reference(&c, ref, 1);
+  int64_t bad;
+  double e = case_compare(&c, ref, &bad);
+  CHECK(bad == 0 && e < TOL, "forward with allocator hooks: rel L2 %.3e", e);
+  int during = hc.allocs;
+  case_free(&c);
+  lmoe_context_release(ctx);
+  printf("allocator hooks: %d allocations (%zu bytes), %d frees\n", hc.allocs, hc.live, hc.frees);
+  CHECK(during > 0 && hc.allocs == hc.frees, "allocator hooks: %d allocations, %d frees", hc.allocs, hc.frees);
+  free(ref);
+}
+
+/* fill and fill_random of a host buffer on the cuda backend: the same values as on the
+   cpu backend (one generator), after the stream's earlier work */
+static void test_host_fill(void) {
+  lmoe_context *cu = gpu_context(LMOE_GUARD_HOST, NULL), *cpu = NULL;
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  cfg.backend = LMOE_BACKEND_CPU;
+  char err[256];
+  OK(NULL, lmoe_context_create(&cfg, &cpu, err, sizeof err));
+  if (!cpu) return;
+  int64_t sh[1] = {1000};
+  lmoe_buffer *a = NULL, *b = NULL;
+  OK(cu, lmoe_buffer_create(cu, LMOE_DTYPE_F32, LMOE_MEMORY_HOST, 1, sh, &a));
+  OK(cpu, lmoe_buffer_create(cpu, LMOE_DTYPE_F32, LMOE_MEMORY_HOST, 1, sh, &b));
+  uint64_t seed = test_rand();
+  OK(cu, lmoe_buffer_fill_random(a, seed, -3.0f, 5.0f, NULL));
+  OK(cpu, lmoe_buffer_fill_random(b, seed, -3.0f, 5.0f, NULL));
+  lmoe_buffer_desc da, db;
+  OK(cu, lmoe_buffer_describe(a, &da));
+  OK(cpu, lmoe_buffer_describe(b, &db));
+  CHECK(memcmp(da.data, db.data, da.bytes) == 0, "host fill_random on cuda differs from cpu");
+  OK(cu, lmoe_buffer_fill(a, 0.25, NULL));
+  int ok = 1;
+  for (int i = 0; i < 1000; i++) ok &= ((float *)da.data)[i] == 0.25f;
+  CHECK(ok, "host fill on cuda");
+  lmoe_buffer_release(a);
+  lmoe_buffer_release(b);
+  lmoe_context_release(cu);
+  lmoe_context_release(cpu);
 }
 
 int main(void) {
@@ -257,5 +361,7 @@ int main(void) {
   test_many_requests();
   if (!getenv("LMOE_TEST_QUICK")) test_memory_steady();
   test_errors();
+  test_allocator_hooks();
+  test_host_fill();
   return test_summary();
 }

@@ -146,6 +146,60 @@ static void test_replay(void) {
     lmoe_buffer_release(snap[r]);
   }
 
+  /* A launch on another stream first waits (on the device) for the replays launched
+     before it, so the wait of a later batch set covers those too: replays queued on
+     the context's stream, then one on s2, then a set; all of them compute mix 0. */
+  cudaStream_t s2;
+  CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking) == cudaSuccess, "stream");
+  lmoe_buffer *snap2[2] = {NULL, NULL};
+  lmoe_buffer_desc sd2[2];
+  for (int i = 0; i < 2; i++) {
+    OK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sh, &snap2[i]));
+    OK(ctx, lmoe_buffer_describe(snap2[i], &sd2[i]));
+  }
+  case_set_batch(&c, 6, pipe_mix[0]);
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  for (int i = 0; i < 4; i++) OK(ctx, lmoe_graph_launch(g, NULL));
+  CHECK(cudaMemcpyAsync(sd2[0].data, od.data, od.bytes, cudaMemcpyDeviceToDevice,
+                        (cudaStream_t)lmoe_context_stream(ctx)) == cudaSuccess, "copy");
+  OK(ctx, lmoe_graph_launch(g, s2));
+  CHECK(cudaMemcpyAsync(sd2[1].data, od.data, od.bytes, cudaMemcpyDeviceToDevice, s2) == cudaSuccess, "copy");
+  for (int q = 0; q < 6; q++) pipe_tok[0][q] = c.req_tok[q], pipe_slot[0][q] = c.req_slot[q];
+  case_set_batch(&c, 6, pipe_mix[2]);
+  CHECK(cudaStreamSynchronize(s2) == cudaSuccess, "stream 2");
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  for (int q = 0; q < 6; q++) c.req_tok[q] = pipe_tok[0][q], c.req_slot[q] = pipe_slot[0][q];
+  OK(ctx, lmoe_batch_set(c.batch, c.pool, 6, c.req_tok, c.req_slot));
+  library_reference(&c, href, ref);
+  for (int i = 0; i < 2; i++) {
+    OK(ctx, lmoe_buffer_read(snap2[i], 0, og, LMOE_DTYPE_F32, (int64_t)n));
+    int64_t bad;
+    double err = rel_l2_f(og, ref, n, &bad);
+    CHECK(bad == 0 && err < 1e-2, "%s before a batch set: rel L2 %.3e, %lld non-finite",
+          i ? "the replay on a second stream" : "replays on the context's stream", err, (long long)bad);
+    lmoe_buffer_release(snap2[i]);
+  }
+  CHECK(cudaStreamDestroy(s2) == cudaSuccess, "destroy stream 2");
+
+  /* The captured batch's staging has room for a bounded request count: a set beyond it
+     is refused, and forwards refuse the batch until a set that fits succeeds. */
+  {
+    enum { BIG = 400 };
+    int32_t tk[BIG], sl[BIG];
+    for (int q = 0; q < BIG; q++) tk[q] = q < c.M % BIG ? c.M / BIG + 1 : c.M / BIG, sl[q] = q % 5 - 1;
+    FAILS(ctx, LMOE_ERR_STATE, lmoe_batch_set(c.batch, c.pool, BIG, tk, sl));
+    CHECK(strstr(lmoe_context_last_error(ctx), "captured in a graph"), "%s", lmoe_context_last_error(ctx));
+    FAILS(ctx, LMOE_ERR_STATE, lmoe_forward(ctx, &a, NULL));
+    CHECK(strstr(lmoe_context_last_error(ctx), "set it again"), "%s", lmoe_context_last_error(ctx));
+    case_set_batch(&c, 6, pipe_mix[3]);
+    OK(ctx, lmoe_graph_launch(g, NULL));
+    read_out(&c, og);
+    library_reference(&c, href, ref);
+    int64_t bad;
+    double err = rel_l2_f(og, ref, n, &bad);
+    CHECK(bad == 0 && err < 1e-2, "replay after a refused set: rel L2 %.3e", err);
+  }
+
   lmoe_buffer_release(href);
   free(og), free(oe), free(ref);
 
