@@ -95,6 +95,23 @@ describe("the cuda backend #gpu", function()
     h.fails("UNSUPPORTED", "discarded", ctx:graph_end())
   end)
 
+  it("keeps forwards in flight without host waits, eager and as graph replays", function()
+    local exp = require "loramoe.experiment"
+    local base = { backend = "cuda", preset = "tiny", layers = 3, tokens = 64, requests = 8,
+                   adapters = 2, rank = 8, warmup = 1, reps = 2, pipeline = 4 }
+    local rows = exp.sweep(base, { { "mode", { "eager", "graph" } }, { "guard", { "host", "always" } },
+                                   { "adapter_fraction", { 0, 0.5 } } }, { progress = false })
+    assert.are.equal(8, #rows)
+    for _, r in ipairs(rows) do
+      assert.are.equal(0, r.syncs_per_forward, r.mode .. " " .. r.guard)
+      if r.mode == "graph" then assert.are.equal(1, r.launches_per_forward) end
+    end
+    local one = { guard = "device_sync" }
+    for k, v in pairs(base) do one[k] = one[k] or v end
+    local r = exp.run(one, { progress = false })
+    assert.are.equal(3, r.syncs_per_forward) -- one per layer: the old way
+  end)
+
   it("launches no LoRA work under guard host when the batch has no adapter", function()
     local r = h.rig(ctx, 64)
     assert.is_true(ctx:set_guard("host"))

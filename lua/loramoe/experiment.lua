@@ -521,17 +521,30 @@ function Rig:prepare(s, c)
   end
   if not self.batch or self.batch_ctx ~= c.ctx then
     close(self.batch)
+    for _, b in ipairs(self.more_batches or {}) do close(b) end
     self.batch = check(c.ctx:batch())
+    self.more_batches = {}
     self.batch_ctx = c.ctx
   end
   return st, self.acts
+end
+
+-- n batch objects of the current context: the rig's batch and n - 1 more (kept).
+function Rig:batches(n)
+  local list = { self.batch }
+  for i = 2, n do
+    self.more_batches[i - 1] = self.more_batches[i - 1] or check(self.batch_ctx:batch())
+    list[i] = self.more_batches[i - 1]
+  end
+  return list
 end
 
 function Rig:close()
   self:release_acts()
   self:release_stack()
   close(self.batch)
-  self.batch = nil
+  for _, b in ipairs(self.more_batches or {}) do close(b) end
+  self.batch, self.more_batches = nil, nil
   for k, c in pairs(self.contexts) do
     close(c.ctx)
     self.contexts[k] = nil
@@ -566,52 +579,63 @@ function experiment.run(t, opts)
     local st, acts = rig:prepare(s, c)
     check(ctx:set_guard(s.guard))
     local reqs, with = experiment.requests(s)
-    local batch = rig.batch
     local first_pool = st.sets[1].pool
     local L, nd = s.layers, st.distinct
-    -- One forward argument table per layer, built once: the loop below is what a
-    -- serving engine does per step (build the batch, enqueue every layer).
+    local total = s.warmup + s.reps
+    local depth = s.pipeline
+    -- A replay reads its batch's staging when it runs, so a batch set behind a replay
+    -- that reads it waits for that replay: graph mode keeps one batch (and one graph)
+    -- per forward in flight. Eager forwards of up to 400 requests take their batch as
+    -- kernel parameters and need only one.
+    local batches = rig:batches(s.mode == "graph" and depth or 1)
+    local nb = #batches
+    -- One forward argument table per layer and batch, built once: the loop below is
+    -- what a serving engine does per step (build the batch, enqueue every layer).
     local fargs = {}
-    for l = 1, L do
-      local d = (l - 1) % nd + 1
-      fargs[l] = { pool = st.sets[d].pool, batch = batch, x = acts.x[d], logits = acts.logits[d],
-                   out = acts.out[(l - 1) % 2 + 1] }
+    for b = 1, nb do
+      fargs[b] = {}
+      for l = 1, L do
+        local d = (l - 1) % nd + 1
+        fargs[b][l] = { pool = st.sets[d].pool, batch = batches[b], x = acts.x[d], logits = acts.logits[d],
+                        out = acts.out[(l - 1) % 2 + 1] }
+      end
     end
     local layers = {}
     for l = 1, L do layers[l] = st.sets[(l - 1) % nd + 1].layer end
 
     -- mode "graph": one eager forward of the stack (kernels loaded, storage grown),
-    -- then the stack captured once into a CUDA graph; every repetition below replays it
-    -- after setting the batch (the replay reads the batch as set).
-    local graph
+    -- then the stack captured into a CUDA graph per batch; every repetition below
+    -- replays one after setting its batch (the replay reads the batch as set).
+    local graphs
     if s.mode == "graph" then
       if c.backend ~= "cuda" then
         error("experiment: mode 'graph' needs the cuda backend (CUDA graphs); this scenario runs " ..
               "on the " .. c.backend .. " backend: use mode = 'eager'", 0)
       end
-      check(batch:set(first_pool, reqs))
-      for l = 1, L do check(layers[l]:forward(fargs[l])) end
-      check(ctx:synchronize())
-      check(ctx:graph_begin())
-      local ok_fwd, err_fwd = true, nil
-      for l = 1, L do
-        local ok, msg = layers[l]:forward(fargs[l])
-        if not ok then ok_fwd, err_fwd = false, msg break end
+      graphs = {}
+      for b = 1, nb do
+        check(batches[b]:set(first_pool, reqs))
+        for l = 1, L do check(layers[l]:forward(fargs[b][l])) end
+        check(ctx:synchronize())
+        check(ctx:graph_begin())
+        local ok_fwd, err_fwd = true, nil
+        for l = 1, L do
+          local ok, msg = layers[l]:forward(fargs[b][l])
+          if not ok then ok_fwd, err_fwd = false, msg break end
+        end
+        local g, msg = ctx:graph_end()
+        if not ok_fwd then error("experiment: capturing the stack: " .. tostring(err_fwd), 0) end
+        graphs[b] = check(g, msg, "capturing the stack into a CUDA graph")
       end
-      local g, msg = ctx:graph_end()
-      if not ok_fwd then error("experiment: capturing the stack: " .. tostring(err_fwd), 0) end
-      graph = check(g, msg, "capturing the stack into a CUDA graph")
     end
-    local function enqueue()
-      if graph then
-        check(graph:launch())
+    local function enqueue(b)
+      if graphs then
+        check(graphs[b]:launch())
       else
-        for l = 1, L do check(layers[l]:forward(fargs[l])) end
+        for l = 1, L do check(layers[l]:forward(fargs[b][l])) end
       end
     end
 
-    local total = s.warmup + s.reps
-    local depth = s.pipeline
     local times, host, batch_t, enq = {}, {}, {}, {}
     local counters0
     for rep = 1, total do
@@ -624,11 +648,12 @@ function experiment.run(t, opts)
       -- device still runs the last, as a serving loop does.
       local t0 = now()
       local tb, te = 0, 0
-      for _ = 1, depth do
+      for i = 1, depth do
+        local k = (i - 1) % nb + 1
         local a = now()
-        check(batch:set(first_pool, reqs))
+        check(batches[k]:set(first_pool, reqs))
         local b = now()
-        enqueue()
+        enqueue(k)
         local e = now()
         tb, te = tb + (b - a), te + (e - b)
       end
@@ -645,7 +670,7 @@ function experiment.run(t, opts)
       progress(format("%s%s rep %d/%d", label, rep <= s.warmup and " warm-up" or "", rep, total))
     end
     counters0 = check(ctx:counters())
-    if graph then graph:close() end
+    for _, g in ipairs(graphs or {}) do g:close() end
 
     local r = {}
     r.name = s.name or default_name(s)

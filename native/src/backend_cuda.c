@@ -21,13 +21,10 @@ typedef struct cuda_ctx {
   int own_stream;
   int32_t *any_host; /* pinned: the device_sync guard's flag */
   int32_t gemm_cfg;   /* GEMM tile configuration for this device */
-  /* Recorded after every lmoe_graph_launch: an event-record node inside a graph only
-     fires when the replay runs, so it cannot tell a replay that is enqueued but not
-     started; this one, recorded on the stream at launch, can (cu_batch_stage). */
-  cudaEvent_t graph_ev;
-  int graph_ev_ok;
-  void *graph_ev_stream; /* the stream graph_ev was last recorded on */
-  int graph_ev_recorded;
+  /* Batches whose metadata the capture in progress (lmoe_graph_begin) reads, each
+     retained; lmoe_graph_end hands them to the graph. */
+  lmoe_batch **cap;
+  int32_t ncap, cap_size;
 } cuda_ctx;
 
 typedef struct cuda_pool {
@@ -47,7 +44,21 @@ typedef struct cuda_batch {
   uint64_t up_version; /* last upload by parameters: version and stream */
   void *up_stream;
   int up_valid;
+  /* Recorded on the launch stream after each lmoe_graph_launch of a graph that reads
+     this batch: the graph's own event-record node fires only when the replay runs, so
+     it cannot tell a replay that is launched but not started; this one can. */
+  cudaEvent_t replay_ev;
+  int replay_ev_ok, replay_recorded;
+  void *replay_stream;
 } cuda_batch;
+
+/* A graph instance and the batches its replays read (each retained: they live as long
+   as the graph). */
+typedef struct cuda_graph {
+  cudaGraphExec_t exec;
+  lmoe_batch **batches;
+  int32_t n;
+} cuda_graph;
 
 static lmoe_status cuda_err(lmoe_context *ctx, cudaError_t e, const char *what) {
   lmoe_status st = e == cudaErrorMemoryAllocation ? LMOE_ERR_OUT_OF_MEMORY : LMOE_ERR_BACKEND;
@@ -144,7 +155,7 @@ static void cu_fini(lmoe_context *ctx) {
     cudaStreamDestroy(c->stream);
   }
   cudaFreeHost(c->any_host);
-  if (c->graph_ev_ok) cudaEventDestroy(c->graph_ev);
+  free(c->cap); /* a capture never ended: its batches' references are not given back */
   cudaGetLastError(); /* at process exit the runtime may be gone: nothing to report */
   free(c);
   ctx->be = NULL;
@@ -389,12 +400,11 @@ static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
   if (cb->captured || n > LMOE_META_MAX_REQ_PARAM || A > LMOE_META_MAX_ACTIVE_PARAM) {
     lmoe_status st = wait_event(ctx, cb);
     if (st) return st;
-    cuda_ctx *cc = ctx->be;
-    if (cb->captured && cc->graph_ev_ok) { /* replays launched but maybe not started */
-      e = cudaEventQuery(cc->graph_ev);
+    if (cb->replay_recorded) { /* replays launched but maybe not started */
+      e = cudaEventQuery(cb->replay_ev);
       if (e == cudaErrorNotReady) {
         ctx->counters.host_waits++;
-        e = cudaEventSynchronize(cc->graph_ev);
+        e = cudaEventSynchronize(cb->replay_ev);
       }
       if (e) return cuda_err(ctx, e, "waiting for the graph replays that read this batch");
     }
@@ -410,10 +420,34 @@ static void cu_batch_fini(lmoe_context *ctx, lmoe_batch *b) {
   if (cb->dev) cu_free(ctx, LMOE_MEMORY_DEVICE, cb->dev);
   if (cb->pinned) cudaFreeHost(cb->pinned);
   cudaEventDestroy(cb->ev);
+  if (cb->replay_ev_ok) cudaEventDestroy(cb->replay_ev);
   cudaGetLastError();
   free(cb->host);
   free(cb);
   b->be = NULL;
+}
+
+/* Adds b to the batches the capture in progress reads (retained once). */
+static lmoe_status note_captured(lmoe_context *ctx, lmoe_batch *b) {
+  cuda_ctx *cc = ctx->be;
+  for (int32_t i = 0; i < cc->ncap; i++)
+    if (cc->cap[i] == b) return LMOE_OK;
+  if (cc->ncap == cc->cap_size) {
+    int32_t n = cc->cap_size ? 2 * cc->cap_size : 8;
+    lmoe_batch **c = realloc(cc->cap, (size_t)n * sizeof *c);
+    if (!c) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    cc->cap = c;
+    cc->cap_size = n;
+  }
+  atomic_fetch_add(&b->obj.refs, 1);
+  cc->cap[cc->ncap++] = b;
+  return LMOE_OK;
+}
+
+static void drop_captured(lmoe_context *ctx) {
+  cuda_ctx *cc = ctx->be;
+  for (int32_t i = 0; i < cc->ncap; i++) lmoe_batch_release(cc->cap[i]);
+  cc->ncap = 0;
 }
 
 /* Enqueues the batch's metadata into its device copy (once per version and stream). */
@@ -421,6 +455,7 @@ static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStrea
   cuda_batch *cb = b->be;
   size_t bytes = cb->ints * sizeof(int32_t);
   cudaError_t e;
+  lmoe_status st;
   bool by_param = !capturing && b->num_requests <= LMOE_META_MAX_REQ_PARAM &&
                   b->num_active <= LMOE_META_MAX_ACTIVE_PARAM;
   if (by_param) {
@@ -449,7 +484,13 @@ static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStrea
     e = cudaMemcpyAsync(cb->dev, cb->pinned, bytes, cudaMemcpyHostToDevice, s);
     if (!e) e = cudaEventRecordWithFlags(cb->ev, s, capturing ? cudaEventRecordExternal : cudaEventRecordDefault);
     if (e) return cuda_err(ctx, e, "metadata upload");
-    if (capturing) cb->captured = 1;
+    if (capturing) {
+      cb->captured = 1;
+      if (ctx->capturing && ctx->capture_stream == (void *)s) {
+        st = note_captured(ctx, (lmoe_batch *)b);
+        if (st) return st;
+      }
+    }
     cb->up_valid = 0;
   }
   ctx->counters.uploads++;
@@ -600,6 +641,7 @@ static lmoe_status cu_graph_begin(lmoe_context *ctx, void *stream) {
   if (e) return cuda_err(ctx, e, "cudaStreamIsCapturing");
   if (cap != cudaStreamCaptureStatusNone)
     return lmoe_fail(ctx, LMOE_ERR_STATE, "the stream is already being captured");
+  drop_captured(ctx);
   e = cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
   if (e) {
     cudaGetLastError();
@@ -610,11 +652,13 @@ static lmoe_status cu_graph_begin(lmoe_context *ctx, void *stream) {
 
 static lmoe_status cu_graph_end(lmoe_context *ctx, void *stream, void **exec) {
   *exec = NULL;
+  cuda_ctx *cc = ctx->be;
   cudaGraph_t g = NULL;
   cudaError_t e = cudaStreamEndCapture((cudaStream_t)stream, &g);
   if (e) {
     if (g) cudaGraphDestroy(g);
     cudaGetLastError();
+    drop_captured(ctx);
     return lmoe_fail(ctx, LMOE_ERR_BACKEND,
                      "the capture failed and was discarded: %s (%s); between lmoe_graph_begin and "
                      "lmoe_graph_end only forwards on the captured stream may be called",
@@ -625,44 +669,73 @@ static lmoe_status cu_graph_end(lmoe_context *ctx, void *stream, void **exec) {
   cudaGraphDestroy(g);
   if (e) {
     cudaGetLastError();
+    drop_captured(ctx);
     return cuda_err(ctx, e, "cudaGraphInstantiate");
   }
-  cuda_ctx *cc = ctx->be;
-  if (!cc->graph_ev_ok) {
-    e = cudaEventCreateWithFlags(&cc->graph_ev, cudaEventDisableTiming);
-    if (e) {
-      cudaGraphExecDestroy(ge);
-      return cuda_err(ctx, e, "cudaEventCreate");
-    }
-    cc->graph_ev_ok = 1;
+  cuda_graph *cg = calloc(1, sizeof *cg);
+  lmoe_batch **bs = cc->ncap ? malloc((size_t)cc->ncap * sizeof *bs) : NULL;
+  if (!cg || (cc->ncap && !bs)) {
+    free(cg), free(bs);
+    cudaGraphExecDestroy(ge);
+    drop_captured(ctx);
+    return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   }
-  *exec = ge;
+  for (int32_t i = 0; i < cc->ncap; i++) {
+    cuda_batch *cb = cc->cap[i]->be;
+    if (!cb->replay_ev_ok) {
+      e = cudaEventCreateWithFlags(&cb->replay_ev, cudaEventDisableTiming);
+      if (e) {
+        free(cg), free(bs);
+        cudaGraphExecDestroy(ge);
+        drop_captured(ctx);
+        return cuda_err(ctx, e, "cudaEventCreate");
+      }
+      cb->replay_ev_ok = 1;
+    }
+    bs[i] = cc->cap[i]; /* the references move to the graph */
+  }
+  cg->exec = ge;
+  cg->batches = bs;
+  cg->n = cc->ncap;
+  cc->ncap = 0;
+  *exec = cg;
   return LMOE_OK;
 }
 
 static lmoe_status cu_graph_launch(lmoe_context *ctx, void *exec, void *stream) {
-  cuda_ctx *cc = ctx->be;
+  cuda_graph *cg = exec;
+  cudaStream_t s = (cudaStream_t)stream;
   cudaError_t e = cudaSuccess;
-  /* graph_ev must complete only after every replay launched so far: a launch on another
-     stream than the last first waits (on the device) for the replays before it. */
-  if (cc->graph_ev_ok && cc->graph_ev_recorded && cc->graph_ev_stream != stream)
-    e = cudaStreamWaitEvent((cudaStream_t)stream, cc->graph_ev, 0);
-  if (e) return cuda_err(ctx, e, "cudaStreamWaitEvent before cudaGraphLaunch");
-  e = cudaGraphLaunch((cudaGraphExec_t)exec, (cudaStream_t)stream);
-  if (e) return cuda_err(ctx, e, "cudaGraphLaunch");
-  if (cc->graph_ev_ok) {
-    e = cudaEventRecord(cc->graph_ev, (cudaStream_t)stream);
-    cc->graph_ev_stream = stream;
-    cc->graph_ev_recorded = !e;
+  /* Each batch's replay event must complete only after every replay launched so far
+     that reads the batch: a launch on another stream than the last one first waits
+     (on the device) for those. */
+  for (int32_t i = 0; i < cg->n && !e; i++) {
+    cuda_batch *cb = cg->batches[i]->be;
+    if (cb->replay_recorded && cb->replay_stream != stream) e = cudaStreamWaitEvent(s, cb->replay_ev, 0);
   }
-  return e ? cuda_err(ctx, e, "cudaEventRecord after cudaGraphLaunch") : LMOE_OK;
+  if (e) return cuda_err(ctx, e, "cudaStreamWaitEvent before cudaGraphLaunch");
+  e = cudaGraphLaunch(cg->exec, s);
+  if (e) return cuda_err(ctx, e, "cudaGraphLaunch");
+  for (int32_t i = 0; i < cg->n; i++) {
+    cuda_batch *cb = cg->batches[i]->be;
+    e = cudaEventRecord(cb->replay_ev, s);
+    if (e) return cuda_err(ctx, e, "cudaEventRecord after cudaGraphLaunch");
+    cb->replay_stream = stream;
+    cb->replay_recorded = 1;
+  }
+  return LMOE_OK;
 }
 
-/* The runtime frees an instance that is still in flight once it completes. */
+/* The runtime frees an instance that is still in flight once it completes; the
+   batches are released after it (a batch's release waits for the device). */
 static void cu_graph_free(lmoe_context *ctx, void *exec) {
+  cuda_graph *cg = exec;
   cudaSetDevice(ctx->device);
-  cudaGraphExecDestroy((cudaGraphExec_t)exec);
+  cudaGraphExecDestroy(cg->exec);
   cudaGetLastError();
+  for (int32_t i = 0; i < cg->n; i++) lmoe_batch_release(cg->batches[i]);
+  free(cg->batches);
+  free(cg);
 }
 
 static const lmoe_backend_ops cuda_ops = {
