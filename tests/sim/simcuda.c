@@ -37,7 +37,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { OP_COPY, OP_SET, OP_KERNEL, OP_RECORD, OP_RECORD_EXTERNAL, OP_WAIT, OP_GRAPH };
+enum { OP_COPY, OP_SET, OP_KERNEL, OP_RECORD, OP_RECORD_EXTERNAL, OP_WAIT };
 
 typedef struct op {
   int kind;
@@ -49,7 +49,6 @@ typedef struct op {
   void (*fn)(const void *);
   struct sim_event *ev;
   uint64_t seq;
-  struct sim_graph *graph;
   struct op *next;
 } op;
 
@@ -69,7 +68,6 @@ struct sim_event {
 
 struct sim_graph {
   op *head, *tail;
-  int inflight, destroyed;
 };
 
 typedef struct region {
@@ -121,12 +119,6 @@ static void free_ops(op *o) {
   }
 }
 
-static void run_op(op *o);
-
-static void run_graph(struct sim_graph *g) {
-  for (op *o = g->head; o; o = o->next) run_op(o);
-}
-
 /* Runs one operation; the lock is not held, except where said. */
 static void run_op(op *o) {
   switch (o->kind) {
@@ -144,20 +136,23 @@ static void run_op(op *o) {
     if (o->ev->done_seq < o->seq) o->ev->done_seq = o->seq;
     pthread_mutex_unlock(&mu);
     break;
-  case OP_RECORD_EXTERNAL: /* a graph node: records when the replay reaches it */
+  case OP_RECORD_EXTERNAL: /* a replayed graph node: records when the replay reaches it */
     pthread_mutex_lock(&mu);
     o->ev->done_seq = ++o->ev->rec_seq;
     pthread_mutex_unlock(&mu);
     break;
   case OP_WAIT: /* handled by the scheduler: it runs only once the event is done */
     break;
-  case OP_GRAPH:
-    run_graph(o->graph);
-    break;
   }
 }
 
 static int runnable(const op *o) { return o->kind != OP_WAIT || o->ev->done_seq >= o->seq; }
+
+static void append(struct sim_graph *g, op *o) {
+  if (g->tail) g->tail->next = o;
+  else g->head = o;
+  g->tail = o;
+}
 
 static void graph_free(struct sim_graph *g) {
   free_ops(g->head);
@@ -192,7 +187,6 @@ static void *device_thread(void *arg) {
     run_op(o);
     pthread_mutex_lock(&mu);
     pick->running = 0;
-    if (o->kind == OP_GRAPH && --o->graph->inflight == 0 && o->graph->destroyed) graph_free(o->graph);
     o->next = NULL;
     free_ops(o);
     pthread_cond_broadcast(&cv);
@@ -270,7 +264,7 @@ static cudaError_t enqueue(struct sim_stream *s, op *o) {
     return fail(cudaErrorStreamCaptureInvalidated);
   }
   if (s->capture == cudaStreamCaptureStatusActive) {
-    if (o->kind == OP_WAIT || o->kind == OP_GRAPH) {
+    if (o->kind == OP_WAIT) {
       invalidate(s);
       free_ops(o);
       return fail(cudaErrorStreamCaptureUnsupported);
@@ -279,10 +273,7 @@ static cudaError_t enqueue(struct sim_stream *s, op *o) {
       free_ops(o);
       return cudaSuccess;
     }
-    struct sim_graph *g = s->cap;
-    if (g->tail) g->tail->next = o;
-    else g->head = o;
-    g->tail = o;
+    append(s->cap, o);
     return cudaSuccess;
   }
   if (o->kind == OP_RECORD_EXTERNAL) o->kind = OP_RECORD, o->seq = ++o->ev->rec_seq;
@@ -712,37 +703,50 @@ cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureSta
   return cudaSuccess;
 }
 
+/* A copy of a recorded operation (kernel arguments included). */
+static op *copy_op(const op *o) {
+  op *c = new_op(o->kind);
+  *c = *o;
+  c->next = NULL;
+  c->owned = NULL;
+  if (o->kind == OP_KERNEL) {
+    c->owned = malloc(o->n ? o->n : 1);
+    if (!c->owned) abort();
+    memcpy(c->owned, o->owned, o->n);
+  }
+  return c;
+}
+
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t g, unsigned long long flags) {
   (void)flags;
   if (!g) return fail(cudaErrorInvalidValue);
   struct sim_graph *x = calloc(1, sizeof *x);
   if (!x) return fail(cudaErrorMemoryAllocation);
-  for (op *o = g->head; o; o = o->next) { /* a copy: the graph may be destroyed now */
-    op *c = new_op(o->kind);
-    *c = *o;
-    c->next = NULL;
-    c->owned = NULL;
-    if (o->kind == OP_KERNEL) { /* its own copy of the arguments (o->n bytes) */
-      c->owned = malloc(o->n ? o->n : 1);
-      if (!c->owned) abort();
-      memcpy(c->owned, o->owned, o->n);
-    }
-    if (x->tail) x->tail->next = c;
-    else x->head = c;
-    x->tail = c;
-  }
+  for (op *o = g->head; o; o = o->next) append(x, copy_op(o)); /* g may be destroyed now */
   *exec = x;
   return cudaSuccess;
 }
 
+/* A replay puts a copy of each node on the stream: other streams' work interleaves
+   with it node by node, as kernels of different streams do on a GPU. */
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   api(CUPTI_RUNTIME_TRACE_CBID_cudaGraphLaunch_v10000, "cudaGraphLaunch", NULL);
   if (!exec) return fail(cudaErrorInvalidValue);
   lock();
-  op *o = new_op(OP_GRAPH);
-  o->graph = exec;
-  cudaError_t e = enqueue(S(stream), o);
-  if (!e) exec->inflight++;
+  struct sim_stream *s = S(stream);
+  cudaError_t e = cudaSuccess;
+  if (s->capture != cudaStreamCaptureStatusNone) {
+    invalidate(s);
+    e = fail(cudaErrorStreamCaptureUnsupported);
+  } else {
+    for (op *o = exec->head; o; o = o->next) {
+      op *c = copy_op(o);
+      if (s->tail) s->tail->next = c;
+      else s->head = c;
+      s->tail = c;
+    }
+    pthread_cond_broadcast(&cv);
+  }
   unlock();
   return e;
 }
@@ -752,14 +756,9 @@ cudaError_t cudaGraphDestroy(cudaGraph_t g) {
   return cudaSuccess;
 }
 
-/* An instance still in flight is freed by the device thread when its replays are done. */
+/* Replays already launched hold copies of the nodes: the instance can go now. */
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
-  if (!exec) return cudaSuccess;
-  lock();
-  exec->destroyed = 1;
-  int now = exec->inflight == 0;
-  unlock();
-  if (now) graph_free(exec);
+  if (exec) graph_free(exec);
   return cudaSuccess;
 }
 
