@@ -52,6 +52,10 @@ seeds = {
                                   rank_pattern={"((a{255}){255}){255}": 2},
                                   alpha_pattern={r"experts\.[0-9]{1,3}\.down_proj": 4})
     + b"\0" + safetensors(per),
+    # and one whose + signs each double glibc's tree (the fuzzer's next find)
+    "peft_pattern_plus": config(target_modules=["gate_proj", "up_proj", "down_proj"],
+                                rank_pattern={"experts.0.down_p" + "+" * 100 + "roj": 2})
+    + b"\0" + safetensors(per),
 }
 os.makedirs(HERE, exist_ok=True)
 for name, data in seeds.items():

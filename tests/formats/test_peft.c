@@ -386,9 +386,16 @@ static void test_refusals(lmoe_context *ctx) {
       {0, 1, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"((a{255}){255}){255}\": 4, \"x\": 4",
        LMOE_ERR_UNSUPPORTED, "expands to more than 4096 atoms"},
       {0, 1, "\"alpha_pattern\":\t{", "\"alpha_pattern\": {\"a{99}{99}\": 4, \"x\": 4", LMOE_ERR_UNSUPPORTED,
+       "repeats a repetition"},
+      {0, 1, "\"alpha_pattern\":\t{", "\"alpha_pattern\": {\"(a{99}b){99}\": 4, \"x\": 4", LMOE_ERR_UNSUPPORTED,
        "expands to more than 4096 atoms"},
       {0, 1, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"(up)_proj\\\\1\": 4, \"x\": 4", LMOE_ERR_UNSUPPORTED,
        "uses a back-reference"},
+      /* each + of glibc's a++++... doubles the tree; a fuzzer grew 100 of them */
+      {0, 1, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"down_p+++\": 4, \"x\": 4", LMOE_ERR_UNSUPPORTED,
+       "repeats a repetition"},
+      {0, 1, "\"alpha_pattern\":\t{", "\"alpha_pattern\": {\"((((((((((((a+)+)+)+)+)+)+)+)+)+)+)+)+\": 4, \"x\": 4",
+       LMOE_ERR_UNSUPPORTED, "expands to more than 4096 atoms"},
       {0, 1, "\"rank_pattern\":\t{", long_key, LMOE_ERR_UNSUPPORTED, "is longer than 1024 characters"},
       /* fused: a fused tensor with no target_parameters to say which parameter it is */
       {1, 1, "\"target_parameters\":", "\"target_parameters\": null, \"unused\":", LMOE_ERR_FORMAT,
@@ -401,9 +408,10 @@ static void test_refusals(lmoe_context *ctx) {
     edit_config(dir, edits[i].from, edits[i].to);
     expect_refusal(ctx, dir, edits[i].at_open, edits[i].want, edits[i].text);
   }
-  /* an ordinary counted repetition in a key still works */
+  /* ordinary counted and lazy repetitions in a key still work */
   fresh(ctx, dir, 0);
-  edit_config(dir, "\"rank_pattern\":\t{", "\"rank_pattern\": {\"experts\\\\.[0-9]{1,3}\\\\.down_proj\": 4, \"x\": 4");
+  edit_config(dir, "\"rank_pattern\":\t{",
+              "\"rank_pattern\": {\"experts\\\\.[0-9]{1,3}\\\\.down_proj\": 4, \"layers\\\\.[0-9]+?\\\\.mlp\": 4, \"x\": 4");
   {
     lmoe_peft *p;
     OK(ctx, lmoe_peft_open(ctx, dir, &p));
