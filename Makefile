@@ -2,8 +2,9 @@
 #
 #   make demo       install missing packages, build into build/, run examples/quickstart.lua
 #   make test       build, run every non-GPU test, then the C tests under ASan+UBSan,
-#                   the safetensors/PEFT fuzzer for FUZZ_TIME seconds (clang), and the
-#                   install-tree test (find_package, pkg-config, luarocks make)
+#                   the safetensors/PEFT fuzzer (clang; FUZZ_RUNS inputs from seed
+#                   FUZZ_SEED, FUZZ_TIME seconds at most), and the install-tree test
+#                   (find_package, pkg-config, luarocks make)
 #   make test-gpu   the tests that need a GPU (ctest -L gpu)
 #   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
 #
@@ -18,6 +19,8 @@ CUDA       ?= 1
 CUDA_ARCHS ?=
 FUZZ_BUILD ?= build-fuzz
 FUZZ_TIME  ?= 60
+FUZZ_SEED  ?= 1
+FUZZ_RUNS  ?= 400000
 
 # CUDA when nvcc exists (on PATH or in the toolkit's usual place), else CPU only.
 NVCC := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
@@ -63,7 +66,8 @@ test-asan: deps
 # ASan+UBSan. Needs clang (libFuzzer ships with its runtime).
 test-fuzz: deps
 	CC=clang cmake -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLMOE_CUDA=OFF \
-	  -DLMOE_LUA=OFF -DLMOE_BENCH=OFF -DLMOE_FUZZ_TIME=$(FUZZ_TIME)
+	  -DLMOE_LUA=OFF -DLMOE_BENCH=OFF -DLMOE_FUZZ_TIME=$(FUZZ_TIME) -DLMOE_FUZZ_SEED=$(FUZZ_SEED) \
+	  -DLMOE_FUZZ_RUNS=$(FUZZ_RUNS)
 	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_formats
 	cd $(FUZZ_BUILD) && ctest --output-on-failure -L fuzz
 
