@@ -73,6 +73,27 @@ static const char *status_code(lmoe_status st) {
   return "UNKNOWN";
 }
 
+/* t[key] = v for the table on the top of the stack */
+static void set_int(lua_State *L, const char *key, lua_Integer v) {
+  lua_pushinteger(L, v);
+  lua_setfield(L, -2, key);
+}
+
+static void set_num(lua_State *L, const char *key, lua_Number v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, key);
+}
+
+static void set_bool(lua_State *L, const char *key, int v) {
+  lua_pushboolean(L, v);
+  lua_setfield(L, -2, key);
+}
+
+static void set_str(lua_State *L, const char *key, const char *v) {
+  lua_pushstring(L, v);
+  lua_setfield(L, -2, key);
+}
+
 /* nil, "CODE: message", "CODE" */
 static int push_fail_msg(lua_State *L, lmoe_status st, const char *msg) {
   if (!msg || !*msg) msg = lmoe_status_string(st);
@@ -367,18 +388,12 @@ static int l_device_info(lua_State *L) {
   if (st) return push_fail(L, st, NULL);
   lua_createtable(L, 0, 6);
   info.name[sizeof info.name - 1] = '\0';
-  lua_pushstring(L, info.name);
-  lua_setfield(L, -2, "name");
-  lua_pushinteger(L, info.cc_major);
-  lua_setfield(L, -2, "cc_major");
-  lua_pushinteger(L, info.cc_minor);
-  lua_setfield(L, -2, "cc_minor");
-  lua_pushinteger(L, info.sm_count);
-  lua_setfield(L, -2, "sm_count");
-  lua_pushinteger(L, (lua_Integer)info.memory_bytes);
-  lua_setfield(L, -2, "memory_bytes");
-  lua_pushinteger(L, (lua_Integer)info.l2_bytes);
-  lua_setfield(L, -2, "l2_bytes");
+  set_str(L, "name", info.name);
+  set_int(L, "cc_major", info.cc_major);
+  set_int(L, "cc_minor", info.cc_minor);
+  set_int(L, "sm_count", info.sm_count);
+  set_int(L, "memory_bytes", info.memory_bytes);
+  set_int(L, "l2_bytes", info.l2_bytes);
   return 1;
 }
 
@@ -496,9 +511,7 @@ static int ctx_counters(lua_State *L) {
   lmoe_status st = lmoe_context_counters(ctx, &c);
   if (st) return push_fail(L, st, ctx);
   lua_createtable(L, 0, 7);
-#define SETC(f)                            \
-  lua_pushinteger(L, (lua_Integer)c.f);    \
-  lua_setfield(L, -2, #f)
+#define SETC(f) set_int(L, #f, (lua_Integer)c.f)
   SETC(forwards);
   SETC(launches);
   SETC(lora_launches);
@@ -657,16 +670,12 @@ static int buf_shape(lua_State *L) {
 static int buf_describe(lua_State *L) {
   lmoe_buffer_desc d = describe(L, checkbuf(L, 1));
   lua_createtable(L, 0, 5);
-  lua_pushstring(L, dtype_names[d.dtype]);
-  lua_setfield(L, -2, "dtype");
-  lua_pushstring(L, memory_names[d.memory]);
-  lua_setfield(L, -2, "memory");
+  set_str(L, "dtype", dtype_names[d.dtype]);
+  set_str(L, "memory", memory_names[d.memory]);
   push_shape(L, &d);
   lua_setfield(L, -2, "shape");
-  lua_pushinteger(L, (lua_Integer)d.numel);
-  lua_setfield(L, -2, "numel");
-  lua_pushinteger(L, (lua_Integer)d.bytes);
-  lua_setfield(L, -2, "bytes");
+  set_int(L, "numel", d.numel);
+  set_int(L, "bytes", d.bytes);
   return 1;
 }
 
@@ -734,16 +743,11 @@ static int buf_compare(lua_State *L) {
   lmoe_status st = lmoe_buffer_compare((lmoe_buffer *)a->h, (lmoe_buffer *)r->h, &res);
   if (st) return push_fail(L, st, a->ctx);
   lua_createtable(L, 0, 5);
-  lua_pushnumber(L, res.rel_l2);
-  lua_setfield(L, -2, "rel_l2");
-  lua_pushnumber(L, res.max_abs);
-  lua_setfield(L, -2, "max_abs");
-  lua_pushnumber(L, res.ref_l2);
-  lua_setfield(L, -2, "ref_l2");
-  lua_pushinteger(L, (lua_Integer)res.nonfinite);
-  lua_setfield(L, -2, "nonfinite");
-  lua_pushinteger(L, (lua_Integer)res.numel);
-  lua_setfield(L, -2, "numel");
+  set_num(L, "rel_l2", res.rel_l2);
+  set_num(L, "max_abs", res.max_abs);
+  set_num(L, "ref_l2", res.ref_l2);
+  set_int(L, "nonfinite", res.nonfinite);
+  set_int(L, "numel", res.numel);
   return 1;
 }
 
@@ -762,18 +766,12 @@ static lmoe_layer_config layer_cfg(lua_State *L, lmoe_layer *layer) {
 static int layer_config(lua_State *L) {
   lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)checklayer(L, 1)->h);
   lua_createtable(L, 0, 6);
-  lua_pushinteger(L, c.num_experts);
-  lua_setfield(L, -2, "experts");
-  lua_pushinteger(L, c.hidden);
-  lua_setfield(L, -2, "hidden");
-  lua_pushinteger(L, c.intermediate);
-  lua_setfield(L, -2, "intermediate");
-  lua_pushinteger(L, c.top_k);
-  lua_setfield(L, -2, "top_k");
-  lua_pushboolean(L, c.renormalize);
-  lua_setfield(L, -2, "renormalize");
-  lua_pushinteger(L, c.max_tokens);
-  lua_setfield(L, -2, "max_tokens");
+  set_int(L, "experts", c.num_experts);
+  set_int(L, "hidden", c.hidden);
+  set_int(L, "intermediate", c.intermediate);
+  set_int(L, "top_k", c.top_k);
+  set_bool(L, "renormalize", c.renormalize);
+  set_int(L, "max_tokens", c.max_tokens);
   return 1;
 }
 
@@ -920,10 +918,8 @@ static int pool_config(lua_State *L) {
   memset(&c, 0, sizeof c);
   if (lmoe_pool_get_config((lmoe_pool *)b->h, &c) != LMOE_OK) return push_fail(L, LMOE_ERR_STATE, b->ctx);
   lua_createtable(L, 0, 2);
-  lua_pushinteger(L, c.num_slots);
-  lua_setfield(L, -2, "slots");
-  lua_pushinteger(L, c.max_rank);
-  lua_setfield(L, -2, "max_rank");
+  set_int(L, "slots", c.num_slots);
+  set_int(L, "max_rank", c.max_rank);
   return 1;
 }
 
@@ -1073,8 +1069,7 @@ static int pool_slot_info(lua_State *L) {
   lmoe_status st = lmoe_pool_slot_info((lmoe_pool *)b->h, slot, &s);
   if (st) return push_fail(L, st, b->ctx);
   lua_createtable(L, 0, 12);
-  lua_pushboolean(L, s.loaded);
-  lua_setfield(L, -2, "loaded");
+  set_bool(L, "loaded", s.loaded);
   lua_createtable(L, 3, 0);
   int n = 0;
   if (s.targets & LMOE_TARGET_GATE) {
@@ -1090,26 +1085,16 @@ static int pool_slot_info(lua_State *L) {
     lua_rawseti(L, -2, ++n);
   }
   lua_setfield(L, -2, "targets");
-  lua_pushboolean(L, s.fused);
-  lua_setfield(L, -2, "fused");
-  lua_pushinteger(L, s.rank_gate);
-  lua_setfield(L, -2, "rank_gate");
-  lua_pushinteger(L, s.rank_up);
-  lua_setfield(L, -2, "rank_up");
-  lua_pushinteger(L, s.rank_down);
-  lua_setfield(L, -2, "rank_down");
-  lua_pushnumber(L, s.scale_gate);
-  lua_setfield(L, -2, "scale_gate");
-  lua_pushnumber(L, s.scale_up);
-  lua_setfield(L, -2, "scale_up");
-  lua_pushnumber(L, s.scale_down);
-  lua_setfield(L, -2, "scale_down");
-  lua_pushinteger(L, s.max_rank);
-  lua_setfield(L, -2, "rank");
-  lua_pushinteger(L, (lua_Integer)s.bytes);
-  lua_setfield(L, -2, "bytes");
-  lua_pushinteger(L, (lua_Integer)s.generation);
-  lua_setfield(L, -2, "generation");
+  set_bool(L, "fused", s.fused);
+  set_int(L, "rank_gate", s.rank_gate);
+  set_int(L, "rank_up", s.rank_up);
+  set_int(L, "rank_down", s.rank_down);
+  set_num(L, "scale_gate", s.scale_gate);
+  set_num(L, "scale_up", s.scale_up);
+  set_num(L, "scale_down", s.scale_down);
+  set_int(L, "rank", s.max_rank);
+  set_int(L, "bytes", s.bytes);
+  set_int(L, "generation", s.generation);
   return 1;
 }
 
@@ -1158,18 +1143,12 @@ static int batch_info(lua_State *L) {
   lmoe_status st = lmoe_batch_get_info((lmoe_batch *)b->h, &i);
   if (st) return push_fail(L, st, b->ctx);
   lua_createtable(L, 0, 6);
-  lua_pushinteger(L, i.num_requests);
-  lua_setfield(L, -2, "requests");
-  lua_pushinteger(L, (lua_Integer)i.num_tokens);
-  lua_setfield(L, -2, "tokens");
-  lua_pushboolean(L, i.has_active);
-  lua_setfield(L, -2, "has_active");
-  lua_pushinteger(L, i.num_active);
-  lua_setfield(L, -2, "active");
-  lua_pushinteger(L, i.max_rank);
-  lua_setfield(L, -2, "max_rank");
-  lua_pushinteger(L, i.max_slot);
-  lua_setfield(L, -2, "max_slot");
+  set_int(L, "requests", i.num_requests);
+  set_int(L, "tokens", i.num_tokens);
+  set_bool(L, "has_active", i.has_active);
+  set_int(L, "active", i.num_active);
+  set_int(L, "max_rank", i.max_rank);
+  set_int(L, "max_slot", i.max_slot);
   return 1;
 }
 
@@ -1291,20 +1270,13 @@ static int pool_memory(lua_State *L) {
   lmoe_status st = lmoe_pool_get_memory((lmoe_pool *)b->h, &m);
   if (st) return push_fail(L, st, b->ctx);
   lua_createtable(L, 0, 7);
-  lua_pushinteger(L, (lua_Integer)m.slot_bytes);
-  lua_setfield(L, -2, "slot_bytes");
-  lua_pushinteger(L, (lua_Integer)m.total_bytes);
-  lua_setfield(L, -2, "total_bytes");
-  lua_pushinteger(L, m.num_slots);
-  lua_setfield(L, -2, "slots");
-  lua_pushinteger(L, m.loaded_slots);
-  lua_setfield(L, -2, "loaded_slots");
-  lua_pushinteger(L, (lua_Integer)m.loaded_bytes);
-  lua_setfield(L, -2, "loaded_bytes");
-  lua_pushinteger(L, (lua_Integer)m.used_bytes);
-  lua_setfield(L, -2, "used_bytes");
-  lua_pushinteger(L, (lua_Integer)m.evictions);
-  lua_setfield(L, -2, "evictions");
+  set_int(L, "slot_bytes", m.slot_bytes);
+  set_int(L, "total_bytes", m.total_bytes);
+  set_int(L, "slots", m.num_slots);
+  set_int(L, "loaded_slots", m.loaded_slots);
+  set_int(L, "loaded_bytes", m.loaded_bytes);
+  set_int(L, "used_bytes", m.used_bytes);
+  set_int(L, "evictions", m.evictions);
   return 1;
 }
 
@@ -1389,13 +1361,10 @@ static int32_t tensor_index(lua_State *L, lbox *b, int arg) {
 
 static void push_tensor_info(lua_State *L, const lmoe_tensor_info *ti) {
   lua_createtable(L, 0, 8);
-  lua_pushstring(L, ti->name ? ti->name : "");
-  lua_setfield(L, -2, "name");
-  lua_pushstring(L, ti->dtype_name ? ti->dtype_name : "");
-  lua_setfield(L, -2, "file_dtype");
+  set_str(L, "name", ti->name ? ti->name : "");
+  set_str(L, "file_dtype", ti->dtype_name ? ti->dtype_name : "");
   if (ti->dtype >= 0 && ti->dtype <= LMOE_DTYPE_I32) {
-    lua_pushstring(L, dtype_names[ti->dtype]);
-    lua_setfield(L, -2, "dtype");
+    set_str(L, "dtype", dtype_names[ti->dtype]);
   }
   lua_createtable(L, ti->ndim, 0);
   for (int i = 0; i < ti->ndim && i < LMOE_TENSOR_MAX_DIMS; i++) {
@@ -1403,12 +1372,9 @@ static void push_tensor_info(lua_State *L, const lmoe_tensor_info *ti) {
     lua_rawseti(L, -2, i + 1);
   }
   lua_setfield(L, -2, "shape");
-  lua_pushinteger(L, (lua_Integer)ti->numel);
-  lua_setfield(L, -2, "numel");
-  lua_pushinteger(L, (lua_Integer)ti->offset);
-  lua_setfield(L, -2, "offset");
-  lua_pushinteger(L, (lua_Integer)ti->bytes);
-  lua_setfield(L, -2, "bytes");
+  set_int(L, "numel", ti->numel);
+  set_int(L, "offset", ti->offset);
+  set_int(L, "bytes", ti->bytes);
 }
 
 /* file:tensor(index | name) -> {name=, dtype=, file_dtype=, shape=, numel=, offset=, bytes=} */
@@ -1623,34 +1589,21 @@ static int peft_info(lua_State *L) {
   lmoe_status st = lmoe_peft_get_info((lmoe_peft *)b->h, &i);
   if (st) return push_fail(L, st, b->ctx);
   lua_createtable(L, 0, 15);
-  lua_pushstring(L, i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
-  lua_setfield(L, -2, "family");
-  lua_pushstring(L, i.layout >= 0 && i.layout <= 1 ? layout_names[i.layout] : "unknown");
-  lua_setfield(L, -2, "layout");
-  lua_pushinteger(L, i.rank);
-  lua_setfield(L, -2, "rank");
-  lua_pushnumber(L, i.alpha);
-  lua_setfield(L, -2, "alpha");
-  lua_pushboolean(L, i.use_rslora);
-  lua_setfield(L, -2, "rslora");
+  set_str(L, "family", i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
+  set_str(L, "layout", i.layout >= 0 && i.layout <= 1 ? layout_names[i.layout] : "unknown");
+  set_int(L, "rank", i.rank);
+  set_num(L, "alpha", i.alpha);
+  set_bool(L, "rslora", i.use_rslora);
   push_targets(L, i.targets);
   lua_setfield(L, -2, "targets");
-  lua_pushinteger(L, i.num_layers);
-  lua_setfield(L, -2, "layers");
-  lua_pushinteger(L, i.min_layer);
-  lua_setfield(L, -2, "min_layer");
-  lua_pushinteger(L, i.max_layer);
-  lua_setfield(L, -2, "max_layer");
-  lua_pushinteger(L, i.num_experts);
-  lua_setfield(L, -2, "experts");
-  lua_pushinteger(L, i.max_rank);
-  lua_setfield(L, -2, "max_rank");
-  lua_pushboolean(L, i.has_patterns);
-  lua_setfield(L, -2, "has_patterns");
-  lua_pushinteger(L, i.num_tensors);
-  lua_setfield(L, -2, "tensors");
-  lua_pushinteger(L, (lua_Integer)i.bytes);
-  lua_setfield(L, -2, "bytes");
+  set_int(L, "layers", i.num_layers);
+  set_int(L, "min_layer", i.min_layer);
+  set_int(L, "max_layer", i.max_layer);
+  set_int(L, "experts", i.num_experts);
+  set_int(L, "max_rank", i.max_rank);
+  set_bool(L, "has_patterns", i.has_patterns);
+  set_int(L, "tensors", i.num_tensors);
+  set_int(L, "bytes", i.bytes);
   return 1;
 }
 
@@ -1702,10 +1655,8 @@ static void push_part(lua_State *L, const char *name, const lmoe_lora_part *p, l
     lua_rawseti(L, -2, i + 1);
   }
   lua_setfield(L, -2, "b");
-  lua_pushinteger(L, r);
-  lua_setfield(L, -2, "rank");
-  lua_pushnumber(L, p->scale);
-  lua_setfield(L, -2, "scale");
+  set_int(L, "rank", r);
+  set_num(L, "scale", p->scale);
   lua_setfield(L, -2, name);
 }
 
@@ -1812,16 +1763,11 @@ static int ck_layer_info(lua_State *L) {
   lmoe_status st = lmoe_checkpoint_get_layer_info((lmoe_checkpoint *)b->h, layer, &i);
   if (st) return push_fail(L, st, b->ctx);
   lua_createtable(L, 0, 5);
-  lua_pushstring(L, i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
-  lua_setfield(L, -2, "family");
-  lua_pushinteger(L, i.num_experts);
-  lua_setfield(L, -2, "experts");
-  lua_pushinteger(L, i.hidden);
-  lua_setfield(L, -2, "hidden");
-  lua_pushinteger(L, i.intermediate);
-  lua_setfield(L, -2, "intermediate");
-  lua_pushboolean(L, i.has_router);
-  lua_setfield(L, -2, "has_router");
+  set_str(L, "family", i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
+  set_int(L, "experts", i.num_experts);
+  set_int(L, "hidden", i.hidden);
+  set_int(L, "intermediate", i.intermediate);
+  set_bool(L, "has_router", i.has_router);
   return 1;
 }
 

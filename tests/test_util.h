@@ -79,6 +79,19 @@ static void test_seed(const char *name) {
   printf("%s: LMOE_TEST_SEED=%llu\n", name, (unsigned long long)seed);
 }
 
+/* The start of a GPU test: 0 (and why, on stderr) when no CUDA device is visible,
+   else 1 with the generator seeded (test_seed). */
+static int test_need_gpu(const char *name) {
+  int32_t n = 0;
+  lmoe_device_count(&n);
+  if (n == 0) {
+    fprintf(stderr, "%s: no CUDA device: the gpu tests need one\n", name);
+    return 0;
+  }
+  test_seed(name);
+  return 1;
+}
+
 /* A layer of the given shapes, weights uniform in [-scale, scale) from the test's
    generator (scale 0: weights left unset). */
 static lmoe_layer *test_layer(lmoe_context *ctx, int E, int H, int I, int K, int max_tokens,

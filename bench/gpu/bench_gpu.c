@@ -4,7 +4,7 @@
    Per M and case: eager and CUDA-graph replay, median ms of >= 50 (CUDA events,
    input sets rotated), TFLOP/s and % of the floor. --stack: the guard modes over a
    48-layer qwen3 stack (host waits per forward, ms per forward). */
-#define _POSIX_C_SOURCE 200809L
+#include "../bench_common.h"
 #include "loramoe.h"
 
 #include <cuda_runtime_api.h>
@@ -17,20 +17,6 @@
 #define NSETS 3
 #define PEAK_FLOPS 790e12
 #define PEAK_BYTES 3.0e12
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 #define CK(ctx, call)                                                                          \
   do {                                                                                         \

@@ -641,7 +641,6 @@ static lmoe_status cu_graph_begin(lmoe_context *ctx, void *stream) {
   if (e) return cuda_err(ctx, e, "cudaStreamIsCapturing");
   if (cap != cudaStreamCaptureStatusNone)
     return lmoe_fail(ctx, LMOE_ERR_STATE, "the stream is already being captured");
-  drop_captured(ctx);
   e = cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
   if (e) {
     cudaGetLastError();

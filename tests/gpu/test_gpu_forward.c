@@ -348,14 +348,7 @@ static void test_host_fill(void) {
 }
 
 int main(void) {
-  int n = 0;
-  lmoe_device_count(&n);
-  if (n == 0) {
-    fprintf(stderr, "no CUDA device: the gpu tests need one\n");
-    return 1;
-  }
-  test_rng_state = (uint64_t)time(NULL) * 2654435761u + 17;
-  printf("seed %llu\n", (unsigned long long)test_rng_state);
+  if (!test_need_gpu("test_gpu_forward")) return 1;
   test_random_cases();
   test_deterministic();
   test_many_requests();

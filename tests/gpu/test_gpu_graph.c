@@ -227,14 +227,7 @@ static void test_replay(void) {
 }
 
 int main(void) {
-  int n = 0;
-  lmoe_device_count(&n);
-  if (n == 0) {
-    fprintf(stderr, "no CUDA device: the gpu tests need one\n");
-    return 1;
-  }
-  test_rng_state = (uint64_t)time(NULL) * 2654435761u + 7;
-  printf("seed %llu\n", (unsigned long long)test_rng_state);
+  if (!test_need_gpu("test_gpu_graph")) return 1;
   test_replay();
   return test_summary();
 }

@@ -4,8 +4,6 @@
    still queued when the slot is rewritten. */
 #include "../test_util.h"
 
-#include <time.h>
-
 #ifdef LMOE_SIM_CUDA
 /* the simulated device (tests/sim) is slow by construction: small shapes keep it busy */
 enum { E = 8, H = 128, I = 64, K = 2, M = 256, BUSY = 4 };
@@ -99,13 +97,7 @@ static void busy(void) {
 static int differs(const uint16_t *a, const uint16_t *b) { return memcmp(a, b, (size_t)M * H * 2) != 0; }
 
 int main(void) {
-  int n = 0;
-  lmoe_device_count(&n);
-  if (n == 0) {
-    fprintf(stderr, "no CUDA device: the gpu tests need one\n");
-    return 1;
-  }
-  test_seed("test_gpu_reload");
+  if (!test_need_gpu("test_gpu_reload")) return 1;
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
   cfg.backend = LMOE_BACKEND_CUDA;

@@ -223,14 +223,7 @@ static void test_graph_replay(int guard, const char *name) {
 }
 
 int main(void) {
-  int n = 0;
-  lmoe_device_count(&n);
-  if (n == 0) {
-    fprintf(stderr, "no CUDA device: the gpu tests need one\n");
-    return 1;
-  }
-  test_rng_state = (uint64_t)time(NULL) * 2654435761u + 99;
-  printf("seed %llu\n", (unsigned long long)test_rng_state);
+  if (!test_need_gpu("test_gpu_sync")) return 1;
   CUpti_SubscriberHandle sub;
   if (cuptiSubscribe(&sub, on_runtime, NULL) != CUPTI_SUCCESS ||
       cuptiEnableDomain(1, sub, CUPTI_CB_DOMAIN_RUNTIME_API) != CUPTI_SUCCESS) {
