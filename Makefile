@@ -7,6 +7,8 @@
 #                   (find_package, pkg-config, luarocks make)
 #   make test-gpu   the tests that need a GPU (ctest -L gpu)
 #   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
+#   make wasm       install emscripten and node, fetch Lua's and cJSON's C sources
+#                   (apt-get source), build the WebAssembly module into build-wasm/
 #
 # Variables: CUDA=0 forces a CPU-only build; CUDA_ARCHS="90a" builds for fewer GPU
 # architectures (the default fatbin covers sm_80/86/89/90a and takes a while);
@@ -21,6 +23,7 @@ FUZZ_BUILD ?= build-fuzz
 FUZZ_TIME  ?= 60
 FUZZ_SEED  ?= 1
 FUZZ_RUNS  ?= 400000
+WASM_BUILD ?= build-wasm
 
 # CUDA when nvcc exists (on PATH or in the toolkit's usual place), else CPU only.
 NVCC := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
@@ -33,7 +36,7 @@ endif
 
 CTEST := ctest --output-on-failure -j $(JOBS)
 
-.PHONY: all deps build demo test test-asan test-fuzz test-install test-gpu bench clean
+.PHONY: all deps build demo test test-asan test-fuzz test-install test-gpu bench clean wasm
 
 all: build
 
@@ -88,5 +91,11 @@ bench: build
 	  BUILD=$(abspath $(BUILD)) bash bench/gpu/run.sh; \
 	else echo "(no GPU visible or no CUDA build: GPU benchmarks skipped)"; fi
 
+# The WebAssembly module (wasm/build.sh): the same C sources with emscripten, Lua 5.4
+# and cJSON from Debian's source packages; `$(WASM_BUILD)/loramoe run SCRIPT` under Node.
+wasm:
+	@sh tools/install-wasm-deps.sh $(WASM_BUILD)/src
+	JOBS=$(JOBS) sh wasm/build.sh $(WASM_BUILD)
+
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) $(WASM_BUILD)
