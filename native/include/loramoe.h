@@ -151,6 +151,10 @@ LMOE_API void lmoe_context_release(lmoe_context *ctx);
    made): the context is freed when the last reference is released. NULL and handles
    that are not a context are ignored. */
 LMOE_API void lmoe_context_retain(lmoe_context *ctx);
+/* 1 when ptr is a context made by this copy of the library and not yet destroyed,
+   else 0. Compares the address with the live contexts only (never reads through ptr),
+   so a binding can refuse any other pointer before using it (lm.adopt_context). */
+LMOE_API int32_t lmoe_context_is_live(const void *ptr);
 /* Message of the last failed call made through this context ("" when none). */
 LMOE_API const char *lmoe_context_last_error(const lmoe_context *ctx);
 LMOE_API int32_t lmoe_context_backend(const lmoe_context *ctx);

@@ -90,6 +90,53 @@ static lmoe_status create_fail(char *errbuf, size_t n, lmoe_status st, const cha
   return st;
 }
 
+/* Live contexts, by address only (never dereferenced), so a binding can refuse a
+   pointer that is not one before touching it (lmoe_context_is_live). A spinlock: the
+   list is touched only at create and destroy, and needs no thread library. */
+static atomic_flag live_lock = ATOMIC_FLAG_INIT;
+static const void **live = NULL;
+static size_t live_n = 0, live_cap = 0;
+
+static void live_acquire(void) { while (atomic_flag_test_and_set_explicit(&live_lock, memory_order_acquire)) {} }
+static void live_release(void) { atomic_flag_clear_explicit(&live_lock, memory_order_release); }
+
+static int live_add(const void *p) {
+  int ok = 1;
+  live_acquire();
+  if (live_n == live_cap) {
+    size_t cap = live_cap ? 2 * live_cap : 16;
+    const void **n = realloc(live, cap * sizeof *n);
+    if (n) {
+      live = n;
+      live_cap = cap;
+    } else {
+      ok = 0;
+    }
+  }
+  if (ok) live[live_n++] = p;
+  live_release();
+  return ok;
+}
+
+static void live_remove(const void *p) {
+  live_acquire();
+  for (size_t i = 0; i < live_n; i++)
+    if (live[i] == p) {
+      live[i] = live[--live_n];
+      break;
+    }
+  live_release();
+}
+
+int32_t lmoe_context_is_live(const void *ptr) {
+  int32_t found = 0;
+  if (!ptr) return 0;
+  live_acquire();
+  for (size_t i = 0; i < live_n && !found; i++) found = live[i] == ptr;
+  live_release();
+  return found;
+}
+
 lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context **out,
                                 char *errbuf, size_t errbuf_size) {
   if (errbuf && errbuf_size) errbuf[0] = '\0';
@@ -156,6 +203,11 @@ lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context 
     free(ctx);
     return st;
   }
+  if (!live_add(ctx)) {
+    ctx->ops->fini(ctx);
+    free(ctx);
+    return create_fail(errbuf, errbuf_size, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  }
   *out = ctx;
   return LMOE_OK;
 }
@@ -168,6 +220,7 @@ void lmoe_context_retain(lmoe_context *ctx) {
 void lmoe_context_release(lmoe_context *ctx) {
   if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return;
   if (atomic_fetch_sub(&ctx->obj.refs, 1) != 1) return;
+  live_remove(ctx);
   if (ctx->workspace) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, ctx->workspace);
   ctx->ops->fini(ctx);
   ctx->obj.magic = 0;
