@@ -42,7 +42,7 @@ cmake --build build.luarocks -j 4
   -- (what the C module asks for; it looks next to itself, $ORIGIN).
   install_command = [[
 mkdir -p "$(LUADIR)/loramoe" "$(LIBDIR)/loramoe" &&
-cp lua/loramoe/init.lua lua/loramoe/ffi_core.lua lua/loramoe/experiment.lua \
+cp lua/loramoe/init.lua lua/loramoe/api.lua lua/loramoe/ffi_core.lua lua/loramoe/experiment.lua \
    lua/loramoe/report.lua lua/loramoe/svg.lua build.luarocks/lua/loramoe/cdef.lua \
    "$(LUADIR)/loramoe/" &&
 if [ -f build.luarocks/lua/loramoe/core.so ]; then

@@ -1,13 +1,20 @@
 /*
- * loramoe.core — the Lua 5.4 C module over native/include/loramoe.h.
+ * loramoe.core — the raw Lua 5.4 core: the C functions of native/include/loramoe.h one
+ * to one, for the pure-Lua API in lua/loramoe/api.lua (the LuaJIT FFI core,
+ * lua/loramoe/ffi_core.lua, exposes the same functions). Names drop the lmoe_ prefix;
+ * out-parameters become results (status first); structs become plain tables with the
+ * C field names; arrays are "mem" userdata (core.mem / core.pack / core.unpack).
  *
- * Handles follow liolib's file handle: the userdata box is created marked closed
- * (h == NULL) before the C object is acquired, one function serves __gc and __close,
- * methods on a closed handle raise "attempt to use a closed <kind>", __tostring says
- * "(closed)". Misuse raises "bad argument #n to 'f' (...)"; a non-OK status from the
- * library returns nil, "CODE: message", "CODE". No C globals: metatables live in the
- * registry. The LuaJIT binding (loramoe/ffi_core.lua) exposes the same API; docs/lua.md
- * documents both.
+ * One owning box serves every handle, as liolib's file handle does: created empty
+ * before the C object is acquired, it stores the handle and its release function, and
+ * its uservalue keeps the parent (a pool's layer, a wrapped buffer's owner, a borrowed
+ * buffer's layer) alive. __gc releases; core.close releases now.
+ *
+ * Everything a caller can pass is checked here before use even though the Lua API has
+ * checked it already with its own messages: handle kinds, integer ranges (no
+ * truncation), array sizes against what C will read or write, strings kept on the
+ * stack while C holds them. A failed check here raises a plain error: the API's
+ * messages are written once, in Lua.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 
@@ -16,406 +23,285 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include <limits.h>
-#include <math.h>
-#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
 
-#define LMOE_LUA_NAME "loramoe.core"
-
-enum { K_CONTEXT, K_BUFFER, K_LAYER, K_POOL, K_BATCH, K_SAFETENSORS, K_PEFT, K_CHECKPOINT, K_GRAPH, K_COUNT };
-
-static const char *const kind_mt[K_COUNT] = {"loramoe.context", "loramoe.buffer", "loramoe.layer",
-                                             "loramoe.pool",    "loramoe.batch",  "loramoe.safetensors",
-                                             "loramoe.peft",    "loramoe.checkpoint", "loramoe.graph"};
-static const char *const kind_name[K_COUNT] = {"context", "buffer",      "layer", "pool",
-                                               "batch",   "safetensors", "peft",  "checkpoint",
-                                               "graph"};
-
-/* Registry key of the presets table (filled by the pure-Lua layer). */
-#define PRESETS_KEY "loramoe.presets"
-
-static const char *const dtype_names[] = {"bf16", "f16", "f32", "f64", "i32", NULL};
-static const char *const memory_names[] = {"host", "device", NULL};
-static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
-static const char *const guard_names[] = {"host", "device_sync", "always", NULL};
-static const char *const weight_names[] = {"w13", "w2", NULL};
-
-/* A handle. h is NULL once closed. ctx is the context the object was made through,
-   borrowed: the C object holds a reference to it, so it is valid while h is. aux is
-   a borrowed parent pointer (a pool's layer). A borrowed box (layer:weights()) does
-   not own h and is usable only while its parent box (uservalue 1) is open. */
-typedef struct lbox {
-  void *h;
-  lmoe_context *ctx;
-  void *aux;
-  int owned;
-  int borrowed;
-} lbox;
-
-/* ------------------------------------------------------------------ errors */
-
-static const char *status_code(lmoe_status st) {
-  switch (st) {
-  case LMOE_OK: return "OK";
-  case LMOE_ERR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-  case LMOE_ERR_OUT_OF_MEMORY: return "OUT_OF_MEMORY";
-  case LMOE_ERR_UNSUPPORTED: return "UNSUPPORTED";
-  case LMOE_ERR_BACKEND: return "BACKEND";
-  case LMOE_ERR_STATE: return "STATE";
-  case LMOE_ERR_NOT_FOUND: return "NOT_FOUND";
-  case LMOE_ERR_FULL: return "FULL";
-  case LMOE_ERR_IO: return "IO";
-  case LMOE_ERR_FORMAT: return "FORMAT";
-  }
-  return "UNKNOWN";
-}
-
-/* t[key] = v for the table on the top of the stack */
-static void set_int(lua_State *L, const char *key, lua_Integer v) {
-  lua_pushinteger(L, v);
-  lua_setfield(L, -2, key);
-}
-
-static void set_num(lua_State *L, const char *key, lua_Number v) {
-  lua_pushnumber(L, v);
-  lua_setfield(L, -2, key);
-}
-
-static void set_bool(lua_State *L, const char *key, int v) {
-  lua_pushboolean(L, v);
-  lua_setfield(L, -2, key);
-}
-
-static void set_str(lua_State *L, const char *key, const char *v) {
-  lua_pushstring(L, v);
-  lua_setfield(L, -2, key);
-}
-
-/* nil, "CODE: message", "CODE" */
-static int push_fail_msg(lua_State *L, lmoe_status st, const char *msg) {
-  if (!msg || !*msg) msg = lmoe_status_string(st);
-  lua_pushnil(L);
-  lua_pushfstring(L, "%s: %s", status_code(st), msg);
-  lua_pushstring(L, status_code(st));
-  return 3;
-}
-
-static int push_fail(lua_State *L, lmoe_status st, const lmoe_context *ctx) {
-  return push_fail_msg(L, st, ctx ? lmoe_context_last_error(ctx) : NULL);
-}
-
-/* true, or the failure triple. */
-static int push_status(lua_State *L, lmoe_status st, const lmoe_context *ctx) {
-  if (st != LMOE_OK) return push_fail(L, st, ctx);
-  lua_pushboolean(L, 1);
-  return 1;
-}
+#define BOX_MT "loramoe.box"
+#define MEM_MT "loramoe.mem"
 
 /* ------------------------------------------------------------------ boxes */
 
-static lbox *newbox(lua_State *L, int kind, int parent) {
-  if (parent) parent = lua_absindex(L, parent);
-  lbox *b = (lbox *)lua_newuserdatauv(L, sizeof *b, 2);
-  memset(b, 0, sizeof *b);
-  luaL_setmetatable(L, kind_mt[kind]);
-  if (parent) {
-    lua_pushvalue(L, parent);
+typedef struct lbox {
+  void *h;                  /* NULL once closed */
+  void (*release)(void *);  /* NULL: borrowed, nothing to release */
+  const char *kind;
+} lbox;
+
+/* The release functions, as the box stores them. */
+static void rel_context_release(void *p) { lmoe_context_release((lmoe_context *)p); }
+static void rel_buffer_release(void *p) { lmoe_buffer_release((lmoe_buffer *)p); }
+static void rel_layer_release(void *p) { lmoe_layer_release((lmoe_layer *)p); }
+static void rel_pool_release(void *p) { lmoe_pool_release((lmoe_pool *)p); }
+static void rel_batch_release(void *p) { lmoe_batch_release((lmoe_batch *)p); }
+static void rel_graph_release(void *p) { lmoe_graph_release((lmoe_graph *)p); }
+static void rel_safetensors_close(void *p) { lmoe_safetensors_close((lmoe_safetensors *)p); }
+static void rel_peft_close(void *p) { lmoe_peft_close((lmoe_peft *)p); }
+static void rel_checkpoint_close(void *p) { lmoe_checkpoint_close((lmoe_checkpoint *)p); }
+
+/* A new, empty box; keep (a stack index, or 0) becomes its uservalue. */
+static lbox *newbox(lua_State *L, const char *kind, void (*release)(void *), int keep) {
+  if (keep) keep = lua_absindex(L, keep);
+  lbox *b = (lbox *)lua_newuserdatauv(L, sizeof *b, 1);
+  b->h = NULL;
+  b->release = release;
+  b->kind = kind;
+  luaL_setmetatable(L, BOX_MT);
+  if (keep) {
+    lua_pushvalue(L, keep);
     lua_setiuservalue(L, -2, 1);
   }
   return b;
 }
 
-static lbox *tobox(lua_State *L, int idx, int kind) {
-  return (lbox *)luaL_checkudata(L, idx, kind_mt[kind]);
+static void *checkh(lua_State *L, int idx, const char *kind) {
+  lbox *b = (lbox *)luaL_checkudata(L, idx, BOX_MT);
+  if (strcmp(b->kind, kind) != 0)
+    luaL_argerror(L, idx, lua_pushfstring(L, "%s box expected, got %s", kind, b->kind));
+  if (!b->h) luaL_argerror(L, idx, lua_pushfstring(L, "closed %s", kind));
+  return b->h;
 }
 
-/* A borrowed box is open only while its parent box is. */
-static int box_open(lua_State *L, int idx, lbox *b) {
-  if (!b->h) return 0;
-  if (!b->borrowed) return 1;
-  lua_getiuservalue(L, idx, 1);
-  lbox *p = (lbox *)lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  if (!p || !p->h) {
-    b->h = NULL;
-    return 0;
-  }
-  return 1;
+static void *opth(lua_State *L, int idx, const char *kind) {
+  return lua_isnoneornil(L, idx) ? NULL : checkh(L, idx, kind);
 }
 
-/* Raises "attempt to use a closed <kind>" with the position of the first caller
-   outside loramoe's own Lua files (the pure-Lua layer calls the core for users). */
-static int closed_error(lua_State *L, int kind) {
-  lua_Debug ar;
-  int level = 1;
-  for (int l = 1; lua_getstack(L, l, &ar); l++) {
-    lua_getinfo(L, "S", &ar);
-    const char *src = ar.source, *slash = src ? strrchr(src, '/') : NULL;
-    int internal = slash && slash - src >= 7 && strncmp(slash - 7, "loramoe/", 8) == 0 &&
-                   strlen(slash) > 4 && strcmp(slash + strlen(slash) - 4, ".lua") == 0;
-    if (!internal) {
-      level = l;
-      break;
-    }
-  }
-  luaL_where(L, level);
-  lua_pushfstring(L, "attempt to use a closed %s", kind_name[kind]);
-  lua_concat(L, 2);
-  return lua_error(L);
-}
-
-static lbox *checkbox(lua_State *L, int idx, int kind) {
-  lbox *b = tobox(L, idx, kind);
-  if (!box_open(L, idx, b)) closed_error(L, kind);
-  return b;
-}
-
-static void box_release(int kind, lbox *b) {
+static int box_gc(lua_State *L) {
+  lbox *b = (lbox *)luaL_checkudata(L, 1, BOX_MT);
   void *h = b->h;
   b->h = NULL;
-  if (!h || !b->owned) return;
-  switch (kind) {
-  case K_CONTEXT: lmoe_context_release((lmoe_context *)h); break;
-  case K_BUFFER: lmoe_buffer_release((lmoe_buffer *)h); break;
-  case K_LAYER: lmoe_layer_release((lmoe_layer *)h); break;
-  case K_POOL: lmoe_pool_release((lmoe_pool *)h); break;
-  case K_BATCH: lmoe_batch_release((lmoe_batch *)h); break;
-  case K_SAFETENSORS: lmoe_safetensors_close((lmoe_safetensors *)h); break;
-  case K_PEFT: lmoe_peft_close((lmoe_peft *)h); break;
-  case K_CHECKPOINT: lmoe_checkpoint_close((lmoe_checkpoint *)h); break;
-  case K_GRAPH: lmoe_graph_release((lmoe_graph *)h); break;
-  }
-}
-
-/* __gc and __close: never raise, closed handles are left alone. */
-static int obj_gc(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(1));
-  lbox *b = (lbox *)luaL_testudata(L, 1, kind_mt[kind]);
-  if (b) box_release(kind, b);
+  if (h && b->release) b->release(h);
   return 0;
 }
 
-/* obj:close(): raises on a closed handle, like file:close(). */
-static int obj_close(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(1));
-  lbox *b = checkbox(L, 1, kind);
-  box_release(kind, b);
-  lua_pushboolean(L, 1);
+/* core.pointer(box): the handle as a light userdata (nil once closed). */
+static int l_pointer(lua_State *L) {
+  lbox *b = (lbox *)luaL_checkudata(L, 1, BOX_MT);
+  if (!b->h) return 0;
+  lua_pushlightuserdata(L, b->h);
   return 1;
 }
 
-static int obj_tostring(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(1));
-  lbox *b = tobox(L, 1, kind);
-  if (!box_open(L, 1, b))
-    lua_pushfstring(L, "%s (closed)", kind_mt[kind]);
-  else
-    lua_pushfstring(L, "%s (%p)", kind_mt[kind], b->h);
+/* ------------------------------------------------------------------ mem: arrays for C */
+
+enum { M_F64, M_F32, M_I32, M_I64 };
+static const char *const mem_names[] = {"f64", "f32", "i32", "i64", NULL};
+static const size_t mem_size[] = {8, 4, 4, 8};
+
+typedef struct lmem {
+  lua_Integer n;
+  int ct;
+  double data[]; /* 8-aligned; viewed as the element type */
+} lmem;
+
+static lmem *newmem(lua_State *L, int ct, lua_Integer n) {
+  /* 2^40 elements bounds the byte count far from any overflow. */
+  if (n < 0 || n > ((lua_Integer)1 << 40)) luaL_error(L, "loramoe.core: array of %I elements", n);
+  lmem *m = (lmem *)lua_newuserdatauv(L, sizeof *m + (size_t)n * mem_size[ct], 0);
+  m->n = n;
+  m->ct = ct;
+  memset(m->data, 0, (size_t)n * mem_size[ct]);
+  luaL_setmetatable(L, MEM_MT);
+  return m;
+}
+
+/* A mem of type ct holding at least n elements. */
+static void *checkmem(lua_State *L, int idx, int ct, lua_Integer n) {
+  lmem *m = (lmem *)luaL_checkudata(L, idx, MEM_MT);
+  if (m->ct != ct) luaL_argerror(L, idx, "array of the wrong element type");
+  if (n < 0 || n > m->n)
+    luaL_argerror(L, idx, lua_pushfstring(L, "array of %I elements, %I needed", m->n, n));
+  return m->data;
+}
+
+/* core.mem(ct, n): n zeroed elements. */
+static int l_mem(lua_State *L) {
+  newmem(L, luaL_checkoption(L, 1, NULL, mem_names), luaL_checkinteger(L, 2));
   return 1;
 }
 
-static int obj_is_closed(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(1));
-  lbox *b = tobox(L, 1, kind);
-  lua_pushboolean(L, !box_open(L, 1, b));
+/* core.pack(ct, t, n): t[1..n] read raw (no metamethods, no string coercion) into a
+   mem; nil, i at the first entry that is not a number (of int32 range for i32). */
+static int l_pack(lua_State *L) {
+  int ct = luaL_checkoption(L, 1, NULL, mem_names);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Integer n = luaL_checkinteger(L, 3);
+  if (n < 0 || (lua_Unsigned)n > lua_rawlen(L, 2)) luaL_argerror(L, 3, "more than the table holds");
+  lmem *m = newmem(L, ct, n);
+  for (lua_Integer i = 0; i < n; i++) {
+    int ok = lua_rawgeti(L, 2, i + 1) == LUA_TNUMBER;
+    if (ok) {
+      if (ct == M_F64 || ct == M_F32) {
+        double v = lua_tonumber(L, -1);
+        if (ct == M_F64) m->data[i] = v;
+        else ((float *)m->data)[i] = (float)v;
+      } else {
+        int isint = 0;
+        lua_Integer v = lua_tointegerx(L, -1, &isint);
+        ok = isint && (ct == M_I64 || (v >= INT32_MIN && v <= INT32_MAX));
+        if (ok && ct == M_I32) ((int32_t *)m->data)[i] = (int32_t)v;
+        else if (ok) ((int64_t *)m->data)[i] = (int64_t)v;
+      }
+    }
+    lua_pop(L, 1);
+    if (!ok) {
+      lua_pushnil(L);
+      lua_pushinteger(L, i + 1);
+      return 2;
+    }
+  }
   return 1;
 }
 
-/* Extra GC work in proportion to memory the collector cannot see, before a large
-   allocation, so forgotten layers and pools are finalised before new ones pile up. */
-static void report_pressure(lua_State *L, double bytes) {
-  if (bytes < 1 << 20 || !lua_gc(L, LUA_GCISRUNNING)) return;
-  double kb = bytes / 1024.0;
-  lua_gc(L, LUA_GCSTEP, kb > INT_MAX ? INT_MAX : (int)kb);
+/* core.unpack(mem, n?): its first n elements as a table. */
+static int l_unpack(lua_State *L) {
+  lmem *m = (lmem *)luaL_checkudata(L, 1, MEM_MT);
+  lua_Integer n = luaL_optinteger(L, 2, m->n);
+  if (n < 0 || n > m->n) luaL_argerror(L, 2, "more than the array holds");
+  lua_createtable(L, n < INT32_MAX ? (int)n : 0, 0);
+  for (lua_Integer i = 0; i < n; i++) {
+    switch (m->ct) {
+    case M_F64: lua_pushnumber(L, m->data[i]); break;
+    case M_F32: lua_pushnumber(L, ((float *)m->data)[i]); break;
+    case M_I32: lua_pushinteger(L, ((int32_t *)m->data)[i]); break;
+    default: lua_pushinteger(L, ((int64_t *)m->data)[i]); break;
+    }
+    lua_rawseti(L, -2, i + 1);
+  }
+  return 1;
 }
 
 /* ------------------------------------------------------------------ argument helpers */
 
-static int field_type(lua_State *L, int t, const char *k) { return lua_getfield(L, t, k); }
-
-/* An integer from a number value only: strings are not coerced (the FFI binding
-   does not coerce either). */
-static lua_Integer strict_int(lua_State *L, int idx, int *isint) {
-  if (lua_type(L, idx) != LUA_TNUMBER) {
-    *isint = 0;
-    return 0;
-  }
-  return lua_tointegerx(L, idx, isint);
+static int32_t check_i32(lua_State *L, int idx) {
+  lua_Integer v = luaL_checkinteger(L, idx);
+  if (v < INT32_MIN || v > INT32_MAX) luaL_argerror(L, idx, "out of the int32 range");
+  return (int32_t)v;
 }
 
-static int field_error(lua_State *L, int arg, const char *k, const char *what) {
-  return luaL_argerror(L, arg, lua_pushfstring(L, "field '%s' %s", k, what));
+static void *opt_ptr(lua_State *L, int idx) {
+  if (lua_isnoneornil(L, idx)) return NULL;
+  luaL_checktype(L, idx, LUA_TLIGHTUSERDATA);
+  return lua_touserdata(L, idx);
 }
 
-static lua_Integer opt_field_int(lua_State *L, int t, int arg, const char *k, lua_Integer def) {
-  int ty = field_type(L, t, k);
+/* Field k of the table at t as an int32 (def when nil). */
+static int32_t field_i32(lua_State *L, int t, const char *k, int32_t def) {
   lua_Integer v = def;
-  if (ty != LUA_TNIL) {
+  if (lua_getfield(L, t, k) != LUA_TNIL) {
     int isint = 0;
-    v = strict_int(L, -1, &isint);
-    if (!isint) field_error(L, arg, k, "must be an integer");
+    v = lua_tointegerx(L, -1, &isint);
+    if (!isint || lua_type(L, -1) != LUA_TNUMBER || v < INT32_MIN || v > INT32_MAX)
+      luaL_error(L, "loramoe.core: field '%s' must be an int32", k);
   }
   lua_pop(L, 1);
-  return v;
+  return (int32_t)v;
 }
 
-static double opt_field_num(lua_State *L, int t, int arg, const char *k, double def) {
-  int ty = field_type(L, t, k);
+static double field_num(lua_State *L, int t, const char *k, double def) {
   double v = def;
-  if (ty != LUA_TNIL) {
-    if (ty != LUA_TNUMBER) field_error(L, arg, k, "must be a number");
+  if (lua_getfield(L, t, k) != LUA_TNIL) {
+    if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "loramoe.core: field '%s' must be a number", k);
     v = lua_tonumber(L, -1);
   }
   lua_pop(L, 1);
   return v;
 }
 
-static int opt_field_bool(lua_State *L, int t, int arg, const char *k, int def) {
-  int ty = field_type(L, t, k);
-  int v = def;
-  if (ty != LUA_TNIL) {
-    if (ty != LUA_TBOOLEAN) field_error(L, arg, k, "must be a boolean");
-    v = lua_toboolean(L, -1);
-  }
-  lua_pop(L, 1);
-  return v;
-}
-
-static int opt_field_option(lua_State *L, int t, int arg, const char *k, const char *const *names,
-                            int def) {
-  int ty = field_type(L, t, k);
-  int v = def;
-  if (ty != LUA_TNIL) {
-    const char *s = lua_tostring(L, -1);
-    if (ty != LUA_TSTRING) field_error(L, arg, k, "must be a string");
-    for (v = 0; names[v] && strcmp(names[v], s) != 0; v++) {
-    }
-    if (!names[v]) field_error(L, arg, k, lua_pushfstring(L, "has invalid option '%s'", s));
-  }
-  lua_pop(L, 1);
-  return v;
-}
-
-/* An integer argument in [lo, hi]. */
-static lua_Integer check_range(lua_State *L, int arg, lua_Integer lo, lua_Integer hi,
-                               const char *what) {
-  lua_Integer v = luaL_checkinteger(L, arg);
-  if (v < lo || v > hi)
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be %I..%I, got %I", what, lo, hi, v));
-  return v;
-}
-
-/* A stream argument: nil or a light userdata (a cudaStream_t). */
-static void *opt_stream(lua_State *L, int arg) {
-  if (lua_isnoneornil(L, arg)) return NULL;
-  luaL_argexpected(L, lua_islightuserdata(L, arg), arg, "light userdata (a stream) or nil");
-  return lua_touserdata(L, arg);
-}
-
-/* Shape table {d0, d1, ...} of 1..LMOE_MAX_DIMS non-negative integers. */
-static int check_shape(lua_State *L, int arg, int64_t *shape) {
-  luaL_checktype(L, arg, LUA_TTABLE);
-  lua_Integer n = luaL_len(L, arg);
-  if (n < 1 || n > LMOE_MAX_DIMS)
-    luaL_argerror(L, arg, lua_pushfstring(L, "shape must have 1..%d dimensions", LMOE_MAX_DIMS));
-  for (lua_Integer i = 1; i <= n; i++) {
+static uint64_t field_u64(lua_State *L, int t, const char *k, uint64_t def) {
+  uint64_t v = def;
+  if (lua_getfield(L, t, k) != LUA_TNIL) {
     int isint = 0;
-    lua_geti(L, arg, i);
-    lua_Integer d = strict_int(L, -1, &isint);
+    v = (uint64_t)lua_tointegerx(L, -1, &isint);
+    if (!isint || lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "loramoe.core: field '%s' must be an integer", k);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+/* A shape list of 1..max non-negative integers (read raw). */
+static int check_shape(lua_State *L, int idx, int64_t *shape, int max) {
+  luaL_checktype(L, idx, LUA_TTABLE);
+  lua_Unsigned n = lua_rawlen(L, idx);
+  if (n < 1 || n > (lua_Unsigned)max) luaL_argerror(L, idx, "shape of the wrong rank");
+  for (int i = 0; i < (int)n; i++) {
+    int isint = 0;
+    lua_rawgeti(L, idx, i + 1);
+    lua_Integer d = lua_tointegerx(L, -1, &isint);
     lua_pop(L, 1);
-    if (!isint || d < 0)
-      luaL_argerror(L, arg, lua_pushfstring(L, "shape[%I] must be a non-negative integer", i));
-    shape[i - 1] = d;
+    if (!isint || d < 0) luaL_argerror(L, idx, "shape entries must be non-negative integers");
+    shape[i] = d;
   }
   return (int)n;
 }
 
-/* Copies a Lua array of numbers (the table at t, exactly n entries) into doubles held
-   by a userdata pushed on the stack, so a raise on a bad entry leaks nothing. */
-static double *table_to_doubles(lua_State *L, int t, int arg, const char *what, lua_Integer n) {
-  t = lua_absindex(L, t);
-  if (!lua_istable(L, t))
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a table of numbers", what));
-  lua_Integer len = luaL_len(L, t);
-  if (len != n)
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s has %I values, expected %I", what, len, n));
-  double *d = (double *)lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof(double), 0);
-  for (lua_Integer i = 0; i < n; i++) {
-    lua_geti(L, t, i + 1);
-    int isnum = 0;
-    d[i] = lua_tonumberx(L, -1, &isnum);
-    lua_pop(L, 1);
-    if (!isnum)
-      luaL_argerror(L, arg, lua_pushfstring(L, "%s[%I] is not a number", what, i + 1));
-  }
-  return d;
+/* a * b * c without overflow, or -1. */
+static int64_t mul3(int64_t a, int64_t b, int64_t c) {
+  int64_t ab, abc;
+  if (a < 0 || b < 0 || c < 0 || __builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc))
+    return -1;
+  return abc;
 }
+
+static void set_int(lua_State *L, const char *k, lua_Integer v) { lua_pushinteger(L, v); lua_setfield(L, -2, k); }
+static void set_num(lua_State *L, const char *k, lua_Number v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); }
+static void set_str(lua_State *L, const char *k, const char *v) { lua_pushstring(L, v ? v : ""); lua_setfield(L, -2, k); }
+
+/* status, then the n values already pushed (or nothing but the status on failure). */
+static int ret(lua_State *L, lmoe_status st, int n) {
+  if (st != LMOE_OK) {
+    lua_pushinteger(L, st);
+    return 1;
+  }
+  lua_pushinteger(L, st);
+  lua_insert(L, -1 - n);
+  return n + 1;
+}
+
+static int ret_st(lua_State *L, lmoe_status st) { return ret(L, st, 0); }
 
 /* ------------------------------------------------------------------ library */
 
-static int l_version(lua_State *L) {
-  lua_pushstring(L, lmoe_version());
-  return 1;
-}
-
-static int l_status_string(lua_State *L) {
-  lua_pushstring(L, lmoe_status_string((lmoe_status)luaL_checkinteger(L, 1)));
-  return 1;
-}
-
-static int l_has_cuda(lua_State *L) {
-  lua_pushboolean(L, lmoe_has_cuda());
-  return 1;
-}
-
+static int l_version(lua_State *L) { lua_pushstring(L, lmoe_version()); return 1; }
+static int l_status_string(lua_State *L) { lua_pushstring(L, lmoe_status_string((lmoe_status)check_i32(L, 1))); return 1; }
+static int l_has_cuda(lua_State *L) { lua_pushinteger(L, lmoe_has_cuda()); return 1; }
 static int l_device_count(lua_State *L) {
   int32_t n = 0;
   lmoe_status st = lmoe_device_count(&n);
-  if (st) return push_fail(L, st, NULL);
   lua_pushinteger(L, n);
-  return 1;
+  return ret(L, st, 1);
 }
-
-static int l_device_info(lua_State *L) {
-  int32_t dev = (int32_t)check_range(L, 1, 0, INT32_MAX, "device");
-  lmoe_device_info info;
-  memset(&info, 0, sizeof info);
-  info.struct_size = sizeof info;
-  lmoe_status st = lmoe_device_get_info(dev, &info);
-  if (st) return push_fail(L, st, NULL);
-  lua_createtable(L, 0, 6);
-  info.name[sizeof info.name - 1] = '\0';
-  set_str(L, "name", info.name);
-  set_int(L, "cc_major", info.cc_major);
-  set_int(L, "cc_minor", info.cc_minor);
-  set_int(L, "sm_count", info.sm_count);
-  set_int(L, "memory_bytes", info.memory_bytes);
-  set_int(L, "l2_bytes", info.l2_bytes);
-  return 1;
+static int l_device_get_info(lua_State *L) {
+  lmoe_device_info i;
+  memset(&i, 0, sizeof i);
+  i.struct_size = sizeof i;
+  lmoe_status st = lmoe_device_get_info(check_i32(L, 1), &i);
+  lua_newtable(L);
+  i.name[sizeof i.name - 1] = 0;
+  set_str(L, "name", i.name);
+  set_int(L, "cc_major", i.cc_major);
+  set_int(L, "cc_minor", i.cc_minor);
+  set_int(L, "sm_count", i.sm_count);
+  set_int(L, "memory_bytes", i.memory_bytes);
+  set_int(L, "l2_bytes", i.l2_bytes);
+  return ret(L, st, 1);
 }
-
-static int l_dtype_size(lua_State *L) {
-  lua_pushinteger(L, (lua_Integer)lmoe_dtype_size(luaL_checkoption(L, 1, NULL, dtype_names)));
-  return 1;
-}
-
-static int l_dtype_name(lua_State *L) {
-  lua_pushstring(L, lmoe_dtype_name((int32_t)luaL_checkinteger(L, 1)));
-  return 1;
-}
-
+static int l_dtype_size(lua_State *L) { lua_pushinteger(L, (lua_Integer)lmoe_dtype_size(check_i32(L, 1))); return 1; }
+static int l_dtype_name(lua_State *L) { lua_pushstring(L, lmoe_dtype_name(check_i32(L, 1))); return 1; }
 static int l_lora_scale(lua_State *L) {
-  float alpha = (float)luaL_checknumber(L, 1);
-  int32_t rank = (int32_t)check_range(L, 2, 1, INT32_MAX, "rank");
-  int rs = lua_toboolean(L, 3);
-  lua_pushnumber(L, lmoe_lora_scale(alpha, rank, rs));
+  lua_pushnumber(L, lmoe_lora_scale((float)luaL_checknumber(L, 1), check_i32(L, 2), check_i32(L, 3)));
   return 1;
 }
-
-/* Seconds on a monotonic clock, for timing from scripts. */
 static int l_now(lua_State *L) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -425,1545 +311,875 @@ static int l_now(lua_State *L) {
 
 /* ------------------------------------------------------------------ context */
 
-static int l_context(lua_State *L) {
+/* context_create{backend=, device=, threads=, guard=, stream=} -> st, box | st, message */
+static int l_context_create(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
-  if (!lua_isnoneornil(L, 1)) {
-    luaL_checktype(L, 1, LUA_TTABLE);
-    cfg.backend = opt_field_option(L, 1, 1, "backend", backend_names, cfg.backend);
-    lua_Integer dev = opt_field_int(L, 1, 1, "device", 0);
-    if (dev < 0 || dev > INT32_MAX) field_error(L, 1, "device", "must be >= 0");
-    cfg.device = (int32_t)dev;
-    lua_Integer th = opt_field_int(L, 1, 1, "threads", 0);
-    if (th < 0 || th > 1024) field_error(L, 1, "threads", "must be 0 (one per core) .. 1024");
-    cfg.threads = (int32_t)th;
-    cfg.guard = opt_field_option(L, 1, 1, "guard", guard_names, cfg.guard);
-    int ty = lua_getfield(L, 1, "stream");
-    if (ty != LUA_TNIL && ty != LUA_TLIGHTUSERDATA)
-      field_error(L, 1, "stream", "must be a light userdata (a cudaStream_t) or nil");
-    cfg.stream = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-  }
-  lbox *b = newbox(L, K_CONTEXT, 0);
-  char err[256];
+  cfg.backend = field_i32(L, 1, "backend", cfg.backend);
+  cfg.device = field_i32(L, 1, "device", cfg.device);
+  cfg.threads = field_i32(L, 1, "threads", cfg.threads);
+  cfg.guard = field_i32(L, 1, "guard", cfg.guard);
+  lua_getfield(L, 1, "stream");
+  cfg.stream = opt_ptr(L, -1);
+  lbox *b = newbox(L, "context", rel_context_release, 0);
+  char err[256] = "";
   lmoe_context *ctx = NULL;
   lmoe_status st = lmoe_context_create(&cfg, &ctx, err, sizeof err);
-  if (st) return push_fail_msg(L, st, err);
+  if (st != LMOE_OK) {
+    lua_pushinteger(L, st);
+    lua_pushstring(L, err);
+    return 2;
+  }
   b->h = ctx;
-  b->ctx = ctx;
-  b->owned = 1;
+  return ret(L, st, 1);
+}
+
+/* context_retain(ptr) -> box: a new reference to a live context (the API checks it
+   with context_is_live first). */
+static int l_context_retain(lua_State *L) {
+  void *p = opt_ptr(L, 1);
+  if (!p || !lmoe_context_is_live(p)) luaL_argerror(L, 1, "not a live loramoe context");
+  lbox *b = newbox(L, "context", rel_context_release, 0);
+  lmoe_context_retain((lmoe_context *)p);
+  b->h = p;
   return 1;
 }
 
-/* lm.adopt_context(p): a context object over a context someone else made (an
-   embedding host), holding its own reference, so closing or collecting it never frees
-   the host's context. p must point to a live context (a freed one cannot be told
-   apart); NULL and pointers to other loramoe objects are refused. */
-static int l_adopt_context(lua_State *L) {
-  luaL_argexpected(L, lua_islightuserdata(L, 1), 1, "light userdata (an lmoe_context *)");
-  lmoe_context *ctx = (lmoe_context *)lua_touserdata(L, 1);
-  luaL_argcheck(L, ctx != NULL, 1, "context pointer is NULL");
-  /* The library checks the magic of every handle; this is its message for a handle
-     of another kind. */
-  if (strcmp(lmoe_context_last_error(ctx), "not a loramoe context") == 0)
-    luaL_argerror(L, 1, "not a loramoe context");
-  lbox *b = newbox(L, K_CONTEXT, 0); /* may raise: before the reference is taken */
-  lmoe_context_retain(ctx);
-  b->h = ctx;
-  b->ctx = ctx;
-  b->owned = 1;
+static int l_context_is_live(lua_State *L) {
+  lua_pushboolean(L, lua_islightuserdata(L, 1) && lmoe_context_is_live(lua_touserdata(L, 1)));
   return 1;
 }
 
-static lmoe_context *checkctx(lua_State *L, int idx) {
-  return (lmoe_context *)checkbox(L, idx, K_CONTEXT)->h;
-}
-
-/* ctx:pointer(): the lmoe_context * as a light userdata, for C code and
-   lm.adopt_context; valid while some reference to the context is held. */
-static int ctx_pointer(lua_State *L) {
-  lua_pushlightuserdata(L, checkctx(L, 1));
+/* core.address(p): a light userdata's address as an integer (nil for anything else),
+   so the API can check that a pointer lies inside the memory that owns it. */
+static int l_address(lua_State *L) {
+  if (!lua_islightuserdata(L, 1)) return 0;
+  lua_pushinteger(L, (lua_Integer)(uintptr_t)lua_touserdata(L, 1));
   return 1;
 }
-
-static int ctx_set_guard(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  return push_status(L, lmoe_context_set_guard(ctx, luaL_checkoption(L, 2, NULL, guard_names)), ctx);
-}
-
-static int ctx_stream(lua_State *L) {
-  void *s = lmoe_context_stream(checkctx(L, 1));
-  if (s)
-    lua_pushlightuserdata(L, s);
-  else
-    lua_pushnil(L);
+#define CTX(i) ((lmoe_context *)checkh(L, i, "context"))
+static int l_context_last_error(lua_State *L) { lua_pushstring(L, lmoe_context_last_error(CTX(1))); return 1; }
+static int l_context_backend(lua_State *L) { lua_pushinteger(L, lmoe_context_backend(CTX(1))); return 1; }
+static int l_context_threads(lua_State *L) { lua_pushinteger(L, lmoe_context_threads(CTX(1))); return 1; }
+static int l_context_guard(lua_State *L) { lua_pushinteger(L, lmoe_context_guard(CTX(1))); return 1; }
+static int l_context_set_guard(lua_State *L) { return ret_st(L, lmoe_context_set_guard(CTX(1), check_i32(L, 2))); }
+static int l_context_stream(lua_State *L) {
+  void *s = lmoe_context_stream(CTX(1));
+  if (!s) return 0;
+  lua_pushlightuserdata(L, s);
   return 1;
 }
-
-static int ctx_synchronize(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  return push_status(L, lmoe_context_synchronize(ctx, opt_stream(L, 2)), ctx);
-}
-
-static int ctx_counters(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
+static int l_context_synchronize(lua_State *L) { return ret_st(L, lmoe_context_synchronize(CTX(1), opt_ptr(L, 2))); }
+static int l_context_reset_counters(lua_State *L) { lmoe_context_reset_counters(CTX(1)); return 0; }
+static int l_context_counters(lua_State *L) {
   lmoe_counters c;
-  lmoe_status st = lmoe_context_counters(ctx, &c);
-  if (st) return push_fail(L, st, ctx);
-  lua_createtable(L, 0, 7);
-#define SETC(f) set_int(L, #f, (lua_Integer)c.f)
-  SETC(forwards);
-  SETC(launches);
-  SETC(lora_launches);
-  SETC(host_waits);
-  SETC(uploads);
-  SETC(bytes_uploaded);
-  SETC(downloads);
-#undef SETC
-  return 1;
-}
-
-static int ctx_reset_counters(lua_State *L) {
-  lmoe_context_reset_counters(checkctx(L, 1));
-  return 0;
-}
-
-static int ctx_last_error(lua_State *L) {
-  lua_pushstring(L, lmoe_context_last_error(checkctx(L, 1)));
-  return 1;
-}
-
-static int ctx_buffer(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  int dtype = luaL_checkoption(L, 2, NULL, dtype_names);
-  int64_t shape[LMOE_MAX_DIMS];
-  int nd = check_shape(L, 3, shape);
-  int memory = luaL_checkoption(L, 4, "device", memory_names);
-  double bytes = (double)lmoe_dtype_size(dtype);
-  for (int i = 0; i < nd; i++) bytes *= (double)shape[i];
-  report_pressure(L, bytes);
-  lbox *b = newbox(L, K_BUFFER, 1);
-  lmoe_buffer *buf = NULL;
-  lmoe_status st = lmoe_buffer_create(ctx, dtype, memory, nd, shape, &buf);
-  if (st) return push_fail(L, st, ctx);
-  b->h = buf;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
-}
-
-/* ctx:wrap(dtype, shape, ptr, memory?, owner?): a buffer over memory someone else
-   owns; owner (any value) is kept alive as long as the buffer. */
-static int ctx_wrap(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  int dtype = luaL_checkoption(L, 2, NULL, dtype_names);
-  int64_t shape[LMOE_MAX_DIMS];
-  int nd = check_shape(L, 3, shape);
-  luaL_argexpected(L, lua_islightuserdata(L, 4), 4, "light userdata (a pointer)");
-  void *data = lua_touserdata(L, 4);
-  int memory = luaL_checkoption(L, 5, "host", memory_names);
-  lbox *b = newbox(L, K_BUFFER, 1);
-  lua_pushvalue(L, 6);
-  lua_setiuservalue(L, -2, 2);
-  lmoe_buffer *buf = NULL;
-  lmoe_status st = lmoe_buffer_wrap(ctx, dtype, memory, nd, shape, data, &buf);
-  if (st) return push_fail(L, st, ctx);
-  b->h = buf;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
-}
-
-static int ctx_batch(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  lbox *b = newbox(L, K_BATCH, 1);
-  lmoe_batch *batch = NULL;
-  lmoe_status st = lmoe_batch_create(ctx, &batch);
-  if (st) return push_fail(L, st, ctx);
-  b->h = batch;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
-}
-
-/* ctx:layer(cfg): cfg is a preset name, or a table {experts=, hidden=, intermediate=,
-   top_k=, renormalize=, max_tokens=, preset=}; fields override the preset's. */
-static int ctx_layer(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  lmoe_layer_config cfg;
-  lmoe_layer_config_init(&cfg);
-  int preset = 0;
-  lua_settop(L, 2);
-  if (lua_type(L, 2) == LUA_TSTRING) {
-    lua_pushvalue(L, 2);
-  } else {
-    luaL_checktype(L, 2, LUA_TTABLE);
-    lua_getfield(L, 2, "preset");
-    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING) field_error(L, 2, "preset", "must be a string");
-  }
-  if (!lua_isnil(L, 3)) { /* stack 3: preset name; look it up */
-    lua_getfield(L, LUA_REGISTRYINDEX, PRESETS_KEY);
-    lua_pushvalue(L, 3);
-    if (lua_gettable(L, -2) != LUA_TTABLE)
-      luaL_argerror(L, 2, lua_pushfstring(L, "unknown preset '%s'", lua_tostring(L, 3)));
-    preset = lua_gettop(L);
-  }
-  int t = lua_istable(L, 2) ? 2 : 0;
-#define LAYER_FIELD(dst, key)                                                     \
-  do {                                                                            \
-    lua_Integer v_ = dst;                                                         \
-    if (preset) v_ = opt_field_int(L, preset, 2, key, v_);                        \
-    if (t) v_ = opt_field_int(L, t, 2, key, v_);                                  \
-    if (v_ < INT32_MIN || v_ > INT32_MAX) field_error(L, 2, key, "is out of range"); \
-    dst = (int32_t)v_;                                                            \
-  } while (0)
-  cfg.num_experts = 0;
-  cfg.hidden = 0;
-  cfg.intermediate = 0;
-  LAYER_FIELD(cfg.num_experts, "experts");
-  LAYER_FIELD(cfg.hidden, "hidden");
-  LAYER_FIELD(cfg.intermediate, "intermediate");
-  LAYER_FIELD(cfg.top_k, "top_k");
-  LAYER_FIELD(cfg.max_tokens, "max_tokens");
-#undef LAYER_FIELD
-  if (preset) cfg.renormalize = opt_field_bool(L, preset, 2, "renormalize", cfg.renormalize);
-  if (t) cfg.renormalize = opt_field_bool(L, t, 2, "renormalize", cfg.renormalize);
-  if (cfg.num_experts == 0) field_error(L, 2, "experts", "is missing");
-  if (cfg.hidden == 0) field_error(L, 2, "hidden", "is missing");
-  if (cfg.intermediate == 0) field_error(L, 2, "intermediate", "is missing");
-  report_pressure(L, 6.0 * cfg.num_experts * (double)cfg.hidden * (double)cfg.intermediate);
-  lbox *b = newbox(L, K_LAYER, 1);
-  lmoe_layer *layer = NULL;
-  lmoe_status st = lmoe_layer_create(ctx, &cfg, &layer);
-  if (st) return push_fail(L, st, ctx);
-  b->h = layer;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
-}
-
-/* ------------------------------------------------------------------ buffer */
-
-static lbox *checkbuf(lua_State *L, int idx) { return checkbox(L, idx, K_BUFFER); }
-
-static lmoe_buffer_desc describe(lua_State *L, lbox *b) {
-  lmoe_buffer_desc d;
-  if (lmoe_buffer_describe((lmoe_buffer *)b->h, &d) != LMOE_OK)
-    luaL_error(L, "loramoe: could not describe a buffer");
-  return d;
-}
-
-static void push_shape(lua_State *L, const lmoe_buffer_desc *d) {
-  lua_createtable(L, d->ndim, 0);
-  for (int i = 0; i < d->ndim; i++) {
-    lua_pushinteger(L, (lua_Integer)d->shape[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-}
-
-static int buf_shape(lua_State *L) {
-  lmoe_buffer_desc d = describe(L, checkbuf(L, 1));
-  push_shape(L, &d);
-  return 1;
-}
-
-static int buf_describe(lua_State *L) {
-  lmoe_buffer_desc d = describe(L, checkbuf(L, 1));
-  lua_createtable(L, 0, 5);
-  set_str(L, "dtype", dtype_names[d.dtype]);
-  set_str(L, "memory", memory_names[d.memory]);
-  push_shape(L, &d);
-  lua_setfield(L, -2, "shape");
-  set_int(L, "numel", d.numel);
-  set_int(L, "bytes", d.bytes);
-  return 1;
-}
-
-static int buf_data(lua_State *L) {
-  lmoe_buffer_desc d = describe(L, checkbuf(L, 1));
-  lua_pushlightuserdata(L, d.data);
-  return 1;
-}
-
-/* buf:write(values, offset?) */
-static int buf_write(lua_State *L) {
-  lbox *b = checkbuf(L, 1);
-  luaL_checktype(L, 2, LUA_TTABLE);
-  lua_Integer off = luaL_optinteger(L, 3, 0);
-  lua_Integer n = luaL_len(L, 2);
-  double *v = table_to_doubles(L, 2, 2, "values", n);
-  return push_status(L, lmoe_buffer_write((lmoe_buffer *)b->h, off, v, LMOE_DTYPE_F64, n), b->ctx);
-}
-
-/* buf:read(offset?, count?) -> table */
-static int buf_read(lua_State *L) {
-  lbox *b = checkbuf(L, 1);
-  lmoe_buffer_desc d = describe(L, b);
-  lua_Integer off = luaL_optinteger(L, 2, 0);
-  if (off < 0 || off > d.numel)
-    luaL_argerror(L, 2, lua_pushfstring(L, "offset must be 0..%I", (lua_Integer)d.numel));
-  lua_Integer n = luaL_optinteger(L, 3, d.numel - off);
-  if (n < 0 || n > d.numel - off)
-    luaL_argerror(L, 3, lua_pushfstring(L, "count must be 0..%I", (lua_Integer)(d.numel - off)));
-  if (n > INT_MAX) luaL_argerror(L, 3, "count is too large for a table");
-  double *v = (double *)lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof(double), 0);
-  lmoe_status st = lmoe_buffer_read((lmoe_buffer *)b->h, off, v, LMOE_DTYPE_F64, n);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_createtable(L, (int)n, 0);
-  for (lua_Integer i = 0; i < n; i++) {
-    if (d.dtype == LMOE_DTYPE_I32)
-      lua_pushinteger(L, (lua_Integer)v[i]);
-    else
-      lua_pushnumber(L, v[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-  return 1;
-}
-
-static int buf_fill_random(lua_State *L) {
-  lbox *b = checkbuf(L, 1);
-  uint64_t seed = (uint64_t)luaL_checkinteger(L, 2);
-  float lo = (float)luaL_optnumber(L, 3, -1.0);
-  float hi = (float)luaL_optnumber(L, 4, 1.0);
-  void *s = opt_stream(L, 5);
-  return push_status(L, lmoe_buffer_fill_random((lmoe_buffer *)b->h, seed, lo, hi, s), b->ctx);
-}
-
-static int buf_fill(lua_State *L) {
-  lbox *b = checkbuf(L, 1);
-  double v = luaL_checknumber(L, 2);
-  void *s = opt_stream(L, 3);
-  return push_status(L, lmoe_buffer_fill((lmoe_buffer *)b->h, v, s), b->ctx);
-}
-
-static int buf_compare(lua_State *L) {
-  lbox *a = checkbuf(L, 1);
-  lbox *r = checkbuf(L, 2);
-  lmoe_compare_result res;
-  lmoe_status st = lmoe_buffer_compare((lmoe_buffer *)a->h, (lmoe_buffer *)r->h, &res);
-  if (st) return push_fail(L, st, a->ctx);
-  lua_createtable(L, 0, 5);
-  set_num(L, "rel_l2", res.rel_l2);
-  set_num(L, "max_abs", res.max_abs);
-  set_num(L, "ref_l2", res.ref_l2);
-  set_int(L, "nonfinite", res.nonfinite);
-  set_int(L, "numel", res.numel);
-  return 1;
-}
-
-/* ------------------------------------------------------------------ layer */
-
-static lbox *checklayer(lua_State *L, int idx) { return checkbox(L, idx, K_LAYER); }
-
-static lmoe_layer_config layer_cfg(lua_State *L, lmoe_layer *layer) {
-  lmoe_layer_config c;
   memset(&c, 0, sizeof c);
-  c.struct_size = sizeof c;
-  if (lmoe_layer_get_config(layer, &c) != LMOE_OK) luaL_error(L, "loramoe: could not read a layer's config");
-  return c;
+  lmoe_status st = lmoe_context_counters(CTX(1), &c);
+  lua_newtable(L);
+  set_int(L, "forwards", (lua_Integer)c.forwards);
+  set_int(L, "launches", (lua_Integer)c.launches);
+  set_int(L, "lora_launches", (lua_Integer)c.lora_launches);
+  set_int(L, "host_waits", (lua_Integer)c.host_waits);
+  set_int(L, "uploads", (lua_Integer)c.uploads);
+  set_int(L, "bytes_uploaded", (lua_Integer)c.bytes_uploaded);
+  set_int(L, "downloads", (lua_Integer)c.downloads);
+  return ret(L, st, 1);
 }
 
-static int layer_config(lua_State *L) {
-  lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)checklayer(L, 1)->h);
-  lua_createtable(L, 0, 6);
-  set_int(L, "experts", c.num_experts);
+/* ------------------------------------------------------------------ buffers */
+
+#define BUF(i) ((lmoe_buffer *)checkh(L, i, "buffer"))
+
+static int l_buffer_create(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  int32_t dtype = check_i32(L, 2), memory = check_i32(L, 3);
+  int64_t shape[LMOE_MAX_DIMS];
+  int nd = check_shape(L, 4, shape, LMOE_MAX_DIMS);
+  lbox *b = newbox(L, "buffer", rel_buffer_release, 0);
+  lmoe_buffer *out = NULL;
+  lmoe_status st = lmoe_buffer_create(ctx, dtype, memory, nd, shape, &out);
+  b->h = out;
+  return ret(L, st, 1);
+}
+
+/* buffer_wrap(ctx, dtype, memory, shape, ptr, owner): the API checks that ptr lies in
+   owner's memory; owner is kept alive by the box. */
+static int l_buffer_wrap(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  int32_t dtype = check_i32(L, 2), memory = check_i32(L, 3);
+  int64_t shape[LMOE_MAX_DIMS];
+  int nd = check_shape(L, 4, shape, LMOE_MAX_DIMS);
+  void *p = opt_ptr(L, 5);
+  lbox *b = newbox(L, "buffer", rel_buffer_release, 6);
+  lmoe_buffer *out = NULL;
+  lmoe_status st = lmoe_buffer_wrap(ctx, dtype, memory, nd, shape, p, &out);
+  b->h = out;
+  return ret(L, st, 1);
+}
+
+static int l_buffer_describe(lua_State *L) {
+  lmoe_buffer_desc d;
+  memset(&d, 0, sizeof d);
+  lmoe_status st = lmoe_buffer_describe(BUF(1), &d);
+  lua_newtable(L);
+  set_int(L, "dtype", d.dtype);
+  set_int(L, "memory", d.memory);
+  set_int(L, "ndim", d.ndim);
+  set_int(L, "numel", d.numel);
+  set_int(L, "bytes", (lua_Integer)d.bytes);
+  lua_createtable(L, d.ndim, 0);
+  for (int i = 0; i < d.ndim && i < LMOE_MAX_DIMS; i++) {
+    lua_pushinteger(L, d.shape[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "shape");
+  lua_pushlightuserdata(L, d.data);
+  lua_setfield(L, -2, "data");
+  return ret(L, st, 1);
+}
+
+/* buffer_write(buf, offset, mem, count) / buffer_read(...): f64 values. */
+static int l_buffer_write(lua_State *L) {
+  lmoe_buffer *b = BUF(1);
+  lua_Integer off = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 4);
+  const void *src = checkmem(L, 3, M_F64, n);
+  return ret_st(L, lmoe_buffer_write(b, off, src, LMOE_DTYPE_F64, n));
+}
+static int l_buffer_read(lua_State *L) {
+  lmoe_buffer *b = BUF(1);
+  lua_Integer off = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 4);
+  void *dst = checkmem(L, 3, M_F64, n);
+  return ret_st(L, lmoe_buffer_read(b, off, dst, LMOE_DTYPE_F64, n));
+}
+static int l_buffer_fill_random(lua_State *L) {
+  lmoe_buffer *b = BUF(1);
+  return ret_st(L, lmoe_buffer_fill_random(b, (uint64_t)luaL_checkinteger(L, 2), (float)luaL_checknumber(L, 3),
+                                           (float)luaL_checknumber(L, 4), opt_ptr(L, 5)));
+}
+static int l_buffer_fill(lua_State *L) {
+  lmoe_buffer *b = BUF(1);
+  return ret_st(L, lmoe_buffer_fill(b, (float)luaL_checknumber(L, 2), opt_ptr(L, 3)));
+}
+static int l_buffer_compare(lua_State *L) {
+  lmoe_compare_result r;
+  memset(&r, 0, sizeof r);
+  lmoe_status st = lmoe_buffer_compare(BUF(1), BUF(2), &r);
+  lua_newtable(L);
+  set_num(L, "rel_l2", r.rel_l2);
+  set_num(L, "max_abs", r.max_abs);
+  set_num(L, "ref_l2", r.ref_l2);
+  set_int(L, "nonfinite", (lua_Integer)r.nonfinite);
+  set_int(L, "numel", (lua_Integer)r.numel);
+  return ret(L, st, 1);
+}
+
+/* ------------------------------------------------------------------ layers */
+
+#define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
+
+static int l_layer_create(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lmoe_layer_config c;
+  lmoe_layer_config_init(&c);
+  c.num_experts = field_i32(L, 2, "num_experts", c.num_experts);
+  c.hidden = field_i32(L, 2, "hidden", c.hidden);
+  c.intermediate = field_i32(L, 2, "intermediate", c.intermediate);
+  c.top_k = field_i32(L, 2, "top_k", c.top_k);
+  c.renormalize = field_i32(L, 2, "renormalize", c.renormalize);
+  c.max_tokens = field_i32(L, 2, "max_tokens", c.max_tokens);
+  lbox *b = newbox(L, "layer", rel_layer_release, 0);
+  lmoe_layer *out = NULL;
+  lmoe_status st = lmoe_layer_create(ctx, &c, &out);
+  b->h = out;
+  return ret(L, st, 1);
+}
+
+static lmoe_status layer_config(lmoe_layer *l, lmoe_layer_config *c) {
+  memset(c, 0, sizeof *c);
+  c->struct_size = sizeof *c;
+  return lmoe_layer_get_config(l, c);
+}
+
+static int l_layer_get_config(lua_State *L) {
+  lmoe_layer_config c;
+  lmoe_status st = layer_config(LAYER(1), &c);
+  lua_newtable(L);
+  set_int(L, "num_experts", c.num_experts);
   set_int(L, "hidden", c.hidden);
   set_int(L, "intermediate", c.intermediate);
   set_int(L, "top_k", c.top_k);
-  set_bool(L, "renormalize", c.renormalize);
+  set_int(L, "renormalize", c.renormalize);
   set_int(L, "max_tokens", c.max_tokens);
-  return 1;
+  return ret(L, st, 1);
 }
 
-static int layer_randomize(lua_State *L) {
-  lbox *b = checklayer(L, 1);
-  uint64_t seed = (uint64_t)luaL_checkinteger(L, 2);
-  float scale = (float)luaL_optnumber(L, 3, 0.05);
-  return push_status(L, lmoe_layer_randomize((lmoe_layer *)b->h, seed, scale), b->ctx);
+static int l_layer_randomize(lua_State *L) {
+  lmoe_layer *l = LAYER(1);
+  return ret_st(L, lmoe_layer_randomize(l, (uint64_t)luaL_checkinteger(L, 2), (float)luaL_checknumber(L, 3)));
 }
 
-/* layer:set_weights(w13 | nil, w2 | nil): flat tables [E, 2I, H] and [E, H, I]. */
-static int layer_set_weights(lua_State *L) {
-  lbox *b = checklayer(L, 1);
-  lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)b->h);
-  lua_Integer n = (lua_Integer)c.num_experts * 2 * c.intermediate * c.hidden;
-  const double *w13 = lua_isnoneornil(L, 2) ? NULL : table_to_doubles(L, 2, 2, "w13", n);
-  const double *w2 = lua_isnoneornil(L, 3) ? NULL : table_to_doubles(L, 3, 3, "w2", n / 2);
-  return push_status(L, lmoe_layer_set_weights((lmoe_layer *)b->h, w13, w2, LMOE_DTYPE_F64), b->ctx);
+/* Arrays are checked against the layer's own shapes: C reads exactly that much. */
+static int l_layer_set_weights(lua_State *L) {
+  lmoe_layer *l = LAYER(1);
+  lmoe_layer_config c;
+  lmoe_status st = layer_config(l, &c);
+  if (st) return ret_st(L, st);
+  int64_t n = mul3(c.num_experts, 2 * (int64_t)c.intermediate, c.hidden);
+  const void *a = lua_isnoneornil(L, 2) ? NULL : checkmem(L, 2, M_F64, n);
+  const void *b = lua_isnoneornil(L, 3) ? NULL : checkmem(L, 3, M_F64, n / 2);
+  return ret_st(L, lmoe_layer_set_weights(l, a, b, LMOE_DTYPE_F64));
 }
 
-/* layer:set_expert(e, {gate=, up=, down=}): flat tables [I, H], [I, H], [H, I]. */
-static int layer_set_expert(lua_State *L) {
-  lbox *b = checklayer(L, 1);
-  lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)b->h);
-  int32_t e = (int32_t)check_range(L, 2, 0, c.num_experts - 1, "expert");
-  luaL_checktype(L, 3, LUA_TTABLE);
-  lua_Integer n = (lua_Integer)c.intermediate * c.hidden;
-  const double *p[3] = {NULL, NULL, NULL};
-  static const char *const parts[3] = {"gate", "up", "down"};
-  for (int i = 0; i < 3; i++) {
-    if (lua_getfield(L, 3, parts[i]) != LUA_TNIL) p[i] = table_to_doubles(L, -1, 3, parts[i], n);
-  }
-  if (!p[0] && !p[1] && !p[2]) luaL_argerror(L, 3, "give at least one of gate, up, down");
-  return push_status(L, lmoe_layer_set_expert((lmoe_layer *)b->h, e, p[0], p[1], p[2], LMOE_DTYPE_F64),
-                     b->ctx);
+static int l_layer_set_expert(lua_State *L) {
+  lmoe_layer *l = LAYER(1);
+  int32_t e = check_i32(L, 2);
+  lmoe_layer_config c;
+  lmoe_status st = layer_config(l, &c);
+  if (st) return ret_st(L, st);
+  int64_t n = mul3(c.intermediate, c.hidden, 1);
+  const void *p[3];
+  for (int i = 0; i < 3; i++) p[i] = lua_isnoneornil(L, 3 + i) ? NULL : checkmem(L, 3 + i, M_F64, n);
+  return ret_st(L, lmoe_layer_set_expert(l, e, p[0], p[1], p[2], LMOE_DTYPE_F64));
 }
 
-/* layer:weights("w13" | "w2") -> a buffer borrowed from the layer (valid while the
-   layer is open; closing it frees nothing). */
-static int layer_weights(lua_State *L) {
-  lbox *l = checklayer(L, 1);
-  int which = luaL_checkoption(L, 2, NULL, weight_names);
-  lmoe_buffer *buf = NULL;
-  lmoe_status st = lmoe_layer_weights((lmoe_layer *)l->h, which, &buf);
-  if (st) return push_fail(L, st, l->ctx);
-  lbox *b = newbox(L, K_BUFFER, 1);
-  b->h = buf;
-  b->ctx = l->ctx;
-  b->borrowed = 1;
-  return 1;
+/* layer_weights(layer, which) -> st, box borrowed from the layer (kept alive). */
+static int l_layer_weights(lua_State *L) {
+  lmoe_layer *l = LAYER(1);
+  int32_t which = check_i32(L, 2);
+  lbox *b = newbox(L, "buffer", NULL, 1);
+  lmoe_buffer *out = NULL;
+  lmoe_status st = lmoe_layer_weights(l, which, &out);
+  b->h = out;
+  return ret(L, st, 1);
 }
 
-static int layer_pool(lua_State *L) {
-  lbox *l = checklayer(L, 1);
-  lmoe_pool_config cfg;
-  lmoe_pool_config_init(&cfg);
-  if (!lua_isnoneornil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TTABLE);
-    lua_Integer s = opt_field_int(L, 2, 2, "slots", cfg.num_slots);
-    lua_Integer r = opt_field_int(L, 2, 2, "max_rank", cfg.max_rank);
-    if (s < INT32_MIN || s > INT32_MAX) field_error(L, 2, "slots", "is out of range");
-    if (r < INT32_MIN || r > INT32_MAX) field_error(L, 2, "max_rank", "is out of range");
-    cfg.num_slots = (int32_t)s;
-    cfg.max_rank = (int32_t)r;
-  }
-  lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)l->h);
-  double R = cfg.max_rank > 0 ? cfg.max_rank : 0, S = cfg.num_slots > 0 ? cfg.num_slots : 0;
-  report_pressure(L, 2.0 * S * c.num_experts * R * (3.0 * c.hidden + 5.0 * c.intermediate));
-  lbox *b = newbox(L, K_POOL, 1);
-  lmoe_pool *pool = NULL;
-  lmoe_status st = lmoe_pool_create((lmoe_layer *)l->h, &cfg, &pool);
-  if (st) return push_fail(L, st, l->ctx);
-  b->h = pool;
-  b->ctx = l->ctx;
-  b->aux = l->h;
-  b->owned = 1;
-  return 1;
-}
+/* ------------------------------------------------------------------ pools */
 
-/* Buffer field of a forward's args table, or NULL when absent. */
-static lmoe_buffer *args_buffer(lua_State *L, int t, const char *k, int required) {
-  lmoe_buffer *p = NULL;
-  if (lua_getfield(L, t, k) == LUA_TNIL) {
-    if (required) field_error(L, t, k, "is missing (a loramoe.buffer)");
-  } else {
-    if (!luaL_testudata(L, -1, kind_mt[K_BUFFER])) field_error(L, t, k, "must be a loramoe.buffer");
-    p = (lmoe_buffer *)checkbox(L, lua_gettop(L), K_BUFFER)->h;
-  }
-  lua_pop(L, 1);
-  return p;
-}
+#define POOL(i) ((lmoe_pool *)checkh(L, i, "pool"))
 
-static lmoe_context *fill_forward_args(lua_State *L, lmoe_forward_args *a, void **stream) {
-  lbox *l = checklayer(L, 1);
+/* pool_create(layer, {num_slots=, max_rank=}) -> st, box. The box keeps the layer's
+   shapes (E, H, I as an i32 mem): pool_load checks arrays against them, and they stay
+   right when the layer's own box is closed (the library keeps the layer for the pool). */
+static int l_pool_create(lua_State *L) {
+  lmoe_layer *l = LAYER(1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  lmoe_forward_args_init(a);
-  a->layer = (lmoe_layer *)l->h;
-  if (lua_getfield(L, 2, "pool") != LUA_TNIL) {
-    if (!luaL_testudata(L, -1, kind_mt[K_POOL])) field_error(L, 2, "pool", "must be a loramoe.pool");
-    a->pool = (lmoe_pool *)checkbox(L, lua_gettop(L), K_POOL)->h;
-  }
-  lua_pop(L, 1);
-  if (lua_getfield(L, 2, "batch") == LUA_TNIL || !luaL_testudata(L, -1, kind_mt[K_BATCH]))
-    field_error(L, 2, "batch", "must be a loramoe.batch");
-  a->batch = (lmoe_batch *)checkbox(L, lua_gettop(L), K_BATCH)->h;
-  lua_pop(L, 1);
-  a->x = args_buffer(L, 2, "x", 1);
-  a->out = args_buffer(L, 2, "out", 1);
-  a->router_logits = args_buffer(L, 2, "logits", 0);
-  a->topk_ids = args_buffer(L, 2, "topk_ids", 0);
-  a->topk_weights = args_buffer(L, 2, "topk_weights", 0);
-  if (stream) {
-    int ty = lua_getfield(L, 2, "stream");
-    if (ty != LUA_TNIL && ty != LUA_TLIGHTUSERDATA)
-      field_error(L, 2, "stream", "must be a light userdata (a cudaStream_t) or nil");
-    *stream = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-  }
-  return l->ctx;
+  lmoe_pool_config c;
+  lmoe_pool_config_init(&c);
+  c.num_slots = field_i32(L, 2, "num_slots", c.num_slots);
+  c.max_rank = field_i32(L, 2, "max_rank", c.max_rank);
+  lmoe_layer_config lc;
+  if (layer_config(l, &lc)) luaL_error(L, "loramoe.core: the layer has no config");
+  int32_t *dims = (int32_t *)newmem(L, M_I32, 3)->data;
+  dims[0] = lc.num_experts;
+  dims[1] = lc.hidden;
+  dims[2] = lc.intermediate;
+  lbox *b = newbox(L, "pool", rel_pool_release, -1);
+  lmoe_pool *out = NULL;
+  lmoe_status st = lmoe_pool_create(l, &c, &out);
+  b->h = out;
+  return ret(L, st, 1);
 }
 
-/* layer:forward{pool=, batch=, x=, logits= | topk_ids=, topk_weights=, out=, stream=} */
-static int layer_forward(lua_State *L) {
-  lmoe_forward_args a;
-  void *stream = NULL;
-  lmoe_context *ctx = fill_forward_args(L, &a, &stream);
-  return push_status(L, lmoe_forward(ctx, &a, stream), ctx);
-}
-
-/* layer:reference{...}: the float64 reference; out is an f32/f64 host buffer. */
-static int layer_reference(lua_State *L) {
-  lmoe_forward_args a;
-  lmoe_context *ctx = fill_forward_args(L, &a, NULL);
-  return push_status(L, lmoe_reference_forward(ctx, &a), ctx);
-}
-
-/* ------------------------------------------------------------------ pool */
-
-static lbox *checkpool(lua_State *L, int idx) { return checkbox(L, idx, K_POOL); }
-
-static int pool_config(lua_State *L) {
-  lbox *b = checkpool(L, 1);
+static int l_pool_get_config(lua_State *L) {
   lmoe_pool_config c;
   memset(&c, 0, sizeof c);
-  if (lmoe_pool_get_config((lmoe_pool *)b->h, &c) != LMOE_OK) return push_fail(L, LMOE_ERR_STATE, b->ctx);
-  lua_createtable(L, 0, 2);
-  set_int(L, "slots", c.num_slots);
+  c.struct_size = sizeof c;
+  lmoe_status st = lmoe_pool_get_config(POOL(1), &c);
+  lua_newtable(L);
+  set_int(L, "num_slots", c.num_slots);
   set_int(L, "max_rank", c.max_rank);
-  return 1;
+  return ret(L, st, 1);
 }
 
-static int32_t targets_mask(lua_State *L, int t, int arg) {
-  int ty = lua_getfield(L, t, "targets");
-  int32_t mask = LMOE_TARGET_ALL;
-  if (ty == LUA_TNUMBER) {
-    int isint = 0;
-    lua_Integer m = lua_tointegerx(L, -1, &isint);
-    if (!isint || m < 1 || m > LMOE_TARGET_ALL) field_error(L, arg, "targets", "mask must be 1..7");
-    mask = (int32_t)m;
-  } else if (ty == LUA_TTABLE) {
-    mask = 0;
-    lua_Integer n = luaL_len(L, -1);
-    for (lua_Integer i = 1; i <= n; i++) {
-      lua_geti(L, -1, i);
-      const char *s = lua_tostring(L, -1);
-      if (lua_type(L, -1) != LUA_TSTRING) s = "";
-      if (strcmp(s, "gate") == 0)
-        mask |= LMOE_TARGET_GATE;
-      else if (strcmp(s, "up") == 0)
-        mask |= LMOE_TARGET_UP;
-      else if (strcmp(s, "down") == 0)
-        mask |= LMOE_TARGET_DOWN;
-      else
-        field_error(L, arg, "targets", "entries must be 'gate', 'up' or 'down'");
-      lua_pop(L, 1);
-    }
-    if (!mask) field_error(L, arg, "targets", "is empty");
-  } else if (ty != LUA_TNIL) {
-    field_error(L, arg, "targets", "must be a list of 'gate', 'up', 'down' or a mask");
-  }
-  lua_pop(L, 1);
-  return mask;
+static int l_pool_load_random(lua_State *L) {
+  lmoe_pool *p = POOL(1);
+  int32_t slot = check_i32(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  lmoe_random_adapter s;
+  lmoe_random_adapter_init(&s);
+  s.targets = field_i32(L, 3, "targets", s.targets);
+  s.fused = field_i32(L, 3, "fused", s.fused);
+  s.rank = field_i32(L, 3, "rank", s.rank);
+  s.alpha = (float)field_num(L, 3, "alpha", s.alpha);
+  s.use_rslora = field_i32(L, 3, "use_rslora", s.use_rslora);
+  s.seed = field_u64(L, 3, "seed", s.seed);
+  s.scale = (float)field_num(L, 3, "scale", s.scale);
+  return ret_st(L, lmoe_pool_load_random(p, slot, &s));
 }
 
-/* pool:load_random(slot, {rank=, alpha=, targets=, fused=, rslora=, seed=, scale=}) */
-static int pool_load_random(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  int32_t slot = (int32_t)luaL_checkinteger(L, 2);
-  lmoe_random_adapter spec;
-  lmoe_random_adapter_init(&spec);
-  if (!lua_isnoneornil(L, 3)) {
-    luaL_checktype(L, 3, LUA_TTABLE);
-    lua_Integer r = opt_field_int(L, 3, 3, "rank", spec.rank);
-    if (r < INT32_MIN || r > INT32_MAX) field_error(L, 3, "rank", "is out of range");
-    spec.rank = (int32_t)r;
-    spec.alpha = (float)opt_field_num(L, 3, 3, "alpha", spec.alpha);
-    spec.targets = targets_mask(L, 3, 3);
-    spec.fused = opt_field_bool(L, 3, 3, "fused", 0);
-    spec.use_rslora = opt_field_bool(L, 3, 3, "rslora", 0);
-    spec.seed = (uint64_t)opt_field_int(L, 3, 3, "seed", (lua_Integer)spec.seed);
-    spec.scale = (float)opt_field_num(L, 3, 3, "scale", spec.scale);
-  }
-  return push_status(L, lmoe_pool_load_random((lmoe_pool *)b->h, slot, &spec), b->ctx);
-}
-
-/* One part {a=, b=, rank=, scale= | alpha=, rslora=} of an adapter description (the
-   table at di, argument arg). The scratch arrays stay on the stack until the load. */
-static void load_part(lua_State *L, int di, int arg, const char *name, lmoe_lora_part *part,
-                      lua_Integer E, lua_Integer in, lua_Integer out) {
-  if (lua_getfield(L, di, name) == LUA_TNIL) {
-    lua_pop(L, 1);
-    return;
-  }
-  int t = lua_gettop(L);
-  if (!lua_istable(L, t)) field_error(L, arg, name, "must be a table {a=, b=, rank=, scale=}");
-  char what[32];
-  snprintf(what, sizeof what, "%s.a", name);
-  if (lua_getfield(L, t, "a") != LUA_TTABLE)
-    luaL_argerror(L, arg, lua_pushfstring(L, "%s must be a table of numbers", what));
-  lua_Integer na = luaL_len(L, -1);
-  lua_pop(L, 1);
-  lua_Integer rank = 0;
-  if (lua_getfield(L, t, "rank") == LUA_TNIL) {
-    if (na % (E * in) != 0 || na == 0)
-      luaL_argerror(L, arg, lua_pushfstring(L, "%s has %I values: not a multiple of E*in = %I (give rank)",
-                                            what, na, E * in));
-    rank = na / (E * in);
-  } else {
-    int isint = 0;
-    rank = strict_int(L, -1, &isint);
-    if (!isint || rank < 1 || rank > INT32_MAX)
-      luaL_argerror(L, arg, lua_pushfstring(L, "%s.rank must be a positive integer", name));
-  }
-  lua_pop(L, 1);
-  double scale = 1.0;
-  if (lua_getfield(L, t, "scale") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TNUMBER)
-      luaL_argerror(L, arg, lua_pushfstring(L, "%s.scale must be a number", name));
-    scale = lua_tonumber(L, -1);
-  } else if (lua_getfield(L, t, "alpha") != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TNUMBER)
-      luaL_argerror(L, arg, lua_pushfstring(L, "%s.alpha must be a number", name));
-    lua_getfield(L, t, "rslora");
-    scale = lmoe_lora_scale((float)lua_tonumber(L, -2), (int32_t)rank, lua_toboolean(L, -1));
-    lua_pop(L, 2);
-  } else {
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-  lua_getfield(L, t, "a");
-  part->a = table_to_doubles(L, -1, arg, what, E * rank * in);
-  lua_replace(L, -2); /* keep the scratch, drop the table */
-  snprintf(what, sizeof what, "%s.b", name);
-  lua_getfield(L, t, "b");
-  part->b = table_to_doubles(L, -1, arg, what, E * out * rank);
-  lua_replace(L, -2);
-  part->rank = (int32_t)rank;
-  part->scale = (float)scale;
-}
-
-/* Fills d from the description table at di (argument arg) for the pool's layer. */
-static void fill_desc(lua_State *L, lbox *pool, int di, int arg, lmoe_adapter_desc *d) {
-  luaL_checktype(L, di, LUA_TTABLE);
-  lmoe_layer_config c = layer_cfg(L, (lmoe_layer *)pool->aux);
-  lua_Integer E = c.num_experts, H = c.hidden, I = c.intermediate;
+/* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
+   rank=, scale=}) for the pool at idx: every array is checked to hold what C reads
+   for the pool's layer (its shapes are the pool box's uservalue). The mems stay referenced
+   by t, on the stack, during the call. */
+static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
+  luaL_checktype(L, t, LUA_TTABLE);
+  lua_getiuservalue(L, pool, 1);
+  const int32_t *dims = (const int32_t *)checkmem(L, -1, M_I32, 3);
+  lmoe_layer_config c = {.num_experts = dims[0], .hidden = dims[1], .intermediate = dims[2]};
+  lua_pop(L, 1); /* the box keeps it */
   lmoe_adapter_desc_init(d);
   d->dtype = LMOE_DTYPE_F64;
-  luaL_checkstack(L, 16, "loramoe: adapter description");
-  load_part(L, di, arg, "gate", &d->gate, E, H, I);
-  load_part(L, di, arg, "up", &d->up, E, H, I);
-  load_part(L, di, arg, "gate_up", &d->gate_up, E, H, 2 * I);
-  load_part(L, di, arg, "down", &d->down, E, I, H);
+  static const char *const names[] = {"gate", "up", "gate_up", "down"};
+  lmoe_lora_part *parts[] = {&d->gate, &d->up, &d->gate_up, &d->down};
+  int64_t in[] = {c.hidden, c.hidden, c.hidden, c.intermediate};
+  int64_t out[] = {c.intermediate, c.intermediate, 2 * (int64_t)c.intermediate, c.hidden};
+  for (int i = 0; i < 4; i++) {
+    if (lua_getfield(L, t, names[i]) == LUA_TTABLE) {
+      int pi = lua_gettop(L);
+      int32_t r = field_i32(L, pi, "rank", 0);
+      lua_getfield(L, pi, "a");
+      lua_getfield(L, pi, "b");
+      parts[i]->a = checkmem(L, pi + 1, M_F64, mul3(c.num_experts, r, in[i]));
+      parts[i]->b = checkmem(L, pi + 2, M_F64, mul3(c.num_experts, out[i], r));
+      parts[i]->rank = r;
+      parts[i]->scale = (float)field_num(L, pi, "scale", 1.0);
+      lua_pop(L, 2);
+    }
+    lua_pop(L, 1);
+  }
 }
 
-/* pool:load(slot, {gate=, up=, gate_up=, down=}): each part {a=, b=, rank=, scale=}
-   with a = flat [E, rank, in], b = flat [E, out, rank] (PEFT's layout per expert). */
-static int pool_load(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  int32_t slot = (int32_t)luaL_checkinteger(L, 2);
+static int l_pool_load(lua_State *L) {
+  lmoe_pool *p = POOL(1);
+  int32_t slot = check_i32(L, 2);
   lmoe_adapter_desc d;
-  fill_desc(L, b, 3, 3, &d);
-  return push_status(L, lmoe_pool_load((lmoe_pool *)b->h, slot, &d), b->ctx);
+  check_desc(L, 1, 3, &d);
+  return ret_st(L, lmoe_pool_load(p, slot, &d));
 }
 
-static int pool_unload(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  int32_t slot = (int32_t)luaL_checkinteger(L, 2);
-  return push_status(L, lmoe_pool_unload((lmoe_pool *)b->h, slot), b->ctx);
+static int l_pool_load_named(lua_State *L) {
+  lmoe_pool *p = POOL(1);
+  const char *name = luaL_checkstring(L, 2);
+  lmoe_adapter_desc d;
+  check_desc(L, 1, 3, &d);
+  int32_t slot = -1;
+  lmoe_status st = lmoe_pool_load_named(p, name, &d, &slot);
+  lua_pushinteger(L, slot);
+  return ret(L, st, 1);
 }
 
-static int pool_slot_info(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  int32_t slot = (int32_t)luaL_checkinteger(L, 2);
+static int l_pool_unload(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload(p, check_i32(L, 2))); }
+
+static int l_pool_slot_info(lua_State *L) {
+  lmoe_pool *p = POOL(1);
   lmoe_slot_info s;
-  lmoe_status st = lmoe_pool_slot_info((lmoe_pool *)b->h, slot, &s);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_createtable(L, 0, 12);
-  set_bool(L, "loaded", s.loaded);
-  lua_createtable(L, 3, 0);
-  int n = 0;
-  if (s.targets & LMOE_TARGET_GATE) {
-    lua_pushliteral(L, "gate");
-    lua_rawseti(L, -2, ++n);
-  }
-  if (s.targets & LMOE_TARGET_UP) {
-    lua_pushliteral(L, "up");
-    lua_rawseti(L, -2, ++n);
-  }
-  if (s.targets & LMOE_TARGET_DOWN) {
-    lua_pushliteral(L, "down");
-    lua_rawseti(L, -2, ++n);
-  }
-  lua_setfield(L, -2, "targets");
-  set_bool(L, "fused", s.fused);
+  memset(&s, 0, sizeof s);
+  lmoe_status st = lmoe_pool_slot_info(p, check_i32(L, 2), &s);
+  lua_newtable(L);
+  set_int(L, "loaded", s.loaded);
+  set_int(L, "targets", s.targets);
+  set_int(L, "fused", s.fused);
   set_int(L, "rank_gate", s.rank_gate);
   set_int(L, "rank_up", s.rank_up);
   set_int(L, "rank_down", s.rank_down);
   set_num(L, "scale_gate", s.scale_gate);
   set_num(L, "scale_up", s.scale_up);
   set_num(L, "scale_down", s.scale_down);
-  set_int(L, "rank", s.max_rank);
+  set_int(L, "max_rank", s.max_rank);
   set_int(L, "bytes", s.bytes);
-  set_int(L, "generation", s.generation);
-  return 1;
+  set_int(L, "generation", (lua_Integer)s.generation);
+  return ret(L, st, 1);
 }
 
-/* ------------------------------------------------------------------ batch */
-
-static lbox *checkbatch(lua_State *L, int idx) { return checkbox(L, idx, K_BATCH); }
-
-/* batch:set(pool | nil, {{tokens=, adapter=}, ...}); adapter absent or -1: none. */
-static int batch_set(lua_State *L) {
-  lbox *b = checkbatch(L, 1);
-  lmoe_pool *pool = NULL;
-  if (!lua_isnoneornil(L, 2)) {
-    luaL_argexpected(L, luaL_testudata(L, 2, kind_mt[K_POOL]) != NULL, 2, "loramoe.pool or nil");
-    pool = (lmoe_pool *)checkpool(L, 2)->h;
-  }
-  luaL_checktype(L, 3, LUA_TTABLE);
-  lua_Integer n = luaL_len(L, 3);
-  if (n > INT32_MAX) luaL_argerror(L, 3, "too many requests");
-  int32_t *v = (int32_t *)lua_newuserdatauv(L, (size_t)(n ? n : 1) * 2 * sizeof(int32_t), 0);
-  int32_t *tokens = v, *slots = v + n;
-  for (lua_Integer i = 0; i < n; i++) {
-    if (lua_geti(L, 3, i + 1) != LUA_TTABLE)
-      luaL_argerror(L, 3, lua_pushfstring(L, "request %I must be a table {tokens=, adapter=}", i + 1));
-    int isint = 0;
-    lua_getfield(L, -1, "tokens");
-    lua_Integer t = strict_int(L, -1, &isint);
-    if (!isint || t < INT32_MIN || t > INT32_MAX)
-      luaL_argerror(L, 3, lua_pushfstring(L, "request %I: tokens must be an integer", i + 1));
-    lua_pop(L, 1);
-    lua_Integer s = LMOE_NO_ADAPTER;
-    if (lua_getfield(L, -1, "adapter") != LUA_TNIL) {
-      s = strict_int(L, -1, &isint);
-      if (!isint || s < INT32_MIN || s > INT32_MAX)
-        luaL_argerror(L, 3, lua_pushfstring(L, "request %I: adapter must be a slot number or nil", i + 1));
-    }
-    lua_pop(L, 2);
-    tokens[i] = (int32_t)t;
-    slots[i] = (int32_t)s;
-  }
-  return push_status(L, lmoe_batch_set((lmoe_batch *)b->h, pool, (int32_t)n, tokens, slots), b->ctx);
-}
-
-static int batch_info(lua_State *L) {
-  lbox *b = checkbatch(L, 1);
-  lmoe_batch_info i;
-  lmoe_status st = lmoe_batch_get_info((lmoe_batch *)b->h, &i);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_createtable(L, 0, 6);
-  set_int(L, "requests", i.num_requests);
-  set_int(L, "tokens", i.num_tokens);
-  set_bool(L, "has_active", i.has_active);
-  set_int(L, "active", i.num_active);
-  set_int(L, "max_rank", i.max_rank);
-  set_int(L, "max_slot", i.max_slot);
-  return 1;
-}
-
-static int batch_offsets(lua_State *L) {
-  lbox *b = checkbatch(L, 1);
-  lmoe_batch_info i;
-  lmoe_status st = lmoe_batch_get_info((lmoe_batch *)b->h, &i);
-  if (st) return push_fail(L, st, b->ctx);
-  int32_t cap = i.num_requests + 1;
-  int64_t *o = (int64_t *)lua_newuserdatauv(L, (size_t)cap * sizeof *o, 0);
-  int32_t n = lmoe_batch_offsets((lmoe_batch *)b->h, o, cap);
-  lua_createtable(L, n, 0);
-  for (int32_t k = 0; k < n; k++) {
-    lua_pushinteger(L, (lua_Integer)o[k]);
-    lua_rawseti(L, -2, k + 1);
-  }
-  return 1;
-}
-
-/* batch:active_slots() -> slots, tokens (two arrays, slots increasing) */
-static int batch_active_slots(lua_State *L) {
-  lbox *b = checkbatch(L, 1);
-  lmoe_batch_info i;
-  lmoe_status st = lmoe_batch_get_info((lmoe_batch *)b->h, &i);
-  if (st) return push_fail(L, st, b->ctx);
-  int32_t cap = i.num_active > 0 ? i.num_active : 1;
-  int32_t *s = (int32_t *)lua_newuserdatauv(L, (size_t)cap * sizeof *s, 0);
-  int64_t *t = (int64_t *)lua_newuserdatauv(L, (size_t)cap * sizeof *t, 0);
-  int32_t n = lmoe_batch_active_slots((lmoe_batch *)b->h, s, t, cap);
-  lua_createtable(L, n, 0);
-  lua_createtable(L, n, 0);
-  for (int32_t k = 0; k < n; k++) {
-    lua_pushinteger(L, s[k]);
-    lua_rawseti(L, -3, k + 1);
-    lua_pushinteger(L, (lua_Integer)t[k]);
-    lua_rawseti(L, -2, k + 1);
-  }
-  return 2;
-}
-
-/* ------------------------------------------------------------------ pool by name */
-
-static int push_slot(lua_State *L, lmoe_status st, int32_t slot, const lmoe_context *ctx) {
-  if (st) return push_fail(L, st, ctx);
+static int l_pool_load_peft(lua_State *L) {
+  lmoe_pool *p = POOL(1);
+  const char *name = luaL_checkstring(L, 2);
+  lmoe_peft *peft = (lmoe_peft *)checkh(L, 3, "peft");
+  int32_t slot = -1;
+  lmoe_status st = lmoe_pool_load_peft(p, name, peft, check_i32(L, 4), &slot);
   lua_pushinteger(L, slot);
+  return ret(L, st, 1);
+}
+static int l_pool_unload_named(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload_named(p, luaL_checkstring(L, 2))); }
+static int l_pool_find(lua_State *L) {
+  lmoe_pool *p = POOL(1);
+  int32_t slot = -1;
+  lmoe_status st = lmoe_pool_find(p, luaL_checkstring(L, 2), &slot);
+  lua_pushinteger(L, slot);
+  return ret(L, st, 1);
+}
+static int l_pool_slot_name(lua_State *L) {
+  lmoe_pool *p = POOL(1);
+  lua_pushstring(L, lmoe_pool_slot_name(p, check_i32(L, 2)));
   return 1;
 }
-
-/* pool:load_named(name, desc) -> slot */
-static int pool_load_named(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  const char *name = luaL_checkstring(L, 2);
-  lmoe_adapter_desc d;
-  fill_desc(L, b, 3, 3, &d);
-  int32_t slot = -1;
-  lmoe_status st = lmoe_pool_load_named((lmoe_pool *)b->h, name, &d, &slot);
-  return push_slot(L, st, slot, b->ctx);
-}
-
-/* pool:load_peft(name, peft, layer_index) -> slot */
-static int pool_load_peft(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  const char *name = luaL_checkstring(L, 2);
-  lmoe_peft *peft = (lmoe_peft *)checkbox(L, 3, K_PEFT)->h;
-  int32_t layer = (int32_t)check_range(L, 4, 0, INT32_MAX, "layer");
-  int32_t slot = -1;
-  lmoe_status st = lmoe_pool_load_peft((lmoe_pool *)b->h, name, peft, layer, &slot);
-  return push_slot(L, st, slot, b->ctx);
-}
-
-static int pool_unload_named(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  return push_status(L, lmoe_pool_unload_named((lmoe_pool *)b->h, luaL_checkstring(L, 2)), b->ctx);
-}
-
-/* pool:find(name) -> slot, or nil, "NOT_FOUND: ...", "NOT_FOUND" */
-static int pool_find(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  const char *name = luaL_checkstring(L, 2);
-  int32_t slot = -1;
-  lmoe_status st = lmoe_pool_find((lmoe_pool *)b->h, name, &slot);
-  if (st == LMOE_ERR_NOT_FOUND) /* not recorded in the context: say it here */
-    return push_fail_msg(L, st, lua_pushfstring(L, "no slot holds an adapter named '%s'", name));
-  return push_slot(L, st, slot, b->ctx);
-}
-
-static int pool_slot_name(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  const char *n = lmoe_pool_slot_name((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2));
-  lua_pushstring(L, n ? n : "");
+static int l_pool_pin(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_pin(p, check_i32(L, 2))); }
+static int l_pool_unpin(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unpin(p, check_i32(L, 2))); }
+static int l_pool_touch(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_touch(p, check_i32(L, 2))); }
+static int l_pool_pin_count(lua_State *L) {
+  lmoe_pool *p = POOL(1);
+  lua_pushinteger(L, lmoe_pool_pin_count(p, check_i32(L, 2)));
   return 1;
 }
-
-static int pool_pin(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  return push_status(L, lmoe_pool_pin((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)), b->ctx);
-}
-
-static int pool_unpin(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  return push_status(L, lmoe_pool_unpin((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)), b->ctx);
-}
-
-static int pool_pin_count(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  lua_pushinteger(L, lmoe_pool_pin_count((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)));
-  return 1;
-}
-
-static int pool_touch(lua_State *L) {
-  lbox *b = checkpool(L, 1);
-  return push_status(L, lmoe_pool_touch((lmoe_pool *)b->h, (int32_t)luaL_checkinteger(L, 2)), b->ctx);
-}
-
-static int pool_memory(lua_State *L) {
-  lbox *b = checkpool(L, 1);
+static int l_pool_get_memory(lua_State *L) {
   lmoe_pool_memory m;
   memset(&m, 0, sizeof m);
-  lmoe_status st = lmoe_pool_get_memory((lmoe_pool *)b->h, &m);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_createtable(L, 0, 7);
+  lmoe_status st = lmoe_pool_get_memory(POOL(1), &m);
+  lua_newtable(L);
   set_int(L, "slot_bytes", m.slot_bytes);
   set_int(L, "total_bytes", m.total_bytes);
-  set_int(L, "slots", m.num_slots);
+  set_int(L, "num_slots", m.num_slots);
   set_int(L, "loaded_slots", m.loaded_slots);
   set_int(L, "loaded_bytes", m.loaded_bytes);
   set_int(L, "used_bytes", m.used_bytes);
   set_int(L, "evictions", m.evictions);
+  return ret(L, st, 1);
+}
+
+/* ------------------------------------------------------------------ batches, forwards, graphs */
+
+#define BATCH(i) ((lmoe_batch *)checkh(L, i, "batch"))
+
+static int l_batch_create(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  lbox *b = newbox(L, "batch", rel_batch_release, 0);
+  lmoe_batch *out = NULL;
+  lmoe_status st = lmoe_batch_create(ctx, &out);
+  b->h = out;
+  return ret(L, st, 1);
+}
+
+/* batch_set(batch, pool?, n, tokens_i32, slots_i32) */
+static int l_batch_set(lua_State *L) {
+  lmoe_batch *b = BATCH(1);
+  lmoe_pool *p = (lmoe_pool *)opth(L, 2, "pool");
+  int32_t n = check_i32(L, 3);
+  const int32_t *tokens = (const int32_t *)checkmem(L, 4, M_I32, n);
+  const int32_t *slots = (const int32_t *)checkmem(L, 5, M_I32, n);
+  return ret_st(L, lmoe_batch_set(b, p, n, tokens, slots));
+}
+
+static int l_batch_get_info(lua_State *L) {
+  lmoe_batch_info i;
+  memset(&i, 0, sizeof i);
+  lmoe_status st = lmoe_batch_get_info(BATCH(1), &i);
+  lua_newtable(L);
+  set_int(L, "num_requests", i.num_requests);
+  set_int(L, "num_tokens", i.num_tokens);
+  set_int(L, "has_active", i.has_active);
+  set_int(L, "num_active", i.num_active);
+  set_int(L, "max_rank", i.max_rank);
+  set_int(L, "max_slot", i.max_slot);
+  return ret(L, st, 1);
+}
+
+/* batch_offsets(batch, mem_i64, capacity) -> written */
+static int l_batch_offsets(lua_State *L) {
+  lmoe_batch *b = BATCH(1);
+  int32_t cap = check_i32(L, 3);
+  int64_t *out = (int64_t *)checkmem(L, 2, M_I64, cap);
+  lua_pushinteger(L, lmoe_batch_offsets(b, out, cap));
   return 1;
+}
+
+/* batch_active_slots(batch, mem_i32, mem_i64, capacity) -> written */
+static int l_batch_active_slots(lua_State *L) {
+  lmoe_batch *b = BATCH(1);
+  int32_t cap = check_i32(L, 4);
+  int32_t *s = (int32_t *)checkmem(L, 2, M_I32, cap);
+  int64_t *t = (int64_t *)checkmem(L, 3, M_I64, cap);
+  lua_pushinteger(L, lmoe_batch_active_slots(b, s, t, cap));
+  return 1;
+}
+
+/* The forward arguments at t: {layer=, pool=, batch=, x=, router_logits=, topk_ids=,
+   topk_weights=, out=} as boxes. */
+static void check_args(lua_State *L, int t, lmoe_forward_args *a) {
+  luaL_checktype(L, t, LUA_TTABLE);
+  lmoe_forward_args_init(a);
+  static const char *const k[] = {"layer", "pool", "batch", "x", "router_logits", "topk_ids", "topk_weights", "out"};
+  static const char *const kind[] = {"layer", "pool", "batch", "buffer", "buffer", "buffer", "buffer", "buffer"};
+  void *h[8];
+  for (int i = 0; i < 8; i++) {
+    lua_getfield(L, t, k[i]);
+    h[i] = opth(L, -1, kind[i]);
+    lua_pop(L, 1); /* the table holds the box */
+  }
+  a->layer = h[0];
+  a->pool = h[1];
+  a->batch = h[2];
+  a->x = h[3];
+  a->router_logits = h[4];
+  a->topk_ids = h[5];
+  a->topk_weights = h[6];
+  a->out = h[7];
+}
+
+static int l_forward(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  lmoe_forward_args a;
+  check_args(L, 2, &a);
+  return ret_st(L, lmoe_forward(ctx, &a, opt_ptr(L, 3)));
+}
+
+static int l_reference_forward(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  lmoe_forward_args a;
+  check_args(L, 2, &a);
+  return ret_st(L, lmoe_reference_forward(ctx, &a));
+}
+
+static int l_graph_begin(lua_State *L) { lmoe_context *c = CTX(1); return ret_st(L, lmoe_graph_begin(c, opt_ptr(L, 2))); }
+static int l_graph_end(lua_State *L) {
+  lmoe_context *c = CTX(1);
+  void *s = opt_ptr(L, 2);
+  lbox *b = newbox(L, "graph", rel_graph_release, 0);
+  lmoe_graph *g = NULL;
+  lmoe_status st = lmoe_graph_end(c, s, &g);
+  b->h = g;
+  return ret(L, st, 1);
+}
+static int l_graph_launch(lua_State *L) {
+  lmoe_graph *g = (lmoe_graph *)checkh(L, 1, "graph");
+  return ret_st(L, lmoe_graph_launch(g, opt_ptr(L, 2)));
 }
 
 /* ------------------------------------------------------------------ safetensors */
 
-static const char *const family_names[] = {"unknown", "qwen", "mixtral", NULL};
-static const char *const layout_names[] = {"per_expert", "fused", NULL};
+#define ST(i) ((lmoe_safetensors *)checkh(L, i, "safetensors"))
 
-static void push_targets(lua_State *L, int32_t mask) {
-  lua_createtable(L, 3, 0);
-  int n = 0;
-  if (mask & LMOE_TARGET_GATE) {
-    lua_pushliteral(L, "gate");
-    lua_rawseti(L, -2, ++n);
-  }
-  if (mask & LMOE_TARGET_UP) {
-    lua_pushliteral(L, "up");
-    lua_rawseti(L, -2, ++n);
-  }
-  if (mask & LMOE_TARGET_DOWN) {
-    lua_pushliteral(L, "down");
-    lua_rawseti(L, -2, ++n);
-  }
-}
-
-/* ctx:safetensors(path) -> file */
-static int ctx_safetensors(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
+static int l_safetensors_open(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
-  lbox *b = newbox(L, K_SAFETENSORS, 1);
-  lmoe_safetensors *st = NULL;
-  lmoe_status s = lmoe_safetensors_open(ctx, path, &st);
-  if (s) return push_fail(L, s, ctx);
-  b->h = st;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
+  lbox *b = newbox(L, "safetensors", rel_safetensors_close, 0);
+  lmoe_safetensors *out = NULL;
+  lmoe_status st = lmoe_safetensors_open(ctx, path, &out);
+  b->h = out;
+  return ret(L, st, 1);
 }
 
-/* ctx:safetensors_string(bytes, name?) -> file, from bytes in memory (copied) */
-static int ctx_safetensors_string(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
+static int l_safetensors_open_memory(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
   size_t len = 0;
   const char *data = luaL_checklstring(L, 2, &len);
-  const char *name = luaL_optstring(L, 3, "(string)");
-  lbox *b = newbox(L, K_SAFETENSORS, 1);
-  lmoe_safetensors *st = NULL;
-  lmoe_status s = lmoe_safetensors_open_memory(ctx, data, len, name, &st);
-  if (s) return push_fail(L, s, ctx);
-  b->h = st;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
+  const char *name = luaL_checkstring(L, 3);
+  lbox *b = newbox(L, "safetensors", rel_safetensors_close, 0);
+  lmoe_safetensors *out = NULL;
+  lmoe_status st = lmoe_safetensors_open_memory(ctx, data, len, name, &out);
+  b->h = out;
+  return ret(L, st, 1);
 }
 
-static lbox *checkst(lua_State *L, int idx) { return checkbox(L, idx, K_SAFETENSORS); }
+static int l_safetensors_count(lua_State *L) { lua_pushinteger(L, lmoe_safetensors_count(ST(1))); return 1; }
 
-static int st_count(lua_State *L) {
-  lua_pushinteger(L, lmoe_safetensors_count((lmoe_safetensors *)checkst(L, 1)->h));
-  return 1;
-}
-
-/* Tensor index from an argument: a 0-based index, or a name. Pushes the failure and
-   returns -1 when the name is absent. */
-static int32_t tensor_index(lua_State *L, lbox *b, int arg) {
-  if (lua_type(L, arg) == LUA_TSTRING) {
-    int32_t idx = -1;
-    const char *name = lua_tostring(L, arg);
-    lmoe_status st = lmoe_safetensors_find((lmoe_safetensors *)b->h, name, &idx);
-    if (st == LMOE_ERR_NOT_FOUND) {
-      push_fail_msg(L, st, lua_pushfstring(L, "no tensor named '%s'", name));
-      return -1;
-    }
-    if (st) {
-      push_fail(L, st, b->ctx);
-      return -1;
-    }
-    return idx;
-  }
-  return (int32_t)check_range(L, arg, 0, INT32_MAX, "tensor index");
-}
-
-static void push_tensor_info(lua_State *L, const lmoe_tensor_info *ti) {
-  lua_createtable(L, 0, 8);
-  set_str(L, "name", ti->name ? ti->name : "");
-  set_str(L, "file_dtype", ti->dtype_name ? ti->dtype_name : "");
-  if (ti->dtype >= 0 && ti->dtype <= LMOE_DTYPE_I32) {
-    set_str(L, "dtype", dtype_names[ti->dtype]);
-  }
-  lua_createtable(L, ti->ndim, 0);
-  for (int i = 0; i < ti->ndim && i < LMOE_TENSOR_MAX_DIMS; i++) {
-    lua_pushinteger(L, (lua_Integer)ti->shape[i]);
-    lua_rawseti(L, -2, i + 1);
+static int l_safetensors_tensor(lua_State *L) {
+  lmoe_safetensors *s = ST(1);
+  lmoe_tensor_info i;
+  memset(&i, 0, sizeof i);
+  lmoe_status st = lmoe_safetensors_tensor(s, check_i32(L, 2), &i);
+  lua_newtable(L);
+  set_str(L, "name", i.name);
+  set_str(L, "dtype_name", i.dtype_name);
+  set_int(L, "dtype", i.dtype);
+  set_int(L, "numel", i.numel);
+  set_int(L, "offset", (lua_Integer)i.offset);
+  set_int(L, "bytes", (lua_Integer)i.bytes);
+  lua_createtable(L, i.ndim, 0);
+  for (int d = 0; d < i.ndim && d < LMOE_TENSOR_MAX_DIMS; d++) {
+    lua_pushinteger(L, i.shape[d]);
+    lua_rawseti(L, -2, d + 1);
   }
   lua_setfield(L, -2, "shape");
-  set_int(L, "numel", ti->numel);
-  set_int(L, "offset", ti->offset);
-  set_int(L, "bytes", ti->bytes);
+  return ret(L, st, 1);
 }
 
-/* file:tensor(index | name) -> {name=, dtype=, file_dtype=, shape=, numel=, offset=, bytes=} */
-static int st_tensor(lua_State *L) {
-  lbox *b = checkst(L, 1);
-  int32_t idx = tensor_index(L, b, 2);
-  if (idx < 0) return 3;
-  lmoe_tensor_info ti;
-  memset(&ti, 0, sizeof ti);
-  lmoe_status st = lmoe_safetensors_tensor((lmoe_safetensors *)b->h, idx, &ti);
-  if (st) return push_fail(L, st, b->ctx);
-  push_tensor_info(L, &ti);
-  return 1;
-}
-
-/* file:tensors() -> list of tensor tables, in file order */
-static int st_tensors(lua_State *L) {
-  lbox *b = checkst(L, 1);
-  int32_t n = lmoe_safetensors_count((lmoe_safetensors *)b->h);
-  lua_createtable(L, n > 0 ? n : 0, 0);
-  for (int32_t i = 0; i < n; i++) {
-    lmoe_tensor_info ti;
-    memset(&ti, 0, sizeof ti);
-    lmoe_status st = lmoe_safetensors_tensor((lmoe_safetensors *)b->h, i, &ti);
-    if (st) return push_fail(L, st, b->ctx);
-    push_tensor_info(L, &ti);
-    lua_rawseti(L, -2, i + 1);
-  }
-  return 1;
-}
-
-/* file:find(name) -> 0-based index, or nil, "NOT_FOUND: ...", "NOT_FOUND" */
-static int st_find(lua_State *L) {
-  lbox *b = checkst(L, 1);
-  luaL_checkstring(L, 2);
-  int32_t idx = tensor_index(L, b, 2);
-  if (idx < 0) return 3;
+static int l_safetensors_find(lua_State *L) {
+  lmoe_safetensors *s = ST(1);
+  int32_t idx = -1;
+  lmoe_status st = lmoe_safetensors_find(s, luaL_checkstring(L, 2), &idx);
   lua_pushinteger(L, idx);
-  return 1;
+  return ret(L, st, 1);
 }
 
-/* file:read(index | name) -> flat table of the tensor's values */
-static int st_read(lua_State *L) {
-  lbox *b = checkst(L, 1);
-  int32_t idx = tensor_index(L, b, 2);
-  if (idx < 0) return 3;
-  lmoe_tensor_info ti;
-  memset(&ti, 0, sizeof ti);
-  lmoe_status st = lmoe_safetensors_tensor((lmoe_safetensors *)b->h, idx, &ti);
-  if (st) return push_fail(L, st, b->ctx);
-  if (ti.numel > INT_MAX) return push_fail_msg(L, LMOE_ERR_UNSUPPORTED, "tensor is too large for a Lua table");
-  double *v = (double *)lua_newuserdatauv(L, (size_t)(ti.numel ? ti.numel : 1) * sizeof(double), 0);
-  st = lmoe_safetensors_read((lmoe_safetensors *)b->h, idx, v, LMOE_DTYPE_F64, ti.numel);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_createtable(L, (int)ti.numel, 0);
-  for (int64_t i = 0; i < ti.numel; i++) {
-    lua_pushnumber(L, v[i]);
-    lua_rawseti(L, -2, (lua_Integer)i + 1);
-  }
-  return 1;
+/* safetensors_read(st, index, mem_f64, count) */
+static int l_safetensors_read(lua_State *L) {
+  lmoe_safetensors *s = ST(1);
+  int32_t idx = check_i32(L, 2);
+  lua_Integer n = luaL_checkinteger(L, 4);
+  void *dst = checkmem(L, 3, M_F64, n);
+  return ret_st(L, lmoe_safetensors_read(s, idx, dst, LMOE_DTYPE_F64, n));
 }
 
-/* file:metadata() -> {key = value} of __metadata__ */
-static int st_metadata(lua_State *L) {
-  lbox *b = checkst(L, 1);
-  int32_t n = lmoe_safetensors_metadata_count((lmoe_safetensors *)b->h);
-  lua_createtable(L, 0, n > 0 ? n : 0);
-  for (int32_t i = 0; i < n; i++) {
-    const char *k = NULL, *v = NULL;
-    lmoe_status st = lmoe_safetensors_metadata((lmoe_safetensors *)b->h, i, &k, &v);
-    if (st) return push_fail(L, st, b->ctx);
-    lua_pushstring(L, v ? v : "");
-    lua_setfield(L, -2, k ? k : "");
-  }
-  return 1;
+static int l_safetensors_metadata_count(lua_State *L) { lua_pushinteger(L, lmoe_safetensors_metadata_count(ST(1))); return 1; }
+static int l_safetensors_metadata(lua_State *L) {
+  lmoe_safetensors *s = ST(1);
+  const char *k = NULL, *v = NULL;
+  lmoe_status st = lmoe_safetensors_metadata(s, check_i32(L, 2), &k, &v);
+  lua_pushstring(L, k ? k : "");
+  lua_pushstring(L, v ? v : "");
+  return ret(L, st, 2);
 }
 
-/* ctx:write_safetensors(path, {{name=, dtype=, shape=, data=}, ...}, metadata?)
-   data is a flat table of numbers (converted to dtype) or a host loramoe.buffer (its
-   dtype and shape unless given). */
-static int ctx_write_safetensors(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
+/* safetensors_write(ctx, path, entries, keys, values): entries {name=, dtype=, shape=,
+   data=buffer box} whose buffers hold at least shape's elements of dtype in host
+   memory; keys/values lists of strings. Every string and box stays referenced by the
+   argument tables on the stack during the call. */
+static int l_safetensors_write(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
-  int has_meta = !lua_isnoneornil(L, 4);
-  if (has_meta) luaL_checktype(L, 4, LUA_TTABLE);
-  lua_settop(L, 4);
-  lua_Integer n = luaL_len(L, 3);
-  if (n > INT32_MAX) luaL_argerror(L, 3, "too many tensors");
-  lmoe_tensor_entry *e = (lmoe_tensor_entry *)lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof *e, 0);
-  memset(e, 0, (size_t)(n ? n : 1) * sizeof *e);
-  lua_newtable(L); /* 6: temporary buffers, released after the write */
-  int temps = lua_gettop(L);
-  int ntemp = 0;
-  /* Pass 1: validate everything (may raise; nothing acquired yet). */
-  for (lua_Integer i = 0; i < n; i++) {
-    if (lua_geti(L, 3, i + 1) != LUA_TTABLE)
-      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I must be a table {name=, dtype=, shape=, data=}", i + 1));
-    int t = lua_gettop(L);
-    if (lua_getfield(L, t, "name") != LUA_TSTRING)
-      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: name must be a string", i + 1));
+  luaL_checktype(L, 4, LUA_TTABLE);
+  luaL_checktype(L, 5, LUA_TTABLE);
+  lua_Unsigned n = lua_rawlen(L, 3), nm = lua_rawlen(L, 4);
+  if (n > INT32_MAX || nm > INT32_MAX || lua_rawlen(L, 5) != nm) luaL_argerror(L, 3, "bad lengths");
+  lmoe_tensor_entry *e = (lmoe_tensor_entry *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *e, 0);
+  const char **keys = (const char **)lua_newuserdatauv(L, (nm ? nm : 1) * sizeof(char *), 0);
+  const char **vals = (const char **)lua_newuserdatauv(L, (nm ? nm : 1) * sizeof(char *), 0);
+  for (lua_Unsigned i = 0; i < n; i++) {
+    memset(&e[i], 0, sizeof e[i]);
+    if (lua_rawgeti(L, 3, (lua_Integer)i + 1) != LUA_TTABLE) luaL_argerror(L, 3, "entries must be tables");
+    int ti = lua_gettop(L);
+    if (lua_getfield(L, ti, "name") != LUA_TSTRING) luaL_argerror(L, 3, "entry names must be strings");
     e[i].name = lua_tostring(L, -1);
-    lua_pop(L, 1);
-    lbox *src = NULL;
-    lmoe_buffer_desc bd;
-    lua_getfield(L, t, "data");
-    if (luaL_testudata(L, -1, kind_mt[K_BUFFER])) {
-      src = checkbox(L, lua_gettop(L), K_BUFFER);
-      bd = describe(L, src);
-    } else if (!lua_istable(L, -1)) {
-      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: data must be a table of numbers or a loramoe.buffer", i + 1));
-    }
-    lua_pop(L, 1);
-    e[i].dtype = src ? bd.dtype : LMOE_DTYPE_F32;
-    e[i].dtype = opt_field_option(L, t, 3, "dtype", dtype_names, e[i].dtype);
-    if (lua_getfield(L, t, "shape") != LUA_TNIL) {
-      int64_t shape[LMOE_MAX_DIMS];
-      int nd = check_shape(L, lua_gettop(L), shape);
-      e[i].ndim = nd;
-      for (int d = 0; d < nd; d++) e[i].shape[d] = shape[d];
-    } else if (src) {
-      e[i].ndim = bd.ndim;
-      for (int d = 0; d < bd.ndim; d++) e[i].shape[d] = bd.shape[d];
-    } else {
-      luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: shape is missing", i + 1));
-    }
-    lua_pop(L, 1);
-    if (src) {
-      if (bd.dtype != e[i].dtype)
-        luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: dtype differs from its buffer's", i + 1));
-      if (bd.memory != LMOE_MEMORY_HOST && lmoe_context_backend(src->ctx) != LMOE_BACKEND_CPU)
-        luaL_argerror(L, 3, lua_pushfstring(L, "tensor %I: the buffer must be in host memory", i + 1));
-      e[i].data = bd.data;
-    }
-    lua_pop(L, 1);
-  }
-  int32_t nmeta = 0;
-  const char **mk = NULL, **mv = NULL;
-  if (has_meta) {
-    for (lua_pushnil(L); lua_next(L, 4); lua_pop(L, 1)) {
-      if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
-        luaL_argerror(L, 4, "metadata keys and values must be strings");
-      nmeta++;
-    }
-    mk = (const char **)lua_newuserdatauv(L, (size_t)(nmeta ? nmeta : 1) * 2 * sizeof *mk, 0);
-    mv = mk + nmeta;
-    int32_t j = 0;
-    for (lua_pushnil(L); lua_next(L, 4); lua_pop(L, 1)) {
-      mk[j] = lua_tostring(L, -2);
-      mv[j] = lua_tostring(L, -1);
-      j++;
-    }
-  }
-  /* Pass 2: convert table data into temporary host buffers of the entry's dtype. */
-  lmoe_status st = LMOE_OK;
-  for (lua_Integer i = 0; i < n && !st; i++) {
-    if (e[i].data) continue;
-    lua_geti(L, 3, i + 1);
-    lua_getfield(L, -1, "data");
+    e[i].dtype = field_i32(L, ti, "dtype", 0);
+    lua_getfield(L, ti, "shape");
+    e[i].ndim = check_shape(L, lua_gettop(L), e[i].shape, LMOE_TENSOR_MAX_DIMS);
+    lua_getfield(L, ti, "data");
+    lmoe_buffer_desc d;
+    memset(&d, 0, sizeof d);
+    if (lmoe_buffer_describe((lmoe_buffer *)checkh(L, -1, "buffer"), &d)) luaL_argerror(L, 3, "a buffer without a description");
     int64_t numel = 1;
-    for (int d = 0; d < e[i].ndim; d++) numel *= e[i].shape[d];
-    char what[40];
-    snprintf(what, sizeof what, "tensor %d data", (int)(i + 1));
-    double *v = table_to_doubles(L, -1, 3, what, (lua_Integer)numel);
-    lbox *tb = newbox(L, K_BUFFER, 1);
-    lmoe_buffer *buf = NULL;
-    int64_t flat[1] = {numel};
-    st = lmoe_buffer_create(ctx, e[i].dtype, LMOE_MEMORY_HOST, 1, flat, &buf);
-    if (!st) {
-      tb->h = buf;
-      tb->ctx = ctx;
-      tb->owned = 1;
-      st = lmoe_buffer_write(buf, 0, v, LMOE_DTYPE_F64, numel);
-      lmoe_buffer_desc bd;
-      if (!st) st = lmoe_buffer_describe(buf, &bd);
-      if (!st) e[i].data = bd.data;
-    }
-    lua_rawseti(L, temps, ++ntemp); /* the box: freed below, or by the GC */
-    lua_pop(L, 3);
+    for (int k = 0; k < e[i].ndim; k++)
+      if (numel >= 0) numel = mul3(numel, e[i].shape[k], 1);
+    if (d.memory != LMOE_MEMORY_HOST && lmoe_context_backend(ctx) != LMOE_BACKEND_CPU) luaL_argerror(L, 3, "data not in host memory");
+    if (d.dtype != e[i].dtype || numel < 0 || numel > d.numel) luaL_argerror(L, 3, "data smaller than its shape");
+    e[i].data = d.data;
+    lua_pop(L, 4); /* the entry table at 3 keeps name, shape and buffer referenced */
   }
-  if (!st) st = lmoe_safetensors_write(ctx, path, (int32_t)n, e, nmeta, mk, mv);
-  for (int i = 1; i <= ntemp; i++) {
-    lua_rawgeti(L, temps, i);
-    box_release(K_BUFFER, (lbox *)lua_touserdata(L, -1));
-    lua_pop(L, 1);
+  for (lua_Unsigned i = 0; i < nm; i++) {
+    if (lua_rawgeti(L, 4, (lua_Integer)i + 1) != LUA_TSTRING || lua_rawgeti(L, 5, (lua_Integer)i + 1) != LUA_TSTRING)
+      luaL_argerror(L, 4, "metadata must be strings");
+    keys[i] = lua_tostring(L, -2);
+    vals[i] = lua_tostring(L, -1);
+    lua_pop(L, 2);
   }
-  return push_status(L, st, ctx);
+  return ret_st(L, lmoe_safetensors_write(ctx, path, (int32_t)n, e, (int32_t)nm, keys, vals));
 }
 
 /* ------------------------------------------------------------------ PEFT adapters */
 
-/* ctx:peft(path) -> adapter (a directory or its adapter_config.json) */
-static int ctx_peft(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
+#define PEFT(i) ((lmoe_peft *)checkh(L, i, "peft"))
+
+static int l_peft_open(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
-  lbox *b = newbox(L, K_PEFT, 1);
-  lmoe_peft *p = NULL;
-  lmoe_status st = lmoe_peft_open(ctx, path, &p);
-  if (st) return push_fail(L, st, ctx);
-  b->h = p;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
+  lbox *b = newbox(L, "peft", rel_peft_close, 0);
+  lmoe_peft *out = NULL;
+  lmoe_status st = lmoe_peft_open(ctx, path, &out);
+  b->h = out;
+  return ret(L, st, 1);
 }
 
-static lbox *checkpeft(lua_State *L, int idx) { return checkbox(L, idx, K_PEFT); }
-
-static int peft_info(lua_State *L) {
-  lbox *b = checkpeft(L, 1);
+static int l_peft_get_info(lua_State *L) {
   lmoe_peft_info i;
   lmoe_peft_info_init(&i);
-  lmoe_status st = lmoe_peft_get_info((lmoe_peft *)b->h, &i);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_createtable(L, 0, 15);
-  set_str(L, "family", i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
-  set_str(L, "layout", i.layout >= 0 && i.layout <= 1 ? layout_names[i.layout] : "unknown");
+  lmoe_status st = lmoe_peft_get_info(PEFT(1), &i);
+  lua_newtable(L);
+  set_int(L, "family", i.family);
+  set_int(L, "layout", i.layout);
   set_int(L, "rank", i.rank);
   set_num(L, "alpha", i.alpha);
-  set_bool(L, "rslora", i.use_rslora);
-  push_targets(L, i.targets);
-  lua_setfield(L, -2, "targets");
-  set_int(L, "layers", i.num_layers);
+  set_int(L, "use_rslora", i.use_rslora);
+  set_int(L, "targets", i.targets);
+  set_int(L, "num_layers", i.num_layers);
   set_int(L, "min_layer", i.min_layer);
   set_int(L, "max_layer", i.max_layer);
-  set_int(L, "experts", i.num_experts);
+  set_int(L, "num_experts", i.num_experts);
   set_int(L, "max_rank", i.max_rank);
-  set_bool(L, "has_patterns", i.has_patterns);
-  set_int(L, "tensors", i.num_tensors);
+  set_int(L, "has_patterns", i.has_patterns);
+  set_int(L, "num_tensors", i.num_tensors);
   set_int(L, "bytes", i.bytes);
+  return ret(L, st, 1);
+}
+
+/* peft_layers(peft, mem_i32, capacity) -> written */
+static int l_peft_layers(lua_State *L) {
+  lmoe_peft *p = PEFT(1);
+  int32_t cap = check_i32(L, 3);
+  int32_t *out = (int32_t *)checkmem(L, 2, M_I32, cap);
+  lua_pushinteger(L, lmoe_peft_layers(p, out, cap));
   return 1;
 }
 
-static int peft_layers(lua_State *L) {
-  lbox *b = checkpeft(L, 1);
-  lmoe_peft_info i;
-  lmoe_peft_info_init(&i);
-  lmoe_status st = lmoe_peft_get_info((lmoe_peft *)b->h, &i);
-  if (st) return push_fail(L, st, b->ctx);
-  int32_t cap = i.num_layers > 0 ? i.num_layers : 1;
-  int32_t *v = (int32_t *)lua_newuserdatauv(L, (size_t)cap * sizeof *v, 0);
-  int32_t n = lmoe_peft_layers((lmoe_peft *)b->h, v, cap);
-  lua_createtable(L, n, 0);
-  for (int32_t k = 0; k < n; k++) {
-    lua_pushinteger(L, v[k]);
-    lua_rawseti(L, -2, k + 1);
-  }
-  return 1;
-}
-
-static int peft_inspect(lua_State *L) {
-  lbox *b = checkpeft(L, 1);
-  size_t need = 0;
+/* peft_inspect(peft) -> st, text (sized by the library's answer) */
+static int l_peft_inspect(lua_State *L) {
+  lmoe_peft *p = PEFT(1);
   char probe[1];
-  lmoe_status st = lmoe_peft_inspect((lmoe_peft *)b->h, probe, sizeof probe, &need);
-  if (st) return push_fail(L, st, b->ctx);
-  char *buf = (char *)lua_newuserdatauv(L, need + 1, 0);
-  st = lmoe_peft_inspect((lmoe_peft *)b->h, buf, need + 1, NULL);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_pushstring(L, buf);
-  return 1;
+  size_t need = 0;
+  lmoe_status st = lmoe_peft_inspect(p, probe, 1, &need);
+  if (st) return ret_st(L, st);
+  luaL_Buffer b;
+  char *s = luaL_buffinitsize(L, &b, need + 1);
+  st = lmoe_peft_inspect(p, s, need + 1, NULL);
+  luaL_pushresultsize(&b, st ? 0 : strlen(s));
+  return ret(L, st, 1);
 }
 
-static void push_part(lua_State *L, const char *name, const lmoe_lora_part *p, lua_Integer E,
-                      lua_Integer in, lua_Integer out) {
-  if (!p->a || !p->b) return;
-  lua_Integer r = p->rank, na = E * r * in, nb = E * out * r;
-  const float *a = (const float *)p->a, *bv = (const float *)p->b;
-  lua_createtable(L, 0, 4);
-  lua_createtable(L, na > INT_MAX ? 0 : (int)na, 0);
-  for (lua_Integer i = 0; i < na; i++) {
-    lua_pushnumber(L, a[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-  lua_setfield(L, -2, "a");
-  lua_createtable(L, nb > INT_MAX ? 0 : (int)nb, 0);
-  for (lua_Integer i = 0; i < nb; i++) {
-    lua_pushnumber(L, bv[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-  lua_setfield(L, -2, "b");
-  set_int(L, "rank", r);
-  set_num(L, "scale", p->scale);
-  lua_setfield(L, -2, name);
-}
-
-/* peft:layer_desc(layer_index, {experts=, hidden=, intermediate=}) -> a description
-   for pool:load ({gate=, up=, gate_up=, down=}, parts as Lua tables). */
-static int peft_layer_desc(lua_State *L) {
-  lbox *b = checkpeft(L, 1);
-  int32_t layer = (int32_t)check_range(L, 2, 0, INT32_MAX, "layer");
-  luaL_checktype(L, 3, LUA_TTABLE);
-  lua_Integer E = opt_field_int(L, 3, 3, "experts", 0), H = opt_field_int(L, 3, 3, "hidden", 0),
-              I = opt_field_int(L, 3, 3, "intermediate", 0);
-  if (E < 1 || E > INT32_MAX) field_error(L, 3, "experts", "must be a positive integer");
-  if (H < 1 || H > INT32_MAX) field_error(L, 3, "hidden", "must be a positive integer");
-  if (I < 1 || I > INT32_MAX) field_error(L, 3, "intermediate", "must be a positive integer");
+/* peft_layer_desc(peft, layer, E, H, I) -> st, {gate=, up=, gate_up=, down=} with
+   parts {a=, b=, rank=, scale=} as tables of numbers (copied out of the library's
+   arrays, whose sizes follow from E, H, I and the rank it reports). */
+static int l_peft_layer_desc(lua_State *L) {
+  lmoe_peft *p = PEFT(1);
+  int32_t layer = check_i32(L, 2), E = check_i32(L, 3), H = check_i32(L, 4), I = check_i32(L, 5);
   lmoe_adapter_desc d;
   lmoe_adapter_desc_init(&d);
-  lmoe_status st = lmoe_peft_layer_desc((lmoe_peft *)b->h, layer, (int32_t)E, (int32_t)H, (int32_t)I, &d);
-  if (st) return push_fail(L, st, b->ctx);
-  if (d.dtype != LMOE_DTYPE_F32) return push_fail_msg(L, LMOE_ERR_UNSUPPORTED, "layer_desc gave non-f32 arrays");
-  lua_createtable(L, 0, 4);
-  push_part(L, "gate", &d.gate, E, H, I);
-  push_part(L, "up", &d.up, E, H, I);
-  push_part(L, "gate_up", &d.gate_up, E, H, 2 * I);
-  push_part(L, "down", &d.down, E, I, H);
-  return 1;
+  lmoe_status st = lmoe_peft_layer_desc(p, layer, E, H, I, &d);
+  if (st) return ret_st(L, st);
+  if (d.dtype != LMOE_DTYPE_F32) return ret_st(L, LMOE_ERR_UNSUPPORTED);
+  static const char *const names[] = {"gate", "up", "gate_up", "down"};
+  const lmoe_lora_part *parts[] = {&d.gate, &d.up, &d.gate_up, &d.down};
+  int64_t in[] = {H, H, H, I}, out[] = {I, I, 2 * (int64_t)I, H};
+  lua_newtable(L);
+  for (int i = 0; i < 4; i++) {
+    const lmoe_lora_part *q = parts[i];
+    if (!q->a || !q->b) continue;
+    lua_newtable(L);
+    for (int ab = 0; ab < 2; ab++) {
+      int64_t n = ab ? mul3(E, out[i], q->rank) : mul3(E, q->rank, in[i]);
+      const float *v = (const float *)(ab ? q->b : q->a);
+      if (n < 0 || n > INT32_MAX) luaL_error(L, "loramoe.core: adapter part too large");
+      lua_createtable(L, (int)n, 0);
+      for (int64_t k = 0; k < n; k++) {
+        lua_pushnumber(L, v[k]);
+        lua_rawseti(L, -2, k + 1);
+      }
+      lua_setfield(L, -2, ab ? "b" : "a");
+    }
+    set_int(L, "rank", q->rank);
+    set_num(L, "scale", q->scale);
+    lua_setfield(L, -2, names[i]);
+  }
+  return ret(L, st, 1);
 }
 
-/* ctx:write_peft(dir, {family=, layout=, layers=, experts=, hidden=, intermediate=,
-   targets=, rank=, alpha=, rslora=, dtype=, seed=, scale=, rank_pattern={key=r},
-   alpha_pattern={key=a}}): a synthetic PEFT adapter on disk. */
-static int ctx_write_peft(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
+/* peft_write_synthetic(ctx, dir, spec): spec with the C field names; the pattern keys
+   are strings of spec, referenced by it during the call. */
+static int l_peft_write_synthetic(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
   const char *dir = luaL_checkstring(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   lmoe_peft_synthetic s;
   lmoe_peft_synthetic_init(&s);
-  s.family = opt_field_option(L, 3, 3, "family", family_names, s.family);
-  s.layout = opt_field_option(L, 3, 3, "layout", layout_names, s.layout);
-#define SYN_INT(f, k)                                                          \
-  do {                                                                         \
-    lua_Integer v_ = opt_field_int(L, 3, 3, k, s.f);                           \
-    if (v_ < INT32_MIN || v_ > INT32_MAX) field_error(L, 3, k, "is out of range"); \
-    s.f = (int32_t)v_;                                                         \
-  } while (0)
-  SYN_INT(num_layers, "layers");
-  SYN_INT(num_experts, "experts");
-  SYN_INT(hidden, "hidden");
-  SYN_INT(intermediate, "intermediate");
-  SYN_INT(rank, "rank");
-#undef SYN_INT
-  s.targets = targets_mask(L, 3, 3);
-  s.alpha = (float)opt_field_num(L, 3, 3, "alpha", s.alpha);
-  s.use_rslora = opt_field_bool(L, 3, 3, "rslora", s.use_rslora);
-  s.dtype = opt_field_option(L, 3, 3, "dtype", dtype_names, s.dtype);
-  s.seed = (uint64_t)opt_field_int(L, 3, 3, "seed", (lua_Integer)s.seed);
-  s.scale = (float)opt_field_num(L, 3, 3, "scale", s.scale);
-  static const char *const pats[2] = {"rank_pattern", "alpha_pattern"};
-  for (int p = 0; p < 2; p++) {
-    int ty = lua_getfield(L, 3, pats[p]);
-    if (ty == LUA_TTABLE) {
-      lua_pushnil(L);
-      if (lua_next(L, -2)) {
-        if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TNUMBER)
-          field_error(L, 3, pats[p], "must be {key = number}");
-        if (p == 0) {
-          s.rank_pattern_key = lua_tostring(L, -2);
-          s.rank_pattern_value = (int32_t)lua_tointeger(L, -1);
-        } else {
-          s.alpha_pattern_key = lua_tostring(L, -2);
-          s.alpha_pattern_value = (float)lua_tonumber(L, -1);
-        }
-        lua_pop(L, 2);
-        if (lua_next(L, -2)) field_error(L, 3, pats[p], "takes one entry");
-      }
-    } else if (ty != LUA_TNIL) {
-      field_error(L, 3, pats[p], "must be {key = number}");
-    }
-    lua_pop(L, 1); /* the keys stay referenced by the spec table */
+  s.family = field_i32(L, 3, "family", s.family);
+  s.layout = field_i32(L, 3, "layout", s.layout);
+  s.num_layers = field_i32(L, 3, "num_layers", s.num_layers);
+  s.num_experts = field_i32(L, 3, "num_experts", s.num_experts);
+  s.hidden = field_i32(L, 3, "hidden", s.hidden);
+  s.intermediate = field_i32(L, 3, "intermediate", s.intermediate);
+  s.targets = field_i32(L, 3, "targets", s.targets);
+  s.rank = field_i32(L, 3, "rank", s.rank);
+  s.alpha = (float)field_num(L, 3, "alpha", s.alpha);
+  s.use_rslora = field_i32(L, 3, "use_rslora", s.use_rslora);
+  s.dtype = field_i32(L, 3, "dtype", s.dtype);
+  s.seed = field_u64(L, 3, "seed", s.seed);
+  s.scale = (float)field_num(L, 3, "scale", s.scale);
+  if (lua_getfield(L, 3, "rank_pattern_key") == LUA_TSTRING) {
+    s.rank_pattern_key = lua_tostring(L, -1);
+    s.rank_pattern_value = field_i32(L, 3, "rank_pattern_value", 0);
   }
-  return push_status(L, lmoe_peft_write_synthetic(ctx, dir, &s), ctx);
+  if (lua_getfield(L, 3, "alpha_pattern_key") == LUA_TSTRING) {
+    s.alpha_pattern_key = lua_tostring(L, -1);
+    s.alpha_pattern_value = (float)field_num(L, 3, "alpha_pattern_value", 0);
+  }
+  /* both keys stay on the stack until the call returns */
+  return ret_st(L, lmoe_peft_write_synthetic(ctx, dir, &s));
 }
 
 /* ------------------------------------------------------------------ checkpoints */
 
-/* ctx:checkpoint(path) -> checkpoint (a .safetensors file, an index, or a directory) */
-static int ctx_checkpoint(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
+#define CK(i) ((lmoe_checkpoint *)checkh(L, i, "checkpoint"))
+
+static int l_checkpoint_open(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
-  lbox *b = newbox(L, K_CHECKPOINT, 1);
-  lmoe_checkpoint *ck = NULL;
-  lmoe_status st = lmoe_checkpoint_open(ctx, path, &ck);
-  if (st) return push_fail(L, st, ctx);
-  b->h = ck;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
+  lbox *b = newbox(L, "checkpoint", rel_checkpoint_close, 0);
+  lmoe_checkpoint *out = NULL;
+  lmoe_status st = lmoe_checkpoint_open(ctx, path, &out);
+  b->h = out;
+  return ret(L, st, 1);
 }
 
-static int ck_layer_info(lua_State *L) {
-  lbox *b = checkbox(L, 1, K_CHECKPOINT);
-  int32_t layer = (int32_t)check_range(L, 2, 0, INT32_MAX, "layer");
+static int l_checkpoint_get_layer_info(lua_State *L) {
+  lmoe_checkpoint *c = CK(1);
   lmoe_checkpoint_layer_info i;
   lmoe_checkpoint_layer_info_init(&i);
-  lmoe_status st = lmoe_checkpoint_get_layer_info((lmoe_checkpoint *)b->h, layer, &i);
-  if (st) return push_fail(L, st, b->ctx);
-  lua_createtable(L, 0, 5);
-  set_str(L, "family", i.family >= 0 && i.family <= 2 ? family_names[i.family] : "unknown");
-  set_int(L, "experts", i.num_experts);
+  lmoe_status st = lmoe_checkpoint_get_layer_info(c, check_i32(L, 2), &i);
+  lua_newtable(L);
+  set_int(L, "family", i.family);
+  set_int(L, "num_experts", i.num_experts);
   set_int(L, "hidden", i.hidden);
   set_int(L, "intermediate", i.intermediate);
-  set_bool(L, "has_router", i.has_router);
-  return 1;
+  set_int(L, "has_router", i.has_router);
+  return ret(L, st, 1);
 }
 
-/* ck:load_layer(index, layer, with_router?) -> router buffer [E, H] f32 (host) when
-   with_router, else true */
-static int ck_load_layer(lua_State *L) {
-  lbox *b = checkbox(L, 1, K_CHECKPOINT);
-  int32_t idx = (int32_t)check_range(L, 2, 0, INT32_MAX, "layer");
-  lmoe_layer *layer = (lmoe_layer *)checklayer(L, 3)->h;
+/* checkpoint_load_layer(ck, index, layer, with_router) -> st, router box | nil */
+static int l_checkpoint_load_layer(lua_State *L) {
+  lmoe_checkpoint *c = CK(1);
+  int32_t idx = check_i32(L, 2);
+  lmoe_layer *l = LAYER(3);
   int want = lua_toboolean(L, 4);
-  if (!want) return push_status(L, lmoe_checkpoint_load_layer((lmoe_checkpoint *)b->h, idx, layer, NULL), b->ctx);
-  lua_getiuservalue(L, 1, 1); /* the context box: the router's parent */
-  lbox *rb = newbox(L, K_BUFFER, -1);
+  lbox *b = newbox(L, "buffer", rel_buffer_release, 0);
   lmoe_buffer *router = NULL;
-  lmoe_status st = lmoe_checkpoint_load_layer((lmoe_checkpoint *)b->h, idx, layer, &router);
-  if (router) { /* owned by the box even if the call failed after making it */
-    rb->h = router;
-    rb->ctx = b->ctx;
-    rb->owned = 1;
-  }
-  if (st) return push_fail(L, st, b->ctx);
-  return 1;
-}
-
-/* ------------------------------------------------------------------ graphs */
-
-/* ctx:graph_begin(stream?): start capturing (cuda backend only). */
-static int ctx_graph_begin(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  return push_status(L, lmoe_graph_begin(ctx, opt_stream(L, 2)), ctx);
-}
-
-/* ctx:graph_end(stream?) -> graph: end the capture and instantiate it. */
-static int ctx_graph_end(lua_State *L) {
-  lmoe_context *ctx = checkctx(L, 1);
-  void *s = opt_stream(L, 2);
-  lbox *b = newbox(L, K_GRAPH, 1);
-  lmoe_graph *g = NULL;
-  lmoe_status st = lmoe_graph_end(ctx, s, &g);
-  if (st) return push_fail(L, st, ctx);
-  b->h = g;
-  b->ctx = ctx;
-  b->owned = 1;
-  return 1;
-}
-
-/* graph:launch(stream?): enqueue one replay. */
-static int graph_launch(lua_State *L) {
-  lbox *b = checkbox(L, 1, K_GRAPH);
-  return push_status(L, lmoe_graph_launch((lmoe_graph *)b->h, opt_stream(L, 2)), b->ctx);
-}
-
-/* ------------------------------------------------------------------ parents */
-
-/* layer:context(), batch:context(), buffer:context(), pool:layer(): the object this
-   one was made from (kept alive through uservalue 1). A borrowed buffer's parent is
-   its layer, whose parent is the context. */
-static int obj_parent(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(1));
-  lbox *b = checkbox(L, 1, kind);
-  lua_getiuservalue(L, 1, 1);
-  if (kind == K_BUFFER && b->borrowed) lua_getiuservalue(L, -1, 1);
-  return 1;
-}
-
-/* ------------------------------------------------------------------ properties */
-
-/* __index: methods first, then read-only properties of an open handle. */
-static int obj_index(lua_State *L) {
-  int kind = (int)lua_tointeger(L, lua_upvalueindex(2));
-  lua_pushvalue(L, 2);
-  if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
-  const char *k = lua_tostring(L, 2);
-  if (!k || lua_type(L, 2) != LUA_TSTRING) return 1;
-  if (kind == K_CONTEXT) {
-    if (strcmp(k, "backend") == 0) {
-      int32_t be = lmoe_context_backend(checkctx(L, 1));
-      lua_pushstring(L, be >= 0 && be <= 2 ? backend_names[be] : "unknown");
-    } else if (strcmp(k, "threads") == 0) {
-      lua_pushinteger(L, lmoe_context_threads(checkctx(L, 1)));
-    } else if (strcmp(k, "guard") == 0) {
-      int32_t g = lmoe_context_guard(checkctx(L, 1));
-      lua_pushstring(L, g >= 0 && g <= 2 ? guard_names[g] : "unknown");
-    }
-  } else if (kind == K_BUFFER) {
-    int which = strcmp(k, "dtype") == 0 ? 1 : strcmp(k, "memory") == 0 ? 2
-              : strcmp(k, "numel") == 0 ? 3 : strcmp(k, "ndim") == 0 ? 4
-              : strcmp(k, "bytes") == 0 ? 5 : 0;
-    if (which) {
-      lmoe_buffer_desc d = describe(L, checkbuf(L, 1));
-      switch (which) {
-      case 1: lua_pushstring(L, dtype_names[d.dtype]); break;
-      case 2: lua_pushstring(L, memory_names[d.memory]); break;
-      case 3: lua_pushinteger(L, (lua_Integer)d.numel); break;
-      case 4: lua_pushinteger(L, d.ndim); break;
-      default: lua_pushinteger(L, (lua_Integer)d.bytes); break;
-      }
-    }
-  }
-  return 1;
+  lmoe_status st = lmoe_checkpoint_load_layer(c, idx, l, want ? &router : NULL);
+  b->h = router; /* owned by the box even when the load failed after making it */
+  return ret(L, st, 1);
 }
 
 /* ------------------------------------------------------------------ registration */
 
-static const luaL_Reg ctx_methods[] = {
-    {"set_guard", ctx_set_guard},   {"stream", ctx_stream},
-    {"synchronize", ctx_synchronize}, {"counters", ctx_counters},
-    {"reset_counters", ctx_reset_counters}, {"last_error", ctx_last_error},
-    {"buffer", ctx_buffer},         {"wrap", ctx_wrap},
-    {"layer", ctx_layer},           {"batch", ctx_batch},
-    {"safetensors", ctx_safetensors}, {"safetensors_string", ctx_safetensors_string},
-    {"write_safetensors", ctx_write_safetensors}, {"peft", ctx_peft},
-    {"write_peft", ctx_write_peft}, {"checkpoint", ctx_checkpoint},
-    {"pointer", ctx_pointer},
-    {"graph_begin", ctx_graph_begin}, {"graph_end", ctx_graph_end},
-    {NULL, NULL}};
-
-static const luaL_Reg buf_methods[] = {
-    {"shape", buf_shape},     {"describe", buf_describe},       {"data", buf_data},
-    {"write", buf_write},     {"read", buf_read},               {"fill_random", buf_fill_random},
-    {"fill", buf_fill},       {"compare", buf_compare},         {"context", obj_parent},
-    {NULL, NULL}};
-
-static const luaL_Reg layer_methods[] = {
-    {"config", layer_config},   {"randomize", layer_randomize}, {"set_weights", layer_set_weights},
-    {"set_expert", layer_set_expert}, {"weights", layer_weights}, {"pool", layer_pool},
-    {"forward", layer_forward}, {"reference", layer_reference}, {"context", obj_parent},
-    {NULL, NULL}};
-
-static const luaL_Reg pool_methods[] = {
-    {"config", pool_config}, {"load", pool_load}, {"load_random", pool_load_random},
-    {"unload", pool_unload}, {"slot_info", pool_slot_info}, {"layer", obj_parent},
-    {"load_named", pool_load_named}, {"load_peft", pool_load_peft},
-    {"unload_named", pool_unload_named}, {"find", pool_find}, {"slot_name", pool_slot_name},
-    {"pin", pool_pin}, {"unpin", pool_unpin}, {"pin_count", pool_pin_count},
-    {"touch", pool_touch}, {"memory", pool_memory}, {NULL, NULL}};
-
-static const luaL_Reg st_methods[] = {
-    {"count", st_count}, {"tensor", st_tensor}, {"tensors", st_tensors}, {"find", st_find},
-    {"read", st_read},   {"metadata", st_metadata}, {"context", obj_parent}, {NULL, NULL}};
-
-static const luaL_Reg peft_methods[] = {
-    {"info", peft_info}, {"layers", peft_layers}, {"inspect", peft_inspect},
-    {"layer_desc", peft_layer_desc}, {"context", obj_parent}, {NULL, NULL}};
-
-static const luaL_Reg ck_methods[] = {
-    {"layer_info", ck_layer_info}, {"load_layer", ck_load_layer}, {"context", obj_parent},
-    {NULL, NULL}};
-
-static const luaL_Reg batch_methods[] = {
-    {"set", batch_set}, {"info", batch_info}, {"offsets", batch_offsets},
-    {"active_slots", batch_active_slots}, {"context", obj_parent}, {NULL, NULL}};
-
-static const luaL_Reg graph_methods[] = {
-    {"launch", graph_launch}, {"context", obj_parent}, {NULL, NULL}};
-
-static const luaL_Reg *const kind_methods[K_COUNT] = {ctx_methods,  buf_methods, layer_methods,
-                                                      pool_methods, batch_methods, st_methods,
-                                                      peft_methods, ck_methods, graph_methods};
-
 static const luaL_Reg lib[] = {
-    {"version", l_version},       {"status_string", l_status_string}, {"has_cuda", l_has_cuda},
-    {"device_count", l_device_count}, {"device_info", l_device_info}, {"dtype_size", l_dtype_size},
-    {"dtype_name", l_dtype_name}, {"lora_scale", l_lora_scale},       {"now", l_now},
-    {"context", l_context},       {"adopt_context", l_adopt_context}, {NULL, NULL}};
+    {"version", l_version}, {"status_string", l_status_string}, {"has_cuda", l_has_cuda},
+    {"device_count", l_device_count}, {"device_get_info", l_device_get_info},
+    {"dtype_size", l_dtype_size}, {"dtype_name", l_dtype_name}, {"lora_scale", l_lora_scale},
+    {"now", l_now}, {"close", box_gc}, {"pointer", l_pointer}, {"address", l_address},
+    {"mem", l_mem}, {"pack", l_pack}, {"unpack", l_unpack},
+    {"context_create", l_context_create}, {"context_retain", l_context_retain},
+    {"context_is_live", l_context_is_live}, {"context_last_error", l_context_last_error},
+    {"context_backend", l_context_backend}, {"context_threads", l_context_threads},
+    {"context_guard", l_context_guard}, {"context_set_guard", l_context_set_guard},
+    {"context_stream", l_context_stream}, {"context_synchronize", l_context_synchronize},
+    {"context_counters", l_context_counters}, {"context_reset_counters", l_context_reset_counters},
+    {"buffer_create", l_buffer_create}, {"buffer_wrap", l_buffer_wrap},
+    {"buffer_describe", l_buffer_describe}, {"buffer_write", l_buffer_write},
+    {"buffer_read", l_buffer_read}, {"buffer_fill_random", l_buffer_fill_random},
+    {"buffer_fill", l_buffer_fill}, {"buffer_compare", l_buffer_compare},
+    {"layer_create", l_layer_create}, {"layer_get_config", l_layer_get_config},
+    {"layer_randomize", l_layer_randomize}, {"layer_set_weights", l_layer_set_weights},
+    {"layer_set_expert", l_layer_set_expert}, {"layer_weights", l_layer_weights},
+    {"pool_create", l_pool_create}, {"pool_get_config", l_pool_get_config},
+    {"pool_load_random", l_pool_load_random}, {"pool_load", l_pool_load},
+    {"pool_unload", l_pool_unload}, {"pool_slot_info", l_pool_slot_info},
+    {"pool_load_named", l_pool_load_named}, {"pool_load_peft", l_pool_load_peft},
+    {"pool_unload_named", l_pool_unload_named}, {"pool_find", l_pool_find},
+    {"pool_slot_name", l_pool_slot_name}, {"pool_pin", l_pool_pin}, {"pool_unpin", l_pool_unpin},
+    {"pool_pin_count", l_pool_pin_count}, {"pool_touch", l_pool_touch},
+    {"pool_get_memory", l_pool_get_memory},
+    {"batch_create", l_batch_create}, {"batch_set", l_batch_set}, {"batch_get_info", l_batch_get_info},
+    {"batch_offsets", l_batch_offsets}, {"batch_active_slots", l_batch_active_slots},
+    {"forward", l_forward}, {"reference_forward", l_reference_forward},
+    {"graph_begin", l_graph_begin}, {"graph_end", l_graph_end}, {"graph_launch", l_graph_launch},
+    {"safetensors_open", l_safetensors_open}, {"safetensors_open_memory", l_safetensors_open_memory},
+    {"safetensors_count", l_safetensors_count}, {"safetensors_tensor", l_safetensors_tensor},
+    {"safetensors_find", l_safetensors_find}, {"safetensors_read", l_safetensors_read},
+    {"safetensors_metadata_count", l_safetensors_metadata_count},
+    {"safetensors_metadata", l_safetensors_metadata}, {"safetensors_write", l_safetensors_write},
+    {"peft_open", l_peft_open}, {"peft_get_info", l_peft_get_info}, {"peft_layers", l_peft_layers},
+    {"peft_inspect", l_peft_inspect}, {"peft_layer_desc", l_peft_layer_desc},
+    {"peft_write_synthetic", l_peft_write_synthetic},
+    {"checkpoint_open", l_checkpoint_open}, {"checkpoint_get_layer_info", l_checkpoint_get_layer_info},
+    {"checkpoint_load_layer", l_checkpoint_load_layer},
+    {NULL, NULL}};
 
-/* Metatable for one kind; the methods table goes into `methods` (at mi) too. */
-static void make_kind(lua_State *L, int kind, int mi) {
-  luaL_newmetatable(L, kind_mt[kind]);
-  lua_newtable(L); /* methods */
-  lua_pushinteger(L, kind);
-  luaL_setfuncs(L, kind_methods[kind], 1); /* the upvalue is unused by most; harmless */
-  static const char *const common[] = {"close", "is_closed"};
-  lua_CFunction cf[] = {obj_close, obj_is_closed};
-  for (int i = 0; i < 2; i++) {
-    lua_pushinteger(L, kind);
-    lua_pushcclosure(L, cf[i], 1);
-    lua_setfield(L, -2, common[i]);
-  }
-  lua_pushvalue(L, -1);
-  lua_setfield(L, mi, kind_name[kind]);
-  lua_pushinteger(L, kind);
-  lua_pushcclosure(L, obj_index, 2); /* upvalues: methods, kind */
-  lua_setfield(L, -2, "__index");
-  lua_pushinteger(L, kind);
-  lua_pushcclosure(L, obj_gc, 1);
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -3, "__gc");
-  lua_setfield(L, -2, "__close");
-  lua_pushinteger(L, kind);
-  lua_pushcclosure(L, obj_tostring, 1);
-  lua_setfield(L, -2, "__tostring");
-  lua_pushliteral(L, "locked");
-  lua_setfield(L, -2, "__metatable");
-  lua_pop(L, 1);
-}
+/* Bound through other calls: lmoe_context_config_init (context_create),
+   lmoe_layer_config_init, lmoe_pool_config_init, lmoe_adapter_desc_init,
+   lmoe_random_adapter_init, lmoe_forward_args_init, lmoe_peft_info_init,
+   lmoe_peft_synthetic_init, lmoe_checkpoint_layer_info_init (the table defaults),
+   lmoe_*_release / *_close (the box's release function).
+   not bound: lmoe_context_config_init's allocator field (C callbacks; Lua never runs
+   from C callbacks). */
 
 #ifdef _WIN32
 __declspec(dllexport)
@@ -1972,24 +1188,22 @@ __attribute__((visibility("default")))
 #endif
 int luaopen_loramoe_core(lua_State *L) {
   luaL_checkversion(L);
+  luaL_newmetatable(L, BOX_MT);
+  lua_pushcfunction(L, box_gc);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -3, "__gc");
+  lua_setfield(L, -2, "__close");
+  lua_pushliteral(L, "locked");
+  lua_setfield(L, -2, "__metatable");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, MEM_MT);
+  lua_pushliteral(L, "locked");
+  lua_setfield(L, -2, "__metatable");
+  lua_pop(L, 1);
   luaL_newlib(L, lib);
-  lua_newtable(L);
-  int mi = lua_gettop(L);
-  for (int k = 0; k < K_COUNT; k++) make_kind(L, k, mi);
-  lua_setfield(L, -2, "methods");
-  /* Presets live in the registry so ctx:layer("name") finds them; the module exposes
-     the same table for the pure-Lua layer to fill. */
-  if (lua_getfield(L, LUA_REGISTRYINDEX, PRESETS_KEY) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_newtable(L);
-    lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, PRESETS_KEY);
-  }
-  lua_setfield(L, -2, "presets");
-  lua_pushliteral(L, LMOE_LUA_NAME);
+  lua_pushliteral(L, "loramoe.core");
   lua_setfield(L, -2, "_NAME");
-  lua_pushfstring(L, "%d.%d.%d", (int)LMOE_VERSION_MAJOR, (int)LMOE_VERSION_MINOR,
-                  (int)LMOE_VERSION_PATCH);
+  lua_pushfstring(L, "%d.%d.%d", (int)LMOE_VERSION_MAJOR, (int)LMOE_VERSION_MINOR, (int)LMOE_VERSION_PATCH);
   lua_setfield(L, -2, "_VERSION");
   lua_pushliteral(L, "lua5.4");
   lua_setfield(L, -2, "runtime");

@@ -9,7 +9,8 @@ assert(core._VERSION == core.version(), "module and library versions agree")
 -- The pure-Lua API resolves through the package.path the CLI set up.
 local found = assert(package.searchpath("loramoe", package.path))
 assert(found:match("loramoe[/\\]init%.lua$"), "require 'loramoe' finds the Lua files: " .. found)
-assert(type(require "loramoe") == "table")
+local lm = require "loramoe"
+assert(type(lm) == "table" and lm.core == core, "the API runs over the built-in core")
 
 -- Fresh inputs every run unless a seed is given ("-": pick one); printed so a failure
 -- can be replayed.
@@ -17,7 +18,7 @@ local seed = math.tointeger(tonumber(arg[1] or "")) or os.time()
 local backend = arg[2] or "cpu"
 print("seed", seed, "backend", backend)
 
-local ctx = assert(core.context { backend = backend, threads = 2 })
+local ctx = assert(lm.context { backend = backend, threads = 2 })
 local E, H, I, K, M = 8, 64, 32, 2, 40
 local layer = assert(ctx:layer { experts = E, hidden = H, intermediate = I, top_k = K, max_tokens = M })
 assert(layer:randomize(seed, 0.1))

@@ -1,49 +1,31 @@
 -- loramoe: the Lua API. `local lm = require "loramoe"`.
 --
--- Picks the core for the running VM: under LuaJIT the FFI binding (loramoe.ffi_core),
--- under Lua 5.4 the C module (loramoe.core). Both expose the same functions and
--- objects; this file adds what is plain Lua on top of either (presets, helpers), so
--- it behaves the same under both. docs/lua.md is the reference.
-local core
-if rawget(_G, "jit") then
-  core = require "loramoe.ffi_core"
-else
-  core = require "loramoe.core"
-end
+-- The API is loramoe.api, written once in Lua over a raw core picked for the running
+-- VM: under LuaJIT the FFI binding (loramoe.ffi_core), under Lua 5.4 the C module
+-- (loramoe.core); both expose the C functions of loramoe.h one to one. This file adds
+-- the helpers that need no core (lm.assert, lm.requests, lm.adapter.load, ...).
+-- docs/lua.md is the reference.
+local api = require "loramoe.api"
+local core = api.core
 
 local lm = {}
-for k, v in pairs(core) do lm[k] = v end
+for _, k in ipairs { "version", "status_string", "has_cuda", "device_count", "device_info", "dtype_size",
+  "dtype_name", "lora_scale", "now", "context", "adopt_context" } do
+  lm[k] = api[k]
+end
 lm._NAME = "loramoe"
 lm._VERSION = core._VERSION
-lm.core = core
-lm.runtime = core.runtime -- "lua5.4" or "luajit"
+lm.core = core             -- the raw core: loramoe.core (C module) or loramoe.ffi_core
+lm.runtime = core.runtime  -- "lua5.4" or "luajit"
+lm.methods = api.methods   -- methods of each kind of object, by kind
+lm.presets = api.presets   -- ctx:layer looks names up here: add your own
 
 lm.dtypes = { "bf16", "f16", "f32", "f64", "i32" }
 lm.guards = { "host", "device_sync", "always" }
 lm.backends = { "auto", "cpu", "cuda" }
 
--- Shapes of PERFORMANCE.md. ctx:layer("name") and ctx:layer{preset = "name", ...}
--- look names up in this table (shared with the core), so presets added here work too.
-local presets = core.presets
-presets.tiny = { experts = 16, hidden = 256, intermediate = 128, top_k = 2, layers = 4 }
-presets["qwen3-30b-a3b"] = { experts = 128, hidden = 2048, intermediate = 768, top_k = 8, layers = 48 }
-presets["mixtral-8x7b"] = { experts = 8, hidden = 4096, intermediate = 14336, top_k = 2, layers = 32 }
-lm.presets = presets
-
-local M = core.methods
 local format = string.format
-
--- Raises msg at the first caller outside loramoe's Lua files.
-local function raise(msg)
-  local lvl = 2
-  while true do
-    local info = debug.getinfo(lvl, "S")
-    if not info then return error(msg, 0) end
-    if not info.source:find("loramoe[/\\][%w_]+%.lua$") then break end
-    lvl = lvl + 1
-  end
-  error(msg, lvl)
-end
+local raise = api.raise
 
 -- ------------------------------------------------------------------ helpers
 
@@ -52,53 +34,6 @@ end
 function lm.assert(v, msg, ...)
   if v == nil or v == false then raise(msg or "assertion failed!") end
   return v, msg, ...
-end
-
--- Random inputs for a forward of `tokens` tokens through `layer`, made in the layer's
--- context: x [M, H] bf16 in [-1, 1), router logits [M, E] f32 in [-4, 4), out [M, H] bf16.
--- Returns a table ready for layer:forward (add pool and batch), or nil, msg, code.
-function M.layer.inputs(layer, tokens, seed)
-  if type(tokens) ~= "number" or tokens < 0 or tokens ~= math.floor(tokens) then
-    raise(format("bad argument #1 to 'inputs' (tokens must be a non-negative integer)"))
-  end
-  seed = seed or 1
-  local c = layer:config()
-  local ctx = layer:context()
-  local x, err, code = ctx:buffer("bf16", { tokens, c.hidden })
-  if not x then return nil, err, code end
-  local logits
-  logits, err, code = ctx:buffer("f32", { tokens, c.experts })
-  if not logits then return nil, err, code end
-  local out
-  out, err, code = ctx:buffer("bf16", { tokens, c.hidden })
-  if not out then return nil, err, code end
-  local ok
-  ok, err, code = x:fill_random(seed * 2 + 1, -1, 1)
-  if not ok then return nil, err, code end
-  ok, err, code = logits:fill_random(seed * 2 + 2, -4, 4)
-  if not ok then return nil, err, code end
-  return { x = x, logits = logits, out = out }
-end
-
--- Runs the float64 reference on the same arguments as a forward and compares
--- args.out with it: returns the compare table {rel_l2=, max_abs=, ...}, or nil, msg, code.
--- The reference's output is an f64 host buffer [M, H], closed before returning.
-function M.layer.check(layer, args)
-  if type(args) ~= "table" then raise("bad argument #1 to 'check' (table expected, got " .. type(args) .. ")") end
-  local shape = args.out and args.out:shape()
-  if not shape then raise("bad argument #1 to 'check' (field 'out' is missing (a loramoe.buffer))") end
-  local ref, err, code = layer:context():buffer("f64", shape, "host")
-  if not ref then return nil, err, code end
-  local rargs = {}
-  for k, v in pairs(args) do rargs[k] = v end
-  rargs.out = ref
-  local ok
-  ok, err, code = layer:reference(rargs)
-  local res
-  if ok then res, err, code = args.out:compare(ref) end
-  ref:close()
-  if not res then return nil, err, code end
-  return res
 end
 
 -- Requests for batch:set from a compact form: lm.requests({128, 64, 32}, {0, nil, 1})
