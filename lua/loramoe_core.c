@@ -23,6 +23,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -195,40 +196,6 @@ static void *opt_ptr(lua_State *L, int idx) {
   return lua_touserdata(L, idx);
 }
 
-/* Field k of the table at t as an int32 (def when nil). */
-static int32_t field_i32(lua_State *L, int t, const char *k, int32_t def) {
-  lua_Integer v = def;
-  if (lua_getfield(L, t, k) != LUA_TNIL) {
-    int isint = 0;
-    v = lua_tointegerx(L, -1, &isint);
-    if (!isint || lua_type(L, -1) != LUA_TNUMBER || v < INT32_MIN || v > INT32_MAX)
-      luaL_error(L, "loramoe.core: field '%s' must be an int32", k);
-  }
-  lua_pop(L, 1);
-  return (int32_t)v;
-}
-
-static double field_num(lua_State *L, int t, const char *k, double def) {
-  double v = def;
-  if (lua_getfield(L, t, k) != LUA_TNIL) {
-    if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "loramoe.core: field '%s' must be a number", k);
-    v = lua_tonumber(L, -1);
-  }
-  lua_pop(L, 1);
-  return v;
-}
-
-static uint64_t field_u64(lua_State *L, int t, const char *k, uint64_t def) {
-  uint64_t v = def;
-  if (lua_getfield(L, t, k) != LUA_TNIL) {
-    int isint = 0;
-    v = (uint64_t)lua_tointegerx(L, -1, &isint);
-    if (!isint || lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "loramoe.core: field '%s' must be an integer", k);
-  }
-  lua_pop(L, 1);
-  return v;
-}
-
 /* A shape list of 1..max non-negative integers (read raw). */
 static int check_shape(lua_State *L, int idx, int64_t *shape, int max) {
   luaL_checktype(L, idx, LUA_TTABLE);
@@ -253,9 +220,60 @@ static int64_t mul3(int64_t a, int64_t b, int64_t c) {
   return abc;
 }
 
-static void set_int(lua_State *L, const char *k, lua_Integer v) { lua_pushinteger(L, v); lua_setfield(L, -2, k); }
-static void set_num(lua_State *L, const char *k, lua_Number v) { lua_pushnumber(L, v); lua_setfield(L, -2, k); }
-static void set_str(lua_State *L, const char *k, const char *v) { lua_pushstring(L, v ? v : ""); lua_setfield(L, -2, k); }
+/* Structs <-> tables by field lists: name, offset, type ('i' int32, 'I' int64, 'u'
+   uint64, 'f' float, 'd' double, 's' const char *, 'p' pointer). */
+typedef struct fld { const char *k; size_t off; char t; } fld;
+#define F(S, m, t) {#m, offsetof(S, m), t}
+
+static void push_struct(lua_State *L, const fld *f, const void *s) {
+  const char *b = (const char *)s;
+  lua_newtable(L);
+  for (; f->k; f++) {
+    const void *v = b + f->off;
+    switch (f->t) {
+    case 'i': lua_pushinteger(L, *(const int32_t *)v); break;
+    case 'I': lua_pushinteger(L, *(const int64_t *)v); break;
+    case 'u': lua_pushinteger(L, (lua_Integer) * (const uint64_t *)v); break;
+    case 'f': lua_pushnumber(L, *(const float *)v); break;
+    case 'd': lua_pushnumber(L, *(const double *)v); break;
+    case 's': lua_pushstring(L, *(const char *const *)v ? *(const char *const *)v : ""); break;
+    default: lua_pushlightuserdata(L, *(void *const *)v); break;
+    }
+    lua_setfield(L, -2, f->k);
+  }
+}
+
+/* Sets the fields of s that the table at t has (others keep the defaults); strings
+   stay referenced by the table, which the caller keeps on the stack. */
+static void get_struct(lua_State *L, int t, const fld *f, void *s) {
+  char *b = (char *)s;
+  luaL_checktype(L, t, LUA_TTABLE);
+  for (; f->k; f++) {
+    int ty = lua_getfield(L, t, f->k), isint = 1;
+    void *v = b + f->off;
+    lua_Integer i = f->t == 'i' || f->t == 'u' || f->t == 'I' ? lua_tointegerx(L, -1, &isint) : 0;
+    if (ty == LUA_TNIL) {
+    } else if ((f->t == 'i' || f->t == 'u' || f->t == 'I') && (ty != LUA_TNUMBER || !isint)) {
+      luaL_error(L, "loramoe.core: field '%s' must be an integer", f->k);
+    } else if (f->t == 'i') {
+      if (i < INT32_MIN || i > INT32_MAX) luaL_error(L, "loramoe.core: field '%s' out of the int32 range", f->k);
+      *(int32_t *)v = (int32_t)i;
+    } else if (f->t == 'u' || f->t == 'I') {
+      *(int64_t *)v = (int64_t)i;
+    } else if (f->t == 'f' || f->t == 'd') {
+      if (ty != LUA_TNUMBER) luaL_error(L, "loramoe.core: field '%s' must be a number", f->k);
+      if (f->t == 'f') *(float *)v = (float)lua_tonumber(L, -1);
+      else *(double *)v = lua_tonumber(L, -1);
+    } else if (f->t == 's') {
+      if (ty != LUA_TSTRING) luaL_error(L, "loramoe.core: field '%s' must be a string", f->k);
+      *(const char **)v = lua_tostring(L, -1);
+    } else {
+      if (ty != LUA_TLIGHTUSERDATA) luaL_error(L, "loramoe.core: field '%s' must be a pointer", f->k);
+      *(void **)v = lua_touserdata(L, -1);
+    }
+    lua_pop(L, 1);
+  }
+}
 
 /* status, then the n values already pushed (or nothing but the status on failure). */
 static int ret(lua_State *L, lmoe_status st, int n) {
@@ -270,6 +288,22 @@ static int ret(lua_State *L, lmoe_status st, int n) {
 
 static int ret_st(lua_State *L, lmoe_status st) { return ret(L, st, 0); }
 
+/* status, then the struct s as a table (only the status on failure). */
+static int ret_struct(lua_State *L, lmoe_status st, const fld *f, const void *s) {
+  if (st == LMOE_OK) push_struct(L, f, s);
+  return ret(L, st, st == LMOE_OK);
+}
+
+/* An empty box of kind, then call with &out: status, box. */
+#define CREATE(kind, rel, keep, T, call)                                                   \
+  do {                                                                                     \
+    lbox *b_ = newbox(L, kind, rel, keep);                                                 \
+    T *out = NULL;                                                                         \
+    lmoe_status st_ = (call);                                                              \
+    b_->h = out;                                                                           \
+    return ret(L, st_, 1);                                                                 \
+  } while (0)
+
 /* ------------------------------------------------------------------ library */
 
 static int l_version(lua_State *L) { lua_pushstring(L, lmoe_version()); return 1; }
@@ -281,20 +315,18 @@ static int l_device_count(lua_State *L) {
   lua_pushinteger(L, n);
   return ret(L, st, 1);
 }
+static const fld device_f[] = {F(lmoe_device_info, cc_major, 'i'), F(lmoe_device_info, cc_minor, 'i'),
+  F(lmoe_device_info, sm_count, 'i'), F(lmoe_device_info, memory_bytes, 'I'), F(lmoe_device_info, l2_bytes, 'I'), {0}};
 static int l_device_get_info(lua_State *L) {
-  lmoe_device_info i;
-  memset(&i, 0, sizeof i);
-  i.struct_size = sizeof i;
+  lmoe_device_info i = {.struct_size = sizeof i};
   lmoe_status st = lmoe_device_get_info(check_i32(L, 1), &i);
-  lua_newtable(L);
-  i.name[sizeof i.name - 1] = 0;
-  set_str(L, "name", i.name);
-  set_int(L, "cc_major", i.cc_major);
-  set_int(L, "cc_minor", i.cc_minor);
-  set_int(L, "sm_count", i.sm_count);
-  set_int(L, "memory_bytes", i.memory_bytes);
-  set_int(L, "l2_bytes", i.l2_bytes);
-  return ret(L, st, 1);
+  int n = ret_struct(L, st, device_f, &i);
+  if (st == LMOE_OK) {
+    i.name[sizeof i.name - 1] = 0;
+    lua_pushstring(L, i.name);
+    lua_setfield(L, -2, "name");
+  }
+  return n;
 }
 static int l_dtype_size(lua_State *L) { lua_pushinteger(L, (lua_Integer)lmoe_dtype_size(check_i32(L, 1))); return 1; }
 static int l_dtype_name(lua_State *L) { lua_pushstring(L, lmoe_dtype_name(check_i32(L, 1))); return 1; }
@@ -311,17 +343,14 @@ static int l_now(lua_State *L) {
 
 /* ------------------------------------------------------------------ context */
 
+static const fld context_f[] = {F(lmoe_context_config, backend, 'i'), F(lmoe_context_config, device, 'i'),
+  F(lmoe_context_config, threads, 'i'), F(lmoe_context_config, guard, 'i'), F(lmoe_context_config, stream, 'p'), {0}};
+
 /* context_create{backend=, device=, threads=, guard=, stream=} -> st, box | st, message */
 static int l_context_create(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
-  cfg.backend = field_i32(L, 1, "backend", cfg.backend);
-  cfg.device = field_i32(L, 1, "device", cfg.device);
-  cfg.threads = field_i32(L, 1, "threads", cfg.threads);
-  cfg.guard = field_i32(L, 1, "guard", cfg.guard);
-  lua_getfield(L, 1, "stream");
-  cfg.stream = opt_ptr(L, -1);
+  get_struct(L, 1, context_f, &cfg);
   lbox *b = newbox(L, "context", rel_context_release, 0);
   char err[256] = "";
   lmoe_context *ctx = NULL;
@@ -335,19 +364,18 @@ static int l_context_create(lua_State *L) {
   return ret(L, st, 1);
 }
 
-/* context_retain(ptr) -> box: a new reference to a live context (the API checks it
-   with context_is_live first). */
+static int l_context_is_live(lua_State *L) {
+  lua_pushboolean(L, lua_islightuserdata(L, 1) && lmoe_context_is_live(lua_touserdata(L, 1)));
+  return 1;
+}
+
+/* context_retain(ptr) -> box: a new reference to a live context. */
 static int l_context_retain(lua_State *L) {
   void *p = opt_ptr(L, 1);
   if (!p || !lmoe_context_is_live(p)) luaL_argerror(L, 1, "not a live loramoe context");
   lbox *b = newbox(L, "context", rel_context_release, 0);
   lmoe_context_retain((lmoe_context *)p);
   b->h = p;
-  return 1;
-}
-
-static int l_context_is_live(lua_State *L) {
-  lua_pushboolean(L, lua_islightuserdata(L, 1) && lmoe_context_is_live(lua_touserdata(L, 1)));
   return 1;
 }
 
@@ -358,33 +386,27 @@ static int l_address(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)(uintptr_t)lua_touserdata(L, 1));
   return 1;
 }
+
 #define CTX(i) ((lmoe_context *)checkh(L, i, "context"))
 static int l_context_last_error(lua_State *L) { lua_pushstring(L, lmoe_context_last_error(CTX(1))); return 1; }
 static int l_context_backend(lua_State *L) { lua_pushinteger(L, lmoe_context_backend(CTX(1))); return 1; }
 static int l_context_threads(lua_State *L) { lua_pushinteger(L, lmoe_context_threads(CTX(1))); return 1; }
 static int l_context_guard(lua_State *L) { lua_pushinteger(L, lmoe_context_guard(CTX(1))); return 1; }
-static int l_context_set_guard(lua_State *L) { return ret_st(L, lmoe_context_set_guard(CTX(1), check_i32(L, 2))); }
+static int l_context_set_guard(lua_State *L) { lmoe_context *c = CTX(1); return ret_st(L, lmoe_context_set_guard(c, check_i32(L, 2))); }
 static int l_context_stream(lua_State *L) {
   void *s = lmoe_context_stream(CTX(1));
   if (!s) return 0;
   lua_pushlightuserdata(L, s);
   return 1;
 }
-static int l_context_synchronize(lua_State *L) { return ret_st(L, lmoe_context_synchronize(CTX(1), opt_ptr(L, 2))); }
+static int l_context_synchronize(lua_State *L) { lmoe_context *c = CTX(1); return ret_st(L, lmoe_context_synchronize(c, opt_ptr(L, 2))); }
 static int l_context_reset_counters(lua_State *L) { lmoe_context_reset_counters(CTX(1)); return 0; }
+static const fld counters_f[] = {F(lmoe_counters, forwards, 'u'), F(lmoe_counters, launches, 'u'),
+  F(lmoe_counters, lora_launches, 'u'), F(lmoe_counters, host_waits, 'u'), F(lmoe_counters, uploads, 'u'),
+  F(lmoe_counters, bytes_uploaded, 'u'), F(lmoe_counters, downloads, 'u'), {0}};
 static int l_context_counters(lua_State *L) {
-  lmoe_counters c;
-  memset(&c, 0, sizeof c);
-  lmoe_status st = lmoe_context_counters(CTX(1), &c);
-  lua_newtable(L);
-  set_int(L, "forwards", (lua_Integer)c.forwards);
-  set_int(L, "launches", (lua_Integer)c.launches);
-  set_int(L, "lora_launches", (lua_Integer)c.lora_launches);
-  set_int(L, "host_waits", (lua_Integer)c.host_waits);
-  set_int(L, "uploads", (lua_Integer)c.uploads);
-  set_int(L, "bytes_uploaded", (lua_Integer)c.bytes_uploaded);
-  set_int(L, "downloads", (lua_Integer)c.downloads);
-  return ret(L, st, 1);
+  lmoe_counters c = {0};
+  return ret_struct(L, lmoe_context_counters(CTX(1), &c), counters_f, &c);
 }
 
 /* ------------------------------------------------------------------ buffers */
@@ -396,11 +418,7 @@ static int l_buffer_create(lua_State *L) {
   int32_t dtype = check_i32(L, 2), memory = check_i32(L, 3);
   int64_t shape[LMOE_MAX_DIMS];
   int nd = check_shape(L, 4, shape, LMOE_MAX_DIMS);
-  lbox *b = newbox(L, "buffer", rel_buffer_release, 0);
-  lmoe_buffer *out = NULL;
-  lmoe_status st = lmoe_buffer_create(ctx, dtype, memory, nd, shape, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("buffer", rel_buffer_release, 0, lmoe_buffer, lmoe_buffer_create(ctx, dtype, memory, nd, shape, &out));
 }
 
 /* buffer_wrap(ctx, dtype, memory, shape, ptr, owner): the API checks that ptr lies in
@@ -411,46 +429,41 @@ static int l_buffer_wrap(lua_State *L) {
   int64_t shape[LMOE_MAX_DIMS];
   int nd = check_shape(L, 4, shape, LMOE_MAX_DIMS);
   void *p = opt_ptr(L, 5);
-  lbox *b = newbox(L, "buffer", rel_buffer_release, 6);
-  lmoe_buffer *out = NULL;
-  lmoe_status st = lmoe_buffer_wrap(ctx, dtype, memory, nd, shape, p, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("buffer", rel_buffer_release, 6, lmoe_buffer, lmoe_buffer_wrap(ctx, dtype, memory, nd, shape, p, &out));
+}
+
+static const fld desc_f[] = {F(lmoe_buffer_desc, dtype, 'i'), F(lmoe_buffer_desc, memory, 'i'),
+  F(lmoe_buffer_desc, ndim, 'i'), F(lmoe_buffer_desc, numel, 'I'), F(lmoe_buffer_desc, bytes, 'u'),
+  F(lmoe_buffer_desc, data, 'p'), {0}};
+
+/* A list of the first n entries of an int64 array, as field k of the table on top. */
+static void set_dims(lua_State *L, const char *k, const int64_t *d, int n) {
+  lua_createtable(L, n, 0);
+  for (int i = 0; i < n; i++) {
+    lua_pushinteger(L, d[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, k);
 }
 
 static int l_buffer_describe(lua_State *L) {
-  lmoe_buffer_desc d;
-  memset(&d, 0, sizeof d);
+  lmoe_buffer_desc d = {0};
   lmoe_status st = lmoe_buffer_describe(BUF(1), &d);
-  lua_newtable(L);
-  set_int(L, "dtype", d.dtype);
-  set_int(L, "memory", d.memory);
-  set_int(L, "ndim", d.ndim);
-  set_int(L, "numel", d.numel);
-  set_int(L, "bytes", (lua_Integer)d.bytes);
-  lua_createtable(L, d.ndim, 0);
-  for (int i = 0; i < d.ndim && i < LMOE_MAX_DIMS; i++) {
-    lua_pushinteger(L, d.shape[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-  lua_setfield(L, -2, "shape");
-  lua_pushlightuserdata(L, d.data);
-  lua_setfield(L, -2, "data");
-  return ret(L, st, 1);
+  int n = ret_struct(L, st, desc_f, &d);
+  if (st == LMOE_OK) set_dims(L, "shape", d.shape, d.ndim < LMOE_MAX_DIMS ? d.ndim : LMOE_MAX_DIMS);
+  return n;
 }
 
 /* buffer_write(buf, offset, mem, count) / buffer_read(...): f64 values. */
 static int l_buffer_write(lua_State *L) {
   lmoe_buffer *b = BUF(1);
   lua_Integer off = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 4);
-  const void *src = checkmem(L, 3, M_F64, n);
-  return ret_st(L, lmoe_buffer_write(b, off, src, LMOE_DTYPE_F64, n));
+  return ret_st(L, lmoe_buffer_write(b, off, checkmem(L, 3, M_F64, n), LMOE_DTYPE_F64, n));
 }
 static int l_buffer_read(lua_State *L) {
   lmoe_buffer *b = BUF(1);
   lua_Integer off = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 4);
-  void *dst = checkmem(L, 3, M_F64, n);
-  return ret_st(L, lmoe_buffer_read(b, off, dst, LMOE_DTYPE_F64, n));
+  return ret_st(L, lmoe_buffer_read(b, off, checkmem(L, 3, M_F64, n), LMOE_DTYPE_F64, n));
 }
 static int l_buffer_fill_random(lua_State *L) {
   lmoe_buffer *b = BUF(1);
@@ -461,39 +474,26 @@ static int l_buffer_fill(lua_State *L) {
   lmoe_buffer *b = BUF(1);
   return ret_st(L, lmoe_buffer_fill(b, (float)luaL_checknumber(L, 2), opt_ptr(L, 3)));
 }
+static const fld compare_f[] = {F(lmoe_compare_result, rel_l2, 'd'), F(lmoe_compare_result, max_abs, 'd'),
+  F(lmoe_compare_result, ref_l2, 'd'), F(lmoe_compare_result, nonfinite, 'I'), F(lmoe_compare_result, numel, 'I'), {0}};
 static int l_buffer_compare(lua_State *L) {
-  lmoe_compare_result r;
-  memset(&r, 0, sizeof r);
-  lmoe_status st = lmoe_buffer_compare(BUF(1), BUF(2), &r);
-  lua_newtable(L);
-  set_num(L, "rel_l2", r.rel_l2);
-  set_num(L, "max_abs", r.max_abs);
-  set_num(L, "ref_l2", r.ref_l2);
-  set_int(L, "nonfinite", (lua_Integer)r.nonfinite);
-  set_int(L, "numel", (lua_Integer)r.numel);
-  return ret(L, st, 1);
+  lmoe_compare_result r = {0};
+  return ret_struct(L, lmoe_buffer_compare(BUF(1), BUF(2), &r), compare_f, &r);
 }
 
 /* ------------------------------------------------------------------ layers */
 
 #define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
+static const fld layer_f[] = {F(lmoe_layer_config, num_experts, 'i'), F(lmoe_layer_config, hidden, 'i'),
+  F(lmoe_layer_config, intermediate, 'i'), F(lmoe_layer_config, top_k, 'i'),
+  F(lmoe_layer_config, renormalize, 'i'), F(lmoe_layer_config, max_tokens, 'i'), {0}};
 
 static int l_layer_create(lua_State *L) {
   lmoe_context *ctx = CTX(1);
-  luaL_checktype(L, 2, LUA_TTABLE);
   lmoe_layer_config c;
   lmoe_layer_config_init(&c);
-  c.num_experts = field_i32(L, 2, "num_experts", c.num_experts);
-  c.hidden = field_i32(L, 2, "hidden", c.hidden);
-  c.intermediate = field_i32(L, 2, "intermediate", c.intermediate);
-  c.top_k = field_i32(L, 2, "top_k", c.top_k);
-  c.renormalize = field_i32(L, 2, "renormalize", c.renormalize);
-  c.max_tokens = field_i32(L, 2, "max_tokens", c.max_tokens);
-  lbox *b = newbox(L, "layer", rel_layer_release, 0);
-  lmoe_layer *out = NULL;
-  lmoe_status st = lmoe_layer_create(ctx, &c, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  get_struct(L, 2, layer_f, &c);
+  CREATE("layer", rel_layer_release, 0, lmoe_layer, lmoe_layer_create(ctx, &c, &out));
 }
 
 static lmoe_status layer_config(lmoe_layer *l, lmoe_layer_config *c) {
@@ -504,15 +504,7 @@ static lmoe_status layer_config(lmoe_layer *l, lmoe_layer_config *c) {
 
 static int l_layer_get_config(lua_State *L) {
   lmoe_layer_config c;
-  lmoe_status st = layer_config(LAYER(1), &c);
-  lua_newtable(L);
-  set_int(L, "num_experts", c.num_experts);
-  set_int(L, "hidden", c.hidden);
-  set_int(L, "intermediate", c.intermediate);
-  set_int(L, "top_k", c.top_k);
-  set_int(L, "renormalize", c.renormalize);
-  set_int(L, "max_tokens", c.max_tokens);
-  return ret(L, st, 1);
+  return ret_struct(L, layer_config(LAYER(1), &c), layer_f, &c);
 }
 
 static int l_layer_randomize(lua_State *L) {
@@ -538,9 +530,9 @@ static int l_layer_set_expert(lua_State *L) {
   lmoe_layer_config c;
   lmoe_status st = layer_config(l, &c);
   if (st) return ret_st(L, st);
-  int64_t n = mul3(c.intermediate, c.hidden, 1);
   const void *p[3];
-  for (int i = 0; i < 3; i++) p[i] = lua_isnoneornil(L, 3 + i) ? NULL : checkmem(L, 3 + i, M_F64, n);
+  for (int i = 0; i < 3; i++)
+    p[i] = lua_isnoneornil(L, 3 + i) ? NULL : checkmem(L, 3 + i, M_F64, mul3(c.intermediate, c.hidden, 1));
   return ret_st(L, lmoe_layer_set_expert(l, e, p[0], p[1], p[2], LMOE_DTYPE_F64));
 }
 
@@ -548,94 +540,76 @@ static int l_layer_set_expert(lua_State *L) {
 static int l_layer_weights(lua_State *L) {
   lmoe_layer *l = LAYER(1);
   int32_t which = check_i32(L, 2);
-  lbox *b = newbox(L, "buffer", NULL, 1);
-  lmoe_buffer *out = NULL;
-  lmoe_status st = lmoe_layer_weights(l, which, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("buffer", NULL, 1, lmoe_buffer, lmoe_layer_weights(l, which, &out));
 }
 
 /* ------------------------------------------------------------------ pools */
 
 #define POOL(i) ((lmoe_pool *)checkh(L, i, "pool"))
+static const fld pool_f[] = {F(lmoe_pool_config, num_slots, 'i'), F(lmoe_pool_config, max_rank, 'i'), {0}};
 
 /* pool_create(layer, {num_slots=, max_rank=}) -> st, box. The box keeps the layer's
    shapes (E, H, I as an i32 mem): pool_load checks arrays against them, and they stay
    right when the layer's own box is closed (the library keeps the layer for the pool). */
 static int l_pool_create(lua_State *L) {
   lmoe_layer *l = LAYER(1);
-  luaL_checktype(L, 2, LUA_TTABLE);
   lmoe_pool_config c;
   lmoe_pool_config_init(&c);
-  c.num_slots = field_i32(L, 2, "num_slots", c.num_slots);
-  c.max_rank = field_i32(L, 2, "max_rank", c.max_rank);
+  get_struct(L, 2, pool_f, &c);
   lmoe_layer_config lc;
   if (layer_config(l, &lc)) luaL_error(L, "loramoe.core: the layer has no config");
   int32_t *dims = (int32_t *)newmem(L, M_I32, 3)->data;
   dims[0] = lc.num_experts;
   dims[1] = lc.hidden;
   dims[2] = lc.intermediate;
-  lbox *b = newbox(L, "pool", rel_pool_release, -1);
-  lmoe_pool *out = NULL;
-  lmoe_status st = lmoe_pool_create(l, &c, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("pool", rel_pool_release, -1, lmoe_pool, lmoe_pool_create(l, &c, &out));
 }
 
 static int l_pool_get_config(lua_State *L) {
-  lmoe_pool_config c;
-  memset(&c, 0, sizeof c);
-  c.struct_size = sizeof c;
-  lmoe_status st = lmoe_pool_get_config(POOL(1), &c);
-  lua_newtable(L);
-  set_int(L, "num_slots", c.num_slots);
-  set_int(L, "max_rank", c.max_rank);
-  return ret(L, st, 1);
+  lmoe_pool_config c = {.struct_size = sizeof c};
+  return ret_struct(L, lmoe_pool_get_config(POOL(1), &c), pool_f, &c);
 }
 
+static const fld random_f[] = {F(lmoe_random_adapter, targets, 'i'), F(lmoe_random_adapter, fused, 'i'),
+  F(lmoe_random_adapter, rank, 'i'), F(lmoe_random_adapter, alpha, 'f'), F(lmoe_random_adapter, use_rslora, 'i'),
+  F(lmoe_random_adapter, seed, 'u'), F(lmoe_random_adapter, scale, 'f'), {0}};
 static int l_pool_load_random(lua_State *L) {
   lmoe_pool *p = POOL(1);
   int32_t slot = check_i32(L, 2);
-  luaL_checktype(L, 3, LUA_TTABLE);
   lmoe_random_adapter s;
   lmoe_random_adapter_init(&s);
-  s.targets = field_i32(L, 3, "targets", s.targets);
-  s.fused = field_i32(L, 3, "fused", s.fused);
-  s.rank = field_i32(L, 3, "rank", s.rank);
-  s.alpha = (float)field_num(L, 3, "alpha", s.alpha);
-  s.use_rslora = field_i32(L, 3, "use_rslora", s.use_rslora);
-  s.seed = field_u64(L, 3, "seed", s.seed);
-  s.scale = (float)field_num(L, 3, "scale", s.scale);
+  get_struct(L, 3, random_f, &s);
   return ret_st(L, lmoe_pool_load_random(p, slot, &s));
 }
 
 /* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
    rank=, scale=}) for the pool at idx: every array is checked to hold what C reads
-   for the pool's layer (its shapes are the pool box's uservalue). The mems stay referenced
-   by t, on the stack, during the call. */
+   for the pool's layer (its shapes are the pool box's uservalue). The mems stay
+   referenced by t, on the stack, during the call. */
 static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
   luaL_checktype(L, t, LUA_TTABLE);
   lua_getiuservalue(L, pool, 1);
   const int32_t *dims = (const int32_t *)checkmem(L, -1, M_I32, 3);
-  lmoe_layer_config c = {.num_experts = dims[0], .hidden = dims[1], .intermediate = dims[2]};
+  int64_t E = dims[0], H = dims[1], I = dims[2];
   lua_pop(L, 1); /* the box keeps it */
   lmoe_adapter_desc_init(d);
   d->dtype = LMOE_DTYPE_F64;
   static const char *const names[] = {"gate", "up", "gate_up", "down"};
   lmoe_lora_part *parts[] = {&d->gate, &d->up, &d->gate_up, &d->down};
-  int64_t in[] = {c.hidden, c.hidden, c.hidden, c.intermediate};
-  int64_t out[] = {c.intermediate, c.intermediate, 2 * (int64_t)c.intermediate, c.hidden};
+  int64_t in[] = {H, H, H, I}, out[] = {I, I, 2 * I, H};
   for (int i = 0; i < 4; i++) {
     if (lua_getfield(L, t, names[i]) == LUA_TTABLE) {
       int pi = lua_gettop(L);
-      int32_t r = field_i32(L, pi, "rank", 0);
+      lua_getfield(L, pi, "rank");
+      lua_getfield(L, pi, "scale");
       lua_getfield(L, pi, "a");
       lua_getfield(L, pi, "b");
-      parts[i]->a = checkmem(L, pi + 1, M_F64, mul3(c.num_experts, r, in[i]));
-      parts[i]->b = checkmem(L, pi + 2, M_F64, mul3(c.num_experts, out[i], r));
+      int32_t r = check_i32(L, pi + 1);
       parts[i]->rank = r;
-      parts[i]->scale = (float)field_num(L, pi, "scale", 1.0);
-      lua_pop(L, 2);
+      parts[i]->scale = (float)luaL_checknumber(L, pi + 2);
+      parts[i]->a = checkmem(L, pi + 3, M_F64, mul3(E, r, in[i]));
+      parts[i]->b = checkmem(L, pi + 4, M_F64, mul3(E, out[i], r));
+      lua_pop(L, 4);
     }
     lua_pop(L, 1);
   }
@@ -660,27 +634,15 @@ static int l_pool_load_named(lua_State *L) {
   return ret(L, st, 1);
 }
 
-static int l_pool_unload(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload(p, check_i32(L, 2))); }
-
+static const fld slot_f[] = {F(lmoe_slot_info, loaded, 'i'), F(lmoe_slot_info, targets, 'i'),
+  F(lmoe_slot_info, fused, 'i'), F(lmoe_slot_info, rank_gate, 'i'), F(lmoe_slot_info, rank_up, 'i'),
+  F(lmoe_slot_info, rank_down, 'i'), F(lmoe_slot_info, scale_gate, 'f'), F(lmoe_slot_info, scale_up, 'f'),
+  F(lmoe_slot_info, scale_down, 'f'), F(lmoe_slot_info, max_rank, 'i'), F(lmoe_slot_info, bytes, 'I'),
+  F(lmoe_slot_info, generation, 'u'), {0}};
 static int l_pool_slot_info(lua_State *L) {
   lmoe_pool *p = POOL(1);
-  lmoe_slot_info s;
-  memset(&s, 0, sizeof s);
-  lmoe_status st = lmoe_pool_slot_info(p, check_i32(L, 2), &s);
-  lua_newtable(L);
-  set_int(L, "loaded", s.loaded);
-  set_int(L, "targets", s.targets);
-  set_int(L, "fused", s.fused);
-  set_int(L, "rank_gate", s.rank_gate);
-  set_int(L, "rank_up", s.rank_up);
-  set_int(L, "rank_down", s.rank_down);
-  set_num(L, "scale_gate", s.scale_gate);
-  set_num(L, "scale_up", s.scale_up);
-  set_num(L, "scale_down", s.scale_down);
-  set_int(L, "max_rank", s.max_rank);
-  set_int(L, "bytes", s.bytes);
-  set_int(L, "generation", (lua_Integer)s.generation);
-  return ret(L, st, 1);
+  lmoe_slot_info s = {0};
+  return ret_struct(L, lmoe_pool_slot_info(p, check_i32(L, 2), &s), slot_f, &s);
 }
 
 static int l_pool_load_peft(lua_State *L) {
@@ -692,7 +654,6 @@ static int l_pool_load_peft(lua_State *L) {
   lua_pushinteger(L, slot);
   return ret(L, st, 1);
 }
-static int l_pool_unload_named(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload_named(p, luaL_checkstring(L, 2))); }
 static int l_pool_find(lua_State *L) {
   lmoe_pool *p = POOL(1);
   int32_t slot = -1;
@@ -700,32 +661,19 @@ static int l_pool_find(lua_State *L) {
   lua_pushinteger(L, slot);
   return ret(L, st, 1);
 }
-static int l_pool_slot_name(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  lua_pushstring(L, lmoe_pool_slot_name(p, check_i32(L, 2)));
-  return 1;
-}
+static int l_pool_unload_named(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload_named(p, luaL_checkstring(L, 2))); }
+static int l_pool_unload(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload(p, check_i32(L, 2))); }
 static int l_pool_pin(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_pin(p, check_i32(L, 2))); }
 static int l_pool_unpin(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unpin(p, check_i32(L, 2))); }
 static int l_pool_touch(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_touch(p, check_i32(L, 2))); }
-static int l_pool_pin_count(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  lua_pushinteger(L, lmoe_pool_pin_count(p, check_i32(L, 2)));
-  return 1;
-}
+static int l_pool_pin_count(lua_State *L) { lmoe_pool *p = POOL(1); lua_pushinteger(L, lmoe_pool_pin_count(p, check_i32(L, 2))); return 1; }
+static int l_pool_slot_name(lua_State *L) { lmoe_pool *p = POOL(1); lua_pushstring(L, lmoe_pool_slot_name(p, check_i32(L, 2))); return 1; }
+static const fld memory_f[] = {F(lmoe_pool_memory, slot_bytes, 'I'), F(lmoe_pool_memory, total_bytes, 'I'),
+  F(lmoe_pool_memory, num_slots, 'i'), F(lmoe_pool_memory, loaded_slots, 'i'), F(lmoe_pool_memory, loaded_bytes, 'I'),
+  F(lmoe_pool_memory, used_bytes, 'I'), F(lmoe_pool_memory, evictions, 'I'), {0}};
 static int l_pool_get_memory(lua_State *L) {
-  lmoe_pool_memory m;
-  memset(&m, 0, sizeof m);
-  lmoe_status st = lmoe_pool_get_memory(POOL(1), &m);
-  lua_newtable(L);
-  set_int(L, "slot_bytes", m.slot_bytes);
-  set_int(L, "total_bytes", m.total_bytes);
-  set_int(L, "num_slots", m.num_slots);
-  set_int(L, "loaded_slots", m.loaded_slots);
-  set_int(L, "loaded_bytes", m.loaded_bytes);
-  set_int(L, "used_bytes", m.used_bytes);
-  set_int(L, "evictions", m.evictions);
-  return ret(L, st, 1);
+  lmoe_pool_memory m = {0};
+  return ret_struct(L, lmoe_pool_get_memory(POOL(1), &m), memory_f, &m);
 }
 
 /* ------------------------------------------------------------------ batches, forwards, graphs */
@@ -734,11 +682,7 @@ static int l_pool_get_memory(lua_State *L) {
 
 static int l_batch_create(lua_State *L) {
   lmoe_context *ctx = CTX(1);
-  lbox *b = newbox(L, "batch", rel_batch_release, 0);
-  lmoe_batch *out = NULL;
-  lmoe_status st = lmoe_batch_create(ctx, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("batch", rel_batch_release, 0, lmoe_batch, lmoe_batch_create(ctx, &out));
 }
 
 /* batch_set(batch, pool?, n, tokens_i32, slots_i32) */
@@ -747,30 +691,22 @@ static int l_batch_set(lua_State *L) {
   lmoe_pool *p = (lmoe_pool *)opth(L, 2, "pool");
   int32_t n = check_i32(L, 3);
   const int32_t *tokens = (const int32_t *)checkmem(L, 4, M_I32, n);
-  const int32_t *slots = (const int32_t *)checkmem(L, 5, M_I32, n);
-  return ret_st(L, lmoe_batch_set(b, p, n, tokens, slots));
+  return ret_st(L, lmoe_batch_set(b, p, n, tokens, (const int32_t *)checkmem(L, 5, M_I32, n)));
 }
 
+static const fld batch_f[] = {F(lmoe_batch_info, num_requests, 'i'), F(lmoe_batch_info, num_tokens, 'I'),
+  F(lmoe_batch_info, has_active, 'i'), F(lmoe_batch_info, num_active, 'i'), F(lmoe_batch_info, max_rank, 'i'),
+  F(lmoe_batch_info, max_slot, 'i'), {0}};
 static int l_batch_get_info(lua_State *L) {
-  lmoe_batch_info i;
-  memset(&i, 0, sizeof i);
-  lmoe_status st = lmoe_batch_get_info(BATCH(1), &i);
-  lua_newtable(L);
-  set_int(L, "num_requests", i.num_requests);
-  set_int(L, "num_tokens", i.num_tokens);
-  set_int(L, "has_active", i.has_active);
-  set_int(L, "num_active", i.num_active);
-  set_int(L, "max_rank", i.max_rank);
-  set_int(L, "max_slot", i.max_slot);
-  return ret(L, st, 1);
+  lmoe_batch_info i = {0};
+  return ret_struct(L, lmoe_batch_get_info(BATCH(1), &i), batch_f, &i);
 }
 
 /* batch_offsets(batch, mem_i64, capacity) -> written */
 static int l_batch_offsets(lua_State *L) {
   lmoe_batch *b = BATCH(1);
   int32_t cap = check_i32(L, 3);
-  int64_t *out = (int64_t *)checkmem(L, 2, M_I64, cap);
-  lua_pushinteger(L, lmoe_batch_offsets(b, out, cap));
+  lua_pushinteger(L, lmoe_batch_offsets(b, (int64_t *)checkmem(L, 2, M_I64, cap), cap));
   return 1;
 }
 
@@ -779,13 +715,11 @@ static int l_batch_active_slots(lua_State *L) {
   lmoe_batch *b = BATCH(1);
   int32_t cap = check_i32(L, 4);
   int32_t *s = (int32_t *)checkmem(L, 2, M_I32, cap);
-  int64_t *t = (int64_t *)checkmem(L, 3, M_I64, cap);
-  lua_pushinteger(L, lmoe_batch_active_slots(b, s, t, cap));
+  lua_pushinteger(L, lmoe_batch_active_slots(b, s, (int64_t *)checkmem(L, 3, M_I64, cap), cap));
   return 1;
 }
 
-/* The forward arguments at t: {layer=, pool=, batch=, x=, router_logits=, topk_ids=,
-   topk_weights=, out=} as boxes. */
+/* The forward arguments at t, as boxes held by t during the call. */
 static void check_args(lua_State *L, int t, lmoe_forward_args *a) {
   luaL_checktype(L, t, LUA_TTABLE);
   lmoe_forward_args_init(a);
@@ -795,16 +729,10 @@ static void check_args(lua_State *L, int t, lmoe_forward_args *a) {
   for (int i = 0; i < 8; i++) {
     lua_getfield(L, t, k[i]);
     h[i] = opth(L, -1, kind[i]);
-    lua_pop(L, 1); /* the table holds the box */
+    lua_pop(L, 1);
   }
-  a->layer = h[0];
-  a->pool = h[1];
-  a->batch = h[2];
-  a->x = h[3];
-  a->router_logits = h[4];
-  a->topk_ids = h[5];
-  a->topk_weights = h[6];
-  a->out = h[7];
+  a->layer = h[0], a->pool = h[1], a->batch = h[2], a->x = h[3];
+  a->router_logits = h[4], a->topk_ids = h[5], a->topk_weights = h[6], a->out = h[7];
 }
 
 static int l_forward(lua_State *L) {
@@ -825,11 +753,7 @@ static int l_graph_begin(lua_State *L) { lmoe_context *c = CTX(1); return ret_st
 static int l_graph_end(lua_State *L) {
   lmoe_context *c = CTX(1);
   void *s = opt_ptr(L, 2);
-  lbox *b = newbox(L, "graph", rel_graph_release, 0);
-  lmoe_graph *g = NULL;
-  lmoe_status st = lmoe_graph_end(c, s, &g);
-  b->h = g;
-  return ret(L, st, 1);
+  CREATE("graph", rel_graph_release, 0, lmoe_graph, lmoe_graph_end(c, s, &out));
 }
 static int l_graph_launch(lua_State *L) {
   lmoe_graph *g = (lmoe_graph *)checkh(L, 1, "graph");
@@ -843,46 +767,29 @@ static int l_graph_launch(lua_State *L) {
 static int l_safetensors_open(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
-  lbox *b = newbox(L, "safetensors", rel_safetensors_close, 0);
-  lmoe_safetensors *out = NULL;
-  lmoe_status st = lmoe_safetensors_open(ctx, path, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("safetensors", rel_safetensors_close, 0, lmoe_safetensors, lmoe_safetensors_open(ctx, path, &out));
 }
 
 static int l_safetensors_open_memory(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   size_t len = 0;
-  const char *data = luaL_checklstring(L, 2, &len);
-  const char *name = luaL_checkstring(L, 3);
-  lbox *b = newbox(L, "safetensors", rel_safetensors_close, 0);
-  lmoe_safetensors *out = NULL;
-  lmoe_status st = lmoe_safetensors_open_memory(ctx, data, len, name, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  const char *data = luaL_checklstring(L, 2, &len), *name = luaL_checkstring(L, 3);
+  CREATE("safetensors", rel_safetensors_close, 0, lmoe_safetensors,
+         lmoe_safetensors_open_memory(ctx, data, len, name, &out));
 }
 
 static int l_safetensors_count(lua_State *L) { lua_pushinteger(L, lmoe_safetensors_count(ST(1))); return 1; }
 
+static const fld tensor_f[] = {F(lmoe_tensor_info, name, 's'), F(lmoe_tensor_info, dtype_name, 's'),
+  F(lmoe_tensor_info, dtype, 'i'), F(lmoe_tensor_info, numel, 'I'), F(lmoe_tensor_info, offset, 'u'),
+  F(lmoe_tensor_info, bytes, 'u'), {0}};
 static int l_safetensors_tensor(lua_State *L) {
   lmoe_safetensors *s = ST(1);
-  lmoe_tensor_info i;
-  memset(&i, 0, sizeof i);
+  lmoe_tensor_info i = {0};
   lmoe_status st = lmoe_safetensors_tensor(s, check_i32(L, 2), &i);
-  lua_newtable(L);
-  set_str(L, "name", i.name);
-  set_str(L, "dtype_name", i.dtype_name);
-  set_int(L, "dtype", i.dtype);
-  set_int(L, "numel", i.numel);
-  set_int(L, "offset", (lua_Integer)i.offset);
-  set_int(L, "bytes", (lua_Integer)i.bytes);
-  lua_createtable(L, i.ndim, 0);
-  for (int d = 0; d < i.ndim && d < LMOE_TENSOR_MAX_DIMS; d++) {
-    lua_pushinteger(L, i.shape[d]);
-    lua_rawseti(L, -2, d + 1);
-  }
-  lua_setfield(L, -2, "shape");
-  return ret(L, st, 1);
+  int n = ret_struct(L, st, tensor_f, &i);
+  if (st == LMOE_OK) set_dims(L, "shape", i.shape, i.ndim < LMOE_TENSOR_MAX_DIMS ? i.ndim : LMOE_TENSOR_MAX_DIMS);
+  return n;
 }
 
 static int l_safetensors_find(lua_State *L) {
@@ -898,8 +805,7 @@ static int l_safetensors_read(lua_State *L) {
   lmoe_safetensors *s = ST(1);
   int32_t idx = check_i32(L, 2);
   lua_Integer n = luaL_checkinteger(L, 4);
-  void *dst = checkmem(L, 3, M_F64, n);
-  return ret_st(L, lmoe_safetensors_read(s, idx, dst, LMOE_DTYPE_F64, n));
+  return ret_st(L, lmoe_safetensors_read(s, idx, checkmem(L, 3, M_F64, n), LMOE_DTYPE_F64, n));
 }
 
 static int l_safetensors_metadata_count(lua_State *L) { lua_pushinteger(L, lmoe_safetensors_metadata_count(ST(1))); return 1; }
@@ -933,12 +839,12 @@ static int l_safetensors_write(lua_State *L) {
     int ti = lua_gettop(L);
     if (lua_getfield(L, ti, "name") != LUA_TSTRING) luaL_argerror(L, 3, "entry names must be strings");
     e[i].name = lua_tostring(L, -1);
-    e[i].dtype = field_i32(L, ti, "dtype", 0);
+    lua_getfield(L, ti, "dtype");
+    e[i].dtype = check_i32(L, -1);
     lua_getfield(L, ti, "shape");
     e[i].ndim = check_shape(L, lua_gettop(L), e[i].shape, LMOE_TENSOR_MAX_DIMS);
     lua_getfield(L, ti, "data");
-    lmoe_buffer_desc d;
-    memset(&d, 0, sizeof d);
+    lmoe_buffer_desc d = {0};
     if (lmoe_buffer_describe((lmoe_buffer *)checkh(L, -1, "buffer"), &d)) luaL_argerror(L, 3, "a buffer without a description");
     int64_t numel = 1;
     for (int k = 0; k < e[i].ndim; k++)
@@ -946,7 +852,7 @@ static int l_safetensors_write(lua_State *L) {
     if (d.memory != LMOE_MEMORY_HOST && lmoe_context_backend(ctx) != LMOE_BACKEND_CPU) luaL_argerror(L, 3, "data not in host memory");
     if (d.dtype != e[i].dtype || numel < 0 || numel > d.numel) luaL_argerror(L, 3, "data smaller than its shape");
     e[i].data = d.data;
-    lua_pop(L, 4); /* the entry table at 3 keeps name, shape and buffer referenced */
+    lua_pop(L, 5); /* the entry table at 3 keeps name, shape and buffer referenced */
   }
   for (lua_Unsigned i = 0; i < nm; i++) {
     if (lua_rawgeti(L, 4, (lua_Integer)i + 1) != LUA_TSTRING || lua_rawgeti(L, 5, (lua_Integer)i + 1) != LUA_TSTRING)
@@ -965,41 +871,25 @@ static int l_safetensors_write(lua_State *L) {
 static int l_peft_open(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
-  lbox *b = newbox(L, "peft", rel_peft_close, 0);
-  lmoe_peft *out = NULL;
-  lmoe_status st = lmoe_peft_open(ctx, path, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("peft", rel_peft_close, 0, lmoe_peft, lmoe_peft_open(ctx, path, &out));
 }
 
+static const fld peft_f[] = {F(lmoe_peft_info, family, 'i'), F(lmoe_peft_info, layout, 'i'),
+  F(lmoe_peft_info, rank, 'i'), F(lmoe_peft_info, alpha, 'f'), F(lmoe_peft_info, use_rslora, 'i'),
+  F(lmoe_peft_info, targets, 'i'), F(lmoe_peft_info, num_layers, 'i'), F(lmoe_peft_info, min_layer, 'i'),
+  F(lmoe_peft_info, max_layer, 'i'), F(lmoe_peft_info, num_experts, 'i'), F(lmoe_peft_info, max_rank, 'i'),
+  F(lmoe_peft_info, has_patterns, 'i'), F(lmoe_peft_info, num_tensors, 'i'), F(lmoe_peft_info, bytes, 'I'), {0}};
 static int l_peft_get_info(lua_State *L) {
   lmoe_peft_info i;
   lmoe_peft_info_init(&i);
-  lmoe_status st = lmoe_peft_get_info(PEFT(1), &i);
-  lua_newtable(L);
-  set_int(L, "family", i.family);
-  set_int(L, "layout", i.layout);
-  set_int(L, "rank", i.rank);
-  set_num(L, "alpha", i.alpha);
-  set_int(L, "use_rslora", i.use_rslora);
-  set_int(L, "targets", i.targets);
-  set_int(L, "num_layers", i.num_layers);
-  set_int(L, "min_layer", i.min_layer);
-  set_int(L, "max_layer", i.max_layer);
-  set_int(L, "num_experts", i.num_experts);
-  set_int(L, "max_rank", i.max_rank);
-  set_int(L, "has_patterns", i.has_patterns);
-  set_int(L, "num_tensors", i.num_tensors);
-  set_int(L, "bytes", i.bytes);
-  return ret(L, st, 1);
+  return ret_struct(L, lmoe_peft_get_info(PEFT(1), &i), peft_f, &i);
 }
 
 /* peft_layers(peft, mem_i32, capacity) -> written */
 static int l_peft_layers(lua_State *L) {
   lmoe_peft *p = PEFT(1);
   int32_t cap = check_i32(L, 3);
-  int32_t *out = (int32_t *)checkmem(L, 2, M_I32, cap);
-  lua_pushinteger(L, lmoe_peft_layers(p, out, cap));
+  lua_pushinteger(L, lmoe_peft_layers(p, (int32_t *)checkmem(L, 2, M_I32, cap), cap));
   return 1;
 }
 
@@ -1018,16 +908,15 @@ static int l_peft_inspect(lua_State *L) {
 }
 
 /* peft_layer_desc(peft, layer, E, H, I) -> st, {gate=, up=, gate_up=, down=} with
-   parts {a=, b=, rank=, scale=} as tables of numbers (copied out of the library's
-   arrays, whose sizes follow from E, H, I and the rank it reports). */
+   parts {a=, b=, rank=, scale=}, a and b f32 mems copied out of the library's arrays
+   (sizes from E, H, I and the rank it reports). */
 static int l_peft_layer_desc(lua_State *L) {
   lmoe_peft *p = PEFT(1);
   int32_t layer = check_i32(L, 2), E = check_i32(L, 3), H = check_i32(L, 4), I = check_i32(L, 5);
   lmoe_adapter_desc d;
   lmoe_adapter_desc_init(&d);
   lmoe_status st = lmoe_peft_layer_desc(p, layer, E, H, I, &d);
-  if (st) return ret_st(L, st);
-  if (d.dtype != LMOE_DTYPE_F32) return ret_st(L, LMOE_ERR_UNSUPPORTED);
+  if (st || d.dtype != LMOE_DTYPE_F32) return ret_st(L, st ? st : LMOE_ERR_UNSUPPORTED);
   static const char *const names[] = {"gate", "up", "gate_up", "down"};
   const lmoe_lora_part *parts[] = {&d.gate, &d.up, &d.gate_up, &d.down};
   int64_t in[] = {H, H, H, I}, out[] = {I, I, 2 * (int64_t)I, H};
@@ -1038,52 +927,34 @@ static int l_peft_layer_desc(lua_State *L) {
     lua_newtable(L);
     for (int ab = 0; ab < 2; ab++) {
       int64_t n = ab ? mul3(E, out[i], q->rank) : mul3(E, q->rank, in[i]);
-      const float *v = (const float *)(ab ? q->b : q->a);
-      if (n < 0 || n > INT32_MAX) luaL_error(L, "loramoe.core: adapter part too large");
-      lua_createtable(L, (int)n, 0);
-      for (int64_t k = 0; k < n; k++) {
-        lua_pushnumber(L, v[k]);
-        lua_rawseti(L, -2, k + 1);
-      }
+      memcpy(newmem(L, M_F32, n)->data, ab ? q->b : q->a, (size_t)n * sizeof(float));
       lua_setfield(L, -2, ab ? "b" : "a");
     }
-    set_int(L, "rank", q->rank);
-    set_num(L, "scale", q->scale);
+    lua_pushinteger(L, q->rank);
+    lua_setfield(L, -2, "rank");
+    lua_pushnumber(L, q->scale);
+    lua_setfield(L, -2, "scale");
     lua_setfield(L, -2, names[i]);
   }
   return ret(L, st, 1);
 }
 
+static const fld synthetic_f[] = {F(lmoe_peft_synthetic, family, 'i'), F(lmoe_peft_synthetic, layout, 'i'),
+  F(lmoe_peft_synthetic, num_layers, 'i'), F(lmoe_peft_synthetic, num_experts, 'i'),
+  F(lmoe_peft_synthetic, hidden, 'i'), F(lmoe_peft_synthetic, intermediate, 'i'), F(lmoe_peft_synthetic, targets, 'i'),
+  F(lmoe_peft_synthetic, rank, 'i'), F(lmoe_peft_synthetic, alpha, 'f'), F(lmoe_peft_synthetic, use_rslora, 'i'),
+  F(lmoe_peft_synthetic, dtype, 'i'), F(lmoe_peft_synthetic, seed, 'u'), F(lmoe_peft_synthetic, scale, 'f'),
+  F(lmoe_peft_synthetic, rank_pattern_key, 's'), F(lmoe_peft_synthetic, rank_pattern_value, 'i'),
+  F(lmoe_peft_synthetic, alpha_pattern_key, 's'), F(lmoe_peft_synthetic, alpha_pattern_value, 'f'), {0}};
+
 /* peft_write_synthetic(ctx, dir, spec): spec with the C field names; the pattern keys
-   are strings of spec, referenced by it during the call. */
+   are strings of spec, which stays on the stack during the call. */
 static int l_peft_write_synthetic(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   const char *dir = luaL_checkstring(L, 2);
-  luaL_checktype(L, 3, LUA_TTABLE);
   lmoe_peft_synthetic s;
   lmoe_peft_synthetic_init(&s);
-  s.family = field_i32(L, 3, "family", s.family);
-  s.layout = field_i32(L, 3, "layout", s.layout);
-  s.num_layers = field_i32(L, 3, "num_layers", s.num_layers);
-  s.num_experts = field_i32(L, 3, "num_experts", s.num_experts);
-  s.hidden = field_i32(L, 3, "hidden", s.hidden);
-  s.intermediate = field_i32(L, 3, "intermediate", s.intermediate);
-  s.targets = field_i32(L, 3, "targets", s.targets);
-  s.rank = field_i32(L, 3, "rank", s.rank);
-  s.alpha = (float)field_num(L, 3, "alpha", s.alpha);
-  s.use_rslora = field_i32(L, 3, "use_rslora", s.use_rslora);
-  s.dtype = field_i32(L, 3, "dtype", s.dtype);
-  s.seed = field_u64(L, 3, "seed", s.seed);
-  s.scale = (float)field_num(L, 3, "scale", s.scale);
-  if (lua_getfield(L, 3, "rank_pattern_key") == LUA_TSTRING) {
-    s.rank_pattern_key = lua_tostring(L, -1);
-    s.rank_pattern_value = field_i32(L, 3, "rank_pattern_value", 0);
-  }
-  if (lua_getfield(L, 3, "alpha_pattern_key") == LUA_TSTRING) {
-    s.alpha_pattern_key = lua_tostring(L, -1);
-    s.alpha_pattern_value = (float)field_num(L, 3, "alpha_pattern_value", 0);
-  }
-  /* both keys stay on the stack until the call returns */
+  get_struct(L, 3, synthetic_f, &s);
   return ret_st(L, lmoe_peft_write_synthetic(ctx, dir, &s));
 }
 
@@ -1094,92 +965,54 @@ static int l_peft_write_synthetic(lua_State *L) {
 static int l_checkpoint_open(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
-  lbox *b = newbox(L, "checkpoint", rel_checkpoint_close, 0);
-  lmoe_checkpoint *out = NULL;
-  lmoe_status st = lmoe_checkpoint_open(ctx, path, &out);
-  b->h = out;
-  return ret(L, st, 1);
+  CREATE("checkpoint", rel_checkpoint_close, 0, lmoe_checkpoint, lmoe_checkpoint_open(ctx, path, &out));
 }
 
+static const fld ck_f[] = {F(lmoe_checkpoint_layer_info, family, 'i'), F(lmoe_checkpoint_layer_info, num_experts, 'i'),
+  F(lmoe_checkpoint_layer_info, hidden, 'i'), F(lmoe_checkpoint_layer_info, intermediate, 'i'),
+  F(lmoe_checkpoint_layer_info, has_router, 'i'), {0}};
 static int l_checkpoint_get_layer_info(lua_State *L) {
   lmoe_checkpoint *c = CK(1);
   lmoe_checkpoint_layer_info i;
   lmoe_checkpoint_layer_info_init(&i);
-  lmoe_status st = lmoe_checkpoint_get_layer_info(c, check_i32(L, 2), &i);
-  lua_newtable(L);
-  set_int(L, "family", i.family);
-  set_int(L, "num_experts", i.num_experts);
-  set_int(L, "hidden", i.hidden);
-  set_int(L, "intermediate", i.intermediate);
-  set_int(L, "has_router", i.has_router);
-  return ret(L, st, 1);
+  return ret_struct(L, lmoe_checkpoint_get_layer_info(c, check_i32(L, 2), &i), ck_f, &i);
 }
 
-/* checkpoint_load_layer(ck, index, layer, with_router) -> st, router box | nil */
+/* checkpoint_load_layer(ck, index, layer, with_router) -> st, router box (empty
+   without). The box owns a router made even when the load then failed. */
 static int l_checkpoint_load_layer(lua_State *L) {
   lmoe_checkpoint *c = CK(1);
   int32_t idx = check_i32(L, 2);
   lmoe_layer *l = LAYER(3);
   int want = lua_toboolean(L, 4);
-  lbox *b = newbox(L, "buffer", rel_buffer_release, 0);
-  lmoe_buffer *router = NULL;
-  lmoe_status st = lmoe_checkpoint_load_layer(c, idx, l, want ? &router : NULL);
-  b->h = router; /* owned by the box even when the load failed after making it */
-  return ret(L, st, 1);
+  CREATE("buffer", rel_buffer_release, 0, lmoe_buffer, lmoe_checkpoint_load_layer(c, idx, l, want ? &out : NULL));
 }
 
 /* ------------------------------------------------------------------ registration */
 
-static const luaL_Reg lib[] = {
-    {"version", l_version}, {"status_string", l_status_string}, {"has_cuda", l_has_cuda},
-    {"device_count", l_device_count}, {"device_get_info", l_device_get_info},
-    {"dtype_size", l_dtype_size}, {"dtype_name", l_dtype_name}, {"lora_scale", l_lora_scale},
-    {"now", l_now}, {"close", box_gc}, {"pointer", l_pointer}, {"address", l_address},
-    {"mem", l_mem}, {"pack", l_pack}, {"unpack", l_unpack},
-    {"context_create", l_context_create}, {"context_retain", l_context_retain},
-    {"context_is_live", l_context_is_live}, {"context_last_error", l_context_last_error},
-    {"context_backend", l_context_backend}, {"context_threads", l_context_threads},
-    {"context_guard", l_context_guard}, {"context_set_guard", l_context_set_guard},
-    {"context_stream", l_context_stream}, {"context_synchronize", l_context_synchronize},
-    {"context_counters", l_context_counters}, {"context_reset_counters", l_context_reset_counters},
-    {"buffer_create", l_buffer_create}, {"buffer_wrap", l_buffer_wrap},
-    {"buffer_describe", l_buffer_describe}, {"buffer_write", l_buffer_write},
-    {"buffer_read", l_buffer_read}, {"buffer_fill_random", l_buffer_fill_random},
-    {"buffer_fill", l_buffer_fill}, {"buffer_compare", l_buffer_compare},
-    {"layer_create", l_layer_create}, {"layer_get_config", l_layer_get_config},
-    {"layer_randomize", l_layer_randomize}, {"layer_set_weights", l_layer_set_weights},
-    {"layer_set_expert", l_layer_set_expert}, {"layer_weights", l_layer_weights},
-    {"pool_create", l_pool_create}, {"pool_get_config", l_pool_get_config},
-    {"pool_load_random", l_pool_load_random}, {"pool_load", l_pool_load},
-    {"pool_unload", l_pool_unload}, {"pool_slot_info", l_pool_slot_info},
-    {"pool_load_named", l_pool_load_named}, {"pool_load_peft", l_pool_load_peft},
-    {"pool_unload_named", l_pool_unload_named}, {"pool_find", l_pool_find},
-    {"pool_slot_name", l_pool_slot_name}, {"pool_pin", l_pool_pin}, {"pool_unpin", l_pool_unpin},
-    {"pool_pin_count", l_pool_pin_count}, {"pool_touch", l_pool_touch},
-    {"pool_get_memory", l_pool_get_memory},
-    {"batch_create", l_batch_create}, {"batch_set", l_batch_set}, {"batch_get_info", l_batch_get_info},
-    {"batch_offsets", l_batch_offsets}, {"batch_active_slots", l_batch_active_slots},
-    {"forward", l_forward}, {"reference_forward", l_reference_forward},
-    {"graph_begin", l_graph_begin}, {"graph_end", l_graph_end}, {"graph_launch", l_graph_launch},
-    {"safetensors_open", l_safetensors_open}, {"safetensors_open_memory", l_safetensors_open_memory},
-    {"safetensors_count", l_safetensors_count}, {"safetensors_tensor", l_safetensors_tensor},
-    {"safetensors_find", l_safetensors_find}, {"safetensors_read", l_safetensors_read},
-    {"safetensors_metadata_count", l_safetensors_metadata_count},
-    {"safetensors_metadata", l_safetensors_metadata}, {"safetensors_write", l_safetensors_write},
-    {"peft_open", l_peft_open}, {"peft_get_info", l_peft_get_info}, {"peft_layers", l_peft_layers},
-    {"peft_inspect", l_peft_inspect}, {"peft_layer_desc", l_peft_layer_desc},
-    {"peft_write_synthetic", l_peft_write_synthetic},
-    {"checkpoint_open", l_checkpoint_open}, {"checkpoint_get_layer_info", l_checkpoint_get_layer_info},
-    {"checkpoint_load_layer", l_checkpoint_load_layer},
-    {NULL, NULL}};
+#define CORE_FUNCTIONS X(version) X(status_string) X(has_cuda) X(device_count) X(device_get_info) \
+  X(dtype_size) X(dtype_name) X(lora_scale) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) \
+  X(context_create) X(context_retain) X(context_is_live) X(context_last_error) X(context_backend) \
+  X(context_threads) X(context_guard) X(context_set_guard) X(context_stream) X(context_synchronize) \
+  X(context_counters) X(context_reset_counters) X(buffer_create) X(buffer_wrap) X(buffer_describe) \
+  X(buffer_write) X(buffer_read) X(buffer_fill_random) X(buffer_fill) X(buffer_compare) X(layer_create) \
+  X(layer_get_config) X(layer_randomize) X(layer_set_weights) X(layer_set_expert) X(layer_weights) \
+  X(pool_create) X(pool_get_config) X(pool_load_random) X(pool_load) X(pool_unload) X(pool_slot_info) \
+  X(pool_load_named) X(pool_load_peft) X(pool_unload_named) X(pool_find) X(pool_slot_name) X(pool_pin) \
+  X(pool_unpin) X(pool_pin_count) X(pool_touch) X(pool_get_memory) X(batch_create) X(batch_set) \
+  X(batch_get_info) X(batch_offsets) X(batch_active_slots) X(forward) X(reference_forward) X(graph_begin) \
+  X(graph_end) X(graph_launch) X(safetensors_open) X(safetensors_open_memory) X(safetensors_count) \
+  X(safetensors_tensor) X(safetensors_find) X(safetensors_read) X(safetensors_metadata_count) \
+  X(safetensors_metadata) X(safetensors_write) X(peft_open) X(peft_get_info) X(peft_layers) X(peft_inspect) \
+  X(peft_layer_desc) X(peft_write_synthetic) X(checkpoint_open) X(checkpoint_get_layer_info) \
+  X(checkpoint_load_layer)
+#define X(n) {#n, l_##n},
+static const luaL_Reg lib[] = {CORE_FUNCTIONS {"close", box_gc}, {NULL, NULL}};
+#undef X
 
-/* Bound through other calls: lmoe_context_config_init (context_create),
-   lmoe_layer_config_init, lmoe_pool_config_init, lmoe_adapter_desc_init,
-   lmoe_random_adapter_init, lmoe_forward_args_init, lmoe_peft_info_init,
-   lmoe_peft_synthetic_init, lmoe_checkpoint_layer_info_init (the table defaults),
-   lmoe_*_release / *_close (the box's release function).
-   not bound: lmoe_context_config_init's allocator field (C callbacks; Lua never runs
-   from C callbacks). */
+/* The *_init functions are called where their structs are filled; the release and
+   close functions are the boxes' release functions. not bound: the allocator hooks of
+   lmoe_context_config (C callbacks; Lua never runs from C callbacks). */
 
 #ifdef _WIN32
 __declspec(dllexport)

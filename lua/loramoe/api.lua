@@ -1195,6 +1195,7 @@ function Peft.layer_desc(self, layer, cfg)
   local d
   st, d = R.peft_layer_desc(h, layer, E, H, I)
   if st ~= 0 then return fail(st, self._cbox) end
+  for _, part in pairs(d) do part.a, part.b = R.unpack(part.a), R.unpack(part.b) end
   return d
 end
 

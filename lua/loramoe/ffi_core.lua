@@ -53,6 +53,7 @@ local kinds = {
   checkpoint = { "lmoe_checkpoint *", C.lmoe_checkpoint_close },
 }
 local release_of, out_of = {}, {}
+local box
 for k, v in pairs(kinds) do
   local ct = ffi.typeof(v[1])
   kinds[k] = ct
@@ -63,7 +64,17 @@ end
 local keep = setmetatable({}, { __mode = "k" })
 local borrowed = setmetatable({}, { __mode = "k" })
 
-local function box(kind, h, parent)
+local function out(kind)
+  local o = out_of[kind]
+  o[0] = nil
+  return o
+end
+-- status, the handle of out-parameter o as a box (only the status on failure)
+local function made(kind, st, o, parent)
+  if st ~= 0 then return st end
+  return st, box(kind, o[0], parent)
+end
+function box(kind, h, parent)
   if h == nil then return nil end
   h = ffi.gc(h, release_of[tonumber(kinds[kind])])
   if parent ~= nil then keep[h] = parent end
@@ -107,21 +118,20 @@ end
 
 local mem_ct = { f64 = ffi.typeof("double[?]"), f32 = ffi.typeof("float[?]"),
   i32 = ffi.typeof("int32_t[?]"), i64 = ffi.typeof("int64_t[?]") }
-local mem_esize = { f64 = 8, f32 = 4, i32 = 4, i64 = 8 }
-local mem_kind = setmetatable({}, { __mode = "k" })
+local mem_kind, mem_len = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
 
 function R.mem(ct, n)
   local t = mem_ct[ct]
   if not t or type(n) ~= "number" or n < 0 or n > 2 ^ 40 or n ~= floor(n) then bad("mem(ct, n)") end
   local m = t(n > 0 and n or 1)
-  mem_kind[m] = ct
+  mem_kind[m], mem_len[m] = ct, n
   return m
 end
 
 local function checkmem(m, ct, n)
   if mem_kind[m] ~= ct then bad("array of " .. ct .. " expected") end
   n = tonumber(n)
-  if n < 0 or n * mem_esize[ct] > ffi.sizeof(m) then bad("array too small") end
+  if n < 0 or n > mem_len[m] then bad("array too small") end
   return m
 end
 
@@ -144,7 +154,7 @@ end
 function R.unpack(m, n)
   local ct = mem_kind[m]
   if not ct then bad("array expected") end
-  n = n or ffi.sizeof(m) / mem_esize[ct]
+  n = n or mem_len[m]
   checkmem(m, ct, n)
   local t = {}
   for i = 0, n - 1 do t[i + 1] = tonumber(m[i]) end
@@ -284,19 +294,13 @@ end
 local function buf(h) return checkh(h, "buffer") end
 function R.buffer_create(h, dtype, memory, shp)
   local nd = shape(shp, C.LMOE_MAX_DIMS)
-  local o = out_of.buffer
-  o[0] = nil
-  local st = C.lmoe_buffer_create(ctx(h), i32(dtype), i32(memory), nd, shape_buf, o)
-  if st ~= 0 then return st end
-  return st, box("buffer", o[0])
+  local o = out("buffer")
+  return made("buffer", C.lmoe_buffer_create(ctx(h), i32(dtype), i32(memory), nd, shape_buf, o), o)
 end
 function R.buffer_wrap(h, dtype, memory, shp, p, owner)
   local nd = shape(shp, C.LMOE_MAX_DIMS)
-  local o = out_of.buffer
-  o[0] = nil
-  local st = C.lmoe_buffer_wrap(ctx(h), i32(dtype), i32(memory), nd, shape_buf, opt_ptr(p), o)
-  if st ~= 0 then return st end
-  return st, box("buffer", o[0], owner)
+  local o = out("buffer")
+  return made("buffer", C.lmoe_buffer_wrap(ctx(h), i32(dtype), i32(memory), nd, shape_buf, opt_ptr(p), o), o, owner)
 end
 local desc = ffi.new("lmoe_buffer_desc")
 function R.buffer_describe(h)
@@ -333,11 +337,8 @@ function R.layer_create(h, cfg)
   local c = ffi.new("lmoe_layer_config")
   C.lmoe_layer_config_init(c)
   fill(c, cfg, layer_fields)
-  local o = out_of.layer
-  o[0] = nil
-  local st = C.lmoe_layer_create(ctx(h), c, o)
-  if st ~= 0 then return st end
-  return st, box("layer", o[0])
+  local o = out("layer")
+  return made("layer", C.lmoe_layer_create(ctx(h), c, o), o)
 end
 local lcfg = ffi.new("lmoe_layer_config")
 local function layer_config(h)
@@ -468,11 +469,8 @@ end
 
 local function batch(h) return checkh(h, "batch") end
 function R.batch_create(h)
-  local o = out_of.batch
-  o[0] = nil
-  local st = C.lmoe_batch_create(ctx(h), o)
-  if st ~= 0 then return st end
-  return st, box("batch", o[0])
+  local o = out("batch")
+  return made("batch", C.lmoe_batch_create(ctx(h), o), o)
 end
 function R.batch_set(h, p, n, tokens, slots)
   n = i32(n)
@@ -504,11 +502,8 @@ function R.forward(h, t, s) return C.lmoe_forward(ctx(h), forward_args(t), opt_p
 function R.reference_forward(h, t) return C.lmoe_reference_forward(ctx(h), forward_args(t)) end
 function R.graph_begin(h, s) return C.lmoe_graph_begin(ctx(h), opt_ptr(s)) end
 function R.graph_end(h, s)
-  local o = out_of.graph
-  o[0] = nil
-  local st = C.lmoe_graph_end(ctx(h), opt_ptr(s), o)
-  if st ~= 0 then return st end
-  return st, box("graph", o[0])
+  local o = out("graph")
+  return made("graph", C.lmoe_graph_end(ctx(h), opt_ptr(s), o), o)
 end
 function R.graph_launch(h, s) return C.lmoe_graph_launch(checkh(h, "graph"), opt_ptr(s)) end
 
@@ -516,18 +511,12 @@ function R.graph_launch(h, s) return C.lmoe_graph_launch(checkh(h, "graph"), opt
 
 local function stf(h) return checkh(h, "safetensors") end
 function R.safetensors_open(h, path)
-  local o = out_of.safetensors
-  o[0] = nil
-  local st = C.lmoe_safetensors_open(ctx(h), str(path), o)
-  if st ~= 0 then return st end
-  return st, box("safetensors", o[0])
+  local o = out("safetensors")
+  return made("safetensors", C.lmoe_safetensors_open(ctx(h), str(path), o), o)
 end
 function R.safetensors_open_memory(h, data, name)
-  local o = out_of.safetensors
-  o[0] = nil
-  local st = C.lmoe_safetensors_open_memory(ctx(h), str(data), #data, str(name), o)
-  if st ~= 0 then return st end
-  return st, box("safetensors", o[0])
+  local o = out("safetensors")
+  return made("safetensors", C.lmoe_safetensors_open_memory(ctx(h), str(data), #data, str(name), o), o)
 end
 function R.safetensors_count(h) return C.lmoe_safetensors_count(stf(h)) end
 local tinfo = ffi.new("lmoe_tensor_info")
@@ -587,11 +576,8 @@ end
 
 local function peft(h) return checkh(h, "peft") end
 function R.peft_open(h, path)
-  local o = out_of.peft
-  o[0] = nil
-  local st = C.lmoe_peft_open(ctx(h), str(path), o)
-  if st ~= 0 then return st end
-  return st, box("peft", o[0])
+  local o = out("peft")
+  return made("peft", C.lmoe_peft_open(ctx(h), str(path), o), o)
 end
 local pinfo = ffi.new("lmoe_peft_info")
 function R.peft_get_info(h)
@@ -617,19 +603,16 @@ function R.peft_layer_desc(h, l, E, H, I)
   local d = ffi.new("lmoe_adapter_desc")
   C.lmoe_adapter_desc_init(d)
   local st = C.lmoe_peft_layer_desc(peft(h), i32(l), i32(E), i32(H), i32(I), d)
-  if st ~= 0 then return st end
-  if d.dtype ~= C.LMOE_DTYPE_F32 then return C.LMOE_ERR_UNSUPPORTED end
-  local dims = { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } }
+  if st ~= 0 or d.dtype ~= C.LMOE_DTYPE_F32 then return st ~= 0 and st or C.LMOE_ERR_UNSUPPORTED end
   local t = {}
-  for name, io in pairs(dims) do
+  for name, io in pairs { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } } do
     local p = d[name]
     if p.a ~= nil and p.b ~= nil then
-      local r = p.rank
-      local a, b = ffi.cast("const float *", p.a), ffi.cast("const float *", p.b)
-      local ta, tb = {}, {}
-      for i = 0, mul3(E, r, io[1]) - 1 do ta[i + 1] = a[i] end
-      for i = 0, mul3(E, io[2], r) - 1 do tb[i + 1] = b[i] end
-      t[name] = { a = ta, b = tb, rank = r, scale = p.scale }
+      local na, nb = mul3(E, p.rank, io[1]), mul3(E, io[2], p.rank)
+      local a, b = R.mem("f32", na), R.mem("f32", nb)
+      ffi.copy(a, p.a, 4 * na)
+      ffi.copy(b, p.b, 4 * nb)
+      t[name] = { a = a, b = b, rank = p.rank, scale = p.scale }
     end
   end
   return st, t
@@ -650,11 +633,8 @@ end
 
 local function ck(h) return checkh(h, "checkpoint") end
 function R.checkpoint_open(h, path)
-  local o = out_of.checkpoint
-  o[0] = nil
-  local st = C.lmoe_checkpoint_open(ctx(h), str(path), o)
-  if st ~= 0 then return st end
-  return st, box("checkpoint", o[0])
+  local o = out("checkpoint")
+  return made("checkpoint", C.lmoe_checkpoint_open(ctx(h), str(path), o), o)
 end
 local cinfo = ffi.new("lmoe_checkpoint_layer_info")
 function R.checkpoint_get_layer_info(h, l)
