@@ -4,6 +4,8 @@
 #ifndef LMOE_KERNELS_H
 #define LMOE_KERNELS_H
 
+#include "gemm_config.h"
+
 #include <stddef.h>
 #include <stdint.h>
 #include <cuda_runtime_api.h>
@@ -12,11 +14,17 @@
 extern "C" {
 #endif
 
-/* Largest row tile of the grouped GEMMs: every expert's pair list is padded to a
-   multiple of the row tile in use (128, or 64 when experts get few pairs). */
-enum { LMOE_K_BM = 128 };
-/* K chunk of the GEMMs; the LoRA ranks' rows in t13/t2 are padded to it. */
-enum { LMOE_K_BK = 32 };
+/* The LoRA shrink outputs t13/t2 are zero-filled up to the rank rounded to this, and
+   their row strides (t13s, t2s) are the pool's rank (twice it for t13) rounded to it:
+   an engine may read a rank's columns in chunks that divide it. */
+enum { LMOE_K_RANK_PAD = 32 };
+
+/* 16-byte aligned fast paths the plan allows (lmoe_fwd.al_x / al_lora bit sets): rows
+   of x, of W13, of W2 (al_x); of a pool's A13, B13, A2, B2 (al_lora). */
+enum {
+  LMOE_AL_X = 1, LMOE_AL_W13 = 2, LMOE_AL_W2 = 4,
+  LMOE_AL_A13 = 8, LMOE_AL_B13 = 16, LMOE_AL_A2 = 32, LMOE_AL_B2 = 64
+};
 
 /* Per-slot facts on the device (a table per pool, indexed by slot; written in stream
    order by lmoe_k_set_slot when a slot is loaded or unloaded). */
@@ -52,9 +60,11 @@ typedef struct lmoe_fwd {
   int32_t gstride;           /* groups per expert in cnt/off: pool slots + 1 (1 without pool) */
   int32_t lora;              /* LoRA may run (meta and pool present) */
   int32_t R;                 /* pool max_rank (0 without pool) */
-  int32_t t13s, t2s;         /* row strides of t13, t2 (multiples of 8) */
-  int32_t al_x, al_lora;     /* 16-byte aligned fast paths allowed */
-  int32_t gemm_cfg;          /* tile configuration, from lmoe_k_init */
+  int32_t t13s, t2s;         /* row strides of t13, t2 (multiples of LMOE_K_RANK_PAD) */
+  int32_t al_x, al_lora;     /* 16-byte aligned fast paths allowed (LMOE_AL_*) */
+  int32_t engine;            /* GEMM engine: 0 = mma.sync (LMOE_ENGINE_SM80) */
+  int32_t gemm_cfg;          /* row of the GEMM table for gate_up and down */
+  int32_t shrink_cfg;        /* row of the GEMM table for the shrinks */
   const uint16_t *x;         /* [M, H] */
   const void *logits;        /* [M, E] f32 or bf16, or NULL */
   int32_t logits_bf16;
@@ -91,9 +101,52 @@ typedef struct lmoe_ws_layout {
 void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                    int32_t num_slots, int32_t max_rank, lmoe_ws_layout *out);
 
-/* Per-device setup of the current device: shared-memory limits of the GEMM kernels;
-   *gemm_cfg receives the tile configuration to use on it. */
-cudaError_t lmoe_k_init(int32_t *gemm_cfg);
+/* The forward's host-side plan (plan.c): the lmoe_fwd its kernels read.
+
+   A pool's part is fixed for the pool's life (storage, offsets, slot table, alignment):
+   computed once, when the backend sets the pool up. The rest is computed per forward:
+   it is a few dozen integer operations, and the layer's part alone (its workspace
+   layout depends on the pool too, and a forward may run with or without one) would
+   need a cache keyed by (layer, pool) for nothing measurable. */
+typedef struct lmoe_k_pool_plan {
+  const lmoe_dslot *slots;   /* the pool's device slot table */
+  const uint16_t *storage;
+  int32_t num_slots, max_rank;
+  size_t slot_elems, off_a13, off_b13, off_a2, off_b2; /* in bf16 elements */
+  int32_t al_lora;
+} lmoe_k_pool_plan;
+/* offsets and slot_bytes in bytes, as the pool keeps them */
+void lmoe_k_plan_pool(int32_t H, int32_t I, int32_t num_slots, int32_t max_rank, const void *storage,
+                      size_t slot_bytes, size_t off_a13, size_t off_b13, size_t off_a2, size_t off_b2,
+                      const lmoe_dslot *slots, lmoe_k_pool_plan *out);
+
+typedef struct lmoe_k_plan_args {
+  /* the layer */
+  int64_t max_tokens;
+  int32_t E, H, I, k, renorm;
+  const uint16_t *w13, *w2;
+  const lmoe_k_pool_plan *pool; /* or NULL */
+  int32_t lora;                 /* LoRA may run: the pool's fields are filled (meta is the caller's) */
+  /* the forward */
+  int64_t M;
+  const uint16_t *x;
+  uint16_t *out;
+  const void *logits;           /* or NULL: the routing is given in topk_ids, topk_w */
+  int32_t logits_bf16;
+  int32_t *topk_ids;
+  float *topk_w;
+  void *workspace;
+  size_t workspace_bytes;
+  const lmoe_gemm_device *dev;  /* for the GEMM selector */
+} lmoe_k_plan_args;
+/* Fills *f (meta aside) and returns the workspace bytes the forward needs; when the
+   workspace is missing or smaller, returns that size and leaves *f alone. */
+size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f);
+
+/* Per-device setup of the current device: the GEMM kernels' shared-memory limits;
+   *dev receives what the GEMM selector needs to know of the device. Fails
+   (cudaErrorInvalidConfiguration) on a device that fits no configuration. */
+cudaError_t lmoe_k_init(lmoe_gemm_device *dev);
 
 cudaError_t lmoe_k_fill_random(void *p, int32_t dtype, int64_t n, uint64_t seed, float lo, float hi,
                                cudaStream_t s);

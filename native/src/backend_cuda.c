@@ -20,7 +20,7 @@ typedef struct cuda_ctx {
   cudaStream_t stream;
   int own_stream;
   int32_t *any_host; /* pinned: the device_sync guard's flag */
-  int32_t gemm_cfg;   /* GEMM tile configuration for this device */
+  lmoe_gemm_device gemm_dev; /* what the GEMM selector knows of this device */
   /* Batches whose metadata the capture in progress (lmoe_graph_begin) reads, each
      retained; lmoe_graph_end hands them to the graph. */
   lmoe_batch **cap;
@@ -28,7 +28,8 @@ typedef struct cuda_ctx {
 } cuda_ctx;
 
 typedef struct cuda_pool {
-  lmoe_dslot *table; /* [num_slots] */
+  lmoe_dslot *table;     /* [num_slots] */
+  lmoe_k_pool_plan plan; /* the pool's part of every forward's plan (fixed with the pool) */
 } cuda_pool;
 
 typedef struct cuda_batch {
@@ -97,7 +98,7 @@ lmoe_status lmoe_cuda_device_info(int32_t device, lmoe_device_info *out) {
 /* ---------------------------------------------------------------- context */
 
 static int kernels_ready[64];
-static int32_t kernels_cfg[64];
+static lmoe_gemm_device kernels_dev[64];
 
 static lmoe_status cu_init(lmoe_context *ctx) {
   int n = lmoe_cuda_device_count();
@@ -111,19 +112,19 @@ static lmoe_status cu_init(lmoe_context *ctx) {
   cuda_ctx *c = calloc(1, sizeof *c);
   if (!c) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   if (ctx->device >= 64 || !kernels_ready[ctx->device]) {
-    int32_t cfg = 0;
-    e = lmoe_k_init(&cfg);
+    lmoe_gemm_device dev;
+    e = lmoe_k_init(&dev);
     if (e) {
       free(c);
       return cuda_err(ctx, e, "setting up the kernels for this device");
     }
     if (ctx->device < 64) {
-      kernels_cfg[ctx->device] = cfg;
+      kernels_dev[ctx->device] = dev;
       kernels_ready[ctx->device] = 1;
     }
-    c->gemm_cfg = cfg;
+    c->gemm_dev = dev;
   } else {
-    c->gemm_cfg = kernels_cfg[ctx->device];
+    c->gemm_dev = kernels_dev[ctx->device];
   }
   e = cudaHostAlloc((void **)&c->any_host, sizeof(int32_t), cudaHostAllocDefault);
   if (e) {
@@ -284,6 +285,10 @@ static lmoe_status cu_pool_init(lmoe_context *ctx, lmoe_pool *pool) {
     free(cp);
     return cuda_err(ctx, e, "cudaMemsetAsync");
   }
+  const lmoe_layer_config *lc = &pool->layer->cfg;
+  lmoe_k_plan_pool(lc->hidden, lc->intermediate, pool->cfg.num_slots, pool->cfg.max_rank, pool->storage,
+                   pool->slot_bytes, pool->off_a13, pool->off_b13, pool->off_a2, pool->off_b2, cp->table,
+                   &cp->plan);
   pool->be = cp;
   return LMOE_OK;
 }
@@ -526,79 +531,38 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
     return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
                      "the device_sync guard waits for the device and cannot be captured in a graph");
 
-  lmoe_ws_layout L;
-  lmoe_k_layout(c->max_tokens, c->num_experts, c->hidden, c->intermediate, c->top_k,
-                pool ? pool->cfg.num_slots : 0, pool ? pool->cfg.max_rank : 0, &L);
-  if (L.total > ctx->workspace_bytes || !ctx->workspace)
-    return lmoe_fail(ctx, LMOE_ERR_STATE, "the workspace (%zu bytes) is smaller than this layer needs (%zu)",
-                     ctx->workspace_bytes, L.total);
-  uint8_t *ws = ctx->workspace;
-
-  lmoe_fwd f;
-  memset(&f, 0, sizeof f);
-  f.M = (int32_t)M;
-  f.H = c->hidden;
-  f.I = c->intermediate;
-  f.E = c->num_experts;
-  f.k = c->top_k;
-  f.renorm = c->renormalize;
-  /* 64-row tiles when experts average under 96 pairs: a 128-row tile would be mostly
-     padding there. At 128 pairs the 128-row tiles already win (docs/gpu-notes.md). */
-  f.bm = (int64_t)M * c->top_k < 96 * (int64_t)c->num_experts ? 64 : LMOE_K_BM;
-  f.mt_max = (int32_t)(((int64_t)M * c->top_k + (int64_t)c->num_experts * (f.bm - 1)) / f.bm);
-  f.gstride = pool ? pool->cfg.num_slots + 1 : 1;
-  f.R = pool ? pool->cfg.max_rank : 0;
-  f.t13s = L.t13s;
-  f.t2s = L.t2s;
-  f.x = plan->x->data;
-  f.out = plan->out->data;
-  f.w13 = l->w13->data;
-  f.w2 = l->w2->data;
-  if (plan->logits) {
-    f.logits = plan->logits->data;
-    f.logits_bf16 = plan->logits->dtype == LMOE_DTYPE_BF16;
-    f.ids = (int32_t *)(ws + L.ids);
-    f.tw = (float *)(ws + L.tw);
-  } else {
-    f.ids = plan->topk_ids->data;
-    f.tw = plan->topk_w->data;
-  }
-  f.tok_group = (int32_t *)(ws + L.tok_group);
-  f.cnt = (int32_t *)(ws + L.cnt);
-  f.off = (int32_t *)(ws + L.off);
-  f.tile_expert = (int32_t *)(ws + L.tile_expert);
-  f.ntiles = (int32_t *)(ws + L.ntiles);
-  f.any = (int32_t *)(ws + L.any);
-  f.sorted_pair = (int32_t *)(ws + L.sorted_pair);
-  f.sorted_group = (int32_t *)(ws + L.sorted_group);
-  f.h = (uint16_t *)(ws + L.h);
-  f.y = (uint16_t *)(ws + L.y);
-  f.t13 = (uint16_t *)(ws + L.t13);
-  f.t2 = (uint16_t *)(ws + L.t2);
-  size_t H = (size_t)c->hidden, I = (size_t)c->intermediate;
-  f.gemm_cfg = ((cuda_ctx *)ctx->be)->gemm_cfg;
-  f.al_x = ((((uintptr_t)f.x) | (H * 2)) % 16 == 0 ? 1 : 0) | (H % 8 == 0 ? 2 : 0) | (I % 8 == 0 ? 4 : 0);
-
   bool lora_possible = pool && (plan->guard == LMOE_GUARD_DEVICE_SYNC || plan->run_lora);
+  lmoe_k_plan_args pa = {
+      .max_tokens = c->max_tokens,
+      .E = c->num_experts,
+      .H = c->hidden,
+      .I = c->intermediate,
+      .k = c->top_k,
+      .renorm = c->renormalize,
+      .w13 = l->w13->data,
+      .w2 = l->w2->data,
+      .pool = pool ? &((cuda_pool *)pool->be)->plan : NULL,
+      .lora = lora_possible,
+      .M = M,
+      .x = plan->x->data,
+      .out = plan->out->data,
+      .logits = plan->logits ? plan->logits->data : NULL,
+      .logits_bf16 = plan->logits && plan->logits->dtype == LMOE_DTYPE_BF16,
+      .topk_ids = plan->topk_ids ? plan->topk_ids->data : NULL,
+      .topk_w = plan->topk_w ? plan->topk_w->data : NULL,
+      .workspace = ctx->workspace,
+      .workspace_bytes = ctx->workspace_bytes,
+      .dev = &((cuda_ctx *)ctx->be)->gemm_dev,
+  };
+  lmoe_fwd f;
+  size_t need = lmoe_k_plan(&pa, &f);
+  if (need > ctx->workspace_bytes || !ctx->workspace)
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "the workspace (%zu bytes) is smaller than this layer needs (%zu)",
+                     ctx->workspace_bytes, need);
   if (lora_possible) {
-    cuda_pool *cp = pool->be;
-    size_t E = (size_t)c->num_experts, R = (size_t)pool->cfg.max_rank, sb = pool->slot_bytes;
-    f.slots = cp->table;
-    f.pool = pool->storage;
-    f.slot_elems = sb / 2;
-    f.off_a13 = pool->off_a13 / 2;
-    f.off_b13 = pool->off_b13 / 2;
-    f.off_a2 = pool->off_a2 / 2;
-    f.off_b2 = pool->off_b2 / 2;
-    f.al_lora = (((pool->off_a13 | sb | (2 * R * H * 2) | (H * 2)) % 16 == 0) ? 8 : 0) |
-                (((pool->off_b13 | sb | (2 * I * 2 * R * 2) | (2 * R * 2)) % 16 == 0) ? 16 : 0) |
-                (((pool->off_a2 | sb | (R * I * 2) | (I * 2)) % 16 == 0) ? 32 : 0) |
-                (((pool->off_b2 | sb | (H * R * 2) | (R * 2)) % 16 == 0) ? 64 : 0);
-    (void)E;
     lmoe_status st = upload_meta(ctx, b, s, capturing);
     if (st) return st;
     f.meta = ((cuda_batch *)b->be)->dev;
-    f.lora = 1;
   }
 
   e = cudaMemsetAsync(f.cnt, 0, (size_t)c->num_experts * f.gstride * sizeof(int32_t), s);

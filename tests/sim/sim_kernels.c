@@ -102,8 +102,12 @@ static void pairs_by_expert(const lmoe_fwd *f, int32_t *start, int32_t *order) {
     return lmoe_sim_launch(s, name##_run, f, sizeof *f);               \
   }
 
-cudaError_t lmoe_k_init(int32_t *gemm_cfg) {
-  *gemm_cfg = 0;
+/* an H100/H200's limits: the GEMM selector picks the rows it would there (the plain C
+   kernels here ignore them) */
+cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
+  dev->cc = 90;
+  dev->smem_optin = 232448;
+  dev->force_cfg = -1;
   return cudaSuccess;
 }
 

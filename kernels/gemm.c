@@ -1,0 +1,40 @@
+/* The GEMM stages' launchers and the kernels' per-device setup. A stage runs on the
+   forward's engine (lmoe_fwd.engine) with the row of the table the plan selected
+   (gemm_cfg for gate_up and down, shrink_cfg for the shrinks). */
+#include "gemm_engine.h"
+
+#include <stdlib.h>
+
+cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
+  int d = 0, limit = 0, major = 0, minor = 0;
+  cudaError_t e = cudaGetDevice(&d);
+  if (!e) e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d);
+  if (!e) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
+  if (!e) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d);
+  if (e) return e;
+  /* every engine sets up its rows that fit */
+  if ((e = lmoe_sm80_init(limit))) return e;
+  const char *env = getenv("LMOE_GEMM_CFG");
+  dev->cc = major * 10 + minor;
+  dev->smem_optin = limit;
+  dev->force_cfg = env ? atoi(env) : -1;
+  if (!lmoe_gemm_supported(dev)) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
+  return cudaSuccess;
+}
+
+/* The engine hook: every GEMM stage goes through here, to the forward's engine. An
+   engine added to the table adds its case. */
+static cudaError_t run_gemm(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
+  int32_t cfg = op == LMOE_OP_GATEUP || op == LMOE_OP_DOWN ? f->gemm_cfg : f->shrink_cfg;
+  switch (f->engine) {
+  case LMOE_ENGINE_SM80: return lmoe_sm80_run(op, cfg, f, lora, s);
+  default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) { return run_gemm(LMOE_OP_SHRINK13, f, 1, s); }
+cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  return run_gemm(LMOE_OP_GATEUP, f, lora, s);
+}
+cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) { return run_gemm(LMOE_OP_SHRINK2, f, 1, s); }
+cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s) { return run_gemm(LMOE_OP_DOWN, f, lora, s); }

@@ -1,0 +1,57 @@
+/* The GEMM configuration table and the selector (see gemm_config.h). */
+#include "gemm_config.h"
+
+#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem) {engine, kind, bm, bn, wm, wn, st, smem},
+const lmoe_gemm_config lmoe_gemm_configs[] = {LMOE_GEMM_TABLE(LMOE_ROW)};
+#undef LMOE_ROW
+const int32_t lmoe_gemm_nconfigs = (int32_t)(sizeof lmoe_gemm_configs / sizeof lmoe_gemm_configs[0]);
+
+/* the workspace (layout.c) is sized for row tiles between these */
+#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
+  _Static_assert((bm) >= LMOE_K_BM_MIN && (bm) <= LMOE_K_BM, "row tile outside the workspace bounds");
+LMOE_GEMM_TABLE(LMOE_ROW)
+#undef LMOE_ROW
+
+/* 64-row tiles when experts average under 96 pairs: a 128-row tile would be mostly
+   padding there. At 128 pairs the 128-row tiles already win (docs/gpu-notes.md). */
+enum { SMALL_TILE_PAIRS = 96 };
+
+/* One engine today: mma.sync runs on every device lmoe_k_init accepts (cc >= 8.0; older
+   ones lack the shared memory). An engine for a device class is chosen here, from d. */
+static int32_t pick_engine(const lmoe_gemm_device *d) {
+  (void)d;
+  return LMOE_ENGINE_SM80;
+}
+
+static int fits(const lmoe_gemm_device *d, int32_t row, int32_t engine, int32_t kind, int32_t bm) {
+  const lmoe_gemm_config *c = &lmoe_gemm_configs[row];
+  return c->engine == engine && c->kind == kind && c->bm == bm && c->smem <= d->smem_optin;
+}
+
+/* The first row of the engine, kind and row tile that fits the device, or -1. */
+static int32_t pick_row(const lmoe_gemm_device *d, int32_t engine, int32_t kind, int32_t bm) {
+  for (int32_t i = 0; i < lmoe_gemm_nconfigs; i++)
+    if (fits(d, i, engine, kind, bm)) return i;
+  return -1;
+}
+
+int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, lmoe_gemm_choice *out) {
+  out->engine = pick_engine(d);
+  out->bm = pairs < SMALL_TILE_PAIRS * (int64_t)E ? LMOE_K_BM_MIN : LMOE_K_BM;
+  int32_t force = d->force_cfg;
+  if (force >= 0 && force < lmoe_gemm_nconfigs && fits(d, force, out->engine, LMOE_GEMM_EXPERT, out->bm))
+    out->gemm_cfg = force;
+  else
+    out->gemm_cfg = pick_row(d, out->engine, LMOE_GEMM_EXPERT, out->bm);
+  out->shrink_cfg = pick_row(d, out->engine, LMOE_GEMM_SHRINK, out->bm);
+  return out->gemm_cfg >= 0 && out->shrink_cfg >= 0 ? 0 : -1;
+}
+
+int lmoe_gemm_supported(const lmoe_gemm_device *d) {
+  int32_t engine = pick_engine(d);
+  const int32_t bms[2] = {LMOE_K_BM_MIN, LMOE_K_BM};
+  for (int i = 0; i < 2; i++)
+    if (pick_row(d, engine, LMOE_GEMM_EXPERT, bms[i]) < 0 || pick_row(d, engine, LMOE_GEMM_SHRINK, bms[i]) < 0)
+      return 0;
+  return 1;
+}

@@ -1,0 +1,82 @@
+/* The grouped GEMMs' configurations: one table of every kernel configuration of every
+   engine, and the one host-side selector that picks a forward's rows from the device's
+   limits and the problem. Plain C, no CUDA types: the simulated device of the tests
+   shares it. */
+#ifndef LMOE_GEMM_CONFIG_H
+#define LMOE_GEMM_CONFIG_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Row tiles: every configuration's BM lies in [LMOE_K_BM_MIN, LMOE_K_BM], and every
+   expert's pair list is padded to a multiple of the one in use (kernels/layout.c sizes
+   the workspace for both ends). */
+enum { LMOE_K_BM = 128, LMOE_K_BM_MIN = 64 };
+
+/* GEMM engines. The sm80 engine (kernels/gemm_sm80.cu: mma.sync m16n8k16, ldmatrix,
+   cp.async) runs on every supported device. Another engine takes the next number and
+   its rows in the table; lmoe_fwd.engine says which one a forward's launchers use. */
+enum { LMOE_ENGINE_SM80 = 0 };
+
+/* What a row computes: the expert GEMMs (gate_up and down: base weights with the LoRA
+   expand as extra K chunks) or the LoRA shrinks (shrink13 and shrink2). */
+enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
+
+/* The table, one row per kernel configuration:
+     X(engine, kind, BM, BN, WARPS_M, WARPS_N, STAGES, SMEM)
+   BM x BN output tile, WARPS_M x WARPS_N warps, STAGES-deep load pipeline, SMEM bytes
+   of dynamic shared memory. A row's number is its position. Each engine instantiates
+   its kernels from its own rows (so the table and the compiled kernels cannot drift)
+   and checks SMEM against its shared-memory layout at compile time. Among the rows
+   that fit, the selector takes the first of the kind and row tile it needs: order is
+   preference.
+   Measured on H100 (docs/gpu-notes.md): row 0 beats row 1 by ~10%; 8 or 6 stages
+   changed nothing. */
+#define LMOE_GEMM_TABLE(X)                                                                        \
+  /* 0: 128x256 tiles (warps of 64x64), for sm_80..sm_90 */                                    \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 256, 2, 4, 4, 101920)                               \
+  /* 1: 128x128 tiles (warps of 64x32), for devices with less shared memory */                 \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 128, 2, 4, 4, 69152)                                \
+  /* 2: 64-row tiles for small batches */                                                       \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 64, 256, 2, 4, 4, 83744)                                 \
+  /* 3, 4: the shrinks (N: the present groups' ranks side by side) */                           \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 128, 128, 4, 2, 4, 69152)                                \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976)
+
+typedef struct lmoe_gemm_config {
+  int32_t engine, kind;
+  int32_t bm, bn, warps_m, warps_n, stages;
+  int32_t smem; /* bytes of dynamic shared memory */
+} lmoe_gemm_config;
+
+extern const lmoe_gemm_config lmoe_gemm_configs[];
+extern const int32_t lmoe_gemm_nconfigs;
+
+/* What the selector knows of a device (filled by lmoe_k_init). */
+typedef struct lmoe_gemm_device {
+  int32_t cc;         /* compute capability, major * 10 + minor */
+  int32_t smem_optin; /* largest dynamic shared memory a block may opt in to, bytes */
+  int32_t force_cfg;  /* LMOE_GEMM_CFG: the row gate_up/down use where it fits and its
+                         kind and row tile match, or -1 (for measurements) */
+} lmoe_gemm_device;
+
+/* A forward's choice: the engine, the row tile (every expert's pair list is padded to
+   it) and the rows of the expert GEMMs and of the shrinks. */
+typedef struct lmoe_gemm_choice {
+  int32_t engine, bm, gemm_cfg, shrink_cfg;
+} lmoe_gemm_choice;
+
+/* Picks the configurations for `pairs` (token, expert) pairs over E experts on the
+   device. Returns 0, or -1 when no row fits the device (lmoe_gemm_supported says). */
+int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, lmoe_gemm_choice *out);
+
+/* Whether every forward finds its rows on the device (lmoe_k_init refuses it if not). */
+int lmoe_gemm_supported(const lmoe_gemm_device *d);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,98 @@
+/* The forward's host-side plan: the lmoe_fwd the kernels read, from the layer, the
+   pool, the forward's buffers and the workspace (carved by lmoe_k_layout), with the
+   GEMM configuration from the selector. Plain C, shared by the CUDA backend and the
+   simulated device of the tests. */
+#include "lmoe_kernels.h"
+
+#include <assert.h>
+#include <string.h>
+
+void lmoe_k_plan_pool(int32_t H_, int32_t I_, int32_t num_slots, int32_t max_rank, const void *storage,
+                      size_t slot_bytes, size_t off_a13, size_t off_b13, size_t off_a2, size_t off_b2,
+                      const lmoe_dslot *slots, lmoe_k_pool_plan *o) {
+  size_t H = (size_t)H_, I = (size_t)I_, R = (size_t)max_rank, sb = slot_bytes;
+  o->slots = slots;
+  o->storage = storage;
+  o->num_slots = num_slots;
+  o->max_rank = max_rank;
+  o->slot_elems = sb / 2;
+  o->off_a13 = off_a13 / 2;
+  o->off_b13 = off_b13 / 2;
+  o->off_a2 = off_a2 / 2;
+  o->off_b2 = off_b2 / 2;
+  /* each matrix's rows start 16-byte aligned in every slot and every expert */
+  o->al_lora = (((off_a13 | sb | (2 * R * H * 2) | (H * 2)) % 16 == 0) ? LMOE_AL_A13 : 0) |
+               (((off_b13 | sb | (2 * I * 2 * R * 2) | (2 * R * 2)) % 16 == 0) ? LMOE_AL_B13 : 0) |
+               (((off_a2 | sb | (R * I * 2) | (I * 2)) % 16 == 0) ? LMOE_AL_A2 : 0) |
+               (((off_b2 | sb | (H * R * 2) | (R * 2)) % 16 == 0) ? LMOE_AL_B2 : 0);
+}
+
+size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
+  const lmoe_k_pool_plan *pool = a->pool;
+  lmoe_ws_layout L;
+  lmoe_k_layout(a->max_tokens, a->E, a->H, a->I, a->k, pool ? pool->num_slots : 0,
+                pool ? pool->max_rank : 0, &L);
+  if (L.total > a->workspace_bytes || !a->workspace) return L.total;
+  uint8_t *ws = a->workspace;
+  lmoe_gemm_choice g;
+  int sel = lmoe_gemm_select(a->dev, a->M * a->k, a->E, &g);
+  assert(sel == 0); /* lmoe_k_init accepted the device: every problem finds its rows */
+  (void)sel;
+
+  memset(f, 0, sizeof *f);
+  f->M = (int32_t)a->M;
+  f->H = a->H;
+  f->I = a->I;
+  f->E = a->E;
+  f->k = a->k;
+  f->renorm = a->renorm;
+  f->bm = g.bm;
+  f->mt_max = (int32_t)((a->M * a->k + (int64_t)a->E * (f->bm - 1)) / f->bm);
+  f->engine = g.engine;
+  f->gemm_cfg = g.gemm_cfg;
+  f->shrink_cfg = g.shrink_cfg;
+  f->gstride = pool ? pool->num_slots + 1 : 1;
+  f->R = pool ? pool->max_rank : 0;
+  f->t13s = L.t13s;
+  f->t2s = L.t2s;
+  f->x = a->x;
+  f->out = a->out;
+  f->w13 = a->w13;
+  f->w2 = a->w2;
+  if (a->logits) {
+    f->logits = a->logits;
+    f->logits_bf16 = a->logits_bf16;
+    f->ids = (int32_t *)(ws + L.ids);
+    f->tw = (float *)(ws + L.tw);
+  } else {
+    f->ids = a->topk_ids;
+    f->tw = a->topk_w;
+  }
+  f->tok_group = (int32_t *)(ws + L.tok_group);
+  f->cnt = (int32_t *)(ws + L.cnt);
+  f->off = (int32_t *)(ws + L.off);
+  f->tile_expert = (int32_t *)(ws + L.tile_expert);
+  f->ntiles = (int32_t *)(ws + L.ntiles);
+  f->any = (int32_t *)(ws + L.any);
+  f->sorted_pair = (int32_t *)(ws + L.sorted_pair);
+  f->sorted_group = (int32_t *)(ws + L.sorted_group);
+  f->h = (uint16_t *)(ws + L.h);
+  f->y = (uint16_t *)(ws + L.y);
+  f->t13 = (uint16_t *)(ws + L.t13);
+  f->t2 = (uint16_t *)(ws + L.t2);
+  size_t H = (size_t)a->H, I = (size_t)a->I;
+  f->al_x = ((((uintptr_t)f->x) | (H * 2)) % 16 == 0 ? LMOE_AL_X : 0) | (H % 8 == 0 ? LMOE_AL_W13 : 0) |
+            (I % 8 == 0 ? LMOE_AL_W2 : 0);
+  if (a->lora && pool) {
+    f->slots = pool->slots;
+    f->pool = pool->storage;
+    f->slot_elems = pool->slot_elems;
+    f->off_a13 = pool->off_a13;
+    f->off_b13 = pool->off_b13;
+    f->off_a2 = pool->off_a2;
+    f->off_b2 = pool->off_b2;
+    f->al_lora = pool->al_lora;
+    f->lora = 1;
+  }
+  return L.total;
+}

@@ -1,0 +1,202 @@
+/* Routing and the alignment of (token, expert) pairs: top-k of the router's softmax and
+   each token's adapter group (route), the device_sync guard's flag (any), per-expert
+   offsets, tiles and padding (scan), and the pairs sorted by expert and group (scatter).
+
+   Pair order: pairs are grouped by expert, each expert's list padded to a multiple of
+   the row tile bm; inside an expert they are sorted by adapter group (0 = none, 1 +
+   index into the batch's active slots), so a GEMM row tile has one expert and a few
+   groups in ascending order. */
+#include "common.cuh"
+#include "lmoe_kernels.h"
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+/* One warp per token: its adapter group (from the request segments), the top-k of the
+   softmax of its router logits (ties: lower expert id), and the per (expert, group)
+   pair counts. */
+static __global__ void k_route(lmoe_fwd f) {
+  __shared__ int chosen[8][32];
+  int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int t = blockIdx.x * 8 + wib;
+  if (t >= f.M) return;
+  int g = 0;
+  if (f.meta) {
+    int nreq = f.meta[0];
+    const int32_t *offs = f.meta + 2;
+    const int32_t *grp = offs + nreq + 1;
+    int lo = 0, hi = nreq; /* largest i with offs[i] <= t, i < nreq */
+    while (hi - lo > 1) {
+      int mid = (lo + hi) >> 1;
+      if (offs[mid] <= t) lo = mid;
+      else hi = mid;
+    }
+    g = nreq > 0 ? grp[lo] : 0;
+  }
+  if (lane == 0) f.tok_group[t] = g;
+  int k = f.k, E = f.E;
+  int myid = -1;
+  float myw = 0.0f;
+  if (f.logits) {
+    const float *lf = (const float *)f.logits + (size_t)t * E;
+    const uint16_t *lb = (const uint16_t *)f.logits + (size_t)t * E;
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, f.logits_bf16 ? bf2f(lb[e]) : lf[e]);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.0f;
+    for (int e = lane; e < E; e += 32) sum += expf((f.logits_bf16 ? bf2f(lb[e]) : lf[e]) - mx);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    float inv = 1.0f / sum;
+    for (int j = 0; j < k; j++) {
+      float bv = -1.0f;
+      int be = 0x7fffffff;
+      for (int e = lane; e < E; e += 32) {
+        bool taken = false;
+        for (int q = 0; q < j; q++) taken |= chosen[wib][q] == e;
+        if (taken) continue;
+        float p = expf((f.logits_bf16 ? bf2f(lb[e]) : lf[e]) - mx) * inv;
+        if (p > bv || (p == bv && e < be)) {
+          bv = p;
+          be = e;
+        }
+      }
+#pragma unroll
+      for (int o = 16; o; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oe = __shfl_xor_sync(0xffffffffu, be, o);
+        if (ov > bv || (ov == bv && oe < be)) {
+          bv = ov;
+          be = oe;
+        }
+      }
+      if (be == 0x7fffffff) be = -1; /* NaN logits: no expert */
+      if (lane == 0) chosen[wib][j] = be;
+      __syncwarp();
+      if (lane == j) {
+        myid = be;
+        myw = be >= 0 ? bv : 0.0f;
+      }
+    }
+    if (f.renorm) {
+      float s = lane < k ? myw : 0.0f;
+#pragma unroll
+      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (s > 0.0f) myw = myw / s;
+    }
+    if (lane < k) {
+      f.ids[(size_t)t * k + lane] = myid;
+      f.tw[(size_t)t * k + lane] = myw;
+    }
+  } else if (lane < k) {
+    myid = f.ids[(size_t)t * k + lane];
+  }
+  if (lane < k && myid >= 0 && myid < E) atomicAdd(&f.cnt[(size_t)myid * f.gstride + g], 1);
+}
+
+/* device_sync guard: does any token use an adapter? */
+static __global__ void k_any(lmoe_fwd f) {
+  int any = 0;
+  for (int t = threadIdx.x; t < f.M; t += blockDim.x) any |= f.tok_group[t] > 0;
+  any = __syncthreads_or(any);
+  if (threadIdx.x == 0) f.any[0] = any;
+}
+
+/* One block: per expert the padded row count, their exclusive scan, each (expert,
+   group) start offset, the tile -> expert table and the padding rows. */
+static __global__ void k_scan(lmoe_fwd f) {
+  extern __shared__ int sbase[]; /* [E] */
+  __shared__ int warp_sum[32];
+  __shared__ int total_rows;
+  int E = f.E, gs = f.gstride, bm = f.bm;
+  int G = f.meta ? f.meta[1] + 1 : 1;
+  if (G > gs) G = gs;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int c = 0;
+    for (int g = 0; g < G; g++) c += f.cnt[(size_t)e * gs + g];
+    sbase[e] = (c + bm - 1) / bm * bm;
+  }
+  __syncthreads();
+  /* exclusive scan: each thread a contiguous run of experts */
+  int per = (E + blockDim.x - 1) / blockDim.x;
+  int b0 = threadIdx.x * per, b1 = min(b0 + per, E);
+  int local = 0;
+  for (int e = b0; e < b1; e++) local += sbase[e];
+  int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_sum[w] = incl;
+  __syncthreads();
+  if (w == 0) {
+    int nw = blockDim.x >> 5;
+    int v = lane < nw ? warp_sum[lane] : 0;
+    int iv = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      int u = __shfl_up_sync(0xffffffffu, iv, o);
+      if (lane >= o) iv += u;
+    }
+    if (lane < nw) warp_sum[lane] = iv - v;
+    if (lane == 31) total_rows = iv;
+  }
+  __syncthreads();
+  int run = warp_sum[w] + incl - local;
+  for (int e = b0; e < b1; e++) {
+    int pad = sbase[e];
+    sbase[e] = run;
+    run += pad;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) f.ntiles[0] = total_rows / bm;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int base = sbase[e], at = base;
+    for (int g = 0; g < G; g++) {
+      f.off[(size_t)e * gs + g] = at;
+      at += f.cnt[(size_t)e * gs + g];
+    }
+    int end = (at - base + bm - 1) / bm * bm + base;
+    for (int p = at; p < end; p++) {
+      f.sorted_pair[p] = -1;
+      f.sorted_group[p] = PAD_GROUP;
+    }
+    for (int m = base / bm; m < end / bm; m++) f.tile_expert[m] = e;
+  }
+}
+
+static __global__ void k_scatter(lmoe_fwd f) {
+  int P = f.M * f.k;
+  for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += gridDim.x * blockDim.x) {
+    int e = f.ids[p];
+    if (e < 0 || e >= f.E) continue;
+    int g = f.tok_group[p / f.k];
+    int pos = atomicAdd(&f.off[(size_t)e * f.gstride + g], 1);
+    f.sorted_pair[pos] = p;
+    f.sorted_group[pos] = g;
+  }
+}
+
+extern "C" cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s) {
+  k_route<<<(f->M + 7) / 8, 256, 0, s>>>(*f);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s) {
+  k_any<<<1, 1024, 0, s>>>(*f);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s) {
+  k_scan<<<1, 1024, (size_t)f->E * sizeof(int), s>>>(*f);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) {
+  k_scatter<<<grid_for((int64_t)f->M * f->k, 256), 256, 0, s>>>(*f);
+  return cudaGetLastError();
+}
+

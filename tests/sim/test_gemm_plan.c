@@ -1,0 +1,94 @@
+/* The GEMM selector and the forward's plan (kernels/gemm_config.c, kernels/plan.c):
+   plain host code, so checked here without a GPU. The selector must choose what the
+   kernels chose before the table existed (the rules are restated below), for every
+   device limit, LMOE_GEMM_CFG value and problem; the plan must carve the workspace as
+   lmoe_k_layout says and pass the choice on. */
+#include "lmoe_kernels.h"
+#include "test_util.h"
+
+/* The rules of lmoe_k_init, backend_cuda.c and the launchers before the table: tiles
+   128x256 (row 0) where ~100 KB of shared memory fit, else 128x128 (1), forced by
+   LMOE_GEMM_CFG=1; 64-row tiles (2, shrinks 4) under 96 pairs per expert, else shrinks
+   3; devices without room for 1, 2, 3 and 4 refused. */
+static int old_supported(int smem) { return smem >= 69152 && smem >= 83744 && smem >= 50976; }
+static void old_choice(int smem, int env, int64_t pairs, int32_t E, int *bm, int *gemm, int *shrink) {
+  int cfg = smem >= 101920 ? 0 : 1;
+  if (env == 1) cfg = 1;
+  *bm = pairs < 96 * (int64_t)E ? 64 : 128;
+  *gemm = *bm == 64 ? 2 : cfg == 1 ? 1 : 0;
+  *shrink = *bm == 64 ? 4 : 3;
+}
+
+static void test_select(void) {
+  const int smems[] = {49152, 65536, 69152, 83743, 83744, 101376, 101919, 101920, 166912, 232448};
+  const int envs[] = {-1, 0, 1, 2, 3, 4, 5, 99};
+  const int32_t Es[] = {1, 8, 64, 128, 4096};
+  const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
+  for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
+    for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
+      lmoe_gemm_device d = {90, smems[a], envs[b]};
+      int sup = lmoe_gemm_supported(&d);
+      CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
+      if (!sup) continue;
+      for (size_t c = 0; c < sizeof Es / sizeof *Es; c++)
+        for (size_t p = 0; p < sizeof pairs / sizeof *pairs; p++) {
+          lmoe_gemm_choice g;
+          int bm, gemm, shrink;
+          old_choice(smems[a], envs[b], pairs[p], Es[c], &bm, &gemm, &shrink);
+          CHECK(lmoe_gemm_select(&d, pairs[p], Es[c], &g) == 0, "select failed");
+          CHECK(g.engine == LMOE_ENGINE_SM80 && g.bm == bm && g.gemm_cfg == gemm && g.shrink_cfg == shrink,
+                "smem %d env %d pairs %lld E %d: got bm %d rows %d/%d, want %d %d/%d", smems[a], envs[b],
+                (long long)pairs[p], (int)Es[c], g.bm, g.gemm_cfg, g.shrink_cfg, bm, gemm, shrink);
+          const lmoe_gemm_config *gc = &lmoe_gemm_configs[g.gemm_cfg], *sc = &lmoe_gemm_configs[g.shrink_cfg];
+          CHECK(gc->kind == LMOE_GEMM_EXPERT && sc->kind == LMOE_GEMM_SHRINK && gc->bm == g.bm && sc->bm == g.bm,
+                "rows of the wrong kind or tile");
+        }
+    }
+}
+
+static void test_plan(void) {
+  lmoe_gemm_device d = {90, 232448, -1};
+  lmoe_ws_layout L;
+  lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
+  void *ws = malloc(L.total);
+  static uint16_t x[16], out[16], w[16];
+  float logits[4];
+  lmoe_dslot table[4];
+  lmoe_k_pool_plan pp;
+  lmoe_k_plan_pool(1024, 768, 4, 16, (void *)w, 1 << 20, 0, 4096, 8192, 12288, table, &pp);
+  CHECK(pp.al_lora == (LMOE_AL_A13 | LMOE_AL_B13 | LMOE_AL_A2 | LMOE_AL_B2), "al_lora %d", pp.al_lora);
+  CHECK(pp.slot_elems == (1 << 19) && pp.off_b13 == 2048 && pp.off_b2 == 6144, "pool offsets in elements");
+  lmoe_k_plan_args a = {.max_tokens = 512, .E = 64, .H = 1024, .I = 768, .k = 8, .renorm = 1, .w13 = w, .w2 = w,
+                        .pool = &pp, .lora = 1, .M = 100, .x = x, .out = out, .logits = logits,
+                        .workspace = ws, .workspace_bytes = L.total - 1, .dev = &d};
+  lmoe_fwd f;
+  memset(&f, 0x5a, sizeof f);
+  CHECK(lmoe_k_plan(&a, &f) == L.total && f.M == 0x5a5a5a5a, "a short workspace leaves f alone");
+  a.workspace_bytes = L.total;
+  CHECK(lmoe_k_plan(&a, &f) == L.total, "plan");
+  uint8_t *b = ws;
+  CHECK(f.bm == 64 && f.mt_max == (800 + 64 * 63) / 64 && f.gemm_cfg == 2 && f.shrink_cfg == 4 && f.engine == 0,
+        "800 pairs over 64 experts: 64-row tiles");
+  CHECK((uint8_t *)f.ids == b + L.ids && (uint8_t *)f.t2 == b + L.t2 && (uint8_t *)f.h == b + L.h, "carving");
+  CHECK(f.t13s == 32 && f.t2s == 32 && f.gstride == 5 && f.R == 16 && f.lora == 1 && f.al_lora == pp.al_lora,
+        "pool facts");
+  CHECK(f.al_x == (LMOE_AL_W13 | LMOE_AL_W2 | (((uintptr_t)x % 16) == 0 ? LMOE_AL_X : 0)), "al_x %d", f.al_x);
+  a.M = 512;
+  a.E = 8;
+  a.lora = 0;
+  a.logits = NULL;
+  int32_t ids[8];
+  float tw[8];
+  a.topk_ids = ids;
+  a.topk_w = tw;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.bm == 128 && f.gemm_cfg == 0 && f.shrink_cfg == 3 && f.ids == ids && f.tw == tw && !f.pool && !f.lora,
+        "4096 pairs over 8 experts: 128-row tiles; routing given; no LoRA");
+  free(ws);
+}
+
+int main(void) {
+  test_select();
+  test_plan();
+  return test_summary();
+}
