@@ -16,7 +16,6 @@
    softmax of its router logits (ties: lower expert id), and the per (expert, group)
    pair counts. */
 static __global__ void k_route(lmoe_fwd f) {
-  __shared__ int chosen[8][32];
   int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int t = blockIdx.x * 8 + wib;
   if (t >= f.M) return;
@@ -49,13 +48,17 @@ static __global__ void k_route(lmoe_fwd f) {
 #pragma unroll
     for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     float inv = 1.0f / sum;
+    /* Pick j goes to lane j (k <= 32), in a register: later picks skip the experts of
+       lanes 0..j-1, read with shuffles, so the e loop runs the same rounds on every
+       lane (the shuffles need the whole warp). */
     for (int j = 0; j < k; j++) {
       float bv = -1.0f;
       int be = 0x7fffffff;
-      for (int e = lane; e < E; e += 32) {
+      for (int e0 = 0; e0 < E; e0 += 32) {
+        int e = e0 + lane;
         bool taken = false;
-        for (int q = 0; q < j; q++) taken |= chosen[wib][q] == e;
-        if (taken) continue;
+        for (int q = 0; q < j; q++) taken |= __shfl_sync(0xffffffffu, myid, q) == e;
+        if (e >= E || taken) continue;
         float p = expf((f.logits_bf16 ? bf2f(lb[e]) : lf[e]) - mx) * inv;
         if (p > bv || (p == bv && e < be)) {
           bv = p;
@@ -72,8 +75,6 @@ static __global__ void k_route(lmoe_fwd f) {
         }
       }
       if (be == 0x7fffffff) be = -1; /* NaN logits: no expert */
-      if (lane == 0) chosen[wib][j] = be;
-      __syncwarp();
       if (lane == j) {
         myid = be;
         myw = be >= 0 ? bv : 0.0f;
