@@ -137,7 +137,8 @@ static int l_pack(lua_State *L) {
   int ct = luaL_checkoption(L, 1, NULL, mem_names);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_Integer n = luaL_checkinteger(L, 3);
-  if (n < 0 || (lua_Unsigned)n > lua_rawlen(L, 2)) luaL_argerror(L, 3, "more than the table holds");
+  /* bounded by the table: a list's first hole is at most its border + 1 */
+  if (n < 0 || (lua_Unsigned)n > lua_rawlen(L, 2) + 1) luaL_argerror(L, 3, "more than the table holds");
   lmem *m = newmem(L, ct, n);
   for (lua_Integer i = 0; i < n; i++) {
     int ok = lua_rawgeti(L, 2, i + 1) == LUA_TNUMBER;

@@ -6,9 +6,11 @@
 --
 -- Everything that arrives from a caller is untrusted: lists are read raw (rawget /
 -- rawlen: __index and __len never run) and a list with a __len metamethod is refused;
+-- fields may come from __index, and what they give is kept in tables of this file while
+-- C uses it;
 -- strings are not numbers; every integer is checked in range before it reaches C (no
 -- truncation), every size before it is multiplied or allocated.
-local R = require(rawget(_G, "jit") and "loramoe.ffi_core" or "loramoe.core")
+local R = require(_G.jit and "loramoe.ffi_core" or "loramoe.core")
 
 local type, tostring, pairs, next, rawget, setmetatable, error = type, tostring, pairs, next, rawget,
   setmetatable, error
@@ -16,7 +18,7 @@ local floor, huge = math.floor, math.huge
 local format = string.format
 local getmetatable = debug.getmetatable -- sees through __metatable = "locked"
 -- LuaJIT's # does not call __len on tables; Lua 5.4's does: rawlen in both.
-local rawlen = rawget(_G, "rawlen") or function(t) return #t end
+local rawlen = _G.rawlen or function(t) return #t end
 
 local A = {}
 A.core = R
@@ -119,7 +121,7 @@ local function set(list)
 end
 
 local function field_int(t, k, n, fname, def, lo, hi)
-  local v = rawget(t, k)
+  local v = t[k]
   if v == nil then return def end
   if not isint(v) then field_error(n, fname, k, "must be an integer") end
   lo, hi = lo or -I32 - 1, hi or I32
@@ -127,19 +129,19 @@ local function field_int(t, k, n, fname, def, lo, hi)
   return v
 end
 local function field_num(t, k, n, fname, def)
-  local v = rawget(t, k)
+  local v = t[k]
   if v == nil then return def end
   if type(v) ~= "number" then field_error(n, fname, k, "must be a number") end
   return v
 end
 local function field_bool(t, k, n, fname, def)
-  local v = rawget(t, k)
+  local v = t[k]
   if v == nil then return def end
   if type(v) ~= "boolean" then field_error(n, fname, k, "must be a boolean") end
   return v
 end
 local function field_option(t, k, names, n, fname, def)
-  local v = rawget(t, k)
+  local v = t[k]
   if v == nil then return def end
   if type(v) ~= "string" then field_error(n, fname, k, "must be a string") end
   local i = names[v]
@@ -155,18 +157,29 @@ local function opt_stream(s, n, fname)
   return s
 end
 local function field_stream(t, n, fname)
-  local s = rawget(t, "stream")
+  local s = t.stream
   if s ~= nil and R.address(s) == nil then field_error(n, fname, "stream", "must be a pointer (a cudaStream_t) or nil") end
   return s
 end
 
 -- The length of a list, read raw; a __len metamethod is refused rather than believed.
+-- With a hole the border # finds differs between Lua 5.4 and LuaJIT: when an integer
+-- key lies beyond it, the length is the first hole (never more than the border + 1,
+-- so nothing is sized by a sparse key), where both runtimes then find the nil entry.
 local function list_len(t, n, fname, what)
   local mt = getmetatable(t)
   if type(mt) == "table" and rawget(mt, "__len") ~= nil then
     argerror(n, fname, what .. " has a __len metamethod (give a plain list)")
   end
-  return rawlen(t)
+  local len = rawlen(t)
+  for k in next, t do
+    if type(k) == "number" and k > len and k == floor(k) then
+      for i = 1, len + 1 do
+        if rawget(t, i) == nil then return i end
+      end
+    end
+  end
+  return len
 end
 
 -- A list of exactly want numbers as an f64 mem (want nil: as many as it holds).
@@ -257,8 +270,8 @@ local kinds = { "context", "buffer", "layer", "pool", "batch", "safetensors", "p
 local methods, props, mts = A.methods, {}, {}
 
 local function is_open(o)
-  if rawget(o, "_box") == nil then return false end
-  local p = rawget(o, "_borrowed_from")
+  if o._box == nil then return false end
+  local p = o._borrowed_from
   if p ~= nil and not is_open(p) then
     o._box = nil
     return false
@@ -317,7 +330,7 @@ for _, kind in ipairs(kinds) do
   m.close = function(self)
     local box = check(self, kind, "close")
     self._box = nil
-    if not rawget(self, "_borrowed_from") then R.close(box) end
+    if not self._borrowed_from then R.close(box) end
     return true
   end
   m.is_closed = function(self)
@@ -335,7 +348,7 @@ local function parent_method(kind, fname)
   methods[kind][fname] = function(self)
     check(self, kind, fname)
     local p = self._parent
-    if kind == "buffer" and rawget(self, "_borrowed_from") then p = p._parent end
+    if kind == "buffer" and self._borrowed_from then p = p._parent end
     return p
   end
 end
@@ -388,7 +401,7 @@ function A.context(opts)
     local dev = field_int(opts, "device", 1, "context")
     if dev and dev < 0 then field_error(1, "context", "device", "must be >= 0") end
     cfg.device = dev
-    local th = rawget(opts, "threads")
+    local th = opts.threads
     if th ~= nil and not isint(th) then field_error(1, "context", "threads", "must be an integer") end
     if th ~= nil and (th < 0 or th > 1024) then field_error(1, "context", "threads", "must be 0 (one per core) .. 1024") end
     cfg.threads = th
@@ -513,7 +526,7 @@ function Ctx.layer(self, cfg)
     checktype(cfg, "table", 1, "layer")
     check_fields(cfg, layer_fields, 1, "layer")
     t = cfg
-    preset = rawget(cfg, "preset")
+    preset = cfg.preset
     if preset ~= nil and type(preset) ~= "string" then field_error(1, "layer", "preset", "must be a string") end
   end
   local p
@@ -651,7 +664,7 @@ function Layer.set_expert(self, e, parts)
   local n = c.intermediate * c.hidden
   local m = {}
   for _, k in ipairs { "gate", "up", "down" } do
-    local v = rawget(parts, k)
+    local v = parts[k]
     if v ~= nil then m[k] = to_mem(v, n, 2, "set_expert", k) end
   end
   if not (m.gate or m.up or m.down) then argerror(2, "set_expert", "give at least one of gate, up, down") end
@@ -691,11 +704,11 @@ local function forward_args(self, t, fname)
   local h = check(self, "layer", fname)
   if type(t) ~= "table" then argerror(1, fname, "table expected, got " .. typename(t)) end
   local a = { layer = h }
-  if rawget(t, "pool") ~= nil then a.pool = check_obj(rawget(t, "pool"), "pool", 1, fname, "pool") end
-  a.batch = check_obj(rawget(t, "batch"), "batch", 1, fname, "batch")
+  if t.pool ~= nil then a.pool = check_obj(t.pool, "pool", 1, fname, "pool") end
+  a.batch = check_obj(t.batch, "batch", 1, fname, "batch")
   for k, ck in pairs { x = "x", out = "out", router_logits = "logits", topk_ids = "topk_ids",
     topk_weights = "topk_weights" } do
-    local v = rawget(t, ck)
+    local v = t[ck]
     if v == nil and (k == "x" or k == "out") then field_error(1, fname, ck, "is missing (a loramoe.buffer)") end
     if v ~= nil then a[k] = check_obj(v, "buffer", 1, fname, ck) end
   end
@@ -744,7 +757,7 @@ end
 function Layer.check(self, args)
   check(self, "layer", "check")
   if type(args) ~= "table" then argerror(1, "check", "table expected, got " .. typename(args)) end
-  local out = rawget(args, "out")
+  local out = args.out
   if getmetatable(out) ~= mts.buffer then argerror(1, "check", "field 'out' is missing (a loramoe.buffer)") end
   local ref, err, code = self:context():buffer("f64", out:shape(), "host")
   if not ref then return nil, err, code end
@@ -782,7 +795,7 @@ function Pool.load_random(self, slot, spec)
     check_fields(spec, random_fields, 2, f)
     s.rank = field_int(spec, "rank", 2, f)
     s.alpha = field_num(spec, "alpha", 2, f)
-    s.targets = targets_mask(rawget(spec, "targets"), 2, f)
+    s.targets = targets_mask(spec.targets, 2, f)
     s.fused = field_bool(spec, "fused", 2, f, false) and 1 or 0
     s.use_rslora = field_bool(spec, "rslora", 2, f, false) and 1 or 0
     s.seed = field_int(spec, "seed", 2, f, 1, -2 ^ 53, 2 ^ 53)
@@ -801,15 +814,15 @@ local function adapter_desc(self, d, n, fname)
   local out = {}
   for _, part in ipairs { { "gate", H, I }, { "up", H, I }, { "gate_up", H, 2 * I }, { "down", I, H } } do
     local name, inn, outd = part[1], part[2], part[3]
-    local t = rawget(d, name)
+    local t = d[name]
     if t ~= nil then
       if type(t) ~= "table" then field_error(n, fname, name, "must be a table {a=, b=, rank=, scale=}") end
       check_fields(t, part_fields, n, fname)
       local what = name .. ".a"
-      local ta = rawget(t, "a")
+      local ta = t.a
       if type(ta) ~= "table" then argerror(n, fname, what .. " must be a table of numbers") end
       local na = list_len(ta, n, fname, what)
-      local rank = rawget(t, "rank")
+      local rank = t.rank
       if rank == nil then
         if na == 0 or na % (E * inn) ~= 0 then
           argerror(n, fname, format("%s has %d values: not a multiple of E*in = %d (give rank)", what, na, E * inn))
@@ -819,17 +832,17 @@ local function adapter_desc(self, d, n, fname)
         argerror(n, fname, name .. ".rank must be a positive integer")
       end
       local scale = 1.0
-      if rawget(t, "scale") ~= nil then
-        scale = rawget(t, "scale")
+      if t.scale ~= nil then
+        scale = t.scale
         if type(scale) ~= "number" then argerror(n, fname, name .. ".scale must be a number") end
-      elseif rawget(t, "alpha") ~= nil then
-        local alpha = rawget(t, "alpha")
+      elseif t.alpha ~= nil then
+        local alpha = t.alpha
         if type(alpha) ~= "number" then argerror(n, fname, name .. ".alpha must be a number") end
-        scale = R.lora_scale(alpha, rank, rawget(t, "rslora") and 1 or 0)
+        scale = R.lora_scale(alpha, rank, t.rslora and 1 or 0)
       end
       -- sizes compared with what the lists hold before anything is allocated
       local a = to_mem(ta, E * rank * inn, n, fname, what)
-      local b = to_mem(rawget(t, "b"), E * outd * rank, n, fname, name .. ".b")
+      local b = to_mem(t.b, E * outd * rank, n, fname, name .. ".b")
       out[name] = { a = a, b = b, rank = rank, scale = scale }
     end
   end
@@ -934,9 +947,9 @@ function Batch.set(self, pool, requests)
   for i = 1, n do
     local r = rawget(requests, i)
     if type(r) ~= "table" then argerror(2, "set", format("request %d must be a table {tokens=, adapter=}", i)) end
-    local t = rawget(r, "tokens")
+    local t = r.tokens
     if not isint(t) or t < -I32 - 1 or t > I32 then argerror(2, "set", format("request %d: tokens must be an integer", i)) end
-    local s = rawget(r, "adapter")
+    local s = r.adapter
     if s == nil then
       s = -1
     elseif not isint(s) or s < -I32 - 1 or s > I32 then
@@ -1081,9 +1094,9 @@ function Ctx.write_safetensors(self, path, tensors, meta)
     local t = rawget(tensors, i)
     if type(t) ~= "table" then argerror(2, f, format("tensor %d must be a table {name=, dtype=, shape=, data=}", i)) end
     check_fields(t, tensor_fields, 2, f)
-    local name = rawget(t, "name")
+    local name = t.name
     if type(name) ~= "string" then argerror(2, f, format("tensor %d: name must be a string", i)) end
-    local data, bd = rawget(t, "data"), nil
+    local data, bd = t.data, nil
     if getmetatable(data) == mts.buffer then
       check_obj(data, "buffer", 2, f)
       bd = data:describe()
@@ -1091,7 +1104,7 @@ function Ctx.write_safetensors(self, path, tensors, meta)
       argerror(2, f, format("tensor %d: data must be a table of numbers or a loramoe.buffer", i))
     end
     local dt = field_option(t, "dtype", dtypes, 2, f, bd and dtypes[bd.dtype] or DT_F32)
-    local shape = rawget(t, "shape") or (bd and bd.shape)
+    local shape = t.shape or (bd and bd.shape)
     if shape == nil then argerror(2, f, format("tensor %d: shape is missing", i)) end
     local s, numel = check_shape(shape, 2, f, 8)
     local box
@@ -1216,9 +1229,9 @@ function Ctx.write_peft(self, dir, spec)
     use_rslora = field_bool(spec, "rslora", 2, f) and 1 or nil, dtype = field_option(spec, "dtype", dtypes, 2, f),
     seed = field_int(spec, "seed", 2, f, nil, -2 ^ 53, 2 ^ 53), scale = field_num(spec, "scale", 2, f),
   }
-  if rawget(spec, "targets") ~= nil then s.targets = targets_mask(rawget(spec, "targets"), 2, f) end
+  if spec.targets ~= nil then s.targets = targets_mask(spec.targets, 2, f) end
   for _, pat in ipairs { "rank_pattern", "alpha_pattern" } do
-    local p = rawget(spec, pat)
+    local p = spec[pat]
     if p ~= nil then
       if type(p) ~= "table" then field_error(2, f, pat, "must be {key = number}") end
       local k, v = next(p)

@@ -138,6 +138,7 @@ end
 -- pack(ct, t, n): t[1..n], read raw, as a mem; nil, i at the first bad entry.
 function R.pack(ct, t, n)
   if type(t) ~= "table" then bad("table expected") end
+  if type(n) ~= "number" or n > #t + 1 then bad("more than the table holds") end -- # is raw here
   local m = R.mem(ct, n)
   local int = ct == "i32" or ct == "i64"
   for i = 1, n do
