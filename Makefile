@@ -3,7 +3,8 @@
 #   make demo       install missing packages, build into build/, run examples/quickstart.lua
 #   make test       build, run every non-GPU test, then the C tests under ASan+UBSan,
 #                   the safetensors/PEFT fuzzer (clang; FUZZ_RUNS inputs from seed
-#                   FUZZ_SEED, FUZZ_TIME seconds at most), and the install-tree test
+#                   FUZZ_SEED, FUZZ_TIME seconds at most), the Lua-boundary fuzzer
+#                   under both runtimes (ASan+UBSan), and the install-tree test
 #                   (find_package, pkg-config, luarocks make)
 #   make test-gpu   the tests that need a GPU (ctest -L gpu)
 #   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
@@ -36,7 +37,7 @@ endif
 
 CTEST := ctest --output-on-failure -j $(JOBS)
 
-.PHONY: all deps build demo test test-asan test-fuzz test-install test-gpu bench clean wasm
+.PHONY: all deps build demo test test-asan test-fuzz test-fuzz-lua test-install test-gpu bench clean wasm
 
 all: build
 
@@ -54,6 +55,7 @@ test: build
 	cd $(BUILD) && $(CTEST) -LE gpu
 	$(MAKE) --no-print-directory test-asan
 	$(MAKE) --no-print-directory test-fuzz
+	$(MAKE) --no-print-directory test-fuzz-lua
 	$(MAKE) --no-print-directory test-install
 
 # The C tests and the CUDA backend on the simulated device (tests/sim) again, built with
@@ -73,6 +75,16 @@ test-fuzz: deps
 	  -DLMOE_FUZZ_RUNS=$(FUZZ_RUNS)
 	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_formats
 	cd $(FUZZ_BUILD) && ctest --output-on-failure -L fuzz
+
+# The Lua-boundary fuzzer (fuzz/fuzz_lua.lua): random API calls with hostile values under
+# lua5.4 (the C module) and luajit (the FFI binding), the library and module built with
+# ASan+UBSan; a fixed seed and count, 60 s at most each.
+LUA_FUZZ_BUILD ?= build-lua-asan
+test-fuzz-lua: deps
+	cmake -S . -B $(LUA_FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DLMOE_SANITIZE=address,undefined -DLMOE_CUDA=OFF -DLMOE_BENCH=OFF
+	cmake --build $(LUA_FUZZ_BUILD) -j $(JOBS)
+	cd $(LUA_FUZZ_BUILD) && ctest --output-on-failure -L fuzz_lua
 
 # Install into a temporary prefix; build the embedding example against it with
 # find_package(loramoe) and with pkg-config; luarocks make from the checkout.

@@ -112,6 +112,12 @@ describe("the Lua boundary", function()
     assert.are.equal(64, view.numel)
     same("bad argument #3 to 'wrap' (the view (260 bytes) does not lie inside the owner's 256 bytes)",
       function() ctx:wrap("f32", { 65 }, other:data(), "host", other) end)
+    -- a view is closed with its owner (its memory is gone)
+    local owner = assert(ctx:buffer("f32", { 4 }, "host"))
+    local v2 = assert(ctx:wrap("f32", { 4 }, owner:data(), "host", owner))
+    owner:close()
+    assert.is_true(v2:is_closed())
+    same("attempt to use a closed buffer", function() v2:read() end)
     same("bad argument #5 to 'wrap' (loramoe.buffer expected, got nil)",
       function() ctx:wrap("f32", { 1 }, other:data(), "host") end)
     same("bad argument #4 to 'wrap' (memory differs from the owner's)",

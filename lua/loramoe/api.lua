@@ -269,10 +269,14 @@ end
 local kinds = { "context", "buffer", "layer", "pool", "batch", "safetensors", "peft", "checkpoint", "graph" }
 local methods, props, mts = A.methods, {}, {}
 
+-- A borrowed buffer (layer:weights) and a view (ctx:wrap) are usable only while the
+-- object whose memory they show is open: once it is closed, so are they (a view's own
+-- handle is released then; a borrowed one owns nothing).
 local function is_open(o)
   if o._box == nil then return false end
-  local p = o._borrowed_from
+  local p = o._borrowed_from or o._view_of
   if p ~= nil and not is_open(p) then
+    if o._view_of then R.close(o._box) end
     o._box = nil
     return false
   end
@@ -482,7 +486,7 @@ function Ctx.wrap(self, dtype, shape, ptr, memory, owner)
   local box
   st, box = R.buffer_wrap(h, dtype, memory, s, ptr, ob)
   local b, msg, code = made("buffer", st, box, self, cb)
-  if b then b._owner = owner end
+  if b then b._view_of = owner end
   return b, msg, code
 end
 
