@@ -35,6 +35,11 @@ static lmoe_status check_shape(lmoe_context *ctx, int32_t dtype, int32_t memory,
       return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "shape is too large");
     n *= shape[i];
   }
+  /* Unreachable with a 64-bit size_t (n <= INT64_MAX / 16); on wasm32 the byte count
+     must fit 32 bits, or it wraps and the buffer is allocated too small. */
+  if ((uint64_t)n > SIZE_MAX / lmoe_dtype_size(dtype))
+    return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY,
+                     "shape of %lld elements is more than this platform can address", (long long)n);
   *numel = n;
   return LMOE_OK;
 }
