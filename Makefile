@@ -5,7 +5,8 @@
 #                   the safetensors/PEFT fuzzer (clang; FUZZ_RUNS inputs from seed
 #                   FUZZ_SEED, FUZZ_TIME seconds at most), the Lua-boundary fuzzer
 #                   under both runtimes (ASan+UBSan), and the install-tree test
-#                   (find_package, pkg-config, luarocks make)
+#                   (find_package, pkg-config, luarocks make), and the WebAssembly
+#                   tests under Node (make test-wasm)
 #   make test-gpu   the tests that need a GPU (ctest -L gpu)
 #   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
 #   make wasm       install emscripten and node, fetch Lua's and cJSON's C sources
@@ -57,6 +58,7 @@ test: build
 	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory test-fuzz-lua
 	$(MAKE) --no-print-directory test-install
+	$(MAKE) --no-print-directory test-wasm
 
 # The C tests and the CUDA backend on the simulated device (tests/sim) again, built with
 # AddressSanitizer and UBSan (no nvcc: the sanitizers don't see into device code, and
@@ -108,6 +110,11 @@ bench: build
 wasm:
 	@sh tools/install-wasm-deps.sh $(WASM_BUILD)/src
 	JOBS=$(JOBS) sh wasm/build.sh $(WASM_BUILD)
+
+# Under Node: the spec files and the malformed-file corpus on the WebAssembly module,
+# the command's tests and the examples, the JavaScript face (tests/wasm/run.mjs).
+test-wasm: wasm
+	node tests/wasm/run.mjs $(WASM_BUILD)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) $(WASM_BUILD)

@@ -4,7 +4,7 @@
 # (apt-get source) into DIR (default build-wasm/src): they are built into the module, never committed.
 #   emscripten  emcc (Debian's clang/lld + binaryen), nodejs for running the module
 #   dpkg-dev    apt-get source
-#   lua-luassert, lua-say  pure Lua: the spec files' assertions under wasm
+#   lua-luassert, lua-say, lua-dkjson  pure Lua: what the spec files use under wasm
 #   chromium    the browser test (only with --browser)
 # As root it runs apt-get; otherwise it prints the command to run and fails.
 set -eu
@@ -13,7 +13,7 @@ dir=${1:-build-wasm/src}
 browser=0
 [ "${2:-}" = "--browser" ] && browser=1
 
-PACKAGES="emscripten nodejs dpkg-dev lua-luassert lua-say"
+PACKAGES="emscripten nodejs dpkg-dev lua-luassert lua-say lua-dkjson"
 [ $browser = 1 ] && PACKAGES="$PACKAGES chromium"
 
 if ! command -v dpkg-query >/dev/null 2>&1; then

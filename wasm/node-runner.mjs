@@ -28,6 +28,19 @@ try {
 const m = lm.module;
 const FS = m.FS;
 
+// NODEFS (3.1.6) turns a relative link target into a path relative to the mount's root
+// as seen from Node's working directory, which breaks links like Debian's
+// /usr/share/lua/5.4/x.lua -> ../5.1/x.lua. The host's paths are the module's paths
+// here, so the target can be given as it is.
+m.NODEFS.node_ops.readlink = (node) => {
+  try {
+    return fs.readlinkSync(m.NODEFS.realPath(node));
+  } catch (e) {
+    if (!e.code) throw e;
+    throw new FS.ErrnoError(m.NODEFS.convertNodeCode(e));
+  }
+};
+
 // Mount the host's top-level directories over the module's own root, except those the
 // module needs for itself (/dev, /proc) and the one that holds the built-in Lua files.
 for (const name of fs.readdirSync('/')) {
