@@ -1,7 +1,7 @@
 -- loramoe quickstart: one MoE layer, three LoRA adapters, a mixed batch.
 --
 --   loramoe run examples/quickstart.lua          (the CLI preloads loramoe.core)
---   lua5.4 examples/quickstart.lua               (LUA_PATH / LUA_CPATH set, docs/lua.md)
+--   lua5.4 examples/quickstart.lua               (the C module of build/, or LUA_CPATH)
 --   luajit examples/quickstart.lua               (the FFI binding)
 --
 -- On a GPU the layer is qwen3-30b-a3b; on the CPU the tiny preset. It loads three
@@ -9,6 +9,13 @@
 -- requests (some without adapter), checks the result against the float64 reference and
 -- prints host waits per forward, time per forward and the batch. Exits non-zero when
 -- the check fails.
+
+-- From the checkout after a build into build/: the Lua files and the build tree's
+-- module on the paths (ahead of LUA_PATH, as in the other examples).
+local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+package.path = here .. "/../lua/?.lua;" .. here .. "/../lua/?/init.lua;" .. here ..
+  "/../build/lua/?.lua;" .. package.path
+package.cpath = package.cpath .. ";" .. here .. "/../build/lua/?.so"
 
 local lm = require "loramoe"
 

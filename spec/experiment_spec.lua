@@ -282,7 +282,9 @@ describe("experiment progress", function()
     local code = [[local e = require "loramoe.experiment"; io.write(tostring(e.progress_enabled())); ]] ..
                  [[local p = e.progress(); p("visible?", true); p()]]
     -- LORAMOE_PROGRESS unset: the tty check decides, and stderr is a file.
-    local cmd = string.format("env -u LORAMOE_PROGRESS %s -e '%s' >%s 2>%s", lua, code, outfile, errfile)
+    -- the child finds the modules where this run does (busted's .busted may have set them)
+    local cmd = string.format("env -u LORAMOE_PROGRESS LUA_PATH='%s' LUA_PATH_5_4='%s' LUA_CPATH_5_4='%s' %s -e '%s' >%s 2>%s",
+      package.path, package.path, package.cpath, lua, code, outfile, errfile)
     local ok = os.execute(cmd)
     assert.is_true(ok == true or ok == 0)
     assert.are.equal("false", read(outfile))

@@ -6,11 +6,13 @@
 --
 -- Everything that arrives from a caller is untrusted: lists are read raw (rawget /
 -- rawlen: __index and __len never run) and a list with a __len metamethod is refused;
--- fields may come from __index, and what they give is kept in tables of this file while
--- C uses it;
--- strings are not numbers; every integer is checked in range before it reaches C (no
--- truncation), every size before it is multiplied or allocated.
-local R = require(_G.jit and "loramoe.ffi_core" or "loramoe.core")
+-- fields may come from __index, and what they give is kept in tables of this file
+-- while C uses it; strings are not numbers; every integer is checked in range before
+-- it reaches C (no truncation), every size before it is multiplied or allocated.
+if not rawget(_G, "jit") and _VERSION ~= "Lua 5.4" then
+  error("loramoe needs Lua 5.4 (the C module loramoe.core) or LuaJIT (the FFI binding); this is " .. _VERSION, 2)
+end
+local R = require(rawget(_G, "jit") and "loramoe.ffi_core" or "loramoe.core")
 
 local type, tostring, pairs, next, rawget, setmetatable, error = type, tostring, pairs, next, rawget,
   setmetatable, error
@@ -707,6 +709,7 @@ local forward_fields = set { "pool", "batch", "x", "logits", "topk_ids", "topk_w
 local function forward_args(self, t, fname)
   local h = check(self, "layer", fname)
   if type(t) ~= "table" then argerror(1, fname, "table expected, got " .. typename(t)) end
+  check_fields(t, forward_fields, 1, fname)
   local a = { layer = h }
   if t.pool ~= nil then a.pool = check_obj(t.pool, "pool", 1, fname, "pool") end
   a.batch = check_obj(t.batch, "batch", 1, fname, "batch")
