@@ -705,6 +705,9 @@ function Layer.pool(self, cfg)
   return p, msg, code
 end
 
+-- core field, argument field; x and out are required
+local forward_buffers = { { "x", "x" }, { "out", "out" }, { "router_logits", "logits" }, { "topk_ids", "topk_ids" },
+  { "topk_weights", "topk_weights" } }
 local forward_fields = set { "pool", "batch", "x", "logits", "topk_ids", "topk_weights", "out", "stream" }
 local function forward_args(self, t, fname)
   local h = check(self, "layer", fname)
@@ -713,10 +716,10 @@ local function forward_args(self, t, fname)
   local a = { layer = h }
   if t.pool ~= nil then a.pool = check_obj(t.pool, "pool", 1, fname, "pool") end
   a.batch = check_obj(t.batch, "batch", 1, fname, "batch")
-  for k, ck in pairs { x = "x", out = "out", router_logits = "logits", topk_ids = "topk_ids",
-    topk_weights = "topk_weights" } do
+  for i = 1, #forward_buffers do
+    local k, ck = forward_buffers[i][1], forward_buffers[i][2]
     local v = t[ck]
-    if v == nil and (k == "x" or k == "out") then field_error(1, fname, ck, "is missing (a loramoe.buffer)") end
+    if v == nil and i <= 2 then field_error(1, fname, ck, "is missing (a loramoe.buffer)") end
     if v ~= nil then a[k] = check_obj(v, "buffer", 1, fname, ck) end
   end
   return a

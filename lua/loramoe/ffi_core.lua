@@ -491,12 +491,15 @@ function R.batch_active_slots(h, s, t, cap)
 end
 
 local fwd = ffi.new("lmoe_forward_args")
-local fwd_kinds = { layer = "layer", pool = "pool", batch = "batch", x = "buffer", router_logits = "buffer",
-  topk_ids = "buffer", topk_weights = "buffer", out = "buffer" }
+local fwd_kinds = { { "layer", "layer" }, { "pool", "pool" }, { "batch", "batch" }, { "x", "buffer" },
+  { "router_logits", "buffer" }, { "topk_ids", "buffer" }, { "topk_weights", "buffer" }, { "out", "buffer" } }
 local function forward_args(t)
   if type(t) ~= "table" then bad("table expected") end
   C.lmoe_forward_args_init(fwd)
-  for k, kind in pairs(fwd_kinds) do fwd[k] = opth(t[k], kind) end
+  for i = 1, #fwd_kinds do
+    local k = fwd_kinds[i]
+    fwd[k[1]] = opth(t[k[1]], k[2])
+  end
   return fwd
 end
 function R.forward(h, t, s) return C.lmoe_forward(ctx(h), forward_args(t), opt_ptr(s)) end
