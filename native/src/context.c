@@ -125,6 +125,11 @@ static void live_remove(const void *p) {
       live[i] = live[--live_n];
       break;
     }
+  if (live_n == 0) { /* nothing left: a process that releases everything frees it too */
+    free(live);
+    live = NULL;
+    live_cap = 0;
+  }
   live_release();
 }
 
