@@ -35,6 +35,8 @@ local tmp = os.tmpname()
 os.remove(tmp)
 local paths = { tmp .. ".a", tmp .. ".b", tmp .. ".dir", tmp .. ".missing/x", tmp }
 
+local path_methods = { write_safetensors = true, write_peft = true, safetensors = true, peft = true, checkpoint = true }
+
 local numbers = { 0, 1, 2, 3, 4, 7, 8, 16, 64, -1, -2, 0.5, 1.5, -0.0, 2 ^ 31 - 1, 2 ^ 31, -2 ^ 31, -2 ^ 31 - 1,
   2 ^ 32, 2 ^ 32 + 1, 2 ^ 53, 2 ^ 53 + 2, 2 ^ 63, -2 ^ 63, 2 ^ 64, 1e300, -1e300, math.huge, -math.huge, 0 / 0 }
 local small = { 0, 1, 2, 3, 4, 8 }
@@ -273,6 +275,8 @@ local function call(i)
     args = {}
     for j = 1, n do args[j] = value() end
   end
+  -- files are written under the temporary name only, whatever the value drawn
+  if path_methods[name] and type(args[1]) == "string" then args[1] = pick(paths) end
   if trace then print(i, kind .. ":" .. name, tostring(self), describe_args(args, n)) end
   local unpack = table.unpack or unpack
   local ok, r, msg = pcall(f, self, unpack(args, 1, n))
@@ -299,10 +303,11 @@ for _, o in ipairs(objects) do pcall(o.close, o) end
 objects = nil
 collectgarbage()
 collectgarbage()
-for _, p in ipairs(paths) do os.remove(p) end
-os.remove(tmp .. ".dir/adapter_config.json")
-os.remove(tmp .. ".dir/adapter_model.safetensors")
-os.remove(tmp .. ".dir")
+for _, p in ipairs(paths) do
+  os.remove(p .. "/adapter_config.json")
+  os.remove(p .. "/adapter_model.safetensors")
+  os.remove(p)
+end
 if stats then
   local keys = {}
   for key in pairs(stats) do keys[#keys + 1] = key end

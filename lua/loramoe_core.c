@@ -222,7 +222,7 @@ static int64_t mul3(int64_t a, int64_t b, int64_t c) {
 }
 
 /* Structs <-> tables by field lists: name, offset, type ('i' int32, 'I' int64, 'u'
-   uint64, 'f' float, 'd' double, 's' const char *, 'p' pointer). */
+   uint64, 'z' size_t, 'f' float, 'd' double, 's' const char *, 'p' pointer). */
 typedef struct fld { const char *k; size_t off; char t; } fld;
 #define F(S, m, t) {#m, offsetof(S, m), t}
 
@@ -235,6 +235,7 @@ static void push_struct(lua_State *L, const fld *f, const void *s) {
     case 'i': lua_pushinteger(L, *(const int32_t *)v); break;
     case 'I': lua_pushinteger(L, *(const int64_t *)v); break;
     case 'u': lua_pushinteger(L, (lua_Integer) * (const uint64_t *)v); break;
+    case 'z': lua_pushinteger(L, (lua_Integer) * (const size_t *)v); break;
     case 'f': lua_pushnumber(L, *(const float *)v); break;
     case 'd': lua_pushnumber(L, *(const double *)v); break;
     case 's': lua_pushstring(L, *(const char *const *)v ? *(const char *const *)v : ""); break;
@@ -434,7 +435,7 @@ static int l_buffer_wrap(lua_State *L) {
 }
 
 static const fld desc_f[] = {F(lmoe_buffer_desc, dtype, 'i'), F(lmoe_buffer_desc, memory, 'i'),
-  F(lmoe_buffer_desc, ndim, 'i'), F(lmoe_buffer_desc, numel, 'I'), F(lmoe_buffer_desc, bytes, 'u'),
+  F(lmoe_buffer_desc, ndim, 'i'), F(lmoe_buffer_desc, numel, 'I'), F(lmoe_buffer_desc, bytes, 'z'),
   F(lmoe_buffer_desc, data, 'p'), {0}};
 
 /* A list of the first n entries of an int64 array, as field k of the table on top. */
