@@ -208,7 +208,13 @@ size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config
 typedef float vf4 __attribute__((vector_size(16)));
 typedef int32_t vi4 __attribute__((vector_size(16)));
 typedef uint32_t vu4 __attribute__((vector_size(16)));
+#ifdef __wasm_simd128__
+/* 128-bit registers and no FMA: 2 vectors per row keep the 12 accumulators in the 16
+   registers engines map SIMD128 onto (4 would spill). */
+LMOE_GEMM_TILE(gemm_tile_v4, vf4, 2)
+#else
 LMOE_GEMM_TILE(gemm_tile_v4, vf4, 4)
+#endif
 LMOE_SILU(silu_v4, vf4, vi4, vu4)
 #ifdef LMOE_X86_DISPATCH
 typedef float vf8 __attribute__((vector_size(32)));
