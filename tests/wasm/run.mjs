@@ -45,11 +45,7 @@ function loramoe(args, { threads, timeout = 300 } = {}) {
 // ---------------------------------------------------------------- 1. specs
 // Skipped here, and why: they start a native interpreter (lua5.4/luajit) in a child
 // process; the examples themselves run under wasm in part 3.
-const skips = ['--skip=stays silent when stderr is not a terminal', '--skip=example scripts',
-  // Known on wasm32 only: lua/loramoe_core.c reads the size_t fields of its structs
-  // (lmoe_buffer_desc.bytes, ...) as uint64_t, so byte counts are garbage where size_t
-  // has 32 bits (buf.bytes, and the wrap bound check built on it).
-  '--skip=has a dtype, a shape and a size', '--skip=wraps only inside the owner'];
+const skips = ['--skip=stays silent when stderr is not a terminal', '--skip=example scripts'];
 const specs = fs.readdirSync('spec').filter((f) => f.endsWith('_spec.lua')).sort().map((f) => `spec/${f}`);
 const numeric = ['spec/forward_spec.lua', 'spec/adapter_load_spec.lua', 'spec/files_spec.lua',
   'spec/pool_spec.lua'].filter((f) => fs.existsSync(f));
