@@ -4,9 +4,11 @@
  * file of the module's file system) and leaves its result or error text for JavaScript.
  * Only built into the WebAssembly module.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <lauxlib.h>
@@ -37,6 +39,79 @@ static int host_exit(lua_State *L) {
   return luaL_error(L, "os.exit(%d) called: exits are not available in this host", (int)code);
 }
 
+/* mkdir -p: the directory and its parents; 0 or -1 (errno set). */
+static int mkdir_p(char *path) {
+  for (char *p = path + 1;; p++) {
+    if (*p != '/' && *p != '\0') continue;
+    char c = *p;
+    *p = '\0';
+    struct stat st;
+    int bad = mkdir(path, 0777) != 0 && (errno != EEXIST || stat(path, &st) != 0 || !S_ISDIR(st.st_mode));
+    *p = c;
+    if (bad) return -1;
+    if (c == '\0') return 0;
+  }
+}
+
+/* One shell word of s into b: plain characters, '...' and \x (how report.mkdir quotes
+   a path). Returns where the word ends in s (a space or the end), or NULL at a
+   character a shell would treat specially ($, `, ;, ...). */
+static const char *shell_word(const char *s, luaL_Buffer *b) {
+  while (*s && *s != ' ') {
+    if (*s == '\'') {
+      const char *e = strchr(s + 1, '\'');
+      if (!e) return NULL;
+      luaL_addlstring(b, s + 1, (size_t)(e - s - 1));
+      s = e + 1;
+    } else if (*s == '\\' && s[1]) {
+      luaL_addchar(b, s[1]);
+      s += 2;
+    } else if (strchr("\"$`;&|<>()*?[]{}~#!\t\n", *s)) {
+      return NULL;
+    } else {
+      luaL_addchar(b, *s++);
+    }
+  }
+  return s;
+}
+
+/* os.execute where there is no shell (a browser: system() fails there). loramoe's Lua
+   files run two commands, `mkdir -p DIR` (before writing results) and `test -t FD`
+   (whether progress lines go to a terminal): this host does those two itself and
+   answers the rest as a shell that cannot find them (fail, "exit", 127). */
+static int host_execute(lua_State *L) {
+  const char *cmd = luaL_optstring(L, 1, NULL);
+  if (!cmd) {
+    lua_pushboolean(L, 0); /* no shell */
+    return 1;
+  }
+  int status = 127;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  if (strncmp(cmd, "mkdir -p ", 9) == 0) {
+    const char *e = shell_word(cmd + 9, &b);
+    luaL_pushresult(&b);
+    if (e && *e == '\0' && lua_rawlen(L, -1) > 0) {
+      char *path = strdup(lua_tostring(L, -1));
+      status = path && mkdir_p(path) == 0 ? 0 : 1;
+      free(path);
+    }
+  } else if (strncmp(cmd, "test -t ", 8) == 0) {
+    const char *e = shell_word(cmd + 8, &b);
+    luaL_pushresult(&b);
+    const char *fd = lua_tostring(L, -1);
+    if (e && *e == '\0' && fd[0] >= '0' && fd[0] <= '9' && fd[1] == '\0')
+      status = isatty(fd[0] - '0') ? 0 : 1;
+  } else {
+    luaL_pushresult(&b);
+  }
+  if (status == 0) lua_pushboolean(L, 1);
+  else luaL_pushfail(L);
+  lua_pushliteral(L, "exit");
+  lua_pushinteger(L, status);
+  return 3;
+}
+
 static int init_state(lua_State *L) {
   luaL_openlibs(L);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
@@ -50,6 +125,10 @@ static int init_state(lua_State *L) {
   lua_getglobal(L, "os");
   lua_pushcfunction(L, host_exit);
   lua_setfield(L, -2, "exit");
+  if (!system(NULL)) {
+    lua_pushcfunction(L, host_execute);
+    lua_setfield(L, -2, "execute");
+  }
   lua_pop(L, 1);
   return 0;
 }

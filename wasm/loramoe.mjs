@@ -35,6 +35,9 @@ export class LoramoeError extends Error {
  *   threads   'auto' (default): all cores when the host allows shared memory, else 1;
  *             1: the single-threaded build; n > 1: the threaded build with n threads
  *   print, printErr   receive each line written to stdout / stderr (default: console)
+ *   stdout, stderr    receive the bytes written (a Uint8Array per write, '\r' kept)
+ *             instead of print / printErr: for progress lines that rewrite themselves
+ *   env       environment variables of the module ({ NAME: 'value' }), for os.getenv
  *   baseUrl   where st/ and mt/ lie (default: beside this file)
  *   thisProgram  argv[0] of the module's main (default 'loramoe')
  */
@@ -59,6 +62,8 @@ export async function load(options = {}) {
     print: options.print || ((s) => console.log(s)),
     printErr: options.printErr || ((s) => console.error(s)),
   };
+  // The C library reads the environment once, as it starts: set it before that.
+  if (options.env) config.preRun = [(m) => Object.assign(m.ENV, options.env)];
   if (isNode) {
     // The 3.1.6 glue would fetch() the .wasm under Node, which cannot fetch a file path.
     const { readFile } = await import('fs/promises');
@@ -68,6 +73,18 @@ export async function load(options = {}) {
       ? new URL(path, dir).pathname : new URL(path, dir).href);
   }
   const mod = await factory(config);
+  for (const [fd, sink] of [[1, options.stdout], [2, options.stderr]]) {
+    if (!sink) continue;
+    // This stream alone writes to the sink, each write as it comes (the terminal
+    // device would hold a line back until its newline).
+    const stream = mod.FS.getStream(fd);
+    stream.stream_ops = { ...stream.stream_ops,
+      write: (s, buffer, offset, length) => {
+        // a copy (not a view of the module's memory, which may be shared), as bytes
+        if (length > 0) sink(new Uint8Array(buffer.slice(offset, offset + length).buffer));
+        return length;
+      } };
+  }
   return new Loramoe(mod, threads);
 }
 

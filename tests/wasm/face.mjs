@@ -158,4 +158,20 @@ export async function runFaceTests(build, record) {
       expect(lm.run('return tostring(kept)') === 'nil', 'fresh');
     });
   }
+
+  // env, and stdout/stderr as raw writes: what the web page's worker uses for progress.
+  for (const threads of [1, 2]) {
+    await check(`env and raw stdout/stderr (threads=${threads})`, async () => {
+      const got = { out: [], err: [] };
+      const dec = (b) => { expect(b instanceof Uint8Array, `not bytes: ${b}`); return new TextDecoder().decode(b); };
+      const lm = await load({ threads, env: { LORAMOE_FACE_TEST: 'from the host' },
+        stdout: (b) => got.out.push(dec(b)), stderr: (b) => got.err.push(dec(b)) });
+      expect(lm.run('return os.getenv("LORAMOE_FACE_TEST")') === 'from the host', 'env not seen by os.getenv');
+      lm.run('io.stderr:write("\\r", "step 1/2") io.stderr:write("\\r", "step 2/2") print("héllo")');
+      // each write as it comes, before any newline on stderr
+      expect(got.err.join('') === '\rstep 1/2\rstep 2/2', `stderr ${JSON.stringify(got.err)}`);
+      expect(got.err.includes('step 1/2'), `writes merged: ${JSON.stringify(got.err)}`);
+      expect(got.out.join('') === 'héllo\n', `stdout ${JSON.stringify(got.out)}`);
+    });
+  }
 }
