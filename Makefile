@@ -5,12 +5,15 @@
 #                   the safetensors/PEFT fuzzer (clang; FUZZ_RUNS inputs from seed
 #                   FUZZ_SEED, FUZZ_TIME seconds at most), the Lua-boundary fuzzer
 #                   under both runtimes (ASan+UBSan), and the install-tree test
-#                   (find_package, pkg-config, luarocks make), and the WebAssembly
-#                   tests under Node (make test-wasm)
+#                   (find_package, pkg-config, luarocks make), the WebAssembly
+#                   tests under Node (make test-wasm) and the web page in headless
+#                   Chromium (make test-web)
 #   make test-gpu   the tests that need a GPU (ctest -L gpu)
 #   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
 #   make wasm       install emscripten and node, fetch Lua's and cJSON's C sources
 #                   (apt-get source), build the WebAssembly module into build-wasm/
+#   make web        make wasm, then serve the web page (examples/web/) on
+#                   http://127.0.0.1:8011/ (WEB_PORT) until Ctrl-C
 #
 # Variables: CUDA=0 forces a CPU-only build; CUDA_ARCHS="90a" builds for fewer GPU
 # architectures (the default fatbin covers sm_80/86/89/90a and takes a while);
@@ -26,6 +29,7 @@ FUZZ_TIME  ?= 60
 FUZZ_SEED  ?= 1
 FUZZ_RUNS  ?= 400000
 WASM_BUILD ?= build-wasm
+WEB_PORT   ?= 8011
 
 # CUDA when nvcc exists (on PATH or in the toolkit's usual place), else CPU only.
 NVCC := $(shell command -v nvcc 2>/dev/null || { test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc; })
@@ -38,7 +42,8 @@ endif
 
 CTEST := ctest --output-on-failure -j $(JOBS)
 
-.PHONY: all deps build demo test test-asan test-fuzz test-fuzz-lua test-install test-gpu bench clean wasm
+.PHONY: all deps build demo test test-asan test-fuzz test-fuzz-lua test-install test-gpu bench clean wasm \
+        test-wasm web test-web
 
 all: build
 
@@ -59,6 +64,7 @@ test: build
 	$(MAKE) --no-print-directory test-fuzz-lua
 	$(MAKE) --no-print-directory test-install
 	$(MAKE) --no-print-directory test-wasm
+	$(MAKE) --no-print-directory test-web
 
 # The C tests and the CUDA backend on the simulated device (tests/sim) again, built with
 # AddressSanitizer and UBSan (no nvcc: the sanitizers don't see into device code, and
@@ -115,6 +121,18 @@ wasm:
 # the command's tests and the examples, the JavaScript face (tests/wasm/run.mjs).
 test-wasm: wasm
 	node tests/wasm/run.mjs $(WASM_BUILD)
+
+# The web page (examples/web/), served on the loopback with the headers that allow
+# threads (cross-origin isolation); open the URL it prints.
+web: wasm
+	node examples/web/serve.mjs --build $(WASM_BUILD) --port $(WEB_PORT)
+
+# The web page in Debian's chromium, headless (installed when missing; CHROMIUM names
+# another): the quickstart, an experiment's plot, an error, a PEFT adapter from the file
+# input, the one-thread build (tests/web/run.mjs). Writes $(WASM_BUILD)/web-page.png.
+test-web: wasm
+	@sh tools/install-wasm-deps.sh $(WASM_BUILD)/src --browser
+	node tests/web/run.mjs $(WASM_BUILD)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) $(WASM_BUILD)

@@ -5,7 +5,9 @@
 #   emscripten  emcc (Debian's clang/lld + binaryen), nodejs for running the module
 #   dpkg-dev    apt-get source
 #   lua-luassert, lua-say, lua-dkjson  pure Lua: what the spec files use under wasm
-#   chromium    the browser test (only with --browser)
+#   chromium    the browser test (only with --browser): Debian's package. Ubuntu has
+#               none (its chromium is a snap): there it fails and says what to do,
+#               unless a browser is already there ($CHROMIUM, chromium on PATH, the snap)
 # As root it runs apt-get; otherwise it prints the command to run and fails.
 set -eu
 
@@ -37,6 +39,13 @@ for p in $PACKAGES; do
   [ "$status" = "installed" ] && continue
   # any node will do (a distribution's or one installed by other means)
   [ "$p" = nodejs ] && command -v node >/dev/null 2>&1 && continue
+  # any Chromium that starts will do, as tests/web/run.mjs finds it (Ubuntu's
+  # chromium-browser is a stub that asks for the snap: it fails here)
+  if [ "$p" = chromium ]; then
+    for b in "${CHROMIUM:-}" chromium chromium-browser /snap/bin/chromium; do
+      [ -n "$b" ] && "$b" --version >/dev/null 2>&1 && continue 2
+    done
+  fi
   missing="$missing $p"
 done
 if [ -n "$missing" ]; then
@@ -48,6 +57,14 @@ if [ -n "$missing" ]; then
   echo "install-wasm-deps: installing$missing"
   export DEBIAN_FRONTEND=noninteractive
   apt_update
+  case " $missing " in *" chromium "*)
+    candidate=$(apt-cache policy chromium 2>/dev/null | awk '/Candidate:/ { print $2 }')
+    if [ -z "$candidate" ] || [ "$candidate" = "(none)" ]; then
+      echo "install-wasm-deps: no 'chromium' package here (Ubuntu ships Chromium only as a snap):" >&2
+      echo "  install one (snap install chromium) or set CHROMIUM to a Chromium or Chrome binary" >&2
+      exit 1
+    fi
+  esac
   apt-get install -y --no-install-recommends $missing
 fi
 
