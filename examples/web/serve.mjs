@@ -91,6 +91,16 @@ export function serve({ build = path.join(repo, 'build-wasm'), port = 8011, host
   build = path.resolve(build);
   if (!fs.existsSync(path.join(build, 'loramoe.mjs')))
     throw new Error(`${build}/loramoe.mjs is missing: run make wasm first`);
+  return listen((urlPath) => resolve(urlPath, build), { port, host, log });
+}
+
+/** Serves the files of one directory the same way (wasm/bench-browser.mjs). */
+export function serveDir(root, { port = 0, host = '127.0.0.1', log } = {}) {
+  root = path.resolve(root);
+  return listen((urlPath) => under(root, urlPath === '/' ? 'index.html' : urlPath.slice(1)), { port, host, log });
+}
+
+function listen(resolveUrl, { port, host, log }) {
   const server = http.createServer((req, res) => {
     let urlPath;
     try {
@@ -98,7 +108,7 @@ export function serve({ build = path.join(repo, 'build-wasm'), port = 8011, host
     } catch {
       urlPath = null;
     }
-    const found = urlPath && (req.method === 'GET' || req.method === 'HEAD') ? resolve(urlPath, build) : null;
+    const found = urlPath && (req.method === 'GET' || req.method === 'HEAD') ? resolveUrl(urlPath) : null;
     if (!found) {
       res.writeHead(404, { ...HEADERS, 'Content-Type': 'text/plain; charset=utf-8' });
       res.end('not found\n');
