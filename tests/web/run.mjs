@@ -109,7 +109,8 @@ try {
   { encoding: 'utf8', timeout: 120000, env: { ...process.env, LORAMOE_WASM_THREADS: '1' } });
   expect(made.status === 0, `adapter make: ${made.stdout}${made.stderr}`);
 
-  const page = await browser.open(`${url}?autorun=quickstart`);
+  // tall enough for the screenshot to show the quickstart's check under the plot
+  const page = await browser.open(`${url}?autorun=quickstart`, { width: 1280, height: 1100 });
 
   await check('page loads the module in its worker', async () => {
     await page.until(`['ready', 'running', 'fatal'].includes(document.documentElement.dataset.state)`, 120,
