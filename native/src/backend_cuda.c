@@ -68,7 +68,7 @@ static lmoe_status cuda_err(lmoe_context *ctx, cudaError_t e, const char *what) 
 
 /* ---------------------------------------------------------------- devices */
 
-int32_t lmoe_cuda_device_count(void) {
+static int32_t cu_device_count(void) {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
@@ -78,8 +78,8 @@ int32_t lmoe_cuda_device_count(void) {
   return n;
 }
 
-lmoe_status lmoe_cuda_device_info(int32_t device, lmoe_device_info *out) {
-  int n = lmoe_cuda_device_count();
+static lmoe_status cu_device_info(int32_t device, lmoe_device_info *out) {
+  int n = cu_device_count();
   if (device < 0 || device >= n) return n ? LMOE_ERR_INVALID_ARGUMENT : LMOE_ERR_NOT_FOUND;
   struct cudaDeviceProp p;
   if (cudaGetDeviceProperties(&p, device) != cudaSuccess) {
@@ -101,7 +101,7 @@ static int kernels_ready[64];
 static lmoe_gemm_device kernels_dev[64];
 
 static lmoe_status cu_init(lmoe_context *ctx) {
-  int n = lmoe_cuda_device_count();
+  int n = cu_device_count();
   if (n == 0)
     return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "no CUDA device is available (driver missing or no GPU)");
   if (ctx->device >= n)
@@ -444,14 +444,14 @@ static lmoe_status note_captured(lmoe_context *ctx, lmoe_batch *b) {
     cc->cap = c;
     cc->cap_size = n;
   }
-  atomic_fetch_add(&b->obj.refs, 1);
+  lmoe_object_retain(&b->obj);
   cc->cap[cc->ncap++] = b;
   return LMOE_OK;
 }
 
 static void drop_captured(lmoe_context *ctx) {
   cuda_ctx *cc = ctx->be;
-  for (int32_t i = 0; i < cc->ncap; i++) lmoe_batch_release(cc->cap[i]);
+  for (int32_t i = 0; i < cc->ncap; i++) lmoe_object_release(&cc->cap[i]->obj);
   cc->ncap = 0;
 }
 
@@ -696,13 +696,17 @@ static void cu_graph_free(lmoe_context *ctx, void *exec) {
   cudaSetDevice(ctx->device);
   cudaGraphExecDestroy(cg->exec);
   cudaGetLastError();
-  for (int32_t i = 0; i < cg->n; i++) lmoe_batch_release(cg->batches[i]);
+  for (int32_t i = 0; i < cg->n; i++) lmoe_object_release(&cg->batches[i]->obj);
   free(cg->batches);
   free(cg);
 }
 
 static const lmoe_backend_ops cuda_ops = {
     .name = "cuda",
+    .kind = LMOE_BACKEND_CUDA,
+    .caps = {.host_memory = false, .synchronous = false},
+    .device_count = cu_device_count,
+    .device_info = cu_device_info,
     .init = cu_init,
     .fini = cu_fini,
     .alloc = cu_alloc,
@@ -713,7 +717,6 @@ static const lmoe_backend_ops cuda_ops = {
     .fill = cu_fill,
     .workspace_bytes = cu_workspace_bytes,
     .forward = cu_forward,
-    .slot_write_begin = NULL,
     .pool_init = cu_pool_init,
     .pool_fini = cu_pool_fini,
     .slot_changed = cu_slot_changed,

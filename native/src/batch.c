@@ -5,13 +5,24 @@
 #include <string.h>
 
 
+static void batch_destroy(lmoe_object *obj) {
+  lmoe_batch *b = (lmoe_batch *)obj;
+  lmoe_context *ctx = b->ctx;
+  if (ctx->ops->batch_fini) ctx->ops->batch_fini(ctx, b);
+  free(b->offsets);
+  free(b->req_slot);
+  free(b->active_slots);
+  free(b->active_tokens);
+  free(b);
+  lmoe_context_release(ctx);
+}
+
 lmoe_status lmoe_batch_create(lmoe_context *ctx, lmoe_batch **out) {
   if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
   if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
   lmoe_batch *b = calloc(1, sizeof *b);
   if (!b) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  b->obj.magic = LMOE_MAGIC_BATCH;
-  atomic_init(&b->obj.refs, 1);
+  lmoe_object_init(&b->obj, LMOE_MAGIC_BATCH, batch_destroy);
   b->offsets = calloc(1, sizeof *b->offsets);
   if (!b->offsets) {
     free(b);
@@ -25,17 +36,7 @@ lmoe_status lmoe_batch_create(lmoe_context *ctx, lmoe_batch **out) {
 }
 
 void lmoe_batch_release(lmoe_batch *b) {
-  if (!b || b->obj.magic != LMOE_MAGIC_BATCH) return;
-  if (atomic_fetch_sub(&b->obj.refs, 1) != 1) return;
-  lmoe_context *ctx = b->ctx;
-  if (ctx->ops->batch_fini) ctx->ops->batch_fini(ctx, b);
-  free(b->offsets);
-  free(b->req_slot);
-  free(b->active_slots);
-  free(b->active_tokens);
-  b->obj.magic = 0;
-  free(b);
-  lmoe_context_release(ctx);
+  if (lmoe_object_is(b, LMOE_MAGIC_BATCH)) lmoe_object_release(&b->obj);
 }
 
 static lmoe_status grow(lmoe_batch *b, int32_t n, int32_t max_slot) {

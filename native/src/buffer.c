@@ -44,6 +44,14 @@ static lmoe_status check_shape(lmoe_context *ctx, int32_t dtype, int32_t memory,
   return LMOE_OK;
 }
 
+static void buffer_destroy(lmoe_object *obj) {
+  lmoe_buffer *b = (lmoe_buffer *)obj;
+  lmoe_context *ctx = b->ctx;
+  if (b->owned && b->data) ctx->ops->free(ctx, b->memory, b->data);
+  free(b);
+  lmoe_context_release(ctx);
+}
+
 static lmoe_status buffer_new(lmoe_context *ctx, int32_t dtype, int32_t memory, int32_t ndim,
                               const int64_t *shape, void *data, lmoe_buffer **out) {
   if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
@@ -54,8 +62,7 @@ static lmoe_status buffer_new(lmoe_context *ctx, int32_t dtype, int32_t memory, 
   if (st) return st;
   lmoe_buffer *b = calloc(1, sizeof *b);
   if (!b) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  b->obj.magic = LMOE_MAGIC_BUFFER;
-  atomic_init(&b->obj.refs, 1);
+  lmoe_object_init(&b->obj, LMOE_MAGIC_BUFFER, buffer_destroy);
   b->dtype = dtype;
   b->memory = memory;
   b->ndim = ndim;
@@ -94,13 +101,7 @@ lmoe_status lmoe_buffer_wrap(lmoe_context *ctx, int32_t dtype, int32_t memory, i
 }
 
 void lmoe_buffer_release(lmoe_buffer *b) {
-  if (!b || b->obj.magic != LMOE_MAGIC_BUFFER) return;
-  if (atomic_fetch_sub(&b->obj.refs, 1) != 1) return;
-  lmoe_context *ctx = b->ctx;
-  if (b->owned && b->data) ctx->ops->free(ctx, b->memory, b->data);
-  b->obj.magic = 0;
-  free(b);
-  lmoe_context_release(ctx);
+  if (lmoe_object_is(b, LMOE_MAGIC_BUFFER)) lmoe_object_release(&b->obj);
 }
 
 lmoe_status lmoe_buffer_describe(const lmoe_buffer *b, lmoe_buffer_desc *out) {
@@ -139,8 +140,7 @@ lmoe_status lmoe_buffer_write(lmoe_buffer *b, int64_t offset, const void *src, i
   lmoe_context *ctx = b->ctx;
   size_t esz = lmoe_dtype_size(b->dtype);
   char *dst = (char *)b->data + (size_t)offset * esz;
-  bool on_host = b->memory == LMOE_MEMORY_HOST || ctx->backend == LMOE_BACKEND_CPU;
-  if (on_host) {
+  if (lmoe_host_addressable(ctx, b->memory)) {
     lmoe_convert(dst, b->dtype, src, src_dtype, count);
     return LMOE_OK;
   }
@@ -168,9 +168,8 @@ lmoe_status lmoe_buffer_read(lmoe_buffer *b, int64_t offset, void *dst, int32_t 
   lmoe_context *ctx = b->ctx;
   size_t esz = lmoe_dtype_size(b->dtype);
   const char *src = (const char *)b->data + (size_t)offset * esz;
-  bool on_host = b->memory == LMOE_MEMORY_HOST || ctx->backend == LMOE_BACKEND_CPU;
-  if (on_host) {
-    if (ctx->backend != LMOE_BACKEND_CPU) { /* device work may still write host buffers */
+  if (lmoe_host_addressable(ctx, b->memory)) {
+    if (!ctx->ops->caps.synchronous) { /* enqueued work may still write host buffers */
       ctx->counters.host_waits++;
       st = ctx->ops->synchronize(ctx, ctx->stream);
       if (st) return st;

@@ -16,7 +16,7 @@ struct lmoe_checkpoint {
   lmoe_safetensors **files;
 };
 
-static bool valid_ck(const lmoe_checkpoint *ck) { return ck && ck->obj.magic == LMOE_MAGIC_CHECKPOINT; }
+static bool valid_ck(const lmoe_checkpoint *ck) { return lmoe_object_is(ck, LMOE_MAGIC_CHECKPOINT); }
 
 void lmoe_checkpoint_layer_info_init(lmoe_checkpoint_layer_info *info) {
   if (!info) return;
@@ -32,6 +32,8 @@ static void ck_free(lmoe_checkpoint *ck) {
   ck->obj.magic = 0;
   free(ck);
 }
+
+static void ck_destroy(lmoe_object *obj) { ck_free((lmoe_checkpoint *)obj); }
 
 static bool ends_with(const char *s, const char *suffix) {
   size_t n = strlen(s), m = strlen(suffix);
@@ -120,8 +122,7 @@ lmoe_status lmoe_checkpoint_open(lmoe_context *ctx, const char *path, lmoe_check
   if (!path) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "path is NULL");
   lmoe_checkpoint *ck = calloc(1, sizeof *ck);
   if (!ck) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  ck->obj.magic = LMOE_MAGIC_CHECKPOINT;
-  atomic_init(&ck->obj.refs, 1);
+  lmoe_object_init(&ck->obj, LMOE_MAGIC_CHECKPOINT, ck_destroy);
   lmoe_context_retain(ctx);
   ck->ctx = ctx;
   ck->path = strdup(path);
@@ -152,9 +153,7 @@ lmoe_status lmoe_checkpoint_open(lmoe_context *ctx, const char *path, lmoe_check
 }
 
 void lmoe_checkpoint_close(lmoe_checkpoint *ck) {
-  if (!valid_ck(ck)) return;
-  if (atomic_fetch_sub(&ck->obj.refs, 1) != 1) return;
-  ck_free(ck);
+  if (valid_ck(ck)) lmoe_object_release(&ck->obj);
 }
 
 /* The file holding tensor `name`, or NULL. */

@@ -1,81 +1,13 @@
-/* Context: backend choice, stream, errors, counters; library-wide queries. */
+/* Context: a backend on a device, its stream, counters, the workspace its forwards
+   share, and the registry of live contexts. The backend comes from backends.c, the
+   error text is error.c's, the reference count object.c's. */
 #include "internal.h"
 
-#include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LMOE_STR2(x) #x
-#define LMOE_STR(x) LMOE_STR2(x)
-
 const char *lmoe_version(void) { return "0.1.0"; }
-
-const char *lmoe_status_string(lmoe_status status) {
-  switch (status) {
-  case LMOE_OK: return "ok";
-  case LMOE_ERR_INVALID_ARGUMENT: return "invalid argument";
-  case LMOE_ERR_OUT_OF_MEMORY: return "out of memory";
-  case LMOE_ERR_UNSUPPORTED: return "unsupported";
-  case LMOE_ERR_BACKEND: return "backend error";
-  case LMOE_ERR_STATE: return "invalid state";
-  case LMOE_ERR_NOT_FOUND: return "not found";
-  case LMOE_ERR_FULL: return "full";
-  case LMOE_ERR_IO: return "i/o error";
-  case LMOE_ERR_FORMAT: return "format error";
-  }
-  return "unknown status";
-}
-
-int32_t lmoe_has_cuda(void) {
-#ifdef LMOE_HAVE_CUDA
-  return 1;
-#else
-  return 0;
-#endif
-}
-
-lmoe_status lmoe_device_count(int32_t *out) {
-  if (!out) return LMOE_ERR_INVALID_ARGUMENT;
-#ifdef LMOE_HAVE_CUDA
-  *out = lmoe_cuda_device_count();
-#else
-  *out = 0;
-#endif
-  return LMOE_OK;
-}
-
-lmoe_status lmoe_device_get_info(int32_t device, lmoe_device_info *out) {
-  if (!out) return LMOE_ERR_INVALID_ARGUMENT;
-  memset(out, 0, sizeof *out);
-  out->struct_size = sizeof *out;
-#ifdef LMOE_HAVE_CUDA
-  return lmoe_cuda_device_info(device, out);
-#else
-  (void)device;
-  return LMOE_ERR_UNSUPPORTED;
-#endif
-}
-
-float lmoe_lora_scale(float alpha, int32_t rank, int32_t use_rslora) {
-  if (rank <= 0) return 0.0f;
-  return use_rslora ? (float)(alpha / sqrt((double)rank)) : alpha / (float)rank;
-}
-
-lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...) {
-  if (ctx) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(ctx->error, sizeof ctx->error, fmt, ap);
-    va_end(ap);
-  }
-  return st;
-}
-
-void lmoe_clear_error(lmoe_context *ctx) {
-  if (ctx) ctx->error[0] = '\0';
-}
 
 void lmoe_context_config_init(lmoe_context_config *cfg) {
   if (!cfg) return;
@@ -142,6 +74,14 @@ int32_t lmoe_context_is_live(const void *ptr) {
   return found;
 }
 
+static void context_destroy(lmoe_object *obj) {
+  lmoe_context *ctx = (lmoe_context *)obj;
+  live_remove(ctx);
+  if (ctx->workspace) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, ctx->workspace);
+  ctx->ops->fini(ctx);
+  free(ctx);
+}
+
 lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context **out,
                                 char *errbuf, size_t errbuf_size) {
   if (errbuf && errbuf_size) errbuf[0] = '\0';
@@ -172,37 +112,21 @@ lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context 
     return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,
                        "allocator.alloc and allocator.free must be given together");
 
-  const lmoe_backend_ops *ops = NULL;
-  int32_t backend = cfg.backend;
-  if (backend == LMOE_BACKEND_AUTO) {
-    backend = LMOE_BACKEND_CPU;
-#ifdef LMOE_HAVE_CUDA
-    if (lmoe_cuda_device_count() > cfg.device) backend = LMOE_BACKEND_CUDA;
-#endif
-  }
-  if (backend == LMOE_BACKEND_CUDA) {
-#ifdef LMOE_HAVE_CUDA
-    ops = lmoe_cuda_backend();
-#else
-    return create_fail(errbuf, errbuf_size, LMOE_ERR_UNSUPPORTED,
-                       "this build of loramoe has no CUDA backend (built without nvcc)");
-#endif
-  } else {
-    ops = lmoe_cpu_backend();
-  }
+  lmoe_status st;
+  const char *why;
+  const lmoe_backend_ops *ops = lmoe_backend_select(cfg.backend, cfg.device, &st, &why);
+  if (!ops) return create_fail(errbuf, errbuf_size, st, why);
 
   lmoe_context *ctx = calloc(1, sizeof *ctx);
   if (!ctx) return create_fail(errbuf, errbuf_size, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  ctx->obj.magic = LMOE_MAGIC_CONTEXT;
-  atomic_init(&ctx->obj.refs, 1);
+  lmoe_object_init(&ctx->obj, LMOE_MAGIC_CONTEXT, context_destroy);
   ctx->ops = ops;
-  ctx->backend = backend;
   ctx->device = cfg.device;
   ctx->stream = cfg.stream;
   ctx->threads = cfg.threads;
   ctx->guard = cfg.guard;
   ctx->allocator = cfg.allocator;
-  lmoe_status st = ops->init(ctx);
+  st = ops->init(ctx);
   if (st != LMOE_OK) {
     create_fail(errbuf, errbuf_size, st, ctx->error[0] ? ctx->error : lmoe_status_string(st));
     free(ctx);
@@ -218,27 +142,14 @@ lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context 
 }
 
 void lmoe_context_retain(lmoe_context *ctx) {
-  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return;
-  atomic_fetch_add(&ctx->obj.refs, 1);
+  if (lmoe_object_is(ctx, LMOE_MAGIC_CONTEXT)) lmoe_object_retain(&ctx->obj);
 }
 
 void lmoe_context_release(lmoe_context *ctx) {
-  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return;
-  if (atomic_fetch_sub(&ctx->obj.refs, 1) != 1) return;
-  live_remove(ctx);
-  if (ctx->workspace) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, ctx->workspace);
-  ctx->ops->fini(ctx);
-  ctx->obj.magic = 0;
-  free(ctx);
+  if (lmoe_object_is(ctx, LMOE_MAGIC_CONTEXT)) lmoe_object_release(&ctx->obj);
 }
 
-const char *lmoe_context_last_error(const lmoe_context *ctx) {
-  if (!ctx) return "context is NULL";
-  if (ctx->obj.magic != LMOE_MAGIC_CONTEXT) return "not a loramoe context";
-  return ctx->error;
-}
-
-int32_t lmoe_context_backend(const lmoe_context *ctx) { return ctx ? ctx->backend : -1; }
+int32_t lmoe_context_backend(const lmoe_context *ctx) { return ctx ? ctx->ops->kind : -1; }
 int32_t lmoe_context_threads(const lmoe_context *ctx) { return ctx ? ctx->threads : 0; }
 int32_t lmoe_context_guard(const lmoe_context *ctx) { return ctx ? ctx->guard : -1; }
 void *lmoe_context_stream(const lmoe_context *ctx) { return ctx ? ctx->stream : NULL; }
@@ -266,4 +177,29 @@ lmoe_status lmoe_context_counters(const lmoe_context *ctx, lmoe_counters *out) {
 
 void lmoe_context_reset_counters(lmoe_context *ctx) {
   if (ctx) memset(&ctx->counters, 0, sizeof ctx->counters);
+}
+
+/* Grows the workspace to what a layer (and a pool on it) may need. Called where layers
+   and pools are made, never in a forward. */
+lmoe_status lmoe_context_reserve(lmoe_context *ctx, const lmoe_layer_config *cfg,
+                                 const lmoe_pool_config *pool_cfg) {
+  size_t need = ctx->ops->workspace_bytes ? ctx->ops->workspace_bytes(ctx, cfg, pool_cfg) : 0;
+  if (need <= ctx->workspace_bytes) return LMOE_OK;
+  void *p = NULL;
+  lmoe_status st = ctx->ops->alloc(ctx, LMOE_MEMORY_DEVICE, need, &p);
+  if (st) return st;
+  if (ctx->workspace) {
+    /* Enqueued work may still use the old workspace: wait before freeing it. This
+       happens only when a larger layer or pool is made, never in a forward. */
+    ctx->counters.host_waits++;
+    st = ctx->ops->synchronize(ctx, ctx->stream);
+    if (st) {
+      ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p);
+      return st;
+    }
+    ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, ctx->workspace);
+  }
+  ctx->workspace = p;
+  ctx->workspace_bytes = need;
+  return LMOE_OK;
 }

@@ -4,6 +4,7 @@
 
 #include "internal.h"
 
+#include <regex.h>
 #include <stdio.h>
 
 enum {
@@ -28,11 +29,20 @@ lmoe_status lmoe_st_read_f32(lmoe_safetensors *st, const char *name, int32_t ndi
 /* How messages show a path (as the caller gave it). */
 const char *lmoe_short_path(const char *path);
 
+/* dir/file, with one slash between them (malloc'd, NULL when out of memory). */
+char *lmoe_path_join(const char *dir, const char *file);
+
+/* The parts of an expert an adapter's tensors belong to (peft.c, peft_write.c). */
+enum { LMOE_PART_GATE = 0, LMOE_PART_UP = 1, LMOE_PART_DOWN = 2, LMOE_PART_GATE_UP = 3, LMOE_PART_COUNT = 4 };
+
+/* PEFT's rank_pattern / alpha_pattern keys (peft_pattern.c): why a key is refused
+   before compiling it (NULL: usable), and the key compiled as PEFT matches it
+   (suffix: "(.*\.)?(key)$" against a module name). False when refused or invalid. */
+const char *lmoe_pattern_unusable(const char *key);
+bool lmoe_pattern_compile(regex_t *re, const char *key, bool suffix);
+
 /* A PEFT adapter from its two files' bytes (the fuzzer's entry). */
 lmoe_status lmoe_peft_open_parts(lmoe_context *ctx, const char *config, size_t config_len,
                                  const void *model, size_t model_len, lmoe_peft **out);
-
-/* Last error of the context a PEFT adapter was opened with. */
-const char *lmoe_peft_context_error(const lmoe_peft *p);
 
 #endif

@@ -25,7 +25,7 @@ static lmoe_status check_buf(lmoe_context *ctx, const lmoe_buffer *b, const char
   if (b->ndim != 2 || b->shape[0] != d0 || b->shape[1] != d1)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s has shape %s; expected [%lld, %lld]", name,
                      lmoe_shape_str(b, tmp, sizeof tmp), (long long)d0, (long long)d1);
-  if (device && b->memory != LMOE_MEMORY_DEVICE && ctx->backend != LMOE_BACKEND_CPU)
+  if (device && !lmoe_host_addressable(ctx, LMOE_MEMORY_DEVICE) && b->memory != LMOE_MEMORY_DEVICE)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s must be in device memory", name);
   return LMOE_OK;
 }

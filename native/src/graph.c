@@ -37,6 +37,14 @@ static uint64_t take(uint64_t *now, uint64_t start) {
   return d;
 }
 
+static void graph_destroy(lmoe_object *obj) {
+  lmoe_graph *g = (lmoe_graph *)obj;
+  lmoe_context *ctx = g->ctx;
+  if (g->be) ctx->ops->graph_free(ctx, g->be);
+  free(g);
+  lmoe_context_release(ctx);
+}
+
 lmoe_status lmoe_graph_end(lmoe_context *ctx, void *stream, lmoe_graph **out) {
   if (out) *out = NULL;
   if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
@@ -73,8 +81,7 @@ lmoe_status lmoe_graph_end(lmoe_context *ctx, void *stream, lmoe_graph **out) {
     free(g);
     return st;
   }
-  g->obj.magic = LMOE_MAGIC_GRAPH;
-  atomic_init(&g->obj.refs, 1);
+  lmoe_object_init(&g->obj, LMOE_MAGIC_GRAPH, graph_destroy);
   g->ctx = ctx;
   g->be = exec;
   g->per_launch = d;
@@ -98,11 +105,5 @@ lmoe_status lmoe_graph_launch(lmoe_graph *g, void *stream) {
 }
 
 void lmoe_graph_release(lmoe_graph *g) {
-  if (!g || g->obj.magic != LMOE_MAGIC_GRAPH) return;
-  if (atomic_fetch_sub(&g->obj.refs, 1) != 1) return;
-  lmoe_context *ctx = g->ctx;
-  if (g->be) ctx->ops->graph_free(ctx, g->be);
-  g->obj.magic = 0;
-  free(g);
-  lmoe_context_release(ctx);
+  if (lmoe_object_is(g, LMOE_MAGIC_GRAPH)) lmoe_object_release(&g->obj);
 }

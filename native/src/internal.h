@@ -14,11 +14,22 @@
 typedef struct lmoe_backend_ops lmoe_backend_ops;
 
 /* Every object starts with this header: a reference count, so a child keeps its
-   parent alive, and a magic that catches handles of the wrong kind. */
-typedef struct lmoe_object {
+   parent alive, a magic that catches handles of the wrong kind, and the function that
+   destroys it when the last reference goes (object.c). Whoever holds a reference
+   drops it with lmoe_object_release, whatever the kind: a backend that keeps a batch
+   alive needs nothing of batch.c. */
+typedef struct lmoe_object lmoe_object;
+struct lmoe_object {
   uint32_t magic;
   atomic_int refs;
-} lmoe_object;
+  void (*destroy)(lmoe_object *obj);
+};
+
+/* object.c: one reference; the magic is cleared before destroy runs. */
+void lmoe_object_init(lmoe_object *obj, uint32_t magic, void (*destroy)(lmoe_object *obj));
+bool lmoe_object_is(const void *handle, uint32_t magic); /* NULL: false */
+void lmoe_object_retain(lmoe_object *obj);
+void lmoe_object_release(lmoe_object *obj);
 
 enum {
   LMOE_MAGIC_CONTEXT = 0x4c4d4358, /* "LMCX" */
@@ -33,7 +44,6 @@ struct lmoe_context {
   lmoe_object obj;
   const lmoe_backend_ops *ops;
   void *be; /* backend state */
-  int32_t backend;
   int32_t device;
   void *stream;
   int32_t threads;
@@ -155,8 +165,24 @@ typedef struct lmoe_forward_plan {
   int32_t max_rank;       /* largest rank among active slots, from the pool now */
 } lmoe_forward_plan;
 
+/* What the core asks of a backend instead of asking which one it is. */
+typedef struct lmoe_backend_caps {
+  /* Its device memory is host memory: the host reads and writes it in place, and a
+     copy between the two is a memmove (nothing to upload or download, or count). */
+  bool host_memory;
+  /* Every call has finished when it returns: there is never enqueued work to wait
+     for, so nothing waits and no host wait is counted. */
+  bool synchronous;
+} lmoe_backend_caps;
+
 struct lmoe_backend_ops {
   const char *name;
+  int32_t kind; /* lmoe_backend: what lmoe_context_backend reports */
+  lmoe_backend_caps caps;
+  /* Optional devices (NULL: none, the backend is always available): the count the
+     runtime sees, and one device's facts (lmoe_device_get_info). */
+  int32_t (*device_count)(void);
+  lmoe_status (*device_info)(int32_t device, lmoe_device_info *out);
   lmoe_status (*init)(lmoe_context *ctx);
   void (*fini)(lmoe_context *ctx);
   /* memory: LMOE_MEMORY_HOST / DEVICE; both are host memory on the cpu backend */
@@ -173,9 +199,6 @@ struct lmoe_backend_ops {
   size_t (*workspace_bytes)(const lmoe_context *ctx, const lmoe_layer_config *cfg,
                             const lmoe_pool_config *pool_cfg);
   lmoe_status (*forward)(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
-  /* Optional: called before a slot's storage is overwritten so enqueued work that reads
-     it is ordered first (stream-ordered on cuda; nothing on cpu). */
-  lmoe_status (*slot_write_begin)(lmoe_context *ctx, lmoe_pool *pool, int32_t slot);
   /* Optional hooks for backend state hung on objects (the `be` fields). */
   lmoe_status (*pool_init)(lmoe_context *ctx, lmoe_pool *pool);
   void (*pool_fini)(lmoe_context *ctx, lmoe_pool *pool);
@@ -194,20 +217,25 @@ struct lmoe_backend_ops {
   void (*graph_free)(lmoe_context *ctx, void *exec);
 };
 
-/* backends */
+/* backends: each backend file defines one table; backends.c lists them */
 const lmoe_backend_ops *lmoe_cpu_backend(void);
 #ifdef LMOE_HAVE_CUDA
 const lmoe_backend_ops *lmoe_cuda_backend(void);
-int32_t lmoe_cuda_device_count(void);
-lmoe_status lmoe_cuda_device_info(int32_t device, lmoe_device_info *out);
 #endif
+/* The backend a context config asks for (AUTO: the first of the table whose device
+   exists), or NULL with the status and the reason in *why. */
+const lmoe_backend_ops *lmoe_backend_select(int32_t backend, int32_t device, lmoe_status *st,
+                                            const char **why);
+/* Whether the host may touch memory of this kind in place (host memory, or device
+   memory of a backend whose device memory is host memory). */
+static inline bool lmoe_host_addressable(const lmoe_context *ctx, int32_t memory) {
+  return memory == LMOE_MEMORY_HOST || ctx->ops->caps.host_memory;
+}
 
-/* errors: set the context's message and return the status */
+/* errors (error.c): set the context's message and return the status */
 lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void lmoe_clear_error(lmoe_context *ctx);
-
-/* references: lmoe_context_retain is public (loramoe.h) */
 
 /* conversions (convert.c) */
 float lmoe_bf16_to_f32(uint16_t v);
@@ -240,6 +268,8 @@ lmoe_status lmoe_context_reserve(lmoe_context *ctx, const lmoe_layer_config *cfg
 lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
                                   lmoe_forward_plan *plan, bool out_is_reference);
 int32_t lmoe_pool_slot_rank(const lmoe_pool *p, int32_t slot);
+/* An adapter name a pool can hold (pool.c): non-empty, shorter than LMOE_ADAPTER_NAME_MAX. */
+lmoe_status lmoe_pool_check_name(lmoe_context *ctx, const char *name);
 /* Stamps slots as just used, for LRU eviction (batch_set, forward). */
 void lmoe_pool_note_use(lmoe_pool *p, const int32_t *slots, int32_t n);
 static inline const uint16_t *lmoe_slot_ptr(const lmoe_pool *p, int32_t slot, size_t off) {
@@ -250,10 +280,12 @@ static inline const uint16_t *lmoe_slot_ptr(const lmoe_pool *p, int32_t slot, si
 lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
 size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config *cfg,
                                 const lmoe_pool_config *pool_cfg);
-/* Runs fn(arg, item, thread) for item in [0, n) on the context's worker pool (made on
-   first use, kept in ctx->be); thread is in [0, ctx->threads). Returns when all ran. */
+/* cpu_threads.c: runs fn(arg, item, thread) for item in [0, n) on the context's worker
+   pool (made on first use, kept in ctx->be); thread is in [0, ctx->threads). Returns
+   when all ran. lmoe_cpu_threads_end ends the pool's threads (backend fini). */
 typedef void (*lmoe_cpu_task)(void *arg, int64_t item, int32_t thread);
 void lmoe_cpu_parallel(lmoe_context *ctx, int64_t n, lmoe_cpu_task fn, void *arg);
+void lmoe_cpu_threads_end(lmoe_context *ctx);
 
 /* shared validation helpers */
 bool lmoe_valid_dtype(int32_t dtype);

@@ -13,28 +13,13 @@ void lmoe_layer_config_init(lmoe_layer_config *cfg) {
   cfg->max_tokens = 8192;
 }
 
-/* Grows the context's workspace to what a layer (and a pool on it) may need. */
-lmoe_status lmoe_context_reserve(lmoe_context *ctx, const lmoe_layer_config *cfg,
-                                 const lmoe_pool_config *pool_cfg) {
-  size_t need = ctx->ops->workspace_bytes ? ctx->ops->workspace_bytes(ctx, cfg, pool_cfg) : 0;
-  if (need <= ctx->workspace_bytes) return LMOE_OK;
-  void *p = NULL;
-  lmoe_status st = ctx->ops->alloc(ctx, LMOE_MEMORY_DEVICE, need, &p);
-  if (st) return st;
-  if (ctx->workspace) {
-    /* Enqueued work may still use the old workspace: wait before freeing it. This
-       happens only when a larger layer or pool is made, never in a forward. */
-    ctx->counters.host_waits++;
-    st = ctx->ops->synchronize(ctx, ctx->stream);
-    if (st) {
-      ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p);
-      return st;
-    }
-    ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, ctx->workspace);
-  }
-  ctx->workspace = p;
-  ctx->workspace_bytes = need;
-  return LMOE_OK;
+static void layer_destroy(lmoe_object *obj) {
+  lmoe_layer *l = (lmoe_layer *)obj;
+  lmoe_context *ctx = l->ctx;
+  lmoe_buffer_release(l->w13);
+  lmoe_buffer_release(l->w2);
+  free(l);
+  lmoe_context_release(ctx);
 }
 
 lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in, lmoe_layer **out) {
@@ -65,8 +50,7 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
 
   lmoe_layer *l = calloc(1, sizeof *l);
   if (!l) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  l->obj.magic = LMOE_MAGIC_LAYER;
-  atomic_init(&l->obj.refs, 1);
+  lmoe_object_init(&l->obj, LMOE_MAGIC_LAYER, layer_destroy);
   l->cfg = cfg;
   int64_t s13[3] = {cfg.num_experts, 2 * (int64_t)cfg.intermediate, cfg.hidden};
   int64_t s2[3] = {cfg.num_experts, cfg.hidden, cfg.intermediate};
@@ -86,14 +70,7 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
 }
 
 void lmoe_layer_release(lmoe_layer *l) {
-  if (!l || l->obj.magic != LMOE_MAGIC_LAYER) return;
-  if (atomic_fetch_sub(&l->obj.refs, 1) != 1) return;
-  lmoe_context *ctx = l->ctx;
-  lmoe_buffer_release(l->w13);
-  lmoe_buffer_release(l->w2);
-  l->obj.magic = 0;
-  free(l);
-  lmoe_context_release(ctx);
+  if (lmoe_object_is(l, LMOE_MAGIC_LAYER)) lmoe_object_release(&l->obj);
 }
 
 lmoe_status lmoe_layer_get_config(const lmoe_layer *l, lmoe_layer_config *out) {

@@ -11,14 +11,13 @@
 #include <string.h>
 #include <sys/stat.h>
 
-enum { PART_GATE = 0, PART_UP = 1, PART_DOWN = 2, PART_GATE_UP = 3, PART_COUNT = 4 };
-static const char *part_names[PART_COUNT] = {"gate", "up", "down", "gate_up"};
+static const char *part_names[LMOE_PART_COUNT] = {"gate", "up", "down", "gate_up"};
 
 /* One tensor of the file, classified by its name. */
 typedef struct peft_tensor {
   int32_t st_index;
   int32_t layer;  /* -1: not under model.layers.N */
-  int32_t part;   /* PART_*, -1: not an expert LoRA tensor */
+  int32_t part;   /* LMOE_PART_*, -1: not an expert LoRA tensor */
   int32_t expert; /* per-expert index, -1 for fused */
   int32_t is_b;
   int32_t family;
@@ -57,14 +56,10 @@ struct lmoe_peft {
   int32_t n_layers;
   int64_t bytes;
   /* layer_desc output */
-  float *buf[2 * PART_COUNT];
+  float *buf[2 * LMOE_PART_COUNT];
 };
 
-static bool valid_peft(const lmoe_peft *p) { return p && p->obj.magic == LMOE_MAGIC_PEFT; }
-
-const char *lmoe_peft_context_error(const lmoe_peft *p) {
-  return valid_peft(p) ? lmoe_context_last_error(p->ctx) : NULL;
-}
+static bool valid_peft(const lmoe_peft *p) { return lmoe_object_is(p, LMOE_MAGIC_PEFT); }
 
 void lmoe_peft_info_init(lmoe_peft_info *info) {
   if (!info) return;
@@ -95,7 +90,7 @@ static void peft_free(lmoe_peft *p) {
   free_patterns(p->rank_pat, p->n_rank_pat);
   free_patterns(p->alpha_pat, p->n_alpha_pat);
   free(p->layers);
-  for (int i = 0; i < 2 * PART_COUNT; i++) free(p->buf[i]);
+  for (int i = 0; i < 2 * LMOE_PART_COUNT; i++) free(p->buf[i]);
   if (p->ctx) lmoe_context_release(p->ctx);
   free(p->dir);
   p->obj.magic = 0;
@@ -103,116 +98,6 @@ static void peft_free(lmoe_peft *p) {
 }
 
 /* ------------------------------------------------------------ patterns */
-
-/* PEFT matches rank_pattern / alpha_pattern keys as Python regexes against the module
-   name: re.match(rf"(.*\.)?({key})$", name). POSIX extended regexes agree on the
-   syntax such keys use once \d \w \s and (?: are spelled out.
-
-   A key is compiled only when its size after repetitions are expanded stays small:
-   glibc's regcomp copies the parse tree for repetitions (x{m,n} m to n times, x+ as
-   x x*), so a key such as "((a{255}){255}){255}" or "a++++" (each + doubling the
-   last) from an untrusted config would take gigabytes to compile. The estimate counts
-   atoms, multiplying those under x{m,n} by max(m, n) + 1 and under x+ by 2; it is an
-   upper bound up to a constant for the patterns regcomp accepts. A repetition of a
-   repetition (a++, a*{2}; Python refuses most of them too) is refused outright, except
-   Python's lazy x*?, x+?, x??, x{m,n}? (the same match for a whole-name regex). So are
-   back-references (Python's \1 and POSIX's differ, and matching them can take
-   exponential time). */
-enum { PATTERN_MAX_LEN = 1024, PATTERN_MAX_ATOMS = 4096, PATTERN_MAX_DEPTH = 32 };
-
-static const char *pattern_unusable(const char *k) {
-  size_t n = strlen(k);
-  if (n > PATTERN_MAX_LEN) return "is longer than 1024 characters";
-  double stack[PATTERN_MAX_DEPTH], cur = 0, last = 0;
-  int depth = 0, after_rep = 0, lazy = 0;
-  for (size_t i = 0; i < n; i++) {
-    char c = k[i];
-    /* a repetition: *, +, ?, or a well-formed {m}, {m,}, {m,n} */
-    double rep = 0;
-    size_t end = i;
-    if (c == '*' || c == '?') {
-      rep = 1;
-    } else if (c == '+') {
-      rep = 2;
-    } else if (c == '{') {
-      double m = 0, hi = 0;
-      size_t j = i + 1;
-      while (j < n && k[j] >= '0' && k[j] <= '9' && m < 1e6) m = m * 10 + (k[j++] - '0');
-      if (j < n && k[j] == ',') {
-        j++;
-        while (j < n && k[j] >= '0' && k[j] <= '9' && hi < 1e6) hi = hi * 10 + (k[j++] - '0');
-      }
-      if (j < n && k[j] == '}') rep = (m > hi ? m : hi) + 1, end = j;
-    }
-    if (rep > 0) {
-      if (after_rep) {
-        if (c != '?' || lazy) return "repeats a repetition (such as a++ or a*{2})";
-        lazy = 1; /* x*? and the like: lazy, the same whole-name match */
-        continue;
-      }
-      cur += last * (rep - 1);
-      last *= rep;
-      after_rep = 1;
-      i = end;
-    } else {
-      after_rep = lazy = 0;
-      if (c == '\\') {
-        if (i + 1 < n && k[i + 1] >= '0' && k[i + 1] <= '9') return "uses a back-reference";
-        i++;
-        last = 1, cur += 1;
-      } else if (c == '[') {
-        size_t j = i + 1;
-        if (j < n && k[j] == '^') j++;
-        if (j < n && k[j] == ']') j++;
-        while (j < n && k[j] != ']') j++;
-        i = j < n ? j : n;
-        last = 1, cur += 1;
-      } else if (c == '(') {
-        if (depth == PATTERN_MAX_DEPTH) return "nests groups more than 32 deep";
-        stack[depth++] = cur;
-        cur = 0, last = 0;
-      } else if (c == ')' && depth > 0) {
-        last = cur;
-        cur = stack[--depth] + last;
-      } else if (c == '|' || c == '^' || c == '$') {
-        last = 0;
-      } else {
-        last = 1, cur += 1;
-      }
-    }
-    double total = cur;
-    for (int d = 0; d < depth; d++) total += stack[d];
-    if (total > PATTERN_MAX_ATOMS) return "expands to more than 4096 atoms once its repetitions are unrolled";
-  }
-  return NULL;
-}
-
-static bool compile_pattern(regex_t *re, const char *key, bool suffix) {
-  if (pattern_unusable(key)) return false;
-  size_t n = strlen(key);
-  char *s = malloc(n * 12 + 32);
-  if (!s) return false;
-  char *o = s;
-  o += sprintf(o, suffix ? "^(.*\\.)?(" : "^(");
-  for (size_t i = 0; i < n; i++) {
-    if (key[i] == '\\' && i + 1 < n) {
-      char c = key[++i];
-      if (c == 'd') o += sprintf(o, "[0-9]");
-      else if (c == 'w') o += sprintf(o, "[A-Za-z0-9_]");
-      else if (c == 's') o += sprintf(o, "[[:space:]]");
-      else *o++ = '\\', *o++ = c;
-    } else if (key[i] == '(' && i + 2 < n && key[i + 1] == '?' && key[i + 2] == ':') {
-      *o++ = '(';
-      i += 2;
-    } else {
-      *o++ = key[i];
-    }
-  }
-  o += sprintf(o, ")$");
-  bool ok = regcomp(re, s, REG_EXTENDED | REG_NOSUB) == 0;
-  free(s);
-  return ok;
-}
 
 static const pattern *match_pattern(const pattern *p, int32_t n, const char *name) {
   for (int32_t i = 0; i < n; i++)
@@ -242,11 +127,11 @@ static lmoe_status parse_patterns(lmoe_peft *p, const cJSON *obj, const char *fi
         (q->value < 1 || q->value > 65536 || q->value != floor(q->value)))
       return lmoe_fail(p->ctx, LMOE_ERR_FORMAT, "%s: rank_pattern['%s'] = %g is not a rank", cfg,
                        it->string, q->value);
-    const char *why = pattern_unusable(it->string);
+    const char *why = lmoe_pattern_unusable(it->string);
     if (why)
       return lmoe_fail(p->ctx, LMOE_ERR_UNSUPPORTED, "%s: %s key '%.80s%s' %s", cfg, field, it->string,
                        strlen(it->string) > 80 ? "..." : "", why);
-    if (!compile_pattern(&q->re, it->string, true))
+    if (!lmoe_pattern_compile(&q->re, it->string, true))
       return lmoe_fail(p->ctx, LMOE_ERR_UNSUPPORTED, "%s: %s key '%s' is not a regex this library can use",
                        cfg, field, it->string);
     q->compiled = true;
@@ -426,8 +311,8 @@ static bool eat(const char **s, const char *prefix) {
 static int32_t fused_param_part(const char *param) {
   const char *last = strrchr(param, '.');
   last = last ? last + 1 : param;
-  if (!strcmp(last, "gate_up_proj")) return PART_GATE_UP;
-  if (!strcmp(last, "down_proj")) return PART_DOWN;
+  if (!strcmp(last, "gate_up_proj")) return LMOE_PART_GATE_UP;
+  if (!strcmp(last, "down_proj")) return LMOE_PART_DOWN;
   return -1;
 }
 
@@ -549,14 +434,14 @@ static void resolve_fused_nesting(lmoe_peft *p) {
     if (idx[0][0] < 0 || idx[0][1] < 0 || idx[1][0] < 0 || idx[1][1] < 0) continue;
     int64_t a0 = io[0][0], b0 = io[0][1], a1 = io[1][0], b1 = io[1][1];
     int32_t want0 = -1;
-    if (b0 == 2 * a1 && a0 == b1) want0 = PART_GATE_UP;
-    else if (b1 == 2 * a0 && a1 == b0) want0 = PART_DOWN;
+    if (b0 == 2 * a1 && a0 == b1) want0 = LMOE_PART_GATE_UP;
+    else if (b1 == 2 * a0 && a1 == b0) want0 = LMOE_PART_DOWN;
     if (want0 < 0 || p->t[idx[0][0]].part == want0) continue;
     for (int32_t d = 0; d < 2; d++)
       for (int32_t k = 0; k < 2; k++) {
         peft_tensor *u = &p->t[idx[d][k]];
-        u->part = (d == 0) == (want0 == PART_GATE_UP) ? PART_GATE_UP : PART_DOWN;
-        char *name = strdup(u->part == PART_GATE_UP ? "gate_up_proj" : "down_proj");
+        u->part = (d == 0) == (want0 == LMOE_PART_GATE_UP) ? LMOE_PART_GATE_UP : LMOE_PART_DOWN;
+        char *name = strdup(u->part == LMOE_PART_GATE_UP ? "gate_up_proj" : "down_proj");
         if (name) {
           free(u->param);
           u->param = name;
@@ -568,14 +453,6 @@ static void resolve_fused_nesting(lmoe_peft *p) {
 static int cmp_int(const void *a, const void *b) {
   int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
   return (x > y) - (x < y);
-}
-
-/* Path of a file in the adapter directory. */
-static char *join_path(const char *dir, const char *file) {
-  size_t n = strlen(dir) + strlen(file) + 2;
-  char *o = malloc(n);
-  if (o) snprintf(o, n, "%s%s%s", dir, *dir && dir[strlen(dir) - 1] != '/' ? "/" : "", file);
-  return o;
 }
 
 /* Shared by lmoe_peft_open and the fuzzer's in-memory entry: p->dir and the config
@@ -616,7 +493,7 @@ static lmoe_status peft_finish(lmoe_peft *p, const char *text, size_t len, const
       if (r > p->max_rank) p->max_rank = r;
     } else {
       fused = true; /* fused ranks are E*r: known once a layer's E is */
-      p->targets |= t->part == PART_GATE_UP ? (LMOE_TARGET_GATE | LMOE_TARGET_UP) : LMOE_TARGET_DOWN;
+      p->targets |= t->part == LMOE_PART_GATE_UP ? (LMOE_TARGET_GATE | LMOE_TARGET_UP) : LMOE_TARGET_DOWN;
     }
     bool seen = false;
     for (int32_t j = 0; j < p->n_layers; j++) seen |= p->layers[j] == t->layer;
@@ -635,11 +512,12 @@ static lmoe_status peft_finish(lmoe_peft *p, const char *text, size_t len, const
   return LMOE_OK;
 }
 
+static void peft_destroy(lmoe_object *obj) { peft_free((lmoe_peft *)obj); }
+
 static lmoe_peft *peft_new(lmoe_context *ctx) {
   lmoe_peft *p = calloc(1, sizeof *p);
   if (!p) return NULL;
-  p->obj.magic = LMOE_MAGIC_PEFT;
-  atomic_init(&p->obj.refs, 1);
+  lmoe_object_init(&p->obj, LMOE_MAGIC_PEFT, peft_destroy);
   lmoe_context_retain(ctx);
   p->ctx = ctx;
   return p;
@@ -660,8 +538,8 @@ lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out)
     p->dir = strndup(path, pl - strlen(cfgname));
   else
     p->dir = strdup(path);
-  char *cfg = p->dir ? join_path(p->dir, cfgname) : NULL;
-  char *model = p->dir ? join_path(p->dir, "adapter_model.safetensors") : NULL;
+  char *cfg = p->dir ? lmoe_path_join(p->dir, cfgname) : NULL;
+  char *model = p->dir ? lmoe_path_join(p->dir, "adapter_model.safetensors") : NULL;
   char *text = NULL;
   size_t len = 0;
   lmoe_safetensors *st = NULL;
@@ -702,9 +580,7 @@ lmoe_status lmoe_peft_open_parts(lmoe_context *ctx, const char *config, size_t c
 }
 
 void lmoe_peft_close(lmoe_peft *p) {
-  if (!valid_peft(p)) return;
-  if (atomic_fetch_sub(&p->obj.refs, 1) != 1) return;
-  peft_free(p);
+  if (valid_peft(p)) lmoe_object_release(&p->obj);
 }
 
 lmoe_status lmoe_peft_get_info(const lmoe_peft *p, lmoe_peft_info *out) {
@@ -1002,7 +878,7 @@ lmoe_status lmoe_peft_layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t
                      "computes only the experts, so this adapter can't be applied exactly",
                      fn, (int)layer, ti.name, t->module ? t->module : "?");
   }
-  for (int i = 0; i < 2 * PART_COUNT; i++) {
+  for (int i = 0; i < 2 * LMOE_PART_COUNT; i++) {
     free(p->buf[i]);
     p->buf[i] = NULL;
   }
@@ -1011,7 +887,7 @@ lmoe_status lmoe_peft_layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t
   d.dtype = LMOE_DTYPE_F32;
   lmoe_status s = LMOE_OK;
   if (p->layout == LMOE_PEFT_FUSED) {
-    for (int32_t part = PART_DOWN; !s && part <= PART_GATE_UP; part++) {
+    for (int32_t part = LMOE_PART_DOWN; !s && part <= LMOE_PART_GATE_UP; part++) {
       const peft_tensor *ta = NULL, *tb = NULL;
       for (int32_t i = 0; i < p->n; i++) {
         const peft_tensor *t = &p->t[i];
@@ -1026,228 +902,40 @@ lmoe_status lmoe_peft_layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t
       if (!ta || !tb)
         return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: layer %d %s has lora_%s but no lora_%s", fn, (int)layer,
                          part_names[part], ta ? "A" : "B", ta ? "B" : "A");
-      if (part == PART_GATE_UP)
+      if (part == LMOE_PART_GATE_UP)
         s = map_fused(p, part, ta, tb, E, H, 2 * (int64_t)I, &d.gate_up, &p->buf[0], &p->buf[1]);
       else
         s = map_fused(p, part, ta, tb, E, I, H, &d.down, &p->buf[2], &p->buf[3]);
     }
   } else {
-    s = map_per_expert(p, layer, PART_GATE, E, H, I, &d.gate, &p->buf[0], &p->buf[1]);
-    if (!s) s = map_per_expert(p, layer, PART_UP, E, H, I, &d.up, &p->buf[2], &p->buf[3]);
-    if (!s) s = map_per_expert(p, layer, PART_DOWN, E, I, H, &d.down, &p->buf[4], &p->buf[5]);
+    s = map_per_expert(p, layer, LMOE_PART_GATE, E, H, I, &d.gate, &p->buf[0], &p->buf[1]);
+    if (!s) s = map_per_expert(p, layer, LMOE_PART_UP, E, H, I, &d.up, &p->buf[2], &p->buf[3]);
+    if (!s) s = map_per_expert(p, layer, LMOE_PART_DOWN, E, I, H, &d.down, &p->buf[4], &p->buf[5]);
   }
   if (s) return s;
   *desc = d;
   return LMOE_OK;
 }
 
-/* ------------------------------------------------------------ synthetic writer */
-
-void lmoe_peft_synthetic_init(lmoe_peft_synthetic *s) {
-  if (!s) return;
-  memset(s, 0, sizeof *s);
-  s->struct_size = sizeof *s;
-  s->family = LMOE_FAMILY_QWEN;
-  s->layout = LMOE_PEFT_PER_EXPERT;
-  s->num_layers = 1;
-  s->num_experts = 4;
-  s->hidden = 64;
-  s->intermediate = 32;
-  s->targets = LMOE_TARGET_ALL;
-  s->rank = 8;
-  s->alpha = 16.0f;
-  s->dtype = LMOE_DTYPE_BF16;
-  s->seed = 1;
-  s->scale = 0.1f;
-}
-
-typedef struct tensor_list {
-  lmoe_tensor_entry *e;
-  char **names;
-  void **data;
-  int32_t n, cap;
-} tensor_list;
-
-static bool tl_add(tensor_list *l, const char *name, int32_t dtype, int64_t d0, int64_t d1, uint64_t seed,
-                   float scale) {
-  if (l->n == l->cap) {
-    int32_t cap = l->cap ? 2 * l->cap : 64;
-    lmoe_tensor_entry *e = realloc(l->e, (size_t)cap * sizeof *e);
-    if (e) l->e = e;
-    char **nm = realloc(l->names, (size_t)cap * sizeof *nm);
-    if (nm) l->names = nm;
-    void **dt = realloc(l->data, (size_t)cap * sizeof *dt);
-    if (dt) l->data = dt;
-    if (!e || !nm || !dt) return false;
-    l->cap = cap;
-  }
-  int64_t n = d0 * d1;
-  float *f = malloc((size_t)(n ? n : 1) * sizeof(float));
-  void *d = malloc((size_t)(n ? n : 1) * lmoe_dtype_size(dtype));
-  char *nm = strdup(name);
-  if (!f || !d || !nm) {
-    free(f);
-    free(d);
-    free(nm);
-    return false;
-  }
-  for (int64_t i = 0; i < n; i++) f[i] = (2.0f * lmoe_uniform(seed, (uint64_t)i) - 1.0f) * scale;
-  lmoe_convert(d, dtype, f, LMOE_DTYPE_F32, n);
-  free(f);
-  lmoe_tensor_entry *e = &l->e[l->n];
-  memset(e, 0, sizeof *e);
-  e->name = nm;
-  e->dtype = dtype;
-  e->ndim = 2;
-  e->shape[0] = d0;
-  e->shape[1] = d1;
-  e->data = d;
-  l->names[l->n] = nm;
-  l->data[l->n] = d;
-  l->n++;
-  return true;
-}
-
-static void tl_free(tensor_list *l) {
-  for (int32_t i = 0; i < l->n; i++) {
-    free(l->names[i]);
-    free(l->data[i]);
-  }
-  free(l->e);
-  free(l->names);
-  free(l->data);
-}
-
-lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *dir, const lmoe_peft_synthetic *sp) {
-  if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
+/* One layer of a PEFT adapter into a pool slot: the mapping is this file's, the slot's
+   life cycle pool.c's (lmoe_pool_load_named). */
+lmoe_status lmoe_pool_load_peft(lmoe_pool *pool, const char *name, lmoe_peft *peft, int32_t layer,
+                                int32_t *slot) {
+  if (!lmoe_object_is(pool, LMOE_MAGIC_POOL)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_context *ctx = pool->layer->ctx;
   lmoe_clear_error(ctx);
-  if (!dir || !sp) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "dir or spec is NULL");
-  if (sp->struct_size != sizeof *sp)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "synthetic spec struct_size is %u, expected %zu (call lmoe_peft_synthetic_init)",
-                     sp->struct_size, sizeof *sp);
-  if (sp->family != LMOE_FAMILY_QWEN && sp->family != LMOE_FAMILY_MIXTRAL)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "family must be qwen (1) or mixtral (2)");
-  if (sp->layout != LMOE_PEFT_PER_EXPERT && sp->layout != LMOE_PEFT_FUSED)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "layout must be per-expert (0) or fused (1)");
-  if (sp->num_layers < 1 || sp->num_layers > 1024 || sp->num_experts < 1 || sp->num_experts > 4096 ||
-      sp->hidden < 1 || sp->hidden > 65536 || sp->intermediate < 1 || sp->intermediate > 65536 ||
-      sp->rank < 1 || sp->rank > 1024 || !isfinite(sp->alpha) || !(sp->scale >= 0))
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "synthetic adapter shapes, rank or scale out of range");
-  if (sp->targets <= 0 || sp->targets > LMOE_TARGET_ALL)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "targets must be a non-empty mask of gate, up, down");
-  if (sp->layout == LMOE_PEFT_FUSED && (sp->targets & 3) && (sp->targets & 3) != 3)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "a fused adapter targets gate and up together");
-  if (sp->dtype != LMOE_DTYPE_BF16 && sp->dtype != LMOE_DTYPE_F16 && sp->dtype != LMOE_DTYPE_F32)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "dtype must be bf16, f16 or f32");
-  if (sp->rank_pattern_key && (sp->rank_pattern_value < 1 || sp->rank_pattern_value > 1024))
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "rank_pattern_value must be 1..1024");
-  if (mkdir(dir, 0777) != 0 && errno != EEXIST)
-    return lmoe_fail(ctx, LMOE_ERR_IO, "%s: cannot create the directory: %s", dir, strerror(errno));
-  regex_t rre;
-  bool have_rre = false;
-  if (sp->rank_pattern_key) {
-    if (!compile_pattern(&rre, sp->rank_pattern_key, true))
-      return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "rank_pattern_key '%s' is not a usable regex",
-                       sp->rank_pattern_key);
-    have_rre = true;
+  if (!valid_peft(peft)) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "peft adapter is NULL or not one");
+  lmoe_status st = lmoe_pool_check_name(ctx, name);
+  if (st) return st;
+  const lmoe_layer_config *c = &pool->layer->cfg;
+  lmoe_adapter_desc d;
+  lmoe_adapter_desc_init(&d);
+  st = lmoe_peft_layer_desc(peft, layer, c->num_experts, c->hidden, c->intermediate, &d);
+  if (st) {
+    /* the message went to the adapter's context; keep it visible on the pool's */
+    if (peft->ctx != ctx && ctx->error[0] == 0) lmoe_fail(ctx, st, "%s", peft->ctx->error);
+    return st;
   }
-  int64_t E = sp->num_experts, H = sp->hidden, I = sp->intermediate;
-  bool qwen = sp->family == LMOE_FAMILY_QWEN, fused = sp->layout == LMOE_PEFT_FUSED;
-  static const char *qn[3] = {"gate_proj", "up_proj", "down_proj"}, *mn[3] = {"w1", "w3", "w2"};
-  tensor_list tl = {0};
-  lmoe_status s = LMOE_OK;
-  uint64_t seed = lmoe_mix64(sp->seed);
-  char name[512], module[400];
-  for (int32_t L = 0; L < sp->num_layers && !s; L++) {
-    if (fused) {
-      /* target_parameters = [gate_up_proj, down_proj] (those targeted): the first is
-         nested deepest, under base_layer. */
-      int32_t parts[2], np = 0;
-      if (sp->targets & 3) parts[np++] = PART_GATE_UP;
-      if (sp->targets & LMOE_TARGET_DOWN) parts[np++] = PART_DOWN;
-      snprintf(module, sizeof module, "model.layers.%d.mlp.experts", (int)L);
-      for (int32_t i = 0; i < np && !s; i++) {
-        int32_t r = sp->rank;
-        char full[480];
-        snprintf(full, sizeof full, "%s.%s", module, parts[i] == PART_GATE_UP ? "gate_up_proj" : "down_proj");
-        if (have_rre && (regexec(&rre, full, 0, NULL, 0) == 0 || regexec(&rre, module, 0, NULL, 0) == 0))
-          r = sp->rank_pattern_value;
-        int64_t in = parts[i] == PART_GATE_UP ? H : I, out = parts[i] == PART_GATE_UP ? 2 * I : H;
-        char nest[64] = "";
-        for (int32_t d = 0; d < np - 1 - i; d++) strcat(nest, ".base_layer");
-        snprintf(name, sizeof name, "base_model.model.%s%s.lora_A.weight", module, nest);
-        if (!tl_add(&tl, name, sp->dtype, E * r, in, seed = lmoe_mix64(seed + 1), sp->scale)) s = LMOE_ERR_OUT_OF_MEMORY;
-        snprintf(name, sizeof name, "base_model.model.%s%s.lora_B.weight", module, nest);
-        if (!s && !tl_add(&tl, name, sp->dtype, out, E * r, seed = lmoe_mix64(seed + 1), sp->scale))
-          s = LMOE_ERR_OUT_OF_MEMORY;
-      }
-      continue;
-    }
-    for (int64_t e = 0; e < E && !s; e++)
-      for (int32_t part = 0; part < 3 && !s; part++) {
-        if (!(sp->targets & (1 << part))) continue;
-        snprintf(module, sizeof module, "model.layers.%d.%s.experts.%lld.%s", (int)L,
-                 qwen ? "mlp" : "block_sparse_moe", (long long)e, qwen ? qn[part] : mn[part]);
-        int32_t r = have_rre && regexec(&rre, module, 0, NULL, 0) == 0 ? sp->rank_pattern_value : sp->rank;
-        int64_t in = part == PART_DOWN ? I : H, out = part == PART_DOWN ? H : I;
-        snprintf(name, sizeof name, "base_model.model.%s.lora_A.weight", module);
-        if (!tl_add(&tl, name, sp->dtype, r, in, seed = lmoe_mix64(seed + 1), sp->scale)) s = LMOE_ERR_OUT_OF_MEMORY;
-        snprintf(name, sizeof name, "base_model.model.%s.lora_B.weight", module);
-        if (!s && !tl_add(&tl, name, sp->dtype, out, r, seed = lmoe_mix64(seed + 1), sp->scale))
-          s = LMOE_ERR_OUT_OF_MEMORY;
-      }
-  }
-  if (have_rre) regfree(&rre);
-  if (s) {
-    tl_free(&tl);
-    return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  }
-  /* adapter_config.json, with the fields PEFT writes that matter here. */
-  cJSON *c = cJSON_CreateObject();
-  cJSON_AddStringToObject(c, "peft_type", "LORA");
-  cJSON_AddStringToObject(c, "base_model_name_or_path", "synthetic");
-  cJSON_AddStringToObject(c, "task_type", "CAUSAL_LM");
-  cJSON_AddNumberToObject(c, "r", sp->rank);
-  cJSON_AddNumberToObject(c, "lora_alpha", sp->alpha);
-  cJSON_AddNumberToObject(c, "lora_dropout", 0.0);
-  cJSON_AddBoolToObject(c, "use_rslora", sp->use_rslora != 0);
-  cJSON_AddBoolToObject(c, "use_dora", 0);
-  cJSON_AddStringToObject(c, "bias", "none");
-  cJSON_AddNullToObject(c, "layers_to_transform");
-  if (fused) {
-    cJSON_AddNullToObject(c, "target_modules");
-    cJSON *tp = cJSON_AddArrayToObject(c, "target_parameters");
-    if (sp->targets & 3) cJSON_AddItemToArray(tp, cJSON_CreateString("mlp.experts.gate_up_proj"));
-    if (sp->targets & LMOE_TARGET_DOWN) cJSON_AddItemToArray(tp, cJSON_CreateString("mlp.experts.down_proj"));
-  } else {
-    cJSON *tm = cJSON_AddArrayToObject(c, "target_modules");
-    for (int32_t part = 0; part < 3; part++)
-      if (sp->targets & (1 << part)) cJSON_AddItemToArray(tm, cJSON_CreateString(qwen ? qn[part] : mn[part]));
-    cJSON_AddNullToObject(c, "target_parameters");
-  }
-  cJSON *rp = cJSON_AddObjectToObject(c, "rank_pattern");
-  if (sp->rank_pattern_key) cJSON_AddNumberToObject(rp, sp->rank_pattern_key, sp->rank_pattern_value);
-  cJSON *ap = cJSON_AddObjectToObject(c, "alpha_pattern");
-  if (sp->alpha_pattern_key) cJSON_AddNumberToObject(ap, sp->alpha_pattern_key, sp->alpha_pattern_value);
-  char *json = cJSON_Print(c);
-  cJSON_Delete(c);
-  char *cfg = join_path(dir, "adapter_config.json"), *model = join_path(dir, "adapter_model.safetensors");
-  if (!json || !cfg || !model) {
-    s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  } else {
-    const char *mk[1] = {"format"}, *mv[1] = {"pt"};
-    s = lmoe_safetensors_write(ctx, model, tl.n, tl.e, 1, mk, mv);
-    if (!s) {
-      FILE *f = fopen(cfg, "wb");
-      bool ok = f && fputs(json, f) >= 0 && fputc('\n', f) != EOF;
-      if (f && fclose(f) != 0) ok = false;
-      if (!ok) s = lmoe_fail(ctx, LMOE_ERR_IO, "%s: write failed: %s", cfg, strerror(errno));
-    }
-  }
-  cJSON_free(json);
-  free(cfg);
-  free(model);
-  tl_free(&tl);
-  return s;
+  return lmoe_pool_load_named(pool, name, &d, slot);
 }
+

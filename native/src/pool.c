@@ -1,10 +1,15 @@
 /* Adapter pool: fixed slots of LoRA weights in the canonical layout (internal.h). */
-#include "files.h"
+#include "internal.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+
+float lmoe_lora_scale(float alpha, int32_t rank, int32_t use_rslora) {
+  if (rank <= 0) return 0.0f;
+  return use_rslora ? (float)(alpha / sqrt((double)rank)) : alpha / (float)rank;
+}
 
 void lmoe_pool_config_init(lmoe_pool_config *cfg) {
   if (!cfg) return;
@@ -32,7 +37,18 @@ void lmoe_random_adapter_init(lmoe_random_adapter *s) {
   s->scale = 0.05f;
 }
 
-static bool valid_pool(const lmoe_pool *p) { return p && p->obj.magic == LMOE_MAGIC_POOL; }
+static bool valid_pool(const lmoe_pool *p) { return lmoe_object_is(p, LMOE_MAGIC_POOL); }
+
+static void pool_destroy(lmoe_object *obj) {
+  lmoe_pool *p = (lmoe_pool *)obj;
+  lmoe_layer *layer = p->layer;
+  lmoe_context *ctx = layer->ctx;
+  if (ctx->ops->pool_fini) ctx->ops->pool_fini(ctx, p);
+  if (p->storage) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p->storage);
+  free(p->slots);
+  free(p);
+  lmoe_layer_release(layer);
+}
 
 lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg, lmoe_pool **out) {
   if (!layer || layer->obj.magic != LMOE_MAGIC_LAYER) return LMOE_ERR_INVALID_ARGUMENT;
@@ -56,8 +72,7 @@ lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg, lmo
   size_t R = (size_t)cfg->max_rank, R13 = 2 * R;
   lmoe_pool *p = calloc(1, sizeof *p);
   if (!p) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  p->obj.magic = LMOE_MAGIC_POOL;
-  atomic_init(&p->obj.refs, 1);
+  lmoe_object_init(&p->obj, LMOE_MAGIC_POOL, pool_destroy);
   p->cfg = *cfg;
   p->slots = calloc((size_t)cfg->num_slots, sizeof *p->slots);
   p->off_a13 = 0;
@@ -80,23 +95,14 @@ lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg, lmo
     free(p);
     return st;
   }
-  atomic_fetch_add(&layer->obj.refs, 1);
+  lmoe_object_retain(&layer->obj);
   p->layer = layer;
   *out = p;
   return LMOE_OK;
 }
 
 void lmoe_pool_release(lmoe_pool *p) {
-  if (!valid_pool(p)) return;
-  if (atomic_fetch_sub(&p->obj.refs, 1) != 1) return;
-  lmoe_layer *layer = p->layer;
-  lmoe_context *ctx = layer->ctx;
-  if (ctx->ops->pool_fini) ctx->ops->pool_fini(ctx, p);
-  if (p->storage) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, p->storage);
-  free(p->slots);
-  p->obj.magic = 0;
-  free(p);
-  lmoe_layer_release(layer);
+  if (valid_pool(p)) lmoe_object_release(&p->obj);
 }
 
 lmoe_status lmoe_pool_get_config(const lmoe_pool *p, lmoe_pool_config *out) {
@@ -219,16 +225,16 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
     s.targets |= LMOE_TARGET_DOWN;
   }
 
-  if (ctx->ops->slot_write_begin) st = ctx->ops->slot_write_begin(ctx, p, slot);
-  if (!st) {
-    st = ctx->ops->copy(ctx, (uint8_t *)p->storage + (size_t)slot * p->slot_bytes,
-                        LMOE_MEMORY_DEVICE, img, LMOE_MEMORY_HOST, p->slot_bytes, ctx->stream, 1);
-    if (ctx->backend != LMOE_BACKEND_CPU) {
-      ctx->counters.uploads++;
-      ctx->counters.bytes_uploaded += p->slot_bytes;
-      ctx->counters.host_waits++;
-    }
+  /* On the context's stream, so the write lands after every forward enqueued before
+     it on that stream and before every one enqueued after (docs/design.md, "Reloads").
+     Blocking: img is pageable and freed below. */
+  st = ctx->ops->copy(ctx, (uint8_t *)p->storage + (size_t)slot * p->slot_bytes, LMOE_MEMORY_DEVICE,
+                      img, LMOE_MEMORY_HOST, p->slot_bytes, ctx->stream, 1);
+  if (!ctx->ops->caps.host_memory) {
+    ctx->counters.uploads++;
+    ctx->counters.bytes_uploaded += p->slot_bytes;
   }
+  if (!ctx->ops->caps.synchronous) ctx->counters.host_waits++;
   free(img);
   if (st) {
     p->slots[slot].loaded = false; /* content unknown after a failed copy */
@@ -361,7 +367,7 @@ void lmoe_pool_note_use(lmoe_pool *p, const int32_t *slots, int32_t n) {
     if (slots[i] >= 0 && slots[i] < p->cfg.num_slots) p->slots[slots[i]].last_used = now;
 }
 
-static lmoe_status check_name(lmoe_context *ctx, const char *name) {
+lmoe_status lmoe_pool_check_name(lmoe_context *ctx, const char *name) {
   if (!name || !*name) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter name is NULL or empty");
   if (strlen(name) >= LMOE_ADAPTER_NAME_MAX)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter name is longer than %d bytes",
@@ -409,7 +415,7 @@ lmoe_status lmoe_pool_load_named(lmoe_pool *p, const char *name, const lmoe_adap
   if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = p->layer->ctx;
   lmoe_clear_error(ctx);
-  lmoe_status st = check_name(ctx, name);
+  lmoe_status st = lmoe_pool_check_name(ctx, name);
   if (st) return st;
   int32_t s = find_name(p, name);
   bool evict = false;
@@ -428,32 +434,11 @@ lmoe_status lmoe_pool_load_named(lmoe_pool *p, const char *name, const lmoe_adap
   return LMOE_OK;
 }
 
-lmoe_status lmoe_pool_load_peft(lmoe_pool *p, const char *name, lmoe_peft *peft, int32_t layer,
-                                int32_t *slot) {
-  if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
-  lmoe_context *ctx = p->layer->ctx;
-  lmoe_clear_error(ctx);
-  if (!peft) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "peft adapter is NULL");
-  lmoe_status st = check_name(ctx, name);
-  if (st) return st;
-  const lmoe_layer_config *c = &p->layer->cfg;
-  lmoe_adapter_desc d;
-  lmoe_adapter_desc_init(&d);
-  st = lmoe_peft_layer_desc(peft, layer, c->num_experts, c->hidden, c->intermediate, &d);
-  if (st) {
-    /* the message went to the adapter's context; keep it visible on the pool's */
-    if (lmoe_peft_context_error(peft) && ctx->error[0] == 0)
-      lmoe_fail(ctx, st, "%s", lmoe_peft_context_error(peft));
-    return st;
-  }
-  return lmoe_pool_load_named(p, name, &d, slot);
-}
-
 lmoe_status lmoe_pool_unload_named(lmoe_pool *p, const char *name) {
   if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = p->layer->ctx;
   lmoe_clear_error(ctx);
-  lmoe_status st = check_name(ctx, name);
+  lmoe_status st = lmoe_pool_check_name(ctx, name);
   if (st) return st;
   int32_t s = find_name(p, name);
   if (s < 0) return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "no slot holds adapter '%s'", name);

@@ -18,7 +18,7 @@
 
 /* Copies device (or host) bytes to host memory, after the context's stream is idle. */
 static lmoe_status fetch(lmoe_context *ctx, void *dst, const void *src, size_t bytes) {
-  if (ctx->backend == LMOE_BACKEND_CPU) {
+  if (ctx->ops->caps.host_memory) {
     memcpy(dst, src, bytes);
     return LMOE_OK;
   }
@@ -33,7 +33,7 @@ lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *a
   lmoe_forward_plan plan;
   lmoe_status st = lmoe_forward_validate(ctx, args, &plan, true);
   if (st) return st;
-  if (ctx->backend != LMOE_BACKEND_CPU) {
+  if (!ctx->ops->caps.synchronous) {
     ctx->counters.host_waits++;
     st = ctx->ops->synchronize(ctx, ctx->stream);
     if (st) return st;

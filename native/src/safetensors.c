@@ -83,11 +83,18 @@ struct lmoe_safetensors {
 /* Messages name files as the caller gave them. */
 const char *lmoe_short_path(const char *path) { return path ? path : "(null)"; }
 
+char *lmoe_path_join(const char *dir, const char *file) {
+  size_t n = strlen(dir) + strlen(file) + 2;
+  char *o = malloc(n);
+  if (o) snprintf(o, n, "%s%s%s", dir, *dir && dir[strlen(dir) - 1] != '/' ? "/" : "", file);
+  return o;
+}
+
 const char *lmoe_st_display_name(const lmoe_safetensors *st) { return lmoe_short_path(st->path); }
 lmoe_context *lmoe_st_context(const lmoe_safetensors *st) { return st->ctx; }
 
 static bool valid_st(const lmoe_safetensors *st) {
-  return st && st->obj.magic == LMOE_MAGIC_SAFETENSORS;
+  return lmoe_object_is(st, LMOE_MAGIC_SAFETENSORS);
 }
 
 static lmoe_status st_pread(lmoe_safetensors *st, uint64_t off, void *dst, size_t n) {
@@ -346,11 +353,12 @@ done:
   return st_;
 }
 
+static void st_destroy(lmoe_object *obj) { st_free((lmoe_safetensors *)obj); }
+
 static lmoe_status st_create(lmoe_context *ctx, const char *path, lmoe_safetensors **out) {
   lmoe_safetensors *st = calloc(1, sizeof *st);
   if (!st) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  st->obj.magic = LMOE_MAGIC_SAFETENSORS;
-  atomic_init(&st->obj.refs, 1);
+  lmoe_object_init(&st->obj, LMOE_MAGIC_SAFETENSORS, st_destroy);
   st->fd = -1;
   st->path = strdup(path ? path : "(memory)");
   lmoe_context_retain(ctx);
@@ -455,9 +463,7 @@ lmoe_status lmoe_safetensors_open_memory(lmoe_context *ctx, const void *data, si
 }
 
 void lmoe_safetensors_close(lmoe_safetensors *st) {
-  if (!valid_st(st)) return;
-  if (atomic_fetch_sub(&st->obj.refs, 1) != 1) return;
-  st_free(st);
+  if (valid_st(st)) lmoe_object_release(&st->obj);
 }
 
 int32_t lmoe_safetensors_count(const lmoe_safetensors *st) { return valid_st(st) ? st->n : 0; }
