@@ -32,10 +32,15 @@ typedef struct cuda_pool {
   lmoe_k_pool_plan plan; /* the pool's part of every forward's plan (fixed with the pool) */
 } cuda_pool;
 
+/* The batch's encoding (batch.c, batch_meta.h) is what the kernels read, word for word:
+   staging copies it, it is never re-encoded. The kernels' header spells the layout
+   out on its own; these keep the two in step. */
+_Static_assert(sizeof(((lmoe_meta_param *)0)->v) ==
+                   LMOE_META_WORDS(LMOE_META_MAX_REQ_PARAM, LMOE_META_MAX_ACTIVE_PARAM) * sizeof(int32_t),
+               "lmoe_meta_param holds the largest encoding sent as a kernel parameter");
+
 typedef struct cuda_batch {
-  int32_t *host;       /* metadata, pageable */
-  size_t host_cap;     /* ints */
-  size_t ints;         /* ints in use */
+  size_t ints;         /* words of the encoding staged last */
   int32_t *pinned;     /* staging for the copy path */
   int32_t *dev;        /* device copy */
   size_t dev_cap;      /* ints, for pinned and dev */
@@ -336,16 +341,6 @@ static lmoe_status wait_event(lmoe_context *ctx, cuda_batch *cb) {
   return LMOE_OK;
 }
 
-static int32_t find_group(const lmoe_batch *b, int32_t slot) {
-  int32_t lo = 0, hi = b->num_active;
-  while (lo < hi) {
-    int32_t mid = (lo + hi) / 2;
-    if (b->active_slots[mid] < slot) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo < b->num_active && b->active_slots[lo] == slot ? lo + 1 : 0;
-}
-
 static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
   cuda_batch *cb = b->be;
   cudaError_t e;
@@ -359,22 +354,17 @@ static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
     }
     b->be = cb;
   }
-  int32_t n = b->num_requests, A = b->num_active;
-  size_t ints = lmoe_meta_ints(n, A);
-  if (ints > cb->host_cap) {
-    size_t cap = ints * 2 < 64 ? 64 : ints * 2;
-    int32_t *h = realloc(cb->host, cap * sizeof *h);
-    if (!h) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-    cb->host = h;
-    cb->host_cap = cap;
-  }
+  int32_t n = lmoe_meta_requests(b->meta), A = lmoe_meta_active_count(b->meta);
+  size_t ints = lmoe_meta_words(b->meta);
+  if (ints != lmoe_meta_ints(n, A))
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "internal: the batch encoding and the kernels' layout differ");
   if (ints > cb->dev_cap) {
     if (cb->captured)
       return lmoe_fail(ctx, LMOE_ERR_STATE,
                        "this batch was captured in a graph with room for %zu metadata words; "
                        "%d requests need %zu (make a new batch, or capture it larger)",
                        cb->dev_cap, (int)n, ints);
-    size_t cap = cb->host_cap;
+    size_t cap = ints * 2 < 64 ? 64 : ints * 2;
     int32_t *d = NULL, *p = NULL;
     lmoe_status st = cu_alloc(ctx, LMOE_MEMORY_DEVICE, cap * sizeof(int32_t), (void **)&d);
     if (st) return st;
@@ -391,13 +381,6 @@ static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
     cb->pinned_version = 0;
     cb->up_valid = 0;
   }
-  int32_t *m = cb->host;
-  m[0] = n;
-  m[1] = A;
-  int32_t *offs = m + 2, *grp = offs + n + 1, *act = grp + n;
-  for (int32_t i = 0; i <= n; i++) offs[i] = (int32_t)b->offsets[i];
-  for (int32_t i = 0; i < n; i++) grp[i] = b->req_slot[i] >= 0 ? find_group(b, b->req_slot[i]) : 0;
-  for (int32_t i = 0; i < A; i++) act[i] = b->active_slots[i];
   cb->ints = ints;
   /* Batches that travel through the pinned staging (captured in a graph, or too large
      for kernel parameters) are staged here, so the forward itself never waits: the
@@ -413,7 +396,7 @@ static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
       }
       if (e) return cuda_err(ctx, e, "waiting for the graph replays that read this batch");
     }
-    memcpy(cb->pinned, cb->host, ints * sizeof(int32_t));
+    memcpy(cb->pinned, b->meta, ints * sizeof(int32_t));
     cb->pinned_version = b->version;
   }
   return LMOE_OK;
@@ -427,7 +410,6 @@ static void cu_batch_fini(lmoe_context *ctx, lmoe_batch *b) {
   cudaEventDestroy(cb->ev);
   if (cb->replay_ev_ok) cudaEventDestroy(cb->replay_ev);
   cudaGetLastError();
-  free(cb->host);
   free(cb);
   b->be = NULL;
 }
@@ -461,13 +443,13 @@ static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStrea
   size_t bytes = cb->ints * sizeof(int32_t);
   cudaError_t e;
   lmoe_status st;
-  bool by_param = !capturing && b->num_requests <= LMOE_META_MAX_REQ_PARAM &&
-                  b->num_active <= LMOE_META_MAX_ACTIVE_PARAM;
+  bool by_param = !capturing && lmoe_meta_requests(b->meta) <= LMOE_META_MAX_REQ_PARAM &&
+                  lmoe_meta_active_count(b->meta) <= LMOE_META_MAX_ACTIVE_PARAM;
   if (by_param) {
     if (cb->up_valid && cb->up_version == b->version && cb->up_stream == (void *)s) return LMOE_OK;
     lmoe_meta_param mp;
     mp.count = (int32_t)cb->ints;
-    memcpy(mp.v, cb->host, bytes);
+    memcpy(mp.v, b->meta, bytes);
     e = lmoe_k_meta_write(cb->dev, &mp, s);
     ctx->counters.launches++;
     if (e) return cuda_err(ctx, e, "metadata upload");
@@ -477,7 +459,7 @@ static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStrea
   } else {
     if (cb->pinned_version != b->version) {
       /* only a first capture of a small batch gets here: its staging was never read */
-      memcpy(cb->pinned, cb->host, bytes);
+      memcpy(cb->pinned, b->meta, bytes);
       cb->pinned_version = b->version;
     }
     /* A captured copy is replayed for every later content of this batch: it must move

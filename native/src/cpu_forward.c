@@ -441,7 +441,6 @@ static void reduce_task(void *arg, int64_t item, int32_t thread) {
 lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream) {
   (void)stream;
   const lmoe_layer_config *c = &plan->layer->cfg;
-  const lmoe_batch *b = plan->batch;
   const int64_t M = plan->M;
   const int32_t E = c->num_experts, k = c->top_k;
   const int32_t R = plan->pool ? plan->pool->cfg.max_rank : 0;
@@ -481,8 +480,11 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
      reduces "any token active?", copies the flag back and the host waits on it. */
   bool lora = plan->run_lora;
   if (plan->pool && (lora || plan->guard == LMOE_GUARD_DEVICE_SYNC)) {
-    for (int32_t r = 0; r < b->num_requests; r++)
-      for (int64_t t = b->offsets[r]; t < b->offsets[r + 1]; t++) f.slot_of[t] = b->req_slot[r];
+    const int32_t *m = plan->meta, *off = lmoe_meta_offsets(m);
+    for (int32_t r = 0; r < lmoe_meta_requests(m); r++) {
+      int32_t slot = lmoe_meta_request_slot(m, r);
+      for (int32_t t = off[r]; t < off[r + 1]; t++) f.slot_of[t] = slot;
+    }
   }
   if (plan->guard == LMOE_GUARD_DEVICE_SYNC) {
     bool any = false;

@@ -88,25 +88,10 @@ lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
   }
   if (st) return st;
 
-  /* Re-derive the active facts against the pool as it is now: a slot may have been
-     unloaded or reloaded (another rank) since the batch was built. O(active slots). */
-  int32_t max_rank = 0;
-  if (b->num_active > 0) {
-    if (!p)
-      return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                       "the batch uses adapters (%d slots) but no pool was given", (int)b->num_active);
-    for (int32_t i = 0; i < b->num_active; i++) {
-      int32_t s = b->active_slots[i];
-      if (s >= p->cfg.num_slots)
-        return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                         "the batch uses slot %d, but the pool has slots 0..%d", (int)s,
-                         (int)p->cfg.num_slots - 1);
-      if (!p->slots[s].loaded)
-        return lmoe_fail(ctx, LMOE_ERR_STATE, "the batch uses slot %d, which holds no adapter", (int)s);
-      int32_t r = lmoe_pool_slot_rank(p, s);
-      if (r > max_rank) max_rank = r;
-    }
-  }
+  /* The batch's facts are its own (lmoe_batch_set); what may have changed since is
+     the pool: a slot unloaded, or the pool not given at all. O(active slots). */
+  st = lmoe_batch_check_pool(b, p);
+  if (st) return st;
   memset(plan, 0, sizeof *plan);
   plan->layer = l;
   plan->pool = p;
@@ -117,10 +102,10 @@ lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
   plan->topk_ids = a->topk_ids;
   plan->topk_w = a->topk_weights;
   plan->out = a->out;
+  plan->meta = b->meta;
   plan->guard = ctx->guard;
-  plan->max_rank = max_rank;
   switch (ctx->guard) {
-  case LMOE_GUARD_HOST: plan->run_lora = b->num_active > 0; break;
+  case LMOE_GUARD_HOST: plan->run_lora = lmoe_meta_active_count(b->meta) > 0; break;
   case LMOE_GUARD_ALWAYS: plan->run_lora = p != NULL; break;
   default: plan->run_lora = false; break; /* device_sync: the backend decides after its wait */
   }
@@ -137,7 +122,7 @@ lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void 
     ctx->capture_failed = st;
   if (st) return st;
   if (!st) ctx->counters.forwards++;
-  if (!st && plan.pool && plan.batch->num_active)
-    lmoe_pool_note_use(plan.pool, plan.batch->active_slots, plan.batch->num_active);
+  if (!st && plan.pool && lmoe_meta_active_count(plan.meta))
+    lmoe_pool_note_use(plan.pool, lmoe_meta_active(plan.meta), lmoe_meta_active_count(plan.meta));
   return st;
 }

@@ -3,6 +3,7 @@
 #define LMOE_INTERNAL_H
 
 #include "loramoe.h"
+#include "batch_meta.h"
 
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -122,20 +123,19 @@ struct lmoe_pool {
   int64_t evictions;
 };
 
-/* Host metadata of a batch. Arrays grow, never shrink. */
+/* A batch: its facts computed once by lmoe_batch_set, in the encoded form the backends
+   read (batch_meta.h: requests, offsets, group per request, active slots), plus what
+   only the host asks (tokens per active slot, the largest rank). Arrays grow, never
+   shrink. */
 struct lmoe_batch {
   lmoe_object obj;
   lmoe_context *ctx;
-  int32_t num_requests;
-  int32_t capacity;
+  int32_t *meta;          /* the encoding; meta[0] = 0 requests until the first set */
+  size_t meta_cap;        /* words */
   int64_t num_tokens;
-  int64_t *offsets;       /* [num_requests + 1] */
-  int32_t *req_slot;      /* [num_requests] */
-  /* active set */
-  int32_t num_active;
-  int32_t active_cap;
-  int32_t *active_slots;  /* increasing */
-  int64_t *active_tokens; /* tokens per active slot */
+  int64_t *active_tokens; /* tokens per active slot, in the order of the active slots */
+  int64_t *slot_table;    /* scratch, indexed by slot: tokens, then group */
+  int32_t table_cap;      /* entries of active_tokens and slot_table */
   int32_t max_rank;
   int32_t max_slot;
   uint64_t version;       /* bumps on every lmoe_batch_set */
@@ -160,9 +160,9 @@ typedef struct lmoe_forward_plan {
   int64_t M;
   const lmoe_buffer *x, *logits, *topk_ids, *topk_w;
   lmoe_buffer *out;
+  const int32_t *meta;    /* the batch's encoding (batch_meta.h) */
   int32_t guard;
   bool run_lora;          /* host decision: enqueue LoRA work (guard host/always) */
-  int32_t max_rank;       /* largest rank among active slots, from the pool now */
 } lmoe_forward_plan;
 
 /* What the core asks of a backend instead of asking which one it is. */
@@ -267,6 +267,9 @@ lmoe_status lmoe_context_reserve(lmoe_context *ctx, const lmoe_layer_config *cfg
                                  const lmoe_pool_config *pool_cfg);
 lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
                                   lmoe_forward_plan *plan, bool out_is_reference);
+/* The batch's active slots against a pool as it is now (batch.c): a forward may come
+   after a slot was unloaded. */
+lmoe_status lmoe_batch_check_pool(const lmoe_batch *b, const lmoe_pool *pool);
 int32_t lmoe_pool_slot_rank(const lmoe_pool *p, int32_t slot);
 /* An adapter name a pool can hold (pool.c): non-empty, shorter than LMOE_ADAPTER_NAME_MAX. */
 lmoe_status lmoe_pool_check_name(lmoe_context *ctx, const char *name);

@@ -39,7 +39,6 @@ lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *a
     if (st) return st;
   }
   const lmoe_layer_config *c = &plan.layer->cfg;
-  const lmoe_batch *b = plan.batch;
   const lmoe_pool *pool = plan.pool;
   const size_t M = (size_t)plan.M, E = (size_t)c->num_experts, H = (size_t)c->hidden;
   const size_t I = (size_t)c->intermediate, K = (size_t)c->top_k;
@@ -117,8 +116,9 @@ lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *a
 
   /* the adapter of each token, and the images of the slots in use */
   for (size_t t = 0; t < M; t++) tok_slot[t] = LMOE_NO_ADAPTER;
-  for (int32_t r = 0; r < b->num_requests; r++)
-    for (int64_t t = b->offsets[r]; t < b->offsets[r + 1]; t++) tok_slot[t] = b->req_slot[r];
+  const int32_t *off = lmoe_meta_offsets(plan.meta);
+  for (int32_t r = 0; r < lmoe_meta_requests(plan.meta); r++)
+    for (int32_t t = off[r]; t < off[r + 1]; t++) tok_slot[t] = lmoe_meta_request_slot(plan.meta, r);
   for (size_t t = 0; t < M; t++) {
     int32_t s = tok_slot[t];
     if (s < 0 || slot_img[s]) continue;

@@ -231,9 +231,8 @@ static void route_run(const void *a) {
   /* each token's adapter group, from the metadata on the device */
   for (int32_t t = 0; t < f->M; t++) f->tok_group[t] = 0;
   if (f->meta) {
-    int32_t n = f->meta[0];
-    const int32_t *offs = f->meta + 2, *grp = offs + n + 1;
-    for (int32_t i = 0; i < n; i++)
+    const int32_t *offs = lmoe_meta_offsets(f->meta), *grp = lmoe_meta_groups(f->meta);
+    for (int32_t i = 0; i < lmoe_meta_requests(f->meta); i++)
       for (int32_t t = offs[i]; t < offs[i + 1] && t < f->M; t++) f->tok_group[t] = grp[i];
   }
 }
@@ -248,8 +247,7 @@ static void any_run(const void *a) {
 /* The slot a token's LoRA comes from, or -1. */
 static int32_t token_slot(const lmoe_fwd *f, int lora, int32_t t) {
   if (!lora || !f->meta || f->tok_group[t] <= 0) return -1;
-  int32_t n = f->meta[0];
-  return f->meta[2 + (n + 1) + n + f->tok_group[t] - 1];
+  return lmoe_meta_group_slot(f->meta, f->tok_group[t]);
 }
 
 static const uint16_t *slot_base(const lmoe_fwd *f, int32_t slot) {
