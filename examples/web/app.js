@@ -22,6 +22,7 @@ function setState(state, text) {
   if (text !== undefined) $('#status').textContent = text;
   $('#run').disabled = state !== 'ready';
   $('#stop').disabled = state !== 'running';
+  $('#threads').disabled = state === 'running';
 }
 
 // ---------------------------------------------------------------- the worker
@@ -248,7 +249,7 @@ async function main() {
   $('#run').onclick = () => run();
   $('#stop').onclick = () => stop();
   $('#clear').onclick = () => { $('#runs').textContent = ''; };
-  $('#threads').onchange = () => { if (!running) { worker.terminate(); startWorker(); } };
+  $('#threads').onchange = () => { worker.terminate(); startWorker(); };
   $('#script').onchange = () => pick($('#script').value);
   $('#adapter-dir').onchange = (e) => putAdapter(e.target.files);
   $('#adapter-files').onchange = (e) => putAdapter(e.target.files);
