@@ -36,7 +36,11 @@ extern "C" {
 #define LMOE_API
 #endif
 
-/* Bumped when a struct below grows; structs carry their size in struct_size. */
+/* Bumped when a struct below grows; structs carry their size in struct_size. A struct
+   grows only at its end. The library takes any older (smaller) size of an input struct
+   down to the end of its fields without a default (named at each struct; the fields
+   past the size take their *_init defaults), writes output structs only up to their
+   struct_size, and refuses a size larger than its own (a newer header). */
 enum { LMOE_VERSION_MAJOR = 0, LMOE_VERSION_MINOR = 1, LMOE_VERSION_PATCH = 0 };
 
 typedef enum lmoe_status {
@@ -104,7 +108,7 @@ LMOE_API int32_t lmoe_has_cuda(void);
 LMOE_API lmoe_status lmoe_device_count(int32_t *out);
 
 typedef struct lmoe_device_info {
-  uint32_t struct_size;
+  uint32_t struct_size; /* set by the library, which fills the whole struct */
   char name[256];
   int32_t cc_major, cc_minor;
   int32_t sm_count;
@@ -131,7 +135,7 @@ typedef struct lmoe_allocator {
 } lmoe_allocator;
 
 typedef struct lmoe_context_config {
-  uint32_t struct_size; /* sizeof(lmoe_context_config) */
+  uint32_t struct_size; /* sizeof(lmoe_context_config); every field has a default: 4 and up */
   int32_t backend;      /* lmoe_backend */
   int32_t device;       /* CUDA device ordinal */
   void *stream;         /* cudaStream_t to enqueue on; NULL: the context creates its own */
@@ -229,7 +233,7 @@ LMOE_API lmoe_status lmoe_buffer_compare(lmoe_buffer *a, lmoe_buffer *ref,
 /* ---------------------------------------------------------------- MoE layer */
 
 typedef struct lmoe_layer_config {
-  uint32_t struct_size;
+  uint32_t struct_size; /* at least through intermediate (top_k on have defaults) */
   int32_t num_experts;  /* E */
   int32_t hidden;       /* H */
   int32_t intermediate; /* I */
@@ -260,7 +264,7 @@ LMOE_API lmoe_status lmoe_layer_weights(lmoe_layer *layer, int32_t which, lmoe_b
 /* ---------------------------------------------------------------- adapter pool */
 
 typedef struct lmoe_pool_config {
-  uint32_t struct_size;
+  uint32_t struct_size; /* every field has a default: 4 and up */
   int32_t num_slots; /* fixed number of adapter slots */
   int32_t max_rank;  /* largest rank of any part of any adapter */
 } lmoe_pool_config;
@@ -285,7 +289,7 @@ typedef struct lmoe_lora_part {
    (PEFT on gate_proj / up_proj modules: in = H, out = I each) or fused (PEFT
    target_parameters on gate_up_proj: in = H, out = 2I, one rank), never both. */
 typedef struct lmoe_adapter_desc {
-  uint32_t struct_size;
+  uint32_t struct_size;   /* every field has a default (parts absent): 4 and up */
   int32_t dtype;          /* of every array below */
   lmoe_lora_part gate;    /* out = I */
   lmoe_lora_part up;      /* out = I */
@@ -297,7 +301,7 @@ LMOE_API void lmoe_adapter_desc_init(lmoe_adapter_desc *desc);
 
 /* A synthetic adapter for experiments and tests. */
 typedef struct lmoe_random_adapter {
-  uint32_t struct_size;
+  uint32_t struct_size; /* every field has a default: 4 and up */
   int32_t targets;    /* lmoe_target mask */
   int32_t fused;      /* gate and up as one gate_up part */
   int32_t rank;
@@ -359,7 +363,7 @@ LMOE_API int32_t lmoe_batch_active_slots(const lmoe_batch *batch, int32_t *slots
 /* ---------------------------------------------------------------- forward */
 
 typedef struct lmoe_forward_args {
-  uint32_t struct_size;
+  uint32_t struct_size;       /* at least through out: sizeof(lmoe_forward_args) today */
   lmoe_layer *layer;
   lmoe_pool *pool;            /* may be NULL when the batch uses no adapter */
   const lmoe_batch *batch;    /* its token count is M */
@@ -479,7 +483,7 @@ typedef enum lmoe_peft_layout {
 typedef struct lmoe_peft lmoe_peft;
 
 typedef struct lmoe_peft_info {
-  uint32_t struct_size;
+  uint32_t struct_size; /* output: written up to this size */
   int32_t family;     /* lmoe_family, from the tensor names */
   int32_t layout;     /* lmoe_peft_layout */
   int32_t rank;       /* r of the config */
@@ -515,7 +519,7 @@ LMOE_API lmoe_status lmoe_peft_layer_desc(lmoe_peft *peft, int32_t layer, int32_
 
 /* A synthetic PEFT adapter written to a directory (created if missing). */
 typedef struct lmoe_peft_synthetic {
-  uint32_t struct_size;
+  uint32_t struct_size; /* every field has a default: 4 and up */
   int32_t family;      /* lmoe_family (per-expert naming; fused always uses mlp.experts) */
   int32_t layout;      /* lmoe_peft_layout */
   int32_t num_layers;  /* layers 0..num_layers-1 get tensors */
@@ -544,7 +548,7 @@ LMOE_API lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *di
 typedef struct lmoe_checkpoint lmoe_checkpoint;
 
 typedef struct lmoe_checkpoint_layer_info {
-  uint32_t struct_size;
+  uint32_t struct_size; /* output: written up to this size */
   int32_t family;       /* lmoe_family */
   int32_t num_experts;
   int32_t hidden;

@@ -238,12 +238,12 @@ lmoe_status lmoe_checkpoint_get_layer_info(lmoe_checkpoint *ck, int32_t layer, l
   if (!valid_ck(ck)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_clear_error(ck->ctx);
   if (!out) return lmoe_fail(ck->ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
-  if (out->struct_size != sizeof *out)
-    return lmoe_fail(ck->ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "layer info struct_size is %u, expected %zu (call lmoe_checkpoint_layer_info_init)",
-                     out->struct_size, sizeof *out);
   layer_names ln;
-  return detect(ck, layer, &ln, out);
+  lmoe_checkpoint_layer_info info;
+  lmoe_status s = detect(ck, layer, &ln, &info);
+  if (s) return s;
+  /* an older caller's struct gets the fields it has */
+  return lmoe_struct_out(ck->ctx, out, &info, sizeof info, "layer info", "lmoe_checkpoint_layer_info_init");
 }
 
 static lmoe_status read_named(lmoe_checkpoint *ck, const char *name, int32_t ndim, const int64_t *shape,

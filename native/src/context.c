@@ -89,13 +89,13 @@ lmoe_status lmoe_context_create(const lmoe_context_config *cfg_in, lmoe_context 
   *out = NULL;
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
-  if (cfg_in) {
-    if (cfg_in->struct_size < offsetof(lmoe_context_config, allocator) ||
-        cfg_in->struct_size > sizeof cfg)
-      return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,
-                         "config.struct_size is not a known size of lmoe_context_config "
-                         "(call lmoe_context_config_init first)");
+  if (cfg_in) { /* every field has a default: any size from 4 (structs.c) */
+    char msg[LMOE_ERRBUF];
+    if (!lmoe_struct_size_ok(cfg_in->struct_size, sizeof cfg, sizeof(uint32_t), "context config",
+                             "lmoe_context_config_init", msg, sizeof msg))
+      return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT, msg);
     memcpy(&cfg, cfg_in, cfg_in->struct_size);
+    cfg.struct_size = sizeof cfg;
   }
   if (cfg.backend < LMOE_BACKEND_AUTO || cfg.backend > LMOE_BACKEND_CUDA)
     return create_fail(errbuf, errbuf_size, LMOE_ERR_INVALID_ARGUMENT,

@@ -31,15 +31,18 @@ static lmoe_status check_buf(lmoe_context *ctx, const lmoe_buffer *b, const char
 }
 
 /* Shared by lmoe_forward and lmoe_reference_forward. */
-lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
+lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a_in,
                                   lmoe_forward_plan *plan, bool out_is_reference) {
   if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_clear_error(ctx);
-  if (!a) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "forward args are NULL");
-  if (a->struct_size != sizeof *a)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "forward args struct_size is %u, expected %zu (call lmoe_forward_args_init)",
-                     a->struct_size, sizeof *a);
+  if (!a_in) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "forward args are NULL");
+  /* out, the last field, has no default */
+  lmoe_forward_args args;
+  lmoe_forward_args_init(&args);
+  lmoe_status st = lmoe_struct_in(ctx, &args, sizeof args, LMOE_FIELD_END(lmoe_forward_args, out), a_in,
+                                  "forward args", "lmoe_forward_args_init");
+  if (st) return st;
+  const lmoe_forward_args *a = &args;
   lmoe_layer *l = a->layer;
   if (!l || l->obj.magic != LMOE_MAGIC_LAYER)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "layer is %s", l ? "not a loramoe layer" : "NULL");
@@ -62,7 +65,7 @@ lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a,
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
                      "batch has %lld tokens; the layer was made for at most %d (max_tokens)",
                      (long long)M, (int)c->max_tokens);
-  lmoe_status st = check_buf(ctx, a->x, "x", LMOE_DTYPE_BF16, LMOE_DTYPE_BF16, M, c->hidden, true);
+  st = check_buf(ctx, a->x, "x", LMOE_DTYPE_BF16, LMOE_DTYPE_BF16, M, c->hidden, true);
   if (st) return st;
   if (out_is_reference)
     st = check_buf(ctx, a->out, "out", LMOE_DTYPE_F32, LMOE_DTYPE_F64, M, c->hidden, false);

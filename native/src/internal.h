@@ -232,6 +232,22 @@ static inline bool lmoe_host_addressable(const lmoe_context *ctx, int32_t memory
   return memory == LMOE_MEMORY_HOST || ctx->ops->caps.host_memory;
 }
 
+/* Structs that begin with struct_size (structs.c, docs/api.md "Struct sizes").
+   lmoe_struct_in copies a caller's input struct into *dst (size bytes, holding the
+   defaults) when its struct_size is in [oldest, size]: the fields past it keep the
+   defaults. lmoe_struct_out writes src (size bytes) into a caller's output struct, up
+   to its struct_size (at least 4). Either refuses another size, naming `what` and the
+   init function. lmoe_struct_size_ok is the check, with the message in msg (for
+   lmoe_context_create, which has no context yet). The oldest size is written
+   LMOE_FIELD_END(type, the last field without a default), or 4 when all have one. */
+bool lmoe_struct_size_ok(uint32_t got, size_t size, size_t oldest, const char *what, const char *init,
+                         char *msg, size_t n);
+lmoe_status lmoe_struct_in(lmoe_context *ctx, void *dst, size_t size, size_t oldest, const void *src,
+                           const char *what, const char *init);
+lmoe_status lmoe_struct_out(lmoe_context *ctx, void *dst, const void *src, size_t size, const char *what,
+                            const char *init);
+#define LMOE_FIELD_END(type, field) (offsetof(type, field) + sizeof(((type *)0)->field))
+
 /* errors (error.c): set the context's message and return the status */
 lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -28,11 +28,12 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
   if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
   *out = NULL;
   if (!cfg_in) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "layer config is NULL");
-  if (cfg_in->struct_size != sizeof(lmoe_layer_config))
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "layer config struct_size is %u, expected %zu (call lmoe_layer_config_init)",
-                     cfg_in->struct_size, sizeof(lmoe_layer_config));
-  lmoe_layer_config cfg = *cfg_in;
+  /* E, H and I have no default; top_k, renormalize and max_tokens do */
+  lmoe_layer_config cfg;
+  lmoe_layer_config_init(&cfg);
+  lmoe_status st = lmoe_struct_in(ctx, &cfg, sizeof cfg, LMOE_FIELD_END(lmoe_layer_config, intermediate), cfg_in,
+                                  "layer config", "lmoe_layer_config_init");
+  if (st) return st;
   if (cfg.num_experts < 1 || cfg.num_experts > 4096)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "num_experts must be 1..4096, got %d",
                      (int)cfg.num_experts);
@@ -54,7 +55,7 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
   l->cfg = cfg;
   int64_t s13[3] = {cfg.num_experts, 2 * (int64_t)cfg.intermediate, cfg.hidden};
   int64_t s2[3] = {cfg.num_experts, cfg.hidden, cfg.intermediate};
-  lmoe_status st = lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 3, s13, &l->w13);
+  st = lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 3, s13, &l->w13);
   if (!st) st = lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 3, s2, &l->w2);
   if (!st) st = lmoe_context_reserve(ctx, &cfg, NULL);
   if (st) {

@@ -585,25 +585,24 @@ void lmoe_peft_close(lmoe_peft *p) {
 
 lmoe_status lmoe_peft_get_info(const lmoe_peft *p, lmoe_peft_info *out) {
   if (!valid_peft(p) || !out) return LMOE_ERR_INVALID_ARGUMENT;
-  if (out->struct_size != sizeof *out)
-    return lmoe_fail(p->ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "peft info struct_size is %u, expected %zu (call lmoe_peft_info_init)",
-                     out->struct_size, sizeof *out);
-  out->family = p->family;
-  out->layout = p->layout;
-  out->rank = p->r;
-  out->alpha = (float)p->alpha;
-  out->use_rslora = p->use_rslora;
-  out->targets = p->targets;
-  out->num_layers = p->n_layers;
-  out->min_layer = p->layers[0];
-  out->max_layer = p->layers[p->n_layers - 1];
-  out->num_experts = p->num_experts;
-  out->max_rank = p->max_rank;
-  out->has_patterns = p->n_rank_pat + p->n_alpha_pat > 0;
-  out->num_tensors = lmoe_safetensors_count(p->st);
-  out->bytes = p->bytes;
-  return LMOE_OK;
+  lmoe_peft_info i;
+  lmoe_peft_info_init(&i);
+  i.family = p->family;
+  i.layout = p->layout;
+  i.rank = p->r;
+  i.alpha = (float)p->alpha;
+  i.use_rslora = p->use_rslora;
+  i.targets = p->targets;
+  i.num_layers = p->n_layers;
+  i.min_layer = p->layers[0];
+  i.max_layer = p->layers[p->n_layers - 1];
+  i.num_experts = p->num_experts;
+  i.max_rank = p->max_rank;
+  i.has_patterns = p->n_rank_pat + p->n_alpha_pat > 0;
+  i.num_tensors = lmoe_safetensors_count(p->st);
+  i.bytes = p->bytes;
+  /* an older caller's struct gets the fields it has */
+  return lmoe_struct_out(p->ctx, out, &i, sizeof i, "peft info", "lmoe_peft_info_init");
 }
 
 int32_t lmoe_peft_layers(const lmoe_peft *p, int32_t *out, int32_t capacity) {

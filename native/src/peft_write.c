@@ -85,14 +85,16 @@ static void tl_free(tensor_list *l) {
   free(l->data);
 }
 
-lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *dir, const lmoe_peft_synthetic *sp) {
+lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *dir, const lmoe_peft_synthetic *sp_in) {
   if (!ctx || ctx->obj.magic != LMOE_MAGIC_CONTEXT) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_clear_error(ctx);
-  if (!dir || !sp) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "dir or spec is NULL");
-  if (sp->struct_size != sizeof *sp)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "synthetic spec struct_size is %u, expected %zu (call lmoe_peft_synthetic_init)",
-                     sp->struct_size, sizeof *sp);
+  if (!dir || !sp_in) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "dir or spec is NULL");
+  lmoe_peft_synthetic sp_v; /* every field has a default */
+  lmoe_peft_synthetic_init(&sp_v);
+  lmoe_status s = lmoe_struct_in(ctx, &sp_v, sizeof sp_v, sizeof(uint32_t), sp_in, "synthetic spec",
+                                 "lmoe_peft_synthetic_init");
+  if (s) return s;
+  const lmoe_peft_synthetic *sp = &sp_v;
   if (sp->family != LMOE_FAMILY_QWEN && sp->family != LMOE_FAMILY_MIXTRAL)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "family must be qwen (1) or mixtral (2)");
   if (sp->layout != LMOE_PEFT_PER_EXPERT && sp->layout != LMOE_PEFT_FUSED)
@@ -123,7 +125,7 @@ lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *dir, const 
   bool qwen = sp->family == LMOE_FAMILY_QWEN, fused = sp->layout == LMOE_PEFT_FUSED;
   static const char *qn[3] = {"gate_proj", "up_proj", "down_proj"}, *mn[3] = {"w1", "w3", "w2"};
   tensor_list tl = {0};
-  lmoe_status s = LMOE_OK;
+  s = LMOE_OK;
   uint64_t seed = lmoe_mix64(sp->seed);
   char name[512], module[400];
   for (int32_t L = 0; L < sp->num_layers && !s; L++) {

@@ -50,17 +50,19 @@ static void pool_destroy(lmoe_object *obj) {
   lmoe_layer_release(layer);
 }
 
-lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg, lmoe_pool **out) {
+lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg_in, lmoe_pool **out) {
   if (!layer || layer->obj.magic != LMOE_MAGIC_LAYER) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = layer->ctx;
   lmoe_clear_error(ctx);
   if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
   *out = NULL;
-  if (!cfg) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "pool config is NULL");
-  if (cfg->struct_size != sizeof(lmoe_pool_config))
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "pool config struct_size is %u, expected %zu (call lmoe_pool_config_init)",
-                     cfg->struct_size, sizeof(lmoe_pool_config));
+  if (!cfg_in) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "pool config is NULL");
+  lmoe_pool_config cfg_v; /* every field has a default */
+  lmoe_pool_config_init(&cfg_v);
+  lmoe_status st = lmoe_struct_in(ctx, &cfg_v, sizeof cfg_v, sizeof(uint32_t), cfg_in, "pool config",
+                                  "lmoe_pool_config_init");
+  if (st) return st;
+  const lmoe_pool_config *cfg = &cfg_v;
   if (cfg->num_slots < 1 || cfg->num_slots > 4096)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "num_slots must be 1..4096, got %d",
                      (int)cfg->num_slots);
@@ -81,7 +83,7 @@ lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg, lmo
   p->off_b2 = p->off_a2 + E * R * I * 2;
   p->slot_bytes = p->off_b2 + E * H * R * 2;
   p->slot_bytes = (p->slot_bytes + 255) & ~(size_t)255;
-  lmoe_status st = p->slots ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  st = p->slots ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   if (!st) st = ctx->ops->alloc(ctx, LMOE_MEMORY_DEVICE, p->slot_bytes * (size_t)cfg->num_slots,
                                 &p->storage);
   if (!st) st = lmoe_context_reserve(ctx, lc, cfg);
@@ -155,17 +157,18 @@ static void place_part(uint16_t *img_a, size_t rows_a, uint16_t *img_b, size_t r
   }
 }
 
-lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *d) {
+lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *d_in) {
   if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = p->layer->ctx;
   lmoe_clear_error(ctx);
   lmoe_status st = check_slot(p, slot);
   if (st) return st;
-  if (!d) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter description is NULL");
-  if (d->struct_size != sizeof *d)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "adapter desc struct_size is %u, expected %zu (call lmoe_adapter_desc_init)",
-                     d->struct_size, sizeof *d);
+  if (!d_in) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter description is NULL");
+  lmoe_adapter_desc d_v; /* every field has a default (f32, parts absent) */
+  lmoe_adapter_desc_init(&d_v);
+  st = lmoe_struct_in(ctx, &d_v, sizeof d_v, sizeof(uint32_t), d_in, "adapter desc", "lmoe_adapter_desc_init");
+  if (st) return st;
+  const lmoe_adapter_desc *d = &d_v;
   if (d->dtype != LMOE_DTYPE_BF16 && d->dtype != LMOE_DTYPE_F16 && d->dtype != LMOE_DTYPE_F32 &&
       d->dtype != LMOE_DTYPE_F64)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter dtype must be bf16, f16, f32 or f64");
@@ -252,15 +255,17 @@ static void fill_uniform(float *dst, size_t n, uint64_t seed, float scale) {
   for (size_t i = 0; i < n; i++) dst[i] = (2.0f * lmoe_uniform(seed, i) - 1.0f) * scale;
 }
 
-lmoe_status lmoe_pool_load_random(lmoe_pool *p, int32_t slot, const lmoe_random_adapter *spec) {
+lmoe_status lmoe_pool_load_random(lmoe_pool *p, int32_t slot, const lmoe_random_adapter *spec_in) {
   if (!valid_pool(p)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = p->layer->ctx;
   lmoe_clear_error(ctx);
-  if (!spec) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "random adapter spec is NULL");
-  if (spec->struct_size != sizeof *spec)
-    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
-                     "random adapter struct_size is %u, expected %zu (call lmoe_random_adapter_init)",
-                     spec->struct_size, sizeof *spec);
+  if (!spec_in) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "random adapter spec is NULL");
+  lmoe_random_adapter spec_v; /* every field has a default */
+  lmoe_random_adapter_init(&spec_v);
+  lmoe_status st = lmoe_struct_in(ctx, &spec_v, sizeof spec_v, sizeof(uint32_t), spec_in, "random adapter",
+                                  "lmoe_random_adapter_init");
+  if (st) return st;
+  const lmoe_random_adapter *spec = &spec_v;
   if (spec->targets <= 0 || spec->targets > LMOE_TARGET_ALL)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
                      "targets must be a non-empty mask of gate (1), up (2), down (4)");
@@ -281,7 +286,6 @@ lmoe_status lmoe_pool_load_random(lmoe_pool *p, int32_t slot, const lmoe_random_
   d.dtype = LMOE_DTYPE_F32;
   float *bufs[8] = {0};
   int nb = 0;
-  lmoe_status st = LMOE_OK;
   uint64_t seed = lmoe_mix64(spec->seed);
 #define LMOE_PART(field, in, out)                                             \
   do {                                                                        \
