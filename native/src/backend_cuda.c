@@ -225,6 +225,52 @@ static lmoe_status cu_copy(lmoe_context *ctx, void *dst, int32_t dst_mem, const 
   return LMOE_OK;
 }
 
+/* Staged uploads (upload.c): page-locked staging, and events that tell the host when a
+   copy out of it has run. */
+static lmoe_status cu_pinned_alloc(lmoe_context *ctx, size_t bytes, void **out) {
+  cudaSetDevice(ctx->device);
+  cudaError_t e = cudaHostAlloc(out, bytes, cudaHostAllocDefault);
+  if (e) {
+    *out = NULL;
+    return cuda_err(ctx, e, "cudaHostAlloc (upload staging)");
+  }
+  return LMOE_OK;
+}
+
+static void cu_pinned_free(lmoe_context *ctx, void *p) {
+  (void)ctx;
+  if (p) cudaFreeHost(p);
+  cudaGetLastError();
+}
+
+static lmoe_status cu_event_create(lmoe_context *ctx, void **ev) {
+  cudaEvent_t e_ = NULL;
+  cudaError_t e = cudaEventCreateWithFlags(&e_, cudaEventDisableTiming);
+  *ev = e ? NULL : (void *)e_;
+  return e ? cuda_err(ctx, e, "cudaEventCreate") : LMOE_OK;
+}
+
+static void cu_event_destroy(lmoe_context *ctx, void *ev) {
+  (void)ctx;
+  if (ev) cudaEventDestroy((cudaEvent_t)ev);
+  cudaGetLastError();
+}
+
+static lmoe_status cu_event_record(lmoe_context *ctx, void *ev, void *stream) {
+  cudaError_t e = cudaEventRecord((cudaEvent_t)ev, (cudaStream_t)(stream ? stream : ctx->stream));
+  return e ? cuda_err(ctx, e, "cudaEventRecord") : LMOE_OK;
+}
+
+static lmoe_status cu_event_wait(lmoe_context *ctx, void *ev, bool *waited) {
+  *waited = false;
+  cudaError_t e = cudaEventQuery((cudaEvent_t)ev);
+  if (e == cudaErrorNotReady) {
+    *waited = true;
+    e = cudaEventSynchronize((cudaEvent_t)ev);
+  }
+  return e ? cuda_err(ctx, e, "waiting for an upload") : LMOE_OK;
+}
+
 static lmoe_status cu_sync(lmoe_context *ctx, void *stream) {
   cudaError_t e = cudaStreamSynchronize((cudaStream_t)(stream ? stream : ctx->stream));
   if (e) return cuda_err(ctx, e, "cudaStreamSynchronize");
@@ -699,6 +745,12 @@ static const lmoe_backend_ops cuda_ops = {
     .fill = cu_fill,
     .workspace_bytes = cu_workspace_bytes,
     .forward = cu_forward,
+    .pinned_alloc = cu_pinned_alloc,
+    .pinned_free = cu_pinned_free,
+    .event_create = cu_event_create,
+    .event_destroy = cu_event_destroy,
+    .event_record = cu_event_record,
+    .event_wait = cu_event_wait,
     .pool_init = cu_pool_init,
     .pool_fini = cu_pool_fini,
     .slot_changed = cu_slot_changed,

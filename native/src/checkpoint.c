@@ -253,6 +253,63 @@ static lmoe_status read_named(lmoe_checkpoint *ck, const char *name, int32_t ndi
   return lmoe_st_read_f32(f, name, ndim, shape, dst);
 }
 
+/* One tensor of a layer and where it goes: elements [first, first + numel) of dst. */
+typedef struct part {
+  char name[192];
+  int32_t ndim;
+  int64_t shape[3];
+  lmoe_buffer *dst;
+  int64_t first;
+  lmoe_safetensors *file;
+  int32_t index;
+  int64_t numel;
+} part;
+
+static lmoe_status find_part(lmoe_checkpoint *ck, part *pt) {
+  lmoe_tensor_info ti;
+  pt->file = find(ck, pt->name, &ti);
+  if (!pt->file) return lmoe_fail(ck->ctx, LMOE_ERR_NOT_FOUND, "%s: tensor '%s' is missing", ck->path, pt->name);
+  bool same = ti.ndim == pt->ndim;
+  for (int32_t d = 0; same && d < pt->ndim; d++) same = ti.shape[d] == pt->shape[d];
+  if (!same)
+    return pt->ndim == 2
+               ? lmoe_fail(ck->ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' is not [%lld, %lld]", ck->path, pt->name,
+                           (long long)pt->shape[0], (long long)pt->shape[1])
+               : lmoe_fail(ck->ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' is not [%lld, %lld, %lld]", ck->path,
+                           pt->name, (long long)pt->shape[0], (long long)pt->shape[1], (long long)pt->shape[2]);
+  if (ti.dtype < 0 || ti.dtype == LMOE_DTYPE_I32)
+    return lmoe_fail(ck->ctx, LMOE_ERR_UNSUPPORTED, "%s: tensor '%s': %s is not supported", ck->path, pt->name,
+                     ti.dtype_name);
+  lmoe_safetensors_find(pt->file, pt->name, &pt->index);
+  pt->numel = ti.numel;
+  return LMOE_OK;
+}
+
+/* Streams the parts into the layer's bf16 storage: read from the file straight into
+   the span the upload hands out (the destination itself where device memory is host
+   memory, else a staging chunk: parts that follow each other in the layer share
+   chunks, one copy per chunk), converted on the way only when a tensor is not bf16. */
+static lmoe_status stream_parts(lmoe_checkpoint *ck, lmoe_context *lctx, const part *parts, int32_t np) {
+  lmoe_upload u;
+  lmoe_status s = lmoe_upload_begin(lctx, &u);
+  for (int32_t k = 0; k < np && !s; k++) {
+    const part *pt = &parts[k];
+    uint16_t *base = (uint16_t *)pt->dst->data + pt->first;
+    for (int64_t done = 0; done < pt->numel && !s;) {
+      void *host;
+      size_t n;
+      s = lmoe_upload_span(&u, base + done, (size_t)(pt->numel - done) * sizeof(uint16_t), &host, &n);
+      int64_t m = (int64_t)(n / sizeof(uint16_t));
+      if (!s) s = lmoe_st_read_range(pt->file, pt->index, done, m, host, LMOE_DTYPE_BF16);
+      if (!s) lmoe_upload_commit(&u, (size_t)m * sizeof(uint16_t));
+      done += m;
+    }
+  }
+  lmoe_status s2 = lmoe_upload_end(&u);
+  if (!s && s2) s = lctx == ck->ctx ? s2 : lmoe_fail(ck->ctx, s2, "%s", lmoe_context_last_error(lctx));
+  return s;
+}
+
 lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer, lmoe_layer *dst,
                                        lmoe_buffer **router) {
   if (!valid_ck(ck)) return LMOE_ERR_INVALID_ARGUMENT;
@@ -289,56 +346,35 @@ lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer, lmoe_
       return s;
     }
   }
-  if (ln.fused) {
-    float *w13 = malloc((size_t)(E * 2 * I * H) * sizeof(float));
-    float *w2 = malloc((size_t)(E * H * I) * sizeof(float));
-    int64_t s13[3] = {E, 2 * I, H}, s2[3] = {E, H, I};
-    s = w13 && w2 ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-    snprintf(name, sizeof name, "%s.experts.gate_up_proj", ln.block);
-    if (!s) s = read_named(ck, name, 3, s13, w13);
-    snprintf(name, sizeof name, "%s.experts.down_proj", ln.block);
-    if (!s) s = read_named(ck, name, 3, s2, w2);
-    if (!s) s = lmoe_layer_set_weights(dst, w13, w2, LMOE_DTYPE_F32);
-    free(w13);
-    free(w2);
-  } else {
-    /* Every expert's tensors are there with their shapes before any is written, so a
-       broken checkpoint leaves the layer as it was. */
-    for (int64_t e = 0; e < E && !s; e++)
-      for (int p = 0; p < 3 && !s; p++) {
-        const char *pn = p == 0 ? ln.g : p == 1 ? ln.u : ln.d;
-        snprintf(name, sizeof name, "%s.experts.%lld.%s.weight", ln.block, (long long)e, pn);
-        lmoe_tensor_info ti;
-        if (!find(ck, name, &ti))
-          s = lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: tensor '%s' is missing", ck->path, name);
-        else if (ti.ndim != 2 || ti.shape[0] != (p == 2 ? H : I) || ti.shape[1] != (p == 2 ? I : H))
-          s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' is not [%lld, %lld]", ck->path, name,
-                        (long long)(p == 2 ? H : I), (long long)(p == 2 ? I : H));
-        else if (ti.dtype < 0)
-          s = lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "%s: tensor '%s': %s is not supported", ck->path, name,
-                        ti.dtype_name);
-      }
-    if (s) {
-      lmoe_buffer_release(rb);
-      return s;
+  /* The layer's parts in the order of its memory: W13's (expert by expert, gate rows
+     then up rows; fused: one tensor) then W2's. Every one is found with its shape and
+     a readable dtype before any is written, so a broken checkpoint leaves the layer as
+     it was. */
+  int32_t np = ln.fused ? 2 : 3 * (int32_t)E;
+  part *parts = calloc((size_t)np, sizeof *parts);
+  s = parts ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  for (int32_t k = 0; k < np && !s; k++) {
+    part *pt = &parts[k];
+    if (ln.fused) {
+      snprintf(pt->name, sizeof pt->name, "%s.experts.%s", ln.block, k == 0 ? "gate_up_proj" : "down_proj");
+      pt->ndim = 3;
+      pt->shape[0] = E, pt->shape[1] = k == 0 ? 2 * I : H, pt->shape[2] = k == 0 ? H : I;
+      pt->dst = k == 0 ? dst->w13 : dst->w2;
+      pt->first = 0;
+    } else {
+      bool down = k >= 2 * E;
+      int64_t e = down ? k - 2 * E : k / 2;
+      const char *pn = down ? ln.d : k % 2 ? ln.u : ln.g;
+      snprintf(pt->name, sizeof pt->name, "%s.experts.%lld.%s.weight", ln.block, (long long)e, pn);
+      pt->ndim = 2;
+      pt->shape[0] = down ? H : I, pt->shape[1] = down ? I : H;
+      pt->dst = down ? dst->w2 : dst->w13;
+      pt->first = down ? e * H * I : (2 * e + k % 2) * I * H;
     }
-    float *g = malloc((size_t)(I * H) * sizeof(float)), *u = malloc((size_t)(I * H) * sizeof(float));
-    float *d = malloc((size_t)(H * I) * sizeof(float));
-    int64_t sg[2] = {I, H}, sd[2] = {H, I};
-    s = g && u && d ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-    for (int64_t e = 0; e < E && !s; e++) {
-      snprintf(name, sizeof name, "%s.experts.%lld.%s.weight", ln.block, (long long)e, ln.g);
-      s = read_named(ck, name, 2, sg, g);
-      snprintf(name, sizeof name, "%s.experts.%lld.%s.weight", ln.block, (long long)e, ln.u);
-      if (!s) s = read_named(ck, name, 2, sg, u);
-      snprintf(name, sizeof name, "%s.experts.%lld.%s.weight", ln.block, (long long)e, ln.d);
-      if (!s) s = read_named(ck, name, 2, sd, d);
-      if (!s) s = lmoe_layer_set_expert(dst, (int32_t)e, g, u, d, LMOE_DTYPE_F32);
-    }
-    free(g);
-    free(u);
-    free(d);
+    s = find_part(ck, pt);
   }
+  if (!s) s = stream_parts(ck, dst->ctx, parts, np);
+  free(parts);
   if (s) {
     lmoe_buffer_release(rb);
     return s;

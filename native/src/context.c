@@ -77,6 +77,7 @@ int32_t lmoe_context_is_live(const void *ptr) {
 static void context_destroy(lmoe_object *obj) {
   lmoe_context *ctx = (lmoe_context *)obj;
   live_remove(ctx);
+  lmoe_upload_staging_free(ctx);
   if (ctx->workspace) ctx->ops->free(ctx, LMOE_MEMORY_DEVICE, ctx->workspace);
   ctx->ops->fini(ctx);
   free(ctx);

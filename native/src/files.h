@@ -22,6 +22,12 @@ lmoe_context *lmoe_st_context(const lmoe_safetensors *st);
 lmoe_status lmoe_read_text_file(lmoe_context *ctx, const char *path, size_t limit, char **out,
                                 size_t *len);
 
+/* Elements [first, first + count) of tensor `index` (in range, of a supported dtype) into
+   dst as dst_dtype: read in place when the dtypes agree, else converted through a
+   bounded buffer. */
+lmoe_status lmoe_st_read_range(lmoe_safetensors *st, int32_t index, int64_t first, int64_t count, void *dst,
+                               int32_t dst_dtype);
+
 /* Reads tensor `name` of `st` as f32 into dst, checking its shape equals shape[0..ndim). */
 lmoe_status lmoe_st_read_f32(lmoe_safetensors *st, const char *name, int32_t ndim,
                              const int64_t *shape, float *dst);

@@ -62,6 +62,14 @@ struct lmoe_context {
   void *capture_stream;
   lmoe_status capture_failed;
   lmoe_counters capture_start;
+  /* Two reusable host buffers for staged uploads (upload.c), made on first use and
+     kept: page-locked where the backend has that. chunk is the size of each. */
+  struct {
+    void *buf[2];
+    void *ev[2]; /* the backend's events, NULL where it has none */
+    size_t chunk;
+    bool pinned;
+  } staging;
   char error[LMOE_ERRBUF];
 };
 
@@ -208,6 +216,16 @@ struct lmoe_backend_ops {
      race an upload of this batch's previous contents that is still enqueued. */
   lmoe_status (*batch_stage)(lmoe_context *ctx, lmoe_batch *batch);
   void (*batch_fini)(lmoe_context *ctx, lmoe_batch *batch);
+  /* Optional, for staged uploads (upload.c): page-locked host memory the device copies
+     from without the host waiting (NULL: pageable memory and blocking copies), and
+     events: recorded on a stream after the work enqueued so far, waited for by the
+     host (*waited: whether it had to; NULL ops: copies from staging are blocking). */
+  lmoe_status (*pinned_alloc)(lmoe_context *ctx, size_t bytes, void **out);
+  void (*pinned_free)(lmoe_context *ctx, void *p);
+  lmoe_status (*event_create)(lmoe_context *ctx, void **ev);
+  void (*event_destroy)(lmoe_context *ctx, void *ev);
+  lmoe_status (*event_record)(lmoe_context *ctx, void *ev, void *stream);
+  lmoe_status (*event_wait)(lmoe_context *ctx, void *ev, bool *waited);
   /* Optional (NULL: graphs unsupported): capture `stream` into a graph, end the capture
      and instantiate it into *exec (on failure the capture is ended and discarded),
      replay an instance on a stream (enqueue only), destroy an instance. */
@@ -247,6 +265,29 @@ lmoe_status lmoe_struct_in(lmoe_context *ctx, void *dst, size_t size, size_t old
 lmoe_status lmoe_struct_out(lmoe_context *ctx, void *dst, const void *src, size_t size, const char *what,
                             const char *init);
 #define LMOE_FIELD_END(type, field) (offsetof(type, field) + sizeof(((type *)0)->field))
+
+/* Staged uploads (upload.c): host bytes bound for device memory, written into the
+   context's staging and moved one stream-ordered copy per filled chunk while the host
+   fills the other buffer; on a host_memory backend the span is the destination itself.
+   begin; then span (host memory for up to *n of `want` bytes bound for dst, a device
+   address) and commit (how many were written) as often as needed; end moves the rest
+   and waits until every copy has landed (also after a failure: call it always). The
+   first failure is kept and returned by end. */
+typedef struct lmoe_upload {
+  lmoe_context *ctx;
+  bool direct;
+  int cur;          /* the staging buffer being filled */
+  uint8_t *dst;     /* where its bytes go */
+  size_t pending;   /* bytes in it */
+  bool inflight[2]; /* a copy out of that buffer may not have run */
+  lmoe_status st;
+} lmoe_upload;
+lmoe_status lmoe_upload_begin(lmoe_context *ctx, lmoe_upload *u);
+lmoe_status lmoe_upload_span(lmoe_upload *u, void *dst, size_t want, void **host, size_t *n);
+void lmoe_upload_commit(lmoe_upload *u, size_t n);
+lmoe_status lmoe_upload_end(lmoe_upload *u);
+void lmoe_upload_staging_free(lmoe_context *ctx); /* context destroy */
+enum { LMOE_STAGING_CHUNK = 32 << 20 };
 
 /* errors (error.c): set the context's message and return the status */
 lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...)

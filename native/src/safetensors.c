@@ -526,13 +526,19 @@ lmoe_status lmoe_safetensors_read(lmoe_safetensors *st, int32_t index, void *dst
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s: tensor '%s' has %lld elements, not %lld", fn,
                      t->name, (long long)t->numel, (long long)count);
   if (!dst && count) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "dst is NULL");
-  uint64_t off = st->data0 + t->begin;
+  return lmoe_st_read_range(st, index, 0, count, dst, dst_dtype);
+}
+
+lmoe_status lmoe_st_read_range(lmoe_safetensors *st, int32_t index, int64_t first, int64_t count, void *dst,
+                               int32_t dst_dtype) {
+  const st_tensor *t = &st->t[index];
+  uint64_t off = st->data0 + t->begin + (uint64_t)first * t->dt->size;
   size_t es = t->dt->size;
-  if (t->dt->lmoe == dst_dtype) return st_pread(st, off, dst, (size_t)(t->end - t->begin));
+  if (t->dt->lmoe == dst_dtype) return st_pread(st, off, dst, (size_t)count * es);
   /* Convert in chunks through a bounded buffer. */
   enum { CHUNK = 1 << 16 };
   uint8_t *tmp = malloc(CHUNK * 8);
-  if (!tmp) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  if (!tmp) return lmoe_fail(st->ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   size_t ds = lmoe_dtype_size(dst_dtype);
   lmoe_status s = LMOE_OK;
   for (int64_t i = 0; i < count && !s; i += CHUNK) {
