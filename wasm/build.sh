@@ -49,11 +49,12 @@ build_variant() { # build_variant NAME EXTRA_CFLAGS EXTRA_LDFLAGS
   obj=$out/obj-$name
   mkdir -p "$obj" "$out/$name"
   jobs=""
-  compile() { # compile OUT.o SOURCE FLAGS...
+  compile() { # compile OUT.o SOURCE FLAGS...   ($dep: a header it includes, or "")
   o=$1
   s=$2
   shift 2
-  if [ ! -f "$o" ] || [ "$s" -nt "$o" ] || [ "$here/wasm/build.sh" -nt "$o" ]; then
+  if [ ! -f "$o" ] || [ "$s" -nt "$o" ] || [ "$here/wasm/build.sh" -nt "$o" ] ||
+     { [ -n "$dep" ] && [ "$dep" -nt "$o" ]; }; then
     echo "  CC $name $(basename "$s")"
     "$EMCC" $OPT $cflags "$@" -c "$s" -o "$o" &
     jobs="$jobs $!"
@@ -63,10 +64,15 @@ build_variant() { # build_variant NAME EXTRA_CFLAGS EXTRA_LDFLAGS
     fi
   fi
   }
+  # Objects of loramoe's own sources are rebuilt when any of its headers is newer (a
+  # struct that changed in internal.h leaves every old object wrong); Lua and cJSON
+  # include none of them.
+  dep=""
   for f in $lua_c; do
     compile "$obj/lua_$(basename "$f" .c).o" "$f" -DLUA_USE_POSIX $LUA_INC -w
   done
   compile "$obj/cJSON.o" "$src/cjson/cJSON.c" -w
+  dep=$(ls -t "$here"/native/src/*.h "$here"/native/include/*.h | head -n 1)
   for f in $core; do
     compile "$obj/core_$(basename "$f" .c).o" "$here/native/$f" -std=c11 -D_GNU_SOURCE \
       -DLMOE_BUILDING -I"$here/native/include" -I"$src/include" $WARN -msimd128
