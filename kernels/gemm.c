@@ -4,6 +4,7 @@
 #include "gemm_engine.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   int d = 0, limit = 0, major = 0, minor = 0;
@@ -14,7 +15,11 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   if (e) return e;
   /* every engine sets up its rows that fit */
   if ((e = lmoe_sm80_init(limit))) return e;
+  int32_t sm90 = 0;
+  if ((e = lmoe_sm90_init(major * 10 + minor, limit, &sm90))) return e;
   const char *env = getenv("LMOE_GEMM_CFG");
+  const char *eng = getenv("LMOE_ENGINE"); /* "sm80": the mma.sync engine everywhere */
+  dev->sm90 = sm90 && !(eng && strcmp(eng, "sm80") == 0);
   dev->cc = major * 10 + minor;
   dev->smem_optin = limit;
   dev->force_cfg = env ? atoi(env) : -1;
@@ -22,12 +27,14 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   return cudaSuccess;
 }
 
-/* The engine hook: every GEMM stage goes through here, to the forward's engine. An
+/* The engine hook: every GEMM stage goes through here, to the engine of its row. An
    engine added to the table adds its case. */
 static cudaError_t run_gemm(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
   int32_t cfg = op == LMOE_OP_GATEUP || op == LMOE_OP_DOWN ? f->gemm_cfg : f->shrink_cfg;
-  switch (f->engine) {
+  if (cfg < 0 || cfg >= lmoe_gemm_nconfigs) return cudaErrorInvalidValue;
+  switch (lmoe_gemm_configs[cfg].engine) {
   case LMOE_ENGINE_SM80: return lmoe_sm80_run(op, cfg, f, lora, s);
+  case LMOE_ENGINE_SM90: return lmoe_sm90_run(op, cfg, f, lora, s);
   default: return cudaErrorInvalidValue;
   }
 }

@@ -16,11 +16,11 @@ LMOE_GEMM_TABLE(LMOE_ROW)
    padding there. At 128 pairs the 128-row tiles already win (docs/gpu-notes.md). */
 enum { SMALL_TILE_PAIRS = 96 };
 
-/* One engine today: mma.sync runs on every device lmoe_k_init accepts (cc >= 8.0; older
-   ones lack the shared memory). An engine for a device class is chosen here, from d. */
-static int32_t pick_engine(const lmoe_gemm_device *d) {
-  (void)d;
-  return LMOE_ENGINE_SM80;
+/* The sm90 engine where its kernels are usable and the operands suit TMA and its
+   16-byte copies; the mma.sync engine everywhere else (every device lmoe_k_init accepts:
+   cc >= 8.0). */
+static int32_t pick_engine(const lmoe_gemm_device *d, int aligned16) {
+  return d->sm90 && d->cc == 90 && aligned16 ? LMOE_ENGINE_SM90 : LMOE_ENGINE_SM80;
 }
 
 static int fits(const lmoe_gemm_device *d, int32_t row, int32_t engine, int32_t kind, int32_t bm) {
@@ -35,20 +35,27 @@ static int32_t pick_row(const lmoe_gemm_device *d, int32_t engine, int32_t kind,
   return -1;
 }
 
-int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, lmoe_gemm_choice *out) {
-  out->engine = pick_engine(d);
+int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int aligned16, lmoe_gemm_choice *out) {
+  out->engine = pick_engine(d, aligned16);
   out->bm = pairs < SMALL_TILE_PAIRS * (int64_t)E ? LMOE_K_BM_MIN : LMOE_K_BM;
   int32_t force = d->force_cfg;
   if (force >= 0 && force < lmoe_gemm_nconfigs && fits(d, force, out->engine, LMOE_GEMM_EXPERT, out->bm))
     out->gemm_cfg = force;
   else
     out->gemm_cfg = pick_row(d, out->engine, LMOE_GEMM_EXPERT, out->bm);
-  out->shrink_cfg = pick_row(d, out->engine, LMOE_GEMM_SHRINK, out->bm);
+  if (out->gemm_cfg < 0 && out->engine != LMOE_ENGINE_SM80) { /* no sm90 row fits: fall back */
+    out->engine = LMOE_ENGINE_SM80;
+    out->gemm_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, out->bm);
+  }
+  /* the shrinks' N is the adapters' ranks: mma.sync rows on every device */
+  out->shrink_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, out->bm);
   return out->gemm_cfg >= 0 && out->shrink_cfg >= 0 ? 0 : -1;
 }
 
+/* The sm80 rows are the fallback of every problem (misaligned operands), so they must
+   fit; the sm90 rows are a bonus. */
 int lmoe_gemm_supported(const lmoe_gemm_device *d) {
-  int32_t engine = pick_engine(d);
+  int32_t engine = LMOE_ENGINE_SM80;
   const int32_t bms[2] = {LMOE_K_BM_MIN, LMOE_K_BM};
   for (int i = 0; i < 2; i++)
     if (pick_row(d, engine, LMOE_GEMM_EXPERT, bms[i]) < 0 || pick_row(d, engine, LMOE_GEMM_SHRINK, bms[i]) < 0)

@@ -17,9 +17,11 @@ extern "C" {
 enum { LMOE_K_BM = 128, LMOE_K_BM_MIN = 64 };
 
 /* GEMM engines. The sm80 engine (kernels/gemm_sm80.cu: mma.sync m16n8k16, ldmatrix,
-   cp.async) runs on every supported device. Another engine takes the next number and
-   its rows in the table; lmoe_fwd.engine says which one a forward's launchers use. */
-enum { LMOE_ENGINE_SM80 = 0 };
+   cp.async) runs on every supported device. The sm90 engine (kernels/gemm_sm90.cu:
+   wgmma, TMA, warp-specialised persistent blocks) runs gate_up and down on sm_90a when
+   the build holds sm_90a code and the operands are 16-byte aligned; its shrinks stay on
+   sm80 rows. A row's engine says which engine runs it. */
+enum { LMOE_ENGINE_SM80 = 0, LMOE_ENGINE_SM90 = 1 };
 
 /* What a row computes: the expert GEMMs (gate_up and down: base weights with the LoRA
    expand as extra K chunks) or the LoRA shrinks (shrink13 and shrink2). */
@@ -44,7 +46,12 @@ enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
   X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 64, 256, 2, 4, 4, 83744)                                 \
   /* 3, 4: the shrinks (N: the present groups' ranks side by side) */                           \
   X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 128, 128, 4, 2, 4, 69152)                                \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976)
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976)                                 \
+  /* 5: sm90 128x256 (two consumer warpgroups of 64x256), 4 stages of 48 KB */                 \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 197696)                               \
+  /* 6, 7: sm90 64x256 (one consumer warpgroup), 4 or 5 stages of 40 KB */                      \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 164928)                                \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 205904)
 
 typedef struct lmoe_gemm_config {
   int32_t engine, kind;
@@ -60,18 +67,23 @@ typedef struct lmoe_gemm_device {
   int32_t cc;         /* compute capability, major * 10 + minor */
   int32_t smem_optin; /* largest dynamic shared memory a block may opt in to, bytes */
   int32_t force_cfg;  /* LMOE_GEMM_CFG: the row gate_up/down use where it fits and its
-                         kind and row tile match, or -1 (for measurements) */
+                         engine, kind and row tile match, or -1 (for measurements) */
+  int32_t sm90;       /* the sm90 engine's kernels are usable here (sm_90a code in the
+                         build, cc 9.0, the TMA encoder present; LMOE_ENGINE=sm80 clears it) */
 } lmoe_gemm_device;
 
-/* A forward's choice: the engine, the row tile (every expert's pair list is padded to
-   it) and the rows of the expert GEMMs and of the shrinks. */
+/* A forward's choice: the engine of the expert GEMMs, the row tile (every expert's pair
+   list is padded to it) and the rows of the expert GEMMs and of the shrinks (the shrinks'
+   row may be of another engine: each row names its own). */
 typedef struct lmoe_gemm_choice {
   int32_t engine, bm, gemm_cfg, shrink_cfg;
 } lmoe_gemm_choice;
 
 /* Picks the configurations for `pairs` (token, expert) pairs over E experts on the
-   device. Returns 0, or -1 when no row fits the device (lmoe_gemm_supported says). */
-int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, lmoe_gemm_choice *out);
+   device; aligned16: every operand the sm90 engine reads has 16-byte aligned rows
+   (plan.c says which). Returns 0, or -1 when no row fits the device
+   (lmoe_gemm_supported says). */
+int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int aligned16, lmoe_gemm_choice *out);
 
 /* Whether every forward finds its rows on the device (lmoe_k_init refuses it if not). */
 int lmoe_gemm_supported(const lmoe_gemm_device *d);

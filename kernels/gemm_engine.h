@@ -20,6 +20,19 @@ enum { LMOE_OP_GATEUP = 0, LMOE_OP_DOWN = 1, LMOE_OP_SHRINK13 = 2, LMOE_OP_SHRIN
 cudaError_t lmoe_sm80_init(int32_t smem_limit);
 cudaError_t lmoe_sm80_run(int32_t op, int32_t cfg, const lmoe_fwd *f, int lora, cudaStream_t s);
 
+/* The wgmma engine (gemm_sm90.cu), gate_up and down only. init: *available = 1 when
+   its kernels can run on the current device (cc 9.0, sm_90a code in the binary, the
+   driver's TMA encoder, the register pool its warp specialisation needs). */
+cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *available);
+cudaError_t lmoe_sm90_run(int32_t op, int32_t cfg, const lmoe_fwd *f, int lora, cudaStream_t s);
+
+/* A dense C[M, N] = A[M, K] B[N, K]^T (bf16, row-major) through the engine's down
+   kernel with the table's row cfg, for measuring the engine against cuBLAS; ws holds
+   lmoe_sm90_dense_ws(M) bytes of device memory. K and N multiples of 8. */
+size_t lmoe_sm90_dense_ws(int64_t M);
+cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_t K, const uint16_t *a, const uint16_t *b,
+                            uint16_t *c, void *ws, cudaStream_t s);
+
 #ifdef __cplusplus
 }
 #endif

@@ -62,7 +62,7 @@ typedef struct lmoe_fwd {
   int32_t R;                 /* pool max_rank (0 without pool) */
   int32_t t13s, t2s;         /* row strides of t13, t2 (multiples of LMOE_K_RANK_PAD) */
   int32_t al_x, al_lora;     /* 16-byte aligned fast paths allowed (LMOE_AL_*) */
-  int32_t engine;            /* GEMM engine: 0 = mma.sync (LMOE_ENGINE_SM80) */
+  int32_t engine;            /* engine of the expert GEMMs (LMOE_ENGINE_*; gemm_cfg's row says the same) */
   int32_t gemm_cfg;          /* row of the GEMM table for gate_up and down */
   int32_t shrink_cfg;        /* row of the GEMM table for the shrinks */
   const uint16_t *x;         /* [M, H] */

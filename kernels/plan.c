@@ -34,8 +34,18 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
                 pool ? pool->max_rank : 0, &L);
   if (L.total > a->workspace_bytes || !a->workspace) return L.total;
   uint8_t *ws = a->workspace;
+
+  size_t H = (size_t)a->H, I = (size_t)a->I;
+  int32_t al_x = ((((uintptr_t)a->x) | (H * 2)) % 16 == 0 ? LMOE_AL_X : 0) | (H % 8 == 0 ? LMOE_AL_W13 : 0) |
+                 (I % 8 == 0 ? LMOE_AL_W2 : 0);
+  int lora = a->lora && pool;
+  /* the sm90 engine reads x, W13, W2 rows (and with LoRA the pool's B13, B2 rows) in
+     16-byte pieces and the weights by TMA (16-byte aligned base and row pitch) */
+  int aligned16 = al_x == (LMOE_AL_X | LMOE_AL_W13 | LMOE_AL_W2) && ((uintptr_t)a->w13 | (uintptr_t)a->w2) % 16 == 0 &&
+                  (!lora || ((pool->al_lora & (LMOE_AL_B13 | LMOE_AL_B2)) == (LMOE_AL_B13 | LMOE_AL_B2) &&
+                             (uintptr_t)pool->storage % 16 == 0));
   lmoe_gemm_choice g;
-  int sel = lmoe_gemm_select(a->dev, a->M * a->k, a->E, &g);
+  int sel = lmoe_gemm_select(a->dev, a->M * a->k, a->E, aligned16, &g);
   assert(sel == 0); /* lmoe_k_init accepted the device: every problem finds its rows */
   (void)sel;
 
@@ -59,6 +69,7 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->out = a->out;
   f->w13 = a->w13;
   f->w2 = a->w2;
+  f->al_x = al_x;
   if (a->logits) {
     f->logits = a->logits;
     f->logits_bf16 = a->logits_bf16;
@@ -80,10 +91,7 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->y = (uint16_t *)(ws + L.y);
   f->t13 = (uint16_t *)(ws + L.t13);
   f->t2 = (uint16_t *)(ws + L.t2);
-  size_t H = (size_t)a->H, I = (size_t)a->I;
-  f->al_x = ((((uintptr_t)f->x) | (H * 2)) % 16 == 0 ? LMOE_AL_X : 0) | (H % 8 == 0 ? LMOE_AL_W13 : 0) |
-            (I % 8 == 0 ? LMOE_AL_W2 : 0);
-  if (a->lora && pool) {
+  if (lora) {
     f->slots = pool->slots;
     f->pool = pool->storage;
     f->slot_elems = pool->slot_elems;

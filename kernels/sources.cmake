@@ -11,4 +11,5 @@ set(LMOE_CUDA_SOURCES
   ${PROJECT_SOURCE_DIR}/kernels/route.cu
   ${PROJECT_SOURCE_DIR}/kernels/reduce.cu
   ${PROJECT_SOURCE_DIR}/kernels/gemm_sm80.cu
+  ${PROJECT_SOURCE_DIR}/kernels/gemm_sm90.cu
 )

@@ -1,10 +1,19 @@
 /* GPU benchmark of one MoE layer with LoRA adapters (PERFORMANCE.md):
-     bench_gpu [preset ...] [--m 512,2048,...] [--iters N] [--stack]
+     bench_gpu [preset ...] [--m 512,2048,...] [--iters N] [--stack] [--csv file]
+     bench_gpu --gemms [preset ...] [--m ...] [--csv file]
+     bench_gpu --dense N
    presets: qwen3 (E128 H2048 I768 k8), mixtral (E8 H4096 I14336 k2).
    Per M and case: eager and CUDA-graph replay, median ms of >= 50 (CUDA events,
-   input sets rotated), TFLOP/s and % of the floor. --stack: the guard modes over a
-   48-layer qwen3 stack (host waits per forward, ms per forward). */
+   input sets rotated), TFLOP/s and % of the floor. The floor's ceilings come from
+   LMOE_PEAK_FLOPS and LMOE_PEAK_BYTES (bench/gpu/run.sh measures them in the same run;
+   the defaults are an H200's). --stack: the guard modes over a 48-layer qwen3 stack
+   (host waits per forward, ms per forward).
+   --gemms: the two expert GEMMs alone (gate_up + down, routing done once), on every
+   engine the card runs, for comparison with torch._grouped_mm.
+   --dense N: an N x N x N bf16 GEMM through each sm90 row, checked against float64
+   (every element for N <= 512, else 4096 samples), TFLOP/s. */
 #include "../bench_common.h"
+#include "gemm_engine.h"
 #include "loramoe.h"
 
 #include <cuda_runtime_api.h>
@@ -15,8 +24,7 @@
 #include <time.h>
 
 #define NSETS 3
-#define PEAK_FLOPS 790e12
-#define PEAK_BYTES 3.0e12
+static double PEAK_FLOPS = 771e12, PEAK_BYTES = 4.27e12;
 
 #define CK(ctx, call)                                                                          \
   do {                                                                                         \
@@ -310,8 +318,184 @@ static void run_stack(bench *b, int M) {
   lmoe_buffer_release(xv), lmoe_buffer_release(ov), lmoe_buffer_release(lv);
 }
 
+/* ------------------------------------------------------------------ --gemms, --dense */
+
+static uint16_t f2bf_host(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7fff + ((u >> 16) & 1);
+  return (uint16_t)(u >> 16);
+}
+static double bf2d(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+/* Median ms of n launches of fn (CUDA events around each). */
+typedef cudaError_t (*stage_fn)(void *arg, cudaStream_t s);
+static double time_stage(stage_fn fn, void *arg, cudaStream_t s, int iters) {
+  cudaEvent_t ev[2 * 64];
+  if (iters > 64) iters = 64;
+  for (int i = 0; i < 2 * iters; i++) CU(cudaEventCreate(&ev[i]));
+  for (int w = 0; w < 3; w++) CU(fn(arg, s));
+  for (int i = 0; i < iters; i++) {
+    CU(cudaEventRecord(ev[2 * i], s));
+    CU(fn(arg, s));
+    CU(cudaEventRecord(ev[2 * i + 1], s));
+  }
+  CU(cudaStreamSynchronize(s));
+  double t[64];
+  for (int i = 0; i < iters; i++) {
+    float ms;
+    CU(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]));
+    t[i] = ms;
+  }
+  for (int i = 0; i < 2 * iters; i++) cudaEventDestroy(ev[i]);
+  return median(t, iters);
+}
+
+static cudaError_t run_gemms(void *arg, cudaStream_t s) {
+  const lmoe_fwd *f = arg;
+  cudaError_t e = lmoe_k_gateup(f, 0, s);
+  return e ? e : lmoe_k_down(f, 0, s);
+}
+
+static const char *engine_name(int engine) { return engine == LMOE_ENGINE_SM90 ? "sm90" : "sm80"; }
+
+/* The expert GEMMs alone on the layer's shapes: random weights, x and router logits as
+   the layer benchmark has them, the routing run once, then gate_up + down timed. */
+static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, FILE *csv) {
+  lmoe_gemm_device dev;
+  CU(lmoe_k_init(&dev));
+  printf("\n### expert GEMMs alone: %s (gate_up + down, no adapter)\n\n", p->name);
+  printf("| M | engine (row) | ms | TFLOP/s |\n|---|---|---|---|\n");
+  int maxM = 0;
+  for (int i = 0; i < nM; i++) maxM = Ms[i] > maxM ? Ms[i] : maxM;
+  size_t nw13 = (size_t)p->E * 2 * p->I * p->H, nw2 = (size_t)p->E * p->H * p->I;
+  uint16_t *w13, *w2, *x, *out;
+  float *lg;
+  CU(cudaMalloc((void **)&w13, nw13 * 2));
+  CU(cudaMalloc((void **)&w2, nw2 * 2));
+  CU(cudaMalloc((void **)&x, (size_t)maxM * p->H * 2));
+  CU(cudaMalloc((void **)&out, (size_t)maxM * p->H * 2));
+  CU(cudaMalloc((void **)&lg, (size_t)maxM * p->E * 4));
+  CU(lmoe_k_fill_random(w13, LMOE_DTYPE_BF16, (int64_t)nw13, 7, -0.02f, 0.02f, 0));
+  CU(lmoe_k_fill_random(w2, LMOE_DTYPE_BF16, (int64_t)nw2, 8, -0.02f, 0.02f, 0));
+  CU(lmoe_k_fill_random(x, LMOE_DTYPE_BF16, (int64_t)maxM * p->H, 11, -1, 1, 0));
+  CU(lmoe_k_fill_random(lg, LMOE_DTYPE_F32, (int64_t)maxM * p->E, 21, -2, 2, 0));
+  lmoe_ws_layout L;
+  lmoe_k_layout(maxM, p->E, p->H, p->I, p->k, 0, 0, &L);
+  void *ws;
+  CU(cudaMalloc(&ws, L.total));
+  cudaStream_t s;
+  CU(cudaStreamCreate(&s));
+  for (int mi = 0; mi < nM; mi++) {
+    for (int eng = 1; eng >= 0; eng--) {
+      lmoe_gemm_device d = dev;
+      if (eng == 1 && !dev.sm90) continue;
+      d.sm90 = eng;
+      lmoe_k_plan_args a = {.max_tokens = maxM, .E = p->E, .H = p->H, .I = p->I, .k = p->k, .renorm = 1,
+                            .w13 = w13, .w2 = w2, .M = Ms[mi], .x = x, .out = out, .logits = lg,
+                            .workspace = ws, .workspace_bytes = L.total, .dev = &d};
+      lmoe_fwd f;
+      lmoe_k_plan(&a, &f);
+      CU(lmoe_k_route(&f, s));
+      CU(lmoe_k_scan(&f, s));
+      CU(lmoe_k_scatter(&f, s));
+      double ms = time_stage(run_gemms, &f, s, iters);
+      double fl = (double)Ms[mi] * p->k * 6.0 * p->H * p->I;
+      printf("| %d | %s (%d) | %.3f | %.0f |\n", Ms[mi], engine_name(f.engine), f.gemm_cfg, ms, fl / ms / 1e9);
+      fflush(stdout);
+      if (csv)
+        fprintf(csv, "%s,%d,%s,%d,%.4f,%.1f\n", p->name, Ms[mi], engine_name(f.engine), f.gemm_cfg, ms,
+                fl / ms / 1e9);
+    }
+  }
+  CU(cudaStreamDestroy(s));
+  cudaFree(ws), cudaFree(w13), cudaFree(w2), cudaFree(x), cudaFree(out), cudaFree(lg);
+}
+
+typedef struct dense_arg {
+  int cfg, N;
+  uint16_t *a, *b, *c;
+  void *ws;
+} dense_arg;
+static cudaError_t run_dense(void *arg, cudaStream_t s) {
+  dense_arg *d = arg;
+  return lmoe_sm90_dense(d->cfg, d->N, d->N, d->N, d->a, d->b, d->c, d->ws, s);
+}
+
+/* Returns nonzero when a check fails. */
+static int run_dense_all(int N, int iters) {
+  lmoe_gemm_device dev;
+  CU(lmoe_k_init(&dev));
+  if (!dev.sm90) {
+    printf("dense: the sm90 engine does not run on this card or build\n");
+    return 0;
+  }
+  size_t n = (size_t)N * N;
+  uint16_t *ha = malloc(n * 2), *hb = malloc(n * 2), *hc = malloc(n * 2);
+  uint64_t st = 12345;
+  for (size_t i = 0; i < n; i++) {
+    st = st * 6364136223846793005ull + 1442695040888963407ull;
+    ha[i] = f2bf_host((float)((double)(st >> 40) / (1 << 24) * 2 - 1));
+    st = st * 6364136223846793005ull + 1442695040888963407ull;
+    hb[i] = f2bf_host((float)((double)(st >> 40) / (1 << 24) * 2 - 1));
+  }
+  dense_arg d = {.N = N};
+  CU(cudaMalloc((void **)&d.a, n * 2));
+  CU(cudaMalloc((void **)&d.b, n * 2));
+  CU(cudaMalloc((void **)&d.c, n * 2));
+  CU(cudaMalloc(&d.ws, lmoe_sm90_dense_ws(N)));
+  CU(cudaMemcpy(d.a, ha, n * 2, cudaMemcpyHostToDevice));
+  CU(cudaMemcpy(d.b, hb, n * 2, cudaMemcpyHostToDevice));
+  cudaStream_t s;
+  CU(cudaStreamCreate(&s));
+  int bad = 0;
+  printf("\n### dense %d x %d x %d through the sm90 engine\n\n| row | ms | TFLOP/s | max rel err | checked |\n|---|---|---|---|---|\n",
+         N, N, N);
+  for (int cfg = 0; cfg < lmoe_gemm_nconfigs; cfg++) {
+    if (lmoe_gemm_configs[cfg].engine != LMOE_ENGINE_SM90 || lmoe_gemm_configs[cfg].smem > dev.smem_optin) continue;
+    d.cfg = cfg;
+    CU(cudaMemset(d.c, 0xff, n * 2)); /* NaN: an element never written shows */
+    CU(run_dense(&d, s));
+    CU(cudaStreamSynchronize(s));
+    CU(cudaMemcpy(hc, d.c, n * 2, cudaMemcpyDeviceToHost));
+    size_t checks = N <= 512 ? n : 4096;
+    double worst = 0;
+    for (size_t q = 0; q < checks; q++) {
+      size_t idx = checks == n ? q : (size_t)((q * 2654435761u + 97) % n);
+      size_t i = idx / N, j = idx % N;
+      double ref = 0, mag = 0;
+      for (int kk = 0; kk < N; kk++) {
+        double t = bf2d(ha[i * N + kk]) * bf2d(hb[j * N + kk]);
+        ref += t;
+        mag += fabs(t);
+      }
+      double got = bf2d(hc[idx]), err = fabs(got - ref) / (mag > 0 ? mag : 1);
+      if (got != got) err = 1e9; /* NaN: never written, or wrong */
+      if (err > worst) worst = err;
+    }
+    double ms = time_stage(run_dense, &d, s, iters);
+    double fl = 2.0 * N * (double)N * N;
+    int ok = worst <= 8e-3; /* |err| relative to sum |a b|: bf16 output rounding ~4e-3 */
+    bad |= !ok;
+    printf("| %d | %.3f | %.0f | %.2e | %zu %s |\n", cfg, ms, fl / ms / 1e9, worst, checks, ok ? "ok" : "FAILED");
+    fflush(stdout);
+  }
+  CU(cudaStreamDestroy(s));
+  cudaFree(d.a), cudaFree(d.b), cudaFree(d.c), cudaFree(d.ws);
+  free(ha), free(hb), free(hc);
+  return bad;
+}
+
 int main(int argc, char **argv) {
-  int Ms[16] = {512, 2048, 8192, 16384}, nM = 4, iters = 50, stack = 0, nsel = 0;
+  int Ms[16] = {512, 2048, 8192, 16384}, nM = 4, iters = 50, stack = 0, nsel = 0, gemms = 0, dense = 0;
+  const char *pf = getenv("LMOE_PEAK_FLOPS"), *pb = getenv("LMOE_PEAK_BYTES");
+  if (pf && atof(pf) > 0) PEAK_FLOPS = atof(pf);
+  if (pb && atof(pb) > 0) PEAK_BYTES = atof(pb);
   const char *sel[4];
   FILE *csv = NULL;
   for (int i = 1; i < argc; i++) {
@@ -324,6 +508,10 @@ int main(int argc, char **argv) {
       only_case = atoi(argv[++i]);
     } else if (!strcmp(argv[i], "--profile")) {
       profile_only = 1; /* one eager timing pass per case, for a profiler */
+    } else if (!strcmp(argv[i], "--gemms")) {
+      gemms = 1;
+    } else if (!strcmp(argv[i], "--dense") && i + 1 < argc) {
+      dense = atoi(argv[++i]);
     } else if (!strcmp(argv[i], "--stack")) {
       stack = 1;
     } else if (!strcmp(argv[i], "--csv") && i + 1 < argc) {
@@ -338,12 +526,18 @@ int main(int argc, char **argv) {
     return 1;
   }
   printf("card: %s (sm_%d%d, %d SMs)\n", di.name, di.cc_major, di.cc_minor, di.sm_count);
+  printf("floor from: %.0f TFLOP/s, %.2f TB/s\n", PEAK_FLOPS / 1e12, PEAK_BYTES / 1e12);
+  if (dense > 0) return run_dense_all(dense, iters);
   int maxM = 0;
   for (int i = 0; i < nM; i++) maxM = Ms[i] > maxM ? Ms[i] : maxM;
   for (size_t pi = 0; pi < sizeof PRESETS / sizeof PRESETS[0]; pi++) {
     int want = nsel == 0;
     for (int s = 0; s < nsel; s++) want |= strstr(PRESETS[pi].name, sel[s]) != NULL;
     if (!want) continue;
+    if (gemms) {
+      run_gemms_preset(&PRESETS[pi], Ms, nM, iters, csv);
+      continue;
+    }
     bench b;
     setup(&b, &PRESETS[pi], maxM);
     b.csv = csv;

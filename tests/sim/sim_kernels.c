@@ -108,6 +108,7 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->cc = 90;
   dev->smem_optin = 232448;
   dev->force_cfg = -1;
+  dev->sm90 = 0;
   return cudaSuccess;
 }
 

@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b]};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -35,7 +35,7 @@ static void test_select(void) {
           lmoe_gemm_choice g;
           int bm, gemm, shrink;
           old_choice(smems[a], envs[b], pairs[p], Es[c], &bm, &gemm, &shrink);
-          CHECK(lmoe_gemm_select(&d, pairs[p], Es[c], &g) == 0, "select failed");
+          CHECK(lmoe_gemm_select(&d, pairs[p], Es[c], 1, &g) == 0, "select failed");
           CHECK(g.engine == LMOE_ENGINE_SM80 && g.bm == bm && g.gemm_cfg == gemm && g.shrink_cfg == shrink,
                 "smem %d env %d pairs %lld E %d: got bm %d rows %d/%d, want %d %d/%d", smems[a], envs[b],
                 (long long)pairs[p], (int)Es[c], g.bm, g.gemm_cfg, g.shrink_cfg, bm, gemm, shrink);
@@ -46,8 +46,85 @@ static void test_select(void) {
     }
 }
 
+/* The sm90 engine: where usable on cc 9.0 and the operands are aligned, its rows for
+   gate_up and down (5 for 128-row tiles, 6 for 64, 7 when forced), the shrinks on sm80
+   rows; sm80 rows otherwise, and when no sm90 row fits the device. */
+static void test_select_sm90(void) {
+  lmoe_gemm_choice g;
+  lmoe_gemm_device d = {90, 232448, -1, 1};
+  CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 128 &&
+            g.gemm_cfg == 5 && g.shrink_cfg == 3,
+        "large: row 5, shrinks 3 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
+  CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 64 &&
+            g.gemm_cfg == 6 && g.shrink_cfg == 4,
+        "small: row 6, shrinks 4 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 0, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.gemm_cfg == 0,
+        "misaligned operands: sm80");
+  d.force_cfg = 7;
+  CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.gemm_cfg == 7, "forced row 7 at 64-row tiles");
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.gemm_cfg == 5, "row 7 is not a 128-row row");
+  d.force_cfg = 0;
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.gemm_cfg == 5, "an sm80 row is not forced on sm90");
+  d.force_cfg = -1;
+  d.smem_optin = 166912; /* row 6 fits, row 5 does not */
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.gemm_cfg == 0 &&
+            g.shrink_cfg == 3,
+        "no 128-row sm90 row fits: the sm80 one (got %d %d)", g.engine, g.gemm_cfg);
+  CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.gemm_cfg == 6,
+        "the 64-row sm90 row fits");
+  d.smem_optin = 232448;
+  d.cc = 89;
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80, "sm90 rows only on 9.0");
+  d.cc = 100;
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80,
+        "sm_90a code does not run on 10.0");
+}
+
+/* The plan hands the sm90 engine only operands it can read: 16-byte aligned x, W13,
+   W2 rows and pointers, and with LoRA the pool's B13 and B2 rows. */
+static void test_plan_sm90(void) {
+  lmoe_gemm_device d = {90, 232448, -1, 1};
+  lmoe_ws_layout L;
+  lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
+  void *ws = malloc(L.total);
+  static _Alignas(16) uint16_t x[64], out[16], w[64];
+  lmoe_dslot table[4];
+  lmoe_k_pool_plan pp;
+  lmoe_k_plan_pool(1024, 768, 4, 16, (void *)w, 1 << 20, 0, 4096, 8192, 12288, table, &pp);
+  int32_t ids[8];
+  float tw[8];
+  lmoe_k_plan_args a = {.max_tokens = 4096, .E = 8, .H = 1024, .I = 768, .k = 2, .w13 = w, .w2 = w,
+                        .pool = &pp, .lora = 1, .M = 4096, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
+                        .workspace = ws, .workspace_bytes = L.total, .dev = &d};
+  lmoe_fwd f;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink_cfg == 3, "aligned: sm90 (%d)", f.engine);
+  a.x = x + 1;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM80 && f.gemm_cfg == 0, "x rows not 16-byte aligned: sm80");
+  a.x = x;
+  a.w2 = w + 1;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM80, "W2 pointer not 16-byte aligned: sm80");
+  a.w2 = w;
+  a.H = 1020; /* x, W13 rows of 2040 bytes */
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM80, "H %% 8 != 0: sm80");
+  a.H = 1024;
+  lmoe_k_pool_plan odd;
+  lmoe_k_plan_pool(1024, 768, 4, 12, (void *)w, 1 << 20, 0, 4096, 8192, 12296, table, &odd); /* B2 rows of 24 bytes */
+  a.pool = &odd;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM80, "B2 rows not 16-byte aligned with LoRA: sm80");
+  a.lora = 0;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM90, "the same pool without LoRA: sm90");
+  free(ws);
+}
+
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1};
+  lmoe_gemm_device d = {90, 232448, -1, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -89,6 +166,8 @@ static void test_plan(void) {
 
 int main(void) {
   test_select();
+  test_select_sm90();
   test_plan();
+  test_plan_sm90();
   return test_summary();
 }

@@ -1,0 +1,469 @@
+/* The sm90 GEMM engine: gate_up and down of the forward on Hopper's asynchronous
+   warpgroup MMA (wgmma m64n256k16, bf16 in, f32 accumulate), for sm_90a.
+
+     gate_up   h = silu(x W13_e^T (+ t13 B13^T)) * (...)   (gate and up in one 256-wide tile)
+     down      y = w * (h W2_e^T (+ t2 B2^T))
+
+   One block per SM walks the device-built tile list (route.cu's ntiles / tile_expert,
+   rows sorted by expert, then adapter group): persistent, so the grid is the SM count
+   and nothing the host would have to read back sizes it. Warp specialised:
+   - warpgroup 0, the producer, fills a ring of ST stages (BM x 64 of A, 256 x 64 of B,
+     128-byte swizzle). The expert weights (B) come by TMA, from tensor maps of W13 / W2
+     encoded on the host at launch (a pure host computation, so the forward stays
+     stream-ordered and capturable); the gathered token rows (A: x by token, or h by
+     sorted row) by cp.async, whose completion arrives on the stage's barrier.
+   - warpgroups 1..BM/64, the consumers, each own 64 rows: 4 wgmmas per stage with
+     both operands in shared memory, one group kept in flight (the stage read two
+     steps ago is released while the next one computes), the epilogue from registers.
+   setmaxnreg hands the producer's registers to the consumers (128 accumulators each).
+
+   LoRA stays inside the pipeline: after a tile's base K chunks come, for each adapter
+   group present in the tile, ceil(rank / 64) chunks whose A is the rows' shrink output
+   (rows of other groups zero) and whose B is the slot's B matrix, both by cp.async with
+   the rank as the column limit, so an adapted tile costs its real rank. The shrinks run
+   on the sm80 engine (their N is the ranks: too narrow for a 256-wide wgmma). */
+#include "common.cuh"
+#include "gemm_engine.h"
+#include "ptx_sm90.cuh"
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
+
+constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
+constexpr int BN = 256; /* output tile columns (gate_up: 128 gate + 128 up) */
+constexpr int GROUP_M = 8;
+
+template <int BM> struct shape {
+  static constexpr int NC = BM / 64;              /* consumer warpgroups */
+  static constexpr int THREADS = 128 * (NC + 1);
+  static constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE = A_BYTES + B_BYTES;
+  /* registers after setmaxnreg: the block's pool is what the launch allocated,
+     numRegs x THREADS (168 x 384 = 64512 for BM = 128); asking more than the pool
+     blocks the warpgroup forever */
+  static constexpr int PREG = BM == 128 ? 88 : 96;
+  static constexpr int CREG = BM == 128 ? 208 : 232;
+  static constexpr int POOL = 128 * PREG + 128 * NC * CREG;
+};
+static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-thread block holds");
+
+/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers. */
+template <int BM, int ST> constexpr size_t smem_bytes(void) {
+  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t);
+}
+
+/* N tiles of an output */
+template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
+  return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (f.H + BN - 1) / BN;
+}
+
+/* Tile t of the walk: groups of GROUP_M row tiles take the N tiles together, so the
+   blocks working at one time share expert weights and token rows in L2. */
+__device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int &m, int &nt) {
+  int per = GROUP_M * ntn, grp = t / per, first = grp * GROUP_M;
+  int gm = min(ntm - first, GROUP_M), rem = t - grp * per;
+  m = first + rem % gm;
+  nt = rem / gm;
+}
+
+/* Calls fn(group, slot, rank) once per adapter group present in the tile at sorted row
+   p0, in row order, uniformly across the calling warp. */
+template <int MODE, int BM, class Fn>
+__device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
+  const int lane = threadIdx.x & 31;
+  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  int last = -1;
+#pragma unroll 1
+  for (int r0 = 0; r0 < BM; r0 += 32) {
+    int g = f.sorted_group[p0 + r0 + lane];
+    int gp = __shfl_up_sync(0xffffffffu, g, 1);
+    if (lane == 0) gp = last;
+    unsigned mask = __ballot_sync(0xffffffffu, g >= 1 && g != PAD_GROUP && g != gp);
+    while (mask) {
+      int b = __ffs(mask) - 1;
+      mask &= mask - 1;
+      int gg = __shfl_sync(0xffffffffu, g, b);
+      int slot = act[gg - 1];
+      int rk = MODE == MODE_GATEUP ? f.slots[slot].r13 : f.slots[slot].r2;
+      fn(gg, slot, rk);
+    }
+    last = __shfl_sync(0xffffffffu, g, 31);
+  }
+}
+
+/* bytes of a 16-byte piece at column col that lie below the limit */
+__device__ __forceinline__ int piece_bytes(int col, int limit) {
+  int b = (limit - col) * 2;
+  return b < 0 ? 0 : b > 16 ? 16 : b;
+}
+
+template <int MODE, int BM, int ST>
+__device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, int use_lora, uint8_t *smem,
+                                         uint64_t *full, uint64_t *empty, uint64_t wd) {
+  typedef shape<BM> S;
+  constexpr int AR = BM / 16; /* A rows per thread */
+  const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
+  const int H = f.H, I = f.I;
+  const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  if (ptid == 0) prefetch_tensormap(tmb);
+  uint32_t it = 0;
+#pragma unroll 1
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    int m, nt;
+    tile_of(t, ntm, ntn, m, nt);
+    const int e = f.tile_expert[m], p0 = m * BM;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    const uint16_t *arow[AR];
+    int agrp[AR];
+#pragma unroll
+    for (int q = 0; q < AR; q++) {
+      int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
+      if (MODE == MODE_GATEUP)
+        arow[q] = pair >= 0 ? f.x + (size_t)(pair / f.k) * H : nullptr;
+      else
+        arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
+      agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
+    }
+#pragma unroll 1
+    for (int c = 0; c < nbase; c++, it++) {
+      const int s = it % ST;
+      mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd, "empty");
+      uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
+      if (ptid == 0) {
+        mbar_arrive_tx(&full[s], S::B_BYTES);
+        if (MODE == MODE_GATEUP) {
+          int row = e * 2 * I + n0;
+          tma_load_2d(Bs, tmb, &full[s], c * BK, row);
+          tma_load_2d(Bs + (BN / 2) * BK * 2, tmb, &full[s], c * BK, row + I);
+        } else {
+          tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
+        }
+      }
+      const int col = c * BK + ch * 8, nb = piece_bytes(col, K);
+      const uint32_t a0 = smem_u32(As);
+#pragma unroll
+      for (int q = 0; q < AR; q++) {
+        int r = rb + 16 * q;
+        const uint16_t *src = arow[q] ? arow[q] + col : f.x;
+        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), src, arow[q] ? nb : 0);
+      }
+      cp_async_mbar_arrive(&full[s]);
+    }
+    if (use_lora) {
+      for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
+        const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
+        const int nch = (rk + BK - 1) / BK;
+#pragma unroll 1
+        for (int cc = 0; cc < nch; cc++, it++) {
+          const int s = it % ST;
+          mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd, "empty");
+          uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
+          if (ptid == 0) mbar_arrive(&full[s]);
+          const int col = cc * BK + ch * 8, nb = piece_bytes(col, rk);
+          const uint32_t a0 = smem_u32(As), b0 = smem_u32(Bs);
+#pragma unroll
+          for (int q = 0; q < AR; q++) {
+            int r = rb + 16 * q;
+            const uint16_t *row = nullptr;
+            if (agrp[q] == g && arow[q])
+              row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
+            cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
+          }
+#pragma unroll 4
+          for (int q = 0; q < BN / 16; q++) {
+            int n = rb + 16 * q;
+            const uint16_t *row = nullptr;
+            if (MODE == MODE_GATEUP) {
+              int j = n0 + (n & (BN / 2 - 1)), which = n / (BN / 2);
+              if (j < I) row = pb + ((size_t)e * 2 * I + (size_t)which * I + j) * (2 * f.R);
+            } else {
+              int o = n0 + n;
+              if (o < H) row = pb + ((size_t)e * H + o) * f.R;
+            }
+            cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
+          }
+          cp_async_mbar_arrive(&full[s]);
+        }
+      });
+    }
+  }
+}
+
+template <int MODE, int BM, int ST>
+__device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
+                                         uint64_t *empty, uint64_t wd) {
+  typedef shape<BM> S;
+  const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
+  const int warp = ltid >> 5, lane = ltid & 31;
+  const int H = f.H, I = f.I;
+  const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  float acc[128];
+  uint32_t it = 0;
+#pragma unroll 1
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    int m, nt;
+    tile_of(t, ntm, ntn, m, nt);
+    const int p0 = m * BM;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    int nch = nbase;
+    if (use_lora) for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { nch += (rk + BK - 1) / BK; });
+#pragma unroll 1
+    for (int c = 0; c < nch; c++, it++) {
+      const int s = it % ST;
+      mbar_wait(&full[s], (it / ST) & 1, wd, "full");
+      fence_proxy_async();
+      const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
+      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+#pragma unroll
+      for (int i = 0; i < 128; i++) reg_fence(acc[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; kk++) wgmma_m64n256k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int i = 0; i < 128; i++) reg_fence(acc[i]);
+      if (c > 0) {
+        wgmma_wait<1>();
+        if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+      }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < 128; i++) reg_fence(acc[i]);
+    if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+
+    /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
+      const int pair = f.sorted_pair[p0 + r];
+      if (pair < 0) continue;
+      if (MODE == MODE_GATEUP) {
+        uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+          int j = n0 + 8 * i + 2 * (lane & 3);
+          float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
+          float u0 = acc[4 * (i + 16) + 2 * hf], u1 = acc[4 * (i + 16) + 2 * hf + 1];
+          uint16_t v0 = f2bf(g0 / (1.0f + __expf(-g0)) * u0), v1 = f2bf(g1 / (1.0f + __expf(-g1)) * u1);
+          if (j + 1 < I)
+            *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
+          else if (j < I)
+            dst[j] = v0;
+        }
+      } else {
+        const float w = f.tw[pair];
+        uint16_t *dst = f.y + (size_t)pair * H;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+          int o = n0 + 8 * i + 2 * (lane & 3);
+          uint16_t v0 = f2bf(w * acc[4 * i + 2 * hf]), v1 = f2bf(w * acc[4 * i + 2 * hf + 1]);
+          if (o + 1 < H)
+            *(uint32_t *)(dst + o) = (uint32_t)v0 | ((uint32_t)v1 << 16);
+          else if (o < H)
+            dst[o] = v0;
+        }
+      }
+    }
+  }
+}
+
+template <int MODE, int BM, int ST>
+__global__ void __launch_bounds__(shape<BM>::THREADS, 1)
+    k_wgmma(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
+            unsigned long long wd) {
+#if LMOE_SM90_DEVICE
+  typedef shape<BM> S;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+  uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ST; s++) {
+      mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
+      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  const int use_lora = lora && f.meta && f.meta[1] > 0;
+  if (threadIdx.x < 128) {
+    setmaxnreg_dec<S::PREG>();
+    producer<MODE, BM, ST>(f, &tmb, use_lora, smem, full, empty, wd);
+  } else {
+    setmaxnreg_inc<S::CREG>();
+    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd);
+  }
+#endif
+}
+
+/* Fills what a dense GEMM through the down kernel reads: identity pairs (padding
+   rows -1), weights 1, one expert, the tile count. */
+__global__ void k_dense_setup(int32_t *pair, float *tw, int32_t *tile_expert, int32_t *ntiles, int M, int rows,
+                              int mt) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < rows; i += gridDim.x * blockDim.x) {
+    pair[i] = i < M ? i : -1;
+    if (i < M) tw[i] = 1.0f;
+    if (i < mt) tile_expert[i] = 0;
+    if (i == 0) ntiles[0] = mt;
+  }
+}
+
+/* ------------------------------------------------------------------ host side */
+
+typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                              const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+encode_fn encode_tiled;
+int num_sms;
+unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
+
+/* A tensor map of a row-major bf16 matrix [rows][cols]: boxes of 64 columns (128
+   bytes, swizzled) by box_rows rows; outside the matrix reads zero. */
+cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t cols, uint32_t box_rows) {
+  cuuint64_t dims[2] = {cols, rows}, strides[1] = {cols * 2};
+  cuuint32_t box[2] = {BK, box_rows}, es[2] = {1, 1};
+  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, es,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  CUtensorMap m;
+  cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
+                                      : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
+  if (e) return e;
+  int grid = f->mt_max * n_tiles<MODE>(*f);
+  if (grid > num_sms) grid = num_sms;
+  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, lora, watchdog_ns);
+  return cudaGetLastError();
+}
+
+/* One row of the table (gemm_config.h): its gate_up and down kernels. Rows of other
+   engines compile to nothing here. */
+template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SMEM> struct row {
+  static cudaError_t init(int smem_limit, int *usable) {
+    if constexpr (ENGINE != LMOE_ENGINE_SM90) {
+      return cudaSuccess;
+    } else {
+      static_assert(KIND == LMOE_GEMM_EXPERT && BN_ == BN && WM == BM / 16 && WN == 1,
+                    "sm90 rows: expert GEMMs, 256 columns, BM / 16 consumer warps x 1");
+      static_assert(smem_bytes<BM, ST>() == SMEM, "the table's SMEM is not this row's need");
+      if (SMEM > smem_limit) return cudaSuccess;
+      cudaError_t e;
+      void (*k0)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_wgmma<MODE_GATEUP, BM, ST>;
+      void (*k1)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_wgmma<MODE_DOWN, BM, ST>;
+      void *ks[2] = {(void *)k0, (void *)k1};
+      for (int i = 0; i < 2; i++) {
+        if ((e = cudaFuncSetAttribute(ks[i], cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM))) return e;
+        cudaFuncAttributes a;
+        if ((e = cudaFuncGetAttributes(&a, ks[i]))) return e;
+        /* the registers setmaxnreg redistributes must exist (else the consumers would
+           wait forever), and the binary must hold sm_90a code (else the body is empty) */
+        int regs = (a.numRegs + 7) & ~7; /* allocated per thread in steps of 8 */
+        if (regs * shape<BM>::THREADS < shape<BM>::POOL || a.binaryVersion != 90) *usable = 0;
+      }
+      return cudaSuccess;
+    }
+  }
+  static cudaError_t run(int op, const lmoe_fwd *f, int lora, cudaStream_t s) {
+    if constexpr (ENGINE != LMOE_ENGINE_SM90) {
+      return cudaErrorInvalidValue;
+    } else {
+      if (op == MODE_GATEUP) return launch<MODE_GATEUP, BM, ST>(f, lora, s);
+      if (op == MODE_DOWN) return launch<MODE_DOWN, BM, ST>(f, lora, s);
+      return cudaErrorInvalidValue;
+    }
+  }
+};
+
+typedef struct row_fns {
+  cudaError_t (*init)(int smem_limit, int *usable);
+  cudaError_t (*run)(int op, const lmoe_fwd *f, int lora, cudaStream_t s);
+} row_fns;
+
+#define LMOE_SM90_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
+  {row<engine, kind, bm, bn, wm, wn, st, smem>::init, row<engine, kind, bm, bn, wm, wn, st, smem>::run},
+const row_fns rows[] = {LMOE_GEMM_TABLE(LMOE_SM90_ROW)};
+#undef LMOE_SM90_ROW
+
+} /* namespace */
+
+extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *available) {
+  *available = 0;
+#ifdef LMOE_SM90A
+  if (cc != 90) return cudaSuccess;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (!e) e = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e) return e;
+  if (!encode_tiled) {
+    cudaDriverEntryPointQueryResult q;
+    void *fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) ||
+        q != cudaDriverEntryPointSuccess || !fn) {
+      (void)cudaGetLastError();
+      return cudaSuccess; /* no TMA encoder in this driver: the sm80 engine serves */
+    }
+    encode_tiled = (encode_fn)fn;
+  }
+  const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
+  if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
+  int usable = 1;
+  for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+    if ((e = rows[i].init(smem_limit, &usable))) return e;
+  *available = usable;
+#else
+  (void)cc;
+  (void)smem_limit;
+#endif
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t lmoe_sm90_run(int32_t op, int32_t cfg, const lmoe_fwd *f, int lora, cudaStream_t s) {
+  if (cfg < 0 || (size_t)cfg >= sizeof rows / sizeof rows[0]) return cudaErrorInvalidValue;
+  return rows[cfg].run(op, f, lora, s);
+}
+
+extern "C" size_t lmoe_sm90_dense_ws(int64_t M) {
+  /* pairs and groups of M + BM rows, M weights, the tile list and its count */
+  return ((size_t)M + 2 * LMOE_K_BM) * 13 + 1024;
+}
+
+extern "C" cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_t K, const uint16_t *a,
+                                       const uint16_t *b, uint16_t *c, void *ws, cudaStream_t s) {
+  if (cfg < 0 || cfg >= lmoe_gemm_nconfigs || lmoe_gemm_configs[cfg].engine != LMOE_ENGINE_SM90 || K % 8 ||
+      N % 8)
+    return cudaErrorInvalidValue;
+  const int bm = lmoe_gemm_configs[cfg].bm, mt = (M + bm - 1) / bm;
+  lmoe_fwd f;
+  memset(&f, 0, sizeof f);
+  size_t rows = (size_t)mt * bm;
+  uint8_t *w = (uint8_t *)ws;
+  f.sorted_pair = (int32_t *)w;
+  f.sorted_group = (int32_t *)(w + rows * 4);
+  f.tw = (float *)(w + rows * 8);
+  f.tile_expert = (int32_t *)(w + rows * 8 + (size_t)M * 4);
+  f.ntiles = f.tile_expert + mt;
+  f.M = M;
+  f.k = 1;
+  f.E = 1;
+  f.H = N;
+  f.I = K;
+  f.bm = bm;
+  f.mt_max = mt;
+  f.h = (uint16_t *)a;
+  f.w2 = b;
+  f.y = c;
+  k_dense_setup<<<grid_for((int64_t)rows, 256), 256, 0, s>>>(f.sorted_pair, f.tw, f.tile_expert, f.ntiles, M,
+                                                              (int)rows, mt);
+  cudaError_t e = cudaGetLastError();
+  return e ? e : lmoe_sm90_run(LMOE_OP_DOWN, cfg, &f, 0, s);
+}
