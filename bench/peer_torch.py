@@ -11,6 +11,7 @@ grouped GEMM wants 16-byte rows).
   python3 bench/peer_torch.py [qwen3|mixtral ...] --m 512,2048 --iters 50 [--csv file]
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -24,7 +25,10 @@ CASES = [
     ("mixed ranks 4-32", [0, 1, 2, 3, 0, 1, 2, 3], [4, 8, 16, 32]),
 ]
 NSETS = 3
-PEAK_FLOPS, PEAK_BYTES = 790e12, 3.0e12
+# the floor's ceilings: measured in the same run by bench/gpu/run.sh (ceilings.py), else
+# an H200's (PERFORMANCE.md)
+PEAK_FLOPS = float(os.environ.get("LMOE_PEAK_FLOPS", "771e12"))
+PEAK_BYTES = float(os.environ.get("LMOE_PEAK_BYTES", "4.27e12"))
 
 
 def rnd(*shape, scale, dev):

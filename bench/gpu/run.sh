@@ -1,6 +1,8 @@
 #!/bin/bash
 # The GPU benchmark in one command: builds (unless BUILD names a ready build
-# directory), runs loramoe's layer benchmark and the torch peer on the same card.
+# directory), measures the card's ceilings and the CUTLASS grouped GEMM (ceilings.py),
+# runs the engine on a dense 8192^3 GEMM, the expert GEMMs alone, loramoe's layer
+# benchmark and the torch peer on the same card, and prints the ratios (report.py).
 #   bash bench/gpu/run.sh [presets...]        e.g. bash bench/gpu/run.sh qwen3
 # Env: BUILD (default build-cuda), MS (default 512,2048,8192,16384), ITERS (50), OUTDIR.
 set -euo pipefail
@@ -16,7 +18,17 @@ if [ ! -x "$build/bench/gpu/bench_gpu" ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
 echo "commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-echo "== loramoe"
+echo "== ceilings and the CUTLASS grouped GEMM"
+python3 "$root/bench/gpu/ceilings.py" --m "$ms" --iters "$iters" --env "$outdir/peaks.env" --csv "$outdir/grouped.csv"
+# shellcheck disable=SC1091
+source "$outdir/peaks.env"
+echo "== loramoe: the sm90 engine on a dense GEMM"
+"$build/bench/gpu/bench_gpu" --dense 8192 --iters 20
+echo "== loramoe: expert GEMMs alone"
+"$build/bench/gpu/bench_gpu" --gemms "$@" --m "$ms" --iters "$iters" --csv "$outdir/gemms.csv"
+echo "== loramoe: the layer"
 "$build/bench/gpu/bench_gpu" "$@" --m "$ms" --iters "$iters" --stack --csv "$outdir/loramoe.csv"
 echo "== torch peer (torch._grouped_mm GEMMs, torch routing/LoRA/reduction)"
 python3 "$root/bench/peer_torch.py" --m "$ms" --iters "$iters" --csv "$outdir/peer.csv" "$@"
+echo "== summary"
+python3 "$root/bench/gpu/report.py" "$outdir"

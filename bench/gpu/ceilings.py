@@ -1,0 +1,87 @@
+"""The card's ceilings and the CUTLASS grouped-GEMM reference, measured in the same run
+as loramoe's benchmark (bench/gpu/run.sh):
+
+- a cuBLAS bf16 GEMM 8192^3 (torch.mm) and a device-to-device copy (bytes read +
+  written): the floor of the layer is max(FLOPs / GEMM rate, bytes / copy rate);
+- the two expert GEMMs alone (gate_up then down) through torch._grouped_mm on each
+  preset's shapes, routed as the layer benchmark routes (random logits, top-k).
+
+  python3 bench/gpu/ceilings.py [--m 512,2048] [--iters 50] [--env peaks.env] [--csv grouped.csv]
+"""
+import argparse
+
+import torch
+
+PRESETS = {"qwen3-30b-a3b": (128, 2048, 768, 8), "mixtral-8x7b": (8, 4096, 14336, 2)}
+
+
+def median_ms(fn, iters):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    evs = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        evs.append((a, b))
+    torch.cuda.synchronize()
+    ts = sorted(a.elapsed_time(b) for a, b in evs)
+    n = len(ts)
+    return ts[n // 2] if n % 2 else 0.5 * (ts[n // 2 - 1] + ts[n // 2])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--m", default="512,2048,8192,16384")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--env")
+    ap.add_argument("--csv")
+    args = ap.parse_args()
+    dev = "cuda"
+    torch.manual_seed(0)
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms = median_ms(lambda: torch.mm(a, b.t()), args.iters)
+    flops = 2.0 * n ** 3 / (ms * 1e-3)
+    del a, b
+    src = torch.empty(1 << 30, device=dev, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    cms = median_ms(lambda: dst.copy_(src), args.iters)
+    bw = 2.0 * src.numel() / (cms * 1e-3)
+    del src, dst
+    print(f"card: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    print(f"ceilings: cuBLAS bf16 8192^3 {ms:.3f} ms = {flops / 1e12:.0f} TFLOP/s; "
+          f"device copy 1 GiB {cms:.3f} ms = {bw / 1e12:.2f} TB/s (read + write)")
+    if args.env:
+        with open(args.env, "w") as f:
+            f.write(f"export LMOE_PEAK_FLOPS={flops:.4e}\nexport LMOE_PEAK_BYTES={bw:.4e}\n")
+    csv = open(args.csv, "w") if args.csv else None
+    Ms = [int(v) for v in args.m.split(",")]
+    for name, (E, H, I, k) in PRESETS.items():
+        w13t = (torch.randn(E, 2 * I, H, device=dev) * 0.02).bfloat16().transpose(1, 2)
+        w2t = (torch.randn(E, H, I, device=dev) * 0.02).bfloat16().transpose(1, 2)
+        print(f"\n### expert GEMMs alone through torch._grouped_mm (CUTLASS): {name}\n")
+        print("| M | ms | TFLOP/s |\n|---|---|---|")
+        for M in Ms:
+            logits = torch.rand(M, E, device=dev) * 4 - 2
+            ids = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices.flatten()
+            offs = torch.cumsum(torch.bincount(ids, minlength=E), 0).to(torch.int32)
+            xs = torch.randn(M * k, H, device=dev).bfloat16()
+            h = torch.randn(M * k, I, device=dev).bfloat16()
+            run = lambda: (torch._grouped_mm(xs, w13t, offs=offs), torch._grouped_mm(h, w2t, offs=offs))
+            gms = median_ms(run, args.iters)
+            tf = M * k * 6.0 * H * I / (gms * 1e-3) / 1e12
+            print(f"| {M} | {gms:.3f} | {tf:.0f} |")
+            if csv:
+                csv.write(f"{name},{M},{gms:.4f},{tf:.1f}\n")
+        del w13t, w2t
+        torch.cuda.empty_cache()
+    if csv:
+        csv.close()
+
+
+if __name__ == "__main__":
+    main()
