@@ -8,7 +8,7 @@
 #                   (find_package, pkg-config, luarocks make), the WebAssembly
 #                   tests under Node (make test-wasm) and the web page in headless
 #                   Chromium (make test-web)
-#   make test-gpu   the tests that need a GPU (ctest -L gpu)
+#   make test-gpu   the tests that need a GPU (ctest -L gpu), then under compute-sanitizer
 #   make bench      build and run the benchmarks (GPU ones when a GPU is visible)
 #   make wasm       install emscripten and node, fetch Lua's and cJSON's C sources
 #                   (apt-get source), build the WebAssembly module into build-wasm/
@@ -101,6 +101,7 @@ test-install: deps
 
 test-gpu: build
 	cd $(BUILD) && $(CTEST) -L gpu
+	bash tools/gpu-sanitize.sh $(BUILD)
 
 # The CPU benchmarks; with a GPU visible, bench/gpu/run.sh too (loramoe and the torch
 # peer on the same card).

@@ -102,6 +102,45 @@ __device__ __forceinline__ int piece_bytes(int col, int limit) {
   return b < 0 ? 0 : b > 16 ? 16 : b;
 }
 
+__device__ __forceinline__ uint32_t sel4(uint32_t a, uint32_t b, uint32_t c, uint32_t d, int i) {
+  return i == 0 ? a : i == 1 ? b : i == 2 ? c : d;
+}
+
+/* The accumulator layout gives each lane of a quad (4 lanes, one row) 2 columns of
+   every 8-column block. Four rotations through shuffles hand lane q of the quad all 8
+   columns of block q of four consecutive blocks (p0..p3: this lane's packed pairs of
+   those blocks), so the row leaves as 16-byte stores, 64 contiguous bytes per quad,
+   instead of 4-byte stores at a 16-byte stride. Every lane of the warp must call it. */
+__device__ __forceinline__ uint4 quad_transpose(uint32_t p0, uint32_t p1, uint32_t p2, uint32_t p3) {
+  const int lane = threadIdx.x & 31, q = lane & 3, base = lane & ~3;
+  uint32_t o0 = 0, o1 = 0, o2 = 0, o3 = 0;
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    uint32_t got = __shfl_sync(0xffffffffu, sel4(p0, p1, p2, p3, (q - r) & 3), base | ((q + r) & 3));
+    int j = (q + r) & 3;
+    o0 = j == 0 ? got : o0;
+    o1 = j == 1 ? got : o1;
+    o2 = j == 2 ? got : o2;
+    o3 = j == 3 ? got : o3;
+  }
+  return make_uint4(o0, o1, o2, o3);
+}
+
+/* Stores 8 bf16 (o) at dst[c..c+8) where columns below limit exist. */
+__device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, uint4 o) {
+  if (c + 8 <= limit) {
+    *(uint4 *)(dst + c) = o;
+  } else {
+    uint32_t w[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+    for (int e = 0; e < 8; e++)
+      if (c + e < limit) dst[c + e] = (uint16_t)(w[e >> 1] >> (16 * (e & 1)));
+  }
+}
+
+__device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, int use_lora, uint8_t *smem,
                                          uint64_t *full, uint64_t *empty, uint64_t wd) {
@@ -197,7 +236,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
-                                         uint64_t *empty, uint64_t wd) {
+                                         uint64_t *empty, uint64_t wd, int epi16) {
   typedef shape<BM> S;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
@@ -240,6 +279,43 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
 
     /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
+    if (epi16) {
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++) {
+        const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
+        const int pair = f.sorted_pair[p0 + r], q = lane & 3;
+        if (MODE == MODE_GATEUP) {
+          uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
+#pragma unroll
+          for (int g = 0; g < 4; g++) {
+            uint32_t p[4];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+              const int i = 4 * g + b;
+              p[b] = pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
+                           silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
+            }
+            uint4 o = quad_transpose(p[0], p[1], p[2], p[3]);
+            if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), I, o);
+          }
+        } else {
+          const float w = pair >= 0 ? f.tw[pair] : 0.0f;
+          uint16_t *dst = f.y + (size_t)(pair >= 0 ? pair : 0) * H;
+#pragma unroll
+          for (int g = 0; g < 8; g++) {
+            uint32_t p[4];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+              const int i = 4 * g + b;
+              p[b] = pack2(w * acc[4 * i + 2 * hf], w * acc[4 * i + 2 * hf + 1]);
+            }
+            uint4 o = quad_transpose(p[0], p[1], p[2], p[3]);
+            if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), H, o);
+          }
+        }
+      }
+      continue;
+    }
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
       const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
@@ -252,7 +328,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           int j = n0 + 8 * i + 2 * (lane & 3);
           float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
           float u0 = acc[4 * (i + 16) + 2 * hf], u1 = acc[4 * (i + 16) + 2 * hf + 1];
-          uint16_t v0 = f2bf(g0 / (1.0f + __expf(-g0)) * u0), v1 = f2bf(g1 / (1.0f + __expf(-g1)) * u1);
+          uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
           if (j + 1 < I)
             *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
           else if (j < I)
@@ -278,7 +354,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 template <int MODE, int BM, int ST>
 __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
     k_wgmma(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
-            unsigned long long wd) {
+            unsigned long long wd, int epi16) {
 #if LMOE_SM90_DEVICE
   typedef shape<BM> S;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -298,7 +374,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
     producer<MODE, BM, ST>(f, &tmb, use_lora, smem, full, empty, wd);
   } else {
     setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd);
+    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, epi16);
   }
 #endif
 }
@@ -323,6 +399,7 @@ typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, vo
 encode_fn encode_tiled;
 int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
+int epi16 = 1; /* LMOE_SM90_EPI=0: the 4-byte-store epilogue (for measuring) */
 
 /* A tensor map of a row-major bf16 matrix [rows][cols]: boxes of 64 columns (128
    bytes, swizzled) by box_rows rows; outside the matrix reads zero. */
@@ -342,7 +419,7 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
   if (e) return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
-  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, lora, watchdog_ns);
+  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, lora, watchdog_ns, epi16);
   return cudaGetLastError();
 }
 
@@ -358,8 +435,8 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
       static_assert(smem_bytes<BM, ST>() == SMEM, "the table's SMEM is not this row's need");
       if (SMEM > smem_limit) return cudaSuccess;
       cudaError_t e;
-      void (*k0)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_wgmma<MODE_GATEUP, BM, ST>;
-      void (*k1)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_wgmma<MODE_DOWN, BM, ST>;
+      void (*k0)(lmoe_fwd, CUtensorMap, int, unsigned long long, int) = k_wgmma<MODE_GATEUP, BM, ST>;
+      void (*k1)(lmoe_fwd, CUtensorMap, int, unsigned long long, int) = k_wgmma<MODE_DOWN, BM, ST>;
       void *ks[2] = {(void *)k0, (void *)k1};
       for (int i = 0; i < 2; i++) {
         if ((e = cudaFuncSetAttribute(ks[i], cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM))) return e;
@@ -416,6 +493,8 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   }
   const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
   if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
+  const char *ep = getenv("LMOE_SM90_EPI");
+  if (ep) epi16 = atoi(ep) != 0;
   int usable = 1;
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     if ((e = rows[i].init(smem_limit, &usable))) return e;

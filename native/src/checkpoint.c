@@ -294,6 +294,8 @@ static lmoe_status stream_parts(lmoe_checkpoint *ck, lmoe_context *lctx, const p
   lmoe_status s = lmoe_upload_begin(lctx, &u);
   for (int32_t k = 0; k < np && !s; k++) {
     const part *pt = &parts[k];
+    if (k > 0 && pt->dst != parts[k - 1].dst) s = lmoe_upload_flush(&u); /* W13, then W2: one copy each */
+    if (s) break;
     uint16_t *base = (uint16_t *)pt->dst->data + pt->first;
     for (int64_t done = 0; done < pt->numel && !s;) {
       void *host;

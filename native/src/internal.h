@@ -285,6 +285,7 @@ typedef struct lmoe_upload {
 lmoe_status lmoe_upload_begin(lmoe_context *ctx, lmoe_upload *u);
 lmoe_status lmoe_upload_span(lmoe_upload *u, void *dst, size_t want, void **host, size_t *n);
 void lmoe_upload_commit(lmoe_upload *u, size_t n);
+lmoe_status lmoe_upload_flush(lmoe_upload *u); /* before spans into another allocation */
 lmoe_status lmoe_upload_end(lmoe_upload *u);
 void lmoe_upload_staging_free(lmoe_context *ctx); /* context destroy */
 enum { LMOE_STAGING_CHUNK = 32 << 20 };

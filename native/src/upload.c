@@ -78,6 +78,14 @@ static lmoe_status flush(lmoe_upload *u) {
   return st ? st : st2;
 }
 
+/* Sends what is staged now, so the next span starts a new copy: a caller moving to
+   another allocation calls it, because two allocations may lie back to back in the
+   device's address space and one copy must not run across both (CUDA refuses it). */
+lmoe_status lmoe_upload_flush(lmoe_upload *u) {
+  if (!u->direct && !u->st) u->st = flush(u);
+  return u->st;
+}
+
 lmoe_status lmoe_upload_span(lmoe_upload *u, void *dst, size_t want, void **host, size_t *n) {
   *host = NULL;
   *n = 0;

@@ -1,0 +1,48 @@
+#!/bin/bash
+# compute-sanitizer over the GPU tests: memcheck, racecheck and synccheck, every test
+# under every tool, all at once (they share the card; each run is 10-100x slower than
+# the test alone). Fails when a run fails or reports an error or hazard.
+#   bash tools/gpu-sanitize.sh [build-dir]         (make test-gpu runs it after ctest)
+# Env: SAN_TIMEOUT (s per run, default 1200), SAN_OUT (log directory, default
+# build-dir/sanitize).
+# Not here: test_gpu_sync, whose point is CUPTI's count of host synchronisations and
+# CUPTI cannot attach under the sanitizer (the plain ctest run proves it).
+# Expected refusals (the tests provoke out-of-memory) are API errors the library
+# handles, so memcheck does not report API errors; the barrier watchdog of the sm90
+# engine is off (the tools slow waits down past any fixed limit).
+set -u
+build=${1:-build-cuda}
+out=${SAN_OUT:-$build/sanitize}
+mkdir -p "$out"
+cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+[ -x "$cs" ] || { echo "gpu-sanitize: compute-sanitizer not found"; exit 1; }
+export LMOE_SM90_WATCHDOG_MS=0
+declare -A opts=([memcheck]="--report-api-errors no" [racecheck]="--racecheck-report hazard" [synccheck]="")
+pids=()
+names=()
+for t in "$build"/tests/gpu/test_gpu_*; do
+  [ -x "$t" ] || continue
+  name=$(basename "$t")
+  [ "$name" = test_gpu_sync ] && continue
+  for tool in memcheck racecheck synccheck; do
+    log="$out/$name.$tool.log"
+    # shellcheck disable=SC2086
+    (cd "$build" && timeout "${SAN_TIMEOUT:-1200}" "$cs" --tool $tool ${opts[$tool]} --error-exitcode 99 "$t" >"$log" 2>&1;
+     echo "exit $?" >>"$log") &
+    pids+=($!)
+    names+=("$name $tool")
+  done
+done
+wait "${pids[@]}"
+fail=0
+for i in "${!names[@]}"; do
+  set -- ${names[$i]}
+  log="$out/$1.$2.log"
+  rc=$(tail -1 "$log" | sed 's/exit //')
+  summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed, .* failed" "$log" | tr '\n' ' ')
+  status=ok
+  if [ "$rc" != 0 ]; then status="FAILED (exit $rc)"; fail=1; fi
+  printf '%-18s %-10s %s  %s\n' "$1" "$2" "$status" "$summary"
+  [ "$rc" != 0 ] && grep -E "Invalid|Hazard|hazard|error|FAIL|failed" "$log" | grep -v "0 failed" | head -8 | sed 's/^/    /'
+done
+exit $fail
