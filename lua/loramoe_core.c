@@ -49,6 +49,7 @@ static void rel_graph_release(void *p) { lmoe_graph_release((lmoe_graph *)p); }
 static void rel_safetensors_close(void *p) { lmoe_safetensors_close((lmoe_safetensors *)p); }
 static void rel_peft_close(void *p) { lmoe_peft_close((lmoe_peft *)p); }
 static void rel_checkpoint_close(void *p) { lmoe_checkpoint_close((lmoe_checkpoint *)p); }
+static void rel_comm_release(void *p) { lmoe_comm_release((lmoe_comm *)p); }
 
 /* A new, empty box; keep (a stack index, or 0) becomes its uservalue. */
 static lbox *newbox(lua_State *L, const char *kind, void (*release)(void *), int keep) {
@@ -311,6 +312,7 @@ static int ret_struct(lua_State *L, lmoe_status st, const fld *f, const void *s)
 static int l_version(lua_State *L) { lua_pushstring(L, lmoe_version()); return 1; }
 static int l_status_string(lua_State *L) { lua_pushstring(L, lmoe_status_string((lmoe_status)check_i32(L, 1))); return 1; }
 static int l_has_cuda(lua_State *L) { lua_pushinteger(L, lmoe_has_cuda()); return 1; }
+static int l_has_nccl(lua_State *L) { lua_pushinteger(L, lmoe_has_nccl()); return 1; }
 static int l_device_count(lua_State *L) {
   int32_t n = 0;
   lmoe_status st = lmoe_device_count(&n);
@@ -488,13 +490,19 @@ static int l_buffer_compare(lua_State *L) {
 #define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
 static const fld layer_f[] = {F(lmoe_layer_config, num_experts, 'i'), F(lmoe_layer_config, hidden, 'i'),
   F(lmoe_layer_config, intermediate, 'i'), F(lmoe_layer_config, top_k, 'i'),
-  F(lmoe_layer_config, renormalize, 'i'), F(lmoe_layer_config, max_tokens, 'i'), {0}};
+  F(lmoe_layer_config, renormalize, 'i'), F(lmoe_layer_config, max_tokens, 'i'),
+  F(lmoe_layer_config, shard_mode, 'i'), F(lmoe_layer_config, shard_rank, 'i'),
+  F(lmoe_layer_config, shard_size, 'i'), {0}};
 
+/* layer_create(ctx, {num_experts=, ..., shard_size=, comm=box}): comm is a comm box
+   (the layer keeps the communicator). */
 static int l_layer_create(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   lmoe_layer_config c;
   lmoe_layer_config_init(&c);
   get_struct(L, 2, layer_f, &c);
+  if (lua_getfield(L, 2, "comm") != LUA_TNIL) c.comm = (lmoe_comm *)checkh(L, lua_gettop(L), "comm");
+  lua_pop(L, 1);
   CREATE("layer", rel_layer_release, 0, lmoe_layer, lmoe_layer_create(ctx, &c, &out));
 }
 
@@ -751,6 +759,27 @@ static int l_reference_forward(lua_State *L) {
   return ret_st(L, lmoe_reference_forward(ctx, &a));
 }
 
+/* forward_group({ctx, ...}, {args, ...}): one sharded layer's ranks from this thread.
+   The lists (and the boxes their tables hold) stay on the stack during the call. */
+static int l_forward_group(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_Unsigned n = lua_rawlen(L, 1);
+  if (n < 1 || n > 4096 || lua_rawlen(L, 2) != n) luaL_argerror(L, 2, "1..4096 contexts and as many args");
+  lmoe_context **ctxs = (lmoe_context **)lua_newuserdatauv(L, n * sizeof *ctxs, 0);
+  lmoe_forward_args *args = (lmoe_forward_args *)lua_newuserdatauv(L, n * sizeof *args, 0);
+  const lmoe_forward_args **pa = (const lmoe_forward_args **)lua_newuserdatauv(L, n * sizeof *pa, 0);
+  for (lua_Unsigned i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, (lua_Integer)i + 1);
+    ctxs[i] = (lmoe_context *)checkh(L, lua_gettop(L), "context");
+    lua_rawgeti(L, 2, (lua_Integer)i + 1);
+    check_args(L, lua_gettop(L), &args[i]);
+    pa[i] = &args[i];
+    lua_pop(L, 2);
+  }
+  return ret_st(L, lmoe_forward_group((int32_t)n, ctxs, pa, NULL));
+}
+
 static int l_graph_begin(lua_State *L) { lmoe_context *c = CTX(1); return ret_st(L, lmoe_graph_begin(c, opt_ptr(L, 2))); }
 static int l_graph_end(lua_State *L) {
   lmoe_context *c = CTX(1);
@@ -960,6 +989,50 @@ static int l_peft_write_synthetic(lua_State *L) {
   return ret_st(L, lmoe_peft_write_synthetic(ctx, dir, &s));
 }
 
+/* ------------------------------------------------------------------ communicators */
+
+#define COMM(i) ((lmoe_comm *)checkh(L, i, "comm"))
+
+/* comm_create_local({ctx, ...}) -> st, {box, ...} | st, message. The boxes are made
+   before the communicators, so none leaks when Lua runs out of memory. */
+static int l_comm_create_local(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_Unsigned n = lua_rawlen(L, 1);
+  if (n < 1 || n > 4096) luaL_argerror(L, 1, "1..4096 contexts");
+  lmoe_context **ctxs = (lmoe_context **)lua_newuserdatauv(L, n * sizeof *ctxs, 0);
+  lmoe_comm **out = (lmoe_comm **)lua_newuserdatauv(L, n * sizeof *out, 0);
+  for (lua_Unsigned i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, (lua_Integer)i + 1);
+    ctxs[i] = (lmoe_context *)checkh(L, lua_gettop(L), "context");
+    lua_pop(L, 1);
+  }
+  lua_createtable(L, (int)n, 0);
+  int t = lua_gettop(L);
+  lbox **boxes = (lbox **)lua_newuserdatauv(L, n * sizeof *boxes, 0);
+  for (lua_Unsigned i = 0; i < n; i++) {
+    boxes[i] = newbox(L, "comm", rel_comm_release, 0);
+    lua_rawseti(L, t, (lua_Integer)i + 1);
+  }
+  char err[256] = "";
+  lmoe_status st = lmoe_comm_create_local((int32_t)n, ctxs, out, err, sizeof err);
+  if (st != LMOE_OK) {
+    lua_pushinteger(L, st);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  for (lua_Unsigned i = 0; i < n; i++) boxes[i]->h = out[i];
+  lua_pushvalue(L, t);
+  return ret(L, st, 1);
+}
+
+static int l_comm_wrap_nccl(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  void *p = opt_ptr(L, 2);
+  CREATE("comm", rel_comm_release, 0, lmoe_comm, lmoe_comm_wrap_nccl(ctx, p, &out));
+}
+static int l_comm_rank(lua_State *L) { lua_pushinteger(L, lmoe_comm_rank(COMM(1))); return 1; }
+static int l_comm_size(lua_State *L) { lua_pushinteger(L, lmoe_comm_size(COMM(1))); return 1; }
+
 /* ------------------------------------------------------------------ checkpoints */
 
 #define CK(i) ((lmoe_checkpoint *)checkh(L, i, "checkpoint"))
@@ -1007,7 +1080,8 @@ static int l_checkpoint_load_layer(lua_State *L) {
   X(safetensors_tensor) X(safetensors_find) X(safetensors_read) X(safetensors_metadata_count) \
   X(safetensors_metadata) X(safetensors_write) X(peft_open) X(peft_get_info) X(peft_layers) X(peft_inspect) \
   X(peft_layer_desc) X(peft_write_synthetic) X(checkpoint_open) X(checkpoint_get_layer_info) \
-  X(checkpoint_load_layer)
+  X(checkpoint_load_layer) X(has_nccl) X(comm_create_local) X(comm_wrap_nccl) X(comm_rank) X(comm_size) \
+  X(forward_group)
 #define X(n) {#n, l_##n},
 static const luaL_Reg lib[] = {CORE_FUNCTIONS {"close", box_gc}, {NULL, NULL}};
 #undef X

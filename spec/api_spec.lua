@@ -6,7 +6,7 @@ local lm = h.lm
 
 local module_functions = {
   "version", "status_string", "has_cuda", "device_count", "device_info", "dtype_size",
-  "dtype_name", "lora_scale", "now", "context", "adopt_context",
+  "dtype_name", "lora_scale", "now", "context", "adopt_context", "has_nccl", "comms", "wrap_nccl", "forward_group",
 }
 local methods = {
   context = { "close", "is_closed", "set_guard", "stream", "synchronize", "counters",
@@ -25,6 +25,7 @@ local methods = {
   peft = { "close", "is_closed", "info", "layers", "inspect", "layer_desc", "context" },
   checkpoint = { "close", "is_closed", "layer_info", "load_layer", "context" },
   graph = { "close", "is_closed", "launch", "context" },
+  comm = { "close", "is_closed", "context" },
 }
 -- Added by the pure-Lua layer on top of either core.
 local lua_methods = { layer = { inputs = true, check = true } }
@@ -49,6 +50,7 @@ local core_functions = {
   "safetensors_read", "safetensors_metadata_count", "safetensors_metadata", "safetensors_write",
   "peft_open", "peft_get_info", "peft_layers", "peft_inspect", "peft_layer_desc", "peft_write_synthetic",
   "checkpoint_open", "checkpoint_get_layer_info", "checkpoint_load_layer",
+  "has_nccl", "comm_create_local", "comm_wrap_nccl", "comm_rank", "comm_size", "forward_group",
 }
 
 local function sorted_keys(t)
@@ -102,7 +104,7 @@ describe("the API surface", function()
       assert.truthy(doc:find("lm." .. name, 1, true), "lm." .. name .. " is not documented")
     end
     local var = { context = "ctx", buffer = "buf", layer = "layer", pool = "pool", batch = "batch",
-                  safetensors = "file", peft = "peft", checkpoint = "ck", graph = "graph" }
+                  safetensors = "file", peft = "peft", checkpoint = "ck", graph = "graph", comm = "comm" }
     for kind, names in pairs(methods) do
       local all = {}
       for _, n in ipairs(names) do all[#all + 1] = n end

@@ -76,6 +76,19 @@ static lmoe_layer *test_layer_config(void) {
   CHECK(got.struct_size == sizeof got && got.top_k == 2 && got.renormalize == 1 && got.max_tokens == 8192,
         "older layer config: top_k %d renormalize %d max_tokens %d", got.top_k, got.renormalize,
         got.max_tokens);
+  /* the size before the shard fields (28 bytes): past it a shard the call would refuse
+     (shard_size 99, a wild comm); taken as unsharded */
+  lmoe_layer *l3 = NULL;
+  lmoe_layer_config_init(&lc);
+  lc.num_experts = 4, lc.hidden = 16, lc.intermediate = 8, lc.max_tokens = 64;
+  lc.shard_mode = 7, lc.shard_rank = 5, lc.shard_size = 99, lc.comm = (lmoe_comm *)(uintptr_t)WILD;
+  lc.struct_size = END(lmoe_layer_config, max_tokens);
+  OK(ctx, lmoe_layer_create(ctx, &lc, &l3));
+  OK(ctx, lmoe_layer_get_config(l3, &got));
+  CHECK(got.max_tokens == 64 && got.shard_mode == LMOE_SHARD_TP && got.shard_rank == 0 && got.shard_size == 1 &&
+            got.comm == NULL,
+        "layer config without the shard: mode %d rank %d size %d", got.shard_mode, got.shard_rank, got.shard_size);
+  lmoe_layer_release(l3);
   lmoe_layer *l2 = NULL;
   lc.struct_size = END(lmoe_layer_config, hidden); /* intermediate has no default */
   REFUSED("layer config", lmoe_layer_create(ctx, &lc, &l2));

@@ -268,7 +268,7 @@ end
 
 -- An object is a table {_box = the core's box, _parent = the object it was made from
 -- (kept alive), _cbox = a context box for messages}, with one metatable per kind.
-local kinds = { "context", "buffer", "layer", "pool", "batch", "safetensors", "peft", "checkpoint", "graph" }
+local kinds = { "context", "buffer", "layer", "pool", "batch", "safetensors", "peft", "checkpoint", "graph", "comm" }
 local methods, props, mts = A.methods, {}, {}
 
 -- A borrowed buffer (layer:weights) and a view (ctx:wrap) are usable only while the
@@ -358,7 +358,7 @@ local function parent_method(kind, fname)
     return p
   end
 end
-for _, kind in ipairs { "buffer", "layer", "batch", "safetensors", "peft", "checkpoint", "graph" } do
+for _, kind in ipairs { "buffer", "layer", "batch", "safetensors", "peft", "checkpoint", "graph", "comm" } do
   parent_method(kind, "context")
 end
 parent_method("pool", "layer")
@@ -368,6 +368,7 @@ parent_method("pool", "layer")
 function A.version() return R.version() end
 function A.status_string(code) return R.status_string(checki32(code, 1, "status_string", "status")) end
 function A.has_cuda() return R.has_cuda() ~= 0 end
+function A.has_nccl() return R.has_nccl() ~= 0 end
 function A.device_count()
   local st, n = R.device_count()
   if st ~= 0 then return fail(st) end
@@ -520,9 +521,15 @@ A.presets = {
   ["mixtral-8x7b"] = { experts = 8, hidden = 4096, intermediate = 14336, top_k = 2, layers = 32 },
 }
 
-local layer_fields = set { "experts", "hidden", "intermediate", "top_k", "renormalize", "max_tokens", "preset" }
+local layer_fields = set { "experts", "hidden", "intermediate", "top_k", "renormalize", "max_tokens", "preset",
+  "shard_mode", "shard_rank", "shard_size", "comm" }
+local shard_names = { [0] = "tp", "ep" }
+local shard_modes = index_of(shard_names)
 -- ctx:layer(cfg): a preset name, or {experts=, hidden=, intermediate=, top_k=,
--- renormalize=, max_tokens=, preset=}; fields override the preset's.
+-- renormalize=, max_tokens=, preset=, shard_mode=, shard_rank=, shard_size=, comm=};
+-- fields override the preset's. A sharded layer (shard_size > 1) holds rank
+-- shard_rank's part ("tp": a slice of every expert, "ep": whole experts) and sums its
+-- output over comm's ranks (docs/design.md, "Sharding").
 function Ctx.layer(self, cfg)
   local h, cb = check(self, "context", "layer")
   local t, preset
@@ -553,12 +560,22 @@ function Ctx.layer(self, cfg)
   if not E then field_error(1, "layer", "experts", "is missing") end
   if not H then field_error(1, "layer", "hidden", "is missing") end
   if not I then field_error(1, "layer", "intermediate", "is missing") end
-  report_pressure(6 * math.max(E, 0) * math.max(H, 0) * math.max(I, 0))
+  local comm, mode, srank, ssize
+  if t then
+    mode = field_option(t, "shard_mode", shard_modes, 1, "layer")
+    srank, ssize = field_int(t, "shard_rank", 1, "layer"), field_int(t, "shard_size", 1, "layer")
+    if t.comm ~= nil then comm = check_obj(t.comm, "comm", 1, "layer", "comm") end
+  end
+  local parts = math.max(ssize or 1, 1)
+  report_pressure(6 * math.max(E, 0) * math.max(H, 0) * math.max(I, 0) / parts)
   local st, box = R.layer_create(h, {
     num_experts = E, hidden = H, intermediate = I, top_k = get("top_k"), max_tokens = get("max_tokens"),
     renormalize = renorm ~= nil and (renorm and 1 or 0) or nil,
+    shard_mode = mode, shard_rank = srank, shard_size = ssize, comm = comm,
   })
-  return made("layer", st, box, self, cb)
+  local l, msg, code = made("layer", st, box, self, cb)
+  if l then l._comm = t and t.comm or nil end -- the library keeps it too; this keeps the object
+  return l, msg, code
 end
 
 -- ------------------------------------------------------------------ buffer
@@ -640,7 +657,8 @@ end
 function Layer.config(self)
   local c = layer_config((check(self, "layer", "config")))
   return { experts = c.num_experts, hidden = c.hidden, intermediate = c.intermediate, top_k = c.top_k,
-    renormalize = c.renormalize ~= 0, max_tokens = c.max_tokens }
+    renormalize = c.renormalize ~= 0, max_tokens = c.max_tokens, shard_mode = shard_names[c.shard_mode],
+    shard_rank = c.shard_rank, shard_size = c.shard_size }
 end
 
 function Layer.randomize(self, seed, scale)
@@ -732,6 +750,26 @@ function Layer.forward(self, t)
   return status(R.forward(self._cbox, a, stream), self._cbox)
 end
 
+-- lm.forward_group({layer, ...}, {args, ...}): the forwards of one sharded layer's
+-- ranks (layers[r] is rank r's, args[r] as for layer:forward, no stream) from this
+-- thread; each rank's out gets the sum over the ranks.
+function A.forward_group(layers, args)
+  checktype(layers, "table", 1, "forward_group")
+  checktype(args, "table", 2, "forward_group")
+  local n = list_len(layers, 1, "forward_group", "layers")
+  if n < 1 then argerror(1, "forward_group", "no layers") end
+  if list_len(args, 2, "forward_group", "args") ~= n then argerror(2, "forward_group", "one args table per layer") end
+  local cs, as = {}, {}
+  for i = 1, n do
+    local l = rawget(layers, i)
+    if getmetatable(l) ~= mts.layer then argerror(1, "forward_group", format("entry %d is not a loramoe.layer", i)) end
+    as[i] = forward_args(l, rawget(args, i), "forward_group")
+    if rawget(args, i).stream ~= nil then argerror(2, "forward_group", "no stream: each rank uses its context's") end
+    cs[i] = l._cbox
+  end
+  return status(R.forward_group(cs, as), cs[1])
+end
+
 function Layer.reference(self, t)
   local a = forward_args(self, t, "reference")
   return status(R.reference_forward(self._cbox, a), self._cbox)
@@ -782,6 +820,41 @@ function Layer.check(self, args)
   if not res then return nil, err, code end
   return res
 end
+
+-- ------------------------------------------------------------------ communicators
+
+local Comm, CommP = methods.comm, props.comm
+
+-- lm.comms{ctx, ...}: one communicator per context, rank i - 1 for contexts[i], over
+-- the ranks of this process (docs/design.md, "Sharding").
+function A.comms(contexts)
+  checktype(contexts, "table", 1, "comms")
+  local n = list_len(contexts, 1, "comms", "contexts")
+  if n < 1 then argerror(1, "comms", "no contexts") end
+  local boxes = {}
+  for i = 1, n do
+    local c = rawget(contexts, i)
+    if getmetatable(c) ~= mts.context then argerror(1, "comms", format("entry %d is not a loramoe.context", i)) end
+    boxes[i] = check_obj(c, "context", 1, "comms")
+  end
+  local st, list = R.comm_create_local(boxes)
+  if st ~= 0 then return fail_msg(st, list) end
+  local out = {}
+  for i = 1, n do out[i] = new("comm", list[i], rawget(contexts, i), rawget(contexts, i)._cbox) end
+  return out
+end
+
+-- lm.wrap_nccl(ctx, ptr): a communicator over an ncclComm_t the host made (light
+-- userdata or cdata); builds without NCCL answer UNSUPPORTED.
+function A.wrap_nccl(ctx, ptr)
+  local h, cb = check_obj(ctx, "context", 1, "wrap_nccl"), ctx._cbox
+  if R.address(ptr) == nil then argerror(2, "wrap_nccl", "pointer expected, got " .. typename(ptr)) end
+  local st, box = R.comm_wrap_nccl(h, ptr)
+  return made("comm", st, box, ctx, cb)
+end
+
+function CommP.rank(self) return R.comm_rank((check(self, "comm", "rank"))) end
+function CommP.size(self) return R.comm_size((check(self, "comm", "size"))) end
 
 -- ------------------------------------------------------------------ pool
 

@@ -50,7 +50,7 @@ local kinds = {
   layer = { "lmoe_layer *", C.lmoe_layer_release }, pool = { "lmoe_pool *", C.lmoe_pool_release },
   batch = { "lmoe_batch *", C.lmoe_batch_release }, graph = { "lmoe_graph *", C.lmoe_graph_release },
   safetensors = { "lmoe_safetensors *", C.lmoe_safetensors_close }, peft = { "lmoe_peft *", C.lmoe_peft_close },
-  checkpoint = { "lmoe_checkpoint *", C.lmoe_checkpoint_close },
+  checkpoint = { "lmoe_checkpoint *", C.lmoe_checkpoint_close }, comm = { "lmoe_comm *", C.lmoe_comm_release },
 }
 local release_of, out_of = {}, {}
 local box
@@ -220,6 +220,7 @@ end
 function R.version() return ffi.string(C.lmoe_version()) end
 function R.status_string(st) return ffi.string(C.lmoe_status_string(i32(st))) end
 function R.has_cuda() return C.lmoe_has_cuda() end
+function R.has_nccl() return C.lmoe_has_nccl() end
 local out_i32 = ffi.new("int32_t[1]")
 function R.device_count()
   local st = C.lmoe_device_count(out_i32)
@@ -333,11 +334,13 @@ end
 -- ------------------------------------------------------------------ layers
 
 local function layer(h) return checkh(h, "layer") end
-local layer_fields = { "num_experts", "hidden", "intermediate", "top_k", "renormalize", "max_tokens" }
+local layer_fields = { "num_experts", "hidden", "intermediate", "top_k", "renormalize", "max_tokens",
+  "shard_mode", "shard_rank", "shard_size" }
 function R.layer_create(h, cfg)
   local c = ffi.new("lmoe_layer_config")
   C.lmoe_layer_config_init(c)
   fill(c, cfg, layer_fields)
+  if cfg.comm ~= nil then c.comm = checkh(cfg.comm, "comm") end -- the layer keeps it
   local o = out("layer")
   return made("layer", C.lmoe_layer_create(ctx(h), c, o), o)
 end
@@ -504,6 +507,46 @@ local function forward_args(t)
 end
 function R.forward(h, t, s) return C.lmoe_forward(ctx(h), forward_args(t), opt_ptr(s)) end
 function R.reference_forward(h, t) return C.lmoe_reference_forward(ctx(h), forward_args(t)) end
+-- forward_group({ctx, ...}, {args, ...}): the lists hold the boxes during the call.
+function R.forward_group(cs, as)
+  if type(cs) ~= "table" or type(as) ~= "table" then bad("lists expected") end
+  local n = #cs
+  if n < 1 or n > 4096 or #as ~= n then bad("1..4096 contexts and as many args") end
+  local ctxs = ffi.new("lmoe_context *[?]", n)
+  local args = ffi.new("lmoe_forward_args[?]", n)
+  local pa = ffi.new("const lmoe_forward_args *[?]", n)
+  for i = 1, n do
+    ctxs[i - 1] = ctx(cs[i])
+    args[i - 1] = forward_args(as[i])
+    pa[i - 1] = args + (i - 1)
+  end
+  return C.lmoe_forward_group(n, ctxs, pa, nil)
+end
+
+-- ------------------------------------------------------------------ communicators
+
+local function comm(h) return checkh(h, "comm") end
+-- comm_create_local({ctx, ...}) -> st, {box, ...} | st, message
+function R.comm_create_local(cs)
+  if type(cs) ~= "table" then bad("list expected") end
+  local n = #cs
+  if n < 1 or n > 4096 then bad("1..4096 contexts") end
+  local ctxs = ffi.new("lmoe_context *[?]", n)
+  for i = 1, n do ctxs[i - 1] = ctx(cs[i]) end
+  local o = ffi.new("lmoe_comm *[?]", n)
+  local err = ffi.new("char[256]")
+  local st = C.lmoe_comm_create_local(n, ctxs, o, err, 256)
+  if st ~= 0 then return st, ffi.string(err) end
+  local t = {}
+  for i = 1, n do t[i] = box("comm", o[i - 1]) end
+  return st, t
+end
+function R.comm_wrap_nccl(h, p)
+  local o = out("comm")
+  return made("comm", C.lmoe_comm_wrap_nccl(ctx(h), opt_ptr(p), o), o)
+end
+function R.comm_rank(h) return C.lmoe_comm_rank(comm(h)) end
+function R.comm_size(h) return C.lmoe_comm_size(comm(h)) end
 function R.graph_begin(h, s) return C.lmoe_graph_begin(ctx(h), opt_ptr(s)) end
 function R.graph_end(h, s)
   local o = out("graph")

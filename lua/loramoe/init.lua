@@ -10,7 +10,8 @@ local core = api.core
 
 local lm = {}
 for _, k in ipairs { "version", "status_string", "has_cuda", "device_count", "device_info", "dtype_size",
-  "dtype_name", "lora_scale", "now", "context", "adopt_context" } do
+  "dtype_name", "lora_scale", "now", "context", "adopt_context", "has_nccl", "comms", "wrap_nccl",
+  "forward_group" } do
   lm[k] = api[k]
 end
 lm._NAME = "loramoe"

@@ -232,6 +232,17 @@ LMOE_API lmoe_status lmoe_buffer_compare(lmoe_buffer *a, lmoe_buffer *ref,
 
 /* ---------------------------------------------------------------- MoE layer */
 
+/* How a layer is cut over the ranks of a communicator (docs/design.md, "Sharding").
+   Rank r of n holds part [lo, hi) of a dimension of size D with q = D / n, m = D % n:
+   lo = r*q + min(r, m), hi = lo + q + (r < m): the first m ranks hold one more. */
+typedef enum lmoe_shard_mode {
+  LMOE_SHARD_TP = 0, /* tensor parallel: every expert, a slice of the intermediate dimension */
+  LMOE_SHARD_EP = 1  /* expert parallel: a contiguous range of whole experts */
+} lmoe_shard_mode;
+
+/* A communicator: one rank of a group that sums the layer outputs of its ranks. */
+typedef struct lmoe_comm lmoe_comm;
+
 typedef struct lmoe_layer_config {
   uint32_t struct_size; /* at least through intermediate (top_k on have defaults) */
   int32_t num_experts;  /* E */
@@ -240,6 +251,13 @@ typedef struct lmoe_layer_config {
   int32_t top_k;        /* k, 1..E */
   int32_t renormalize;  /* renormalise the top-k weights to sum to 1 */
   int32_t max_tokens;   /* largest M a forward may get; sizes the workspace */
+  /* The shard (default: rank 0 of 1, unsharded). E and I above stay the whole layer's;
+     the layer holds and computes its rank's part, and its forward ends with the sum
+     over the ranks of comm (needed when shard_size > 1; rank and size must be comm's). */
+  int32_t shard_mode;   /* lmoe_shard_mode */
+  int32_t shard_rank;   /* 0..shard_size-1 */
+  int32_t shard_size;   /* ranks the layer is cut over, 1 (default): not cut */
+  lmoe_comm *comm;      /* the communicator of this rank (kept alive by the layer) */
 } lmoe_layer_config;
 
 LMOE_API void lmoe_layer_config_init(lmoe_layer_config *cfg);
@@ -260,6 +278,28 @@ LMOE_API lmoe_status lmoe_layer_randomize(lmoe_layer *layer, uint64_t seed, floa
 /* The layer's weight storage as buffers owned by the layer (valid while it lives):
    which = 0 for W13 [E, 2I, H], 1 for W2 [E, H, I]. */
 LMOE_API lmoe_status lmoe_layer_weights(lmoe_layer *layer, int32_t which, lmoe_buffer **out);
+
+/* ---------------------------------------------------------------- communicators */
+
+/* 1 when this build has NCCL (the cmake option LMOE_NCCL), so cuda contexts can be
+   sharded; 0 otherwise. */
+LMOE_API int32_t lmoe_has_nccl(void);
+/* n communicators for n ranks inside this process, one per context: out[r] is rank r's,
+   for the layer made on ctxs[r]. Contexts must be distinct and of one backend. cpu
+   backend: the ranks meet in host memory; each rank's lmoe_forward then returns once
+   every rank's forward has reached the sum (call them from n threads, or all at once
+   through lmoe_forward_group). cuda backend: ncclCommInitAll over the contexts'
+   devices (builds with NCCL; else LMOE_ERR_UNSUPPORTED). errbuf (may be NULL) gets the
+   reason of a failure. */
+LMOE_API lmoe_status lmoe_comm_create_local(int32_t n, lmoe_context *const *ctxs, lmoe_comm **out,
+                                            char *errbuf, size_t errbuf_size);
+/* Wraps an ncclComm_t the host made (one rank per process), for a layer made on ctx
+   (a cuda context on that communicator's device). The library does not destroy it:
+   keep it alive while the comm is. Builds without NCCL: LMOE_ERR_UNSUPPORTED. */
+LMOE_API lmoe_status lmoe_comm_wrap_nccl(lmoe_context *ctx, void *nccl_comm, lmoe_comm **out);
+LMOE_API void lmoe_comm_release(lmoe_comm *comm);
+LMOE_API int32_t lmoe_comm_rank(const lmoe_comm *comm); /* -1 when comm is not one */
+LMOE_API int32_t lmoe_comm_size(const lmoe_comm *comm); /* -1 when comm is not one */
 
 /* ---------------------------------------------------------------- adapter pool */
 
@@ -377,6 +417,14 @@ typedef struct lmoe_forward_args {
 LMOE_API void lmoe_forward_args_init(lmoe_forward_args *args);
 /* Enqueues one MoE layer on `stream` (NULL: the context's) and returns. */
 LMOE_API lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void *stream);
+
+/* The forwards of the n ranks of one sharded layer, from one thread: args[r] is rank
+   r's, on ctxs[r] (its layer's context), streams[r] its stream (streams may be NULL:
+   the contexts' streams). cpu backend: the ranks run one after another and their
+   outputs are summed once all have run; cuda with NCCL: one NCCL group. On failure no
+   rank's output is written (cpu). */
+LMOE_API lmoe_status lmoe_forward_group(int32_t n, lmoe_context *const *ctxs,
+                                        const lmoe_forward_args *const *args, void *const *streams);
 
 /* The float64 reference: straightforward loops in double precision over the same
    inputs, written independently of the backends. out is an f32 or f64 buffer of

@@ -253,7 +253,10 @@ static lmoe_status read_named(lmoe_checkpoint *ck, const char *name, int32_t ndi
   return lmoe_st_read_f32(f, name, ndim, shape, dst);
 }
 
-/* One tensor of a layer and where it goes: elements [first, first + numel) of dst. */
+/* What of one tensor goes where: `runs` runs of run_len elements, run i from element
+   src0 + i * src_stride of the tensor, all to elements [first, first + numel) of dst
+   (numel = runs * run_len). A sharded layer's rank takes its experts (EP) or its rows
+   of gate and up and columns of down (TP); unsharded, a run is a whole expert. */
 typedef struct part {
   char name[192];
   int32_t ndim;
@@ -263,6 +266,7 @@ typedef struct part {
   lmoe_safetensors *file;
   int32_t index;
   int64_t numel;
+  int64_t src0, src_stride, runs, run_len;
 } part;
 
 static lmoe_status find_part(lmoe_checkpoint *ck, part *pt) {
@@ -281,7 +285,7 @@ static lmoe_status find_part(lmoe_checkpoint *ck, part *pt) {
     return lmoe_fail(ck->ctx, LMOE_ERR_UNSUPPORTED, "%s: tensor '%s': %s is not supported", ck->path, pt->name,
                      ti.dtype_name);
   lmoe_safetensors_find(pt->file, pt->name, &pt->index);
-  pt->numel = ti.numel;
+  pt->numel = pt->runs * pt->run_len;
   return LMOE_OK;
 }
 
@@ -297,14 +301,18 @@ static lmoe_status stream_parts(lmoe_checkpoint *ck, lmoe_context *lctx, const p
     if (k > 0 && pt->dst != parts[k - 1].dst) s = lmoe_upload_flush(&u); /* W13, then W2: one copy each */
     if (s) break;
     uint16_t *base = (uint16_t *)pt->dst->data + pt->first;
-    for (int64_t done = 0; done < pt->numel && !s;) {
-      void *host;
-      size_t n;
-      s = lmoe_upload_span(&u, base + done, (size_t)(pt->numel - done) * sizeof(uint16_t), &host, &n);
-      int64_t m = (int64_t)(n / sizeof(uint16_t));
-      if (!s) s = lmoe_st_read_range(pt->file, pt->index, done, m, host, LMOE_DTYPE_BF16);
-      if (!s) lmoe_upload_commit(&u, (size_t)m * sizeof(uint16_t));
-      done += m;
+    for (int64_t run = 0; run < pt->runs && !s; run++) {
+      uint16_t *rb = base + run * pt->run_len;
+      int64_t src = pt->src0 + run * pt->src_stride;
+      for (int64_t done = 0; done < pt->run_len && !s;) {
+        void *host;
+        size_t n;
+        s = lmoe_upload_span(&u, rb + done, (size_t)(pt->run_len - done) * sizeof(uint16_t), &host, &n);
+        int64_t m = (int64_t)(n / sizeof(uint16_t));
+        if (!s) s = lmoe_st_read_range(pt->file, pt->index, src + done, m, host, LMOE_DTYPE_BF16);
+        if (!s) lmoe_upload_commit(&u, (size_t)m * sizeof(uint16_t));
+        done += m;
+      }
     }
   }
   lmoe_status s2 = lmoe_upload_end(&u);
@@ -349,29 +357,41 @@ lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer, lmoe_
     }
   }
   /* The layer's parts in the order of its memory: W13's (expert by expert, gate rows
-     then up rows; fused: one tensor) then W2's. Every one is found with its shape and
-     a readable dtype before any is written, so a broken checkpoint leaves the layer as
-     it was. */
-  int32_t np = ln.fused ? 2 : 3 * (int32_t)E;
+     then up rows) then W2's, only this rank's experts and slices (a sharded layer).
+     Every one is found with its shape and a readable dtype before any is written, so a
+     broken checkpoint leaves the layer as it was. */
+  const int64_t El = dst->local.num_experts, ni = dst->local.intermediate, e0 = dst->e0, i0 = dst->i0;
+  const bool tp = ni != I; /* gate and up are cut: two runs per expert */
+  const int32_t per13 = tp || !ln.fused ? 2 : 1;
+  int32_t np = (int32_t)(El * (per13 + 1));
   part *parts = calloc((size_t)np, sizeof *parts);
   s = parts ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   for (int32_t k = 0; k < np && !s; k++) {
     part *pt = &parts[k];
-    if (ln.fused) {
-      snprintf(pt->name, sizeof pt->name, "%s.experts.%s", ln.block, k == 0 ? "gate_up_proj" : "down_proj");
-      pt->ndim = 3;
-      pt->shape[0] = E, pt->shape[1] = k == 0 ? 2 * I : H, pt->shape[2] = k == 0 ? H : I;
-      pt->dst = k == 0 ? dst->w13 : dst->w2;
-      pt->first = 0;
+    const bool down = k >= per13 * El;
+    const int64_t le = down ? k - per13 * El : k / per13, e = e0 + le;
+    const int32_t half = down ? 0 : k % per13; /* 0: gate (or gate and up), 1: up */
+    pt->dst = down ? dst->w2 : dst->w13;
+    pt->runs = 1, pt->src_stride = 0;
+    if (down) {
+      pt->first = le * H * ni; /* [H, ni] of the rank's columns: H runs */
+      pt->runs = H, pt->run_len = ni, pt->src_stride = I;
+      if (!tp) pt->runs = 1, pt->run_len = H * I; /* the whole expert: one run */
     } else {
-      bool down = k >= 2 * E;
-      int64_t e = down ? k - 2 * E : k / 2;
-      const char *pn = down ? ln.d : k % 2 ? ln.u : ln.g;
+      pt->first = (le * 2 + half) * ni * H;
+      pt->run_len = (per13 == 1 ? 2 : 1) * ni * H;
+    }
+    if (ln.fused) {
+      snprintf(pt->name, sizeof pt->name, "%s.experts.%s", ln.block, down ? "down_proj" : "gate_up_proj");
+      pt->ndim = 3;
+      pt->shape[0] = E, pt->shape[1] = down ? H : 2 * I, pt->shape[2] = down ? I : H;
+      pt->src0 = down ? e * H * I + i0 : (e * 2 * I + half * I + i0) * H;
+    } else {
+      const char *pn = down ? ln.d : half ? ln.u : ln.g;
       snprintf(pt->name, sizeof pt->name, "%s.experts.%lld.%s.weight", ln.block, (long long)e, pn);
       pt->ndim = 2;
       pt->shape[0] = down ? H : I, pt->shape[1] = down ? I : H;
-      pt->dst = down ? dst->w2 : dst->w13;
-      pt->first = down ? e * H * I : (2 * e + k % 2) * I * H;
+      pt->src0 = down ? i0 : i0 * H;
     }
     s = find_part(ck, pt);
   }

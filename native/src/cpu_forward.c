@@ -9,6 +9,10 @@
      3. experts   per item: gu = W13_e x (+ LoRA), h = silu(g)·u rounded to bf16,
                   y = (W2_e h (+ LoRA)) · w  -> y[pair]   (parallel over items)
      4. reduce    out[t] = bf16(sum_j y[t·k + j]) in j order (parallel over tokens)
+   A sharded layer (docs/design.md, "Sharding") computes its rank's part: its experts'
+   pairs only (EP: ids outside [e0, e0 + E_local) are skipped in 2 and 4), or its slice
+   of I (TP); step 4 then keeps the sum in float32 (in the first y row of the token) and
+   the communicator sums the ranks' partials and rounds once (comm.c).
    Each pair's y row is written by exactly one item and each out row by one reduce
    item, so there are no races and the result does not depend on the thread count.
 
@@ -247,6 +251,8 @@ typedef struct fwd {
   bool lora;
   int32_t *route_ids; /* routing writes */
   float *route_wts;
+  int32_t e0, El;     /* local experts [e0, e0 + El) */
+  bool partial;       /* sharded: reduce keeps float32 sums for the communicator */
 } fwd;
 
 static void route_task(void *arg, int64_t item, int32_t thread) {
@@ -426,6 +432,22 @@ static void reduce_task(void *arg, int64_t item, int32_t thread) {
   for (int64_t t = item * REDUCE_CHUNK; t < t_end; t++) {
     const float *y0 = f->y + (size_t)t * f->k * H;
     uint16_t *o = out + (size_t)t * H;
+    if (f->partial) { /* this rank's pairs, in j order, kept in float32 in row j = 0 */
+      float *p0 = f->y + (size_t)t * f->k * H;
+      bool first = true;
+      for (int32_t j = 0; j < f->k; j++) {
+        int32_t le = f->ids[t * f->k + j] - f->e0;
+        if (le < 0 || le >= f->El) continue;
+        const float *yj = y0 + (size_t)j * H;
+        if (first && j > 0)
+          for (size_t h = 0; h < H; h++) p0[h] = yj[h];
+        else if (!first)
+          for (size_t h = 0; h < H; h++) p0[h] += yj[h];
+        first = false;
+      }
+      if (first) memset(p0, 0, H * sizeof *p0); /* no pair of this token is ours */
+      continue;
+    }
     for (size_t h = 0; h < H; h++) { /* lmoe_f32_to_bf16, inline so the loop vectorises */
       float s = y0[h];
       for (int32_t j = 1; j < f->k; j++) s += y0[(size_t)j * H + h];
@@ -438,11 +460,12 @@ static void reduce_task(void *arg, int64_t item, int32_t thread) {
   }
 }
 
-lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream) {
-  (void)stream;
-  const lmoe_layer_config *c = &plan->layer->cfg;
+static lmoe_status cpu_forward_part(lmoe_context *ctx, const lmoe_forward_plan *plan, fwd *f, ws_layout *L,
+                                    uint8_t **ws_out) {
+  const lmoe_layer *layer = plan->layer;
+  const lmoe_layer_config *c = &layer->local; /* the shapes this rank holds */
   const int64_t M = plan->M;
-  const int32_t E = c->num_experts, k = c->top_k;
+  const int32_t E = layer->cfg.num_experts, El = c->num_experts, k = c->top_k;
   const int32_t R = plan->pool ? plan->pool->cfg.max_rank : 0;
   const int32_t S = plan->pool ? plan->pool->cfg.num_slots : 0;
 
@@ -456,25 +479,26 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
                          (long long)(i / k), (int)(i % k), (int)ids[i], (int)E - 1);
   }
 
-  ws_layout L;
-  layout(&L, M, k, E, c->hidden, c->intermediate, R, S, ctx->threads > 0 ? ctx->threads : 1);
+  layout(L, M, k, El, c->hidden, c->intermediate, R, S, ctx->threads > 0 ? ctx->threads : 1);
   uint8_t *ws = (uint8_t *)(((uintptr_t)ctx->workspace + ALIGN - 1) & ~(uintptr_t)(ALIGN - 1));
-  if (!ctx->workspace || L.total + (size_t)(ws - (uint8_t *)ctx->workspace) > ctx->workspace_bytes)
+  if (!ctx->workspace || L->total + (size_t)(ws - (uint8_t *)ctx->workspace) > ctx->workspace_bytes)
     return lmoe_fail(ctx, LMOE_ERR_STATE,
                      "the context's workspace (%zu bytes) is smaller than this forward needs (%zu)",
-                     ctx->workspace_bytes, L.total + ALIGN);
+                     ctx->workspace_bytes, L->total + ALIGN);
+  *ws_out = ws;
 
-  fwd f = {0};
-  f.ctx = ctx;
-  f.plan = plan;
-  f.E = E, f.H = c->hidden, f.I = c->intermediate, f.k = k, f.R = R, f.R13 = 2 * R, f.M = M;
-  f.x = plan->x->data;
-  f.w13 = plan->layer->w13->data;
-  f.w2 = plan->layer->w2->data;
-  f.slot_of = (int32_t *)(ws + L.slot_of);
-  f.y = (float *)(ws + L.y);
-  f.scratch = ws + L.scratch;
-  f.L = &L;
+  f->ctx = ctx;
+  f->plan = plan;
+  f->E = E, f->H = c->hidden, f->I = c->intermediate, f->k = k, f->R = R, f->R13 = 2 * R, f->M = M;
+  f->e0 = layer->e0, f->El = El;
+  f->partial = layer->cfg.shard_size > 1;
+  f->x = plan->x->data;
+  f->w13 = layer->w13->data;
+  f->w2 = layer->w2->data;
+  f->slot_of = (int32_t *)(ws + L->slot_of);
+  f->y = (float *)(ws + L->y);
+  f->scratch = ws + L->scratch;
+  f->L = L;
 
   /* Which tokens take which adapter. device_sync emulates the old way: the device
      reduces "any token active?", copies the flag back and the host waits on it. */
@@ -483,47 +507,52 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
     const int32_t *m = plan->meta, *off = lmoe_meta_offsets(m);
     for (int32_t r = 0; r < lmoe_meta_requests(m); r++) {
       int32_t slot = lmoe_meta_request_slot(m, r);
-      for (int32_t t = off[r]; t < off[r + 1]; t++) f.slot_of[t] = slot;
+      for (int32_t t = off[r]; t < off[r + 1]; t++) f->slot_of[t] = slot;
     }
   }
   if (plan->guard == LMOE_GUARD_DEVICE_SYNC) {
     bool any = false;
-    for (int64_t t = 0; plan->pool && t < M && !any; t++) any = f.slot_of[t] >= 0;
+    for (int64_t t = 0; plan->pool && t < M && !any; t++) any = f->slot_of[t] >= 0;
     ctx->counters.host_waits++;
     lora = any;
   }
-  f.lora = lora && plan->pool;
+  f->lora = lora && plan->pool;
   if (M == 0) return LMOE_OK;
 
-  /* 1. route */
+  /* 1. route (over all E experts: the routing is the whole layer's) */
   if (plan->logits) {
-    f.route_ids = (int32_t *)(ws + L.ids);
-    f.route_wts = (float *)(ws + L.wts);
-    lmoe_cpu_parallel(ctx, (M + REDUCE_CHUNK - 1) / REDUCE_CHUNK, route_task, &f);
+    f->route_ids = (int32_t *)(ws + L->ids);
+    f->route_wts = (float *)(ws + L->wts);
+    lmoe_cpu_parallel(ctx, (M + REDUCE_CHUNK - 1) / REDUCE_CHUNK, route_task, f);
     ctx->counters.launches++;
-    f.ids = f.route_ids;
-    f.wts = f.route_wts;
+    f->ids = f->route_ids;
+    f->wts = f->route_wts;
   } else {
-    f.ids = plan->topk_ids->data;
-    f.wts = plan->topk_w->data;
+    f->ids = plan->topk_ids->data;
+    f->wts = plan->topk_w->data;
   }
 
-  /* 2. align: stable counting sort of pairs by expert, then (expert, tile) items */
-  int32_t *off = (int32_t *)(ws + L.offsets), *sorted = (int32_t *)(ws + L.sorted);
-  int32_t *items = (int32_t *)(ws + L.items);
+  /* 2. align: stable counting sort of this rank's pairs by local expert, then
+     (expert, tile) items */
+  int32_t *off = (int32_t *)(ws + L->offsets), *sorted = (int32_t *)(ws + L->sorted);
+  int32_t *items = (int32_t *)(ws + L->items);
   const int64_t P = M * k;
-  memset(off, 0, ((size_t)E + 1) * sizeof *off);
-  for (int64_t p = 0; p < P; p++) off[f.ids[p] + 1]++;
+  const int32_t e0 = f->e0;
+#define LOCAL(p) ((uint32_t)(f->ids[p] - e0) < (uint32_t)El)
+  memset(off, 0, ((size_t)El + 1) * sizeof *off);
+  int64_t Pl = 0;
+  for (int64_t p = 0; p < P; p++)
+    if (LOCAL(p)) off[f->ids[p] - e0 + 1]++, Pl++;
   /* Smaller tiles when full ones would leave threads idle. Lanes are independent, so
      the tile size changes no result, only the weight reuse. */
   int32_t tile = TILE;
   int64_t want = 2 * (int64_t)(ctx->threads > 0 ? ctx->threads : 1);
-  if (P < want * TILE) {
-    int64_t t = (P + want - 1) / want;
+  if (Pl < want * TILE) {
+    int64_t t = (Pl + want - 1) / want;
     tile = (int32_t)(t < 16 ? 16 : (t + 15) / 16 * 16);
   }
   int64_t nitems = 0;
-  for (int32_t e = 0; e < E; e++) {
+  for (int32_t e = 0; e < El; e++) {
     int32_t cnt = off[e + 1];
     off[e + 1] += off[e];
     for (int32_t s = 0; s < cnt; s += tile) {
@@ -536,26 +565,46 @@ lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, v
   /* off[e] is now the start of expert e; fill using a running cursor per expert.
      With LoRA the pairs are first put in slot order (stable), so inside an expert a
      slot's tokens are adjacent: one LoRA pass per slot and tile, not per request. */
-  if (f.lora) {
-    int32_t *so = (int32_t *)(ws + L.slot_off), *by = (int32_t *)(ws + L.by_slot);
+  if (f->lora) {
+    int32_t *so = (int32_t *)(ws + L->slot_off), *by = (int32_t *)(ws + L->by_slot);
     memset(so, 0, ((size_t)S + 2) * sizeof *so);
-    for (int64_t p = 0; p < P; p++) so[f.slot_of[p / k] + 2]++; /* key slot + 1, >= 0 */
+    for (int64_t p = 0; p < P; p++) so[f->slot_of[p / k] + 2]++; /* key slot + 1, >= 0 */
     for (int32_t i = 2; i < S + 2; i++) so[i] += so[i - 1];
-    for (int64_t p = 0; p < P; p++) by[so[f.slot_of[p / k] + 1]++] = (int32_t)p;
-    for (int64_t q = 0; q < P; q++) sorted[off[f.ids[by[q]]]++] = by[q];
+    for (int64_t p = 0; p < P; p++) by[so[f->slot_of[p / k] + 1]++] = (int32_t)p;
+    for (int64_t q = 0; q < P; q++)
+      if (LOCAL(by[q])) sorted[off[f->ids[by[q]] - e0]++] = by[q];
   } else {
-    for (int64_t p = 0; p < P; p++) sorted[off[f.ids[p]]++] = (int32_t)p;
+    for (int64_t p = 0; p < P; p++)
+      if (LOCAL(p)) sorted[off[f->ids[p] - e0]++] = (int32_t)p;
   }
-  f.sorted = sorted;
-  f.items = items;
+#undef LOCAL
+  f->sorted = sorted;
+  f->items = items;
 
   /* 3. experts (LoRA fused in when it runs: then this task counts as LoRA work) */
-  lmoe_cpu_parallel(ctx, nitems, pick_expert_task(), &f);
+  lmoe_cpu_parallel(ctx, nitems, pick_expert_task(), f);
   ctx->counters.launches++;
-  if (f.lora) ctx->counters.lora_launches++;
+  if (f->lora) ctx->counters.lora_launches++;
 
-  /* 4. reduce over top-k */
-  lmoe_cpu_parallel(ctx, (M + REDUCE_CHUNK - 1) / REDUCE_CHUNK, reduce_task, &f);
+  /* 4. reduce over top-k (sharded: float32 partials, rounded after the sum over ranks) */
+  lmoe_cpu_parallel(ctx, (M + REDUCE_CHUNK - 1) / REDUCE_CHUNK, reduce_task, f);
   ctx->counters.launches++;
   return LMOE_OK;
+}
+
+lmoe_status lmoe_cpu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream) {
+  (void)stream;
+  fwd f = {0};
+  ws_layout L;
+  uint8_t *ws = NULL;
+  lmoe_status st = cpu_forward_part(ctx, plan, &f, &L, &ws);
+  const lmoe_layer *layer = plan->layer;
+  if (layer->cfg.shard_size < 2 || !layer->comm || !layer->comm->group) return st;
+  /* The sum over the ranks, also after a failure (the others would wait for it). */
+  char keep[LMOE_ERRBUF];
+  if (st) memcpy(keep, ctx->error, sizeof keep);
+  lmoe_status st2 = lmoe_comm_cpu_allreduce(layer->comm, ctx, f.y, plan->M, layer->cfg.hidden,
+                                            (int64_t)layer->cfg.top_k * layer->cfg.hidden, plan->out->data, st != 0);
+  if (st) memcpy(ctx->error, keep, sizeof keep);
+  return st ? st : st2;
 }

@@ -115,9 +115,25 @@ lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a_
   return LMOE_OK;
 }
 
+/* A sharded layer's rank whose forward is refused still joins the sum over the ranks
+   (cpu communicators), so the other ranks return instead of waiting for it. Only when
+   the arguments name a sharded layer of this context; else there is nothing to join. */
+static void join_failed(lmoe_context *ctx, const lmoe_forward_args *a) {
+  if (!lmoe_object_is(ctx, LMOE_MAGIC_CONTEXT) || !a ||
+      a->struct_size < LMOE_FIELD_END(lmoe_forward_args, layer) || !lmoe_object_is(a->layer, LMOE_MAGIC_LAYER))
+    return;
+  lmoe_layer *l = a->layer;
+  if (l->ctx != ctx || !l->comm || !l->comm->group || l->cfg.shard_size < 2) return;
+  char keep[LMOE_ERRBUF];
+  memcpy(keep, ctx->error, sizeof keep);
+  lmoe_comm_cpu_allreduce(l->comm, ctx, NULL, 0, 0, 0, NULL, true);
+  memcpy(ctx->error, keep, sizeof keep); /* the refusal is the message */
+}
+
 lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void *stream) {
   lmoe_forward_plan plan;
   lmoe_status st = lmoe_forward_validate(ctx, args, &plan, false);
+  if (st) join_failed(ctx, args);
   if (!st) st = ctx->ops->forward(ctx, &plan, stream ? stream : ctx->stream);
   /* A forward that failed while capturing leaves a graph without its work: the
      capture's end refuses it (graph.c). */

@@ -38,7 +38,8 @@ enum {
   LMOE_MAGIC_LAYER = 0x4c4d4c59,
   LMOE_MAGIC_POOL = 0x4c4d504c,
   LMOE_MAGIC_BATCH = 0x4c4d4254,
-  LMOE_MAGIC_GRAPH = 0x4c4d4752
+  LMOE_MAGIC_GRAPH = 0x4c4d4752,
+  LMOE_MAGIC_COMM = 0x4c4d434d
 };
 
 struct lmoe_context {
@@ -86,14 +87,44 @@ struct lmoe_buffer {
   bool owned;
 };
 
+/* A layer holds its rank's shard (docs/design.md, "Sharding"): cfg is the config as
+   given (the whole layer's E and I), local the same with the shapes this rank stores
+   and computes, experts [e0, e0 + local.num_experts) and intermediate columns
+   [i0, i0 + local.intermediate). Unsharded: local == cfg, e0 = i0 = 0. Storage, pools
+   and workspaces are sized by local; routing is over cfg.num_experts. */
 struct lmoe_layer {
   lmoe_object obj;
   lmoe_context *ctx;
   lmoe_layer_config cfg;
-  lmoe_buffer *w13; /* [E, 2I, H] bf16, device memory */
+  lmoe_layer_config local;
+  int32_t e0, i0;
+  lmoe_comm *comm;  /* NULL when unsharded without a communicator */
+  lmoe_buffer *w13; /* [E, 2I, H] bf16 (local shapes), device memory */
   lmoe_buffer *w2;  /* [E, H, I] bf16 */
   void *be;         /* backend per-layer state */
 };
+
+/* comm.c: communicators. cpu: the ranks of a group meet in host memory; nccl: a
+   wrapped or owned ncclComm_t. */
+typedef struct lmoe_comm_group lmoe_comm_group;
+struct lmoe_comm {
+  lmoe_object obj;
+  lmoe_context *ctx;
+  int32_t rank, size;
+  lmoe_comm_group *group; /* cpu */
+  void *nccl;             /* ncclComm_t */
+  bool owns_nccl;
+};
+/* Rank r's part [*lo, *lo + *n) of a dimension of `total` over `size` ranks: the first
+   total % size ranks hold one more (loramoe.h, lmoe_shard_mode). */
+void lmoe_shard_range(int32_t total, int32_t rank, int32_t size, int32_t *lo, int32_t *n);
+/* The cpu sum over the ranks: this rank's partial rows (rows x cols f32, row t at
+   part + t * stride) with every other rank's, in rank order, rounded once to bf16 into
+   out [rows, cols]. Returns when every rank has read every partial. failed: this
+   rank's forward failed before its sum; it still joins so the others return (with an
+   error, writing nothing). Under lmoe_forward_group it only records the partial. */
+lmoe_status lmoe_comm_cpu_allreduce(lmoe_comm *c, lmoe_context *ctx, const float *part, int64_t rows,
+                                    int64_t cols, int64_t stride, uint16_t *out, bool failed);
 
 /* Per-slot facts kept on the host. Ranges index the shrink rows of a13:
    gate uses rows [g_lo, g_hi), up uses [u_lo, u_hi) (fused: both [0, r)). */

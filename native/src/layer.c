@@ -11,6 +11,10 @@ void lmoe_layer_config_init(lmoe_layer_config *cfg) {
   cfg->top_k = 2;
   cfg->renormalize = 1;
   cfg->max_tokens = 8192;
+  cfg->shard_mode = LMOE_SHARD_TP;
+  cfg->shard_rank = 0;
+  cfg->shard_size = 1;
+  cfg->comm = NULL;
 }
 
 static void layer_destroy(lmoe_object *obj) {
@@ -18,8 +22,56 @@ static void layer_destroy(lmoe_object *obj) {
   lmoe_context *ctx = l->ctx;
   lmoe_buffer_release(l->w13);
   lmoe_buffer_release(l->w2);
+  lmoe_comm_release(l->comm);
   free(l);
   lmoe_context_release(ctx);
+}
+
+/* The shard fields (docs/design.md, "Sharding"): each refusal names its field. */
+static lmoe_status check_shard(lmoe_context *ctx, const lmoe_layer_config *c) {
+  if (c->shard_mode != LMOE_SHARD_TP && c->shard_mode != LMOE_SHARD_EP)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "shard_mode must be LMOE_SHARD_TP (0) or LMOE_SHARD_EP (1), got %d",
+                     (int)c->shard_mode);
+  if (c->shard_size < 1 || c->shard_size > 4096)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "shard_size must be 1..4096, got %d", (int)c->shard_size);
+  if (c->shard_rank < 0 || c->shard_rank >= c->shard_size)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "shard_rank must be 0..%d (shard_size %d), got %d",
+                     (int)c->shard_size - 1, (int)c->shard_size, (int)c->shard_rank);
+  if (c->shard_mode == LMOE_SHARD_EP && c->shard_size > c->num_experts)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "shard_size %d is larger than num_experts %d: expert parallel gives every rank an expert",
+                     (int)c->shard_size, (int)c->num_experts);
+  if (c->shard_mode == LMOE_SHARD_TP && c->shard_size > c->intermediate)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "shard_size %d is larger than intermediate %d: tensor parallel gives every rank a column",
+                     (int)c->shard_size, (int)c->intermediate);
+  const lmoe_comm *cm = c->comm;
+  if (!cm) {
+    if (c->shard_size == 1) return LMOE_OK;
+    if (ctx->ops->kind != LMOE_BACKEND_CPU && !lmoe_has_nccl())
+      return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                       "shard_size is %d, but this build has no NCCL (cmake option LMOE_NCCL): a %s layer "
+                       "can't be sharded",
+                       (int)c->shard_size, ctx->ops->name);
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "shard_size is %d but comm is NULL: a sharded layer sums its ranks' outputs through a "
+                     "communicator (lmoe_comm_create_local, lmoe_comm_wrap_nccl)",
+                     (int)c->shard_size);
+  }
+  if (!lmoe_object_is(cm, LMOE_MAGIC_COMM))
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "comm is not a loramoe communicator");
+  if (cm->ctx != ctx)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "comm was made for another context than the layer's");
+  if (cm->size != c->shard_size || cm->rank != c->shard_rank)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "shard_rank %d and shard_size %d disagree with comm, which is rank %d of %d",
+                     (int)c->shard_rank, (int)c->shard_size, (int)cm->rank, (int)cm->size);
+  if (ctx->ops->kind != LMOE_BACKEND_CPU && c->shard_size > 1)
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "shard_size is %d: the %s backend's forward of a sharded layer is not written yet "
+                     "(docs/design.md, \"Sharding\")",
+                     (int)c->shard_size, ctx->ops->name);
+  return LMOE_OK;
 }
 
 lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in, lmoe_layer **out) {
@@ -48,22 +100,31 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "max_tokens must be 1..16777216, got %d",
                      (int)cfg.max_tokens);
   cfg.renormalize = cfg.renormalize ? 1 : 0;
+  if ((st = check_shard(ctx, &cfg))) return st;
 
   lmoe_layer *l = calloc(1, sizeof *l);
   if (!l) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   lmoe_object_init(&l->obj, LMOE_MAGIC_LAYER, layer_destroy);
   l->cfg = cfg;
-  int64_t s13[3] = {cfg.num_experts, 2 * (int64_t)cfg.intermediate, cfg.hidden};
-  int64_t s2[3] = {cfg.num_experts, cfg.hidden, cfg.intermediate};
+  l->local = cfg;
+  if (cfg.shard_mode == LMOE_SHARD_EP)
+    lmoe_shard_range(cfg.num_experts, cfg.shard_rank, cfg.shard_size, &l->e0, &l->local.num_experts);
+  else
+    lmoe_shard_range(cfg.intermediate, cfg.shard_rank, cfg.shard_size, &l->i0, &l->local.intermediate);
+  const lmoe_layer_config *lc = &l->local;
+  int64_t s13[3] = {lc->num_experts, 2 * (int64_t)lc->intermediate, lc->hidden};
+  int64_t s2[3] = {lc->num_experts, lc->hidden, lc->intermediate};
   st = lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 3, s13, &l->w13);
   if (!st) st = lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 3, s2, &l->w2);
-  if (!st) st = lmoe_context_reserve(ctx, &cfg, NULL);
+  if (!st) st = lmoe_context_reserve(ctx, lc, NULL);
   if (st) {
     lmoe_buffer_release(l->w13);
     lmoe_buffer_release(l->w2);
     free(l);
     return st;
   }
+  if (cfg.comm) lmoe_object_retain(&cfg.comm->obj);
+  l->comm = cfg.comm;
   lmoe_context_retain(ctx);
   l->ctx = ctx;
   *out = l;
@@ -82,14 +143,59 @@ lmoe_status lmoe_layer_get_config(const lmoe_layer *l, lmoe_layer_config *out) {
 
 static bool valid_layer(const lmoe_layer *l) { return l && l->obj.magic == LMOE_MAGIC_LAYER; }
 
+static bool sharded(const lmoe_layer *l) { return l->cfg.shard_size > 1; }
+
+/* Rows of the whole layer's weights into this rank's storage: `rows` runs of `len`
+   elements, run i from src + (src0 + i * src_stride) elements of dtype to dst element
+   dst0 + i * len. Through one bf16 host image per call, so a device backend gets one
+   upload. */
+static lmoe_status put_runs(lmoe_layer *l, lmoe_buffer *dst, int64_t dst0, const void *src, int32_t dtype,
+                            int64_t src0, int64_t src_stride, int64_t rows, int64_t len) {
+  if (rows <= 0 || len <= 0) return LMOE_OK;
+  uint16_t *img = malloc((size_t)(rows * len) * sizeof *img);
+  if (!img) return lmoe_fail(l->ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  size_t es = lmoe_dtype_size(dtype);
+  for (int64_t i = 0; i < rows; i++)
+    lmoe_convert(img + i * len, LMOE_DTYPE_BF16, (const uint8_t *)src + (size_t)(src0 + i * src_stride) * es,
+                 dtype, len);
+  lmoe_status st = lmoe_buffer_write(dst, dst0, img, LMOE_DTYPE_BF16, rows * len);
+  free(img);
+  return st;
+}
+
+/* One expert of the whole layer (gate, up [I, H], down [H, I]) into local expert le:
+   the rank's rows of gate and up, its columns of down. */
+static lmoe_status put_expert(lmoe_layer *l, int32_t le, const void *gate, const void *up, const void *down,
+                              int32_t dtype) {
+  const int64_t H = l->cfg.hidden, I = l->cfg.intermediate, ni = l->local.intermediate, i0 = l->i0;
+  lmoe_status st = LMOE_OK;
+  if (gate) st = put_runs(l, l->w13, (int64_t)le * 2 * ni * H, gate, dtype, i0 * H, 0, 1, ni * H);
+  if (!st && up) st = put_runs(l, l->w13, ((int64_t)le * 2 + 1) * ni * H, up, dtype, i0 * H, 0, 1, ni * H);
+  if (!st && down) st = put_runs(l, l->w2, (int64_t)le * H * ni, down, dtype, i0, I, H, ni);
+  return st;
+}
+
 lmoe_status lmoe_layer_set_weights(lmoe_layer *l, const void *w13, const void *w2, int32_t dtype) {
   if (!valid_layer(l)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_clear_error(l->ctx);
   if (!lmoe_valid_dtype(dtype) || dtype == LMOE_DTYPE_I32)
     return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "weights dtype must be bf16, f16, f32 or f64");
   lmoe_status st = LMOE_OK;
-  if (w13) st = lmoe_buffer_write(l->w13, 0, w13, dtype, l->w13->numel);
-  if (!st && w2) st = lmoe_buffer_write(l->w2, 0, w2, dtype, l->w2->numel);
+  if (!sharded(l)) {
+    if (w13) st = lmoe_buffer_write(l->w13, 0, w13, dtype, l->w13->numel);
+    if (!st && w2) st = lmoe_buffer_write(l->w2, 0, w2, dtype, l->w2->numel);
+    return st;
+  }
+  /* the whole layer's arrays; this rank takes its experts and slices */
+  const int64_t H = l->cfg.hidden, I = l->cfg.intermediate, ih = I * H;
+  size_t es = lmoe_dtype_size(dtype);
+  for (int32_t le = 0; le < l->local.num_experts && !st; le++) {
+    int64_t e = l->e0 + le;
+    const uint8_t *g = w13 ? (const uint8_t *)w13 + (size_t)(e * 2 * ih) * es : NULL;
+    const uint8_t *u = w13 ? g + (size_t)ih * es : NULL;
+    const uint8_t *d = w2 ? (const uint8_t *)w2 + (size_t)(e * ih) * es : NULL;
+    st = put_expert(l, le, g, u, d, dtype);
+  }
   return st;
 }
 
@@ -103,6 +209,10 @@ lmoe_status lmoe_layer_set_expert(lmoe_layer *l, int32_t e, const void *gate, co
                      (int)c->num_experts - 1);
   if (!lmoe_valid_dtype(dtype) || dtype == LMOE_DTYPE_I32)
     return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "weights dtype must be bf16, f16, f32 or f64");
+  if (sharded(l)) {
+    if (e < l->e0 || e >= l->e0 + l->local.num_experts) return LMOE_OK; /* another rank's expert */
+    return put_expert(l, e - l->e0, gate, up, down, dtype);
+  }
   int64_t ih = (int64_t)c->intermediate * c->hidden;
   lmoe_status st = LMOE_OK;
   if (gate) st = lmoe_buffer_write(l->w13, (int64_t)e * 2 * ih, gate, dtype, ih);
@@ -111,11 +221,49 @@ lmoe_status lmoe_layer_set_expert(lmoe_layer *l, int32_t e, const void *gate, co
   return st;
 }
 
+/* A sharded layer's randomize: the values the whole layer's fill would give its
+   elements (backend_cpu.c's fill_chunk: lo + span * u, two roundings), made on the host
+   for this rank's elements only. */
+static lmoe_status randomize_shard(lmoe_layer *l, lmoe_buffer *b, bool w13, uint64_t seed, float scale) {
+  const int64_t H = l->cfg.hidden, I = l->cfg.intermediate, ni = l->local.intermediate;
+  const float lo = -scale, span = scale - lo;
+  uint16_t *img = malloc((size_t)(b->numel ? b->numel : 1) * sizeof *img);
+  if (!img) return lmoe_fail(l->ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  int64_t k = 0;
+  for (int64_t le = 0; le < l->local.num_experts; le++) {
+    int64_t e = l->e0 + le;
+    if (w13) {
+      for (int64_t half = 0; half < 2; half++)
+        for (int64_t o = 0; o < ni; o++)
+          for (int64_t h = 0; h < H; h++) {
+            uint64_t g = (uint64_t)(((e * 2 + half) * I + l->i0 + o) * H + h);
+            float prod = span * lmoe_uniform(seed, g);
+            img[k++] = lmoe_f32_to_bf16(lo + prod);
+          }
+    } else {
+      for (int64_t h = 0; h < H; h++)
+        for (int64_t o = 0; o < ni; o++) {
+          uint64_t g = (uint64_t)((e * H + h) * I + l->i0 + o);
+          float prod = span * lmoe_uniform(seed, g);
+          img[k++] = lmoe_f32_to_bf16(lo + prod);
+        }
+    }
+  }
+  lmoe_status st = lmoe_buffer_write(b, 0, img, LMOE_DTYPE_BF16, b->numel);
+  free(img);
+  return st;
+}
+
 lmoe_status lmoe_layer_randomize(lmoe_layer *l, uint64_t seed, float scale) {
   if (!valid_layer(l)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_clear_error(l->ctx);
   if (!(scale >= 0))
     return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "scale must be >= 0");
+  if (sharded(l)) {
+    lmoe_status st = randomize_shard(l, l->w13, true, lmoe_mix64(seed * 2 + 1), scale);
+    if (!st) st = randomize_shard(l, l->w2, false, lmoe_mix64(seed * 2 + 2), scale);
+    return st;
+  }
   lmoe_status st = lmoe_buffer_fill_random(l->w13, lmoe_mix64(seed * 2 + 1), -scale, scale, NULL);
   if (!st) st = lmoe_buffer_fill_random(l->w2, lmoe_mix64(seed * 2 + 2), -scale, scale, NULL);
   return st;

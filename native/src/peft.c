@@ -755,7 +755,8 @@ done:
 }
 
 static lmoe_status map_per_expert(lmoe_peft *p, int32_t layer, int32_t part, int32_t E, int64_t in,
-                                  int64_t outd, lmoe_lora_part *dst, float **abuf, float **bbuf) {
+                                  int64_t outd, lmoe_lora_part *dst, float **abuf, float **bbuf, int32_t e_lo,
+                                  int32_t e_hi) {
   lmoe_context *ctx = p->ctx;
   const char *fn = lmoe_st_display_name(p->st);
   const peft_tensor **ta = calloc((size_t)E, sizeof *ta), **tb = calloc((size_t)E, sizeof *tb);
@@ -815,7 +816,8 @@ static lmoe_status map_per_expert(lmoe_peft *p, int32_t layer, int32_t part, int
     goto done;
   }
   float s0 = scale[0];
-  for (int32_t e = 0; !s && e < E; e++) {
+  /* Only experts [e_lo, e_hi) are read (a rank's experts); the others stay zero. */
+  for (int32_t e = e_lo; !s && e < e_hi; e++) {
     lmoe_tensor_info ti;
     if ((s = read_tensor(p, ta[e], &tmp, &ti))) break;
     for (int64_t j = 0; j < rank[e]; j++) memcpy(a + ((int64_t)e * R + j) * in, tmp + j * in, (size_t)in * sizeof(float));
@@ -847,8 +849,18 @@ done:
   return s;
 }
 
+static lmoe_status layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t H, int32_t I,
+                              lmoe_adapter_desc *desc, int32_t e_lo, int32_t e_hi);
+
 lmoe_status lmoe_peft_layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t H, int32_t I,
                                  lmoe_adapter_desc *desc) {
+  return layer_desc(p, layer, E, H, I, desc, 0, E);
+}
+
+/* The desc of the whole layer, with the tensors of experts outside [e_lo, e_hi) not
+   read (zero): what an expert-parallel rank's pool takes. */
+static lmoe_status layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t H, int32_t I,
+                              lmoe_adapter_desc *desc, int32_t e_lo, int32_t e_hi) {
   if (!valid_peft(p)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = p->ctx;
   lmoe_clear_error(ctx);
@@ -907,9 +919,9 @@ lmoe_status lmoe_peft_layer_desc(lmoe_peft *p, int32_t layer, int32_t E, int32_t
         s = map_fused(p, part, ta, tb, E, I, H, &d.down, &p->buf[2], &p->buf[3]);
     }
   } else {
-    s = map_per_expert(p, layer, LMOE_PART_GATE, E, H, I, &d.gate, &p->buf[0], &p->buf[1]);
-    if (!s) s = map_per_expert(p, layer, LMOE_PART_UP, E, H, I, &d.up, &p->buf[2], &p->buf[3]);
-    if (!s) s = map_per_expert(p, layer, LMOE_PART_DOWN, E, I, H, &d.down, &p->buf[4], &p->buf[5]);
+    s = map_per_expert(p, layer, LMOE_PART_GATE, E, H, I, &d.gate, &p->buf[0], &p->buf[1], e_lo, e_hi);
+    if (!s) s = map_per_expert(p, layer, LMOE_PART_UP, E, H, I, &d.up, &p->buf[2], &p->buf[3], e_lo, e_hi);
+    if (!s) s = map_per_expert(p, layer, LMOE_PART_DOWN, E, I, H, &d.down, &p->buf[4], &p->buf[5], e_lo, e_hi);
   }
   if (s) return s;
   *desc = d;
@@ -926,10 +938,14 @@ lmoe_status lmoe_pool_load_peft(lmoe_pool *pool, const char *name, lmoe_peft *pe
   if (!valid_peft(peft)) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "peft adapter is NULL or not one");
   lmoe_status st = lmoe_pool_check_name(ctx, name);
   if (st) return st;
-  const lmoe_layer_config *c = &pool->layer->cfg;
+  /* the whole layer's shapes; an expert-parallel rank reads only its experts' tensors
+     and the pool takes its rank's cut (pool.c) */
+  const lmoe_layer *ly = pool->layer;
+  const lmoe_layer_config *c = &ly->cfg;
   lmoe_adapter_desc d;
   lmoe_adapter_desc_init(&d);
-  st = lmoe_peft_layer_desc(peft, layer, c->num_experts, c->hidden, c->intermediate, &d);
+  st = layer_desc(peft, layer, c->num_experts, c->hidden, c->intermediate, &d, ly->e0,
+                  ly->e0 + ly->local.num_experts);
   if (st) {
     /* the message went to the adapter's context; keep it visible on the pool's */
     if (peft->ctx != ctx && ctx->error[0] == 0) lmoe_fail(ctx, st, "%s", peft->ctx->error);

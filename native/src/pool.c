@@ -69,7 +69,7 @@ lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg_in, 
   if (cfg->max_rank < 1 || cfg->max_rank > 1024)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "max_rank must be 1..1024, got %d",
                      (int)cfg->max_rank);
-  const lmoe_layer_config *lc = &layer->cfg;
+  const lmoe_layer_config *lc = &layer->local; /* a sharded layer's slots hold its shard */
   size_t E = (size_t)lc->num_experts, H = (size_t)lc->hidden, I = (size_t)lc->intermediate;
   size_t R = (size_t)cfg->max_rank, R13 = 2 * R;
   lmoe_pool *p = calloc(1, sizeof *p);
@@ -138,22 +138,33 @@ static lmoe_status check_part(const lmoe_pool *p, const lmoe_lora_part *part, co
   return LMOE_OK;
 }
 
-/* Copies part arrays (PEFT layout per expert: a [r, in], b [out, r]) into the slot
-   image: A rows [row0, row0 + r) of an [E, rows_a, in] array; B into columns
-   [col0, col0 + r) of rows [out0, out0 + out) of an [E, rows_b, cols_b] array. */
+/* What a rank takes of a whole layer's part arrays (docs/design.md, "Sharding"):
+   experts from e0; A's columns [a0, a0 + in) of its a_in; B's local row o is whole row
+   o + b0 for o < seg, else o - seg + b1, of its b_out rows. Unsharded: all of them. */
+typedef struct part_cut {
+  size_t e0, a_in, a0, b_out, seg, b0, b1;
+} part_cut;
+
+/* Copies part arrays (PEFT layout per expert: a [r, in], b [out, r], of the whole
+   layer) into the slot image, taking the rank's cut: A rows [row0, row0 + r) of an
+   [E, rows_a, in] array; B into columns [col0, col0 + r) of rows [out0, out0 + out) of
+   an [E, rows_b, cols_b] array. */
 static void place_part(uint16_t *img_a, size_t rows_a, uint16_t *img_b, size_t rows_b,
                        size_t cols_b, const lmoe_lora_part *part, int32_t dtype, size_t E,
-                       size_t in, size_t out, size_t row0, size_t out0, size_t col0) {
+                       size_t in, size_t out, size_t row0, size_t out0, size_t col0, part_cut c) {
   size_t r = (size_t)part->rank;
   for (size_t e = 0; e < E; e++) {
+    size_t ge = c.e0 + e;
     for (size_t i = 0; i < r; i++)
       for (size_t j = 0; j < in; j++)
-        img_a[(e * rows_a + row0 + i) * in + j] =
-            lmoe_f32_to_bf16((float)lmoe_load_elem(part->a, dtype, (int64_t)((e * r + i) * in + j)));
-    for (size_t o = 0; o < out; o++)
+        img_a[(e * rows_a + row0 + i) * in + j] = lmoe_f32_to_bf16(
+            (float)lmoe_load_elem(part->a, dtype, (int64_t)((ge * r + i) * c.a_in + c.a0 + j)));
+    for (size_t o = 0; o < out; o++) {
+      size_t go = o < c.seg ? o + c.b0 : o - c.seg + c.b1;
       for (size_t i = 0; i < r; i++)
         img_b[(e * rows_b + out0 + o) * cols_b + col0 + i] =
-            lmoe_f32_to_bf16((float)lmoe_load_elem(part->b, dtype, (int64_t)((e * out + o) * r + i)));
+            lmoe_f32_to_bf16((float)lmoe_load_elem(part->b, dtype, (int64_t)((ge * c.b_out + go) * r + i)));
+    }
   }
 }
 
@@ -183,8 +194,13 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
   if (!hg && !hu && !hgu && !hd)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "adapter has no LoRA part");
 
-  const lmoe_layer_config *lc = &p->layer->cfg;
+  /* the desc is the whole layer's; a sharded layer's slot takes its rank's cut */
+  const lmoe_layer *ly = p->layer;
+  const lmoe_layer_config *lc = &ly->local;
   size_t E = (size_t)lc->num_experts, H = (size_t)lc->hidden, I = (size_t)lc->intermediate;
+  size_t IW = (size_t)ly->cfg.intermediate, e0 = (size_t)ly->e0, i0 = (size_t)ly->i0;
+  part_cut cut_gu = {e0, H, 0, 2 * IW, I, i0, IW + i0}, cut_g = {e0, H, 0, IW, I, i0, 0};
+  part_cut cut_d = {e0, IW, i0, H, H, 0, 0};
   size_t R = (size_t)p->cfg.max_rank, R13 = 2 * R;
   uint8_t *img = calloc(1, p->slot_bytes);
   if (!img) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory (%zu bytes)", p->slot_bytes);
@@ -195,7 +211,7 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
   s.loaded = true;
   if (hgu) {
     int32_t r = d->gate_up.rank;
-    place_part(a13, R13, b13, 2 * I, R13, &d->gate_up, d->dtype, E, H, 2 * I, 0, 0, 0);
+    place_part(a13, R13, b13, 2 * I, R13, &d->gate_up, d->dtype, E, H, 2 * I, 0, 0, 0, cut_gu);
     s.fused = 1;
     s.g_lo = s.u_lo = 0;
     s.g_hi = s.u_hi = r;
@@ -205,14 +221,14 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
   } else {
     int32_t row = 0;
     if (hg) {
-      place_part(a13, R13, b13, 2 * I, R13, &d->gate, d->dtype, E, H, I, 0, 0, 0);
+      place_part(a13, R13, b13, 2 * I, R13, &d->gate, d->dtype, E, H, I, 0, 0, 0, cut_g);
       s.g_lo = 0;
       s.g_hi = row = d->gate.rank;
       s.scale_gate = d->gate.scale;
       s.targets |= LMOE_TARGET_GATE;
     }
     if (hu) {
-      place_part(a13, R13, b13, 2 * I, R13, &d->up, d->dtype, E, H, I, (size_t)row, I, (size_t)row);
+      place_part(a13, R13, b13, 2 * I, R13, &d->up, d->dtype, E, H, I, (size_t)row, I, (size_t)row, cut_g);
       s.u_lo = row;
       s.u_hi = row + d->up.rank;
       row = s.u_hi;
@@ -222,7 +238,7 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
     s.r13 = row;
   }
   if (hd) {
-    place_part(a2, R, b2, H, R, &d->down, d->dtype, E, I, H, 0, 0, 0);
+    place_part(a2, R, b2, H, R, &d->down, d->dtype, E, I, H, 0, 0, 0, cut_d);
     s.r2 = d->down.rank;
     s.scale_down = d->down.scale;
     s.targets |= LMOE_TARGET_DOWN;
@@ -486,7 +502,7 @@ lmoe_status lmoe_pool_touch(lmoe_pool *p, int32_t slot) {
 lmoe_status lmoe_pool_get_memory(const lmoe_pool *p, lmoe_pool_memory *out) {
   if (!valid_pool(p) || !out) return LMOE_ERR_INVALID_ARGUMENT;
   memset(out, 0, sizeof *out);
-  const lmoe_layer_config *c = &p->layer->cfg;
+  const lmoe_layer_config *c = &p->layer->local; /* the shard's */
   int64_t E = c->num_experts, H = c->hidden, I = c->intermediate;
   out->slot_bytes = (int64_t)p->slot_bytes;
   out->num_slots = p->cfg.num_slots;

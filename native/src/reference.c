@@ -33,6 +33,11 @@ lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *a
   lmoe_forward_plan plan;
   lmoe_status st = lmoe_forward_validate(ctx, args, &plan, true);
   if (st) return st;
+  if (plan.layer->cfg.shard_size > 1)
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "the reference computes whole layers; this one is rank %d of %d (shard_size): compare "
+                     "the ranks' summed output with an unsharded layer's reference",
+                     (int)plan.layer->cfg.shard_rank, (int)plan.layer->cfg.shard_size);
   if (!ctx->ops->caps.synchronous) {
     ctx->counters.host_waits++;
     st = ctx->ops->synchronize(ctx, ctx->stream);
