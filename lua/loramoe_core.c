@@ -412,6 +412,12 @@ static int l_context_counters(lua_State *L) {
   lmoe_counters c = {0};
   return ret_struct(L, lmoe_context_counters(CTX(1), &c), counters_f, &c);
 }
+static const fld waits_f[] = {F(lmoe_wait_counters, host_waits, 'u'), F(lmoe_wait_counters, forced, 'u'),
+  F(lmoe_wait_counters, backpressure, 'u'), {0}};
+static int l_context_wait_counters(lua_State *L) {
+  lmoe_wait_counters w = {.struct_size = sizeof w};
+  return ret_struct(L, lmoe_context_wait_counters(CTX(1), &w), waits_f, &w);
+}
 
 /* ------------------------------------------------------------------ buffers */
 
@@ -690,9 +696,15 @@ static int l_pool_get_memory(lua_State *L) {
 
 #define BATCH(i) ((lmoe_batch *)checkh(L, i, "batch"))
 
+static const fld batch_cfg_f[] = {F(lmoe_batch_config, staging_depth, 'i'), {0}};
+/* batch_create(ctx, {staging_depth=}?) -> st, box */
 static int l_batch_create(lua_State *L) {
   lmoe_context *ctx = CTX(1);
-  CREATE("batch", rel_batch_release, 0, lmoe_batch, lmoe_batch_create(ctx, &out));
+  if (lua_isnoneornil(L, 2)) CREATE("batch", rel_batch_release, 0, lmoe_batch, lmoe_batch_create(ctx, &out));
+  lmoe_batch_config c;
+  lmoe_batch_config_init(&c);
+  get_struct(L, 2, batch_cfg_f, &c);
+  CREATE("batch", rel_batch_release, 0, lmoe_batch, lmoe_batch_create_with(ctx, &c, &out));
 }
 
 /* batch_set(batch, pool?, n, tokens_i32, slots_i32) */
@@ -1069,7 +1081,7 @@ static int l_checkpoint_load_layer(lua_State *L) {
   X(dtype_size) X(dtype_name) X(lora_scale) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) \
   X(context_create) X(context_retain) X(context_is_live) X(context_last_error) X(context_backend) \
   X(context_threads) X(context_guard) X(context_set_guard) X(context_stream) X(context_synchronize) \
-  X(context_counters) X(context_reset_counters) X(buffer_create) X(buffer_wrap) X(buffer_describe) \
+  X(context_counters) X(context_wait_counters) X(context_reset_counters) X(buffer_create) X(buffer_wrap) X(buffer_describe) \
   X(buffer_write) X(buffer_read) X(buffer_fill_random) X(buffer_fill) X(buffer_compare) X(layer_create) \
   X(layer_get_config) X(layer_randomize) X(layer_set_weights) X(layer_set_expert) X(layer_weights) \
   X(pool_create) X(pool_get_config) X(pool_load_random) X(pool_load) X(pool_unload) X(pool_slot_info) \

@@ -10,7 +10,7 @@ local module_functions = {
 }
 local methods = {
   context = { "close", "is_closed", "set_guard", "stream", "synchronize", "counters",
-              "reset_counters", "last_error", "buffer", "wrap", "layer", "batch", "safetensors",
+              "wait_counters", "reset_counters", "last_error", "buffer", "wrap", "layer", "batch", "safetensors",
               "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint", "pointer",
               "graph_begin", "graph_end" },
   buffer = { "close", "is_closed", "shape", "describe", "data", "write", "read", "fill_random",
@@ -37,7 +37,7 @@ local core_functions = {
   "lora_scale", "now", "close", "pointer", "address", "mem", "pack", "unpack",
   "context_create", "context_retain", "context_is_live", "context_last_error", "context_backend",
   "context_threads", "context_guard", "context_set_guard", "context_stream", "context_synchronize",
-  "context_counters", "context_reset_counters",
+  "context_counters", "context_wait_counters", "context_reset_counters",
   "buffer_create", "buffer_wrap", "buffer_describe", "buffer_write", "buffer_read", "buffer_fill_random",
   "buffer_fill", "buffer_compare",
   "layer_create", "layer_get_config", "layer_randomize", "layer_set_weights", "layer_set_expert", "layer_weights",

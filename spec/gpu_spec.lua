@@ -104,7 +104,10 @@ describe("the cuda backend #gpu", function()
     assert.are.equal(8, #rows)
     for _, r in ipairs(rows) do
       assert.are.equal(0, r.syncs_per_forward, r.mode .. " " .. r.guard)
-      if r.mode == "graph" then assert.are.equal(1, r.launches_per_forward) end
+      -- a replay is one launch; a set of a batch the graph reads enqueues its metadata
+      -- upload (a kernel) too, which happens when the capture held LoRA work
+      local lora = r.guard == "always" or r.adapter_fraction > 0
+      if r.mode == "graph" then assert.are.equal(lora and 2 or 1, r.launches_per_forward) end
     end
     local one = { guard = "device_sync" }
     for k, v in pairs(base) do one[k] = one[k] or v end

@@ -273,6 +273,45 @@ static void test_checkpoint_info(void) {
   lmoe_checkpoint_close(ck);
 }
 
+/* lmoe_batch_config: 4 and up (a depth of 0 past an older size would be refused);
+   lmoe_wait_counters: written up to the caller's size. */
+static void test_batch_config_and_waits(void) {
+  lmoe_batch_config bc;
+  lmoe_batch *b = NULL;
+  lmoe_batch_config_init(&bc);
+  bc.staging_depth = 0;
+  bc.struct_size = sizeof(uint32_t);
+  OK(ctx, lmoe_batch_create_with(ctx, &bc, &b));
+  lmoe_batch_release(b);
+  b = NULL;
+  bc.struct_size = 2;
+  REFUSED("batch config", lmoe_batch_create_with(ctx, &bc, &b));
+  BIG(lmoe_batch_config) big;
+  memset(&big, 0, sizeof big);
+  lmoe_batch_config_init(&big.s);
+  big.s.struct_size = sizeof big.s + 4;
+  REFUSED("batch config", lmoe_batch_create_with(ctx, &big.s, &b));
+  CHECK(b == NULL, "a refused batch config makes no batch");
+
+  lmoe_context_reset_counters(ctx);
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  BIG(lmoe_wait_counters) w;
+  memset(&w, 0xab, sizeof w);
+  w.s.struct_size = END(lmoe_wait_counters, host_waits);
+  OK(ctx, lmoe_context_wait_counters(ctx, &w.s));
+  const uint8_t *raw = (const uint8_t *)&w;
+  bool untouched = true;
+  for (size_t i = END(lmoe_wait_counters, host_waits); i < sizeof w; i++) untouched &= raw[i] == 0xab;
+  CHECK(w.s.host_waits == 1 && untouched, "older wait counters: %llu waits, past it untouched %d",
+        (unsigned long long)w.s.host_waits, untouched);
+  w.s.struct_size = sizeof w.s;
+  OK(ctx, lmoe_context_wait_counters(ctx, &w.s));
+  CHECK(w.s.host_waits == 1 && w.s.forced == 1 && w.s.backpressure == 0, "wait counters %llu = %llu + %llu",
+        (unsigned long long)w.s.host_waits, (unsigned long long)w.s.forced, (unsigned long long)w.s.backpressure);
+  w.s.struct_size = sizeof w.s + 4;
+  REFUSED("wait counters", lmoe_context_wait_counters(ctx, &w.s));
+}
+
 int main(int argc, char **argv) {
   work = argc > 1 ? argv[1] : "test_abi_work";
   if (mkdir(work, 0777) != 0 && errno != EEXIST) {
@@ -287,6 +326,7 @@ int main(int argc, char **argv) {
   test_forward_args(l, p);
   test_peft_structs();
   test_checkpoint_info();
+  test_batch_config_and_waits();
   lmoe_pool_release(p);
   lmoe_layer_release(l);
   lmoe_context_release(ctx);

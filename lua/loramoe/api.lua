@@ -455,6 +455,14 @@ function Ctx.counters(self)
   if st ~= 0 then return fail(st, h) end
   return c
 end
+-- ctx:wait_counters(): the host waits told apart, {host_waits, forced, backpressure}
+-- (backpressure: a staging ring was full; forced: any other wait).
+function Ctx.wait_counters(self)
+  local h = check(self, "context", "wait_counters")
+  local st, c = R.context_wait_counters(h)
+  if st ~= 0 then return fail(st, h) end
+  return c
+end
 function Ctx.reset_counters(self) R.context_reset_counters((check(self, "context", "reset_counters"))) end
 function Ctx.last_error(self) return R.context_last_error((check(self, "context", "last_error"))) end
 
@@ -493,9 +501,16 @@ function Ctx.wrap(self, dtype, shape, ptr, memory, owner)
   return b, msg, code
 end
 
-function Ctx.batch(self)
+-- ctx:batch{staging_depth=}: the options table may be left out (the defaults).
+function Ctx.batch(self, cfg)
   local h, cb = check(self, "context", "batch")
-  local st, box = R.batch_create(h)
+  local t
+  if cfg ~= nil then
+    checktype(cfg, "table", 1, "batch")
+    check_fields(cfg, set { "staging_depth" }, 1, "batch")
+    t = { staging_depth = field_int(cfg, "staging_depth", 1, "batch") }
+  end
+  local st, box = R.batch_create(h, t)
   return made("batch", st, box, self, cb)
 end
 

@@ -290,6 +290,13 @@ function R.context_counters(h)
   return st, totable(counters, { "forwards", "launches", "lora_launches", "host_waits", "uploads",
     "bytes_uploaded", "downloads" })
 end
+local waits = ffi.new("lmoe_wait_counters")
+function R.context_wait_counters(h)
+  waits.struct_size = ffi.sizeof(waits)
+  local st = C.lmoe_context_wait_counters(ctx(h), waits)
+  if st ~= 0 then return st end
+  return st, totable(waits, { "host_waits", "forced", "backpressure" })
+end
 
 -- ------------------------------------------------------------------ buffers
 
@@ -472,9 +479,13 @@ end
 -- ------------------------------------------------------------------ batches, forwards, graphs
 
 local function batch(h) return checkh(h, "batch") end
-function R.batch_create(h)
+function R.batch_create(h, cfg)
   local o = out("batch")
-  return made("batch", C.lmoe_batch_create(ctx(h), o), o)
+  if cfg == nil then return made("batch", C.lmoe_batch_create(ctx(h), o), o) end
+  local c = ffi.new("lmoe_batch_config")
+  C.lmoe_batch_config_init(c)
+  fill(c, cfg, { "staging_depth" })
+  return made("batch", C.lmoe_batch_create_with(ctx(h), c, o), o)
 end
 function R.batch_set(h, p, n, tokens, slots)
   n = i32(n)

@@ -181,7 +181,21 @@ typedef struct lmoe_counters {
   uint64_t downloads;      /* device-to-host copies */
 } lmoe_counters;
 LMOE_API lmoe_status lmoe_context_counters(const lmoe_context *ctx, lmoe_counters *out);
+/* Sets these counters and the wait counters below to 0. */
 LMOE_API void lmoe_context_reset_counters(lmoe_context *ctx);
+
+/* The host waits of lmoe_counters.host_waits told apart. A backpressure wait is the
+   host waiting for a ring of staging to free a place because it is a whole ring ahead
+   of the device (a batch's metadata ring, the context's upload staging); any other
+   wait is forced: the caller asked for one (synchronize, reads, the device_sync
+   guard), or the library needed the device idle (freeing or growing device memory). */
+typedef struct lmoe_wait_counters {
+  uint32_t struct_size;  /* output: written up to this size */
+  uint64_t host_waits;   /* all of them: forced + backpressure */
+  uint64_t forced;
+  uint64_t backpressure;
+} lmoe_wait_counters;
+LMOE_API lmoe_status lmoe_context_wait_counters(const lmoe_context *ctx, lmoe_wait_counters *out);
 
 /* ---------------------------------------------------------------- buffers */
 
@@ -384,6 +398,20 @@ typedef struct lmoe_batch_info {
 } lmoe_batch_info;
 
 LMOE_API lmoe_status lmoe_batch_create(lmoe_context *ctx, lmoe_batch **out);
+
+typedef struct lmoe_batch_config {
+  uint32_t struct_size;  /* every field has a default: 4 and up */
+  /* Places in the batch's ring of metadata staging, 1..64 (default 4): how many sets
+     of one batch may run ahead of the device before lmoe_batch_set waits
+     (backpressure). Used by the cuda backend for batches that travel through host
+     staging (over 400 requests or 120 active slots); others need none. */
+  int32_t staging_depth;
+} lmoe_batch_config;
+/* Fill cfg with the defaults (staging_depth 4). */
+LMOE_API void lmoe_batch_config_init(lmoe_batch_config *cfg);
+/* lmoe_batch_create with a config (NULL: the defaults, as lmoe_batch_create). */
+LMOE_API lmoe_status lmoe_batch_create_with(lmoe_context *ctx, const lmoe_batch_config *cfg,
+                                            lmoe_batch **out);
 LMOE_API void lmoe_batch_release(lmoe_batch *batch);
 /* Requests in order: request i has tokens[i] consecutive tokens (>= 0) and uses
    slots[i] (or LMOE_NO_ADAPTER). Computes on the host the segment offsets, the set of

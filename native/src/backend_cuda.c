@@ -2,12 +2,15 @@
 
    The forward only enqueues: no host wait (except the device_sync guard's one, on
    purpose), no blocking copy, no device-to-host read, no allocation. Batch metadata
-   reaches the device once per batch version: small batches as kernel parameters
-   (copied at launch, so a later lmoe_batch_set can never race them), large ones and
-   captured ones through the batch's pinned staging buffer, written by lmoe_batch_set
-   (which waits, counted, only while an upload reading it is pending). A batch captured
-   in a graph keeps staging into that same buffer, so each replay reads its current
-   contents. */
+   reaches the batch's one device buffer once per batch version, by work enqueued in
+   stream order: small batches as a kernel parameter (copied at launch, so nothing on
+   the host can race it), large ones copied from a ring of pinned staging places that
+   lmoe_batch_set fills in turn (it waits, counted as backpressure, only when the place
+   it needs is still read by a copy: the host is a whole ring ahead of the device).
+   The upload is enqueued by the forward, or, once a graph reads the batch, by
+   lmoe_batch_set itself on the context's stream: a replay reads the device buffer
+   (the graph holds its address, never a staging place), so it computes whatever the
+   sets enqueued before it left there (docs/design.md, "The CUDA backend"). */
 #include "internal.h"
 #include "lmoe_kernels.h"
 
@@ -22,7 +25,7 @@ typedef struct cuda_ctx {
   int32_t *any_host; /* pinned: the device_sync guard's flag */
   lmoe_gemm_device gemm_dev; /* what the GEMM selector knows of this device */
   /* Batches whose metadata the capture in progress (lmoe_graph_begin) reads, each
-     retained; lmoe_graph_end hands them to the graph. */
+     retained; lmoe_graph_end hands them to the graph, whose launches upload them. */
   lmoe_batch **cap;
   int32_t ncap, cap_size;
 } cuda_ctx;
@@ -39,27 +42,37 @@ _Static_assert(sizeof(((lmoe_meta_param *)0)->v) ==
                    LMOE_META_WORDS(LMOE_META_MAX_REQ_PARAM, LMOE_META_MAX_ACTIVE_PARAM) * sizeof(int32_t),
                "lmoe_meta_param holds the largest encoding sent as a kernel parameter");
 
+/* One place of a batch's staging ring: page-locked memory lmoe_batch_set writes one
+   version's encoding into, and the event recorded after the last copy out of it. A
+   copy reads pinned memory when it runs, not when it is enqueued, so the place may be
+   written again only once that event has completed. */
+typedef struct ring_place {
+  int32_t *host;
+  size_t cap;   /* words */
+  cudaEvent_t ev;
+  int recorded; /* ev has been recorded (a copy out of this place was enqueued) */
+} ring_place;
+
 typedef struct cuda_batch {
-  size_t ints;         /* words of the encoding staged last */
-  int32_t *pinned;     /* staging for the copy path */
-  int32_t *dev;        /* device copy */
-  size_t dev_cap;      /* ints, for pinned and dev */
-  uint64_t pinned_version;
-  cudaEvent_t ev;      /* recorded after each copy out of pinned */
-  int captured;        /* a graph reads pinned: stage into it on every set */
-  uint64_t up_version; /* last upload by parameters: version and stream */
-  void *up_stream;
-  int up_valid;
-  /* Recorded on the launch stream after each lmoe_graph_launch of a graph that reads
-     this batch: the graph's own event-record node fires only when the replay runs, so
-     it cannot tell a replay that is launched but not started; this one can. */
-  cudaEvent_t replay_ev;
-  int replay_ev_ok, replay_recorded;
-  void *replay_stream;
+  size_t ints;          /* words of the encoding of the current version */
+  int32_t *dev;         /* what forwards and replays read; fixed once a graph reads it */
+  size_t dev_cap;       /* words */
+  uint64_t dev_version; /* the version the writes enqueued so far leave in dev (0: none) */
+  /* The stream of the last work enqueued that reads or writes dev, and, when that is
+     not the context's stream, an event recorded after it there (the stream may be
+     gone by the next use; the event stays valid). Work on another stream first waits
+     for it on the device, so all of a batch's uploads and readers are in one order. */
+  void *last_stream;
+  cudaEvent_t order_ev;
+  int captured;         /* a graph reads dev: every set uploads at once, on the context's stream */
+  ring_place *ring;     /* [depth] */
+  int32_t depth;
+  int32_t cur;          /* the place holding the current version; -1: it goes as a kernel parameter */
+  int32_t next;         /* the place the next staged version takes */
 } cuda_batch;
 
 /* A graph instance and the batches its replays read (each retained: they live as long
-   as the graph). */
+   as the graph; each launch uploads those whose device copy is behind). */
 typedef struct cuda_graph {
   cudaGraphExec_t exec;
   lmoe_batch **batches;
@@ -219,7 +232,11 @@ static lmoe_status cu_copy(lmoe_context *ctx, void *dst, int32_t dst_mem, const 
     return LMOE_OK;
   }
   cudaStream_t s = (cudaStream_t)(stream ? stream : ctx->stream);
-  cudaError_t e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s);
+  /* the direction as the memory kinds say (what profilers and the tests count) */
+  enum cudaMemcpyKind kind = dst_mem == LMOE_MEMORY_HOST   ? cudaMemcpyDeviceToHost
+                             : src_mem == LMOE_MEMORY_HOST ? cudaMemcpyHostToDevice
+                                                           : cudaMemcpyDeviceToDevice;
+  cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, s);
   if (!e && blocking) e = cudaStreamSynchronize(s);
   if (e) return cuda_err(ctx, e, "cudaMemcpyAsync");
   return LMOE_OK;
@@ -377,29 +394,104 @@ static lmoe_status cu_slot_changed(lmoe_context *ctx, lmoe_pool *pool, int32_t s
 
 /* ---------------------------------------------------------------- batches */
 
-static lmoe_status wait_event(lmoe_context *ctx, cuda_batch *cb) {
-  cudaError_t e = cudaEventQuery(cb->ev);
+static bool meta_by_param(const int32_t *meta) {
+  return lmoe_meta_requests(meta) <= LMOE_META_MAX_REQ_PARAM &&
+         lmoe_meta_active_count(meta) <= LMOE_META_MAX_ACTIVE_PARAM;
+}
+
+/* Waits (counted) until the event's last record has completed; backpressure or forced. */
+static lmoe_status wait_recorded(lmoe_context *ctx, cudaEvent_t ev, bool backpressure, const char *what) {
+  cudaError_t e = cudaEventQuery(ev);
   if (e == cudaErrorNotReady) {
-    ctx->counters.host_waits++;
-    e = cudaEventSynchronize(cb->ev);
+    lmoe_count_wait(ctx, backpressure);
+    e = cudaEventSynchronize(ev);
   }
-  if (e) return cuda_err(ctx, e, "waiting for the batch's previous upload");
+  return e ? cuda_err(ctx, e, what) : LMOE_OK;
+}
+
+static cuda_batch *batch_state(lmoe_context *ctx, lmoe_batch *b, lmoe_status *st) {
+  cuda_batch *cb = b->be;
+  *st = LMOE_OK;
+  if (cb) return cb;
+  int32_t depth = b->depth >= 1 ? b->depth : 1;
+  cb = calloc(1, sizeof *cb);
+  ring_place *ring = calloc((size_t)depth, sizeof *ring);
+  if (!cb || !ring) {
+    free(cb), free(ring);
+    *st = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    return NULL;
+  }
+  cudaError_t e = cudaEventCreateWithFlags(&cb->order_ev, cudaEventDisableTiming);
+  for (int32_t i = 0; i < depth && !e; i++) e = cudaEventCreateWithFlags(&ring[i].ev, cudaEventDisableTiming);
+  if (e) {
+    for (int32_t i = 0; i < depth; i++)
+      if (ring[i].ev) cudaEventDestroy(ring[i].ev);
+    if (cb->order_ev) cudaEventDestroy(cb->order_ev);
+    free(cb), free(ring);
+    *st = cuda_err(ctx, e, "cudaEventCreate");
+    return NULL;
+  }
+  cb->ring = ring;
+  cb->depth = depth;
+  cb->cur = -1;
+  b->be = cb;
+  return cb;
+}
+
+/* Orders the batch's work on stream s after all of it enqueued so far elsewhere: a
+   device-side wait, no host wait. Not under capture (the forward checks instead). */
+static lmoe_status order_on(lmoe_context *ctx, cuda_batch *cb, cudaStream_t s) {
+  cudaError_t e = cudaSuccess;
+  if (cb->last_stream && cb->last_stream != (void *)s) {
+    if (cb->last_stream == ctx->stream) e = cudaEventRecord(cb->order_ev, (cudaStream_t)ctx->stream);
+    if (!e) e = cudaStreamWaitEvent(s, cb->order_ev, 0);
+  }
+  if (e) return cuda_err(ctx, e, "ordering the batch's streams");
+  cb->last_stream = (void *)s;
   return LMOE_OK;
 }
 
-static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
+/* After work that reads dev was enqueued on s: remember it for the next stream. */
+static lmoe_status used_on(lmoe_context *ctx, cuda_batch *cb, cudaStream_t s) {
+  if ((void *)s == ctx->stream) return LMOE_OK; /* recorded when another stream needs it */
+  cudaError_t e = cudaEventRecord(cb->order_ev, s);
+  return e ? cuda_err(ctx, e, "cudaEventRecord (batch order)") : LMOE_OK;
+}
+
+/* Enqueues on s, after the batch's earlier work, the upload of its current version
+   into dev, unless the uploads already enqueued leave it there. Never waits. */
+static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStream_t s) {
   cuda_batch *cb = b->be;
+  lmoe_status st = order_on(ctx, cb, s);
+  if (st || cb->dev_version == b->version) return st;
+  size_t bytes = cb->ints * sizeof(int32_t);
   cudaError_t e;
-  if (!cb) {
-    cb = calloc(1, sizeof *cb);
-    if (!cb) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-    e = cudaEventCreateWithFlags(&cb->ev, cudaEventDisableTiming);
-    if (e) {
-      free(cb);
-      return cuda_err(ctx, e, "cudaEventCreate");
-    }
-    b->be = cb;
+  if (cb->cur < 0) {
+    lmoe_meta_param mp;
+    mp.count = (int32_t)cb->ints;
+    memcpy(mp.v, b->meta, bytes);
+    e = lmoe_k_meta_write(cb->dev, &mp, s);
+    ctx->counters.launches++;
+  } else {
+    ring_place *p = &cb->ring[cb->cur];
+    e = cudaMemcpyAsync(cb->dev, p->host, bytes, cudaMemcpyHostToDevice, s);
+    if (!e) e = cudaEventRecord(p->ev, s);
+    if (!e) p->recorded = 1;
   }
+  if (e) return cuda_err(ctx, e, "metadata upload");
+  cb->dev_version = b->version;
+  ctx->counters.uploads++;
+  ctx->counters.bytes_uploaded += bytes;
+  return LMOE_OK;
+}
+
+/* At the end of lmoe_batch_set: room in dev; a large encoding written into the next
+   place of the ring (waiting, as backpressure, only while a copy out of that place is
+   still queued); a batch a graph reads uploaded at once on the context's stream. */
+static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
+  lmoe_status st;
+  cuda_batch *cb = batch_state(ctx, b, &st);
+  if (!cb) return st;
   int32_t n = lmoe_meta_requests(b->meta), A = lmoe_meta_active_count(b->meta);
   size_t ints = lmoe_meta_words(b->meta);
   if (ints != lmoe_meta_ints(n, A))
@@ -411,51 +503,52 @@ static lmoe_status cu_batch_stage(lmoe_context *ctx, lmoe_batch *b) {
                        "%d requests need %zu (make a new batch, or capture it larger)",
                        cb->dev_cap, (int)n, ints);
     size_t cap = ints * 2 < 64 ? 64 : ints * 2;
-    int32_t *d = NULL, *p = NULL;
-    lmoe_status st = cu_alloc(ctx, LMOE_MEMORY_DEVICE, cap * sizeof(int32_t), (void **)&d);
+    int32_t *d = NULL;
+    st = cu_alloc(ctx, LMOE_MEMORY_DEVICE, cap * sizeof(int32_t), (void **)&d);
     if (st) return st;
-    e = cudaHostAlloc((void **)&p, cap * sizeof(int32_t), cudaHostAllocDefault);
-    if (e) {
-      cu_free(ctx, LMOE_MEMORY_DEVICE, d);
-      return cuda_err(ctx, e, "cudaHostAlloc");
-    }
-    if (cb->dev) cu_free(ctx, LMOE_MEMORY_DEVICE, cb->dev); /* waits for readers */
-    if (cb->pinned) cudaFreeHost(cb->pinned);
+    if (cb->dev) cu_free(ctx, LMOE_MEMORY_DEVICE, cb->dev); /* waits for readers (forced) */
     cb->dev = d;
-    cb->pinned = p;
     cb->dev_cap = cap;
-    cb->pinned_version = 0;
-    cb->up_valid = 0;
+    cb->dev_version = 0;
   }
-  cb->ints = ints;
-  /* Batches that travel through the pinned staging (captured in a graph, or too large
-     for kernel parameters) are staged here, so the forward itself never waits: the
-     wait, counted, happens only if an upload that reads the staging is still pending. */
-  if (cb->captured || n > LMOE_META_MAX_REQ_PARAM || A > LMOE_META_MAX_ACTIVE_PARAM) {
-    lmoe_status st = wait_event(ctx, cb);
-    if (st) return st;
-    if (cb->replay_recorded) { /* replays launched but maybe not started */
-      e = cudaEventQuery(cb->replay_ev);
-      if (e == cudaErrorNotReady) {
-        ctx->counters.host_waits++;
-        e = cudaEventSynchronize(cb->replay_ev);
-      }
-      if (e) return cuda_err(ctx, e, "waiting for the graph replays that read this batch");
+  int32_t cur = -1;
+  if (!meta_by_param(b->meta)) {
+    cur = cb->next;
+    ring_place *p = &cb->ring[cur];
+    if (p->recorded) {
+      st = wait_recorded(ctx, p->ev, true, "waiting for a staging place of the batch");
+      if (st) return st;
     }
-    memcpy(cb->pinned, b->meta, ints * sizeof(int32_t));
-    cb->pinned_version = b->version;
+    if (p->cap < ints) {
+      size_t cap = ints * 2 < 64 ? 64 : ints * 2;
+      int32_t *h = NULL;
+      cudaError_t e = cudaHostAlloc((void **)&h, cap * sizeof(int32_t), cudaHostAllocDefault);
+      if (e) return cuda_err(ctx, e, "cudaHostAlloc (batch staging)");
+      if (p->host) cudaFreeHost(p->host); /* no copy reads it: its event completed */
+      p->host = h;
+      p->cap = cap;
+    }
+    memcpy(p->host, b->meta, ints * sizeof(int32_t));
+    cb->next = (cur + 1) % cb->depth;
   }
+  cb->cur = cur;
+  cb->ints = ints;
+  /* dev_version no longer names this content: the version bumped before staging */
+  if (cb->captured) return upload_meta(ctx, b, (cudaStream_t)ctx->stream);
   return LMOE_OK;
 }
 
 static void cu_batch_fini(lmoe_context *ctx, lmoe_batch *b) {
   cuda_batch *cb = b->be;
   if (!cb) return;
-  if (cb->dev) cu_free(ctx, LMOE_MEMORY_DEVICE, cb->dev);
-  if (cb->pinned) cudaFreeHost(cb->pinned);
-  cudaEventDestroy(cb->ev);
-  if (cb->replay_ev_ok) cudaEventDestroy(cb->replay_ev);
+  if (cb->dev) cu_free(ctx, LMOE_MEMORY_DEVICE, cb->dev); /* waits for the device */
+  for (int32_t i = 0; i < cb->depth; i++) {
+    if (cb->ring[i].host) cudaFreeHost(cb->ring[i].host);
+    cudaEventDestroy(cb->ring[i].ev);
+  }
+  cudaEventDestroy(cb->order_ev);
   cudaGetLastError();
+  free(cb->ring);
   free(cb);
   b->be = NULL;
 }
@@ -483,52 +576,20 @@ static void drop_captured(lmoe_context *ctx) {
   cc->ncap = 0;
 }
 
-/* Enqueues the batch's metadata into its device copy (once per version and stream). */
-static lmoe_status upload_meta(lmoe_context *ctx, const lmoe_batch *b, cudaStream_t s, int capturing) {
+/* A forward captured on s reads dev as the replays find it. The graph holds no upload:
+   lmoe_graph_launch uploads a batch whose device copy is behind, and every later set
+   of the batch uploads at once. A capture made with cudaStreamBeginCapture has no
+   launch of ours, so the device copy must already hold this version in s's order. */
+static lmoe_status capture_meta(lmoe_context *ctx, lmoe_batch *b, cudaStream_t s) {
   cuda_batch *cb = b->be;
-  size_t bytes = cb->ints * sizeof(int32_t);
-  cudaError_t e;
-  lmoe_status st;
-  bool by_param = !capturing && lmoe_meta_requests(b->meta) <= LMOE_META_MAX_REQ_PARAM &&
-                  lmoe_meta_active_count(b->meta) <= LMOE_META_MAX_ACTIVE_PARAM;
-  if (by_param) {
-    if (cb->up_valid && cb->up_version == b->version && cb->up_stream == (void *)s) return LMOE_OK;
-    lmoe_meta_param mp;
-    mp.count = (int32_t)cb->ints;
-    memcpy(mp.v, b->meta, bytes);
-    e = lmoe_k_meta_write(cb->dev, &mp, s);
-    ctx->counters.launches++;
-    if (e) return cuda_err(ctx, e, "metadata upload");
-    cb->up_valid = 1;
-    cb->up_version = b->version;
-    cb->up_stream = (void *)s;
-  } else {
-    if (cb->pinned_version != b->version) {
-      /* only a first capture of a small batch gets here: its staging was never read */
-      memcpy(cb->pinned, b->meta, bytes);
-      cb->pinned_version = b->version;
-    }
-    /* A captured copy is replayed for every later content of this batch: it must move
-       the whole staging (dev_cap words), not this version's length, or a replay of a
-       batch with more requests or active slots than at capture reads a stale tail of
-       the active-slot list (seen: wrong adapters on one request's tokens, 3 runs in 15,
-       when a request of the captured batch happened to have no tokens). */
-    if (capturing) bytes = cb->dev_cap * sizeof(int32_t);
-    e = cudaMemcpyAsync(cb->dev, cb->pinned, bytes, cudaMemcpyHostToDevice, s);
-    if (!e) e = cudaEventRecordWithFlags(cb->ev, s, capturing ? cudaEventRecordExternal : cudaEventRecordDefault);
-    if (e) return cuda_err(ctx, e, "metadata upload");
-    if (capturing) {
-      cb->captured = 1;
-      if (ctx->capturing && ctx->capture_stream == (void *)s) {
-        st = note_captured(ctx, (lmoe_batch *)b);
-        if (st) return st;
-      }
-    }
-    cb->up_valid = 0;
-  }
-  ctx->counters.uploads++;
-  ctx->counters.bytes_uploaded += bytes;
-  return LMOE_OK;
+  bool ours = ctx->capturing && ctx->capture_stream == (void *)s;
+  if (!ours && (cb->last_stream != (void *)s || cb->dev_version != b->version))
+    return lmoe_fail(ctx, LMOE_ERR_STATE,
+                     "this batch's metadata is not on the device in the captured stream's order: "
+                     "before capturing with cudaStreamBeginCapture, run one eager forward of the "
+                     "batch as it is set now on that stream (lmoe_graph_begin needs none)");
+  cb->captured = 1;
+  return ours ? note_captured(ctx, b) : LMOE_OK;
 }
 
 /* ---------------------------------------------------------------- forward */
@@ -588,7 +649,7 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
     return lmoe_fail(ctx, LMOE_ERR_STATE, "the workspace (%zu bytes) is smaller than this layer needs (%zu)",
                      ctx->workspace_bytes, need);
   if (lora_possible) {
-    lmoe_status st = upload_meta(ctx, b, s, capturing);
+    lmoe_status st = capturing ? capture_meta(ctx, (lmoe_batch *)b, s) : upload_meta(ctx, b, s);
     if (st) return st;
     f.meta = ((cuda_batch *)b->be)->dev;
   }
@@ -617,7 +678,7 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   if (run_lora) LAUNCH(lmoe_k_shrink2(&f, s), 1);
   LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
   LAUNCH(lmoe_k_reduce(&f, s), 0);
-  return LMOE_OK;
+  return f.meta && !capturing ? used_on(ctx, (cuda_batch *)b->be, s) : LMOE_OK;
 }
 
 /* ---------------------------------------------------------------- graphs */
@@ -671,20 +732,7 @@ static lmoe_status cu_graph_end(lmoe_context *ctx, void *stream, void **exec) {
     drop_captured(ctx);
     return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   }
-  for (int32_t i = 0; i < cc->ncap; i++) {
-    cuda_batch *cb = cc->cap[i]->be;
-    if (!cb->replay_ev_ok) {
-      e = cudaEventCreateWithFlags(&cb->replay_ev, cudaEventDisableTiming);
-      if (e) {
-        free(cg), free(bs);
-        cudaGraphExecDestroy(ge);
-        drop_captured(ctx);
-        return cuda_err(ctx, e, "cudaEventCreate");
-      }
-      cb->replay_ev_ok = 1;
-    }
-    bs[i] = cc->cap[i]; /* the references move to the graph */
-  }
+  for (int32_t i = 0; i < cc->ncap; i++) bs[i] = cc->cap[i]; /* the references move to the graph */
   cg->exec = ge;
   cg->batches = bs;
   cg->n = cc->ncap;
@@ -693,26 +741,26 @@ static lmoe_status cu_graph_end(lmoe_context *ctx, void *stream, void **exec) {
   return LMOE_OK;
 }
 
+/* Before the replay, on its stream: each batch it reads ordered after the batch's
+   earlier work (a device-side wait when that was on another stream) and uploaded if
+   its device copy is behind (a capture of a batch whose version had not reached the
+   device, say). After it, on another stream than the context's, the batch's order
+   event. Never waits. */
 static lmoe_status cu_graph_launch(lmoe_context *ctx, void *exec, void *stream) {
   cuda_graph *cg = exec;
   cudaStream_t s = (cudaStream_t)stream;
-  cudaError_t e = cudaSuccess;
-  /* Each batch's replay event must complete only after every replay launched so far
-     that reads the batch: a launch on another stream than the last one first waits
-     (on the device) for those. */
-  for (int32_t i = 0; i < cg->n && !e; i++) {
-    cuda_batch *cb = cg->batches[i]->be;
-    if (cb->replay_recorded && cb->replay_stream != stream) e = cudaStreamWaitEvent(s, cb->replay_ev, 0);
+  for (int32_t i = 0; i < cg->n; i++) {
+    lmoe_batch *b = cg->batches[i];
+    /* a batch whose last set was refused is replayed as last staged (its set-time
+       upload): only ordered, its host encoding is not the staged one */
+    lmoe_status st = b->unstaged ? order_on(ctx, b->be, s) : upload_meta(ctx, b, s);
+    if (st) return st;
   }
-  if (e) return cuda_err(ctx, e, "cudaStreamWaitEvent before cudaGraphLaunch");
-  e = cudaGraphLaunch(cg->exec, s);
+  cudaError_t e = cudaGraphLaunch(cg->exec, s);
   if (e) return cuda_err(ctx, e, "cudaGraphLaunch");
   for (int32_t i = 0; i < cg->n; i++) {
-    cuda_batch *cb = cg->batches[i]->be;
-    e = cudaEventRecord(cb->replay_ev, s);
-    if (e) return cuda_err(ctx, e, "cudaEventRecord after cudaGraphLaunch");
-    cb->replay_stream = stream;
-    cb->replay_recorded = 1;
+    lmoe_status st = used_on(ctx, cg->batches[i]->be, s);
+    if (st) return st;
   }
   return LMOE_OK;
 }

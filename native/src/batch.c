@@ -18,9 +18,32 @@ static void batch_destroy(lmoe_object *obj) {
   lmoe_context_release(ctx);
 }
 
+void lmoe_batch_config_init(lmoe_batch_config *cfg) {
+  if (!cfg) return;
+  memset(cfg, 0, sizeof *cfg);
+  cfg->struct_size = sizeof *cfg;
+  cfg->staging_depth = 4;
+}
+
 lmoe_status lmoe_batch_create(lmoe_context *ctx, lmoe_batch **out) {
+  return lmoe_batch_create_with(ctx, NULL, out);
+}
+
+lmoe_status lmoe_batch_create_with(lmoe_context *ctx, const lmoe_batch_config *cfg_in, lmoe_batch **out) {
   if (!lmoe_object_is(ctx, LMOE_MAGIC_CONTEXT)) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_clear_error(ctx);
   if (!out) return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "out is NULL");
+  *out = NULL;
+  lmoe_batch_config cfg; /* every field has a default */
+  lmoe_batch_config_init(&cfg);
+  if (cfg_in) {
+    lmoe_status st = lmoe_struct_in(ctx, &cfg, sizeof cfg, sizeof(uint32_t), cfg_in, "batch config",
+                                    "lmoe_batch_config_init");
+    if (st) return st;
+  }
+  if (cfg.staging_depth < 1 || cfg.staging_depth > 64)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "staging_depth must be 1..64, got %d",
+                     (int)cfg.staging_depth);
   lmoe_batch *b = calloc(1, sizeof *b);
   if (!b) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   lmoe_object_init(&b->obj, LMOE_MAGIC_BATCH, batch_destroy);
@@ -31,6 +54,7 @@ lmoe_status lmoe_batch_create(lmoe_context *ctx, lmoe_batch **out) {
     return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   }
   b->max_slot = -1;
+  b->depth = cfg.staging_depth;
   lmoe_context_retain(ctx);
   b->ctx = ctx;
   *out = b;

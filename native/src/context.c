@@ -177,7 +177,21 @@ lmoe_status lmoe_context_counters(const lmoe_context *ctx, lmoe_counters *out) {
 }
 
 void lmoe_context_reset_counters(lmoe_context *ctx) {
-  if (ctx) memset(&ctx->counters, 0, sizeof ctx->counters);
+  if (!ctx) return;
+  memset(&ctx->counters, 0, sizeof ctx->counters);
+  ctx->backpressure_waits = 0;
+}
+
+lmoe_status lmoe_context_wait_counters(const lmoe_context *ctx, lmoe_wait_counters *out) {
+  if (!lmoe_object_is(ctx, LMOE_MAGIC_CONTEXT) || !out) return LMOE_ERR_INVALID_ARGUMENT;
+  lmoe_wait_counters w;
+  memset(&w, 0, sizeof w);
+  w.struct_size = sizeof w;
+  w.host_waits = ctx->counters.host_waits;
+  w.backpressure = ctx->backpressure_waits <= w.host_waits ? ctx->backpressure_waits : w.host_waits;
+  w.forced = w.host_waits - w.backpressure;
+  return lmoe_struct_out((lmoe_context *)ctx, out, &w, sizeof w, "wait counters",
+                         "lmoe_context_wait_counters with struct_size = sizeof(lmoe_wait_counters)");
 }
 
 /* Grows the workspace to what a layer (and a pool on it) may need. Called where layers

@@ -52,6 +52,9 @@ struct lmoe_context {
   int32_t guard;
   lmoe_allocator allocator;
   lmoe_counters counters;
+  /* Of counters.host_waits, those made because a ring of staging was full
+     (lmoe_wait_counters; lmoe_count_wait). */
+  uint64_t backpressure_waits;
   /* Workspace shared by all forwards of this context, sized by the largest layer's
      upper bounds; grown only outside forwards (layer creation). */
   void *workspace;
@@ -64,12 +67,16 @@ struct lmoe_context {
   lmoe_status capture_failed;
   lmoe_counters capture_start;
   /* Two reusable host buffers for staged uploads (upload.c), made on first use and
-     kept: page-locked where the backend has that. chunk is the size of each. */
+     kept: page-locked where the backend has that. chunk is the size of each.
+     inflight[i]: a copy out of buf[i] may not have run yet (ev[i] tells when it has);
+     kept across uploads, since an upload may end without waiting for its copies. */
   struct {
     void *buf[2];
     void *ev[2]; /* the backend's events, NULL where it has none */
     size_t chunk;
     bool pinned;
+    bool inflight[2];
+    int next; /* the buffer the next upload starts with: the one filled longest ago */
   } staging;
   char error[LMOE_ERRBUF];
 };
@@ -178,6 +185,7 @@ struct lmoe_batch {
   int32_t max_rank;
   int32_t max_slot;
   uint64_t version;       /* bumps on every lmoe_batch_set */
+  int32_t depth;          /* places in the backend's metadata staging ring (lmoe_batch_config) */
   bool unstaged;          /* the backend could not stage the last set: forwards refuse it */
   void *be;               /* backend per-batch state (staging for the upload) */
 };
@@ -243,8 +251,9 @@ struct lmoe_backend_ops {
   void (*pool_fini)(lmoe_context *ctx, lmoe_pool *pool);
   /* After a slot was loaded or unloaded (its lmoe_slot facts are current). */
   lmoe_status (*slot_changed)(lmoe_context *ctx, lmoe_pool *pool, int32_t slot);
-  /* At the end of a successful lmoe_batch_set: stage the metadata for upload. Must not
-     race an upload of this batch's previous contents that is still enqueued. */
+  /* At the end of a successful lmoe_batch_set: stage the metadata for upload (cuda: the
+     next place of the batch's staging ring, b->depth places; it waits, as
+     backpressure, only for a queued copy out of that place). */
   lmoe_status (*batch_stage)(lmoe_context *ctx, lmoe_batch *batch);
   void (*batch_fini)(lmoe_context *ctx, lmoe_batch *batch);
   /* Optional, for staged uploads (upload.c): page-locked host memory the device copies
@@ -310,7 +319,6 @@ typedef struct lmoe_upload {
   int cur;          /* the staging buffer being filled */
   uint8_t *dst;     /* where its bytes go */
   size_t pending;   /* bytes in it */
-  bool inflight[2]; /* a copy out of that buffer may not have run */
   lmoe_status st;
 } lmoe_upload;
 lmoe_status lmoe_upload_begin(lmoe_context *ctx, lmoe_upload *u);
@@ -318,8 +326,19 @@ lmoe_status lmoe_upload_span(lmoe_upload *u, void *dst, size_t want, void **host
 void lmoe_upload_commit(lmoe_upload *u, size_t n);
 lmoe_status lmoe_upload_flush(lmoe_upload *u); /* before spans into another allocation */
 lmoe_status lmoe_upload_end(lmoe_upload *u);
+/* Like end, without the final wait: the last copies stay enqueued on the context's
+   stream (ordered before whatever is enqueued there next), and the next upload that
+   needs their staging waits for them (backpressure). A pool load ends this way. */
+lmoe_status lmoe_upload_finish(lmoe_upload *u);
 void lmoe_upload_staging_free(lmoe_context *ctx); /* context destroy */
 enum { LMOE_STAGING_CHUNK = 32 << 20 };
+
+/* One host wait, counted in counters.host_waits; backpressure: because a ring of
+   staging was full (the host a whole ring ahead of the device), not forced. */
+static inline void lmoe_count_wait(lmoe_context *ctx, bool backpressure) {
+  ctx->counters.host_waits++;
+  if (backpressure) ctx->backpressure_waits++;
+}
 
 /* errors (error.c): set the context's message and return the status */
 lmoe_status lmoe_fail(lmoe_context *ctx, lmoe_status st, const char *fmt, ...)

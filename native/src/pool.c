@@ -202,8 +202,30 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
   part_cut cut_gu = {e0, H, 0, 2 * IW, I, i0, IW + i0}, cut_g = {e0, H, 0, IW, I, i0, 0};
   part_cut cut_d = {e0, IW, i0, H, H, 0, 0};
   size_t R = (size_t)p->cfg.max_rank, R13 = 2 * R;
-  uint8_t *img = calloc(1, p->slot_bytes);
-  if (!img) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory (%zu bytes)", p->slot_bytes);
+  /* The slot image goes to the device through the context's upload staging (upload.c),
+     one stream-ordered copy per staging chunk on the context's stream, so it lands
+     after every forward enqueued before it there and before every one enqueued after
+     (docs/design.md, "Reloads"); the load does not wait for it. An image that fits one
+     chunk is built in the staging itself (on a backend whose device memory is host
+     memory, in the slot); a larger one in host memory first, then staged chunk by
+     chunk. Everything was validated above: from here on the slot is rewritten. */
+  uint8_t *dst = (uint8_t *)p->storage + (size_t)slot * p->slot_bytes;
+  lmoe_upload u;
+  void *span = NULL;
+  size_t got = 0;
+  st = lmoe_upload_begin(ctx, &u);
+  if (!st) st = lmoe_upload_span(&u, dst, p->slot_bytes, &span, &got);
+  if (st) {
+    lmoe_upload_finish(&u);
+    return st;
+  }
+  bool in_place = got == p->slot_bytes;
+  uint8_t *img = in_place ? span : malloc(p->slot_bytes);
+  if (!img) {
+    lmoe_upload_finish(&u);
+    return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory (%zu bytes)", p->slot_bytes);
+  }
+  memset(img, 0, p->slot_bytes);
   uint16_t *a13 = (uint16_t *)(img + p->off_a13), *b13 = (uint16_t *)(img + p->off_b13);
   uint16_t *a2 = (uint16_t *)(img + p->off_a2), *b2 = (uint16_t *)(img + p->off_b2);
 
@@ -244,17 +266,19 @@ lmoe_status lmoe_pool_load(lmoe_pool *p, int32_t slot, const lmoe_adapter_desc *
     s.targets |= LMOE_TARGET_DOWN;
   }
 
-  /* On the context's stream, so the write lands after every forward enqueued before
-     it on that stream and before every one enqueued after (docs/design.md, "Reloads").
-     Blocking: img is pageable and freed below. */
-  st = ctx->ops->copy(ctx, (uint8_t *)p->storage + (size_t)slot * p->slot_bytes, LMOE_MEMORY_DEVICE,
-                      img, LMOE_MEMORY_HOST, p->slot_bytes, ctx->stream, 1);
-  if (!ctx->ops->caps.host_memory) {
-    ctx->counters.uploads++;
-    ctx->counters.bytes_uploaded += p->slot_bytes;
+  if (in_place) {
+    lmoe_upload_commit(&u, p->slot_bytes);
+  } else { /* the first span is in hand; then one per chunk */
+    for (size_t off = 0; !st && off < p->slot_bytes; off += got) {
+      if (off) st = lmoe_upload_span(&u, dst + off, p->slot_bytes - off, &span, &got);
+      if (st) break;
+      memcpy(span, img + off, got);
+      lmoe_upload_commit(&u, got);
+    }
+    free(img);
   }
-  if (!ctx->ops->caps.synchronous) ctx->counters.host_waits++;
-  free(img);
+  lmoe_status st2 = lmoe_upload_finish(&u);
+  if (!st) st = st2;
   if (st) {
     p->slots[slot].loaded = false; /* content unknown after a failed copy */
     p->slots[slot].generation++;

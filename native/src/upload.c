@@ -2,8 +2,13 @@
    bounded chunks through two reusable staging buffers of the context, page-locked where
    the backend has that. The host fills one buffer while the copy out of the other runs
    on the context's stream: one stream-ordered copy per chunk, whatever the data's
-   parts, and a host wait only when the host fills faster than the copies drain (and
-   once at the end). Host memory stays at two chunks however large the data.
+   parts, and a host wait only when the host fills faster than the copies drain (a
+   backpressure wait: the two buffers are a ring of two). lmoe_upload_end waits once at
+   the end for the last copies; lmoe_upload_finish (pool loads) does not: its copies
+   stay enqueued, ordered on the context's stream before whatever comes next there,
+   and the buffers remember that they are in flight, so the next upload waits for one
+   only if it needs it before its copy ran. Host memory stays at two chunks however
+   large the data.
 
    A backend whose device memory is host memory needs none of it: the span handed out
    is the destination itself, so a reader writes the data in place. */
@@ -13,6 +18,11 @@
 
 void lmoe_upload_staging_free(lmoe_context *ctx) {
   for (int i = 0; i < 2; i++) {
+    if (ctx->staging.inflight[i]) { /* a copy may still read it: let it run first */
+      bool waited = false;
+      ctx->ops->event_wait(ctx, ctx->staging.ev[i], &waited);
+      ctx->staging.inflight[i] = false;
+    }
     if (ctx->staging.buf[i]) {
       if (ctx->staging.pinned) ctx->ops->pinned_free(ctx, ctx->staging.buf[i]);
       else ctx->ops->free(ctx, LMOE_MEMORY_HOST, ctx->staging.buf[i]);
@@ -45,17 +55,20 @@ lmoe_status lmoe_upload_begin(lmoe_context *ctx, lmoe_upload *u) {
   u->ctx = ctx;
   u->direct = ctx->ops->caps.host_memory;
   u->st = u->direct ? LMOE_OK : staging_make(ctx);
+  u->cur = ctx->staging.next; /* the buffers take turns across uploads too */
   return u->st;
 }
 
-/* Waits until the copy out of buffer i (if any) has run, counting a wait it had to make. */
-static lmoe_status drain(lmoe_upload *u, int i) {
+/* Waits until the copy out of buffer i (if any) has run, counting a wait it had to
+   make: backpressure when the buffer is needed again, forced at the end of an upload
+   that waits for its copies. */
+static lmoe_status drain(lmoe_upload *u, int i, bool backpressure) {
   lmoe_context *ctx = u->ctx;
-  if (!u->inflight[i]) return LMOE_OK;
+  if (!ctx->staging.inflight[i]) return LMOE_OK;
   bool waited = false;
   lmoe_status st = ctx->ops->event_wait(ctx, ctx->staging.ev[i], &waited);
-  if (waited) ctx->counters.host_waits++;
-  u->inflight[i] = false;
+  if (waited) lmoe_count_wait(ctx, backpressure);
+  ctx->staging.inflight[i] = false;
   return st;
 }
 
@@ -70,12 +83,12 @@ static lmoe_status flush(lmoe_upload *u) {
   ctx->counters.uploads++;
   ctx->counters.bytes_uploaded += u->pending;
   if (!st && async) st = ctx->ops->event_record(ctx, ctx->staging.ev[i], ctx->stream);
-  if (!st && async) u->inflight[i] = true;
-  if (!async && !ctx->ops->caps.synchronous) ctx->counters.host_waits++;
+  if (!st && async) ctx->staging.inflight[i] = true;
+  if (!async && !ctx->ops->caps.synchronous) lmoe_count_wait(ctx, false);
   u->pending = 0;
   u->cur ^= 1;
-  lmoe_status st2 = drain(u, u->cur);
-  return st ? st : st2;
+  ctx->staging.next = u->cur;
+  return st;
 }
 
 /* Sends what is staged now, so the next span starts a new copy: a caller moving to
@@ -97,6 +110,8 @@ lmoe_status lmoe_upload_span(lmoe_upload *u, void *dst, size_t want, void **host
   }
   size_t chunk = u->ctx->staging.chunk;
   if (u->pending && ((uint8_t *)dst != u->dst + u->pending || u->pending == chunk)) u->st = flush(u);
+  /* a buffer about to be filled may still be read by an enqueued copy */
+  if (!u->st && u->pending == 0) u->st = drain(u, u->cur, true);
   if (u->st) return u->st;
   if (u->pending == 0) u->dst = dst;
   *host = (uint8_t *)u->ctx->staging.buf[u->cur] + u->pending;
@@ -108,11 +123,18 @@ void lmoe_upload_commit(lmoe_upload *u, size_t n) {
   if (!u->direct && !u->st) u->pending += n;
 }
 
-lmoe_status lmoe_upload_end(lmoe_upload *u) {
+lmoe_status lmoe_upload_finish(lmoe_upload *u) {
   if (u->direct) return u->st;
   lmoe_status st = u->st ? u->st : flush(u);
+  u->st = st;
+  return st;
+}
+
+lmoe_status lmoe_upload_end(lmoe_upload *u) {
+  if (u->direct) return u->st;
+  lmoe_status st = lmoe_upload_finish(u);
   for (int i = 0; i < 2; i++) {
-    lmoe_status s2 = drain(u, i);
+    lmoe_status s2 = drain(u, i, false);
     if (!st) st = s2;
   }
   u->st = st;

@@ -1,7 +1,10 @@
 /* Stream order, proven: (a) CUPTI counts every host synchronisation, blocking or
    device-to-host copy and allocation the library makes over 100 forwards whose batch
    changes between forwards — 0 with guard host and always, exactly 1 wait and 1
-   download per forward with device_sync; (b) a forward captured in a CUDA graph on a
+   download per forward with device_sync; (b) one batch object set and forwarded, or
+   set and replayed, in a loop, with and without an adapter reload every 50 forwards:
+   0 forced host waits (lmoe_context_wait_counters), backpressure only through a full
+   staging ring, the counters printed; (c) a forward captured in a CUDA graph on a
    blocking stream replays correctly after the batch changes (new adapter mix, none). */
 #include "gpu_common.h"
 
@@ -222,6 +225,123 @@ static void test_graph_replay(int guard, const char *name) {
   cudaStreamDestroy(s);
 }
 
+static lmoe_wait_counters wait_counters(lmoe_context *ctx) {
+  lmoe_wait_counters w;
+  memset(&w, 0, sizeof w);
+  w.struct_size = sizeof w;
+  OK(ctx, lmoe_context_wait_counters(ctx, &w));
+  return w;
+}
+
+/* n requests over the case's M tokens on random slots (or none); some empty. */
+static void random_requests(gpu_case *c, int n) {
+  int left = c->M;
+  for (int i = 0; i < n; i++) {
+    int t = i == n - 1 ? left : (int)(test_rand() % (uint64_t)(2 * c->M / n + 1));
+    if (t > left) t = left;
+    c->req_tok[i] = t;
+    c->req_slot[i] = (int)(test_rand() % (uint64_t)(c->S + 1)) - 1;
+    left -= t;
+  }
+  c->nreq = n;
+  OK(c->ctx, lmoe_batch_set(c->batch, c->pool, n, c->req_tok, c->req_slot));
+}
+
+/* The natural loop on ONE batch object: set, forward (or replay a graph captured from
+   it), set, forward, ... with no wait by the caller. The host may wait only as
+   backpressure (the batch's staging ring full: the host a whole ring ahead of the
+   device; batches over 400 requests use the ring, smaller ones none); every forced
+   wait is a failure. With reload > 0, slot 0 is reloaded every `reload` forwards:
+   stream-ordered from the context's pinned staging, no forced wait either. CUPTI's
+   synchronisations must be exactly the counted backpressure waits; no allocation, no
+   blocking or device-to-host copy once warm. */
+static void test_one_batch_loop(int graph, int nreq, int reload) {
+  lmoe_context *ctx = gpu_context(LMOE_GUARD_ALWAYS, NULL);
+  gpu_case c;
+#ifdef LMOE_SIM_CUDA
+  case_init(&c, ctx, 16, 128, 64, 4, 128, 4, 16, 0, 0);
+  int iters = 100;
+#else
+  case_init(&c, ctx, 16, 256, 128, 4, 512, 4, 16, 0, 0);
+  int iters = 400;
+#endif
+  for (int s = 0; s < 4; s++) case_load_adapter(&c, s, 7, s == 3, 4 << (s % 3), 8, 16);
+  free(c.req_tok), free(c.req_slot);
+  c.req_tok = malloc(sizeof(int) * (size_t)nreq);
+  c.req_slot = malloc(sizeof(int) * (size_t)nreq);
+  random_requests(&c, nreq);
+  lmoe_forward_args a;
+  case_args(&c, &a);
+  OK(ctx, lmoe_forward(ctx, &a, NULL));
+  lmoe_graph *g = NULL;
+  if (graph) {
+    OK(ctx, lmoe_graph_begin(ctx, NULL));
+    OK(ctx, lmoe_forward(ctx, &a, NULL));
+    OK(ctx, lmoe_graph_end(ctx, NULL, &g));
+  }
+  for (int i = 0; i < 8; i++) { /* warm: every place of the ring made */
+    random_requests(&c, nreq);
+    if (graph) OK(ctx, lmoe_graph_launch(g, NULL));
+    else OK(ctx, lmoe_forward(ctx, &a, NULL));
+  }
+  if (reload) case_load_adapter(&c, 0, 7, 0, 8, 8, 8); /* the upload staging made */
+  OK(ctx, lmoe_context_synchronize(ctx, NULL));
+  lmoe_wait_counters w0 = wait_counters(ctx), w1;
+  lmoe_counters c0, c1;
+  lmoe_context_counters(ctx, &c0);
+  n_sync = n_d2h = n_blocking = n_alloc = 0;
+  counting = 1;
+  int loads = 0;
+  for (int i = 0; i < iters; i++) {
+    if (reload && i % reload == reload - 1) {
+      counting = 0; /* the test's own host arrays for the new adapter */
+      host_adapter keep = c.ad[0];
+      memset(&c.ad[0], 0, sizeof c.ad[0]);
+      counting = 1;
+      case_load_adapter(&c, 0, 7, loads & 1, 16, 8, 4 << (loads % 3));
+      counting = 0;
+      part_free(&keep.gate), part_free(&keep.up), part_free(&keep.gate_up), part_free(&keep.down);
+      counting = 1;
+      loads++;
+    }
+    random_requests(&c, nreq);
+    if (graph) OK(ctx, lmoe_graph_launch(g, NULL));
+    else OK(ctx, lmoe_forward(ctx, &a, NULL));
+  }
+  counting = 0;
+  w1 = wait_counters(ctx);
+  lmoe_context_counters(ctx, &c1);
+  uint64_t forced = w1.forced - w0.forced, bp = w1.backpressure - w0.backpressure;
+  char what[96];
+  snprintf(what, sizeof what, "one batch, %s, %d requests%s", graph ? "graph replays" : "eager", nreq,
+           reload ? ", reload every" : "");
+  if (reload) snprintf(what + strlen(what), sizeof what - strlen(what), " %d (%d loads)", reload, loads);
+  printf("%s: %d iterations: host waits %llu (forced %llu, backpressure %llu); CUPTI syncs %d, d2h copies %d, "
+         "blocking copies %d, allocations %d; uploads %llu (%llu bytes), launches %llu\n",
+         what, iters, (unsigned long long)(w1.host_waits - w0.host_waits), (unsigned long long)forced,
+         (unsigned long long)bp, n_sync, n_d2h, n_blocking, n_alloc, (unsigned long long)(c1.uploads - c0.uploads),
+         (unsigned long long)(c1.bytes_uploaded - c0.bytes_uploaded), (unsigned long long)(c1.launches - c0.launches));
+  CHECK(forced == 0, "%s: %llu forced host waits (want 0)", what, (unsigned long long)forced);
+  /* without a ring nothing can be full (a reload may find the upload staging still
+     read by the previous load's copy: the host ran that far ahead) */
+  CHECK(nreq > 400 || reload || bp == 0, "%s: %llu backpressure waits without a ring", what,
+        (unsigned long long)bp);
+  CHECK((uint64_t)n_sync == bp, "%s: %d CUPTI synchronisations, %llu counted waits", what, n_sync,
+        (unsigned long long)bp);
+  CHECK(n_d2h == 0 && n_blocking == 0 && n_alloc == 0, "%s: %d d2h, %d blocking copies, %d allocations", what,
+        n_d2h, n_blocking, n_alloc);
+  /* and the last forward is right */
+  double *ref = malloc(sizeof(double) * (size_t)c.M * c.H);
+  case_reference(&c, ref, 1);
+  int64_t bad;
+  double err = case_compare(&c, ref, &bad);
+  CHECK(bad == 0 && err < 1e-2, "%s: last forward rel L2 %.3e", what, err);
+  free(ref);
+  lmoe_graph_release(g);
+  case_free(&c);
+  lmoe_context_release(ctx);
+}
+
 int main(void) {
   if (!test_need_gpu("test_gpu_sync")) return 1;
   CUpti_SubscriberHandle sub;
@@ -233,6 +353,11 @@ int main(void) {
   test_sync_counts(LMOE_GUARD_HOST, "host");
   test_sync_counts(LMOE_GUARD_ALWAYS, "always");
   test_sync_counts(LMOE_GUARD_DEVICE_SYNC, "device_sync");
+  for (int graph = 0; graph < 2; graph++) {
+    test_one_batch_loop(graph, 8, 0);
+    test_one_batch_loop(graph, 512, 0); /* through the batch's staging ring */
+    test_one_batch_loop(graph, 8, 50);
+  }
   cuptiUnsubscribe(sub);
   test_graph_replay(LMOE_GUARD_ALWAYS, "always");
   test_graph_replay(LMOE_GUARD_HOST, "host");
