@@ -1,6 +1,6 @@
 #!/bin/bash
 # compute-sanitizer over the GPU tests: memcheck, racecheck and synccheck, every test
-# under every tool, all at once (they share the card; each run is 10-100x slower than
+# under every tool, side by side (they share the card; each run is 10-100x slower than
 # the test alone). Fails when a run fails or reports an error or hazard.
 #   bash tools/gpu-sanitize.sh [build-dir]         (make test-gpu runs it after ctest)
 # Env: SAN_TIMEOUT (s per run, default 1200), SAN_OUT (log directory, default
@@ -16,23 +16,33 @@ out=${SAN_OUT:-$build/sanitize}
 mkdir -p "$out"
 cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 [ -x "$cs" ] || { echo "gpu-sanitize: compute-sanitizer not found"; exit 1; }
-export LMOE_SM90_WATCHDOG_MS=0
+export LMOE_SM90_WATCHDOG_MS=0 LMOE_TEST_SHARED_DEVICE=1
 declare -A opts=([memcheck]="--report-api-errors no" [racecheck]="--racecheck-report hazard" [synccheck]="")
 pids=()
 names=()
+run() { # test tool
+  local log="$out/$(basename "$1").$2.log"
+  # shellcheck disable=SC2086
+  (cd "$build" && timeout "${SAN_TIMEOUT:-1200}" "$cs" --tool "$2" ${opts[$2]} --error-exitcode 99 "$1" >"$log" 2>&1
+   echo "exit $?" >>"$log")
+}
+tests=()
 for t in "$build"/tests/gpu/test_gpu_*; do
   [ -x "$t" ] || continue
-  name=$(basename "$t")
-  [ "$name" = test_gpu_sync ] && continue
-  for tool in memcheck racecheck synccheck; do
-    log="$out/$name.$tool.log"
-    # shellcheck disable=SC2086
-    (cd "$build" && timeout "${SAN_TIMEOUT:-1200}" "$cs" --tool $tool ${opts[$tool]} --error-exitcode 99 "$t" >"$log" 2>&1;
-     echo "exit $?" >>"$log") &
+  [ "$(basename "$t")" = test_gpu_sync ] && continue
+  tests+=("$t")
+done
+# memcheck and synccheck side by side; racecheck one test at a time beside them (it
+# keeps host-side state per shared-memory byte: several at once were killed for memory)
+(for t in "${tests[@]}"; do run "$t" racecheck; done) &
+pids+=($!)
+for t in "${tests[@]}"; do
+  for tool in memcheck synccheck; do
+    run "$t" $tool &
     pids+=($!)
-    names+=("$name $tool")
   done
 done
+for t in "${tests[@]}"; do for tool in memcheck racecheck synccheck; do names+=("$(basename "$t") $tool"); done; done
 wait "${pids[@]}"
 fail=0
 for i in "${!names[@]}"; do

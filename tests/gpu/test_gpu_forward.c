@@ -187,7 +187,13 @@ static void test_memory_steady(void) {
   }
   OK(ctx, lmoe_context_synchronize(ctx, NULL));
   cudaMemGetInfo(&free1, &total);
-  CHECK(free0 == free1, "device memory free went from %zu to %zu over 1000 forwards", free0, free1);
+  /* the device's free memory is the library's only while nothing else runs on the card:
+     tools/gpu-sanitize.sh runs tests side by side and says so (the allocator-hook test
+     still counts this library's allocations and frees there) */
+  if (getenv("LMOE_TEST_SHARED_DEVICE"))
+    printf("steady memory: device shared with other processes, free memory not compared\n");
+  else
+    CHECK(free0 == free1, "device memory free went from %zu to %zu over 1000 forwards", free0, free1);
   case_free(&c);
   lmoe_context_release(ctx);
 }
