@@ -583,10 +583,11 @@ function experiment.run(t, opts)
     local L, nd = s.layers, st.distinct
     local total = s.warmup + s.reps
     local depth = s.pipeline
-    -- A replay reads its batch's staging when it runs, so a batch set behind a replay
-    -- that reads it waits for that replay: graph mode keeps one batch (and one graph)
-    -- per forward in flight. Eager forwards of up to 400 requests take their batch as
-    -- kernel parameters and need only one.
+    -- Graph mode keeps one batch (and one graph) per forward in flight: a set once
+    -- waited for the pending replay that read the batch's staging. Since the set of a
+    -- captured batch enqueues its upload behind the replays, one batch would do
+    -- (docs/design.md, "The CUDA backend"); the figures measured this way are kept.
+    -- Eager forwards of up to 400 requests take their batch as kernel parameters.
     local batches = rig:batches(s.mode == "graph" and depth or 1)
     local nb = #batches
     -- One forward argument table per layer and batch, built once: the loop below is
