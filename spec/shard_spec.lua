@@ -113,6 +113,8 @@ describe("sharding", function()
     local l1, a1 = rank(ctxs[1], { shard_size = 2, shard_rank = 0, comm = cs[1] })
     local l2, a2 = rank(ctxs[2], { shard_size = 2, shard_rank = 1, comm = cs[2] })
     h.fails("INVALID_ARGUMENT", "in order", lm.forward_group({ l2, l1 }, { a2, a1 }))
+    -- one rank alone would wait for the other for ever: refused
+    h.fails("STATE", "lm.forward_group", l1:forward(a1))
     h.raises("one args table per layer", function() lm.forward_group({ l1, l2 }, { a1 }) end)
     assert.is_true(lm.forward_group({ l1, l2 }, { a1, a2 }))
   end)

@@ -761,6 +761,13 @@ end
 -- layer:forward{pool=, batch=, x=, logits= | topk_ids=, topk_weights=, out=, stream=}
 function Layer.forward(self, t)
   local a = forward_args(self, t, "forward")
+  -- every rank of a communicator from lm.comms lives in this Lua state: one rank's
+  -- forward alone would wait for the others for ever
+  local cm = self._comm
+  if cm ~= nil and cm._local and is_open(cm) and cm.size > 1 then
+    return fail_msg(5, format("this layer is rank %d of %d ranks made in this Lua state (lm.comms): run them " ..
+      "together with lm.forward_group", cm.rank, cm.size))
+  end
   local stream = field_stream(t, 1, "forward")
   return status(R.forward(self._cbox, a, stream), self._cbox)
 end
@@ -855,7 +862,10 @@ function A.comms(contexts)
   local st, list = R.comm_create_local(boxes)
   if st ~= 0 then return fail_msg(st, list) end
   local out = {}
-  for i = 1, n do out[i] = new("comm", list[i], rawget(contexts, i), rawget(contexts, i)._cbox) end
+  for i = 1, n do
+    out[i] = new("comm", list[i], rawget(contexts, i), rawget(contexts, i)._cbox)
+    out[i]._local = true -- all its ranks are in this Lua state (Layer.forward)
+  end
   return out
 end
 
