@@ -19,7 +19,7 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   if ((e = lmoe_sm90_init(major * 10 + minor, limit, &sm90))) return e;
   const char *env = getenv("LMOE_GEMM_CFG");
   const char *eng = getenv("LMOE_ENGINE"); /* "sm80": the mma.sync engine everywhere */
-  dev->sm90 = eng && strcmp(eng, "sm80") == 0 ? 0 : sm90;
+  dev->sm90 = sm90 && !(eng && strcmp(eng, "sm80") == 0);
   dev->cc = major * 10 + minor;
   dev->smem_optin = limit;
   dev->force_cfg = env ? atoi(env) : -1;

@@ -1,67 +1,54 @@
 /* The GEMM configuration table and the selector (see gemm_config.h). */
 #include "gemm_config.h"
 
-#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem, cl) {engine, kind, bm, bn, wm, wn, st, smem, cl},
+#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem) {engine, kind, bm, bn, wm, wn, st, smem},
 const lmoe_gemm_config lmoe_gemm_configs[] = {LMOE_GEMM_TABLE(LMOE_ROW)};
 #undef LMOE_ROW
 const int32_t lmoe_gemm_nconfigs = (int32_t)(sizeof lmoe_gemm_configs / sizeof lmoe_gemm_configs[0]);
 
 /* the workspace (layout.c) is sized for row tiles between these */
-#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem, cl)                                       \
-  _Static_assert((bm) >= LMOE_K_BM_MIN && (bm) <= LMOE_K_BM && (bm) * (cl) <= LMOE_K_PAD_MAX,      \
-                 "row tile outside the workspace bounds");
+#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
+  _Static_assert((bm) >= LMOE_K_BM_MIN && (bm) <= LMOE_K_BM, "row tile outside the workspace bounds");
 LMOE_GEMM_TABLE(LMOE_ROW)
 #undef LMOE_ROW
 
 /* 64-row tiles when experts average under 96 pairs: a 128-row tile would be mostly
    padding there. At 128 pairs the 128-row tiles already win (docs/gpu-notes.md). */
 enum { SMALL_TILE_PAIRS = 96 };
-/* Clusters of two where experts average 512 pairs or more: padding to 256 rows costs
-   ~64 rows per expert more than to 128, an eighth of a 512-row expert or less, against
-   a third less L2 traffic (docs/gpu-notes.md). */
-enum { CLUSTER_PAIRS = 512 };
 
 /* The sm90 engine where its kernels are usable and the operands suit TMA and its
    16-byte copies; the mma.sync engine everywhere else (every device lmoe_k_init accepts:
    cc >= 8.0). */
 static int32_t pick_engine(const lmoe_gemm_device *d, int aligned16) {
-  return (d->sm90 & 1) && d->cc == 90 && aligned16 ? LMOE_ENGINE_SM90 : LMOE_ENGINE_SM80;
+  return d->sm90 && d->cc == 90 && aligned16 ? LMOE_ENGINE_SM90 : LMOE_ENGINE_SM80;
 }
 
 static int fits(const lmoe_gemm_device *d, int32_t row, int32_t engine, int32_t kind, int32_t bm) {
   const lmoe_gemm_config *c = &lmoe_gemm_configs[row];
-  return c->engine == engine && c->kind == kind && c->bm == bm && c->smem <= d->smem_optin &&
-         (c->cluster == 1 || (d->sm90 & 2));
+  return c->engine == engine && c->kind == kind && c->bm == bm && c->smem <= d->smem_optin;
 }
 
-/* The first row of the engine, kind, row tile and cluster size that fits the device,
-   or -1. */
-static int32_t pick_row_cl(const lmoe_gemm_device *d, int32_t engine, int32_t kind, int32_t bm, int32_t cl) {
-  for (int32_t i = 0; i < lmoe_gemm_nconfigs; i++)
-    if (fits(d, i, engine, kind, bm) && lmoe_gemm_configs[i].cluster == cl) return i;
-  return -1;
-}
+/* The first row of the engine, kind and row tile that fits the device, or -1. */
 static int32_t pick_row(const lmoe_gemm_device *d, int32_t engine, int32_t kind, int32_t bm) {
-  return pick_row_cl(d, engine, kind, bm, 1);
+  for (int32_t i = 0; i < lmoe_gemm_nconfigs; i++)
+    if (fits(d, i, engine, kind, bm)) return i;
+  return -1;
 }
 
 int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int aligned16, lmoe_gemm_choice *out) {
   out->engine = pick_engine(d, aligned16);
   out->bm = pairs < SMALL_TILE_PAIRS * (int64_t)E ? LMOE_K_BM_MIN : LMOE_K_BM;
   int32_t force = d->force_cfg;
-  out->gemm_cfg = -1;
   if (force >= 0 && force < lmoe_gemm_nconfigs && fits(d, force, out->engine, LMOE_GEMM_EXPERT, out->bm))
     out->gemm_cfg = force;
-  else if (out->bm == LMOE_K_BM && pairs >= CLUSTER_PAIRS * (int64_t)E)
-    out->gemm_cfg = pick_row_cl(d, out->engine, LMOE_GEMM_EXPERT, out->bm, 2);
-  if (out->gemm_cfg < 0) out->gemm_cfg = pick_row(d, out->engine, LMOE_GEMM_EXPERT, out->bm);
+  else
+    out->gemm_cfg = pick_row(d, out->engine, LMOE_GEMM_EXPERT, out->bm);
   if (out->gemm_cfg < 0 && out->engine != LMOE_ENGINE_SM80) { /* no sm90 row fits: fall back */
     out->engine = LMOE_ENGINE_SM80;
     out->gemm_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, out->bm);
   }
   /* the shrinks' N is the adapters' ranks: mma.sync rows on every device */
   out->shrink_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, out->bm);
-  out->pad = out->bm * (out->gemm_cfg >= 0 ? lmoe_gemm_configs[out->gemm_cfg].cluster : 1);
   return out->gemm_cfg >= 0 && out->shrink_cfg >= 0 ? 0 : -1;
 }
 

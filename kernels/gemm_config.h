@@ -14,7 +14,7 @@ extern "C" {
 /* Row tiles: every configuration's BM lies in [LMOE_K_BM_MIN, LMOE_K_BM], and every
    expert's pair list is padded to a multiple of the one in use (kernels/layout.c sizes
    the workspace for both ends). */
-enum { LMOE_K_BM = 128, LMOE_K_BM_MIN = 64, LMOE_K_PAD_MAX = 256 /* BM x cluster */ };
+enum { LMOE_K_BM = 128, LMOE_K_BM_MIN = 64 };
 
 /* GEMM engines. The sm80 engine (kernels/gemm_sm80.cu: mma.sync m16n8k16, ldmatrix,
    cp.async) runs on every supported device. The sm90 engine (kernels/gemm_sm90.cu:
@@ -28,10 +28,9 @@ enum { LMOE_ENGINE_SM80 = 0, LMOE_ENGINE_SM90 = 1 };
 enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
 
 /* The table, one row per kernel configuration:
-     X(engine, kind, BM, BN, WARPS_M, WARPS_N, STAGES, SMEM, CLUSTER)
+     X(engine, kind, BM, BN, WARPS_M, WARPS_N, STAGES, SMEM)
    BM x BN output tile, WARPS_M x WARPS_N warps, STAGES-deep load pipeline, SMEM bytes
-   of dynamic shared memory, CLUSTER blocks sharing the B tile (each expert's rows are
-   then padded to CLUSTER x BM). A row's number is its position. Each engine instantiates
+   of dynamic shared memory. A row's number is its position. Each engine instantiates
    its kernels from its own rows (so the table and the compiled kernels cannot drift)
    and checks SMEM against its shared-memory layout at compile time. Among the rows
    that fit, the selector takes the first of the kind and row tile it needs: order is
@@ -40,28 +39,24 @@ enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
    changed nothing. */
 #define LMOE_GEMM_TABLE(X)                                                                        \
   /* 0: 128x256 tiles (warps of 64x64), for sm_80..sm_90 */                                    \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 256, 2, 4, 4, 101920, 1)                               \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 256, 2, 4, 4, 101920)                               \
   /* 1: 128x128 tiles (warps of 64x32), for devices with less shared memory */                 \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 128, 2, 4, 4, 69152, 1)                                \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 128, 2, 4, 4, 69152)                                \
   /* 2: 64-row tiles for small batches */                                                       \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 64, 256, 2, 4, 4, 83744, 1)                                 \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 64, 256, 2, 4, 4, 83744)                                 \
   /* 3, 4: the shrinks (N: the present groups' ranks side by side) */                           \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 128, 128, 4, 2, 4, 69152, 1)                                \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976, 1)                                 \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 128, 128, 4, 2, 4, 69152)                                \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976)                                 \
   /* 5: sm90 128x256 (two consumer warpgroups of 64x256), 4 stages of 48 KB */                 \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 197696, 1)                               \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 197696)                               \
   /* 6, 7: sm90 64x256 (one consumer warpgroup), 4 or 5 stages of 40 KB */                      \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 164928, 1)                                \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 205904, 1)                             \
-  /* 8: row 5 on clusters of two blocks: each block its own 128 rows of a 256-row pair of  \
-     one expert, the weights' tile fetched once from L2 for both (TMA multicast) */          \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 197696, 2)
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 164928)                                \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 205904)
 
 typedef struct lmoe_gemm_config {
   int32_t engine, kind;
   int32_t bm, bn, warps_m, warps_n, stages;
-  int32_t smem;    /* bytes of dynamic shared memory */
-  int32_t cluster; /* blocks per cluster (1, or 2: the B tile multicast to both) */
+  int32_t smem; /* bytes of dynamic shared memory */
 } lmoe_gemm_config;
 
 extern const lmoe_gemm_config lmoe_gemm_configs[];
@@ -73,9 +68,8 @@ typedef struct lmoe_gemm_device {
   int32_t smem_optin; /* largest dynamic shared memory a block may opt in to, bytes */
   int32_t force_cfg;  /* LMOE_GEMM_CFG: the row gate_up/down use where it fits and its
                          engine, kind and row tile match, or -1 (for measurements) */
-  int32_t sm90;       /* bit 0: the sm90 engine's kernels are usable here (sm_90a code in
-                         the build, cc 9.0, the TMA encoder present; LMOE_ENGINE=sm80
-                         clears it); bit 1: so are its clusters of two */
+  int32_t sm90;       /* the sm90 engine's kernels are usable here (sm_90a code in the
+                         build, cc 9.0, the TMA encoder present; LMOE_ENGINE=sm80 clears it) */
 } lmoe_gemm_device;
 
 /* A forward's choice: the engine of the expert GEMMs, the row tile (every expert's pair
@@ -83,7 +77,6 @@ typedef struct lmoe_gemm_device {
    row may be of another engine: each row names its own). */
 typedef struct lmoe_gemm_choice {
   int32_t engine, bm, gemm_cfg, shrink_cfg;
-  int32_t pad; /* rows each expert's pair list is padded to: bm x the gemm row's cluster */
 } lmoe_gemm_choice;
 
 /* Picks the configurations for `pairs` (token, expert) pairs over E experts on the

@@ -630,13 +630,9 @@ static cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
   return cudaGetLastError();
 }
 
-/* (in an unnamed namespace: gemm_sm90.cu has a `row` of its own, and two class
-   templates of one name with external linkage would be merged by the linker) */
-namespace {
-
 /* One row of the table (gemm_config.h): its two kernels, gate_up and down or the two
    shrinks. Rows of other engines compile to nothing here. */
-template <int ENGINE, int KIND, int BM, int BN, int WM, int WN, int ST, int SMEM, int CL> struct row {
+template <int ENGINE, int KIND, int BM, int BN, int WM, int WN, int ST, int SMEM> struct row {
   static constexpr int OP0 = KIND == LMOE_GEMM_EXPERT ? MODE_GATEUP : MODE_SHRINK13;
   static constexpr int OP1 = KIND == LMOE_GEMM_EXPERT ? MODE_DOWN : MODE_SHRINK2;
   static cudaError_t init(int smem_limit) {
@@ -665,12 +661,10 @@ typedef struct row_fns {
   cudaError_t (*run)(int op, const lmoe_fwd *f, int lora, cudaStream_t s);
 } row_fns;
 
-#define LMOE_SM80_ROW(engine, kind, bm, bn, wm, wn, st, smem, cl) \
-  {row<engine, kind, bm, bn, wm, wn, st, smem, cl>::init, row<engine, kind, bm, bn, wm, wn, st, smem, cl>::run},
+#define LMOE_SM80_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
+  {row<engine, kind, bm, bn, wm, wn, st, smem>::init, row<engine, kind, bm, bn, wm, wn, st, smem>::run},
 static const row_fns rows[] = {LMOE_GEMM_TABLE(LMOE_SM80_ROW)};
 #undef LMOE_SM80_ROW
-
-} /* namespace */
 
 extern "C" cudaError_t lmoe_sm80_init(int32_t smem_limit) {
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {

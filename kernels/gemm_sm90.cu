@@ -141,14 +141,7 @@ __device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, uint4 o)
 __device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
-/* Chunks of a tile's LoRA expand: ceil(rank / 64) per adapter group present. */
-template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmoe_fwd &f, int p0) {
-  int n = 0;
-  for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { n += (rk + BK - 1) / BK; });
-  return n;
-}
-
-template <int MODE, int BM, int ST, int CL>
+template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, int use_lora, uint8_t *smem,
                                          uint64_t *full, uint64_t *empty, uint64_t wd) {
   typedef shape<BM> S;
@@ -156,15 +149,14 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  const int ntm = f.ntiles[0] / CL, ntn = n_tiles<MODE>(f), total = ntm * ntn;
-  const int rank = CL == 2 ? (int)cluster_ctarank() : 0;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   if (ptid == 0) prefetch_tensormap(tmb);
   uint32_t it = 0;
 #pragma unroll 1
-  for (int t = blockIdx.x / CL; t < total; t += gridDim.x / CL) {
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     tile_of(t, ntm, ntn, m, nt);
-    const int e = f.tile_expert[m * CL], p0 = (m * CL + rank) * BM;
+    const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     const uint16_t *arow[AR];
     int agrp[AR];
@@ -182,12 +174,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       const int s = it % ST;
       mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd, "empty");
       uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
-      if (ptid == 0 && CL == 2) {
-        /* each block fetches half of B for both: gate or up rows, or 128 of down's rows */
-        mbar_arrive_tx(&full[s], S::B_BYTES);
-        int row = MODE == MODE_GATEUP ? e * 2 * I + rank * I + n0 : e * H + n0 + rank * (BN / 2);
-        tma_load_2d_mc(Bs + rank * (BN / 2) * BK * 2, tmb, &full[s], c * BK, row, 0x3);
-      } else if (ptid == 0) {
+      if (ptid == 0) {
         mbar_arrive_tx(&full[s], S::B_BYTES);
         if (MODE == MODE_GATEUP) {
           int row = e * 2 * I + n0;
@@ -208,15 +195,6 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       cp_async_mbar_arrive(&full[s]);
     }
     if (use_lora) {
-      int idle = 0; /* clusters: both blocks run max(own, peer's) expand chunks in step */
-      if (CL == 2) idle = max(0, lora_chunks<MODE, BM>(f, (m * CL + (rank ^ 1)) * BM) - lora_chunks<MODE, BM>(f, p0));
-#pragma unroll 1
-      for (int c = 0; c < idle; c++, it++) {
-        const int s = it % ST;
-        mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd, "empty");
-        if (ptid == 0) mbar_arrive(&full[s]);
-        cp_async_mbar_arrive(&full[s]);
-      }
       for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
         const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
         const int nch = (rk + BK - 1) / BK;
@@ -256,7 +234,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   }
 }
 
-template <int MODE, int BM, int ST, int CL>
+template <int MODE, int BM, int ST>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
                                          uint64_t *empty, uint64_t wd, int epi16) {
   typedef shape<BM> S;
@@ -264,64 +242,41 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
   const int warp = ltid >> 5, lane = ltid & 31;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  const int ntm = f.ntiles[0] / CL, ntn = n_tiles<MODE>(f), total = ntm * ntn;
-  const int rank = CL == 2 ? (int)cluster_ctarank() : 0;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   float acc[128];
   uint32_t it = 0;
 #pragma unroll 1
-  for (int t = blockIdx.x / CL; t < total; t += gridDim.x / CL) {
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     tile_of(t, ntm, ntn, m, nt);
-    const int p0 = (m * CL + rank) * BM;
+    const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
-    const bool dead = f.sorted_pair[p0] < 0; /* padding only (rows of a cluster's pair) */
-    int own = 0, idle = 0;
-    if (use_lora) {
-      own = lora_chunks<MODE, BM>(f, p0);
-      if (CL == 2) idle = max(0, lora_chunks<MODE, BM>(f, (m * CL + (rank ^ 1)) * BM) - own);
-    }
-    /* order of the chunks: base, idle (clusters), own expand (as the producer loads) */
-    const int nch = nbase + idle + own;
+    int nch = nbase;
+    if (use_lora) for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { nch += (rk + BK - 1) / BK; });
 #pragma unroll 1
     for (int c = 0; c < nch; c++, it++) {
       const int s = it % ST;
       mbar_wait(&full[s], (it / ST) & 1, wd, "full");
-      const bool mma = !dead && (c < nbase || c >= nbase + idle);
-      if (mma) {
-        fence_proxy_async();
-        const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128,
-                       bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
-        const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+      fence_proxy_async();
+      const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
+      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
 #pragma unroll
-        for (int i = 0; i < 128; i++) reg_fence(acc[i]);
-        wgmma_fence();
+      for (int i = 0; i < 128; i++) reg_fence(acc[i]);
+      wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) wgmma_m64n256k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
-        wgmma_commit();
+      for (int kk = 0; kk < BK / 16; kk++) wgmma_m64n256k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+      wgmma_commit();
 #pragma unroll
-        for (int i = 0; i < 128; i++) reg_fence(acc[i]);
-      }
+      for (int i = 0; i < 128; i++) reg_fence(acc[i]);
       if (c > 0) {
-        /* the previous chunk's stage is free once its wgmmas are done: with this chunk's
-           group in flight that is all but one group, without it all */
-        if (mma)
-          wgmma_wait<1>();
-        else
-          wgmma_wait<0>();
-        if (ltid == 0) {
-          mbar_arrive(&empty[(it - 1) % ST]);
-          if (CL == 2) mbar_arrive_cluster(&empty[(it - 1) % ST], rank ^ 1);
-        }
+        wgmma_wait<1>();
+        if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
       }
     }
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; i++) reg_fence(acc[i]);
-    if (ltid == 0) {
-      mbar_arrive(&empty[(it - 1) % ST]);
-      if (CL == 2) mbar_arrive_cluster(&empty[(it - 1) % ST], rank ^ 1);
-    }
-    if (dead) continue;
+    if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
 
     /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
     if (epi16) {
@@ -396,7 +351,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
   }
 }
 
-template <int MODE, int BM, int ST, int CL>
+template <int MODE, int BM, int ST>
 __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
     k_wgmma(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
             unsigned long long wd, int epi16) {
@@ -408,23 +363,19 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
-      mbar_init(&empty[s], S::NC * CL); /* one per consumer warpgroup (of both blocks) */
+      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
     }
     fence_barrier_init();
   }
-  if (CL == 2)
-    cluster_sync(); /* the peer's barriers exist before anything arrives on them */
-  else
-    __syncthreads();
+  __syncthreads();
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, ST, CL>(f, &tmb, use_lora, smem, full, empty, wd);
+    producer<MODE, BM, ST>(f, &tmb, use_lora, smem, full, empty, wd);
   } else {
     setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, ST, CL>(f, use_lora, smem, full, empty, wd, epi16);
+    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, epi16);
   }
-  if (CL == 2) cluster_sync(); /* no block leaves while its peer may still arrive or write here */
 #endif
 }
 
@@ -461,107 +412,62 @@ cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t c
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <int MODE, int BM, int ST, int CL> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s, int max_grid) {
+template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
   CUtensorMap m;
-  cudaError_t e = MODE == MODE_GATEUP
-                      ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
-                      : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, CL == 2 ? BN / 2 : BN);
+  cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
+                                      : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
   if (e) return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
-  if (grid > max_grid) grid = max_grid;
-  if (CL == 1) {
-    k_wgmma<MODE, BM, ST, CL><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, lora, watchdog_ns, epi16);
-    return cudaGetLastError();
-  }
-  grid = (grid + 1) / 2 * 2;
-  cudaLaunchConfig_t cfg = {};
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeClusterDimension;
-  at[0].val.clusterDim.x = 2;
-  at[0].val.clusterDim.y = 1;
-  at[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(shape<BM>::THREADS);
-  cfg.dynamicSmemBytes = smem_bytes<BM, ST>();
-  cfg.stream = s;
-  cfg.attrs = at;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, k_wgmma<MODE, BM, ST, CL>, *f, m, lora, watchdog_ns, epi16);
+  if (grid > num_sms) grid = num_sms;
+  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, lora, watchdog_ns, epi16);
+  return cudaGetLastError();
 }
-
-typedef void (*kernel_fn)(lmoe_fwd, CUtensorMap, int, unsigned long long, int);
 
 /* One row of the table (gemm_config.h): its gate_up and down kernels. Rows of other
    engines compile to nothing here. */
-template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SMEM, int CL> struct row {
-  static int max_grid; /* blocks that run at once: the SMs, or those whole clusters fill */
+template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SMEM> struct row {
   static cudaError_t init(int smem_limit, int *usable) {
     if constexpr (ENGINE != LMOE_ENGINE_SM90) {
       return cudaSuccess;
     } else {
-      static_assert(KIND == LMOE_GEMM_EXPERT && BN_ == BN && WM == BM / 16 && WN == 1 && (CL == 1 || CL == 2),
-                    "sm90 rows: expert GEMMs, 256 columns, BM / 16 consumer warps x 1, clusters of 1 or 2");
+      static_assert(KIND == LMOE_GEMM_EXPERT && BN_ == BN && WM == BM / 16 && WN == 1,
+                    "sm90 rows: expert GEMMs, 256 columns, BM / 16 consumer warps x 1");
       static_assert(smem_bytes<BM, ST>() == SMEM, "the table's SMEM is not this row's need");
       if (SMEM > smem_limit) return cudaSuccess;
       cudaError_t e;
-      kernel_fn ks[2] = {k_wgmma<MODE_GATEUP, BM, ST, CL>, k_wgmma<MODE_DOWN, BM, ST, CL>};
-      max_grid = num_sms;
+      void (*k0)(lmoe_fwd, CUtensorMap, int, unsigned long long, int) = k_wgmma<MODE_GATEUP, BM, ST>;
+      void (*k1)(lmoe_fwd, CUtensorMap, int, unsigned long long, int) = k_wgmma<MODE_DOWN, BM, ST>;
+      void *ks[2] = {(void *)k0, (void *)k1};
       for (int i = 0; i < 2; i++) {
-        if ((e = cudaFuncSetAttribute((const void *)ks[i], cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM)))
-          return e;
+        if ((e = cudaFuncSetAttribute(ks[i], cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM))) return e;
         cudaFuncAttributes a;
-        if ((e = cudaFuncGetAttributes(&a, (const void *)ks[i]))) return e;
+        if ((e = cudaFuncGetAttributes(&a, ks[i]))) return e;
         /* the registers setmaxnreg redistributes must exist (else the consumers would
            wait forever), and the binary must hold sm_90a code (else the body is empty) */
         int regs = (a.numRegs + 7) & ~7; /* allocated per thread in steps of 8 */
-        if (regs * shape<BM>::THREADS < shape<BM>::POOL || a.binaryVersion != 90) *usable &= ~(CL == 1 ? 1 : 2);
-        if (CL == 2) {
-          /* clusters must fit the GPCs together: a grid of more than fit at once would
-             run its last clusters after the others, doubling the time */
-          cudaLaunchConfig_t cfg = {};
-          cudaLaunchAttribute at[1];
-          at[0].id = cudaLaunchAttributeClusterDimension;
-          at[0].val.clusterDim.x = 2;
-          at[0].val.clusterDim.y = 1;
-          at[0].val.clusterDim.z = 1;
-          cfg.gridDim = dim3(num_sms / 2 * 2);
-          cfg.blockDim = dim3(shape<BM>::THREADS);
-          cfg.dynamicSmemBytes = SMEM;
-          cfg.attrs = at;
-          cfg.numAttrs = 1;
-          int n = 0;
-          if (cudaOccupancyMaxActiveClusters(&n, (const void *)ks[i], &cfg) || n < 1) {
-            (void)cudaGetLastError();
-            *usable &= ~2;
-          } else if (2 * n < max_grid) {
-            max_grid = 2 * n;
-          }
-        }
+        if (regs * shape<BM>::THREADS < shape<BM>::POOL || a.binaryVersion != 90) *usable = 0;
       }
       return cudaSuccess;
     }
   }
   static cudaError_t run(int op, const lmoe_fwd *f, int lora, cudaStream_t s) {
     if constexpr (ENGINE != LMOE_ENGINE_SM90) {
-      (void)max_grid;
       return cudaErrorInvalidValue;
     } else {
-      if (op == MODE_GATEUP) return launch<MODE_GATEUP, BM, ST, CL>(f, lora, s, max_grid);
-      if (op == MODE_DOWN) return launch<MODE_DOWN, BM, ST, CL>(f, lora, s, max_grid);
+      if (op == MODE_GATEUP) return launch<MODE_GATEUP, BM, ST>(f, lora, s);
+      if (op == MODE_DOWN) return launch<MODE_DOWN, BM, ST>(f, lora, s);
       return cudaErrorInvalidValue;
     }
   }
 };
-template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SMEM, int CL>
-int row<ENGINE, KIND, BM, BN_, WM, WN, ST, SMEM, CL>::max_grid = 0;
 
 typedef struct row_fns {
   cudaError_t (*init)(int smem_limit, int *usable);
   cudaError_t (*run)(int op, const lmoe_fwd *f, int lora, cudaStream_t s);
 } row_fns;
 
-#define LMOE_SM90_ROW(engine, kind, bm, bn, wm, wn, st, smem, cl) \
-  {row<engine, kind, bm, bn, wm, wn, st, smem, cl>::init, row<engine, kind, bm, bn, wm, wn, st, smem, cl>::run},
+#define LMOE_SM90_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
+  {row<engine, kind, bm, bn, wm, wn, st, smem>::init, row<engine, kind, bm, bn, wm, wn, st, smem>::run},
 const row_fns rows[] = {LMOE_GEMM_TABLE(LMOE_SM90_ROW)};
 #undef LMOE_SM90_ROW
 
@@ -589,10 +495,10 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
   const char *ep = getenv("LMOE_SM90_EPI");
   if (ep) epi16 = atoi(ep) != 0;
-  int usable = 3; /* bit 0 the engine, bit 1 its clusters of two */
+  int usable = 1;
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     if ((e = rows[i].init(smem_limit, &usable))) return e;
-  *available = usable & 1 ? usable : 0;
+  *available = usable;
 #else
   (void)cc;
   (void)smem_limit;
@@ -615,8 +521,7 @@ extern "C" cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_
   if (cfg < 0 || cfg >= lmoe_gemm_nconfigs || lmoe_gemm_configs[cfg].engine != LMOE_ENGINE_SM90 || K % 8 ||
       N % 8)
     return cudaErrorInvalidValue;
-  const int bm = lmoe_gemm_configs[cfg].bm, cl = lmoe_gemm_configs[cfg].cluster;
-  const int mt = (M + bm * cl - 1) / (bm * cl) * cl; /* tiles, a whole number of pairs on clusters */
+  const int bm = lmoe_gemm_configs[cfg].bm, mt = (M + bm - 1) / bm;
   lmoe_fwd f;
   memset(&f, 0, sizeof f);
   size_t rows = (size_t)mt * bm;
@@ -632,7 +537,6 @@ extern "C" cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_
   f.H = N;
   f.I = K;
   f.bm = bm;
-  f.pad = bm * cl;
   f.mt_max = mt;
   f.h = (uint16_t *)a;
   f.w2 = b;

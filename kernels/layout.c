@@ -8,12 +8,9 @@ static size_t round_up_sz(size_t v, size_t m) { return (v + m - 1) / m * m; }
 void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                    int32_t num_slots, int32_t max_rank, lmoe_ws_layout *o) {
   size_t P = (size_t)max_tokens * (size_t)k;
-  /* most tiles: the smallest row tile's (or the largest's padded to clusters of two);
-     most rows: the largest padding's */
+  /* most tiles: the smallest row tile's; most rows: the largest's */
   size_t mt = (P + (size_t)E * (LMOE_K_BM_MIN - 1)) / LMOE_K_BM_MIN + 1;
-  size_t mt_pad = (P + (size_t)E * (LMOE_K_PAD_MAX - 1)) / LMOE_K_PAD_MAX * (LMOE_K_PAD_MAX / LMOE_K_BM) + 1;
-  if (mt_pad > mt) mt = mt_pad;
-  size_t rows = (P + (size_t)E * (LMOE_K_PAD_MAX - 1)) / LMOE_K_PAD_MAX * LMOE_K_PAD_MAX + LMOE_K_PAD_MAX;
+  size_t rows = (P + (size_t)E * (LMOE_K_BM - 1)) / LMOE_K_BM * LMOE_K_BM + LMOE_K_BM;
   size_t gs = (size_t)(num_slots > 0 ? num_slots : 0) + 1;
   size_t hs = round_up_sz((size_t)I, 8);
   size_t t13s = max_rank > 0 ? round_up_sz(2 * (size_t)max_rank, LMOE_K_RANK_PAD) : 0;

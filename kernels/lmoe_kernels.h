@@ -56,9 +56,7 @@ typedef struct lmoe_meta_param {
 typedef struct lmoe_fwd {
   int32_t M, H, I, E, k, renorm;
   int32_t bm;                /* row tile: 128, or 64 for small batches (fewer padding rows) */
-  int32_t pad;               /* rows each expert's list is padded to: bm, or 2 bm for a
-                                gate_up/down row on clusters of two (tiles stay bm rows) */
-  int32_t mt_max;            /* upper bound of row tiles: (M*k + E*(pad-1)) / pad * (pad/bm) */
+  int32_t mt_max;            /* upper bound of row tiles: (M*k + E*(bm-1)) / bm */
   int32_t gstride;           /* groups per expert in cnt/off: pool slots + 1 (1 without pool) */
   int32_t lora;              /* LoRA may run (meta and pool present) */
   int32_t R;                 /* pool max_rank (0 without pool) */

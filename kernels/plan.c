@@ -57,8 +57,7 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->k = a->k;
   f->renorm = a->renorm;
   f->bm = g.bm;
-  f->pad = g.pad;
-  f->mt_max = (int32_t)((a->M * a->k + (int64_t)a->E * (f->pad - 1)) / f->pad * (f->pad / f->bm));
+  f->mt_max = (int32_t)((a->M * a->k + (int64_t)a->E * (f->bm - 1)) / f->bm);
   f->engine = g.engine;
   f->gemm_cfg = g.gemm_cfg;
   f->shrink_cfg = g.shrink_cfg;

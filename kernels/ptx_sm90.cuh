@@ -91,33 +91,6 @@ static __device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap 
       "l"((uint64_t)map), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
       : "memory");
 }
-/* the same box into the shared memory of every block of the cluster in mask, each
-   block's barrier at the same offset completing its share of the bytes */
-static __device__ __forceinline__ void tma_load_2d_mc(void *dst, const CUtensorMap *map, uint64_t *bar, int c0,
-                                                      int c1, uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%3, "
-      "%4}], [%2], %5;\n" ::"r"(smem_u32(dst)),
-      "l"((uint64_t)map), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "h"(mask)
-      : "memory");
-}
-static __device__ __forceinline__ uint32_t cluster_ctarank(void) {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-/* every thread of every block of the cluster */
-static __device__ __forceinline__ void cluster_sync(void) {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-/* an arrival on the barrier at the same offset in block cta of the cluster */
-static __device__ __forceinline__ void mbar_arrive_cluster(uint64_t *b, uint32_t cta) {
-  asm volatile(
-      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, "
-      "[ra];\n}\n" ::"r"(smem_u32(b)),
-      "r"(cta)
-      : "memory");
-}
 static __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap *map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map) : "memory");
 }

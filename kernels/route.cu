@@ -3,8 +3,7 @@
    offsets, tiles and padding (scan), and the pairs sorted by expert and group (scatter).
 
    Pair order: pairs are grouped by expert, each expert's list padded to a multiple of
-   f.pad (the row tile bm, or 2 bm for a row on clusters of two, whose blocks take the
-   two bm-row tiles of a pair); inside an expert they are sorted by adapter group (0 = none, 1 +
+   the row tile bm; inside an expert they are sorted by adapter group (0 = none, 1 +
    index into the batch's active slots), so a GEMM row tile has one expert and a few
    groups in ascending order. */
 #include "common.cuh"
@@ -111,13 +110,13 @@ static __global__ void k_scan(lmoe_fwd f) {
   extern __shared__ int sbase[]; /* [E] */
   __shared__ int warp_sum[32];
   __shared__ int total_rows;
-  int E = f.E, gs = f.gstride, bm = f.bm, pad = f.pad;
+  int E = f.E, gs = f.gstride, bm = f.bm;
   int G = f.meta ? f.meta[1] + 1 : 1;
   if (G > gs) G = gs;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int c = 0;
     for (int g = 0; g < G; g++) c += f.cnt[(size_t)e * gs + g];
-    sbase[e] = (c + pad - 1) / pad * pad;
+    sbase[e] = (c + bm - 1) / bm * bm;
   }
   __syncthreads();
   /* exclusive scan: each thread a contiguous run of experts */
@@ -161,7 +160,7 @@ static __global__ void k_scan(lmoe_fwd f) {
       f.off[(size_t)e * gs + g] = at;
       at += f.cnt[(size_t)e * gs + g];
     }
-    int end = (at - base + pad - 1) / pad * pad + base;
+    int end = (at - base + bm - 1) / bm * bm + base;
     for (int p = at; p < end; p++) {
       f.sorted_pair[p] = -1;
       f.sorted_group[p] = PAD_GROUP;

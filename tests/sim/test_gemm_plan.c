@@ -81,52 +81,6 @@ static void test_select_sm90(void) {
         "sm_90a code does not run on 10.0");
 }
 
-/* Clusters of two (row 8) where experts average 512 pairs or more and the device runs
-   them; each expert's rows then padded to 256, the tiles still 128 rows, and the
-   workspace's bounds hold the tiles and rows that padding makes. */
-static void test_select_cluster(void) {
-  lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 3};
-  CHECK(lmoe_gemm_select(&d, 512 * 128, 128, 1, &g) == 0 && g.gemm_cfg == 8 && g.pad == 256 && g.bm == 128 &&
-            g.shrink_cfg == 3,
-        "512 pairs per expert: row 8 (got %d, pad %d)", g.gemm_cfg, g.pad);
-  CHECK(lmoe_gemm_select(&d, 511 * 128, 128, 1, &g) == 0 && g.gemm_cfg == 5 && g.pad == 128, "511: row 5");
-  CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.gemm_cfg == 6 && g.pad == 64, "small: row 6, pad 64");
-  d.sm90 = 1; /* the engine without clusters */
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.gemm_cfg == 5 && g.pad == 128, "no clusters: row 5");
-  d.force_cfg = 8;
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.gemm_cfg == 5, "row 8 not forced without clusters");
-  d.sm90 = 3;
-  CHECK(lmoe_gemm_select(&d, 200 * 128, 128, 1, &g) == 0 && g.gemm_cfg == 8 && g.pad == 256, "row 8 forced");
-  d.sm90 = 0;
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.pad == 128,
-        "sm80: pad = bm");
-  /* the plan's tile bound with the padding, within the layout's */
-  d.sm90 = 3;
-  d.force_cfg = -1;
-  const int32_t Es[] = {1, 8, 128, 1000};
-  const int64_t Ms[] = {1, 100, 4096, 65536};
-  static _Alignas(16) uint16_t x[64], w[64];
-  for (size_t i = 0; i < sizeof Es / sizeof *Es; i++)
-    for (size_t j = 0; j < sizeof Ms / sizeof *Ms; j++) {
-      lmoe_ws_layout L;
-      lmoe_k_layout(Ms[j], Es[i], 1024, 768, 8, 0, 0, &L);
-      void *ws = malloc(L.total);
-      int32_t ids[8];
-      float tw[8];
-      lmoe_k_plan_args a = {.max_tokens = Ms[j], .E = Es[i], .H = 1024, .I = 768, .k = 8, .w13 = w, .w2 = w,
-                            .M = Ms[j], .x = x, .out = x, .topk_ids = ids, .topk_w = tw, .workspace = ws,
-                            .workspace_bytes = L.total, .dev = &d};
-      lmoe_fwd f;
-      lmoe_k_plan(&a, &f);
-      int64_t P = Ms[j] * 8, rows = (P + (int64_t)Es[i] * (f.pad - 1)) / f.pad * f.pad;
-      CHECK(f.mt_max <= L.mt_max && rows <= (int64_t)(L.h - L.sorted_group) / 4 && rows / f.bm == f.mt_max,
-            "E %d M %lld: plan tiles %d (rows %lld), layout tiles %d", (int)Es[i], (long long)Ms[j], f.mt_max,
-            (long long)rows, L.mt_max);
-      free(ws);
-    }
-}
-
 /* The plan hands the sm90 engine only operands it can read: 16-byte aligned x, W13,
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows. */
 static void test_plan_sm90(void) {
@@ -213,7 +167,6 @@ static void test_plan(void) {
 int main(void) {
   test_select();
   test_select_sm90();
-  test_select_cluster();
   test_plan();
   test_plan_sm90();
   return test_summary();
