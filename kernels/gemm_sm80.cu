@@ -630,6 +630,10 @@ static cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+/* (in an unnamed namespace: gemm_sm90.cu has a `row` of its own, and two class
+   templates of one name with external linkage would be merged by the linker) */
+namespace {
+
 /* One row of the table (gemm_config.h): its two kernels, gate_up and down or the two
    shrinks. Rows of other engines compile to nothing here. */
 template <int ENGINE, int KIND, int BM, int BN, int WM, int WN, int ST, int SMEM> struct row {
@@ -665,6 +669,8 @@ typedef struct row_fns {
   {row<engine, kind, bm, bn, wm, wn, st, smem>::init, row<engine, kind, bm, bn, wm, wn, st, smem>::run},
 static const row_fns rows[] = {LMOE_GEMM_TABLE(LMOE_SM80_ROW)};
 #undef LMOE_SM80_ROW
+
+} /* namespace */
 
 extern "C" cudaError_t lmoe_sm80_init(int32_t smem_limit) {
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
