@@ -37,7 +37,6 @@ enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
 
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
 constexpr int BN = 256; /* output tile columns (gate_up: 128 gate + 128 up) */
-constexpr int GROUP_M = 8;
 
 template <int BM> struct shape {
   static constexpr int NC = BM / 64;              /* consumer warpgroups */
@@ -61,6 +60,10 @@ template <int BM, int ST> constexpr size_t smem_bytes(void) {
 template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
   return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (f.H + BN - 1) / BN;
 }
+
+#if LMOE_SM90_DEVICE /* the pipeline's device code exists in sm_90a code only */
+
+constexpr int GROUP_M = 8;
 
 /* Tile t of the walk: groups of GROUP_M row tiles take the N tiles together, so the
    blocks working at one time share expert weights and token rows in L2. */
@@ -172,7 +175,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
       const int s = it % ST;
-      mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd, "empty");
+      mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
       uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
       if (ptid == 0) {
         mbar_arrive_tx(&full[s], S::B_BYTES);
@@ -201,7 +204,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 #pragma unroll 1
         for (int cc = 0; cc < nch; cc++, it++) {
           const int s = it % ST;
-          mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd, "empty");
+          mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
           uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
           if (ptid == 0) mbar_arrive(&full[s]);
           const int col = cc * BK + ch * 8, nb = piece_bytes(col, rk);
@@ -256,7 +259,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll 1
     for (int c = 0; c < nch; c++, it++) {
       const int s = it % ST;
-      mbar_wait(&full[s], (it / ST) & 1, wd, "full");
+      mbar_wait(&full[s], (it / ST) & 1, wd);
       fence_proxy_async();
       const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
       const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
@@ -350,6 +353,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     }
   }
 }
+
+#endif /* LMOE_SM90_DEVICE */
 
 template <int MODE, int BM, int ST>
 __global__ void __launch_bounds__(shape<BM>::THREADS, 1)

@@ -8,7 +8,6 @@
 
 #include <cuda.h> /* CUtensorMap */
 #include <stdint.h>
-#include <stdio.h>
 
 /* Device code of the sm_90a instructions exists only where they do. */
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -57,28 +56,18 @@ static __device__ __forceinline__ uint64_t globaltimer_ns(void) {
   return t;
 }
 
-/* The slow path of a barrier wait, with a watchdog: a pipeline bug (a count that never
-   completes) would otherwise hang the stream, and the host with it at its next wait.
-   After wd_ns nanoseconds (0: never) it names the barrier and traps, so the error
-   reaches the host as cudaErrorLaunchFailure. */
-static __device__ __noinline__ void mbar_wait_slow(uint32_t addr, uint32_t parity, uint64_t wd_ns,
-                                                   const char *what) {
-  uint64_t t0 = 0;
-  while (!mbar_try_wait(addr, parity)) {
-    if (!wd_ns) continue;
-    uint64_t t = globaltimer_ns();
-    if (!t0) {
-      t0 = t;
-    } else if (t - t0 > wd_ns) {
-      printf("loramoe sm90 engine: block %d thread %d waited %llu ns on the %s barrier (parity %u): trap\n",
-             (int)blockIdx.x, (int)threadIdx.x, (unsigned long long)(t - t0), what, parity);
-      __trap();
-    }
-  }
-}
-static __device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity, uint64_t wd_ns, const char *what) {
-  uint32_t a = smem_u32(b);
-  if (!mbar_try_wait(a, parity)) mbar_wait_slow(a, parity, wd_ns, what);
+/* A barrier wait with a watchdog: a pipeline bug (a count that never completes) would
+   otherwise hang the stream, and the host with it at its next wait. After wd_ns
+   nanoseconds (0: never) it traps, so the error reaches the host (an illegal
+   instruction on the stream). No function call may sit in here: a call anywhere on
+   the consumers' path makes ptxas serialise every wgmma of the kernel ("wgmma
+   pipeline crossing function boundary"), which is why the watchdog prints nothing. */
+static __device__ __forceinline__ void mbar_wait(uint64_t *b, uint32_t parity, uint64_t wd_ns) {
+  const uint32_t a = smem_u32(b);
+  if (mbar_try_wait(a, parity)) return;
+  const uint64_t t0 = globaltimer_ns();
+  while (!mbar_try_wait(a, parity))
+    if (wd_ns && globaltimer_ns() - t0 > wd_ns) __trap();
 }
 
 /* TMA: a 2-D box of the tensor map at (c0 = column, c1 = row) into shared memory,
