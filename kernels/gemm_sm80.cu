@@ -651,6 +651,7 @@ template <int ENGINE, int KIND, int BM, int BN, int WM, int WN, int ST, int SMEM
   }
   static cudaError_t run(int op, const lmoe_fwd *f, int lora, cudaStream_t s) {
     if constexpr (ENGINE != LMOE_ENGINE_SM80) {
+      (void)OP0, (void)OP1; /* another engine's row */
       return cudaErrorInvalidValue;
     } else {
       if (op == OP0) return launch<OP0, BN, WM, WN, ST, BM>(f, lora, s);
