@@ -498,7 +498,7 @@ static const fld layer_f[] = {F(lmoe_layer_config, num_experts, 'i'), F(lmoe_lay
   F(lmoe_layer_config, intermediate, 'i'), F(lmoe_layer_config, top_k, 'i'),
   F(lmoe_layer_config, renormalize, 'i'), F(lmoe_layer_config, max_tokens, 'i'),
   F(lmoe_layer_config, shard_mode, 'i'), F(lmoe_layer_config, shard_rank, 'i'),
-  F(lmoe_layer_config, shard_size, 'i'), {0}};
+  F(lmoe_layer_config, shard_size, 'i'), F(lmoe_layer_config, weight_dtype, 'i'), {0}};
 
 /* layer_create(ctx, {num_experts=, ..., shard_size=, comm=box}): comm is a comm box
    (the layer keeps the communicator). */
@@ -1057,7 +1057,7 @@ static int l_checkpoint_open(lua_State *L) {
 
 static const fld ck_f[] = {F(lmoe_checkpoint_layer_info, family, 'i'), F(lmoe_checkpoint_layer_info, num_experts, 'i'),
   F(lmoe_checkpoint_layer_info, hidden, 'i'), F(lmoe_checkpoint_layer_info, intermediate, 'i'),
-  F(lmoe_checkpoint_layer_info, has_router, 'i'), {0}};
+  F(lmoe_checkpoint_layer_info, has_router, 'i'), F(lmoe_checkpoint_layer_info, weight_dtype, 'i'), {0}};
 static int l_checkpoint_get_layer_info(lua_State *L) {
   lmoe_checkpoint *c = CK(1);
   lmoe_checkpoint_layer_info i;
@@ -1073,6 +1073,11 @@ static int l_checkpoint_load_layer(lua_State *L) {
   lmoe_layer *l = LAYER(3);
   int want = lua_toboolean(L, 4);
   CREATE("buffer", rel_buffer_release, 0, lmoe_buffer, lmoe_checkpoint_load_layer(c, idx, l, want ? &out : NULL));
+}
+
+static int l_checkpoint_quantize_fp8(lua_State *L) {
+  lmoe_context *ctx = CTX(1);
+  return ret_st(L, lmoe_checkpoint_quantize_fp8(ctx, luaL_checkstring(L, 2), luaL_checkstring(L, 3)));
 }
 
 /* ------------------------------------------------------------------ registration */
@@ -1092,7 +1097,7 @@ static int l_checkpoint_load_layer(lua_State *L) {
   X(safetensors_tensor) X(safetensors_find) X(safetensors_read) X(safetensors_metadata_count) \
   X(safetensors_metadata) X(safetensors_write) X(peft_open) X(peft_get_info) X(peft_layers) X(peft_inspect) \
   X(peft_layer_desc) X(peft_write_synthetic) X(checkpoint_open) X(checkpoint_get_layer_info) \
-  X(checkpoint_load_layer) X(has_nccl) X(comm_create_local) X(comm_wrap_nccl) X(comm_rank) X(comm_size) \
+  X(checkpoint_load_layer) X(checkpoint_quantize_fp8) X(has_nccl) X(comm_create_local) X(comm_wrap_nccl) X(comm_rank) X(comm_size) \
   X(forward_group)
 #define X(n) {#n, l_##n},
 static const luaL_Reg lib[] = {CORE_FUNCTIONS {"close", box_gc}, {NULL, NULL}};

@@ -11,7 +11,7 @@ local module_functions = {
 local methods = {
   context = { "close", "is_closed", "set_guard", "stream", "synchronize", "counters",
               "wait_counters", "reset_counters", "last_error", "buffer", "wrap", "layer", "batch", "safetensors",
-              "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint", "pointer",
+              "safetensors_string", "write_safetensors", "peft", "write_peft", "checkpoint", "quantize_checkpoint", "pointer",
               "graph_begin", "graph_end" },
   buffer = { "close", "is_closed", "shape", "describe", "data", "write", "read", "fill_random",
              "fill", "compare", "context" },
@@ -49,7 +49,7 @@ local core_functions = {
   "safetensors_open", "safetensors_open_memory", "safetensors_count", "safetensors_tensor", "safetensors_find",
   "safetensors_read", "safetensors_metadata_count", "safetensors_metadata", "safetensors_write",
   "peft_open", "peft_get_info", "peft_layers", "peft_inspect", "peft_layer_desc", "peft_write_synthetic",
-  "checkpoint_open", "checkpoint_get_layer_info", "checkpoint_load_layer",
+  "checkpoint_open", "checkpoint_get_layer_info", "checkpoint_load_layer", "checkpoint_quantize_fp8",
   "has_nccl", "comm_create_local", "comm_wrap_nccl", "comm_rank", "comm_size", "forward_group",
 }
 

@@ -114,7 +114,8 @@ describe("files", function()
     ts[#ts + 1] = { name = "model.layers.0.mlp.gate.weight", dtype = "f32", shape = { E, H }, data = router }
     assert(ctx:write_safetensors(dir .. "/model.safetensors", ts))
     local ck = assert(ctx:checkpoint(dir))
-    assert.are.same({ family = "qwen", experts = E, hidden = H, intermediate = I, has_router = true }, ck:layer_info(0))
+    assert.are.same({ family = "qwen", experts = E, hidden = H, intermediate = I, has_router = true,
+      weight_dtype = "bf16" }, ck:layer_info(0))
     local layer = assert(ctx:layer { experts = E, hidden = H, intermediate = I, top_k = 1, max_tokens = 4 })
     local r = assert(ck:load_layer(0, layer, true))
     assert.are.same({ E, H }, r:shape())

@@ -9,7 +9,7 @@ describe("layer", function()
   it("is made from a table, a preset name, or a preset with overrides", function()
     local l = assert(ctx:layer { experts = 4, hidden = 8, intermediate = 6, top_k = 2, max_tokens = 32 })
     assert.are.same({ experts = 4, hidden = 8, intermediate = 6, top_k = 2, renormalize = true, max_tokens = 32,
-      shard_mode = "tp", shard_rank = 0, shard_size = 1 }, l:config())
+      shard_mode = "tp", shard_rank = 0, shard_size = 1, weight_dtype = "bf16" }, l:config())
     local t = assert(ctx:layer "tiny")
     local c = t:config()
     assert.are.equal(16, c.experts)

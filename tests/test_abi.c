@@ -72,6 +72,7 @@ static lmoe_layer *test_layer_config(void) {
   lc.struct_size = END(lmoe_layer_config, intermediate);
   OK(ctx, lmoe_layer_create(ctx, &lc, &l));
   OK(ctx, lmoe_layer_randomize(l, 1, 0.1f));
+  lmoe_layer_config_init(&got);
   OK(ctx, lmoe_layer_get_config(l, &got));
   CHECK(got.struct_size == sizeof got && got.top_k == 2 && got.renormalize == 1 && got.max_tokens == 8192,
         "older layer config: top_k %d renormalize %d max_tokens %d", got.top_k, got.renormalize,
@@ -84,11 +85,45 @@ static lmoe_layer *test_layer_config(void) {
   lc.shard_mode = 7, lc.shard_rank = 5, lc.shard_size = 99, lc.comm = (lmoe_comm *)(uintptr_t)WILD;
   lc.struct_size = END(lmoe_layer_config, max_tokens);
   OK(ctx, lmoe_layer_create(ctx, &lc, &l3));
+  lmoe_layer_config_init(&got);
   OK(ctx, lmoe_layer_get_config(l3, &got));
   CHECK(got.max_tokens == 64 && got.shard_mode == LMOE_SHARD_TP && got.shard_rank == 0 && got.shard_size == 1 &&
             got.comm == NULL,
         "layer config without the shard: mode %d rank %d size %d", got.shard_mode, got.shard_rank, got.shard_size);
   lmoe_layer_release(l3);
+  /* the size before weight_dtype: past it a dtype the call would refuse (77); bf16 */
+  lmoe_layer_config_init(&lc);
+  lc.num_experts = 4, lc.hidden = 16, lc.intermediate = 8, lc.max_tokens = 64, lc.weight_dtype = 77;
+  lc.struct_size = END(lmoe_layer_config, comm);
+  OK(ctx, lmoe_layer_create(ctx, &lc, &l3));
+  lmoe_layer_config_init(&got);
+  OK(ctx, lmoe_layer_get_config(l3, &got));
+  CHECK(got.weight_dtype == LMOE_DTYPE_BF16, "layer config without weight_dtype: %d", got.weight_dtype);
+  /* get_config into an older struct writes up to its size */
+  BIG(lmoe_layer_config) old;
+  memset(&old, 0xab, sizeof old);
+  old.s.struct_size = END(lmoe_layer_config, comm);
+  OK(ctx, lmoe_layer_get_config(l3, &old.s));
+  const uint8_t *raw = (const uint8_t *)&old;
+  bool untouched = true;
+  for (size_t i = END(lmoe_layer_config, comm); i < sizeof old; i++) untouched &= raw[i] == 0xab;
+  CHECK(old.s.struct_size == END(lmoe_layer_config, comm) && old.s.max_tokens == 64 && untouched,
+        "older layer config out: struct_size %u, max_tokens %d, past it untouched %d", old.s.struct_size,
+        old.s.max_tokens, untouched);
+  lmoe_layer_release(l3);
+  /* FP8: the dtype is taken, and an unknown one refused naming the field */
+  lmoe_layer_config_init(&lc);
+  lc.num_experts = 4, lc.hidden = 16, lc.intermediate = 8, lc.max_tokens = 64, lc.weight_dtype = LMOE_DTYPE_F8_E4M3;
+  OK(ctx, lmoe_layer_create(ctx, &lc, &l3));
+  lmoe_layer_config_init(&got);
+  OK(ctx, lmoe_layer_get_config(l3, &got));
+  CHECK(got.weight_dtype == LMOE_DTYPE_F8_E4M3, "FP8 layer config: weight_dtype %d", got.weight_dtype);
+  lmoe_layer_release(l3);
+  lc.weight_dtype = 77;
+  l3 = NULL;
+  CHECK(lmoe_layer_create(ctx, &lc, &l3) == LMOE_ERR_INVALID_ARGUMENT && !l3 &&
+            strstr(lmoe_context_last_error(ctx), "weight_dtype"),
+        "weight_dtype 77: %s", lmoe_context_last_error(ctx));
   lmoe_layer *l2 = NULL;
   lc.struct_size = END(lmoe_layer_config, hidden); /* intermediate has no default */
   REFUSED("layer config", lmoe_layer_create(ctx, &lc, &l2));
@@ -266,8 +301,17 @@ static void test_checkpoint_info(void) {
         untouched);
   lmoe_checkpoint_layer_info_init(&info.s);
   OK(ctx, lmoe_checkpoint_get_layer_info(ck, 0, &info.s));
-  CHECK(info.s.hidden == H && info.s.intermediate == I && !info.s.has_router, "layer info: H %d I %d",
-        info.s.hidden, info.s.intermediate);
+  CHECK(info.s.hidden == H && info.s.intermediate == I && !info.s.has_router &&
+            info.s.weight_dtype == LMOE_DTYPE_BF16,
+        "layer info: H %d I %d dtype %d", info.s.hidden, info.s.intermediate, info.s.weight_dtype);
+  /* the size before weight_dtype: written up to it */
+  memset(&info, 0xcd, sizeof info);
+  info.s.struct_size = END(lmoe_checkpoint_layer_info, has_router);
+  OK(ctx, lmoe_checkpoint_get_layer_info(ck, 0, &info.s));
+  untouched = true;
+  for (size_t i = END(lmoe_checkpoint_layer_info, has_router); i < sizeof info; i++) untouched &= raw[i] == 0xcd;
+  CHECK(info.s.has_router == 0 && untouched, "layer info without weight_dtype: past it untouched %d", untouched);
+  lmoe_checkpoint_layer_info_init(&info.s);
   info.s.struct_size = sizeof info.s + 4;
   REFUSED("layer info", lmoe_checkpoint_get_layer_info(ck, 0, &info.s));
   lmoe_checkpoint_close(ck);

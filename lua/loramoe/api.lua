@@ -226,7 +226,7 @@ local function index_of(names)
   for i = 0, #names do t[names[i]] = i end
   return t
 end
-local dtype_names = { [0] = "bf16", "f16", "f32", "f64", "i32" }
+local dtype_names = { [0] = "bf16", "f16", "f32", "f64", "i32", "f8_e4m3" }
 local memory_names = { [0] = "host", "device" }
 local backend_names = { [0] = "auto", "cpu", "cuda" }
 local guard_names = { [0] = "host", "device_sync", "always" }
@@ -235,7 +235,8 @@ local layout_names = { [0] = "per_expert", "fused" }
 local dtypes, memories, backends, guards = index_of(dtype_names), index_of(memory_names),
   index_of(backend_names), index_of(guard_names)
 local families, layouts = index_of(family_names), index_of(layout_names)
-local weight_index = { w13 = 0, w2 = 1 }
+local weight_index = { w13 = 0, w2 = 1, w13_scales = 2, w2_scales = 3 }
+local weight_dtypes = { bf16 = 0, f8_e4m3 = 5 }
 local DT_F32, MEM_HOST, BACKEND_CPU = 2, 0, 1
 
 local target_bits = { gate = 1, up = 2, down = 4 }
@@ -537,11 +538,12 @@ A.presets = {
 }
 
 local layer_fields = set { "experts", "hidden", "intermediate", "top_k", "renormalize", "max_tokens", "preset",
-  "shard_mode", "shard_rank", "shard_size", "comm" }
+  "shard_mode", "shard_rank", "shard_size", "comm", "weight_dtype" }
 local shard_names = { [0] = "tp", "ep" }
 local shard_modes = index_of(shard_names)
 -- ctx:layer(cfg): a preset name, or {experts=, hidden=, intermediate=, top_k=,
--- renormalize=, max_tokens=, preset=, shard_mode=, shard_rank=, shard_size=, comm=};
+-- renormalize=, max_tokens=, preset=, shard_mode=, shard_rank=, shard_size=, comm=,
+-- weight_dtype= "bf16" (default) | "f8_e4m3" (FP8 experts, 128x128 block scales)};
 -- fields override the preset's. A sharded layer (shard_size > 1) holds rank
 -- shard_rank's part ("tp": a slice of every expert, "ep": whole experts) and sums its
 -- output over comm's ranks (docs/design.md, "Sharding").
@@ -575,8 +577,9 @@ function Ctx.layer(self, cfg)
   if not E then field_error(1, "layer", "experts", "is missing") end
   if not H then field_error(1, "layer", "hidden", "is missing") end
   if not I then field_error(1, "layer", "intermediate", "is missing") end
-  local comm, mode, srank, ssize
+  local comm, mode, srank, ssize, wdt
   if t then
+    wdt = field_option(t, "weight_dtype", weight_dtypes, 1, "layer")
     mode = field_option(t, "shard_mode", shard_modes, 1, "layer")
     srank, ssize = field_int(t, "shard_rank", 1, "layer"), field_int(t, "shard_size", 1, "layer")
     if t.comm ~= nil then comm = check_obj(t.comm, "comm", 1, "layer", "comm") end
@@ -586,7 +589,7 @@ function Ctx.layer(self, cfg)
   local st, box = R.layer_create(h, {
     num_experts = E, hidden = H, intermediate = I, top_k = get("top_k"), max_tokens = get("max_tokens"),
     renormalize = renorm ~= nil and (renorm and 1 or 0) or nil,
-    shard_mode = mode, shard_rank = srank, shard_size = ssize, comm = comm,
+    shard_mode = mode, shard_rank = srank, shard_size = ssize, comm = comm, weight_dtype = wdt,
   })
   local l, msg, code = made("layer", st, box, self, cb)
   if l then l._comm = t and t.comm or nil end -- the library keeps it too; this keeps the object
@@ -673,7 +676,7 @@ function Layer.config(self)
   local c = layer_config((check(self, "layer", "config")))
   return { experts = c.num_experts, hidden = c.hidden, intermediate = c.intermediate, top_k = c.top_k,
     renormalize = c.renormalize ~= 0, max_tokens = c.max_tokens, shard_mode = shard_names[c.shard_mode],
-    shard_rank = c.shard_rank, shard_size = c.shard_size }
+    shard_rank = c.shard_rank, shard_size = c.shard_size, weight_dtype = dtype_names[c.weight_dtype] }
 end
 
 function Layer.randomize(self, seed, scale)
@@ -1372,7 +1375,16 @@ function Ck.layer_info(self, layer)
   local st, i = R.checkpoint_get_layer_info(h, checkrange(layer, 1, "layer_info", 0, I32, "layer"))
   if st ~= 0 then return fail(st, self._cbox) end
   return { family = family_names[i.family] or "unknown", experts = i.num_experts, hidden = i.hidden,
-    intermediate = i.intermediate, has_router = i.has_router ~= 0 }
+    intermediate = i.intermediate, has_router = i.has_router ~= 0, weight_dtype = dtype_names[i.weight_dtype] }
+end
+
+-- ctx:quantize_checkpoint(src, dst) -> true: a bf16 checkpoint (file, index or
+-- directory) to one FP8 .safetensors file in the HF format (docs/formats.md, "FP8")
+function Ctx.quantize_checkpoint(self, src, dst)
+  local h, cb = check(self, "context", "quantize_checkpoint")
+  checktype(src, "string", 1, "quantize_checkpoint")
+  checktype(dst, "string", 2, "quantize_checkpoint")
+  return status(R.checkpoint_quantize_fp8(h, src, dst), cb)
 end
 
 -- ck:load_layer(index, layer, with_router?) -> the router buffer [E, H] f32 (host)

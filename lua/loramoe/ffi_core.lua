@@ -342,7 +342,7 @@ end
 
 local function layer(h) return checkh(h, "layer") end
 local layer_fields = { "num_experts", "hidden", "intermediate", "top_k", "renormalize", "max_tokens",
-  "shard_mode", "shard_rank", "shard_size" }
+  "shard_mode", "shard_rank", "shard_size", "weight_dtype" }
 function R.layer_create(h, cfg)
   local c = ffi.new("lmoe_layer_config")
   C.lmoe_layer_config_init(c)
@@ -699,8 +699,9 @@ function R.checkpoint_get_layer_info(h, l)
   C.lmoe_checkpoint_layer_info_init(cinfo)
   local st = C.lmoe_checkpoint_get_layer_info(ck(h), i32(l), cinfo)
   if st ~= 0 then return st end
-  return st, totable(cinfo, { "family", "num_experts", "hidden", "intermediate", "has_router" })
+  return st, totable(cinfo, { "family", "num_experts", "hidden", "intermediate", "has_router", "weight_dtype" })
 end
+function R.checkpoint_quantize_fp8(h, src, dst) return C.lmoe_checkpoint_quantize_fp8(ctx(h), str(src), str(dst)) end
 function R.checkpoint_load_layer(h, i, l, with_router)
   local o = out_of.buffer
   o[0] = nil

@@ -21,7 +21,7 @@ lm.runtime = core.runtime  -- "lua5.4" or "luajit"
 lm.methods = api.methods   -- methods of each kind of object, by kind
 lm.presets = api.presets   -- ctx:layer looks names up here: add your own
 
-lm.dtypes = { "bf16", "f16", "f32", "f64", "i32" }
+lm.dtypes = { "bf16", "f16", "f32", "f64", "i32", "f8_e4m3" }
 lm.guards = { "host", "device_sync", "always" }
 lm.backends = { "auto", "cpu", "cuda" }
 

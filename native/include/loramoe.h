@@ -67,7 +67,11 @@ typedef enum lmoe_dtype {
   LMOE_DTYPE_F16 = 1,
   LMOE_DTYPE_F32 = 2,
   LMOE_DTYPE_F64 = 3, /* host-side results (the float64 reference) */
-  LMOE_DTYPE_I32 = 4  /* top-k expert ids */
+  LMOE_DTYPE_I32 = 4, /* top-k expert ids */
+  /* FP8 e4m3 (OCP "e4m3fn": bias 7, no infinities, 0x7f/0xff NaN, largest finite 448).
+     Storing into it rounds to nearest even and saturates to +-448 (NaN stays NaN). The
+     expert storage of a layer whose weight_dtype is this (docs/formats.md, "FP8"). */
+  LMOE_DTYPE_F8_E4M3 = 5
 } lmoe_dtype;
 
 typedef enum lmoe_memory {
@@ -272,6 +276,11 @@ typedef struct lmoe_layer_config {
   int32_t shard_rank;   /* 0..shard_size-1 */
   int32_t shard_size;   /* ranks the layer is cut over, 1 (default): not cut */
   lmoe_comm *comm;      /* the communicator of this rank (kept alive by the layer) */
+  /* The experts' storage: LMOE_DTYPE_BF16 (default) or LMOE_DTYPE_F8_E4M3, FP8 with one
+     float32 scale per 128x128 block (w = fp8 * scale; docs/formats.md, "FP8"). An FP8
+     layer is computed by the cpu backend (dequantizing per block); the cuda backend
+     refuses it at creation (LMOE_ERR_UNSUPPORTED), and so does a sharded one. */
+  int32_t weight_dtype;
 } lmoe_layer_config;
 
 LMOE_API void lmoe_layer_config_init(lmoe_layer_config *cfg);
@@ -279,9 +288,14 @@ LMOE_API void lmoe_layer_config_init(lmoe_layer_config *cfg);
 LMOE_API lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg,
                                        lmoe_layer **out);
 LMOE_API void lmoe_layer_release(lmoe_layer *layer);
+/* out->struct_size an older size (lmoe_layer_config's rule): written up to it; any
+   other value: the whole struct (struct_size set to this library's). */
 LMOE_API lmoe_status lmoe_layer_get_config(const lmoe_layer *layer, lmoe_layer_config *out);
 /* All experts from host memory: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
-   Either may be NULL to leave that part unchanged. Stored as bf16. Blocking. */
+   Either may be NULL to leave that part unchanged. Stored as bf16, or in an FP8 layer
+   quantized per 128x128 block of each expert's gate, up and down (scale = block amax /
+   448, round to nearest even, saturating); dtype f8_e4m3 (FP8 layers only) copies the
+   codes as they are and leaves the scales (lmoe_layer_weights 2, 3) unchanged. Blocking. */
 LMOE_API lmoe_status lmoe_layer_set_weights(lmoe_layer *layer, const void *w13, const void *w2,
                                             int32_t dtype);
 /* One expert: gate [I, H], up [I, H], down [H, I]; NULL leaves that part unchanged. */
@@ -290,7 +304,9 @@ LMOE_API lmoe_status lmoe_layer_set_expert(lmoe_layer *layer, int32_t expert, co
 /* Uniform random weights in [-scale, scale), the same on every backend for one seed. */
 LMOE_API lmoe_status lmoe_layer_randomize(lmoe_layer *layer, uint64_t seed, float scale);
 /* The layer's weight storage as buffers owned by the layer (valid while it lives):
-   which = 0 for W13 [E, 2I, H], 1 for W2 [E, H, I]. */
+   which = 0 for W13 [E, 2I, H], 1 for W2 [E, H, I] (bf16, or f8_e4m3 codes in an FP8
+   layer). FP8 layers only, their f32 block scales: 2 for W13's [E, 2*ceil(I/128),
+   ceil(H/128)] (gate's row blocks, then up's), 3 for W2's [E, ceil(H/128), ceil(I/128)]. */
 LMOE_API lmoe_status lmoe_layer_weights(lmoe_layer *layer, int32_t which, lmoe_buffer **out);
 
 /* ---------------------------------------------------------------- communicators */
@@ -630,6 +646,7 @@ typedef struct lmoe_checkpoint_layer_info {
   int32_t hidden;
   int32_t intermediate;
   int32_t has_router;   /* the router weight [E, H] is present */
+  int32_t weight_dtype; /* the experts': LMOE_DTYPE_F8_E4M3 for an FP8 checkpoint, else bf16 */
 } lmoe_checkpoint_layer_info;
 
 LMOE_API lmoe_status lmoe_checkpoint_open(lmoe_context *ctx, const char *path,
@@ -643,6 +660,17 @@ LMOE_API lmoe_status lmoe_checkpoint_get_layer_info(lmoe_checkpoint *ck, int32_t
    [E, H] with the router weight: logits = x · routerᵀ. */
 LMOE_API lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer,
                                                 lmoe_layer *dst, lmoe_buffer **router);
+
+/* Quantizes a bf16 (or f16, f32) checkpoint to FP8 e4m3 in the published HF format
+   (docs/formats.md, "FP8"): every MoE expert weight of every layer (per-expert
+   `...experts.N.{gate,up,down}_proj.weight`, Mixtral's w1/w3/w2, or the fused
+   `experts.gate_up_proj` / `experts.down_proj`) becomes F8_E4M3 with float32 block
+   scales beside it (`weight_scale_inv`, fused `_scales_inv`), one per 128x128 block:
+   scale = block amax / 448 (1 for an all-zero block), code = e4m3(w / scale) rounded to
+   nearest even, saturating. Every other tensor is copied as it is. src: whatever
+   lmoe_checkpoint_open takes; dst: one .safetensors file (written whole from memory:
+   meant for tests and single layers, not for a whole large model at once). */
+LMOE_API lmoe_status lmoe_checkpoint_quantize_fp8(lmoe_context *ctx, const char *src, const char *dst);
 
 /* Pool life cycle by name. A name is up to 127 bytes. Recency: a slot is "used" when
    loaded, touched, or named by lmoe_batch_set / lmoe_forward with this pool. */

@@ -4,6 +4,7 @@
 #include "files.h"
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -17,6 +18,11 @@ struct lmoe_checkpoint {
 };
 
 static bool valid_ck(const lmoe_checkpoint *ck) { return lmoe_object_is(ck, LMOE_MAGIC_CHECKPOINT); }
+
+lmoe_safetensors **lmoe_checkpoint_files(lmoe_checkpoint *ck, int32_t *n) {
+  *n = ck->n_files;
+  return ck->files;
+}
 
 void lmoe_checkpoint_layer_info_init(lmoe_checkpoint_layer_info *info) {
   if (!info) return;
@@ -229,6 +235,7 @@ static lmoe_status detect(lmoe_checkpoint *ck, int32_t layer, layer_names *ln,
   info->num_experts = (int32_t)E;
   info->hidden = (int32_t)H;
   info->intermediate = (int32_t)I;
+  info->weight_dtype = ti.dtype == LMOE_DTYPE_F8_E4M3 ? LMOE_DTYPE_F8_E4M3 : LMOE_DTYPE_BF16;
   snprintf(name, sizeof name, "%s.gate.weight", ln->block);
   info->has_router = find(ck, name, NULL) != NULL;
   return LMOE_OK;
@@ -320,6 +327,134 @@ static lmoe_status stream_parts(lmoe_checkpoint *ck, lmoe_context *lctx, const p
   return s;
 }
 
+/* An FP8 checkpoint into an FP8 layer (never sharded; cpu backend, so its storage is
+   host memory): every code tensor and its scale tensor found with its shape and dtype,
+   and every scale read and checked finite, before anything is written. Codes are
+   copied as they are; the scales go to the layer's block scales (gate's row blocks,
+   then up's). Per expert: `P.weight` F8_E4M3 [out, in] and `P.weight_scale_inv`
+   [ceil(out/128), ceil(in/128)]; fused: `experts.gate_up_proj` [E, 2I, H] with
+   `experts.gate_up_proj_scales_inv` (or `_scale_inv`) [E, ceil(2I/128), ceil(H/128)],
+   and down_proj alike. */
+typedef struct fp8_part {
+  char name[192], sname[208];
+  int64_t shape[3], sshape[3];
+  int32_t ndim;
+  lmoe_safetensors *file, *sfile;
+  int32_t index, sindex;
+  uint8_t *dst;   /* codes */
+  float *sdst;    /* scales, in the layer's layout */
+  int64_t srows;  /* scale rows to place (fused: per expert, E of them) */
+} fp8_part;
+
+static lmoe_status find_fp8_part(lmoe_checkpoint *ck, fp8_part *p) {
+  lmoe_context *ctx = ck->ctx;
+  lmoe_tensor_info ti;
+  p->file = find(ck, p->name, &ti);
+  if (!p->file) return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: tensor '%s' is missing", ck->path, p->name);
+  bool same = ti.ndim == p->ndim;
+  for (int32_t d = 0; same && d < p->ndim; d++) same = ti.shape[d] == p->shape[d];
+  if (!same)
+    return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' is not [%lld, %lld%s%lld]", ck->path, p->name,
+                     (long long)p->shape[0], (long long)p->shape[1], p->ndim == 3 ? ", " : "",
+                     p->ndim == 3 ? (long long)p->shape[2] : 0LL);
+  if (ti.dtype != LMOE_DTYPE_F8_E4M3)
+    return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: tensor '%s' is %s; the layer's other experts are F8_E4M3", ck->path,
+                     p->name, ti.dtype_name);
+  lmoe_safetensors_find(p->file, p->name, &p->index);
+  p->sfile = find(ck, p->sname, &ti);
+  if (!p->sfile && p->ndim == 3) { /* fused: transformers' FP8Expert says _scales_inv, its converter _scale_inv */
+    size_t n = strlen(p->sname);
+    if (n > 12 && !strcmp(p->sname + n - 11, "_scales_inv")) {
+      memmove(p->sname + n - 5, p->sname + n - 4, 5); /* _scales_inv -> _scale_inv */
+      p->sfile = find(ck, p->sname, &ti);
+    }
+  }
+  if (!p->sfile)
+    return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: tensor '%s' is F8_E4M3 but its block scales '%s' are missing",
+                     ck->path, p->name, p->sname);
+  same = ti.ndim == p->ndim;
+  for (int32_t d = 0; same && d < p->ndim; d++) same = ti.shape[d] == p->sshape[d];
+  if (!same) {
+    char got[160] = "[";
+    for (int32_t d = 0; d < ti.ndim && d < 8; d++)
+      snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? ", " : "", (long long)ti.shape[d]);
+    return lmoe_fail(ctx, LMOE_ERR_FORMAT,
+                     "%s: block scales '%s' have shape %s]; %s [%lld, %lld%s%lld] needs one per 128x128 block: "
+                     "[%lld, %lld%s%lld]",
+                     ck->path, p->sname, got, p->name, (long long)p->shape[0], (long long)p->shape[1],
+                     p->ndim == 3 ? ", " : "", p->ndim == 3 ? (long long)p->shape[2] : 0LL, (long long)p->sshape[0],
+                     (long long)p->sshape[1], p->ndim == 3 ? ", " : "", p->ndim == 3 ? (long long)p->sshape[2] : 0LL);
+  }
+  if (ti.dtype != LMOE_DTYPE_F32 && ti.dtype != LMOE_DTYPE_BF16 && ti.dtype != LMOE_DTYPE_F16 &&
+      ti.dtype != LMOE_DTYPE_F64)
+    return lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: block scales '%s' are %s, not a float dtype (F32)", ck->path, p->sname,
+                     ti.dtype_name);
+  lmoe_safetensors_find(p->sfile, p->sname, &p->sindex);
+  return LMOE_OK;
+}
+
+static lmoe_status load_fp8(lmoe_checkpoint *ck, const layer_names *ln, lmoe_layer *dst) {
+  lmoe_context *ctx = ck->ctx;
+  const int64_t E = dst->cfg.num_experts, H = dst->cfg.hidden, I = dst->cfg.intermediate;
+  const int64_t nbh = lmoe_fp8_blocks(H), nbi = lmoe_fp8_blocks(I);
+  if (!lmoe_host_addressable(dst->ctx, LMOE_MEMORY_DEVICE))
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "FP8 layers live in host memory (cpu backend)");
+  if (ln->fused && I % LMOE_FP8_BLOCK)
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "%s: %s.experts.gate_up_proj is FP8 with I = %lld, not a multiple of 128: its scale blocks "
+                     "straddle gate and up, which the layer keeps apart",
+                     ck->path, ln->block, (long long)I);
+  uint8_t *c13 = dst->w13->data, *c2 = dst->w2->data;
+  float *s13 = dst->w13s->data, *s2 = dst->w2s->data;
+  const int32_t np = ln->fused ? 2 : (int32_t)(3 * E);
+  fp8_part *parts = calloc((size_t)np, sizeof *parts);
+  float **scales = calloc((size_t)np, sizeof *scales);
+  lmoe_status s = parts && scales ? LMOE_OK : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+  for (int32_t k = 0; k < np && !s; k++) {
+    fp8_part *p = &parts[k];
+    if (ln->fused) {
+      const bool down = k == 1;
+      snprintf(p->name, sizeof p->name, "%s.experts.%s", ln->block, down ? "down_proj" : "gate_up_proj");
+      snprintf(p->sname, sizeof p->sname, "%s_scales_inv", p->name);
+      p->ndim = 3;
+      p->shape[0] = E, p->shape[1] = down ? H : 2 * I, p->shape[2] = down ? I : H;
+      p->sshape[0] = E, p->sshape[1] = down ? nbh : 2 * nbi, p->sshape[2] = down ? nbi : nbh;
+      p->dst = down ? c2 : c13;
+      p->sdst = down ? s2 : s13;
+    } else {
+      const int64_t e = k / 3, pi = k % 3; /* gate, up, down */
+      const char *pn = pi == 2 ? ln->d : pi == 1 ? ln->u : ln->g;
+      snprintf(p->name, sizeof p->name, "%s.experts.%lld.%s.weight", ln->block, (long long)e, pn);
+      snprintf(p->sname, sizeof p->sname, "%s_scale_inv", p->name);
+      p->ndim = 2;
+      p->shape[0] = pi == 2 ? H : I, p->shape[1] = pi == 2 ? I : H;
+      p->sshape[0] = pi == 2 ? nbh : nbi, p->sshape[1] = pi == 2 ? nbi : nbh;
+      p->dst = pi == 2 ? c2 + e * H * I : c13 + (e * 2 + pi) * I * H;
+      p->sdst = pi == 2 ? s2 + e * nbh * nbi : s13 + (e * 2 + pi) * nbi * nbh;
+    }
+    s = find_fp8_part(ck, p);
+    int64_t ns = p->sshape[0] * p->sshape[1] * (p->ndim == 3 ? p->sshape[2] : 1);
+    if (!s) s = (scales[k] = malloc((size_t)ns * sizeof(float))) ? LMOE_OK
+                                                                : lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+    if (!s) s = lmoe_st_read_range(p->sfile, p->sindex, 0, ns, scales[k], LMOE_DTYPE_F32);
+    for (int64_t i = 0; i < ns && !s; i++)
+      if (!isfinite(scales[k][i]))
+        s = lmoe_fail(ctx, LMOE_ERR_FORMAT, "%s: block scales '%s' hold %g at element %lld: not finite", ck->path,
+                      p->sname, (double)scales[k][i], (long long)i);
+  }
+  for (int32_t k = 0; k < np && !s; k++) {
+    fp8_part *p = &parts[k];
+    int64_t n = p->shape[0] * p->shape[1] * (p->ndim == 3 ? p->shape[2] : 1);
+    int64_t ns = p->sshape[0] * p->sshape[1] * (p->ndim == 3 ? p->sshape[2] : 1);
+    s = lmoe_st_read_range(p->file, p->index, 0, n, p->dst, LMOE_DTYPE_F8_E4M3);
+    if (!s) memcpy(p->sdst, scales[k], (size_t)ns * sizeof(float)); /* I % 128 == 0 when fused: same layout */
+  }
+  for (int32_t k = 0; scales && k < np; k++) free(scales[k]);
+  free(scales);
+  free(parts);
+  return s;
+}
+
 lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer, lmoe_layer *dst,
                                        lmoe_buffer **router) {
   if (!valid_ck(ck)) return LMOE_ERR_INVALID_ARGUMENT;
@@ -339,6 +474,18 @@ lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer, lmoe_
                      "%s: layer %d has E %d, H %d, I %d; the destination layer was made with E %d, H %d, I %d",
                      ck->path, (int)layer, (int)info.num_experts, (int)info.hidden, (int)info.intermediate,
                      (int)c->num_experts, (int)c->hidden, (int)c->intermediate);
+  if (info.weight_dtype != c->weight_dtype)
+    return info.weight_dtype == LMOE_DTYPE_F8_E4M3
+               ? lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                           "%s: layer %d's experts are F8_E4M3 (an FP8 checkpoint) but the destination layer's "
+                           "weight_dtype is bf16: make the layer with weight_dtype f8_e4m3 (FP8 checkpoints are "
+                           "not dequantized on load)",
+                           ck->path, (int)layer)
+               : lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                           "%s: layer %d's experts are not FP8 but the destination layer's weight_dtype is "
+                           "f8_e4m3: quantize the checkpoint first (lmoe_checkpoint_quantize_fp8), or load it "
+                           "into a bf16 layer",
+                           ck->path, (int)layer);
   if (router && !info.has_router)
     return lmoe_fail(ctx, LMOE_ERR_NOT_FOUND, "%s: layer %d has no router weight %s.gate.weight", ck->path,
                      (int)layer, ln.block);
@@ -355,6 +502,15 @@ lmoe_status lmoe_checkpoint_load_layer(lmoe_checkpoint *ck, int32_t layer, lmoe_
       lmoe_buffer_release(rb);
       return s;
     }
+  }
+  if (c->weight_dtype == LMOE_DTYPE_F8_E4M3) {
+    s = load_fp8(ck, &ln, dst);
+    if (s) {
+      lmoe_buffer_release(rb);
+      return s;
+    }
+    if (router) *router = rb;
+    return LMOE_OK;
   }
   /* The layer's parts in the order of its memory: W13's (expert by expert, gate rows
      then up rows) then W2's, only this rank's experts and slices (a sharded layer).

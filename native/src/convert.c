@@ -68,6 +68,45 @@ uint16_t lmoe_f32_to_f16(float f) {
   return (uint16_t)(sign | r);
 }
 
+/* FP8 e4m3 (e4m3fn): sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+   subnormal (m/8 * 2^-6); S.1111.111 is NaN; no infinities; largest finite 448. */
+float lmoe_f8e4m3_to_f32(uint8_t v) {
+  float sign = (v & 0x80u) ? -1.0f : 1.0f;
+  uint32_t e = (v >> 3) & 0xfu, m = v & 7u;
+  if (e == 15 && m == 7) return (v & 0x80u) ? -NAN : NAN;
+  if (e == 0) return sign * ldexpf((float)m, -9); /* m/8 * 2^-6 */
+  return sign * ldexpf((float)(8 + m), (int)e - 10); /* (1 + m/8) * 2^(e-7) */
+}
+
+uint8_t lmoe_f32_to_f8e4m3(float f) { return lmoe_f64_to_f8e4m3((double)f); }
+
+/* Round to nearest even on the e4m3 grid, saturating to +-448 (Inf too); NaN -> 0x7f
+   (sign kept). Every e4m3 value and every midpoint between two is exact in double, so
+   comparing the scaled magnitude decides exactly. */
+uint8_t lmoe_f64_to_f8e4m3(double d) {
+  if (d != d) return signbit(d) ? 0xffu : 0x7fu;
+  uint8_t sign = signbit(d) ? 0x80u : 0;
+  double a = fabs(d);
+  if (a >= 448.0) return sign | 0x7eu;
+  /* quantum of a's binade: 2^-9 below 2^-6 (subnormals), else 2^(exp-3) */
+  int ex;
+  frexp(a, &ex);            /* a = f * 2^ex, f in [0.5, 1): a's binade is 2^(ex-1) */
+  int q = ex - 1 - 3;       /* log2 of the spacing */
+  if (q < -9) q = -9;
+  double n = ldexp(a, -q);  /* a in units of the spacing: exact */
+  double r = floor(n), rem = n - r;
+  if (rem > 0.5 || (rem == 0.5 && fmod(r, 2.0) != 0)) r += 1;
+  double v = ldexp(r, q);   /* the rounded magnitude */
+  if (v > 448.0) return sign | 0x7eu;
+  if (v == 0) return sign;
+  int e2;
+  frexp(v, &e2);
+  int e = e2 - 1 + 7; /* biased exponent */
+  if (e <= 0) return sign | (uint8_t)(v * 512.0); /* subnormal: m = v / 2^-9 */
+  uint32_t m = (uint32_t)(ldexp(v, -(e2 - 1)) * 8.0) - 8u;
+  return sign | (uint8_t)((uint32_t)e << 3) | (uint8_t)m;
+}
+
 double lmoe_load_elem(const void *p, int32_t dtype, int64_t i) {
   switch (dtype) {
   case LMOE_DTYPE_BF16: return lmoe_bf16_to_f32(((const uint16_t *)p)[i]);
@@ -75,6 +114,7 @@ double lmoe_load_elem(const void *p, int32_t dtype, int64_t i) {
   case LMOE_DTYPE_F32: return ((const float *)p)[i];
   case LMOE_DTYPE_F64: return ((const double *)p)[i];
   case LMOE_DTYPE_I32: return ((const int32_t *)p)[i];
+  case LMOE_DTYPE_F8_E4M3: return lmoe_f8e4m3_to_f32(((const uint8_t *)p)[i]);
   default: return NAN;
   }
 }
@@ -85,6 +125,7 @@ void lmoe_store_elem(void *p, int32_t dtype, int64_t i, double v) {
   case LMOE_DTYPE_F16: ((uint16_t *)p)[i] = lmoe_f32_to_f16((float)v); break;
   case LMOE_DTYPE_F32: ((float *)p)[i] = (float)v; break;
   case LMOE_DTYPE_F64: ((double *)p)[i] = v; break;
+  case LMOE_DTYPE_F8_E4M3: ((uint8_t *)p)[i] = lmoe_f64_to_f8e4m3(v); break;
   case LMOE_DTYPE_I32: {
     double f = floor(v);
     ((int32_t *)p)[i] = f >= 2147483647.0 ? INT32_MAX : f <= -2147483648.0 ? INT32_MIN : (int32_t)f;
@@ -121,6 +162,7 @@ size_t lmoe_dtype_size(int32_t dtype) {
   case LMOE_DTYPE_F32:
   case LMOE_DTYPE_I32: return 4;
   case LMOE_DTYPE_F64: return 8;
+  case LMOE_DTYPE_F8_E4M3: return 1;
   default: return 0;
   }
 }
@@ -132,6 +174,7 @@ const char *lmoe_dtype_name(int32_t dtype) {
   case LMOE_DTYPE_F32: return "f32";
   case LMOE_DTYPE_F64: return "f64";
   case LMOE_DTYPE_I32: return "i32";
+  case LMOE_DTYPE_F8_E4M3: return "f8_e4m3";
   default: return "unknown";
   }
 }

@@ -55,6 +55,8 @@ enum {
 };
 
 
+_Static_assert((int)KC == (int)LMOE_FP8_BLOCK, "an FP8 weight chunk of KC columns has one block scale");
+
 static inline float bf16f(uint16_t v) {
   uint32_t u = (uint32_t)v << 16;
   float f;
@@ -62,6 +64,42 @@ static inline float bf16f(uint16_t v) {
   return f;
 }
 
+
+/* e4m3 code -> float: every value exact (generated; lmoe_f8e4m3_to_f32 is the same). */
+static const float e4m3_lut[256] = {
+    0.0f, 0x1.0000000000000p-9f, 0x1.0000000000000p-8f, 0x1.8000000000000p-8f, 0x1.0000000000000p-7f, 0x1.4000000000000p-7f, 0x1.8000000000000p-7f, 0x1.c000000000000p-7f,
+    0x1.0000000000000p-6f, 0x1.2000000000000p-6f, 0x1.4000000000000p-6f, 0x1.6000000000000p-6f, 0x1.8000000000000p-6f, 0x1.a000000000000p-6f, 0x1.c000000000000p-6f, 0x1.e000000000000p-6f,
+    0x1.0000000000000p-5f, 0x1.2000000000000p-5f, 0x1.4000000000000p-5f, 0x1.6000000000000p-5f, 0x1.8000000000000p-5f, 0x1.a000000000000p-5f, 0x1.c000000000000p-5f, 0x1.e000000000000p-5f,
+    0x1.0000000000000p-4f, 0x1.2000000000000p-4f, 0x1.4000000000000p-4f, 0x1.6000000000000p-4f, 0x1.8000000000000p-4f, 0x1.a000000000000p-4f, 0x1.c000000000000p-4f, 0x1.e000000000000p-4f,
+    0x1.0000000000000p-3f, 0x1.2000000000000p-3f, 0x1.4000000000000p-3f, 0x1.6000000000000p-3f, 0x1.8000000000000p-3f, 0x1.a000000000000p-3f, 0x1.c000000000000p-3f, 0x1.e000000000000p-3f,
+    0x1.0000000000000p-2f, 0x1.2000000000000p-2f, 0x1.4000000000000p-2f, 0x1.6000000000000p-2f, 0x1.8000000000000p-2f, 0x1.a000000000000p-2f, 0x1.c000000000000p-2f, 0x1.e000000000000p-2f,
+    0x1.0000000000000p-1f, 0x1.2000000000000p-1f, 0x1.4000000000000p-1f, 0x1.6000000000000p-1f, 0x1.8000000000000p-1f, 0x1.a000000000000p-1f, 0x1.c000000000000p-1f, 0x1.e000000000000p-1f,
+    0x1.0000000000000p+0f, 0x1.2000000000000p+0f, 0x1.4000000000000p+0f, 0x1.6000000000000p+0f, 0x1.8000000000000p+0f, 0x1.a000000000000p+0f, 0x1.c000000000000p+0f, 0x1.e000000000000p+0f,
+    0x1.0000000000000p+1f, 0x1.2000000000000p+1f, 0x1.4000000000000p+1f, 0x1.6000000000000p+1f, 0x1.8000000000000p+1f, 0x1.a000000000000p+1f, 0x1.c000000000000p+1f, 0x1.e000000000000p+1f,
+    0x1.0000000000000p+2f, 0x1.2000000000000p+2f, 0x1.4000000000000p+2f, 0x1.6000000000000p+2f, 0x1.8000000000000p+2f, 0x1.a000000000000p+2f, 0x1.c000000000000p+2f, 0x1.e000000000000p+2f,
+    0x1.0000000000000p+3f, 0x1.2000000000000p+3f, 0x1.4000000000000p+3f, 0x1.6000000000000p+3f, 0x1.8000000000000p+3f, 0x1.a000000000000p+3f, 0x1.c000000000000p+3f, 0x1.e000000000000p+3f,
+    0x1.0000000000000p+4f, 0x1.2000000000000p+4f, 0x1.4000000000000p+4f, 0x1.6000000000000p+4f, 0x1.8000000000000p+4f, 0x1.a000000000000p+4f, 0x1.c000000000000p+4f, 0x1.e000000000000p+4f,
+    0x1.0000000000000p+5f, 0x1.2000000000000p+5f, 0x1.4000000000000p+5f, 0x1.6000000000000p+5f, 0x1.8000000000000p+5f, 0x1.a000000000000p+5f, 0x1.c000000000000p+5f, 0x1.e000000000000p+5f,
+    0x1.0000000000000p+6f, 0x1.2000000000000p+6f, 0x1.4000000000000p+6f, 0x1.6000000000000p+6f, 0x1.8000000000000p+6f, 0x1.a000000000000p+6f, 0x1.c000000000000p+6f, 0x1.e000000000000p+6f,
+    0x1.0000000000000p+7f, 0x1.2000000000000p+7f, 0x1.4000000000000p+7f, 0x1.6000000000000p+7f, 0x1.8000000000000p+7f, 0x1.a000000000000p+7f, 0x1.c000000000000p+7f, 0x1.e000000000000p+7f,
+    0x1.0000000000000p+8f, 0x1.2000000000000p+8f, 0x1.4000000000000p+8f, 0x1.6000000000000p+8f, 0x1.8000000000000p+8f, 0x1.a000000000000p+8f, 0x1.c000000000000p+8f, NAN,
+    -0.0f, -0x1.0000000000000p-9f, -0x1.0000000000000p-8f, -0x1.8000000000000p-8f, -0x1.0000000000000p-7f, -0x1.4000000000000p-7f, -0x1.8000000000000p-7f, -0x1.c000000000000p-7f,
+    -0x1.0000000000000p-6f, -0x1.2000000000000p-6f, -0x1.4000000000000p-6f, -0x1.6000000000000p-6f, -0x1.8000000000000p-6f, -0x1.a000000000000p-6f, -0x1.c000000000000p-6f, -0x1.e000000000000p-6f,
+    -0x1.0000000000000p-5f, -0x1.2000000000000p-5f, -0x1.4000000000000p-5f, -0x1.6000000000000p-5f, -0x1.8000000000000p-5f, -0x1.a000000000000p-5f, -0x1.c000000000000p-5f, -0x1.e000000000000p-5f,
+    -0x1.0000000000000p-4f, -0x1.2000000000000p-4f, -0x1.4000000000000p-4f, -0x1.6000000000000p-4f, -0x1.8000000000000p-4f, -0x1.a000000000000p-4f, -0x1.c000000000000p-4f, -0x1.e000000000000p-4f,
+    -0x1.0000000000000p-3f, -0x1.2000000000000p-3f, -0x1.4000000000000p-3f, -0x1.6000000000000p-3f, -0x1.8000000000000p-3f, -0x1.a000000000000p-3f, -0x1.c000000000000p-3f, -0x1.e000000000000p-3f,
+    -0x1.0000000000000p-2f, -0x1.2000000000000p-2f, -0x1.4000000000000p-2f, -0x1.6000000000000p-2f, -0x1.8000000000000p-2f, -0x1.a000000000000p-2f, -0x1.c000000000000p-2f, -0x1.e000000000000p-2f,
+    -0x1.0000000000000p-1f, -0x1.2000000000000p-1f, -0x1.4000000000000p-1f, -0x1.6000000000000p-1f, -0x1.8000000000000p-1f, -0x1.a000000000000p-1f, -0x1.c000000000000p-1f, -0x1.e000000000000p-1f,
+    -0x1.0000000000000p+0f, -0x1.2000000000000p+0f, -0x1.4000000000000p+0f, -0x1.6000000000000p+0f, -0x1.8000000000000p+0f, -0x1.a000000000000p+0f, -0x1.c000000000000p+0f, -0x1.e000000000000p+0f,
+    -0x1.0000000000000p+1f, -0x1.2000000000000p+1f, -0x1.4000000000000p+1f, -0x1.6000000000000p+1f, -0x1.8000000000000p+1f, -0x1.a000000000000p+1f, -0x1.c000000000000p+1f, -0x1.e000000000000p+1f,
+    -0x1.0000000000000p+2f, -0x1.2000000000000p+2f, -0x1.4000000000000p+2f, -0x1.6000000000000p+2f, -0x1.8000000000000p+2f, -0x1.a000000000000p+2f, -0x1.c000000000000p+2f, -0x1.e000000000000p+2f,
+    -0x1.0000000000000p+3f, -0x1.2000000000000p+3f, -0x1.4000000000000p+3f, -0x1.6000000000000p+3f, -0x1.8000000000000p+3f, -0x1.a000000000000p+3f, -0x1.c000000000000p+3f, -0x1.e000000000000p+3f,
+    -0x1.0000000000000p+4f, -0x1.2000000000000p+4f, -0x1.4000000000000p+4f, -0x1.6000000000000p+4f, -0x1.8000000000000p+4f, -0x1.a000000000000p+4f, -0x1.c000000000000p+4f, -0x1.e000000000000p+4f,
+    -0x1.0000000000000p+5f, -0x1.2000000000000p+5f, -0x1.4000000000000p+5f, -0x1.6000000000000p+5f, -0x1.8000000000000p+5f, -0x1.a000000000000p+5f, -0x1.c000000000000p+5f, -0x1.e000000000000p+5f,
+    -0x1.0000000000000p+6f, -0x1.2000000000000p+6f, -0x1.4000000000000p+6f, -0x1.6000000000000p+6f, -0x1.8000000000000p+6f, -0x1.a000000000000p+6f, -0x1.c000000000000p+6f, -0x1.e000000000000p+6f,
+    -0x1.0000000000000p+7f, -0x1.2000000000000p+7f, -0x1.4000000000000p+7f, -0x1.6000000000000p+7f, -0x1.8000000000000p+7f, -0x1.a000000000000p+7f, -0x1.c000000000000p+7f, -0x1.e000000000000p+7f,
+    -0x1.0000000000000p+8f, -0x1.2000000000000p+8f, -0x1.4000000000000p+8f, -0x1.6000000000000p+8f, -0x1.8000000000000p+8f, -0x1.a000000000000p+8f, -0x1.c000000000000p+8f, NAN,
+};
 
 /* ---------------------------------------------------------------- workspace */
 
@@ -127,18 +165,30 @@ size_t lmoe_cpu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config
    over-wide generic vectors badly). */
 #define LMOE_GEMM_TILE(NAME, VT, NV)                                                          \
   static inline __attribute__((always_inline)) void NAME(                                     \
-      const uint16_t *W, size_t ldw, int32_t rows, int32_t K, const float *XT, int32_t lo,     \
-      int32_t hi, float *OUT, int accumulate, float alpha, float *wbuf) {                     \
+      const void *Wv, size_t ldw, int32_t rows, int32_t K, const float *XT, int32_t lo,        \
+      int32_t hi, float *OUT, int accumulate, float alpha, float *wbuf, const float *S,       \
+      int32_t lds, int32_t split) {                                                           \
     enum { VL = sizeof(VT) / sizeof(float), GW = VL * NV }; /* lanes per group */           \
     if (hi <= lo || rows <= 0) return;                                                        \
+    const uint16_t *W = Wv;                                                                   \
+    const uint8_t *W8 = Wv;                                                                   \
+    const int32_t nbs = (split + 127) / 128; /* S: row blocks of the rows before split */    \
     for (int32_t k0 = 0; k0 < K; k0 += KC) {                                                  \
       const int32_t kc = K - k0 < KC ? K - k0 : KC;                                           \
       const int add = accumulate || k0 > 0;                                                   \
       for (int32_t r0 = 0; r0 < rows; r0 += MR) {                                             \
         int32_t nr = rows - r0 < MR ? rows - r0 : MR;                                         \
         for (int32_t i = 0; i < nr; i++) {                                                    \
-          const uint16_t *w = W + (size_t)(r0 + i) * ldw + k0;                                \
           float *d = wbuf + (size_t)i * KC;                                                   \
+          if (S) { /* FP8: code * its block's scale; KC = 128, so one scale per chunk */     \
+            const int32_t r = r0 + i;                                                         \
+            const int32_t br = r < split ? r / 128 : nbs + (r - split) / 128;                 \
+            const float sc = S[(size_t)br * (size_t)lds + (size_t)(k0 / 128)];                \
+            const uint8_t *w8 = W8 + (size_t)r * ldw + k0;                                    \
+            for (int32_t h = 0; h < kc; h++) d[h] = e4m3_lut[w8[h]] * sc;                     \
+            continue;                                                                         \
+          }                                                                                   \
+          const uint16_t *w = W + (size_t)(r0 + i) * ldw + k0;                                \
           for (int32_t h = 0; h < kc; h++) { /* bf16 -> fp32: the bits move up 16 */         \
             uint32_t u = (uint32_t)w[h] << 16;                                                \
             memcpy(&d[h], &u, sizeof u);                                                      \
@@ -240,7 +290,9 @@ typedef struct fwd {
   const lmoe_forward_plan *plan;
   int32_t E, H, I, k, R, R13;
   int64_t M;
-  const uint16_t *x, *w13, *w2;
+  const uint16_t *x;
+  const void *w13, *w2;       /* bf16, or f8_e4m3 codes when s13 is set */
+  const float *s13, *s2;      /* FP8 layers: block scales (internal.h, lmoe_layer), else NULL */
   const int32_t *ids;
   const float *wts;
   int32_t *slot_of; /* per token: slot whose LoRA applies, -1 none (only when LoRA runs) */
@@ -338,7 +390,13 @@ static inline __attribute__((always_inline)) void expert_body(void *arg, int64_t
   for (size_t h = 0; h < H; h++)
     for (int32_t i = n; i < np; i++) xt[h * TILE + (size_t)i] = 0.0f;
   /* gu = W13_e x */
-  gemm_tile(f->w13 + (size_t)e * I2 * H, H, (int32_t)I2, (int32_t)H, xt, 0, n, gut, 0, 1.0f, wbuf);
+  const size_t nbh = (H + 127) / 128, nbi = (I + 127) / 128;
+  if (f->s13) /* FP8: the codes with their block scales; LoRA below reads xt, the bf16 activations */
+    gemm_tile((const uint8_t *)f->w13 + (size_t)e * I2 * H, H, (int32_t)I2, (int32_t)H, xt, 0, n, gut, 0, 1.0f,
+              wbuf, f->s13 + (size_t)e * 2 * nbi * nbh, (int32_t)nbh, (int32_t)I);
+  else
+    gemm_tile((const uint16_t *)f->w13 + (size_t)e * I2 * H, H, (int32_t)I2, (int32_t)H, xt, 0, n, gut, 0, 1.0f,
+              wbuf, NULL, 0, 0);
 
   const lmoe_pool *pool = f->plan->pool;
   const size_t R = (size_t)f->R, R13 = (size_t)f->R13;
@@ -352,14 +410,14 @@ static inline __attribute__((always_inline)) void expert_body(void *arg, int64_t
       if (sl && sl->r13 > 0) {
         const uint16_t *a13 = lmoe_slot_ptr(pool, slot, pool->off_a13) + (size_t)e * R13 * H;
         const uint16_t *b13 = lmoe_slot_ptr(pool, slot, pool->off_b13) + (size_t)e * I2 * R13;
-        gemm_tile(a13, H, sl->r13, (int32_t)H, xt, s, s + len, sh13t, 0, 1.0f, wbuf);
+        gemm_tile(a13, H, sl->r13, (int32_t)H, xt, s, s + len, sh13t, 0, 1.0f, wbuf, NULL, 0, 0);
         if (sl->g_hi > sl->g_lo)
           gemm_tile(b13 + sl->g_lo, R13, (int32_t)I, sl->g_hi - sl->g_lo,
-                    sh13t + (size_t)sl->g_lo * TILE, s, s + len, gut, 1, sl->scale_gate, wbuf);
+                    sh13t + (size_t)sl->g_lo * TILE, s, s + len, gut, 1, sl->scale_gate, wbuf, NULL, 0, 0);
         if (sl->u_hi > sl->u_lo)
           gemm_tile(b13 + I * R13 + sl->u_lo, R13, (int32_t)I, sl->u_hi - sl->u_lo,
                     sh13t + (size_t)sl->u_lo * TILE, s, s + len, gut + I * TILE, 1, sl->scale_up,
-                    wbuf);
+                    wbuf, NULL, 0, 0);
       }
       s += len;
     }
@@ -373,7 +431,12 @@ static inline __attribute__((always_inline)) void expert_body(void *arg, int64_t
     else silu_v4(g, u, hr, np);
   }
   /* y = W2_e h (+ down LoRA) */
-  gemm_tile(f->w2 + (size_t)e * H * I, I, (int32_t)H, (int32_t)I, ht, 0, n, yt, 0, 1.0f, wbuf);
+  if (f->s2)
+    gemm_tile((const uint8_t *)f->w2 + (size_t)e * H * I, I, (int32_t)H, (int32_t)I, ht, 0, n, yt, 0, 1.0f, wbuf,
+              f->s2 + (size_t)e * nbh * nbi, (int32_t)nbi, (int32_t)H);
+  else
+    gemm_tile((const uint16_t *)f->w2 + (size_t)e * H * I, I, (int32_t)H, (int32_t)I, ht, 0, n, yt, 0, 1.0f, wbuf,
+              NULL, 0, 0);
   if (f->lora) {
     for (int32_t s = 0; s < n;) {
       int32_t slot = f->slot_of[pairs[s] / f->k], len = 1;
@@ -382,8 +445,8 @@ static inline __attribute__((always_inline)) void expert_body(void *arg, int64_t
       if (sl && sl->r2 > 0) {
         const uint16_t *a2 = lmoe_slot_ptr(pool, slot, pool->off_a2) + (size_t)e * R * I;
         const uint16_t *b2 = lmoe_slot_ptr(pool, slot, pool->off_b2) + (size_t)e * H * R;
-        gemm_tile(a2, I, sl->r2, (int32_t)I, ht, s, s + len, sh2t, 0, 1.0f, wbuf);
-        gemm_tile(b2, R, (int32_t)H, sl->r2, sh2t, s, s + len, yt, 1, sl->scale_down, wbuf);
+        gemm_tile(a2, I, sl->r2, (int32_t)I, ht, s, s + len, sh2t, 0, 1.0f, wbuf, NULL, 0, 0);
+        gemm_tile(b2, R, (int32_t)H, sl->r2, sh2t, s, s + len, yt, 1, sl->scale_down, wbuf, NULL, 0, 0);
       }
       s += len;
     }
@@ -495,6 +558,8 @@ static lmoe_status cpu_forward_part(lmoe_context *ctx, const lmoe_forward_plan *
   f->x = plan->x->data;
   f->w13 = layer->w13->data;
   f->w2 = layer->w2->data;
+  f->s13 = layer->w13s ? layer->w13s->data : NULL;
+  f->s2 = layer->w2s ? layer->w2s->data : NULL;
   f->slot_of = (int32_t *)(ws + L->slot_of);
   f->y = (float *)(ws + L->y);
   f->scratch = ws + L->scratch;

@@ -32,6 +32,9 @@ lmoe_status lmoe_st_read_range(lmoe_safetensors *st, int32_t index, int64_t firs
 lmoe_status lmoe_st_read_f32(lmoe_safetensors *st, const char *name, int32_t ndim,
                              const int64_t *shape, float *dst);
 
+/* The open files of a checkpoint (checkpoint.c), for the FP8 quantizer (fp8.c). */
+lmoe_safetensors **lmoe_checkpoint_files(lmoe_checkpoint *ck, int32_t *n);
+
 /* How messages show a path (as the caller gave it). */
 const char *lmoe_short_path(const char *path);
 

@@ -106,8 +106,13 @@ struct lmoe_layer {
   lmoe_layer_config local;
   int32_t e0, i0;
   lmoe_comm *comm;  /* NULL when unsharded without a communicator */
-  lmoe_buffer *w13; /* [E, 2I, H] bf16 (local shapes), device memory */
-  lmoe_buffer *w2;  /* [E, H, I] bf16 */
+  lmoe_buffer *w13; /* [E, 2I, H] bf16 (local shapes), device memory; f8_e4m3 codes in an FP8 layer */
+  lmoe_buffer *w2;  /* [E, H, I] bf16 or f8_e4m3 */
+  /* FP8 layers (cfg.weight_dtype f8_e4m3) only, else NULL: f32 scales of 128x128 blocks,
+     w = code * scale. w13s [E, 2*nbi, nbh]: gate's row blocks, then up's (each part
+     blocked on its own, as per-expert checkpoints are); w2s [E, nbh, nbi];
+     nbh = ceil(H/128), nbi = ceil(I/128). */
+  lmoe_buffer *w13s, *w2s;
   void *be;         /* backend per-layer state */
 };
 
@@ -350,6 +355,20 @@ float lmoe_bf16_to_f32(uint16_t v);
 uint16_t lmoe_f32_to_bf16(float f); /* round to nearest even, NaN kept */
 float lmoe_f16_to_f32(uint16_t v);
 uint16_t lmoe_f32_to_f16(float f);
+float lmoe_f8e4m3_to_f32(uint8_t v);       /* exact; 0x7f/0xff NaN */
+uint8_t lmoe_f32_to_f8e4m3(float f);       /* nearest even, saturating to +-448, NaN kept */
+uint8_t lmoe_f64_to_f8e4m3(double d);
+/* FP8 block quantization (fp8.c), one matrix [rows, cols] of doubles into codes and
+   f32 scales [ceil(rows/128), ceil(cols/128)]: scale = amax / 448 (1 when the block is
+   all zero), code = e4m3(w / scale). */
+enum { LMOE_FP8_BLOCK = 128 };
+void lmoe_fp8_quantize(const double *w, int64_t rows, int64_t cols, uint8_t *codes, float *scales);
+static inline int64_t lmoe_fp8_blocks(int64_t n) { return (n + LMOE_FP8_BLOCK - 1) / LMOE_FP8_BLOCK; }
+/* An FP8 layer's weights (fp8.c): the layer.c calls of the same names, for FP8 layers. */
+lmoe_status lmoe_fp8_set_weights(lmoe_layer *l, const void *w13, const void *w2, int32_t dtype);
+lmoe_status lmoe_fp8_set_expert(lmoe_layer *l, int32_t e, const void *gate, const void *up, const void *down,
+                                int32_t dtype);
+lmoe_status lmoe_fp8_randomize(lmoe_layer *l, uint64_t seed, float scale);
 /* Element i of an array of dtype as double / store double as dtype. */
 double lmoe_load_elem(const void *p, int32_t dtype, int64_t i);
 void lmoe_store_elem(void *p, int32_t dtype, int64_t i, double v);

@@ -15,6 +15,7 @@ void lmoe_layer_config_init(lmoe_layer_config *cfg) {
   cfg->shard_rank = 0;
   cfg->shard_size = 1;
   cfg->comm = NULL;
+  cfg->weight_dtype = LMOE_DTYPE_BF16;
 }
 
 static void layer_destroy(lmoe_object *obj) {
@@ -22,6 +23,8 @@ static void layer_destroy(lmoe_object *obj) {
   lmoe_context *ctx = l->ctx;
   lmoe_buffer_release(l->w13);
   lmoe_buffer_release(l->w2);
+  lmoe_buffer_release(l->w13s);
+  lmoe_buffer_release(l->w2s);
   lmoe_comm_release(l->comm);
   free(l);
   lmoe_context_release(ctx);
@@ -101,6 +104,19 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
                      (int)cfg.max_tokens);
   cfg.renormalize = cfg.renormalize ? 1 : 0;
   if ((st = check_shard(ctx, &cfg))) return st;
+  const bool fp8 = cfg.weight_dtype == LMOE_DTYPE_F8_E4M3;
+  if (!fp8 && cfg.weight_dtype != LMOE_DTYPE_BF16)
+    return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "weight_dtype must be LMOE_DTYPE_BF16 (0) or LMOE_DTYPE_F8_E4M3 (5), got %d",
+                     (int)cfg.weight_dtype);
+  if (fp8 && ctx->ops->kind != LMOE_BACKEND_CPU)
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "weight_dtype f8_e4m3: fp8 weights need the FP8 expert GEMMs, not yet on %s (issue 12); "
+                     "the cpu backend computes FP8 layers",
+                     ctx->ops->name);
+  if (fp8 && cfg.shard_size > 1)
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "weight_dtype f8_e4m3 with shard_size %d: FP8 layers are not sharded yet", (int)cfg.shard_size);
 
   lmoe_layer *l = calloc(1, sizeof *l);
   if (!l) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
@@ -114,12 +130,22 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
   const lmoe_layer_config *lc = &l->local;
   int64_t s13[3] = {lc->num_experts, 2 * (int64_t)lc->intermediate, lc->hidden};
   int64_t s2[3] = {lc->num_experts, lc->hidden, lc->intermediate};
-  st = lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 3, s13, &l->w13);
-  if (!st) st = lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 3, s2, &l->w2);
+  st = lmoe_buffer_create(ctx, cfg.weight_dtype, LMOE_MEMORY_DEVICE, 3, s13, &l->w13);
+  if (!st) st = lmoe_buffer_create(ctx, cfg.weight_dtype, LMOE_MEMORY_DEVICE, 3, s2, &l->w2);
+  if (!st && fp8) { /* scales start at 1: codes alone are the weights until set */
+    const int64_t nbh = lmoe_fp8_blocks(lc->hidden), nbi = lmoe_fp8_blocks(lc->intermediate);
+    int64_t c13[3] = {lc->num_experts, 2 * nbi, nbh}, c2[3] = {lc->num_experts, nbh, nbi};
+    st = lmoe_buffer_create(ctx, LMOE_DTYPE_F32, LMOE_MEMORY_DEVICE, 3, c13, &l->w13s);
+    if (!st) st = lmoe_buffer_create(ctx, LMOE_DTYPE_F32, LMOE_MEMORY_DEVICE, 3, c2, &l->w2s);
+    if (!st) st = lmoe_buffer_fill(l->w13s, 1.0, NULL);
+    if (!st) st = lmoe_buffer_fill(l->w2s, 1.0, NULL);
+  }
   if (!st) st = lmoe_context_reserve(ctx, lc, NULL);
   if (st) {
     lmoe_buffer_release(l->w13);
     lmoe_buffer_release(l->w2);
+    lmoe_buffer_release(l->w13s);
+    lmoe_buffer_release(l->w2s);
     free(l);
     return st;
   }
@@ -137,6 +163,14 @@ void lmoe_layer_release(lmoe_layer *l) {
 
 lmoe_status lmoe_layer_get_config(const lmoe_layer *l, lmoe_layer_config *out) {
   if (!l || !out || l->obj.magic != LMOE_MAGIC_LAYER) return LMOE_ERR_INVALID_ARGUMENT;
+  /* an older caller's struct (a valid older size) gets the fields it has; any other
+     struct_size (never set) the whole struct, as before the ABI rule */
+  uint32_t got;
+  memcpy(&got, out, sizeof got);
+  if (got >= LMOE_FIELD_END(lmoe_layer_config, intermediate) && got < sizeof *out && got % 4 == 0) {
+    memcpy((char *)out + sizeof got, (const char *)&l->cfg + sizeof got, got - sizeof got);
+    return LMOE_OK;
+  }
   *out = l->cfg;
   return LMOE_OK;
 }
@@ -178,8 +212,10 @@ static lmoe_status put_expert(lmoe_layer *l, int32_t le, const void *gate, const
 lmoe_status lmoe_layer_set_weights(lmoe_layer *l, const void *w13, const void *w2, int32_t dtype) {
   if (!valid_layer(l)) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_clear_error(l->ctx);
-  if (!lmoe_valid_dtype(dtype) || dtype == LMOE_DTYPE_I32)
-    return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "weights dtype must be bf16, f16, f32 or f64");
+  if (!lmoe_valid_dtype(dtype) || dtype == LMOE_DTYPE_I32 || (dtype == LMOE_DTYPE_F8_E4M3 && !l->w13s))
+    return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "weights dtype must be bf16, f16, f32 or f64 (f8_e4m3 codes: FP8 layers only)");
+  if (l->w13s) return lmoe_fp8_set_weights(l, w13, w2, dtype);
   lmoe_status st = LMOE_OK;
   if (!sharded(l)) {
     if (w13) st = lmoe_buffer_write(l->w13, 0, w13, dtype, l->w13->numel);
@@ -207,8 +243,10 @@ lmoe_status lmoe_layer_set_expert(lmoe_layer *l, int32_t e, const void *gate, co
   if (e < 0 || e >= c->num_experts)
     return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "expert %d is out of range 0..%d", (int)e,
                      (int)c->num_experts - 1);
-  if (!lmoe_valid_dtype(dtype) || dtype == LMOE_DTYPE_I32)
-    return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "weights dtype must be bf16, f16, f32 or f64");
+  if (!lmoe_valid_dtype(dtype) || dtype == LMOE_DTYPE_I32 || (dtype == LMOE_DTYPE_F8_E4M3 && !l->w13s))
+    return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "weights dtype must be bf16, f16, f32 or f64 (f8_e4m3 codes: FP8 layers only)");
+  if (l->w13s) return lmoe_fp8_set_expert(l, e, gate, up, down, dtype);
   if (sharded(l)) {
     if (e < l->e0 || e >= l->e0 + l->local.num_experts) return LMOE_OK; /* another rank's expert */
     return put_expert(l, e - l->e0, gate, up, down, dtype);
@@ -259,6 +297,7 @@ lmoe_status lmoe_layer_randomize(lmoe_layer *l, uint64_t seed, float scale) {
   lmoe_clear_error(l->ctx);
   if (!(scale >= 0))
     return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "scale must be >= 0");
+  if (l->w13s) return lmoe_fp8_randomize(l, seed, scale);
   if (sharded(l)) {
     lmoe_status st = randomize_shard(l, l->w13, true, lmoe_mix64(seed * 2 + 1), scale);
     if (!st) st = randomize_shard(l, l->w2, false, lmoe_mix64(seed * 2 + 2), scale);
@@ -271,8 +310,16 @@ lmoe_status lmoe_layer_randomize(lmoe_layer *l, uint64_t seed, float scale) {
 
 lmoe_status lmoe_layer_weights(lmoe_layer *l, int32_t which, lmoe_buffer **out) {
   if (!valid_layer(l) || !out) return LMOE_ERR_INVALID_ARGUMENT;
+  if (which == 2 || which == 3) {
+    if (!l->w13s)
+      return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT,
+                       "which %d: block scales belong to FP8 layers; this layer's weight_dtype is bf16", (int)which);
+    *out = which == 2 ? l->w13s : l->w2s;
+    return LMOE_OK;
+  }
   if (which != 0 && which != 1)
-    return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT, "which must be 0 (W13) or 1 (W2)");
+    return lmoe_fail(l->ctx, LMOE_ERR_INVALID_ARGUMENT,
+                     "which must be 0 (W13), 1 (W2), or for an FP8 layer 2 (W13's scales), 3 (W2's)");
   *out = which == 0 ? l->w13 : l->w2;
   return LMOE_OK;
 }

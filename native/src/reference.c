@@ -27,6 +27,27 @@ static lmoe_status fetch(lmoe_context *ctx, void *dst, const void *src, size_t b
   return ctx->ops->copy(ctx, dst, LMOE_MEMORY_HOST, src, LMOE_MEMORY_DEVICE, bytes, ctx->stream, 1);
 }
 
+/* An FP8 layer's expert e, read as its codes' values, times each element's block
+   scale: w = code * scale, exact in double (docs/formats.md, "FP8"). */
+static lmoe_status dequantize(const lmoe_layer *l, size_t e, double *w13, double *w2) {
+  const size_t H = (size_t)l->cfg.hidden, I = (size_t)l->cfg.intermediate;
+  const size_t nbh = (size_t)lmoe_fp8_blocks((int64_t)H), nbi = (size_t)lmoe_fp8_blocks((int64_t)I), B = LMOE_FP8_BLOCK;
+  double *s13 = malloc(2 * nbi * nbh * sizeof *s13), *s2 = malloc(nbh * nbi * sizeof *s2);
+  lmoe_status st = s13 && s2 ? LMOE_OK : lmoe_fail(l->ctx, LMOE_ERR_OUT_OF_MEMORY, "reference: out of host memory");
+  if (!st) st = lmoe_buffer_read(l->w13s, (int64_t)(e * 2 * nbi * nbh), s13, LMOE_DTYPE_F64, (int64_t)(2 * nbi * nbh));
+  if (!st) st = lmoe_buffer_read(l->w2s, (int64_t)(e * nbh * nbi), s2, LMOE_DTYPE_F64, (int64_t)(nbh * nbi));
+  if (!st) {
+    for (size_t o = 0; o < 2 * I; o++) { /* gate rows, then up rows: each part blocked on its own */
+      size_t part = o / I, r = o % I;
+      for (size_t q = 0; q < H; q++) w13[o * H + q] *= s13[(part * nbi + r / B) * nbh + q / B];
+    }
+    for (size_t o = 0; o < H; o++)
+      for (size_t q = 0; q < I; q++) w2[o * I + q] *= s2[(o / B) * nbi + q / B];
+  }
+  free(s13), free(s2);
+  return st;
+}
+
 static double bf(const uint16_t *p, size_t i) { return (double)lmoe_bf16_to_f32(p[i]); }
 
 lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *args) {
@@ -144,6 +165,7 @@ lmoe_status lmoe_reference_forward(lmoe_context *ctx, const lmoe_forward_args *a
         (st = lmoe_buffer_read(plan.layer->w2, (int64_t)(e * H * I), w2, LMOE_DTYPE_F64,
                                (int64_t)(H * I))))
       goto done;
+    if (plan.layer->w13s && (st = dequantize(plan.layer, e, w13, w2))) goto done;
     for (size_t t = 0; t < M; t++) {
       for (size_t j = 0; j < K; j++) {
         if ((size_t)ids[t * K + j] != e) continue;

@@ -30,7 +30,7 @@ typedef struct st_dtype {
 } st_dtype;
 
 static const st_dtype st_dtypes[] = {
-    {"BOOL", 1, -1},    {"U8", 1, -1},      {"I8", 1, -1},      {"F8_E4M3", 1, -1},
+    {"BOOL", 1, -1},    {"U8", 1, -1},      {"I8", 1, -1},      {"F8_E4M3", 1, LMOE_DTYPE_F8_E4M3},
     {"F8_E5M2", 1, -1}, {"F8_E8M0", 1, -1}, {"I16", 2, -1},     {"U16", 2, -1},
     {"F16", 2, LMOE_DTYPE_F16},            {"BF16", 2, LMOE_DTYPE_BF16},
     {"I32", 4, LMOE_DTYPE_I32},            {"U32", 4, -1},
@@ -52,6 +52,7 @@ static const char *file_dtype_name(int32_t lmoe) {
   case LMOE_DTYPE_F32: return "F32";
   case LMOE_DTYPE_F64: return "F64";
   case LMOE_DTYPE_I32: return "I32";
+  case LMOE_DTYPE_F8_E4M3: return "F8_E4M3";
   default: return NULL;
   }
 }
@@ -515,12 +516,13 @@ lmoe_status lmoe_safetensors_read(lmoe_safetensors *st, int32_t index, void *dst
                      (int)index, (int)st->n - 1);
   const st_tensor *t = &st->t[index];
   if (dst_dtype != LMOE_DTYPE_BF16 && dst_dtype != LMOE_DTYPE_F16 && dst_dtype != LMOE_DTYPE_F32 &&
-      dst_dtype != LMOE_DTYPE_F64 && !(dst_dtype == LMOE_DTYPE_I32 && t->dt->lmoe == LMOE_DTYPE_I32))
+      dst_dtype != LMOE_DTYPE_F64 && !(dst_dtype == LMOE_DTYPE_I32 && t->dt->lmoe == LMOE_DTYPE_I32) &&
+      !(dst_dtype == LMOE_DTYPE_F8_E4M3 && t->dt->lmoe == LMOE_DTYPE_F8_E4M3))
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s: tensor '%s': can't read into dtype %s", fn,
                      t->name, lmoe_dtype_name(dst_dtype));
   if (t->dt->lmoe < 0)
     return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
-                     "%s: tensor '%s': %s is not supported (BF16, F16, F32, F64 are)", fn, t->name,
+                     "%s: tensor '%s': %s is not supported (BF16, F16, F32, F64, I32, F8_E4M3 are)", fn, t->name,
                      t->dt->name);
   if (count != t->numel)
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "%s: tensor '%s' has %lld elements, not %lld", fn,
