@@ -209,6 +209,8 @@ static int cmd_version(int argc, char **argv) {
 
 /* `loramoe adapter ...` (cli/adapter.c). */
 int lmoe_cli_adapter(int argc, char **argv);
+/* `loramoe checkpoint ...` (cli/checkpoint.c). */
+int lmoe_cli_checkpoint(int argc, char **argv);
 
 /* Subcommands. To add one, write `static int cmd_x(int argc, char **argv)` and list it. */
 static const struct command {
@@ -220,6 +222,7 @@ static const struct command {
   {"run", cmd_run, "run SCRIPT [ARGS...]", "run a Lua script with loramoe available (- reads stdin)"},
   {"info", cmd_info, "info", "version, build options, CUDA devices, Lua version"},
   {"adapter", lmoe_cli_adapter, "adapter inspect|make", "inspect a PEFT adapter, or write a synthetic one"},
+  {"checkpoint", lmoe_cli_checkpoint, "checkpoint quantize|info", "quantize a checkpoint to FP8, or describe a layer"},
   {"help", cmd_help, "help", "this text"},
   {"--help", cmd_help, NULL, NULL},
   {"-h", cmd_help, NULL, NULL},

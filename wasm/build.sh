@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds loramoe for wasm32 with emscripten: the core with the cpu backend and the file
 # formats, cJSON, Lua 5.4 with the loramoe C module and its pure-Lua files built in, and
-# the `loramoe` command (cli/main.c, cli/adapter.c) as the module's main. The same C
+# the `loramoe` command (cli/main.c, cli/adapter.c, cli/checkpoint.c) as the module's main. The same C
 # sources as the native build: the core's list is read from native/CMakeLists.txt.
 #
 #   wasm/build.sh [OUT]      (OUT defaults to build-wasm; sources in OUT/src, see
@@ -79,7 +79,7 @@ build_variant() { # build_variant NAME EXTRA_CFLAGS EXTRA_LDFLAGS
   done
   compile "$obj/loramoe_core.o" "$here/lua/loramoe_core.c" -std=c11 -D_GNU_SOURCE \
     -I"$here/native/include" $LUA_INC $WARN
-  for f in main adapter; do
+  for f in main adapter checkpoint; do
     compile "$obj/cli_$f.o" "$here/cli/$f.c" -std=c11 -D_GNU_SOURCE \
       -I"$here/native/include" $LUA_INC $WARN \
       '-DLMOE_LUA_BUILD_DIR=""' '-DLMOE_LUA_SOURCE_DIR="/loramoe/lua"' '-DLMOE_LUA_INSTALL_DIR=""'
