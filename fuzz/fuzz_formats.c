@@ -20,6 +20,7 @@ static void fuzz_safetensors(const uint8_t *data, size_t size) {
     if (lmoe_safetensors_tensor(st, i, &ti) != LMOE_OK || ti.numel > (1 << 22)) continue;
     float *f = malloc((size_t)(ti.numel ? ti.numel : 1) * sizeof(float));
     if (f) lmoe_safetensors_read(st, i, f, LMOE_DTYPE_F32, ti.numel);
+    if (f && ti.dtype == LMOE_DTYPE_F8_E4M3) lmoe_safetensors_read(st, i, f, LMOE_DTYPE_F8_E4M3, ti.numel); /* raw codes */
     free(f);
   }
   for (int32_t i = 0; i < lmoe_safetensors_metadata_count(st); i++) {

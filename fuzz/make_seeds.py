@@ -57,6 +57,27 @@ seeds = {
                                 rank_pattern={"experts.0.down_p" + "+" * 100 + "roj": 2})
     + b"\0" + safetensors(per),
 }
+
+
+def fp8_checkpoint():
+    """An FP8 expert as HF publishes it: F8_E4M3 codes [I, H] (every code, NaN 0x7f
+    included) and its float32 weight_scale_inv [1, 1]; then a scale of the wrong shape."""
+    codes = bytes(i % 256 for i in range(I * H))
+    scale = struct.pack("<f", 0.01)
+    header = {
+        "model.layers.0.mlp.experts.0.gate_proj.weight": {"dtype": "F8_E4M3", "shape": [I, H],
+                                                          "data_offsets": [0, I * H]},
+        "model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv": {"dtype": "F32", "shape": [1, 1],
+                                                                    "data_offsets": [I * H, I * H + 4]},
+        "model.layers.0.mlp.experts.0.down_proj.weight_scale_inv": {"dtype": "F32", "shape": [1, 2],
+                                                                    "data_offsets": [I * H + 4, I * H + 12]},
+    }
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + codes + scale + scale + scale
+
+
+seeds["st_fp8_expert"] = fp8_checkpoint()
 os.makedirs(HERE, exist_ok=True)
 for name, data in seeds.items():
     with open(os.path.join(HERE, name), "wb") as f:
