@@ -187,6 +187,12 @@ describe("experiment runs on the cpu", function()
     assert.is_true(r.launches_per_forward > 0)
   end)
 
+  it("runs FP8 layers (weight_dtype f8_e4m3) and refuses other dtypes", function()
+    local r = exp.run(with { weight_dtype = "f8_e4m3" }, { progress = false })
+    assert.is_true(r.time_ms > 0 and r.launches_per_forward > 0)
+    assert.has_error(function() exp.run(with { weight_dtype = "f16" }, { progress = false }) end)
+  end)
+
   it("sweeps guards and adapter shares; waits per forward follow the guard", function()
     rows = exp.sweep(with(), { { "guard", { "host", "device_sync", "always" } },
                                { "adapter_fraction", { 0, 1 } } }, { progress = false })

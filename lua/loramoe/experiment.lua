@@ -69,6 +69,7 @@ experiment.defaults = {
   pipeline = 1,           -- forwards enqueued back to back per synchronize
   seed = 1,
   weight_scale = false,   -- expert weights uniform in [-s, s); default 1/sqrt(hidden)
+  weight_dtype = "bf16",  -- "bf16" | "f8_e4m3" (FP8 experts, 128x128 block scales; cpu backend)
   adapter_scale = 0.02,
   peak = false,           -- {flops=, bytes=} for the floor when the card is not known
   max_tokens = false,     -- layer workspace bound (a sweep sets it to its largest M)
@@ -219,6 +220,7 @@ function experiment.scenario(t)
   if not is_int(s.rank) or s.rank < 1 then bad("rank", "must be a positive integer") end
   s.target_mask, s.target_list, s.target_text = parse_targets(s.targets)
   if not guard_names[s.guard] then bad("guard", "must be host, device_sync or always") end
+  if s.weight_dtype ~= "bf16" and s.weight_dtype ~= "f8_e4m3" then bad("weight_dtype", "must be bf16 or f8_e4m3") end
   if s.mode ~= "eager" and s.mode ~= "graph" then bad("mode", "must be 'eager' or 'graph'") end
   if s.mode == "graph" and s.guard == "device_sync" then
     bad("mode", "'graph' cannot be used with guard device_sync: its forward waits for the device, " ..
@@ -449,8 +451,9 @@ end
 function Rig:prepare(s, c)
   local nd = distinct_for(s, c)
   local max_tokens = max(s.max_tokens or 0, s.tokens)
-  local shape_key = format("%s|%d,%d,%d,%d,%s|%d|%d|%d|%s", tostring(c.ctx), s.experts, s.hidden,
-    s.intermediate, s.top_k, tostring(s.renormalize), nd, s.seed, max_tokens, tostring(s.weight_scale))
+  local shape_key = format("%s|%d,%d,%d,%d,%s|%d|%d|%d|%s|%s", tostring(c.ctx), s.experts, s.hidden,
+    s.intermediate, s.top_k, tostring(s.renormalize), nd, s.seed, max_tokens, tostring(s.weight_scale),
+    s.weight_dtype)
   if self.stack and self.stack.key ~= shape_key then
     self:release_acts()
     self:release_stack()
@@ -461,7 +464,7 @@ function Rig:prepare(s, c)
     for i = 1, nd do
       local layer, err = c.ctx:layer { experts = s.experts, hidden = s.hidden,
         intermediate = s.intermediate, top_k = s.top_k, renormalize = s.renormalize,
-        max_tokens = max_tokens }
+        max_tokens = max_tokens, weight_dtype = s.weight_dtype }
       check(layer, err, "creating layer " .. i)
       check(layer:randomize(s.seed * 1000 + i, scale))
       st.sets[i] = { layer = layer, loaded = {} }
