@@ -263,9 +263,10 @@ typedef float vf4 __attribute__((vector_size(16)));
 typedef int32_t vi4 __attribute__((vector_size(16)));
 typedef uint32_t vu4 __attribute__((vector_size(16)));
 #ifdef __wasm_simd128__
-/* 128-bit registers and no FMA: 2 vectors per row keep the 12 accumulators in the 16
-   registers engines map SIMD128 onto (4 would spill). */
-LMOE_GEMM_TILE(gemm_tile_v4, vf4, 2)
+/* SIMD128 has a tile of its own (cpu_gemm_wasm.h: 4 rows x 2 vectors, so nothing
+   spills, and widening with shuffles), with the generic tile's results bit for bit. */
+#include "cpu_gemm_wasm.h"
+#define gemm_tile_v4 gemm_tile_wasm
 #else
 LMOE_GEMM_TILE(gemm_tile_v4, vf4, 4)
 #endif
