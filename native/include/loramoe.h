@@ -514,7 +514,7 @@ enum { LMOE_TENSOR_MAX_DIMS = 8 };
 typedef struct lmoe_tensor_info {
   const char *name;       /* valid while the file is open */
   const char *dtype_name; /* as written in the file: "BF16", "F8_E4M3", ... */
-  int32_t dtype;          /* lmoe_dtype, or -1 when the library can't convert it */
+  int32_t dtype;          /* lmoe_dtype (F8_E4M3: LMOE_DTYPE_F8_E4M3), or -1 when the library can't convert it */
   int32_t ndim;
   int64_t shape[LMOE_TENSOR_MAX_DIMS];
   int64_t numel;
@@ -536,8 +536,10 @@ LMOE_API lmoe_status lmoe_safetensors_tensor(const lmoe_safetensors *st, int32_t
 /* LMOE_ERR_NOT_FOUND when absent (not recorded as an error of the context). */
 LMOE_API lmoe_status lmoe_safetensors_find(const lmoe_safetensors *st, const char *name,
                                            int32_t *index);
-/* Reads tensor `index` into host memory as dst_dtype (bf16, f16, f32, f64), converting.
-   count must equal the tensor's element count. */
+/* Reads tensor `index` into host memory as dst_dtype (bf16, f16, f32, f64), converting;
+   an I32 tensor also as i32, an F8_E4M3 one also as f8_e4m3 (its codes; converted to a
+   float dtype it is decoded without block scales). count must equal the tensor's
+   element count. */
 LMOE_API lmoe_status lmoe_safetensors_read(lmoe_safetensors *st, int32_t index, void *dst,
                                            int32_t dst_dtype, int64_t count);
 LMOE_API int32_t lmoe_safetensors_metadata_count(const lmoe_safetensors *st);
