@@ -6,9 +6,9 @@
    lmoe_comm_cpu_allreduce: after a barrier every rank reads every partial, sums them
    in rank order in float32 and rounds once to bf16 into its own output (so all ranks'
    outputs are bit-identical), then a second barrier keeps the partials alive until
-   every rank has read them. lmoe_forward_group drives all ranks from one thread: the
-   forwards run one after another, only recording their partials, and the sum is done
-   once at the end.
+   every rank has read them. lmoe_forward_group (forward_group.c) drives all ranks from
+   one thread: the forwards run one after another, only recording their partials, and
+   the sum is done once at the end (lmoe_comm_group_collect_begin/end here).
 
    nccl (builds with LMOE_HAVE_NCCL): a wrapped or owned ncclComm_t; the sum is one
    ncclAllReduce of float32 on the forward's stream (lmoe_comm_nccl_allreduce_f32). */
@@ -328,79 +328,18 @@ int32_t lmoe_comm_size(const lmoe_comm *c) { return lmoe_object_is(c, LMOE_MAGIC
 
 /* ---------------------------------------------------------------- group forward */
 
-lmoe_status lmoe_forward_group(int32_t n, lmoe_context *const *ctxs, const lmoe_forward_args *const *args,
-                               void *const *streams) {
-  if (n < 1 || n > 4096 || !ctxs || !args || !lmoe_object_is(ctxs[0], LMOE_MAGIC_CONTEXT))
-    return LMOE_ERR_INVALID_ARGUMENT;
-  lmoe_context *c0 = ctxs[0];
-  lmoe_clear_error(c0);
-  lmoe_forward_plan *plans = calloc((size_t)n, sizeof *plans);
-  if (!plans) return lmoe_fail(c0, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
-  lmoe_status st = LMOE_OK;
-  lmoe_comm_group *g = NULL;
-  /* Every rank's arguments first: nothing runs unless all are good. */
-  for (int32_t r = 0; r < n && !st; r++) {
-    lmoe_context *ctx = ctxs[r];
-    if (!lmoe_object_is(ctx, LMOE_MAGIC_CONTEXT)) {
-      st = lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT, "ctxs[%d] is %s", (int)r, ctx ? "not a loramoe context" : "NULL");
-      break;
-    }
-    for (int32_t q = 0; q < r && !st; q++)
-      if (ctxs[q] == ctx)
-        st = lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT, "ctxs[%d] is ctxs[%d]: every rank has a context of its own",
-                       (int)r, (int)q);
-    if (st) break;
-    st = lmoe_forward_validate(ctx, args[r], &plans[r], false);
-    if (st) {
-      if (ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
-      break;
-    }
-    const lmoe_comm *cm = plans[r].layer->comm;
-    if (!cm && n > 1) {
-      st = lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT, "args[%d]'s layer has no communicator (comm in its config)",
-                     (int)r);
-    } else if (cm && (cm->size != n || cm->rank != r)) {
-      st = lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT,
-                     "args[%d]'s layer is rank %d of %d; a group of %d forwards takes ranks 0..%d in order", (int)r,
-                     (int)cm->rank, (int)cm->size, (int)n, (int)n - 1);
-    } else if (cm && r > 0 && cm->group != plans[0].layer->comm->group) {
-      st = lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT,
-                     "args[%d]'s layer belongs to another communicator than args[0]'s", (int)r);
-    } else if (cm && cm->ctx != ctx) {
-      st = lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT, "ctxs[%d] is not the context of args[%d]'s layer", (int)r,
-                     (int)r);
-    }
-  }
-  if (st) goto done;
-  g = plans[0].layer->comm ? plans[0].layer->comm->group : NULL;
-  if (!g) {
-#ifdef LMOE_HAVE_NCCL
-    if (plans[0].layer->comm && plans[0].layer->comm->nccl) {
-      ncclGroupStart();
-      for (int32_t r = 0; r < n && !st; r++)
-        st = lmoe_forward(ctxs[r], args[r], streams ? streams[r] : NULL);
-      ncclResult_t nr = ncclGroupEnd();
-      if (!st && nr != ncclSuccess)
-        st = lmoe_fail(c0, LMOE_ERR_BACKEND, "ncclGroupEnd: %s", ncclGetErrorString(nr));
-      goto done;
-    }
-#endif
-    st = lmoe_forward(c0, args[0], streams ? streams[0] : NULL); /* one unsharded rank */
-    goto done;
-  }
+/* lmoe_forward_group's side of a cpu group (forward_group.c): the forwards of all ranks
+   run one after another between begin and end, each only recording its partial; end
+   sums them once into every rank's output. */
+bool lmoe_comm_group_collect_begin(lmoe_comm_group *g) {
   pthread_mutex_lock(&g->mu);
   bool busy = g->collecting || g->arrived;
   if (!busy) g->collecting = true;
   pthread_mutex_unlock(&g->mu);
-  if (busy) {
-    st = lmoe_fail(c0, LMOE_ERR_STATE, "another forward of this communicator is in progress");
-    goto done;
-  }
-  for (int32_t r = 0; r < n && !st; r++) {
-    lmoe_context *ctx = ctxs[r];
-    st = ctx->ops->forward(ctx, &plans[r], streams && streams[r] ? streams[r] : ctx->stream);
-    if (st && ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
-  }
+  return !busy;
+}
+
+lmoe_status lmoe_comm_group_collect_end(lmoe_comm_group *g, lmoe_context *c0, int32_t n, lmoe_status st) {
   pthread_mutex_lock(&g->mu);
   g->collecting = false;
   pthread_mutex_unlock(&g->mu);
@@ -412,12 +351,5 @@ lmoe_status lmoe_forward_group(int32_t n, lmoe_context *const *ctxs, const lmoe_
       if (bytes) memcpy(g->slots[r].out, g->slots[0].out, bytes);
   }
   clear_slots(g);
-  for (int32_t r = 0; r < n && !st; r++) {
-    ctxs[r]->counters.forwards++;
-    if (plans[r].pool && lmoe_meta_active_count(plans[r].meta))
-      lmoe_pool_note_use(plans[r].pool, lmoe_meta_active(plans[r].meta), lmoe_meta_active_count(plans[r].meta));
-  }
-done:
-  free(plans);
   return st;
 }

@@ -119,6 +119,11 @@ struct lmoe_layer {
 /* comm.c: communicators. cpu: the ranks of a group meet in host memory; nccl: a
    wrapped or owned ncclComm_t. */
 typedef struct lmoe_comm_group lmoe_comm_group;
+/* comm.c, for lmoe_forward_group (forward_group.c): begin is false while another group
+   forward of the communicator is collecting; end sums the recorded partials into every
+   rank's output (when st is LMOE_OK) and returns the status. */
+bool lmoe_comm_group_collect_begin(lmoe_comm_group *g);
+lmoe_status lmoe_comm_group_collect_end(lmoe_comm_group *g, lmoe_context *c0, int32_t n, lmoe_status st);
 struct lmoe_comm {
   lmoe_object obj;
   lmoe_context *ctx;
