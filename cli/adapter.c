@@ -8,6 +8,7 @@
 #include "loramoe.h"
 
 int lmoe_cli_adapter(int argc, char **argv);
+lmoe_context *lmoe_cli_cpu_context(void);
 
 static const char *adapter_usage =
     "usage:\n"
@@ -19,7 +20,9 @@ static const char *adapter_usage =
     "  --rank R [8]  --alpha A [16]  --rslora  --targets gate,up,down [all]\n"
     "  --dtype bf16|f16|f32 [bf16]  --seed S [1]  --scale X [0.1]\n";
 
-static lmoe_context *cpu_context(void) {
+/* A one-thread cpu context for the file commands (also checkpoint.c's); NULL after
+   printing why. */
+lmoe_context *lmoe_cli_cpu_context(void) {
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
   cfg.backend = LMOE_BACKEND_CPU;
@@ -34,7 +37,7 @@ static lmoe_context *cpu_context(void) {
 }
 
 static int inspect(const char *path) {
-  lmoe_context *ctx = cpu_context();
+  lmoe_context *ctx = lmoe_cli_cpu_context();
   if (!ctx) return 1;
   lmoe_peft *peft = NULL;
   int rc = 1;
@@ -137,7 +140,7 @@ static int make(int argc, char **argv) {
     fprintf(stderr, "loramoe: adapter make needs a directory\n%s", adapter_usage);
     return 2;
   }
-  lmoe_context *ctx = cpu_context();
+  lmoe_context *ctx = lmoe_cli_cpu_context();
   if (!ctx) return 1;
   int rc = 0;
   if (lmoe_peft_write_synthetic(ctx, dir, &sp) != LMOE_OK) {

@@ -9,6 +9,7 @@
 #include "loramoe.h"
 
 int lmoe_cli_checkpoint(int argc, char **argv);
+lmoe_context *lmoe_cli_cpu_context(void); /* adapter.c */
 
 static const char *checkpoint_usage =
     "usage:\n"
@@ -17,20 +18,6 @@ static const char *checkpoint_usage =
     "                                        .safetensors DST (weight + weight_scale_inv, as HF publishes)\n"
     "  loramoe checkpoint info PATH [LAYER]  family, E, H, I, router and weight dtype of a layer [0]\n";
 
-static lmoe_context *cpu_context(void) {
-  lmoe_context_config cfg;
-  lmoe_context_config_init(&cfg);
-  cfg.backend = LMOE_BACKEND_CPU;
-  cfg.threads = 1;
-  lmoe_context *ctx = NULL;
-  char err[256] = "";
-  if (lmoe_context_create(&cfg, &ctx, err, sizeof err) != LMOE_OK) {
-    fprintf(stderr, "loramoe: %s\n", err);
-    return NULL;
-  }
-  return ctx;
-}
-
 int lmoe_cli_checkpoint(int argc, char **argv) {
   bool quantize = argc == 4 && !strcmp(argv[1], "quantize");
   bool info = (argc == 3 || argc == 4) && !strcmp(argv[1], "info");
@@ -38,7 +25,7 @@ int lmoe_cli_checkpoint(int argc, char **argv) {
     fputs(checkpoint_usage, argc >= 2 && !strcmp(argv[1], "--help") ? stdout : stderr);
     return argc >= 2 && !strcmp(argv[1], "--help") ? 0 : 2;
   }
-  lmoe_context *ctx = cpu_context();
+  lmoe_context *ctx = lmoe_cli_cpu_context();
   if (!ctx) return 1;
   int rc = 1;
   if (quantize) {

@@ -185,6 +185,15 @@ static void case_set_batch(gpu_case *c, int n, const int *slots) {
   OK(c->ctx, lmoe_batch_set(c->batch, c->pool, n, c->req_tok, c->req_slot));
 }
 
+/* The context's host waits told apart (forced, backpressure). */
+static lmoe_wait_counters wait_counters(lmoe_context *ctx) {
+  lmoe_wait_counters w;
+  memset(&w, 0, sizeof w);
+  w.struct_size = sizeof w;
+  OK(ctx, lmoe_context_wait_counters(ctx, &w));
+  return w;
+}
+
 static void case_args(gpu_case *c, lmoe_forward_args *a) {
   lmoe_forward_args_init(a);
   a->layer = c->layer;

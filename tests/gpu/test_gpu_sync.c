@@ -225,14 +225,6 @@ static void test_graph_replay(int guard, const char *name) {
   cudaStreamDestroy(s);
 }
 
-static lmoe_wait_counters wait_counters(lmoe_context *ctx) {
-  lmoe_wait_counters w;
-  memset(&w, 0, sizeof w);
-  w.struct_size = sizeof w;
-  OK(ctx, lmoe_context_wait_counters(ctx, &w));
-  return w;
-}
-
 /* n requests over the case's M tokens on random slots (or none); some empty. */
 static void random_requests(gpu_case *c, int n) {
   int left = c->M;

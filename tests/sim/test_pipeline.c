@@ -18,14 +18,6 @@
 
 enum { K = 12 };
 
-static lmoe_wait_counters waits(lmoe_context *ctx) {
-  lmoe_wait_counters w;
-  memset(&w, 0, sizeof w);
-  w.struct_size = sizeof w;
-  OK(ctx, lmoe_context_wait_counters(ctx, &w));
-  return w;
-}
-
 /* n requests over the case's M tokens, on random slots or none (some requests empty). */
 static void random_requests(gpu_case *c, int n) {
   int left = c->M;
@@ -115,7 +107,7 @@ static void one_batch_loop(loop_mode mode, int depth, int nreq) {
   OK(ctx, lmoe_context_synchronize(ctx, NULL));
   lmoe_buffer_desc od;
   OK(ctx, lmoe_buffer_describe(c.out, &od));
-  lmoe_wait_counters w0 = waits(ctx), w1;
+  lmoe_wait_counters w0 = wait_counters(ctx), w1;
   for (int i = 0; i < K; i++) {
     random_requests(&c, nreq);
     memcpy(tok[i], c.req_tok, sizeof(int) * (size_t)nreq);
@@ -132,7 +124,7 @@ static void one_batch_loop(loop_mode mode, int depth, int nreq) {
     CHECK(cudaMemcpyAsync(sd.data, od.data, od.bytes, cudaMemcpyDeviceToDevice,
                           (cudaStream_t)lmoe_context_stream(ctx)) == cudaSuccess, "snapshot copy");
   }
-  w1 = waits(ctx);
+  w1 = wait_counters(ctx);
   uint64_t forced = w1.forced - w0.forced, bp = w1.backpressure - w0.backpressure;
   bool ring = nreq > 400;
   /* the warm-up's place was drained by the synchronize: the loop's sets wait only
@@ -196,7 +188,7 @@ static void reload_loop(size_t chunk, int every) {
   for (int i = 0; i < N; i++) OK(ctx, lmoe_buffer_create(ctx, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sh, &outs[i]));
   OK(ctx, lmoe_forward(ctx, &a, NULL));
   OK(ctx, lmoe_context_synchronize(ctx, NULL));
-  lmoe_wait_counters w0 = waits(ctx), w1;
+  lmoe_wait_counters w0 = wait_counters(ctx), w1;
   lmoe_counters c0, c1;
   OK(ctx, lmoe_context_counters(ctx, &c0));
   int cur = 1, loads = 0;
@@ -218,7 +210,7 @@ static void reload_loop(size_t chunk, int every) {
     OK(ctx, lmoe_forward(ctx, &a, NULL));
     which[i] = cur;
   }
-  w1 = waits(ctx);
+  w1 = wait_counters(ctx);
   OK(ctx, lmoe_context_counters(ctx, &c1));
   uint64_t forced = w1.forced - w0.forced, bp = w1.backpressure - w0.backpressure;
   printf("reload every %d forwards, staging chunk %zu for slots of %lld bytes: %d loads, %d forwards, "
