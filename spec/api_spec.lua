@@ -130,10 +130,13 @@ describe("the API surface", function()
     local n = 0
     for name in header:gmatch("LMOE_API[^;(]-[%s%*](lmoe_[%w_]+)%s*%(") do
       n = n + 1
-      assert.truthy(cmod:find(name .. "%s*%(") or cmod:find("not bound: " .. name, 1, true),
-        name .. " is not called in lua/loramoe_core.c")
-      assert.truthy(ffi:find("C%." .. name .. "[^%w_]") or ffi:find("not bound: " .. name, 1, true),
-        name .. " is not used in lua/loramoe/ffi_core.lua")
+      -- lmoe_X_init_sized is what the header's macro lmoe_X_init(p) calls; a use of
+      -- lmoe_X_init counts for it (as in tools/check-api.sh)
+      local alt = name:match("^(lmoe_[%w_]+_init)_sized$") or name
+      assert.truthy(cmod:find(name .. "%s*%(") or cmod:find(alt .. "%s*%(") or
+        cmod:find("not bound: " .. name, 1, true), name .. " is not called in lua/loramoe_core.c")
+      assert.truthy(ffi:find("C%." .. name .. "[^%w_]") or ffi:find("C%." .. alt .. "[^%w_]") or
+        ffi:find("not bound: " .. name, 1, true), name .. " is not used in lua/loramoe/ffi_core.lua")
     end
     assert.is_true(n > 40)
   end)

@@ -356,6 +356,160 @@ static void test_batch_config_and_waits(void) {
   REFUSED("wait counters", lmoe_context_wait_counters(ctx, &w.s));
 }
 
+/* Initialising (lmoe_X_init_sized; lmoe_X_init(p) is the macro passing sizeof *(p)).
+   Each struct lies at the start of a buffer of canary bytes. An older size: struct_size
+   is that size, the fields inside it hold their defaults, and every byte past it is
+   still a canary (an init that wrote the library's whole sizeof, as before, fails
+   here). The full size: as before. A size below the struct's oldest, or NULL: nothing
+   written. A larger size (a newer header): the library's part written, struct_size
+   the caller's (so the calls refuse it), the bytes past the library's sizeof kept.
+   The symbols lmoe_X_init (called by name, not through the macro) write up to the
+   struct's 0.1.0 end and no further. */
+#define CANARY 0x5a
+#define CANARY_TAIL 64
+
+static size_t canaries_from(const void *buf, size_t from, size_t size) {
+  const uint8_t *b = buf;
+  for (size_t i = from; i < size; i++)
+    if (b[i] != CANARY) return i;
+  return SIZE_MAX;
+}
+
+/* INIT_CASES(type, older, frozen_end, full_ok, older_ok): older is an older size of the
+   struct, frozen_end the end of its last field at 0.1.0; full_ok and older_ok are
+   conditions on `q` (a type *) after the full and the older init. */
+#define INIT_CASES(type, older, frozen_end, full_ok, older_ok)                                          \
+  do {                                                                                                  \
+    union {                                                                                             \
+      type s;                                                                                           \
+      uint8_t raw[sizeof(type) + CANARY_TAIL];                                                          \
+    } u_;                                                                                               \
+    type *q = &u_.s;                                                                                    \
+    size_t at_;                                                                                         \
+    /* older */                                                                                         \
+    memset(&u_, CANARY, sizeof u_);                                                                     \
+    type##_init_sized(q, (older));                                                                      \
+    at_ = canaries_from(u_.raw, (older), sizeof u_);                                                    \
+    CHECK(q->struct_size == (older) && at_ == SIZE_MAX && (older_ok),                                   \
+          #type "_init_sized(%zu): struct_size %u, byte %zu written past it (SIZE_MAX: none)",          \
+          (size_t)(older), q->struct_size, at_);                                                        \
+    /* full, through the macro */                                                                       \
+    memset(&u_, CANARY, sizeof u_);                                                                     \
+    type##_init(q);                                                                                     \
+    at_ = canaries_from(u_.raw, sizeof(type), sizeof u_);                                               \
+    CHECK(q->struct_size == sizeof(type) && at_ == SIZE_MAX && (full_ok),                               \
+          #type "_init: struct_size %u (want %zu), byte %zu written past it", q->struct_size,          \
+          sizeof(type), at_);                                                                           \
+    /* below the oldest, and NULL */                                                                    \
+    memset(&u_, CANARY, sizeof u_);                                                                     \
+    type##_init_sized(q, 3);                                                                            \
+    at_ = canaries_from(u_.raw, 0, sizeof u_);                                                          \
+    CHECK(at_ == SIZE_MAX, #type "_init_sized(3) wrote byte %zu", at_);                                 \
+    type##_init_sized(NULL, sizeof(type));                                                              \
+    /* larger (a newer header's struct) */                                                              \
+    memset(&u_, CANARY, sizeof u_);                                                                     \
+    type##_init_sized(q, sizeof(type) + 8);                                                             \
+    at_ = canaries_from(u_.raw, sizeof(type), sizeof u_);                                               \
+    CHECK(q->struct_size == sizeof(type) + 8 && at_ == SIZE_MAX && (full_ok),                           \
+          #type "_init_sized(sizeof + 8): struct_size %u, byte %zu written past sizeof", q->struct_size, \
+          at_);                                                                                         \
+    /* the symbol by name: up to the 0.1.0 end */                                                       \
+    memset(&u_, CANARY, sizeof u_);                                                                     \
+    (type##_init)(q);                                                                                   \
+    at_ = canaries_from(u_.raw, (frozen_end), sizeof u_);                                               \
+    CHECK(q->struct_size == (frozen_end) && at_ == SIZE_MAX && (frozen_end) <= sizeof(type),            \
+          "(" #type "_init)(): struct_size %u (want %zu), byte %zu written past it", q->struct_size,    \
+          (size_t)(frozen_end), at_);                                                                   \
+  } while (0)
+
+static void test_init_sizes(void) {
+  INIT_CASES(lmoe_context_config, END(lmoe_context_config, threads), END(lmoe_context_config, allocator),
+             q->backend == LMOE_BACKEND_AUTO && q->device == 0 && q->stream == NULL && q->threads == 0 &&
+                 q->guard == LMOE_GUARD_HOST && q->allocator.alloc == NULL && q->allocator.free == NULL &&
+                 q->allocator.user == NULL,
+             q->backend == LMOE_BACKEND_AUTO && q->device == 0 && q->stream == NULL && q->threads == 0);
+  INIT_CASES(lmoe_layer_config, END(lmoe_layer_config, max_tokens), END(lmoe_layer_config, weight_dtype),
+             q->num_experts == 0 && q->hidden == 0 && q->intermediate == 0 && q->top_k == 2 &&
+                 q->renormalize == 1 && q->max_tokens == 8192 && q->shard_mode == LMOE_SHARD_TP &&
+                 q->shard_rank == 0 && q->shard_size == 1 && q->comm == NULL &&
+                 q->weight_dtype == LMOE_DTYPE_BF16,
+             q->num_experts == 0 && q->intermediate == 0 && q->top_k == 2 && q->renormalize == 1 &&
+                 q->max_tokens == 8192);
+  INIT_CASES(lmoe_layer_config, END(lmoe_layer_config, comm), END(lmoe_layer_config, weight_dtype),
+             q->top_k == 2 && q->weight_dtype == LMOE_DTYPE_BF16,
+             q->top_k == 2 && q->shard_size == 1 && q->comm == NULL);
+  INIT_CASES(lmoe_pool_config, END(lmoe_pool_config, num_slots), END(lmoe_pool_config, max_rank),
+             q->num_slots == 4 && q->max_rank == 16, q->num_slots == 4);
+  INIT_CASES(lmoe_adapter_desc, END(lmoe_adapter_desc, gate), END(lmoe_adapter_desc, down),
+             q->dtype == LMOE_DTYPE_F32 && q->gate.a == NULL && q->up.rank == 0 && q->gate_up.b == NULL &&
+                 q->down.a == NULL && q->down.scale == 0.0f,
+             q->dtype == LMOE_DTYPE_F32 && q->gate.a == NULL && q->gate.b == NULL && q->gate.rank == 0);
+  INIT_CASES(lmoe_random_adapter, END(lmoe_random_adapter, rank), END(lmoe_random_adapter, scale),
+             q->targets == LMOE_TARGET_ALL && q->fused == 0 && q->rank == 16 && q->alpha == 32.0f &&
+                 q->use_rslora == 0 && q->seed == 1 && q->scale == 0.05f,
+             q->targets == LMOE_TARGET_ALL && q->fused == 0 && q->rank == 16);
+  INIT_CASES(lmoe_batch_config, sizeof(uint32_t), END(lmoe_batch_config, staging_depth),
+             q->staging_depth == 4, true);
+  /* no older size of lmoe_forward_args is complete (out has no default): the size
+     before out is below its oldest and writes nothing; that case stands for "older" */
+  {
+    union {
+      lmoe_forward_args s;
+      uint8_t raw[sizeof(lmoe_forward_args) + CANARY_TAIL];
+    } u;
+    memset(&u, CANARY, sizeof u);
+    lmoe_forward_args_init_sized(&u.s, offsetof(lmoe_forward_args, out));
+    size_t at = canaries_from(u.raw, 0, sizeof u);
+    CHECK(at == SIZE_MAX, "lmoe_forward_args_init_sized(below the oldest) wrote byte %zu", at);
+  }
+  INIT_CASES(lmoe_forward_args, END(lmoe_forward_args, out), END(lmoe_forward_args, out),
+             q->layer == NULL && q->pool == NULL && q->batch == NULL && q->x == NULL &&
+                 q->router_logits == NULL && q->topk_ids == NULL && q->topk_weights == NULL && q->out == NULL,
+             q->layer == NULL && q->out == NULL);
+  INIT_CASES(lmoe_peft_info, END(lmoe_peft_info, layout), END(lmoe_peft_info, bytes),
+             q->family == 0 && q->rank == 0 && q->num_tensors == 0 && q->bytes == 0,
+             q->family == 0 && q->layout == 0);
+  INIT_CASES(lmoe_peft_synthetic, END(lmoe_peft_synthetic, scale), END(lmoe_peft_synthetic, alpha_pattern_value),
+             q->family == LMOE_FAMILY_QWEN && q->layout == LMOE_PEFT_PER_EXPERT && q->num_layers == 1 &&
+                 q->num_experts == 4 && q->hidden == 64 && q->intermediate == 32 &&
+                 q->targets == LMOE_TARGET_ALL && q->rank == 8 && q->alpha == 16.0f && q->use_rslora == 0 &&
+                 q->dtype == LMOE_DTYPE_BF16 && q->seed == 1 && q->scale == 0.1f &&
+                 q->rank_pattern_key == NULL && q->rank_pattern_value == 0 && q->alpha_pattern_key == NULL &&
+                 q->alpha_pattern_value == 0.0f,
+             q->family == LMOE_FAMILY_QWEN && q->num_layers == 1 && q->rank == 8 && q->alpha == 16.0f &&
+                 q->dtype == LMOE_DTYPE_BF16 && q->seed == 1 && q->scale == 0.1f);
+  INIT_CASES(lmoe_checkpoint_layer_info, END(lmoe_checkpoint_layer_info, has_router),
+             END(lmoe_checkpoint_layer_info, weight_dtype), q->family == 0 && q->has_router == 0 && q->weight_dtype == 0,
+             q->family == 0 && q->num_experts == 0 && q->has_router == 0);
+
+  /* what the calls make of them: an older size initialised by the library is taken
+     with the defaults past it; a larger one (a newer header) is refused */
+  lmoe_pool_config pc;
+  lmoe_pool_config_init_sized(&pc, END(lmoe_pool_config, num_slots));
+  pc.num_slots = 3;
+  lmoe_layer_config lc;
+  lmoe_layer_config_init_sized(&lc, END(lmoe_layer_config, max_tokens));
+  lc.num_experts = 4, lc.hidden = 16, lc.intermediate = 8, lc.max_tokens = 64;
+  lmoe_layer *l = NULL;
+  lmoe_pool *p = NULL;
+  OK(ctx, lmoe_layer_create(ctx, &lc, &l));
+  OK(ctx, lmoe_pool_create(l, &pc, &p));
+  lmoe_pool_config got;
+  lmoe_pool_config_init(&got);
+  OK(ctx, lmoe_pool_get_config(p, &got));
+  CHECK(got.num_slots == 3 && got.max_rank == 16, "pool of an older initialised config: %d slots, rank %d",
+        got.num_slots, got.max_rank);
+  lmoe_pool_release(p);
+  BIG(lmoe_layer_config) big;
+  memset(&big, CANARY, sizeof big);
+  lmoe_layer_config_init_sized(&big.s, sizeof big.s + 8);
+  big.s.num_experts = 4, big.s.hidden = 16, big.s.intermediate = 8;
+  lmoe_layer *l2 = NULL;
+  REFUSED("newer", lmoe_layer_create(ctx, &big.s, &l2));
+  CHECK(l2 == NULL, "a layer config of a newer header makes no layer");
+  lmoe_layer_release(l);
+}
+
 int main(int argc, char **argv) {
   work = argc > 1 ? argv[1] : "test_abi_work";
   if (mkdir(work, 0777) != 0 && errno != EEXIST) {
@@ -371,6 +525,7 @@ int main(int argc, char **argv) {
   test_peft_structs();
   test_checkpoint_info();
   test_batch_config_and_waits();
+  test_init_sizes();
   lmoe_pool_release(p);
   lmoe_layer_release(l);
   lmoe_context_release(ctx);

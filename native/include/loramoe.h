@@ -1,7 +1,8 @@
 /*
  * loramoe — prefill of Mixture-of-Experts layers with per-request LoRA adapters.
  *
- * One public header. It is FFI-clean: no function-like macros a binding needs, no
+ * One public header. It is FFI-clean: no function-like macros a binding needs (the
+ * lmoe_*_init macros are C spellings of the lmoe_*_init_sized functions), no
  * bitfields, no varargs, fixed-width integers, no CUDA types. The LuaJIT cdef is
  * generated from this file at build time (see lua/CMakeLists.txt).
  *
@@ -40,7 +41,17 @@ extern "C" {
    grows only at its end. The library takes any older (smaller) size of an input struct
    down to the end of its fields without a default (named at each struct; the fields
    past the size take their *_init defaults), writes output structs only up to their
-   struct_size, and refuses a size larger than its own (a newer header). */
+   struct_size, and refuses a size larger than its own (a newer header).
+   Initialising follows the same rule: lmoe_X_init_sized(p, size) writes the defaults
+   and struct_size = size into the first min(size, sizeof) bytes of *p and nothing past
+   them (nothing at all for a NULL p or a size below the struct's oldest), so a program
+   built against an older header may call a newer library's init on its shorter struct;
+   a larger size (a newer header) stays in struct_size, and the calls refuse it.
+   In C write lmoe_X_init(p): a macro passing sizeof *(p), the program's own size. A
+   binding calls lmoe_X_init_sized with its struct's size. The functions lmoe_X_init
+   (the macro is not expanded for an address or in a binding) stay for programs built
+   before the macros: they write the struct only up to its size in this release's
+   header (0.1.0), however it grows later. */
 enum { LMOE_VERSION_MAJOR = 0, LMOE_VERSION_MINOR = 1, LMOE_VERSION_PATCH = 0 };
 
 typedef enum lmoe_status {
@@ -149,7 +160,9 @@ typedef struct lmoe_context_config {
 } lmoe_context_config;
 
 /* Fill cfg with the defaults (auto backend, device 0, own stream, guard host). */
-LMOE_API void lmoe_context_config_init(lmoe_context_config *cfg);
+LMOE_API void lmoe_context_config_init_sized(lmoe_context_config *cfg, size_t size);
+LMOE_API void lmoe_context_config_init(lmoe_context_config *cfg); /* its 0.1.0 fields */
+#define lmoe_context_config_init(cfg) lmoe_context_config_init_sized((cfg), sizeof *(cfg))
 /* cfg may be NULL (defaults). On failure *out is NULL and, when errbuf is given, it
    receives the reason. */
 LMOE_API lmoe_status lmoe_context_create(const lmoe_context_config *cfg, lmoe_context **out,
@@ -283,7 +296,9 @@ typedef struct lmoe_layer_config {
   int32_t weight_dtype;
 } lmoe_layer_config;
 
-LMOE_API void lmoe_layer_config_init(lmoe_layer_config *cfg);
+LMOE_API void lmoe_layer_config_init_sized(lmoe_layer_config *cfg, size_t size);
+LMOE_API void lmoe_layer_config_init(lmoe_layer_config *cfg); /* its 0.1.0 fields */
+#define lmoe_layer_config_init(cfg) lmoe_layer_config_init_sized((cfg), sizeof *(cfg))
 /* Allocates the expert weights (uninitialised) and reserves the context's workspace. */
 LMOE_API lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg,
                                        lmoe_layer **out);
@@ -339,7 +354,9 @@ typedef struct lmoe_pool_config {
   int32_t max_rank;  /* largest rank of any part of any adapter */
 } lmoe_pool_config;
 
-LMOE_API void lmoe_pool_config_init(lmoe_pool_config *cfg);
+LMOE_API void lmoe_pool_config_init_sized(lmoe_pool_config *cfg, size_t size);
+LMOE_API void lmoe_pool_config_init(lmoe_pool_config *cfg); /* its 0.1.0 fields */
+#define lmoe_pool_config_init(cfg) lmoe_pool_config_init_sized((cfg), sizeof *(cfg))
 /* A pool holds adapters for one layer's shapes. */
 LMOE_API lmoe_status lmoe_pool_create(lmoe_layer *layer, const lmoe_pool_config *cfg,
                                       lmoe_pool **out);
@@ -367,7 +384,9 @@ typedef struct lmoe_adapter_desc {
   lmoe_lora_part down;    /* in = I, out = H */
 } lmoe_adapter_desc;
 
-LMOE_API void lmoe_adapter_desc_init(lmoe_adapter_desc *desc);
+LMOE_API void lmoe_adapter_desc_init_sized(lmoe_adapter_desc *desc, size_t size);
+LMOE_API void lmoe_adapter_desc_init(lmoe_adapter_desc *desc); /* its 0.1.0 fields */
+#define lmoe_adapter_desc_init(desc) lmoe_adapter_desc_init_sized((desc), sizeof *(desc))
 
 /* A synthetic adapter for experiments and tests. */
 typedef struct lmoe_random_adapter {
@@ -381,7 +400,9 @@ typedef struct lmoe_random_adapter {
   float scale;        /* A and B values uniform in [-scale, scale) */
 } lmoe_random_adapter;
 
-LMOE_API void lmoe_random_adapter_init(lmoe_random_adapter *spec);
+LMOE_API void lmoe_random_adapter_init_sized(lmoe_random_adapter *spec, size_t size);
+LMOE_API void lmoe_random_adapter_init(lmoe_random_adapter *spec); /* its 0.1.0 fields */
+#define lmoe_random_adapter_init(spec) lmoe_random_adapter_init_sized((spec), sizeof *(spec))
 
 /* Loads an adapter into `slot` (replacing what it held: stream-ordered, work already
    enqueued keeps reading the old weights). Copies the arrays; they may be freed after. */
@@ -424,7 +445,9 @@ typedef struct lmoe_batch_config {
   int32_t staging_depth;
 } lmoe_batch_config;
 /* Fill cfg with the defaults (staging_depth 4). */
-LMOE_API void lmoe_batch_config_init(lmoe_batch_config *cfg);
+LMOE_API void lmoe_batch_config_init_sized(lmoe_batch_config *cfg, size_t size);
+LMOE_API void lmoe_batch_config_init(lmoe_batch_config *cfg); /* its 0.1.0 fields */
+#define lmoe_batch_config_init(cfg) lmoe_batch_config_init_sized((cfg), sizeof *(cfg))
 /* lmoe_batch_create with a config (NULL: the defaults, as lmoe_batch_create). */
 LMOE_API lmoe_status lmoe_batch_create_with(lmoe_context *ctx, const lmoe_batch_config *cfg,
                                             lmoe_batch **out);
@@ -458,7 +481,9 @@ typedef struct lmoe_forward_args {
   lmoe_buffer *out;           /* [M, H] bf16, overwritten */
 } lmoe_forward_args;
 
-LMOE_API void lmoe_forward_args_init(lmoe_forward_args *args);
+LMOE_API void lmoe_forward_args_init_sized(lmoe_forward_args *args, size_t size);
+LMOE_API void lmoe_forward_args_init(lmoe_forward_args *args); /* its 0.1.0 fields */
+#define lmoe_forward_args_init(args) lmoe_forward_args_init_sized((args), sizeof *(args))
 /* Enqueues one MoE layer on `stream` (NULL: the context's) and returns. */
 LMOE_API lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void *stream);
 
@@ -596,7 +621,9 @@ typedef struct lmoe_peft_info {
 /* path: the adapter's directory, or its adapter_config.json. */
 LMOE_API lmoe_status lmoe_peft_open(lmoe_context *ctx, const char *path, lmoe_peft **out);
 LMOE_API void lmoe_peft_close(lmoe_peft *peft);
-LMOE_API void lmoe_peft_info_init(lmoe_peft_info *info);
+LMOE_API void lmoe_peft_info_init_sized(lmoe_peft_info *info, size_t size);
+LMOE_API void lmoe_peft_info_init(lmoe_peft_info *info); /* its 0.1.0 fields */
+#define lmoe_peft_info_init(info) lmoe_peft_info_init_sized((info), sizeof *(info))
 LMOE_API lmoe_status lmoe_peft_get_info(const lmoe_peft *peft, lmoe_peft_info *out);
 /* Layer indices that have expert tensors, increasing; returns how many were written. */
 LMOE_API int32_t lmoe_peft_layers(const lmoe_peft *peft, int32_t *out, int32_t capacity);
@@ -633,7 +660,9 @@ typedef struct lmoe_peft_synthetic {
   float alpha_pattern_value;
 } lmoe_peft_synthetic;
 
-LMOE_API void lmoe_peft_synthetic_init(lmoe_peft_synthetic *spec);
+LMOE_API void lmoe_peft_synthetic_init_sized(lmoe_peft_synthetic *spec, size_t size);
+LMOE_API void lmoe_peft_synthetic_init(lmoe_peft_synthetic *spec); /* its 0.1.0 fields */
+#define lmoe_peft_synthetic_init(spec) lmoe_peft_synthetic_init_sized((spec), sizeof *(spec))
 LMOE_API lmoe_status lmoe_peft_write_synthetic(lmoe_context *ctx, const char *dir,
                                                const lmoe_peft_synthetic *spec);
 
@@ -654,7 +683,9 @@ typedef struct lmoe_checkpoint_layer_info {
 LMOE_API lmoe_status lmoe_checkpoint_open(lmoe_context *ctx, const char *path,
                                           lmoe_checkpoint **out);
 LMOE_API void lmoe_checkpoint_close(lmoe_checkpoint *ck);
-LMOE_API void lmoe_checkpoint_layer_info_init(lmoe_checkpoint_layer_info *info);
+LMOE_API void lmoe_checkpoint_layer_info_init_sized(lmoe_checkpoint_layer_info *info, size_t size);
+LMOE_API void lmoe_checkpoint_layer_info_init(lmoe_checkpoint_layer_info *info); /* its 0.1.0 fields */
+#define lmoe_checkpoint_layer_info_init(info) lmoe_checkpoint_layer_info_init_sized((info), sizeof *(info))
 LMOE_API lmoe_status lmoe_checkpoint_get_layer_info(lmoe_checkpoint *ck, int32_t layer,
                                                     lmoe_checkpoint_layer_info *out);
 /* Sets the experts of `dst` (made with the shapes get_layer_info gives) from the

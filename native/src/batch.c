@@ -18,11 +18,11 @@ static void batch_destroy(lmoe_object *obj) {
   lmoe_context_release(ctx);
 }
 
-void lmoe_batch_config_init(lmoe_batch_config *cfg) {
-  if (!cfg) return;
-  memset(cfg, 0, sizeof *cfg);
-  cfg->struct_size = sizeof *cfg;
-  cfg->staging_depth = 4;
+void lmoe_batch_config_init_sized(lmoe_batch_config *cfg, size_t size) {
+  lmoe_batch_config def;
+  memset(&def, 0, sizeof def);
+  def.staging_depth = 4;
+  lmoe_struct_init(cfg, size, &def, sizeof def, sizeof(uint32_t));
 }
 
 lmoe_status lmoe_batch_create(lmoe_context *ctx, lmoe_batch **out) {

@@ -24,10 +24,10 @@ lmoe_safetensors **lmoe_checkpoint_files(lmoe_checkpoint *ck, int32_t *n) {
   return ck->files;
 }
 
-void lmoe_checkpoint_layer_info_init(lmoe_checkpoint_layer_info *info) {
-  if (!info) return;
-  memset(info, 0, sizeof *info);
-  info->struct_size = sizeof *info;
+void lmoe_checkpoint_layer_info_init_sized(lmoe_checkpoint_layer_info *info, size_t size) {
+  lmoe_checkpoint_layer_info def;
+  memset(&def, 0, sizeof def);
+  lmoe_struct_init(info, size, &def, sizeof def, sizeof(uint32_t));
 }
 
 static void ck_free(lmoe_checkpoint *ck) {

@@ -9,12 +9,12 @@
 
 const char *lmoe_version(void) { return "0.1.0"; }
 
-void lmoe_context_config_init(lmoe_context_config *cfg) {
-  if (!cfg) return;
-  memset(cfg, 0, sizeof *cfg);
-  cfg->struct_size = sizeof *cfg;
-  cfg->backend = LMOE_BACKEND_AUTO;
-  cfg->guard = LMOE_GUARD_HOST;
+void lmoe_context_config_init_sized(lmoe_context_config *cfg, size_t size) {
+  lmoe_context_config def;
+  memset(&def, 0, sizeof def);
+  def.backend = LMOE_BACKEND_AUTO;
+  def.guard = LMOE_GUARD_HOST;
+  lmoe_struct_init(cfg, size, &def, sizeof def, sizeof(uint32_t));
 }
 
 static lmoe_status create_fail(char *errbuf, size_t n, lmoe_status st, const char *msg) {

@@ -5,10 +5,10 @@
 #include <string.h>
 
 
-void lmoe_forward_args_init(lmoe_forward_args *a) {
-  if (!a) return;
-  memset(a, 0, sizeof *a);
-  a->struct_size = sizeof *a;
+void lmoe_forward_args_init_sized(lmoe_forward_args *a, size_t size) {
+  lmoe_forward_args def;
+  memset(&def, 0, sizeof def);
+  lmoe_struct_init(a, size, &def, sizeof def, LMOE_OLDEST_FORWARD_ARGS);
 }
 
 static lmoe_status check_buf(lmoe_context *ctx, const lmoe_buffer *b, const char *name,
@@ -39,7 +39,7 @@ lmoe_status lmoe_forward_validate(lmoe_context *ctx, const lmoe_forward_args *a_
   /* out, the last field, has no default */
   lmoe_forward_args args;
   lmoe_forward_args_init(&args);
-  lmoe_status st = lmoe_struct_in(ctx, &args, sizeof args, LMOE_FIELD_END(lmoe_forward_args, out), a_in,
+  lmoe_status st = lmoe_struct_in(ctx, &args, sizeof args, LMOE_OLDEST_FORWARD_ARGS, a_in,
                                   "forward args", "lmoe_forward_args_init");
   if (st) return st;
   const lmoe_forward_args *a = &args;

@@ -315,6 +315,16 @@ lmoe_status lmoe_struct_in(lmoe_context *ctx, void *dst, size_t size, size_t old
 lmoe_status lmoe_struct_out(lmoe_context *ctx, void *dst, const void *src, size_t size, const char *what,
                             const char *init);
 #define LMOE_FIELD_END(type, field) (offsetof(type, field) + sizeof(((type *)0)->field))
+/* The oldest sizes of the input structs whose fields do not all have a default (the
+   others take 4 and up): used by the calls that take them and by their *_init_sized. */
+#define LMOE_OLDEST_LAYER_CONFIG LMOE_FIELD_END(lmoe_layer_config, intermediate)
+#define LMOE_OLDEST_FORWARD_ARGS LMOE_FIELD_END(lmoe_forward_args, out)
+/* The body of every lmoe_*_init_sized: writes the first min(size, full) bytes of
+   `defaults` (a whole struct of this library, full bytes) into dst with struct_size set
+   to `size`, and nothing past them. Does nothing when dst is NULL, size is below
+   `oldest` or does not fit struct_size's uint32_t. A size above full (a newer header)
+   is kept in struct_size so that the calls refuse the struct as the rule says. */
+void lmoe_struct_init(void *dst, size_t size, void *defaults, size_t full, size_t oldest);
 
 /* Staged uploads (upload.c): host bytes bound for device memory, written into the
    context's staging and moved one stream-ordered copy per filled chunk while the host

@@ -4,18 +4,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-void lmoe_layer_config_init(lmoe_layer_config *cfg) {
-  if (!cfg) return;
-  memset(cfg, 0, sizeof *cfg);
-  cfg->struct_size = sizeof *cfg;
-  cfg->top_k = 2;
-  cfg->renormalize = 1;
-  cfg->max_tokens = 8192;
-  cfg->shard_mode = LMOE_SHARD_TP;
-  cfg->shard_rank = 0;
-  cfg->shard_size = 1;
-  cfg->comm = NULL;
-  cfg->weight_dtype = LMOE_DTYPE_BF16;
+void lmoe_layer_config_init_sized(lmoe_layer_config *cfg, size_t size) {
+  lmoe_layer_config def;
+  memset(&def, 0, sizeof def);
+  def.top_k = 2;
+  def.renormalize = 1;
+  def.max_tokens = 8192;
+  def.shard_mode = LMOE_SHARD_TP;
+  def.shard_rank = 0;
+  def.shard_size = 1;
+  def.comm = NULL;
+  def.weight_dtype = LMOE_DTYPE_BF16;
+  lmoe_struct_init(cfg, size, &def, sizeof def, LMOE_OLDEST_LAYER_CONFIG);
 }
 
 static void layer_destroy(lmoe_object *obj) {
@@ -86,7 +86,7 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
   /* E, H and I have no default; top_k, renormalize and max_tokens do */
   lmoe_layer_config cfg;
   lmoe_layer_config_init(&cfg);
-  lmoe_status st = lmoe_struct_in(ctx, &cfg, sizeof cfg, LMOE_FIELD_END(lmoe_layer_config, intermediate), cfg_in,
+  lmoe_status st = lmoe_struct_in(ctx, &cfg, sizeof cfg, LMOE_OLDEST_LAYER_CONFIG, cfg_in,
                                   "layer config", "lmoe_layer_config_init");
   if (st) return st;
   if (cfg.num_experts < 1 || cfg.num_experts > 4096)
@@ -167,7 +167,7 @@ lmoe_status lmoe_layer_get_config(const lmoe_layer *l, lmoe_layer_config *out) {
      struct_size (never set) the whole struct, as before the ABI rule */
   uint32_t got;
   memcpy(&got, out, sizeof got);
-  if (got >= LMOE_FIELD_END(lmoe_layer_config, intermediate) && got < sizeof *out && got % 4 == 0) {
+  if (got >= LMOE_OLDEST_LAYER_CONFIG && got < sizeof *out && got % 4 == 0) {
     memcpy((char *)out + sizeof got, (const char *)&l->cfg + sizeof got, got - sizeof got);
     return LMOE_OK;
   }

@@ -61,10 +61,10 @@ struct lmoe_peft {
 
 static bool valid_peft(const lmoe_peft *p) { return lmoe_object_is(p, LMOE_MAGIC_PEFT); }
 
-void lmoe_peft_info_init(lmoe_peft_info *info) {
-  if (!info) return;
-  memset(info, 0, sizeof *info);
-  info->struct_size = sizeof *info;
+void lmoe_peft_info_init_sized(lmoe_peft_info *info, size_t size) {
+  lmoe_peft_info def;
+  memset(&def, 0, sizeof def);
+  lmoe_struct_init(info, size, &def, sizeof def, sizeof(uint32_t));
 }
 
 static void free_patterns(pattern *p, int32_t n) {

@@ -10,22 +10,22 @@
 #include <string.h>
 #include <sys/stat.h>
 
-void lmoe_peft_synthetic_init(lmoe_peft_synthetic *s) {
-  if (!s) return;
-  memset(s, 0, sizeof *s);
-  s->struct_size = sizeof *s;
-  s->family = LMOE_FAMILY_QWEN;
-  s->layout = LMOE_PEFT_PER_EXPERT;
-  s->num_layers = 1;
-  s->num_experts = 4;
-  s->hidden = 64;
-  s->intermediate = 32;
-  s->targets = LMOE_TARGET_ALL;
-  s->rank = 8;
-  s->alpha = 16.0f;
-  s->dtype = LMOE_DTYPE_BF16;
-  s->seed = 1;
-  s->scale = 0.1f;
+void lmoe_peft_synthetic_init_sized(lmoe_peft_synthetic *s, size_t size) {
+  lmoe_peft_synthetic def;
+  memset(&def, 0, sizeof def);
+  def.family = LMOE_FAMILY_QWEN;
+  def.layout = LMOE_PEFT_PER_EXPERT;
+  def.num_layers = 1;
+  def.num_experts = 4;
+  def.hidden = 64;
+  def.intermediate = 32;
+  def.targets = LMOE_TARGET_ALL;
+  def.rank = 8;
+  def.alpha = 16.0f;
+  def.dtype = LMOE_DTYPE_BF16;
+  def.seed = 1;
+  def.scale = 0.1f;
+  lmoe_struct_init(s, size, &def, sizeof def, sizeof(uint32_t));
 }
 
 typedef struct tensor_list {

@@ -11,30 +11,30 @@ float lmoe_lora_scale(float alpha, int32_t rank, int32_t use_rslora) {
   return use_rslora ? (float)(alpha / sqrt((double)rank)) : alpha / (float)rank;
 }
 
-void lmoe_pool_config_init(lmoe_pool_config *cfg) {
-  if (!cfg) return;
-  memset(cfg, 0, sizeof *cfg);
-  cfg->struct_size = sizeof *cfg;
-  cfg->num_slots = 4;
-  cfg->max_rank = 16;
+void lmoe_pool_config_init_sized(lmoe_pool_config *cfg, size_t size) {
+  lmoe_pool_config def;
+  memset(&def, 0, sizeof def);
+  def.num_slots = 4;
+  def.max_rank = 16;
+  lmoe_struct_init(cfg, size, &def, sizeof def, sizeof(uint32_t));
 }
 
-void lmoe_adapter_desc_init(lmoe_adapter_desc *d) {
-  if (!d) return;
-  memset(d, 0, sizeof *d);
-  d->struct_size = sizeof *d;
-  d->dtype = LMOE_DTYPE_F32;
+void lmoe_adapter_desc_init_sized(lmoe_adapter_desc *d, size_t size) {
+  lmoe_adapter_desc def;
+  memset(&def, 0, sizeof def);
+  def.dtype = LMOE_DTYPE_F32;
+  lmoe_struct_init(d, size, &def, sizeof def, sizeof(uint32_t));
 }
 
-void lmoe_random_adapter_init(lmoe_random_adapter *s) {
-  if (!s) return;
-  memset(s, 0, sizeof *s);
-  s->struct_size = sizeof *s;
-  s->targets = LMOE_TARGET_ALL;
-  s->rank = 16;
-  s->alpha = 32.0f;
-  s->seed = 1;
-  s->scale = 0.05f;
+void lmoe_random_adapter_init_sized(lmoe_random_adapter *s, size_t size) {
+  lmoe_random_adapter def;
+  memset(&def, 0, sizeof def);
+  def.targets = LMOE_TARGET_ALL;
+  def.rank = 16;
+  def.alpha = 32.0f;
+  def.seed = 1;
+  def.scale = 0.05f;
+  lmoe_struct_init(s, size, &def, sizeof def, sizeof(uint32_t));
 }
 
 static bool valid_pool(const lmoe_pool *p) { return lmoe_object_is(p, LMOE_MAGIC_POOL); }
