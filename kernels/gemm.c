@@ -23,6 +23,8 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->cc = major * 10 + minor;
   dev->smem_optin = limit;
   dev->force_cfg = env ? atoi(env) : -1;
+  const char *sp = getenv("LMOE_SMALL_TILE_PAIRS"); /* for measuring: see gemm_config.h */
+  dev->small_tile_pairs = sp && atoi(sp) > 0 ? atoi(sp) : 0;
   if (!lmoe_gemm_supported(dev)) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
   return cudaSuccess;
 }

@@ -37,7 +37,8 @@ static int32_t pick_row(const lmoe_gemm_device *d, int32_t engine, int32_t kind,
 
 int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int aligned16, lmoe_gemm_choice *out) {
   out->engine = pick_engine(d, aligned16);
-  out->bm = pairs < SMALL_TILE_PAIRS * (int64_t)E ? LMOE_K_BM_MIN : LMOE_K_BM;
+  int64_t small = d->small_tile_pairs > 0 ? d->small_tile_pairs : SMALL_TILE_PAIRS;
+  out->bm = pairs < small * (int64_t)E ? LMOE_K_BM_MIN : LMOE_K_BM;
   int32_t force = d->force_cfg;
   if (force >= 0 && force < lmoe_gemm_nconfigs && fits(d, force, out->engine, LMOE_GEMM_EXPERT, out->bm))
     out->gemm_cfg = force;

@@ -70,6 +70,8 @@ typedef struct lmoe_gemm_device {
                          engine, kind and row tile match, or -1 (for measurements) */
   int32_t sm90;       /* the sm90 engine's kernels are usable here (sm_90a code in the
                          build, cc 9.0, the TMA encoder present; LMOE_ENGINE=sm80 clears it) */
+  int32_t small_tile_pairs; /* LMOE_SMALL_TILE_PAIRS: 64-row tiles below this many pairs
+                               per expert on average; 0: the default (96), for measuring */
 } lmoe_gemm_device;
 
 /* A forward's choice: the engine of the expert GEMMs, the row tile (every expert's pair

@@ -105,9 +105,11 @@ static __global__ void k_any(lmoe_fwd f) {
 }
 
 /* One block: per expert the padded row count, their exclusive scan, each (expert,
-   group) start offset, the tile -> expert table and the padding rows. */
+   group) start offset, the tile -> expert table and the padding rows (a warp per
+   expert, its lanes on consecutive rows: one thread per expert writing its padding
+   alone made each store a scattered sector and the kernel ~20 us on an H200). */
 static __global__ void k_scan(lmoe_fwd f) {
-  extern __shared__ int sbase[]; /* [E] */
+  extern __shared__ int sbase[]; /* [E] starts, then [E] ends of the real rows */
   __shared__ int warp_sum[32];
   __shared__ int total_rows;
   int E = f.E, gs = f.gstride, bm = f.bm;
@@ -154,18 +156,24 @@ static __global__ void k_scan(lmoe_fwd f) {
   }
   __syncthreads();
   if (threadIdx.x == 0) f.ntiles[0] = total_rows / bm;
+  int *send = sbase + E;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    int base = sbase[e], at = base;
+    int at = sbase[e];
     for (int g = 0; g < G; g++) {
       f.off[(size_t)e * gs + g] = at;
       at += f.cnt[(size_t)e * gs + g];
     }
+    send[e] = at;
+  }
+  __syncthreads();
+  for (int e = w; e < E; e += blockDim.x >> 5) {
+    int base = sbase[e], at = send[e];
     int end = (at - base + bm - 1) / bm * bm + base;
-    for (int p = at; p < end; p++) {
+    for (int p = at + lane; p < end; p += 32) {
       f.sorted_pair[p] = -1;
       f.sorted_group[p] = PAD_GROUP;
     }
-    for (int m = base / bm; m < end / bm; m++) f.tile_expert[m] = e;
+    for (int m = base / bm + lane; m < end / bm; m += 32) f.tile_expert[m] = e;
   }
 }
 
@@ -192,7 +200,7 @@ extern "C" cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s) {
 }
 
 extern "C" cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s) {
-  k_scan<<<1, 1024, (size_t)f->E * sizeof(int), s>>>(*f);
+  k_scan<<<1, 1024, 2 * (size_t)f->E * sizeof(int), s>>>(*f);
   return cudaGetLastError();
 }
 

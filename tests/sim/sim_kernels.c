@@ -109,6 +109,7 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->smem_optin = 232448;
   dev->force_cfg = -1;
   dev->sm90 = 0;
+  dev->small_tile_pairs = 0;
   return cudaSuccess;
 }
 
