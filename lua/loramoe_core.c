@@ -15,6 +15,9 @@
  * truncation), array sizes against what C will read or write, strings kept on the
  * stack while C holds them. A failed check here raises a plain error: the API's
  * messages are written once, in Lua.
+ *
+ * Most functions are regular (check the arguments, call, push the result) and are
+ * rows of the lists under "regular functions"; the others are written out below them.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 
@@ -40,16 +43,16 @@ typedef struct lbox {
 } lbox;
 
 /* The release functions, as the box stores them. */
-static void rel_context_release(void *p) { lmoe_context_release((lmoe_context *)p); }
-static void rel_buffer_release(void *p) { lmoe_buffer_release((lmoe_buffer *)p); }
-static void rel_layer_release(void *p) { lmoe_layer_release((lmoe_layer *)p); }
-static void rel_pool_release(void *p) { lmoe_pool_release((lmoe_pool *)p); }
-static void rel_batch_release(void *p) { lmoe_batch_release((lmoe_batch *)p); }
-static void rel_graph_release(void *p) { lmoe_graph_release((lmoe_graph *)p); }
-static void rel_safetensors_close(void *p) { lmoe_safetensors_close((lmoe_safetensors *)p); }
-static void rel_peft_close(void *p) { lmoe_peft_close((lmoe_peft *)p); }
-static void rel_checkpoint_close(void *p) { lmoe_checkpoint_close((lmoe_checkpoint *)p); }
-static void rel_comm_release(void *p) { lmoe_comm_release((lmoe_comm *)p); }
+static void rel_context(void *p) { lmoe_context_release((lmoe_context *)p); }
+static void rel_buffer(void *p) { lmoe_buffer_release((lmoe_buffer *)p); }
+static void rel_layer(void *p) { lmoe_layer_release((lmoe_layer *)p); }
+static void rel_pool(void *p) { lmoe_pool_release((lmoe_pool *)p); }
+static void rel_batch(void *p) { lmoe_batch_release((lmoe_batch *)p); }
+static void rel_graph(void *p) { lmoe_graph_release((lmoe_graph *)p); }
+static void rel_safetensors(void *p) { lmoe_safetensors_close((lmoe_safetensors *)p); }
+static void rel_peft(void *p) { lmoe_peft_close((lmoe_peft *)p); }
+static void rel_checkpoint(void *p) { lmoe_checkpoint_close((lmoe_checkpoint *)p); }
+static void rel_comm(void *p) { lmoe_comm_release((lmoe_comm *)p); }
 
 /* A new, empty box; keep (a stack index, or 0) becomes its uservalue. */
 static lbox *newbox(lua_State *L, const char *kind, void (*release)(void *), int keep) {
@@ -225,7 +228,7 @@ static int64_t mul3(int64_t a, int64_t b, int64_t c) {
 /* Structs <-> tables by field lists: name, offset, type ('i' int32, 'I' int64, 'u'
    uint64, 'z' size_t, 'f' float, 'd' double, 's' const char *, 'p' pointer). */
 typedef struct fld { const char *k; size_t off; char t; } fld;
-#define F(S, m, t) {#m, offsetof(S, m), t}
+#define F(S, m, t) {#m, offsetof(lmoe_##S, m), t}
 
 static void push_struct(lua_State *L, const fld *f, const void *s) {
   const char *b = (const char *)s;
@@ -297,47 +300,314 @@ static int ret_struct(lua_State *L, lmoe_status st, const fld *f, const void *s)
   return ret(L, st, st == LMOE_OK);
 }
 
-/* An empty box of kind, then call with &out: status, box. */
-#define CREATE(kind, rel, keep, T, call)                                                   \
-  do {                                                                                     \
-    lbox *b_ = newbox(L, kind, rel, keep);                                                 \
-    T *out = NULL;                                                                         \
-    lmoe_status st_ = (call);                                                              \
-    b_->h = out;                                                                           \
-    return ret(L, st_, 1);                                                                 \
+/* A list of the first n entries of an int64 array, as field k of the table on top. */
+static void set_dims(lua_State *L, const char *k, const int64_t *d, int n) {
+  lua_createtable(L, n, 0);
+  for (int i = 0; i < n; i++) {
+    lua_pushinteger(L, d[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, k);
+}
+
+/* The char array name[n] (NUL-terminated here) as field "name" of the table on top. */
+static void set_name(lua_State *L, char *name, size_t n) {
+  name[n - 1] = 0;
+  lua_pushstring(L, name);
+  lua_setfield(L, -2, "name");
+}
+
+/* An empty box of kind K (its type lmoe_K), then call with &out: status, box. The box
+   comes first, so that nothing leaks when Lua runs out of memory making it. */
+#define CREATE(K, rel, keep, call)                                                                 \
+  do {                                                                                             \
+    lbox *b_ = newbox(L, #K, rel, keep);                                                           \
+    lmoe_##K *out = NULL;                                                                          \
+    lmoe_status st_ = (call);                                                                      \
+    b_->h = out;                                                                                   \
+    return ret(L, st_, 1);                                                                         \
   } while (0)
+
+#define CTX(i) ((lmoe_context *)checkh(L, i, "context"))
+#define BUF(i) ((lmoe_buffer *)checkh(L, i, "buffer"))
+#define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
+#define POOL(i) ((lmoe_pool *)checkh(L, i, "pool"))
+#define BATCH(i) ((lmoe_batch *)checkh(L, i, "batch"))
+#define ST(i) ((lmoe_safetensors *)checkh(L, i, "safetensors"))
+#define PEFT(i) ((lmoe_peft *)checkh(L, i, "peft"))
+#define CK(i) ((lmoe_checkpoint *)checkh(L, i, "checkpoint"))
+
+/* ------------------------------------------------------------------ field lists */
+
+static const fld device_f[] = {F(device_info, cc_major, 'i'), F(device_info, cc_minor, 'i'),
+  F(device_info, sm_count, 'i'), F(device_info, memory_bytes, 'I'), F(device_info, l2_bytes, 'I'), {0}};
+static const fld context_f[] = {F(context_config, backend, 'i'), F(context_config, device, 'i'),
+  F(context_config, threads, 'i'), F(context_config, guard, 'i'), F(context_config, stream, 'p'), {0}};
+static const fld counters_f[] = {F(counters, forwards, 'u'), F(counters, launches, 'u'),
+  F(counters, lora_launches, 'u'), F(counters, host_waits, 'u'), F(counters, uploads, 'u'),
+  F(counters, bytes_uploaded, 'u'), F(counters, downloads, 'u'), {0}};
+static const fld waits_f[] = {F(wait_counters, host_waits, 'u'), F(wait_counters, forced, 'u'),
+  F(wait_counters, backpressure, 'u'), {0}};
+static const fld desc_f[] = {F(buffer_desc, dtype, 'i'), F(buffer_desc, memory, 'i'), F(buffer_desc, ndim, 'i'),
+  F(buffer_desc, numel, 'I'), F(buffer_desc, bytes, 'z'), F(buffer_desc, data, 'p'), {0}};
+static const fld compare_f[] = {F(compare_result, rel_l2, 'd'), F(compare_result, max_abs, 'd'),
+  F(compare_result, ref_l2, 'd'), F(compare_result, nonfinite, 'I'), F(compare_result, numel, 'I'), {0}};
+static const fld layer_f[] = {F(layer_config, num_experts, 'i'), F(layer_config, hidden, 'i'),
+  F(layer_config, intermediate, 'i'), F(layer_config, top_k, 'i'), F(layer_config, renormalize, 'i'),
+  F(layer_config, max_tokens, 'i'), F(layer_config, shard_mode, 'i'), F(layer_config, shard_rank, 'i'),
+  F(layer_config, shard_size, 'i'), F(layer_config, weight_dtype, 'i'), {0}};
+static const fld pool_f[] = {F(pool_config, num_slots, 'i'), F(pool_config, max_rank, 'i'), {0}};
+static const fld random_f[] = {F(random_adapter, targets, 'i'), F(random_adapter, fused, 'i'),
+  F(random_adapter, rank, 'i'), F(random_adapter, alpha, 'f'), F(random_adapter, use_rslora, 'i'),
+  F(random_adapter, seed, 'u'), F(random_adapter, scale, 'f'), {0}};
+static const fld slot_f[] = {F(slot_info, loaded, 'i'), F(slot_info, targets, 'i'), F(slot_info, fused, 'i'),
+  F(slot_info, rank_gate, 'i'), F(slot_info, rank_up, 'i'), F(slot_info, rank_down, 'i'),
+  F(slot_info, scale_gate, 'f'), F(slot_info, scale_up, 'f'), F(slot_info, scale_down, 'f'),
+  F(slot_info, max_rank, 'i'), F(slot_info, bytes, 'I'), F(slot_info, generation, 'u'), {0}};
+static const fld memory_f[] = {F(pool_memory, slot_bytes, 'I'), F(pool_memory, total_bytes, 'I'),
+  F(pool_memory, num_slots, 'i'), F(pool_memory, loaded_slots, 'i'), F(pool_memory, loaded_bytes, 'I'),
+  F(pool_memory, used_bytes, 'I'), F(pool_memory, evictions, 'I'), {0}};
+static const fld batch_cfg_f[] = {F(batch_config, staging_depth, 'i'), {0}};
+static const fld batch_f[] = {F(batch_info, num_requests, 'i'), F(batch_info, num_tokens, 'I'),
+  F(batch_info, has_active, 'i'), F(batch_info, num_active, 'i'), F(batch_info, max_rank, 'i'),
+  F(batch_info, max_slot, 'i'), {0}};
+static const fld tensor_f[] = {F(tensor_info, name, 's'), F(tensor_info, dtype_name, 's'), F(tensor_info, dtype, 'i'),
+  F(tensor_info, numel, 'I'), F(tensor_info, offset, 'u'), F(tensor_info, bytes, 'u'), {0}};
+static const fld peft_f[] = {F(peft_info, family, 'i'), F(peft_info, layout, 'i'), F(peft_info, rank, 'i'),
+  F(peft_info, alpha, 'f'), F(peft_info, use_rslora, 'i'), F(peft_info, targets, 'i'), F(peft_info, num_layers, 'i'),
+  F(peft_info, min_layer, 'i'), F(peft_info, max_layer, 'i'), F(peft_info, num_experts, 'i'),
+  F(peft_info, max_rank, 'i'), F(peft_info, has_patterns, 'i'), F(peft_info, num_tensors, 'i'),
+  F(peft_info, bytes, 'I'), {0}};
+static const fld synthetic_f[] = {F(peft_synthetic, family, 'i'), F(peft_synthetic, layout, 'i'),
+  F(peft_synthetic, num_layers, 'i'), F(peft_synthetic, num_experts, 'i'), F(peft_synthetic, hidden, 'i'),
+  F(peft_synthetic, intermediate, 'i'), F(peft_synthetic, targets, 'i'), F(peft_synthetic, rank, 'i'),
+  F(peft_synthetic, alpha, 'f'), F(peft_synthetic, use_rslora, 'i'), F(peft_synthetic, dtype, 'i'),
+  F(peft_synthetic, seed, 'u'), F(peft_synthetic, scale, 'f'), F(peft_synthetic, rank_pattern_key, 's'),
+  F(peft_synthetic, rank_pattern_value, 'i'), F(peft_synthetic, alpha_pattern_key, 's'),
+  F(peft_synthetic, alpha_pattern_value, 'f'), {0}};
+static const fld ck_f[] = {F(checkpoint_layer_info, family, 'i'), F(checkpoint_layer_info, num_experts, 'i'),
+  F(checkpoint_layer_info, hidden, 'i'), F(checkpoint_layer_info, intermediate, 'i'),
+  F(checkpoint_layer_info, has_router, 'i'), F(checkpoint_layer_info, weight_dtype, 'i'), {0}};
+
+/* The forward arguments at t, as boxes held by t during the call. */
+static void check_forward_args(lua_State *L, int t, lmoe_forward_args *a) {
+  luaL_checktype(L, t, LUA_TTABLE);
+  lmoe_forward_args_init(a);
+  static const char *const k[] = {"layer", "pool", "batch", "x", "router_logits", "topk_ids", "topk_weights", "out"};
+  static const char *const kind[] = {"layer", "pool", "batch", "buffer", "buffer", "buffer", "buffer", "buffer"};
+  void *h[8];
+  for (int i = 0; i < 8; i++) {
+    lua_getfield(L, t, k[i]);
+    h[i] = opth(L, -1, kind[i]);
+    lua_pop(L, 1);
+  }
+  a->layer = h[0], a->pool = h[1], a->batch = h[2], a->x = h[3];
+  a->router_logits = h[4], a->topk_ids = h[5], a->topk_weights = h[6], a->out = h[7];
+}
+
+/* ------------------------------------------------------------------ regular functions */
+
+/* Most functions are regular: check the arguments, call, push what C gave. Each is one
+   row of a list below, which defines l_<name>. A row's argument letters say how
+   argument k+1 is checked into a[k]:
+     c context  b buffer  l layer  p pool  B batch  g graph  t safetensors  e peft
+     k checkpoint  m comm: a box of that kind, open (.p); o a pool box or nil (.p)
+     i int32 (.i)  I integer (.I)  n number (.n)  s string (.s; the argument keeps it
+     alive during the call)  P light userdata or nil (.p)
+     S a shape list of 1..LMOE_MAX_DIMS entries (.i: the rank; the entries in shp)
+     K an int32 count (.i), N an integer count (.I): the row's arrays, checked after the
+     other arguments, must hold that many elements: f an f64 mem, w an i32 mem, q an
+     i64 mem (.p)
+     T a table, the row's struct s with the fields of its field list it sets; A a table
+     of forward arguments, the row's struct s (lmoe_forward_args) */
+typedef union arg { void *p; int32_t i; lua_Integer I; lua_Number n; const char *s; } arg;
+static const char box_letters[] = "cblpBgtekm", mem_letters[] = "fwq";
+static const char *const box_kinds[] = {"context", "buffer", "layer", "pool", "batch", "graph", "safetensors", "peft",
+  "checkpoint", "comm"};
+static const int mem_types[] = {M_F64, M_I32, M_I64};
+
+static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, void *s, const fld *f) {
+  lua_Integer count = 0;
+  for (int k = 0; spec[k]; k++) {
+    const char *box = strchr(box_letters, spec[k]);
+    if (box) a[k].p = checkh(L, k + 1, box_kinds[box - box_letters]);
+    else if (spec[k] == 'o') a[k].p = opth(L, k + 1, "pool");
+    else if (spec[k] == 'i') a[k].i = check_i32(L, k + 1);
+    else if (spec[k] == 'K') count = a[k].i = check_i32(L, k + 1);
+    else if (spec[k] == 'I') a[k].I = luaL_checkinteger(L, k + 1);
+    else if (spec[k] == 'N') count = a[k].I = luaL_checkinteger(L, k + 1);
+    else if (spec[k] == 'n') a[k].n = luaL_checknumber(L, k + 1);
+    else if (spec[k] == 's') a[k].s = luaL_checkstring(L, k + 1);
+    else if (spec[k] == 'S') a[k].i = check_shape(L, k + 1, shp, LMOE_MAX_DIMS);
+    else if (spec[k] == 'P') a[k].p = opt_ptr(L, k + 1);
+    else if (spec[k] == 'T') get_struct(L, k + 1, f, s);
+    else if (spec[k] == 'A') check_forward_args(L, k + 1, (lmoe_forward_args *)s);
+  }
+  for (int k = 0; spec[k]; k++) {
+    const char *mem = strchr(mem_letters, spec[k]);
+    if (mem) a[k].p = checkmem(L, k + 1, mem_types[mem - mem_letters], count);
+  }
+}
+
+/* A pointer as a light userdata; nothing for NULL. */
+static int push_ptr(lua_State *L, void *p) {
+  if (!p) return 0;
+  lua_pushlightuserdata(L, p);
+  return 1;
+}
+
+/* How FUNCS rows push what their call returns. */
+#define R_ST(call) return ret_st(L, call)
+#define R_INT(call) lua_pushinteger(L, (lua_Integer)(call)); return 1
+#define R_NUM(call) lua_pushnumber(L, call); return 1
+#define R_STR(call) lua_pushstring(L, call); return 1
+#define R_NONE(call) call; return 0
+#define R_PTR(call) return push_ptr(L, call)
+
+/* (name, argument letters, how the result is pushed, call) */
+#define FUNCS(X)                                                                                   \
+  X(version, "", R_STR, lmoe_version())                                                            \
+  X(status_string, "i", R_STR, lmoe_status_string((lmoe_status)a[0].i))                            \
+  X(has_cuda, "", R_INT, lmoe_has_cuda())                                                          \
+  X(has_nccl, "", R_INT, lmoe_has_nccl())                                                          \
+  X(dtype_size, "i", R_INT, lmoe_dtype_size(a[0].i))                                               \
+  X(dtype_name, "i", R_STR, lmoe_dtype_name(a[0].i))                                               \
+  X(lora_scale, "nii", R_NUM, lmoe_lora_scale((float)a[0].n, a[1].i, a[2].i))                      \
+  X(context_last_error, "c", R_STR, lmoe_context_last_error(a[0].p))                               \
+  X(context_backend, "c", R_INT, lmoe_context_backend(a[0].p))                                     \
+  X(context_threads, "c", R_INT, lmoe_context_threads(a[0].p))                                     \
+  X(context_guard, "c", R_INT, lmoe_context_guard(a[0].p))                                         \
+  X(context_set_guard, "ci", R_ST, lmoe_context_set_guard(a[0].p, a[1].i))                         \
+  X(context_stream, "c", R_PTR, lmoe_context_stream(a[0].p))                                       \
+  X(context_synchronize, "cP", R_ST, lmoe_context_synchronize(a[0].p, a[1].p))                     \
+  X(context_reset_counters, "c", R_NONE, lmoe_context_reset_counters(a[0].p))                      \
+  X(buffer_fill_random, "bInnP", R_ST,                                                             \
+    lmoe_buffer_fill_random(a[0].p, (uint64_t)a[1].I, (float)a[2].n, (float)a[3].n, a[4].p))       \
+  /* the value passes through a float, as it always has here (C takes a double) */                 \
+  X(buffer_fill, "bnP", R_ST, lmoe_buffer_fill(a[0].p, (float)a[1].n, a[2].p))                     \
+  X(buffer_write, "bIfN", R_ST, lmoe_buffer_write(a[0].p, a[1].I, a[2].p, LMOE_DTYPE_F64, a[3].I)) \
+  X(buffer_read, "bIfN", R_ST, lmoe_buffer_read(a[0].p, a[1].I, a[2].p, LMOE_DTYPE_F64, a[3].I))   \
+  X(layer_randomize, "lIn", R_ST, lmoe_layer_randomize(a[0].p, (uint64_t)a[1].I, (float)a[2].n))   \
+  X(pool_unload, "pi", R_ST, lmoe_pool_unload(a[0].p, a[1].i))                                     \
+  X(pool_unload_named, "ps", R_ST, lmoe_pool_unload_named(a[0].p, a[1].s))                         \
+  X(pool_pin, "pi", R_ST, lmoe_pool_pin(a[0].p, a[1].i))                                           \
+  X(pool_unpin, "pi", R_ST, lmoe_pool_unpin(a[0].p, a[1].i))                                       \
+  X(pool_touch, "pi", R_ST, lmoe_pool_touch(a[0].p, a[1].i))                                       \
+  X(pool_pin_count, "pi", R_INT, lmoe_pool_pin_count(a[0].p, a[1].i))                              \
+  X(pool_slot_name, "pi", R_STR, lmoe_pool_slot_name(a[0].p, a[1].i))                              \
+  X(batch_set, "BoKww", R_ST, lmoe_batch_set(a[0].p, a[1].p, a[2].i, a[3].p, a[4].p))              \
+  X(batch_offsets, "BqK", R_INT, lmoe_batch_offsets(a[0].p, a[1].p, a[2].i))                       \
+  X(batch_active_slots, "BwqK", R_INT, lmoe_batch_active_slots(a[0].p, a[1].p, a[2].p, a[3].i))    \
+  X(graph_begin, "cP", R_ST, lmoe_graph_begin(a[0].p, a[1].p))                                     \
+  X(graph_launch, "gP", R_ST, lmoe_graph_launch(a[0].p, a[1].p))                                   \
+  X(safetensors_count, "t", R_INT, lmoe_safetensors_count(a[0].p))                                 \
+  X(safetensors_metadata_count, "t", R_INT, lmoe_safetensors_metadata_count(a[0].p))               \
+  X(safetensors_read, "tifN", R_ST, lmoe_safetensors_read(a[0].p, a[1].i, a[2].p, LMOE_DTYPE_F64, a[3].I)) \
+  X(peft_layers, "ewK", R_INT, lmoe_peft_layers(a[0].p, a[1].p, a[2].i))                           \
+  X(comm_rank, "m", R_INT, lmoe_comm_rank(a[0].p))                                                 \
+  X(comm_size, "m", R_INT, lmoe_comm_size(a[0].p))                                                 \
+  X(checkpoint_quantize_fp8, "css", R_ST, lmoe_checkpoint_quantize_fp8(a[0].p, a[1].s, a[2].s))
+#define DEF_FUNC(name, spec, R, call)                                                              \
+  static int l_##name(lua_State *L) {                                                              \
+    arg a[sizeof spec];                                                                            \
+    checkargs(L, spec, a, NULL, NULL, NULL);                                                       \
+    R(call);                                                                                       \
+  }
+FUNCS(DEF_FUNC)
+
+/* Functions with one struct parameter s. Given (argument letter T or A): status. Else
+   an out-parameter: status, then s as a table by its field list, to which `then` adds.
+   (name, argument letters, struct, field list, how s is initialised after zeroing,
+   call with &s, then) */
+#define SIZED s.struct_size = sizeof s
+#define STRUCTS(X)                                                                                 \
+  X(device_get_info, "i", lmoe_device_info, device_f, SIZED, lmoe_device_get_info(a[0].i, &s),     \
+    set_name(L, s.name, sizeof s.name))                                                            \
+  X(context_counters, "c", lmoe_counters, counters_f, , lmoe_context_counters(a[0].p, &s), )       \
+  X(context_wait_counters, "c", lmoe_wait_counters, waits_f, SIZED,                                \
+    lmoe_context_wait_counters(a[0].p, &s), )                                                      \
+  X(buffer_describe, "b", lmoe_buffer_desc, desc_f, , lmoe_buffer_describe(a[0].p, &s),            \
+    set_dims(L, "shape", s.shape, s.ndim < LMOE_MAX_DIMS ? s.ndim : LMOE_MAX_DIMS))                \
+  X(buffer_compare, "bb", lmoe_compare_result, compare_f, , lmoe_buffer_compare(a[0].p, a[1].p, &s), ) \
+  X(layer_get_config, "l", lmoe_layer_config, layer_f, SIZED, lmoe_layer_get_config(a[0].p, &s), ) \
+  X(pool_get_config, "p", lmoe_pool_config, pool_f, SIZED, lmoe_pool_get_config(a[0].p, &s), )     \
+  X(pool_load_random, "piT", lmoe_random_adapter, random_f, lmoe_random_adapter_init(&s),          \
+    lmoe_pool_load_random(a[0].p, a[1].i, &s), )                                                   \
+  X(pool_slot_info, "pi", lmoe_slot_info, slot_f, , lmoe_pool_slot_info(a[0].p, a[1].i, &s), )     \
+  X(pool_get_memory, "p", lmoe_pool_memory, memory_f, , lmoe_pool_get_memory(a[0].p, &s), )        \
+  X(batch_get_info, "B", lmoe_batch_info, batch_f, , lmoe_batch_get_info(a[0].p, &s), )            \
+  X(forward, "cAP", lmoe_forward_args, NULL, , lmoe_forward(a[0].p, &s, a[2].p), )                 \
+  X(reference_forward, "cA", lmoe_forward_args, NULL, , lmoe_reference_forward(a[0].p, &s), )      \
+  X(safetensors_tensor, "ti", lmoe_tensor_info, tensor_f, , lmoe_safetensors_tensor(a[0].p, a[1].i, &s), \
+    set_dims(L, "shape", s.shape, s.ndim < LMOE_TENSOR_MAX_DIMS ? s.ndim : LMOE_TENSOR_MAX_DIMS))  \
+  X(peft_get_info, "e", lmoe_peft_info, peft_f, lmoe_peft_info_init(&s), lmoe_peft_get_info(a[0].p, &s), ) \
+  /* the pattern keys are strings of the table, which stays on the stack during the call */        \
+  X(peft_write_synthetic, "csT", lmoe_peft_synthetic, synthetic_f, lmoe_peft_synthetic_init(&s),   \
+    lmoe_peft_write_synthetic(a[0].p, a[1].s, &s), )                                               \
+  X(checkpoint_get_layer_info, "ki", lmoe_checkpoint_layer_info, ck_f, lmoe_checkpoint_layer_info_init(&s), \
+    lmoe_checkpoint_get_layer_info(a[0].p, a[1].i, &s), )
+#define DEF_STRUCT(name, spec, T, f, init, call, then)                                             \
+  static int l_##name(lua_State *L) {                                                              \
+    arg a[sizeof spec];                                                                            \
+    T s;                                                                                           \
+    memset(&s, 0, sizeof s);                                                                       \
+    init;                                                                                          \
+    checkargs(L, spec, a, NULL, &s, f);                                                            \
+    lmoe_status st = (call);                                                                       \
+    if (strpbrk(spec, "TA")) return ret_st(L, st);                                                 \
+    int n = ret_struct(L, st, f, &s);                                                              \
+    if (st == LMOE_OK) {                                                                           \
+      then;                                                                                        \
+    }                                                                                              \
+    return n;                                                                                      \
+  }
+STRUCTS(DEF_STRUCT)
+
+/* Functions that make a handle: status, a box of kind K owning it (with release
+   function rel, and keep, a stack index or 0, as the box's uservalue; see CREATE).
+   (name, argument letters, K, rel, keep, call with &out) */
+#define MAKERS(X)                                                                                  \
+  X(buffer_create, "ciiS", buffer, rel_buffer, 0,                                                  \
+    lmoe_buffer_create(a[0].p, a[1].i, a[2].i, a[3].i, shp, &out))                                 \
+  /* buffer_wrap(ctx, dtype, memory, shape, ptr, owner): the API checks that ptr lies in           \
+     owner's memory; owner (argument 6) is kept alive by the box */                                \
+  X(buffer_wrap, "ciiSP", buffer, rel_buffer, 6,                                                   \
+    lmoe_buffer_wrap(a[0].p, a[1].i, a[2].i, a[3].i, shp, a[4].p, &out))                           \
+  X(layer_weights, "li", buffer, NULL, 1, lmoe_layer_weights(a[0].p, a[1].i, &out))                \
+  X(graph_end, "cP", graph, rel_graph, 0, lmoe_graph_end(a[0].p, a[1].p, &out))                    \
+  X(safetensors_open, "cs", safetensors, rel_safetensors, 0, lmoe_safetensors_open(a[0].p, a[1].s, &out)) \
+  X(peft_open, "cs", peft, rel_peft, 0, lmoe_peft_open(a[0].p, a[1].s, &out))                      \
+  X(checkpoint_open, "cs", checkpoint, rel_checkpoint, 0, lmoe_checkpoint_open(a[0].p, a[1].s, &out)) \
+  X(comm_wrap_nccl, "cP", comm, rel_comm, 0, lmoe_comm_wrap_nccl(a[0].p, a[1].p, &out))
+#define DEF_MAKER(name, spec, K, rel, keep, call)                                                  \
+  static int l_##name(lua_State *L) {                                                              \
+    arg a[sizeof spec];                                                                            \
+    int64_t shp[LMOE_MAX_DIMS];                                                                    \
+    checkargs(L, spec, a, shp, NULL, NULL);                                                        \
+    CREATE(K, rel, keep, call);                                                                    \
+  }
+MAKERS(DEF_MAKER)
+
+/* Functions with one int32 out-parameter: status, its value. (name, argument
+   letters, call with &o) */
+#define OUTS(X)                                                                                    \
+  X(device_count, "", lmoe_device_count(&o))                                                       \
+  X(pool_find, "ps", lmoe_pool_find(a[0].p, a[1].s, &o))                                           \
+  X(pool_load_peft, "psei", lmoe_pool_load_peft(a[0].p, a[1].s, a[2].p, a[3].i, &o))               \
+  X(safetensors_find, "ts", lmoe_safetensors_find(a[0].p, a[1].s, &o))
+#define DEF_OUT(name, spec, call)                                                                  \
+  static int l_##name(lua_State *L) {                                                              \
+    arg a[sizeof spec];                                                                            \
+    int32_t o = -1;                                                                                \
+    checkargs(L, spec, a, NULL, NULL, NULL);                                                       \
+    lmoe_status st = (call);                                                                       \
+    lua_pushinteger(L, o);                                                                         \
+    return ret(L, st, 1);                                                                          \
+  }
+OUTS(DEF_OUT)
 
 /* ------------------------------------------------------------------ library */
 
-static int l_version(lua_State *L) { lua_pushstring(L, lmoe_version()); return 1; }
-static int l_status_string(lua_State *L) { lua_pushstring(L, lmoe_status_string((lmoe_status)check_i32(L, 1))); return 1; }
-static int l_has_cuda(lua_State *L) { lua_pushinteger(L, lmoe_has_cuda()); return 1; }
-static int l_has_nccl(lua_State *L) { lua_pushinteger(L, lmoe_has_nccl()); return 1; }
-static int l_device_count(lua_State *L) {
-  int32_t n = 0;
-  lmoe_status st = lmoe_device_count(&n);
-  lua_pushinteger(L, n);
-  return ret(L, st, 1);
-}
-static const fld device_f[] = {F(lmoe_device_info, cc_major, 'i'), F(lmoe_device_info, cc_minor, 'i'),
-  F(lmoe_device_info, sm_count, 'i'), F(lmoe_device_info, memory_bytes, 'I'), F(lmoe_device_info, l2_bytes, 'I'), {0}};
-static int l_device_get_info(lua_State *L) {
-  lmoe_device_info i = {.struct_size = sizeof i};
-  lmoe_status st = lmoe_device_get_info(check_i32(L, 1), &i);
-  int n = ret_struct(L, st, device_f, &i);
-  if (st == LMOE_OK) {
-    i.name[sizeof i.name - 1] = 0;
-    lua_pushstring(L, i.name);
-    lua_setfield(L, -2, "name");
-  }
-  return n;
-}
-static int l_dtype_size(lua_State *L) { lua_pushinteger(L, (lua_Integer)lmoe_dtype_size(check_i32(L, 1))); return 1; }
-static int l_dtype_name(lua_State *L) { lua_pushstring(L, lmoe_dtype_name(check_i32(L, 1))); return 1; }
-static int l_lora_scale(lua_State *L) {
-  lua_pushnumber(L, lmoe_lora_scale((float)luaL_checknumber(L, 1), check_i32(L, 2), check_i32(L, 3)));
-  return 1;
-}
 static int l_now(lua_State *L) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -347,15 +617,12 @@ static int l_now(lua_State *L) {
 
 /* ------------------------------------------------------------------ context */
 
-static const fld context_f[] = {F(lmoe_context_config, backend, 'i'), F(lmoe_context_config, device, 'i'),
-  F(lmoe_context_config, threads, 'i'), F(lmoe_context_config, guard, 'i'), F(lmoe_context_config, stream, 'p'), {0}};
-
 /* context_create{backend=, device=, threads=, guard=, stream=} -> st, box | st, message */
 static int l_context_create(lua_State *L) {
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
   get_struct(L, 1, context_f, &cfg);
-  lbox *b = newbox(L, "context", rel_context_release, 0);
+  lbox *b = newbox(L, "context", rel_context, 0);
   char err[256] = "";
   lmoe_context *ctx = NULL;
   lmoe_status st = lmoe_context_create(&cfg, &ctx, err, sizeof err);
@@ -377,7 +644,7 @@ static int l_context_is_live(lua_State *L) {
 static int l_context_retain(lua_State *L) {
   void *p = opt_ptr(L, 1);
   if (!p || !lmoe_context_is_live(p)) luaL_argerror(L, 1, "not a live loramoe context");
-  lbox *b = newbox(L, "context", rel_context_release, 0);
+  lbox *b = newbox(L, "context", rel_context, 0);
   lmoe_context_retain((lmoe_context *)p);
   b->h = p;
   return 1;
@@ -391,114 +658,7 @@ static int l_address(lua_State *L) {
   return 1;
 }
 
-#define CTX(i) ((lmoe_context *)checkh(L, i, "context"))
-static int l_context_last_error(lua_State *L) { lua_pushstring(L, lmoe_context_last_error(CTX(1))); return 1; }
-static int l_context_backend(lua_State *L) { lua_pushinteger(L, lmoe_context_backend(CTX(1))); return 1; }
-static int l_context_threads(lua_State *L) { lua_pushinteger(L, lmoe_context_threads(CTX(1))); return 1; }
-static int l_context_guard(lua_State *L) { lua_pushinteger(L, lmoe_context_guard(CTX(1))); return 1; }
-static int l_context_set_guard(lua_State *L) { lmoe_context *c = CTX(1); return ret_st(L, lmoe_context_set_guard(c, check_i32(L, 2))); }
-static int l_context_stream(lua_State *L) {
-  void *s = lmoe_context_stream(CTX(1));
-  if (!s) return 0;
-  lua_pushlightuserdata(L, s);
-  return 1;
-}
-static int l_context_synchronize(lua_State *L) { lmoe_context *c = CTX(1); return ret_st(L, lmoe_context_synchronize(c, opt_ptr(L, 2))); }
-static int l_context_reset_counters(lua_State *L) { lmoe_context_reset_counters(CTX(1)); return 0; }
-static const fld counters_f[] = {F(lmoe_counters, forwards, 'u'), F(lmoe_counters, launches, 'u'),
-  F(lmoe_counters, lora_launches, 'u'), F(lmoe_counters, host_waits, 'u'), F(lmoe_counters, uploads, 'u'),
-  F(lmoe_counters, bytes_uploaded, 'u'), F(lmoe_counters, downloads, 'u'), {0}};
-static int l_context_counters(lua_State *L) {
-  lmoe_counters c = {0};
-  return ret_struct(L, lmoe_context_counters(CTX(1), &c), counters_f, &c);
-}
-static const fld waits_f[] = {F(lmoe_wait_counters, host_waits, 'u'), F(lmoe_wait_counters, forced, 'u'),
-  F(lmoe_wait_counters, backpressure, 'u'), {0}};
-static int l_context_wait_counters(lua_State *L) {
-  lmoe_wait_counters w = {.struct_size = sizeof w};
-  return ret_struct(L, lmoe_context_wait_counters(CTX(1), &w), waits_f, &w);
-}
-
-/* ------------------------------------------------------------------ buffers */
-
-#define BUF(i) ((lmoe_buffer *)checkh(L, i, "buffer"))
-
-static int l_buffer_create(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  int32_t dtype = check_i32(L, 2), memory = check_i32(L, 3);
-  int64_t shape[LMOE_MAX_DIMS];
-  int nd = check_shape(L, 4, shape, LMOE_MAX_DIMS);
-  CREATE("buffer", rel_buffer_release, 0, lmoe_buffer, lmoe_buffer_create(ctx, dtype, memory, nd, shape, &out));
-}
-
-/* buffer_wrap(ctx, dtype, memory, shape, ptr, owner): the API checks that ptr lies in
-   owner's memory; owner is kept alive by the box. */
-static int l_buffer_wrap(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  int32_t dtype = check_i32(L, 2), memory = check_i32(L, 3);
-  int64_t shape[LMOE_MAX_DIMS];
-  int nd = check_shape(L, 4, shape, LMOE_MAX_DIMS);
-  void *p = opt_ptr(L, 5);
-  CREATE("buffer", rel_buffer_release, 6, lmoe_buffer, lmoe_buffer_wrap(ctx, dtype, memory, nd, shape, p, &out));
-}
-
-static const fld desc_f[] = {F(lmoe_buffer_desc, dtype, 'i'), F(lmoe_buffer_desc, memory, 'i'),
-  F(lmoe_buffer_desc, ndim, 'i'), F(lmoe_buffer_desc, numel, 'I'), F(lmoe_buffer_desc, bytes, 'z'),
-  F(lmoe_buffer_desc, data, 'p'), {0}};
-
-/* A list of the first n entries of an int64 array, as field k of the table on top. */
-static void set_dims(lua_State *L, const char *k, const int64_t *d, int n) {
-  lua_createtable(L, n, 0);
-  for (int i = 0; i < n; i++) {
-    lua_pushinteger(L, d[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-  lua_setfield(L, -2, k);
-}
-
-static int l_buffer_describe(lua_State *L) {
-  lmoe_buffer_desc d = {0};
-  lmoe_status st = lmoe_buffer_describe(BUF(1), &d);
-  int n = ret_struct(L, st, desc_f, &d);
-  if (st == LMOE_OK) set_dims(L, "shape", d.shape, d.ndim < LMOE_MAX_DIMS ? d.ndim : LMOE_MAX_DIMS);
-  return n;
-}
-
-/* buffer_write(buf, offset, mem, count) / buffer_read(...): f64 values. */
-static int l_buffer_write(lua_State *L) {
-  lmoe_buffer *b = BUF(1);
-  lua_Integer off = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 4);
-  return ret_st(L, lmoe_buffer_write(b, off, checkmem(L, 3, M_F64, n), LMOE_DTYPE_F64, n));
-}
-static int l_buffer_read(lua_State *L) {
-  lmoe_buffer *b = BUF(1);
-  lua_Integer off = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 4);
-  return ret_st(L, lmoe_buffer_read(b, off, checkmem(L, 3, M_F64, n), LMOE_DTYPE_F64, n));
-}
-static int l_buffer_fill_random(lua_State *L) {
-  lmoe_buffer *b = BUF(1);
-  return ret_st(L, lmoe_buffer_fill_random(b, (uint64_t)luaL_checkinteger(L, 2), (float)luaL_checknumber(L, 3),
-                                           (float)luaL_checknumber(L, 4), opt_ptr(L, 5)));
-}
-static int l_buffer_fill(lua_State *L) {
-  lmoe_buffer *b = BUF(1);
-  return ret_st(L, lmoe_buffer_fill(b, (float)luaL_checknumber(L, 2), opt_ptr(L, 3)));
-}
-static const fld compare_f[] = {F(lmoe_compare_result, rel_l2, 'd'), F(lmoe_compare_result, max_abs, 'd'),
-  F(lmoe_compare_result, ref_l2, 'd'), F(lmoe_compare_result, nonfinite, 'I'), F(lmoe_compare_result, numel, 'I'), {0}};
-static int l_buffer_compare(lua_State *L) {
-  lmoe_compare_result r = {0};
-  return ret_struct(L, lmoe_buffer_compare(BUF(1), BUF(2), &r), compare_f, &r);
-}
-
 /* ------------------------------------------------------------------ layers */
-
-#define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
-static const fld layer_f[] = {F(lmoe_layer_config, num_experts, 'i'), F(lmoe_layer_config, hidden, 'i'),
-  F(lmoe_layer_config, intermediate, 'i'), F(lmoe_layer_config, top_k, 'i'),
-  F(lmoe_layer_config, renormalize, 'i'), F(lmoe_layer_config, max_tokens, 'i'),
-  F(lmoe_layer_config, shard_mode, 'i'), F(lmoe_layer_config, shard_rank, 'i'),
-  F(lmoe_layer_config, shard_size, 'i'), F(lmoe_layer_config, weight_dtype, 'i'), {0}};
 
 /* layer_create(ctx, {num_experts=, ..., shard_size=, comm=box}): comm is a comm box
    (the layer keeps the communicator). */
@@ -509,23 +669,13 @@ static int l_layer_create(lua_State *L) {
   get_struct(L, 2, layer_f, &c);
   if (lua_getfield(L, 2, "comm") != LUA_TNIL) c.comm = (lmoe_comm *)checkh(L, lua_gettop(L), "comm");
   lua_pop(L, 1);
-  CREATE("layer", rel_layer_release, 0, lmoe_layer, lmoe_layer_create(ctx, &c, &out));
+  CREATE(layer, rel_layer, 0, lmoe_layer_create(ctx, &c, &out));
 }
 
 static lmoe_status layer_config(lmoe_layer *l, lmoe_layer_config *c) {
   memset(c, 0, sizeof *c);
   c->struct_size = sizeof *c;
   return lmoe_layer_get_config(l, c);
-}
-
-static int l_layer_get_config(lua_State *L) {
-  lmoe_layer_config c;
-  return ret_struct(L, layer_config(LAYER(1), &c), layer_f, &c);
-}
-
-static int l_layer_randomize(lua_State *L) {
-  lmoe_layer *l = LAYER(1);
-  return ret_st(L, lmoe_layer_randomize(l, (uint64_t)luaL_checkinteger(L, 2), (float)luaL_checknumber(L, 3)));
 }
 
 /* Arrays are checked against the layer's own shapes: C reads exactly that much. */
@@ -552,17 +702,7 @@ static int l_layer_set_expert(lua_State *L) {
   return ret_st(L, lmoe_layer_set_expert(l, e, p[0], p[1], p[2], LMOE_DTYPE_F64));
 }
 
-/* layer_weights(layer, which) -> st, box borrowed from the layer (kept alive). */
-static int l_layer_weights(lua_State *L) {
-  lmoe_layer *l = LAYER(1);
-  int32_t which = check_i32(L, 2);
-  CREATE("buffer", NULL, 1, lmoe_buffer, lmoe_layer_weights(l, which, &out));
-}
-
 /* ------------------------------------------------------------------ pools */
-
-#define POOL(i) ((lmoe_pool *)checkh(L, i, "pool"))
-static const fld pool_f[] = {F(lmoe_pool_config, num_slots, 'i'), F(lmoe_pool_config, max_rank, 'i'), {0}};
 
 /* pool_create(layer, {num_slots=, max_rank=}) -> st, box. The box keeps the layer's
    shapes (E, H, I as an i32 mem): pool_load checks arrays against them, and they stay
@@ -578,24 +718,7 @@ static int l_pool_create(lua_State *L) {
   dims[0] = lc.num_experts;
   dims[1] = lc.hidden;
   dims[2] = lc.intermediate;
-  CREATE("pool", rel_pool_release, -1, lmoe_pool, lmoe_pool_create(l, &c, &out));
-}
-
-static int l_pool_get_config(lua_State *L) {
-  lmoe_pool_config c = {.struct_size = sizeof c};
-  return ret_struct(L, lmoe_pool_get_config(POOL(1), &c), pool_f, &c);
-}
-
-static const fld random_f[] = {F(lmoe_random_adapter, targets, 'i'), F(lmoe_random_adapter, fused, 'i'),
-  F(lmoe_random_adapter, rank, 'i'), F(lmoe_random_adapter, alpha, 'f'), F(lmoe_random_adapter, use_rslora, 'i'),
-  F(lmoe_random_adapter, seed, 'u'), F(lmoe_random_adapter, scale, 'f'), {0}};
-static int l_pool_load_random(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  int32_t slot = check_i32(L, 2);
-  lmoe_random_adapter s;
-  lmoe_random_adapter_init(&s);
-  get_struct(L, 3, random_f, &s);
-  return ret_st(L, lmoe_pool_load_random(p, slot, &s));
+  CREATE(pool, rel_pool, -1, lmoe_pool_create(l, &c, &out));
 }
 
 /* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
@@ -650,125 +773,16 @@ static int l_pool_load_named(lua_State *L) {
   return ret(L, st, 1);
 }
 
-static const fld slot_f[] = {F(lmoe_slot_info, loaded, 'i'), F(lmoe_slot_info, targets, 'i'),
-  F(lmoe_slot_info, fused, 'i'), F(lmoe_slot_info, rank_gate, 'i'), F(lmoe_slot_info, rank_up, 'i'),
-  F(lmoe_slot_info, rank_down, 'i'), F(lmoe_slot_info, scale_gate, 'f'), F(lmoe_slot_info, scale_up, 'f'),
-  F(lmoe_slot_info, scale_down, 'f'), F(lmoe_slot_info, max_rank, 'i'), F(lmoe_slot_info, bytes, 'I'),
-  F(lmoe_slot_info, generation, 'u'), {0}};
-static int l_pool_slot_info(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  lmoe_slot_info s = {0};
-  return ret_struct(L, lmoe_pool_slot_info(p, check_i32(L, 2), &s), slot_f, &s);
-}
+/* ------------------------------------------------------------------ batches, forwards */
 
-static int l_pool_load_peft(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  const char *name = luaL_checkstring(L, 2);
-  lmoe_peft *peft = (lmoe_peft *)checkh(L, 3, "peft");
-  int32_t slot = -1;
-  lmoe_status st = lmoe_pool_load_peft(p, name, peft, check_i32(L, 4), &slot);
-  lua_pushinteger(L, slot);
-  return ret(L, st, 1);
-}
-static int l_pool_find(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  int32_t slot = -1;
-  lmoe_status st = lmoe_pool_find(p, luaL_checkstring(L, 2), &slot);
-  lua_pushinteger(L, slot);
-  return ret(L, st, 1);
-}
-static int l_pool_unload_named(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload_named(p, luaL_checkstring(L, 2))); }
-static int l_pool_unload(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unload(p, check_i32(L, 2))); }
-static int l_pool_pin(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_pin(p, check_i32(L, 2))); }
-static int l_pool_unpin(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_unpin(p, check_i32(L, 2))); }
-static int l_pool_touch(lua_State *L) { lmoe_pool *p = POOL(1); return ret_st(L, lmoe_pool_touch(p, check_i32(L, 2))); }
-static int l_pool_pin_count(lua_State *L) { lmoe_pool *p = POOL(1); lua_pushinteger(L, lmoe_pool_pin_count(p, check_i32(L, 2))); return 1; }
-static int l_pool_slot_name(lua_State *L) { lmoe_pool *p = POOL(1); lua_pushstring(L, lmoe_pool_slot_name(p, check_i32(L, 2))); return 1; }
-static const fld memory_f[] = {F(lmoe_pool_memory, slot_bytes, 'I'), F(lmoe_pool_memory, total_bytes, 'I'),
-  F(lmoe_pool_memory, num_slots, 'i'), F(lmoe_pool_memory, loaded_slots, 'i'), F(lmoe_pool_memory, loaded_bytes, 'I'),
-  F(lmoe_pool_memory, used_bytes, 'I'), F(lmoe_pool_memory, evictions, 'I'), {0}};
-static int l_pool_get_memory(lua_State *L) {
-  lmoe_pool_memory m = {0};
-  return ret_struct(L, lmoe_pool_get_memory(POOL(1), &m), memory_f, &m);
-}
-
-/* ------------------------------------------------------------------ batches, forwards, graphs */
-
-#define BATCH(i) ((lmoe_batch *)checkh(L, i, "batch"))
-
-static const fld batch_cfg_f[] = {F(lmoe_batch_config, staging_depth, 'i'), {0}};
 /* batch_create(ctx, {staging_depth=}?) -> st, box */
 static int l_batch_create(lua_State *L) {
   lmoe_context *ctx = CTX(1);
-  if (lua_isnoneornil(L, 2)) CREATE("batch", rel_batch_release, 0, lmoe_batch, lmoe_batch_create(ctx, &out));
+  if (lua_isnoneornil(L, 2)) CREATE(batch, rel_batch, 0, lmoe_batch_create(ctx, &out));
   lmoe_batch_config c;
   lmoe_batch_config_init(&c);
   get_struct(L, 2, batch_cfg_f, &c);
-  CREATE("batch", rel_batch_release, 0, lmoe_batch, lmoe_batch_create_with(ctx, &c, &out));
-}
-
-/* batch_set(batch, pool?, n, tokens_i32, slots_i32) */
-static int l_batch_set(lua_State *L) {
-  lmoe_batch *b = BATCH(1);
-  lmoe_pool *p = (lmoe_pool *)opth(L, 2, "pool");
-  int32_t n = check_i32(L, 3);
-  const int32_t *tokens = (const int32_t *)checkmem(L, 4, M_I32, n);
-  return ret_st(L, lmoe_batch_set(b, p, n, tokens, (const int32_t *)checkmem(L, 5, M_I32, n)));
-}
-
-static const fld batch_f[] = {F(lmoe_batch_info, num_requests, 'i'), F(lmoe_batch_info, num_tokens, 'I'),
-  F(lmoe_batch_info, has_active, 'i'), F(lmoe_batch_info, num_active, 'i'), F(lmoe_batch_info, max_rank, 'i'),
-  F(lmoe_batch_info, max_slot, 'i'), {0}};
-static int l_batch_get_info(lua_State *L) {
-  lmoe_batch_info i = {0};
-  return ret_struct(L, lmoe_batch_get_info(BATCH(1), &i), batch_f, &i);
-}
-
-/* batch_offsets(batch, mem_i64, capacity) -> written */
-static int l_batch_offsets(lua_State *L) {
-  lmoe_batch *b = BATCH(1);
-  int32_t cap = check_i32(L, 3);
-  lua_pushinteger(L, lmoe_batch_offsets(b, (int64_t *)checkmem(L, 2, M_I64, cap), cap));
-  return 1;
-}
-
-/* batch_active_slots(batch, mem_i32, mem_i64, capacity) -> written */
-static int l_batch_active_slots(lua_State *L) {
-  lmoe_batch *b = BATCH(1);
-  int32_t cap = check_i32(L, 4);
-  int32_t *s = (int32_t *)checkmem(L, 2, M_I32, cap);
-  lua_pushinteger(L, lmoe_batch_active_slots(b, s, (int64_t *)checkmem(L, 3, M_I64, cap), cap));
-  return 1;
-}
-
-/* The forward arguments at t, as boxes held by t during the call. */
-static void check_args(lua_State *L, int t, lmoe_forward_args *a) {
-  luaL_checktype(L, t, LUA_TTABLE);
-  lmoe_forward_args_init(a);
-  static const char *const k[] = {"layer", "pool", "batch", "x", "router_logits", "topk_ids", "topk_weights", "out"};
-  static const char *const kind[] = {"layer", "pool", "batch", "buffer", "buffer", "buffer", "buffer", "buffer"};
-  void *h[8];
-  for (int i = 0; i < 8; i++) {
-    lua_getfield(L, t, k[i]);
-    h[i] = opth(L, -1, kind[i]);
-    lua_pop(L, 1);
-  }
-  a->layer = h[0], a->pool = h[1], a->batch = h[2], a->x = h[3];
-  a->router_logits = h[4], a->topk_ids = h[5], a->topk_weights = h[6], a->out = h[7];
-}
-
-static int l_forward(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  lmoe_forward_args a;
-  check_args(L, 2, &a);
-  return ret_st(L, lmoe_forward(ctx, &a, opt_ptr(L, 3)));
-}
-
-static int l_reference_forward(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  lmoe_forward_args a;
-  check_args(L, 2, &a);
-  return ret_st(L, lmoe_reference_forward(ctx, &a));
+  CREATE(batch, rel_batch, 0, lmoe_batch_create_with(ctx, &c, &out));
 }
 
 /* forward_group({ctx, ...}, {args, ...}): one sharded layer's ranks from this thread.
@@ -785,73 +799,22 @@ static int l_forward_group(lua_State *L) {
     lua_rawgeti(L, 1, (lua_Integer)i + 1);
     ctxs[i] = (lmoe_context *)checkh(L, lua_gettop(L), "context");
     lua_rawgeti(L, 2, (lua_Integer)i + 1);
-    check_args(L, lua_gettop(L), &args[i]);
+    check_forward_args(L, lua_gettop(L), &args[i]);
     pa[i] = &args[i];
     lua_pop(L, 2);
   }
   return ret_st(L, lmoe_forward_group((int32_t)n, ctxs, pa, NULL));
 }
 
-static int l_graph_begin(lua_State *L) { lmoe_context *c = CTX(1); return ret_st(L, lmoe_graph_begin(c, opt_ptr(L, 2))); }
-static int l_graph_end(lua_State *L) {
-  lmoe_context *c = CTX(1);
-  void *s = opt_ptr(L, 2);
-  CREATE("graph", rel_graph_release, 0, lmoe_graph, lmoe_graph_end(c, s, &out));
-}
-static int l_graph_launch(lua_State *L) {
-  lmoe_graph *g = (lmoe_graph *)checkh(L, 1, "graph");
-  return ret_st(L, lmoe_graph_launch(g, opt_ptr(L, 2)));
-}
-
 /* ------------------------------------------------------------------ safetensors */
-
-#define ST(i) ((lmoe_safetensors *)checkh(L, i, "safetensors"))
-
-static int l_safetensors_open(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  const char *path = luaL_checkstring(L, 2);
-  CREATE("safetensors", rel_safetensors_close, 0, lmoe_safetensors, lmoe_safetensors_open(ctx, path, &out));
-}
 
 static int l_safetensors_open_memory(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   size_t len = 0;
   const char *data = luaL_checklstring(L, 2, &len), *name = luaL_checkstring(L, 3);
-  CREATE("safetensors", rel_safetensors_close, 0, lmoe_safetensors,
-         lmoe_safetensors_open_memory(ctx, data, len, name, &out));
+  CREATE(safetensors, rel_safetensors, 0, lmoe_safetensors_open_memory(ctx, data, len, name, &out));
 }
 
-static int l_safetensors_count(lua_State *L) { lua_pushinteger(L, lmoe_safetensors_count(ST(1))); return 1; }
-
-static const fld tensor_f[] = {F(lmoe_tensor_info, name, 's'), F(lmoe_tensor_info, dtype_name, 's'),
-  F(lmoe_tensor_info, dtype, 'i'), F(lmoe_tensor_info, numel, 'I'), F(lmoe_tensor_info, offset, 'u'),
-  F(lmoe_tensor_info, bytes, 'u'), {0}};
-static int l_safetensors_tensor(lua_State *L) {
-  lmoe_safetensors *s = ST(1);
-  lmoe_tensor_info i = {0};
-  lmoe_status st = lmoe_safetensors_tensor(s, check_i32(L, 2), &i);
-  int n = ret_struct(L, st, tensor_f, &i);
-  if (st == LMOE_OK) set_dims(L, "shape", i.shape, i.ndim < LMOE_TENSOR_MAX_DIMS ? i.ndim : LMOE_TENSOR_MAX_DIMS);
-  return n;
-}
-
-static int l_safetensors_find(lua_State *L) {
-  lmoe_safetensors *s = ST(1);
-  int32_t idx = -1;
-  lmoe_status st = lmoe_safetensors_find(s, luaL_checkstring(L, 2), &idx);
-  lua_pushinteger(L, idx);
-  return ret(L, st, 1);
-}
-
-/* safetensors_read(st, index, mem_f64, count) */
-static int l_safetensors_read(lua_State *L) {
-  lmoe_safetensors *s = ST(1);
-  int32_t idx = check_i32(L, 2);
-  lua_Integer n = luaL_checkinteger(L, 4);
-  return ret_st(L, lmoe_safetensors_read(s, idx, checkmem(L, 3, M_F64, n), LMOE_DTYPE_F64, n));
-}
-
-static int l_safetensors_metadata_count(lua_State *L) { lua_pushinteger(L, lmoe_safetensors_metadata_count(ST(1))); return 1; }
 static int l_safetensors_metadata(lua_State *L) {
   lmoe_safetensors *s = ST(1);
   const char *k = NULL, *v = NULL;
@@ -909,33 +872,6 @@ static int l_safetensors_write(lua_State *L) {
 
 /* ------------------------------------------------------------------ PEFT adapters */
 
-#define PEFT(i) ((lmoe_peft *)checkh(L, i, "peft"))
-
-static int l_peft_open(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  const char *path = luaL_checkstring(L, 2);
-  CREATE("peft", rel_peft_close, 0, lmoe_peft, lmoe_peft_open(ctx, path, &out));
-}
-
-static const fld peft_f[] = {F(lmoe_peft_info, family, 'i'), F(lmoe_peft_info, layout, 'i'),
-  F(lmoe_peft_info, rank, 'i'), F(lmoe_peft_info, alpha, 'f'), F(lmoe_peft_info, use_rslora, 'i'),
-  F(lmoe_peft_info, targets, 'i'), F(lmoe_peft_info, num_layers, 'i'), F(lmoe_peft_info, min_layer, 'i'),
-  F(lmoe_peft_info, max_layer, 'i'), F(lmoe_peft_info, num_experts, 'i'), F(lmoe_peft_info, max_rank, 'i'),
-  F(lmoe_peft_info, has_patterns, 'i'), F(lmoe_peft_info, num_tensors, 'i'), F(lmoe_peft_info, bytes, 'I'), {0}};
-static int l_peft_get_info(lua_State *L) {
-  lmoe_peft_info i;
-  lmoe_peft_info_init(&i);
-  return ret_struct(L, lmoe_peft_get_info(PEFT(1), &i), peft_f, &i);
-}
-
-/* peft_layers(peft, mem_i32, capacity) -> written */
-static int l_peft_layers(lua_State *L) {
-  lmoe_peft *p = PEFT(1);
-  int32_t cap = check_i32(L, 3);
-  lua_pushinteger(L, lmoe_peft_layers(p, (int32_t *)checkmem(L, 2, M_I32, cap), cap));
-  return 1;
-}
-
 /* peft_inspect(peft) -> st, text (sized by the library's answer) */
 static int l_peft_inspect(lua_State *L) {
   lmoe_peft *p = PEFT(1);
@@ -982,28 +918,7 @@ static int l_peft_layer_desc(lua_State *L) {
   return ret(L, st, 1);
 }
 
-static const fld synthetic_f[] = {F(lmoe_peft_synthetic, family, 'i'), F(lmoe_peft_synthetic, layout, 'i'),
-  F(lmoe_peft_synthetic, num_layers, 'i'), F(lmoe_peft_synthetic, num_experts, 'i'),
-  F(lmoe_peft_synthetic, hidden, 'i'), F(lmoe_peft_synthetic, intermediate, 'i'), F(lmoe_peft_synthetic, targets, 'i'),
-  F(lmoe_peft_synthetic, rank, 'i'), F(lmoe_peft_synthetic, alpha, 'f'), F(lmoe_peft_synthetic, use_rslora, 'i'),
-  F(lmoe_peft_synthetic, dtype, 'i'), F(lmoe_peft_synthetic, seed, 'u'), F(lmoe_peft_synthetic, scale, 'f'),
-  F(lmoe_peft_synthetic, rank_pattern_key, 's'), F(lmoe_peft_synthetic, rank_pattern_value, 'i'),
-  F(lmoe_peft_synthetic, alpha_pattern_key, 's'), F(lmoe_peft_synthetic, alpha_pattern_value, 'f'), {0}};
-
-/* peft_write_synthetic(ctx, dir, spec): spec with the C field names; the pattern keys
-   are strings of spec, which stays on the stack during the call. */
-static int l_peft_write_synthetic(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  const char *dir = luaL_checkstring(L, 2);
-  lmoe_peft_synthetic s;
-  lmoe_peft_synthetic_init(&s);
-  get_struct(L, 3, synthetic_f, &s);
-  return ret_st(L, lmoe_peft_write_synthetic(ctx, dir, &s));
-}
-
 /* ------------------------------------------------------------------ communicators */
-
-#define COMM(i) ((lmoe_comm *)checkh(L, i, "comm"))
 
 /* comm_create_local({ctx, ...}) -> st, {box, ...} | st, message. The boxes are made
    before the communicators, so none leaks when Lua runs out of memory. */
@@ -1022,7 +937,7 @@ static int l_comm_create_local(lua_State *L) {
   int t = lua_gettop(L);
   lbox **boxes = (lbox **)lua_newuserdatauv(L, n * sizeof *boxes, 0);
   for (lua_Unsigned i = 0; i < n; i++) {
-    boxes[i] = newbox(L, "comm", rel_comm_release, 0);
+    boxes[i] = newbox(L, "comm", rel_comm, 0);
     lua_rawseti(L, t, (lua_Integer)i + 1);
   }
   char err[256] = "";
@@ -1037,33 +952,7 @@ static int l_comm_create_local(lua_State *L) {
   return ret(L, st, 1);
 }
 
-static int l_comm_wrap_nccl(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  void *p = opt_ptr(L, 2);
-  CREATE("comm", rel_comm_release, 0, lmoe_comm, lmoe_comm_wrap_nccl(ctx, p, &out));
-}
-static int l_comm_rank(lua_State *L) { lua_pushinteger(L, lmoe_comm_rank(COMM(1))); return 1; }
-static int l_comm_size(lua_State *L) { lua_pushinteger(L, lmoe_comm_size(COMM(1))); return 1; }
-
 /* ------------------------------------------------------------------ checkpoints */
-
-#define CK(i) ((lmoe_checkpoint *)checkh(L, i, "checkpoint"))
-
-static int l_checkpoint_open(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  const char *path = luaL_checkstring(L, 2);
-  CREATE("checkpoint", rel_checkpoint_close, 0, lmoe_checkpoint, lmoe_checkpoint_open(ctx, path, &out));
-}
-
-static const fld ck_f[] = {F(lmoe_checkpoint_layer_info, family, 'i'), F(lmoe_checkpoint_layer_info, num_experts, 'i'),
-  F(lmoe_checkpoint_layer_info, hidden, 'i'), F(lmoe_checkpoint_layer_info, intermediate, 'i'),
-  F(lmoe_checkpoint_layer_info, has_router, 'i'), F(lmoe_checkpoint_layer_info, weight_dtype, 'i'), {0}};
-static int l_checkpoint_get_layer_info(lua_State *L) {
-  lmoe_checkpoint *c = CK(1);
-  lmoe_checkpoint_layer_info i;
-  lmoe_checkpoint_layer_info_init(&i);
-  return ret_struct(L, lmoe_checkpoint_get_layer_info(c, check_i32(L, 2), &i), ck_f, &i);
-}
 
 /* checkpoint_load_layer(ck, index, layer, with_router) -> st, router box (empty
    without). The box owns a router made even when the load then failed. */
@@ -1072,36 +961,21 @@ static int l_checkpoint_load_layer(lua_State *L) {
   int32_t idx = check_i32(L, 2);
   lmoe_layer *l = LAYER(3);
   int want = lua_toboolean(L, 4);
-  CREATE("buffer", rel_buffer_release, 0, lmoe_buffer, lmoe_checkpoint_load_layer(c, idx, l, want ? &out : NULL));
-}
-
-static int l_checkpoint_quantize_fp8(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  return ret_st(L, lmoe_checkpoint_quantize_fp8(ctx, luaL_checkstring(L, 2), luaL_checkstring(L, 3)));
+  CREATE(buffer, rel_buffer, 0, lmoe_checkpoint_load_layer(c, idx, l, want ? &out : NULL));
 }
 
 /* ------------------------------------------------------------------ registration */
 
-#define CORE_FUNCTIONS X(version) X(status_string) X(has_cuda) X(device_count) X(device_get_info) \
-  X(dtype_size) X(dtype_name) X(lora_scale) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) \
-  X(context_create) X(context_retain) X(context_is_live) X(context_last_error) X(context_backend) \
-  X(context_threads) X(context_guard) X(context_set_guard) X(context_stream) X(context_synchronize) \
-  X(context_counters) X(context_wait_counters) X(context_reset_counters) X(buffer_create) X(buffer_wrap) X(buffer_describe) \
-  X(buffer_write) X(buffer_read) X(buffer_fill_random) X(buffer_fill) X(buffer_compare) X(layer_create) \
-  X(layer_get_config) X(layer_randomize) X(layer_set_weights) X(layer_set_expert) X(layer_weights) \
-  X(pool_create) X(pool_get_config) X(pool_load_random) X(pool_load) X(pool_unload) X(pool_slot_info) \
-  X(pool_load_named) X(pool_load_peft) X(pool_unload_named) X(pool_find) X(pool_slot_name) X(pool_pin) \
-  X(pool_unpin) X(pool_pin_count) X(pool_touch) X(pool_get_memory) X(batch_create) X(batch_set) \
-  X(batch_get_info) X(batch_offsets) X(batch_active_slots) X(forward) X(reference_forward) X(graph_begin) \
-  X(graph_end) X(graph_launch) X(safetensors_open) X(safetensors_open_memory) X(safetensors_count) \
-  X(safetensors_tensor) X(safetensors_find) X(safetensors_read) X(safetensors_metadata_count) \
-  X(safetensors_metadata) X(safetensors_write) X(peft_open) X(peft_get_info) X(peft_layers) X(peft_inspect) \
-  X(peft_layer_desc) X(peft_write_synthetic) X(checkpoint_open) X(checkpoint_get_layer_info) \
-  X(checkpoint_load_layer) X(checkpoint_quantize_fp8) X(has_nccl) X(comm_create_local) X(comm_wrap_nccl) X(comm_rank) X(comm_size) \
-  X(forward_group)
-#define X(n) {#n, l_##n},
-static const luaL_Reg lib[] = {CORE_FUNCTIONS {"close", box_gc}, {NULL, NULL}};
-#undef X
+/* The row lists register their functions; these are the ones written out. */
+#define OTHER_FUNCTIONS(X) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) X(context_create) \
+  X(context_retain) X(context_is_live) X(layer_create) X(layer_set_weights) X(layer_set_expert) X(pool_create) \
+  X(pool_load) X(pool_load_named) X(batch_create) X(forward_group) X(safetensors_open_memory) \
+  X(safetensors_metadata) X(safetensors_write) X(peft_inspect) X(peft_layer_desc) X(comm_create_local) \
+  X(checkpoint_load_layer)
+#define REG(name, ...) {#name, l_##name},
+#define REG1(name) {#name, l_##name},
+static const luaL_Reg lib[] = {FUNCS(REG) STRUCTS(REG) MAKERS(REG) OUTS(REG) OTHER_FUNCTIONS(REG1)
+  {"close", box_gc}, {NULL, NULL}};
 
 /* The *_init functions are called where their structs are filled; the release and
    close functions are the boxes' release functions. not bound: the allocator hooks of

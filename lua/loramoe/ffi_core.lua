@@ -8,12 +8,18 @@
 -- A handle is the box: its cdata pointer with ffi.gc(h, release) set right after the
 -- NULL check. As in the C module every size C will read or write is checked here
 -- against the array given (the API has checked the values already, with its messages).
+--
+-- Most functions are regular (check each argument by its C type, call, return the
+-- status and the out-parameters): their wrappers are made from their declarations in
+-- the cdef (see "regular functions"); the others are written out below that.
 local ffi = require "ffi"
 
 local type, tonumber, error = type, tonumber, error
 local floor = math.floor
+local unpack = unpack or table.unpack
 
-if not pcall(ffi.typeof, "lmoe_context") then ffi.cdef(require "loramoe.cdef") end
+local cdef = require "loramoe.cdef"
+if not pcall(ffi.typeof, "lmoe_context") then ffi.cdef(cdef) end
 if not pcall(ffi.typeof, "struct lmoe_lua_timespec") then
   ffi.cdef "struct lmoe_lua_timespec { long tv_sec; long tv_nsec; };"
 end
@@ -53,7 +59,6 @@ local kinds = {
   checkpoint = { "lmoe_checkpoint *", C.lmoe_checkpoint_close }, comm = { "lmoe_comm *", C.lmoe_comm_release },
 }
 local release_of, out_of = {}, {}
-local box
 for k, v in pairs(kinds) do
   local ct = ffi.typeof(v[1])
   kinds[k] = ct
@@ -69,16 +74,16 @@ local function out(kind)
   o[0] = nil
   return o
 end
--- status, the handle of out-parameter o as a box (only the status on failure)
-local function made(kind, st, o, parent)
-  if st ~= 0 then return st end
-  return st, box(kind, o[0], parent)
-end
-function box(kind, h, parent)
+local function box(kind, h, parent)
   if h == nil then return nil end
   h = ffi.gc(h, release_of[tonumber(kinds[kind])])
   if parent ~= nil then keep[h] = parent end
   return h
+end
+-- status, the handle of out-parameter o as a box (only the status on failure)
+local function made(kind, st, o, parent)
+  if st ~= 0 then return st end
+  return st, box(kind, o[0], parent)
 end
 
 local function checkh(h, kind)
@@ -175,27 +180,6 @@ end
 local function num(v) if type(v) ~= "number" then bad("number expected") end return v end
 local function str(v) if type(v) ~= "string" then bad("string expected") end return v end
 
--- s.k = t.k for the fields of t that are set (checked as int32 / number).
-local function fill(s, t, ints, nums)
-  if type(t) ~= "table" then bad("table expected") end
-  for _, k in ipairs(ints) do if t[k] ~= nil then s[k] = i32(t[k]) end end
-  for _, k in ipairs(nums or {}) do if t[k] ~= nil then s[k] = num(t[k]) end end
-  return s
-end
-
--- The C struct s as a table of its fields (numbers; strings copied).
-local function totable(s, fields)
-  local t = {}
-  for _, k in ipairs(fields) do
-    local v = s[k]
-    if type(v) == "cdata" then
-      if ffi.istype("const char *", v) then v = v ~= nil and ffi.string(v) or "" else v = tonumber(v) end
-    end
-    t[k] = v
-  end
-  return t
-end
-
 local shape_buf = ffi.new("int64_t[?]", C.LMOE_TENSOR_MAX_DIMS)
 local function shape(t, max)
   if type(t) ~= "table" then bad("shape expected") end
@@ -215,29 +199,224 @@ local function mul3(a, b, c)
   return v
 end
 
--- ------------------------------------------------------------------ library
+-- ------------------------------------------------------------------ the header's declarations
 
-function R.version() return ffi.string(C.lmoe_version()) end
-function R.status_string(st) return ffi.string(C.lmoe_status_string(i32(st))) end
-function R.has_cuda() return C.lmoe_has_cuda() end
-function R.has_nccl() return C.lmoe_has_nccl() end
-local out_i32 = ffi.new("int32_t[1]")
-function R.device_count()
-  local st = C.lmoe_device_count(out_i32)
-  return st, out_i32[0]
+-- "const char *name", "int64_t shape[LMOE_MAX_DIMS]" -> {name=, type=} with no spaces
+-- around '*' and "[]" for an array ("const char*", "int64_t[]"); nil for what is not
+-- a declaration (the allocator's function pointers, which nothing here reads).
+local function decl(s)
+  local ty, name = s:gsub("%b[]", ""):match("^%s*(.-)%s*([%w_]+)%s*$")
+  if not ty then return nil end
+  return { name = name, type = ty:gsub("%s*%*%s*", "*") .. (s:find("[", 1, true) and "[]" or "") }
 end
-function R.device_get_info(dev)
-  local i = ffi.new("lmoe_device_info")
-  i.struct_size = ffi.sizeof(i)
-  local st = C.lmoe_device_get_info(i32(dev), i)
-  if st ~= 0 then return st end
-  local t = totable(i, { "cc_major", "cc_minor", "sm_count", "memory_bytes", "l2_bytes" })
-  t.name = ffi.string(i.name)
-  return st, t
+
+-- The fields of every struct and the parameters of every function, read from the cdef.
+local fields, params = {}, {}
+for sname, body in cdef:gmatch("typedef struct (lmoe_[%w_]+) (%b{})") do
+  local list = {}
+  for d in body:sub(2, -2):gmatch("[^;]+") do
+    local first
+    for part in d:gmatch("[^,]+") do -- "int32_t a, b": b has a's type
+      local f = decl(part)
+      if f then
+        if f.type == "" then f.type = first.type end
+        first = first or f
+        list[#list + 1] = f
+      end
+    end
+  end
+  fields[sname] = list
 end
-function R.dtype_size(d) return tonumber(C.lmoe_dtype_size(i32(d))) end
-function R.dtype_name(d) return ffi.string(C.lmoe_dtype_name(i32(d))) end
-function R.lora_scale(a, r, rs) return tonumber(C.lmoe_lora_scale(num(a), i32(r), i32(rs))) end
+for name, ps in cdef:gmatch("(lmoe_[%w_]+)%s*(%b())%s*;") do
+  local list = {}
+  if ps ~= "(void)" then
+    for p in ps:sub(2, -2):gmatch("[^,]+") do list[#list + 1] = decl(p) end
+  end
+  params[name] = list
+end
+
+-- How an argument, or a field of a struct given as a table, is checked by its C type.
+local check_in = { int32_t = i32, lmoe_status = i32, int64_t = int, uint64_t = int, float = num, double = num,
+  ["const char*"] = str, ["void*"] = opt_ptr }
+for kind in pairs(kinds) do
+  local function h(v) return checkh(v, kind) end
+  check_in["lmoe_" .. kind .. "*"], check_in["const lmoe_" .. kind .. "*"] = h, h
+end
+
+-- Structs are filled by their init function, else zeroed with their struct_size set.
+local inits = {
+  lmoe_context_config = C.lmoe_context_config_init, lmoe_layer_config = C.lmoe_layer_config_init,
+  lmoe_pool_config = C.lmoe_pool_config_init, lmoe_adapter_desc = C.lmoe_adapter_desc_init,
+  lmoe_random_adapter = C.lmoe_random_adapter_init, lmoe_batch_config = C.lmoe_batch_config_init,
+  lmoe_forward_args = C.lmoe_forward_args_init, lmoe_peft_info = C.lmoe_peft_info_init,
+  lmoe_peft_synthetic = C.lmoe_peft_synthetic_init, lmoe_checkpoint_layer_info = C.lmoe_checkpoint_layer_info_init,
+}
+local function new_struct(sname)
+  local s = ffi.new(sname)
+  if inits[sname] then
+    inits[sname](s)
+  elseif fields[sname][1].name == "struct_size" then
+    s.struct_size = ffi.sizeof(s)
+  end
+  return s
+end
+
+-- The struct sname with the fields that table t sets, each checked by its C type;
+-- what they give (strings among them) is kept in anchor while C uses it.
+local function fill(sname, t, anchor)
+  if type(t) ~= "table" then bad("table expected") end
+  local s = new_struct(sname)
+  for _, f in ipairs(fields[sname]) do
+    local check = check_in[f.type]
+    local v = check and t[f.name]
+    if v ~= nil and check then
+      v = check(v)
+      anchor[#anchor + 1] = v
+      s[f.name] = v
+    end
+  end
+  return s
+end
+
+-- How a field of a struct is given back by its C type: numbers, strings copied ("" for
+-- NULL), pointers as they are; a shape as the list of its first ndim entries.
+local function number(v) return tonumber(v) end
+local check_out = { int32_t = number, int64_t = number, uint64_t = number, size_t = number, float = number,
+  double = number, ["const char*"] = function(v) return v ~= nil and ffi.string(v) or "" end,
+  ["char[]"] = function(v) return ffi.string(v) end, ["void*"] = function(v) return v end }
+-- Fields the C module's lists leave out of a struct's table.
+local unlisted = { lmoe_tensor_info = { ndim = true } }
+
+local function totable(s, sname)
+  local t, skip = {}, unlisted[sname] or {}
+  for _, f in ipairs(fields[sname]) do
+    local conv = check_out[f.type]
+    if conv and not skip[f.name] then t[f.name] = conv(s[f.name]) end
+    if f.type == "int64_t[]" then
+      t[f.name] = {}
+      for d = 0, math.min(s.ndim, ffi.sizeof(s[f.name]) / 8) - 1 do t[f.name][d + 1] = tonumber(s[f.name][d]) end
+    end
+  end
+  return t
+end
+
+-- ------------------------------------------------------------------ regular functions
+
+-- The wrapper of C function f (lmoe_<name>), made from its parameters. Each takes the
+-- next argument, checked by its C type (a table for a struct, filled as above), or is
+-- an out-parameter whose value follows the status on success: a handle (lmoe_X **) as
+-- a box, an int32, a string, a struct as a table. ndim and shape take one argument, a
+-- shape list; errbuf and its size none (on failure the message follows the status).
+-- Without out-parameters the result is C's: a status, a number, a string ("" for
+-- NULL), a pointer (nil for NULL) or nothing.
+local function wrap(f, name)
+  local steps, ps, i = {}, params["lmoe_" .. name], 1
+  while i <= #ps do
+    local ty = ps[i].type
+    local sname, kind = ty:match("^const (lmoe_[%w_]+)%*$"), ty:match("^lmoe_([%w_]+)%*%*$")
+    local s
+    if ps[i].name == "ndim" then
+      s, i = { arg = true, two = true, make = function(v) return shape(v, C.LMOE_MAX_DIMS), shape_buf end }, i + 1
+    elseif ty == "char*" then
+      local err = ffi.new("char[256]")
+      s, i = { errbuf = err, two = true, make = function() err[0] = 0 return err, 256 end }, i + 1
+    elseif check_in[ty] then
+      s = { arg = true, make = check_in[ty] }
+    elseif sname and fields[sname] then
+      s = { arg = true, make = function(v, anchor) return fill(sname, v, anchor) end }
+    elseif kind then
+      s = { make = function() return out(kind) end, give = function(o) return box(kind, o[0]) end }
+    elseif ty == "int32_t*" then
+      s = { make = function() return ffi.new("int32_t[1]") end, give = function(o) return o[0] end }
+    elseif ty == "const char**" then
+      s = { make = function() return ffi.new("const char *[1]") end,
+        give = function(o) return o[0] ~= nil and ffi.string(o[0]) or "" end }
+    elseif fields[ty:match("^(lmoe_[%w_]+)%*$")] then
+      local sn = ty:match("^(lmoe_[%w_]+)%*$")
+      s = { make = function() return new_struct(sn) end, give = function(o) return totable(o, sn) end }
+    else
+      error("loramoe.ffi_core: no rule for " .. ty .. " in lmoe_" .. name)
+    end
+    steps[#steps + 1] = s
+    i = i + 1
+  end
+  -- after the call: C's result, or the status and the out-parameters' values
+  local status_t = ffi.typeof("lmoe_status")
+  local errbuf = (steps[#steps] or {}).errbuf
+  local function finish(outs, ...)
+    local r = ...
+    if type(r) == "cdata" and not ffi.istype(status_t, r) then -- a status stays an enum cdata
+      if ffi.istype("const char *", r) then return r ~= nil and ffi.string(r) or "" end
+      if ffi.istype("void *", r) then return r ~= nil and r or nil end
+      return tonumber(r)
+    end
+    if #outs == 0 and not errbuf then return ... end
+    if r ~= 0 then
+      if errbuf then return r, ffi.string(errbuf) end
+      return r
+    end
+    local res, j = { r }, 0
+    for k = 1, #steps do
+      if steps[k].give then
+        j = j + 1
+        res[j + 1] = steps[k].give(outs[j])
+      end
+    end
+    return unpack(res, 1, j + 1)
+  end
+  return function(...)
+    local a, c, outs, anchor, n, nc = { ... }, {}, {}, {}, 0, 0
+    for k = 1, #steps do
+      local s = steps[k]
+      if s.arg then n = n + 1 end
+      local x, y = s.make(a[n], anchor)
+      nc = nc + 1
+      c[nc] = x
+      if s.two then
+        nc = nc + 1
+        c[nc] = y
+      end
+      if s.give then outs[#outs + 1] = x end
+    end
+    return finish(outs, f(unpack(c, 1, nc)))
+  end
+end
+
+for name, f in pairs {
+  version = C.lmoe_version, status_string = C.lmoe_status_string, has_cuda = C.lmoe_has_cuda,
+  has_nccl = C.lmoe_has_nccl, device_count = C.lmoe_device_count, device_get_info = C.lmoe_device_get_info,
+  dtype_size = C.lmoe_dtype_size, dtype_name = C.lmoe_dtype_name, lora_scale = C.lmoe_lora_scale,
+  context_create = C.lmoe_context_create, context_last_error = C.lmoe_context_last_error,
+  context_backend = C.lmoe_context_backend, context_threads = C.lmoe_context_threads,
+  context_guard = C.lmoe_context_guard, context_set_guard = C.lmoe_context_set_guard,
+  context_stream = C.lmoe_context_stream, context_synchronize = C.lmoe_context_synchronize,
+  context_counters = C.lmoe_context_counters, context_wait_counters = C.lmoe_context_wait_counters,
+  context_reset_counters = C.lmoe_context_reset_counters,
+  buffer_create = C.lmoe_buffer_create, buffer_describe = C.lmoe_buffer_describe,
+  buffer_fill_random = C.lmoe_buffer_fill_random, buffer_fill = C.lmoe_buffer_fill,
+  buffer_compare = C.lmoe_buffer_compare,
+  layer_create = C.lmoe_layer_create, layer_get_config = C.lmoe_layer_get_config,
+  layer_randomize = C.lmoe_layer_randomize,
+  pool_get_config = C.lmoe_pool_get_config, pool_load_random = C.lmoe_pool_load_random,
+  pool_unload = C.lmoe_pool_unload, pool_slot_info = C.lmoe_pool_slot_info, pool_load_peft = C.lmoe_pool_load_peft,
+  pool_unload_named = C.lmoe_pool_unload_named, pool_find = C.lmoe_pool_find, pool_slot_name = C.lmoe_pool_slot_name,
+  pool_pin = C.lmoe_pool_pin, pool_unpin = C.lmoe_pool_unpin, pool_touch = C.lmoe_pool_touch,
+  pool_pin_count = C.lmoe_pool_pin_count, pool_get_memory = C.lmoe_pool_get_memory,
+  batch_get_info = C.lmoe_batch_get_info, forward = C.lmoe_forward, reference_forward = C.lmoe_reference_forward,
+  graph_begin = C.lmoe_graph_begin, graph_end = C.lmoe_graph_end, graph_launch = C.lmoe_graph_launch,
+  comm_wrap_nccl = C.lmoe_comm_wrap_nccl, comm_rank = C.lmoe_comm_rank, comm_size = C.lmoe_comm_size,
+  safetensors_open = C.lmoe_safetensors_open, safetensors_count = C.lmoe_safetensors_count,
+  safetensors_tensor = C.lmoe_safetensors_tensor, safetensors_find = C.lmoe_safetensors_find,
+  safetensors_metadata_count = C.lmoe_safetensors_metadata_count, safetensors_metadata = C.lmoe_safetensors_metadata,
+  peft_open = C.lmoe_peft_open, peft_get_info = C.lmoe_peft_get_info, peft_write_synthetic = C.lmoe_peft_write_synthetic,
+  checkpoint_open = C.lmoe_checkpoint_open, checkpoint_get_layer_info = C.lmoe_checkpoint_get_layer_info,
+  checkpoint_quantize_fp8 = C.lmoe_checkpoint_quantize_fp8,
+} do
+  R[name] = wrap(f, name)
+end
+
+-- ------------------------------------------------------------------ the others
+
 local ts = ffi.new("struct lmoe_lua_timespec")
 function R.now()
   if have_clock and ffi.C.clock_gettime(1, ts) == 0 then -- CLOCK_MONOTONIC
@@ -246,20 +425,6 @@ function R.now()
   return os.clock()
 end
 
--- ------------------------------------------------------------------ context
-
-local errbuf = ffi.new("char[256]")
-function R.context_create(cfg)
-  local c = ffi.new("lmoe_context_config")
-  C.lmoe_context_config_init(c)
-  fill(c, cfg, { "backend", "device", "threads", "guard" })
-  c.stream = opt_ptr(cfg.stream)
-  local o = out_of.context
-  o[0] = nil
-  local st = C.lmoe_context_create(c, o, errbuf, ffi.sizeof(errbuf))
-  if st ~= 0 then return st, ffi.string(errbuf) end
-  return st, box("context", o[0])
-end
 function R.context_is_live(p)
   if R.address(p) == nil then return false end
   return C.lmoe_context_is_live(ffi.cast("void *", p)) ~= 0
@@ -270,56 +435,19 @@ function R.context_retain(p)
   C.lmoe_context_retain(h)
   return box("context", h)
 end
+
 local function ctx(h) return checkh(h, "context") end
-function R.context_last_error(h) return ffi.string(C.lmoe_context_last_error(ctx(h))) end
-function R.context_backend(h) return C.lmoe_context_backend(ctx(h)) end
-function R.context_threads(h) return C.lmoe_context_threads(ctx(h)) end
-function R.context_guard(h) return C.lmoe_context_guard(ctx(h)) end
-function R.context_set_guard(h, g) return C.lmoe_context_set_guard(ctx(h), i32(g)) end
-function R.context_stream(h)
-  local s = C.lmoe_context_stream(ctx(h))
-  if s == nil then return nil end
-  return s
-end
-function R.context_synchronize(h, s) return C.lmoe_context_synchronize(ctx(h), opt_ptr(s)) end
-function R.context_reset_counters(h) C.lmoe_context_reset_counters(ctx(h)) end
-local counters = ffi.new("lmoe_counters")
-function R.context_counters(h)
-  local st = C.lmoe_context_counters(ctx(h), counters)
-  if st ~= 0 then return st end
-  return st, totable(counters, { "forwards", "launches", "lora_launches", "host_waits", "uploads",
-    "bytes_uploaded", "downloads" })
-end
-local waits = ffi.new("lmoe_wait_counters")
-function R.context_wait_counters(h)
-  waits.struct_size = ffi.sizeof(waits)
-  local st = C.lmoe_context_wait_counters(ctx(h), waits)
-  if st ~= 0 then return st end
-  return st, totable(waits, { "host_waits", "forced", "backpressure" })
-end
-
--- ------------------------------------------------------------------ buffers
-
 local function buf(h) return checkh(h, "buffer") end
-function R.buffer_create(h, dtype, memory, shp)
-  local nd = shape(shp, C.LMOE_MAX_DIMS)
-  local o = out("buffer")
-  return made("buffer", C.lmoe_buffer_create(ctx(h), i32(dtype), i32(memory), nd, shape_buf, o), o)
-end
+local function layer(h) return checkh(h, "layer") end
+local function pool(h) return checkh(h, "pool") end
+local function batch(h) return checkh(h, "batch") end
+local function stf(h) return checkh(h, "safetensors") end
+local function peft(h) return checkh(h, "peft") end
+
 function R.buffer_wrap(h, dtype, memory, shp, p, owner)
   local nd = shape(shp, C.LMOE_MAX_DIMS)
   local o = out("buffer")
   return made("buffer", C.lmoe_buffer_wrap(ctx(h), i32(dtype), i32(memory), nd, shape_buf, opt_ptr(p), o), o, owner)
-end
-local desc = ffi.new("lmoe_buffer_desc")
-function R.buffer_describe(h)
-  local st = C.lmoe_buffer_describe(buf(h), desc)
-  if st ~= 0 then return st end
-  local t = totable(desc, { "dtype", "memory", "ndim", "numel", "bytes" })
-  t.shape = {}
-  for i = 0, desc.ndim - 1 do t.shape[i + 1] = tonumber(desc.shape[i]) end
-  t.data = desc.data
-  return st, t
 end
 function R.buffer_write(h, off, m, n)
   return C.lmoe_buffer_write(buf(h), int(off), checkmem(m, "f64", int(n)), C.LMOE_DTYPE_F64, n)
@@ -327,41 +455,12 @@ end
 function R.buffer_read(h, off, m, n)
   return C.lmoe_buffer_read(buf(h), int(off), checkmem(m, "f64", int(n)), C.LMOE_DTYPE_F64, n)
 end
-function R.buffer_fill_random(h, seed, lo, hi, s)
-  return C.lmoe_buffer_fill_random(buf(h), int(seed), num(lo), num(hi), opt_ptr(s))
-end
-function R.buffer_fill(h, v, s) return C.lmoe_buffer_fill(buf(h), num(v), opt_ptr(s)) end
-local cmp = ffi.new("lmoe_compare_result")
-function R.buffer_compare(a, b)
-  local st = C.lmoe_buffer_compare(buf(a), buf(b), cmp)
-  if st ~= 0 then return st end
-  return st, totable(cmp, { "rel_l2", "max_abs", "ref_l2", "nonfinite", "numel" })
-end
 
--- ------------------------------------------------------------------ layers
-
-local function layer(h) return checkh(h, "layer") end
-local layer_fields = { "num_experts", "hidden", "intermediate", "top_k", "renormalize", "max_tokens",
-  "shard_mode", "shard_rank", "shard_size", "weight_dtype" }
-function R.layer_create(h, cfg)
-  local c = ffi.new("lmoe_layer_config")
-  C.lmoe_layer_config_init(c)
-  fill(c, cfg, layer_fields)
-  if cfg.comm ~= nil then c.comm = checkh(cfg.comm, "comm") end -- the layer keeps it
-  local o = out("layer")
-  return made("layer", C.lmoe_layer_create(ctx(h), c, o), o)
-end
 local lcfg = ffi.new("lmoe_layer_config")
 local function layer_config(h)
   lcfg.struct_size = ffi.sizeof(lcfg)
   return C.lmoe_layer_get_config(layer(h), lcfg), lcfg
 end
-function R.layer_get_config(h)
-  local st, c = layer_config(h)
-  if st ~= 0 then return st end
-  return st, totable(c, layer_fields)
-end
-function R.layer_randomize(h, seed, scale) return C.lmoe_layer_randomize(layer(h), int(seed), num(scale)) end
 function R.layer_set_weights(h, a, b)
   local st, c = layer_config(h)
   if st ~= 0 then return st end
@@ -377,8 +476,7 @@ function R.layer_set_expert(h, e, g, u, d)
   return C.lmoe_layer_set_expert(h, i32(e), m(g), m(u), m(d), C.LMOE_DTYPE_F64)
 end
 function R.layer_weights(h, which)
-  local o = out_of.buffer
-  o[0] = nil
+  local o = out("buffer")
   local st = C.lmoe_layer_weights(layer(h), i32(which), o)
   if st ~= 0 or o[0] == nil then return st end
   local b = o[0]
@@ -386,15 +484,9 @@ function R.layer_weights(h, which)
   return st, b
 end
 
--- ------------------------------------------------------------------ pools
-
-local function pool(h) return checkh(h, "pool") end
 function R.pool_create(h, cfg)
-  local c = ffi.new("lmoe_pool_config")
-  C.lmoe_pool_config_init(c)
-  fill(c, cfg, { "num_slots", "max_rank" })
-  local o = out_of.pool
-  o[0] = nil
+  local c = fill("lmoe_pool_config", cfg, {})
+  local o = out("pool")
   local lst, lc = layer_config(h)
   if lst ~= 0 then return lst end
   local dims = { lc.num_experts, lc.hidden, lc.intermediate } -- fixed, checked by pool_load
@@ -402,32 +494,16 @@ function R.pool_create(h, cfg)
   if st ~= 0 then return st end
   return st, box("pool", o[0], dims)
 end
-local pcfg = ffi.new("lmoe_pool_config")
-function R.pool_get_config(h)
-  pcfg.struct_size = ffi.sizeof(pcfg)
-  local st = C.lmoe_pool_get_config(pool(h), pcfg)
-  if st ~= 0 then return st end
-  return st, totable(pcfg, { "num_slots", "max_rank" })
-end
-function R.pool_load_random(h, slot, spec)
-  local s = ffi.new("lmoe_random_adapter")
-  C.lmoe_random_adapter_init(s)
-  fill(s, spec, { "targets", "fused", "rank", "use_rslora" }, { "alpha", "scale" })
-  if spec.seed ~= nil then s.seed = int(spec.seed) end
-  return C.lmoe_pool_load_random(pool(h), i32(slot), s)
-end
 
 -- The adapter description t for the pool h, every array checked against what C reads
 -- for the pool's layer (its shapes, kept with the pool's box).
 local function adapter_desc(h, t)
   if type(t) ~= "table" then bad("table expected") end
   local dims = keep[pool(h)]
-  local d = ffi.new("lmoe_adapter_desc")
-  C.lmoe_adapter_desc_init(d)
+  local d = new_struct("lmoe_adapter_desc")
   d.dtype = C.LMOE_DTYPE_F64
   local E, H, I = dims[1], dims[2], dims[3]
-  local dims = { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } }
-  for name, io in pairs(dims) do
+  for name, io in pairs { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } } do
     local p = t[name]
     if p ~= nil then
       local r = i32(p.rank)
@@ -439,63 +515,20 @@ local function adapter_desc(h, t)
   return d
 end
 function R.pool_load(h, slot, t) return C.lmoe_pool_load(pool(h), i32(slot), adapter_desc(h, t)) end
+local out_i32 = ffi.new("int32_t[1]")
 function R.pool_load_named(h, name, t)
   local st = C.lmoe_pool_load_named(pool(h), str(name), adapter_desc(h, t), out_i32)
   return st, out_i32[0]
 end
-function R.pool_unload(h, slot) return C.lmoe_pool_unload(pool(h), i32(slot)) end
-local sinfo = ffi.new("lmoe_slot_info")
-function R.pool_slot_info(h, slot)
-  local st = C.lmoe_pool_slot_info(pool(h), i32(slot), sinfo)
-  if st ~= 0 then return st end
-  return st, totable(sinfo, { "loaded", "targets", "fused", "rank_gate", "rank_up", "rank_down", "scale_gate",
-    "scale_up", "scale_down", "max_rank", "bytes", "generation" })
-end
-function R.pool_load_peft(h, name, p, l)
-  local st = C.lmoe_pool_load_peft(pool(h), str(name), checkh(p, "peft"), i32(l), out_i32)
-  return st, out_i32[0]
-end
-function R.pool_unload_named(h, name) return C.lmoe_pool_unload_named(pool(h), str(name)) end
-function R.pool_find(h, name)
-  local st = C.lmoe_pool_find(pool(h), str(name), out_i32)
-  return st, out_i32[0]
-end
-function R.pool_slot_name(h, slot)
-  local n = C.lmoe_pool_slot_name(pool(h), i32(slot))
-  return n ~= nil and ffi.string(n) or ""
-end
-function R.pool_pin(h, slot) return C.lmoe_pool_pin(pool(h), i32(slot)) end
-function R.pool_unpin(h, slot) return C.lmoe_pool_unpin(pool(h), i32(slot)) end
-function R.pool_touch(h, slot) return C.lmoe_pool_touch(pool(h), i32(slot)) end
-function R.pool_pin_count(h, slot) return C.lmoe_pool_pin_count(pool(h), i32(slot)) end
-local pmem = ffi.new("lmoe_pool_memory")
-function R.pool_get_memory(h)
-  local st = C.lmoe_pool_get_memory(pool(h), pmem)
-  if st ~= 0 then return st end
-  return st, totable(pmem, { "slot_bytes", "total_bytes", "num_slots", "loaded_slots", "loaded_bytes",
-    "used_bytes", "evictions" })
-end
 
--- ------------------------------------------------------------------ batches, forwards, graphs
-
-local function batch(h) return checkh(h, "batch") end
 function R.batch_create(h, cfg)
   local o = out("batch")
   if cfg == nil then return made("batch", C.lmoe_batch_create(ctx(h), o), o) end
-  local c = ffi.new("lmoe_batch_config")
-  C.lmoe_batch_config_init(c)
-  fill(c, cfg, { "staging_depth" })
-  return made("batch", C.lmoe_batch_create_with(ctx(h), c, o), o)
+  return made("batch", C.lmoe_batch_create_with(ctx(h), fill("lmoe_batch_config", cfg, {}), o), o)
 end
 function R.batch_set(h, p, n, tokens, slots)
   n = i32(n)
   return C.lmoe_batch_set(batch(h), opth(p, "pool"), n, checkmem(tokens, "i32", n), checkmem(slots, "i32", n))
-end
-local binfo = ffi.new("lmoe_batch_info")
-function R.batch_get_info(h)
-  local st = C.lmoe_batch_get_info(batch(h), binfo)
-  if st ~= 0 then return st end
-  return st, totable(binfo, { "num_requests", "num_tokens", "has_active", "num_active", "max_rank", "max_slot" })
 end
 function R.batch_offsets(h, m, cap)
   return C.lmoe_batch_offsets(batch(h), checkmem(m, "i64", i32(cap)), cap)
@@ -504,20 +537,6 @@ function R.batch_active_slots(h, s, t, cap)
   return C.lmoe_batch_active_slots(batch(h), checkmem(s, "i32", i32(cap)), checkmem(t, "i64", cap), cap)
 end
 
-local fwd = ffi.new("lmoe_forward_args")
-local fwd_kinds = { { "layer", "layer" }, { "pool", "pool" }, { "batch", "batch" }, { "x", "buffer" },
-  { "router_logits", "buffer" }, { "topk_ids", "buffer" }, { "topk_weights", "buffer" }, { "out", "buffer" } }
-local function forward_args(t)
-  if type(t) ~= "table" then bad("table expected") end
-  C.lmoe_forward_args_init(fwd)
-  for i = 1, #fwd_kinds do
-    local k = fwd_kinds[i]
-    fwd[k[1]] = opth(t[k[1]], k[2])
-  end
-  return fwd
-end
-function R.forward(h, t, s) return C.lmoe_forward(ctx(h), forward_args(t), opt_ptr(s)) end
-function R.reference_forward(h, t) return C.lmoe_reference_forward(ctx(h), forward_args(t)) end
 -- forward_group({ctx, ...}, {args, ...}): the lists hold the boxes during the call.
 function R.forward_group(cs, as)
   if type(cs) ~= "table" or type(as) ~= "table" then bad("lists expected") end
@@ -528,15 +547,12 @@ function R.forward_group(cs, as)
   local pa = ffi.new("const lmoe_forward_args *[?]", n)
   for i = 1, n do
     ctxs[i - 1] = ctx(cs[i])
-    args[i - 1] = forward_args(as[i])
+    args[i - 1] = fill("lmoe_forward_args", as[i], {})
     pa[i - 1] = args + (i - 1)
   end
   return C.lmoe_forward_group(n, ctxs, pa, nil)
 end
 
--- ------------------------------------------------------------------ communicators
-
-local function comm(h) return checkh(h, "comm") end
 -- comm_create_local({ctx, ...}) -> st, {box, ...} | st, message
 function R.comm_create_local(cs)
   if type(cs) ~= "table" then bad("list expected") end
@@ -552,53 +568,13 @@ function R.comm_create_local(cs)
   for i = 1, n do t[i] = box("comm", o[i - 1]) end
   return st, t
 end
-function R.comm_wrap_nccl(h, p)
-  local o = out("comm")
-  return made("comm", C.lmoe_comm_wrap_nccl(ctx(h), opt_ptr(p), o), o)
-end
-function R.comm_rank(h) return C.lmoe_comm_rank(comm(h)) end
-function R.comm_size(h) return C.lmoe_comm_size(comm(h)) end
-function R.graph_begin(h, s) return C.lmoe_graph_begin(ctx(h), opt_ptr(s)) end
-function R.graph_end(h, s)
-  local o = out("graph")
-  return made("graph", C.lmoe_graph_end(ctx(h), opt_ptr(s), o), o)
-end
-function R.graph_launch(h, s) return C.lmoe_graph_launch(checkh(h, "graph"), opt_ptr(s)) end
 
--- ------------------------------------------------------------------ safetensors
-
-local function stf(h) return checkh(h, "safetensors") end
-function R.safetensors_open(h, path)
-  local o = out("safetensors")
-  return made("safetensors", C.lmoe_safetensors_open(ctx(h), str(path), o), o)
-end
 function R.safetensors_open_memory(h, data, name)
   local o = out("safetensors")
   return made("safetensors", C.lmoe_safetensors_open_memory(ctx(h), str(data), #data, str(name), o), o)
 end
-function R.safetensors_count(h) return C.lmoe_safetensors_count(stf(h)) end
-local tinfo = ffi.new("lmoe_tensor_info")
-function R.safetensors_tensor(h, i)
-  local st = C.lmoe_safetensors_tensor(stf(h), i32(i), tinfo)
-  if st ~= 0 then return st end
-  local t = totable(tinfo, { "name", "dtype_name", "dtype", "numel", "offset", "bytes" })
-  t.shape = {}
-  for d = 0, tinfo.ndim - 1 do t.shape[d + 1] = tonumber(tinfo.shape[d]) end
-  return st, t
-end
-function R.safetensors_find(h, name)
-  local st = C.lmoe_safetensors_find(stf(h), str(name), out_i32)
-  return st, out_i32[0]
-end
 function R.safetensors_read(h, i, m, n)
   return C.lmoe_safetensors_read(stf(h), i32(i), checkmem(m, "f64", int(n)), C.LMOE_DTYPE_F64, n)
-end
-function R.safetensors_metadata_count(h) return C.lmoe_safetensors_metadata_count(stf(h)) end
-local okey, oval = ffi.new("const char *[1]"), ffi.new("const char *[1]")
-function R.safetensors_metadata(h, i)
-  local st = C.lmoe_safetensors_metadata(stf(h), i32(i), okey, oval)
-  if st ~= 0 then return st end
-  return st, okey[0] ~= nil and ffi.string(okey[0]) or "", oval[0] ~= nil and ffi.string(oval[0]) or ""
 end
 -- entries {name=, dtype=, shape=, data=buffer box}; the strings and boxes stay
 -- referenced by the argument tables during the call.
@@ -630,21 +606,6 @@ function R.safetensors_write(h, path, entries, keys, vals)
   return C.lmoe_safetensors_write(ctx(h), str(path), n, e, nm, mk, mv)
 end
 
--- ------------------------------------------------------------------ PEFT adapters
-
-local function peft(h) return checkh(h, "peft") end
-function R.peft_open(h, path)
-  local o = out("peft")
-  return made("peft", C.lmoe_peft_open(ctx(h), str(path), o), o)
-end
-local pinfo = ffi.new("lmoe_peft_info")
-function R.peft_get_info(h)
-  C.lmoe_peft_info_init(pinfo)
-  local st = C.lmoe_peft_get_info(peft(h), pinfo)
-  if st ~= 0 then return st end
-  return st, totable(pinfo, { "family", "layout", "rank", "alpha", "use_rslora", "targets", "num_layers",
-    "min_layer", "max_layer", "num_experts", "max_rank", "has_patterns", "num_tensors", "bytes" })
-end
 function R.peft_layers(h, m, cap) return C.lmoe_peft_layers(peft(h), checkmem(m, "i32", i32(cap)), cap) end
 local need = ffi.new("size_t[1]")
 function R.peft_inspect(h)
@@ -658,8 +619,7 @@ function R.peft_inspect(h)
   return st, ffi.string(b)
 end
 function R.peft_layer_desc(h, l, E, H, I)
-  local d = ffi.new("lmoe_adapter_desc")
-  C.lmoe_adapter_desc_init(d)
+  local d = new_struct("lmoe_adapter_desc")
   local st = C.lmoe_peft_layer_desc(peft(h), i32(l), i32(E), i32(H), i32(I), d)
   if st ~= 0 or d.dtype ~= C.LMOE_DTYPE_F32 then return st ~= 0 and st or C.LMOE_ERR_UNSUPPORTED end
   local t = {}
@@ -675,37 +635,10 @@ function R.peft_layer_desc(h, l, E, H, I)
   end
   return st, t
 end
-function R.peft_write_synthetic(h, dir, spec)
-  local s = ffi.new("lmoe_peft_synthetic")
-  C.lmoe_peft_synthetic_init(s)
-  fill(s, spec, { "family", "layout", "num_layers", "num_experts", "hidden", "intermediate", "targets", "rank",
-    "use_rslora", "dtype", "rank_pattern_value" }, { "alpha", "scale", "alpha_pattern_value" })
-  if spec.seed ~= nil then s.seed = int(spec.seed) end
-  -- the key strings stay referenced by spec during the call
-  if spec.rank_pattern_key ~= nil then s.rank_pattern_key = str(spec.rank_pattern_key) end
-  if spec.alpha_pattern_key ~= nil then s.alpha_pattern_key = str(spec.alpha_pattern_key) end
-  return C.lmoe_peft_write_synthetic(ctx(h), str(dir), s)
-end
 
--- ------------------------------------------------------------------ checkpoints
-
-local function ck(h) return checkh(h, "checkpoint") end
-function R.checkpoint_open(h, path)
-  local o = out("checkpoint")
-  return made("checkpoint", C.lmoe_checkpoint_open(ctx(h), str(path), o), o)
-end
-local cinfo = ffi.new("lmoe_checkpoint_layer_info")
-function R.checkpoint_get_layer_info(h, l)
-  C.lmoe_checkpoint_layer_info_init(cinfo)
-  local st = C.lmoe_checkpoint_get_layer_info(ck(h), i32(l), cinfo)
-  if st ~= 0 then return st end
-  return st, totable(cinfo, { "family", "num_experts", "hidden", "intermediate", "has_router", "weight_dtype" })
-end
-function R.checkpoint_quantize_fp8(h, src, dst) return C.lmoe_checkpoint_quantize_fp8(ctx(h), str(src), str(dst)) end
 function R.checkpoint_load_layer(h, i, l, with_router)
-  local o = out_of.buffer
-  o[0] = nil
-  local st = C.lmoe_checkpoint_load_layer(ck(h), i32(i), layer(l), with_router and o or nil)
+  local o = out("buffer")
+  local st = C.lmoe_checkpoint_load_layer(checkh(h, "checkpoint"), i32(i), layer(l), with_router and o or nil)
   local router = box("buffer", o[0]) -- owned even when the load failed after making it
   if st ~= 0 then return st end
   return st, router
