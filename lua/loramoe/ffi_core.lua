@@ -68,6 +68,8 @@ end
 -- What a box keeps alive (a pool's layer, a wrap's owner, a borrowed buffer's layer).
 local keep = setmetatable({}, { __mode = "k" })
 local borrowed = setmetatable({}, { __mode = "k" })
+-- Boxes closed by R.close: their pointers would reach freed memory.
+local closed = setmetatable({}, { __mode = "k" })
 
 local function out(kind)
   local o = out_of[kind]
@@ -88,12 +90,14 @@ end
 
 local function checkh(h, kind)
   if not ffi.istype(kinds[kind], h) or h == nil then bad(kind .. " box expected") end
+  if closed[h] then bad("closed " .. kind) end
   return h
 end
 local function opth(h, kind) if h == nil then return nil end return checkh(h, kind) end
 
 function R.close(h)
   if type(h) ~= "cdata" then bad("box expected") end
+  if release_of[tonumber(ffi.typeof(h))] then closed[h] = true end
   if borrowed[h] then return end
   local rel = release_of[tonumber(ffi.typeof(h))]
   if rel and h ~= nil then

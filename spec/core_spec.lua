@@ -1,0 +1,100 @@
+-- The raw core (lm.core: lua/loramoe_core.c under lua5.4, lua/loramoe/ffi_core.lua
+-- under luajit) checks what it is given by itself, whatever the API above it checked:
+-- its wrappers are made from argument specs (rows in C, the header's declarations in
+-- the FFI), and these cases go through each kind of them. The messages differ between
+-- the cores (the API's are the ones users see, edges_spec.lua); what must hold under
+-- both is that the call raises before C runs, or answers as C does.
+local h = dofile("spec/helpers.lua")
+local R = h.lm.core
+
+local function refuses(f, ...)
+  local ok = pcall(f, ...)
+  assert.is_false(ok)
+end
+
+describe("the raw core", function()
+  local ctx, buf, layer, pool, batch
+  setup(function()
+    local st
+    st, ctx = R.context_create { backend = 1, threads = 1 }
+    assert.are.equal(0, tonumber(st))
+    st, buf = R.buffer_create(ctx, 3, 0, { 4 }) -- f64, host
+    assert.are.equal(0, tonumber(st))
+    st, layer = R.layer_create(ctx, { num_experts = 2, hidden = 4, intermediate = 2, top_k = 1, max_tokens = 8 })
+    assert.are.equal(0, tonumber(st))
+    st, pool = R.pool_create(layer, { num_slots = 2, max_rank = 2 })
+    assert.are.equal(0, tonumber(st))
+    st, batch = R.batch_create(ctx)
+    assert.are.equal(0, tonumber(st))
+  end)
+  teardown(function()
+    for _, b in ipairs { batch, pool, layer, buf, ctx } do R.close(b) end
+  end)
+
+  it("answers with the status, then the out-parameters", function()
+    local st, n = R.device_count()
+    assert.are.equal(0, tonumber(st))
+    assert.are.equal("number", type(n))
+    local d
+    st, d = R.buffer_describe(buf)
+    assert.are.equal(0, tonumber(st))
+    assert.are.same({ 4 }, d.shape)
+    assert.are.equal(4, d.numel)
+    local c
+    st, c = R.layer_get_config(layer)
+    assert.are.equal(0, tonumber(st))
+    assert.are.equal(4, c.hidden)
+    assert.are.equal(2, c.num_experts)
+    st = R.pool_find(pool, "nothing here")
+    assert.are.equal(6, tonumber(st)) -- NOT_FOUND, and nothing after it
+    assert.are.equal(1, select("#", R.pool_find(pool, "nothing here")))
+    assert.are.equal("", R.pool_slot_name(pool, 0))
+    assert.are.equal(8, R.dtype_size(3))
+    assert.are.equal("f64", R.dtype_name(3))
+    assert.is_nil(R.context_stream(ctx)) -- the cpu backend has none
+    assert.are.equal(0, select("#", R.context_reset_counters(ctx)))
+  end)
+
+  it("refuses boxes of the wrong kind and closed boxes", function()
+    refuses(R.pool_unload, layer, 0)
+    refuses(R.buffer_describe, ctx)
+    refuses(R.batch_get_info, pool)
+    refuses(R.pool_find, pool, {}) -- a table for a string
+    local st, b = R.buffer_create(ctx, 3, 0, { 2 })
+    assert.are.equal(0, tonumber(st))
+    R.close(b)
+    refuses(R.buffer_describe, b)
+    refuses(R.buffer_fill, b, 1)
+  end)
+
+  it("refuses integers out of range instead of truncating them", function()
+    refuses(R.pool_unload, pool, 2 ^ 31)
+    refuses(R.pool_pin, pool, -2 ^ 31 - 1)
+    refuses(R.pool_slot_info, pool, 0.5)
+    refuses(R.context_set_guard, ctx, 0 / 0)
+    refuses(R.layer_create, ctx, { num_experts = 2 ^ 32 })
+    refuses(R.pool_load_random, pool, 0, { rank = "2" })
+    refuses(R.buffer_create, ctx, 3, 0, { -1 })
+    refuses(R.buffer_create, ctx, 3, 0, { 1, 1, 1, 1, 1 })
+  end)
+
+  it("refuses arrays smaller than what C would read or write", function()
+    local small = R.mem("f64", 2)
+    refuses(R.buffer_write, buf, 0, small, 4)
+    refuses(R.buffer_read, buf, 0, small, 3)
+    assert.are.equal(0, tonumber(R.buffer_write(buf, 0, small, 2)))
+    refuses(R.buffer_write, buf, 0, R.mem("i32", 4), 4) -- the wrong element type
+    refuses(R.batch_set, batch, nil, 3, R.mem("i32", 2), R.mem("i32", 3))
+    refuses(R.batch_offsets, batch, R.mem("i64", 1), 2)
+    refuses(R.batch_active_slots, batch, R.mem("i32", 4), R.mem("i64", 1), 2)
+    refuses(R.pool_load, pool, 0, { gate = { rank = 2, scale = 1, a = R.mem("f64", 1), b = R.mem("f64", 1) } })
+  end)
+
+  it("takes tables where C takes a struct", function()
+    refuses(R.context_create, 1)
+    refuses(R.pool_load_random, pool, 0, "rank 2")
+    refuses(R.forward, ctx, nil)
+    refuses(R.forward, ctx, { layer = pool })
+    refuses(R.batch_create, ctx, { staging_depth = 1.5 })
+  end)
+end)
