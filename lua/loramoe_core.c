@@ -405,6 +405,39 @@ static void check_forward_args(lua_State *L, int t, lmoe_forward_args *a) {
   a->router_logits = h[4], a->topk_ids = h[5], a->topk_weights = h[6], a->out = h[7];
 }
 
+/* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
+   rank=, scale=}) for the pool at idx: every array is checked to hold what C reads
+   for the pool's layer (its shapes are the pool box's uservalue). The mems stay
+   referenced by t, on the stack, during the call. */
+static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
+  luaL_checktype(L, t, LUA_TTABLE);
+  lua_getiuservalue(L, pool, 1);
+  const int32_t *dims = (const int32_t *)checkmem(L, -1, M_I32, 3);
+  int64_t E = dims[0], H = dims[1], I = dims[2];
+  lua_pop(L, 1); /* the box keeps it */
+  lmoe_adapter_desc_init(d);
+  d->dtype = LMOE_DTYPE_F64;
+  static const char *const names[] = {"gate", "up", "gate_up", "down"};
+  lmoe_lora_part *parts[] = {&d->gate, &d->up, &d->gate_up, &d->down};
+  int64_t in[] = {H, H, H, I}, out[] = {I, I, 2 * I, H};
+  for (int i = 0; i < 4; i++) {
+    if (lua_getfield(L, t, names[i]) == LUA_TTABLE) {
+      int pi = lua_gettop(L);
+      lua_getfield(L, pi, "rank");
+      lua_getfield(L, pi, "scale");
+      lua_getfield(L, pi, "a");
+      lua_getfield(L, pi, "b");
+      int32_t r = check_i32(L, pi + 1);
+      parts[i]->rank = r;
+      parts[i]->scale = (float)luaL_checknumber(L, pi + 2);
+      parts[i]->a = checkmem(L, pi + 3, M_F64, mul3(E, r, in[i]));
+      parts[i]->b = checkmem(L, pi + 4, M_F64, mul3(E, out[i], r));
+      lua_pop(L, 4);
+    }
+    lua_pop(L, 1);
+  }
+}
+
 /* ------------------------------------------------------------------ regular functions */
 
 /* Most functions are regular: check the arguments, call, push what C gave. Each is one
@@ -419,7 +452,8 @@ static void check_forward_args(lua_State *L, int t, lmoe_forward_args *a) {
      other arguments, must hold that many elements: f an f64 mem, w an i32 mem, q an
      i64 mem (.p)
      T a table, the row's struct s with the fields of its field list it sets; A a table
-     of forward arguments, the row's struct s (lmoe_forward_args) */
+     of forward arguments, the row's struct s (lmoe_forward_args); D an adapter
+     description for the pool that is argument 1, the row's struct s (lmoe_adapter_desc) */
 typedef union arg { void *p; int32_t i; lua_Integer I; lua_Number n; const char *s; } arg;
 static const char box_letters[] = "cblpBgtekm", mem_letters[] = "fwq";
 static const char *const box_kinds[] = {"context", "buffer", "layer", "pool", "batch", "graph", "safetensors", "peft",
@@ -442,6 +476,7 @@ static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, void
     else if (spec[k] == 'P') a[k].p = opt_ptr(L, k + 1);
     else if (spec[k] == 'T') get_struct(L, k + 1, f, s);
     else if (spec[k] == 'A') check_forward_args(L, k + 1, (lmoe_forward_args *)s);
+    else if (spec[k] == 'D') check_desc(L, 1, k + 1, (lmoe_adapter_desc *)s);
   }
   for (int k = 0; spec[k]; k++) {
     const char *mem = strchr(mem_letters, spec[k]);
@@ -515,7 +550,7 @@ static int push_ptr(lua_State *L, void *p) {
   }
 FUNCS(DEF_FUNC)
 
-/* Functions with one struct parameter s. Given (argument letter T or A): status. Else
+/* Functions with one struct parameter s. Given (argument letter T, A or D): status. Else
    an out-parameter: status, then s as a table by its field list, to which `then` adds.
    (name, argument letters, struct, field list, how s is initialised after zeroing,
    call with &s, then) */
@@ -533,6 +568,7 @@ FUNCS(DEF_FUNC)
   X(pool_get_config, "p", lmoe_pool_config, pool_f, SIZED, lmoe_pool_get_config(a[0].p, &s), )     \
   X(pool_load_random, "piT", lmoe_random_adapter, random_f, lmoe_random_adapter_init(&s),          \
     lmoe_pool_load_random(a[0].p, a[1].i, &s), )                                                   \
+  X(pool_load, "piD", lmoe_adapter_desc, NULL, , lmoe_pool_load(a[0].p, a[1].i, &s), )             \
   X(pool_slot_info, "pi", lmoe_slot_info, slot_f, , lmoe_pool_slot_info(a[0].p, a[1].i, &s), )     \
   X(pool_get_memory, "p", lmoe_pool_memory, memory_f, , lmoe_pool_get_memory(a[0].p, &s), )        \
   X(batch_get_info, "B", lmoe_batch_info, batch_f, , lmoe_batch_get_info(a[0].p, &s), )            \
@@ -554,7 +590,7 @@ FUNCS(DEF_FUNC)
     init;                                                                                          \
     checkargs(L, spec, a, NULL, &s, f);                                                            \
     lmoe_status st = (call);                                                                       \
-    if (strpbrk(spec, "TA")) return ret_st(L, st);                                                 \
+    if (strpbrk(spec, "TAD")) return ret_st(L, st);                                                \
     int n = ret_struct(L, st, f, &s);                                                              \
     if (st == LMOE_OK) {                                                                           \
       then;                                                                                        \
@@ -576,6 +612,9 @@ STRUCTS(DEF_STRUCT)
   X(layer_weights, "li", buffer, NULL, 1, lmoe_layer_weights(a[0].p, a[1].i, &out))                \
   X(graph_end, "cP", graph, rel_graph, 0, lmoe_graph_end(a[0].p, a[1].p, &out))                    \
   X(safetensors_open, "cs", safetensors, rel_safetensors, 0, lmoe_safetensors_open(a[0].p, a[1].s, &out)) \
+  /* the data's length is the string's, the argument on the stack */                               \
+  X(safetensors_open_memory, "css", safetensors, rel_safetensors, 0,                               \
+    lmoe_safetensors_open_memory(a[0].p, a[1].s, lua_rawlen(L, 2), a[2].s, &out))                  \
   X(peft_open, "cs", peft, rel_peft, 0, lmoe_peft_open(a[0].p, a[1].s, &out))                      \
   X(checkpoint_open, "cs", checkpoint, rel_checkpoint, 0, lmoe_checkpoint_open(a[0].p, a[1].s, &out)) \
   X(comm_wrap_nccl, "cP", comm, rel_comm, 0, lmoe_comm_wrap_nccl(a[0].p, a[1].p, &out))
@@ -721,47 +760,6 @@ static int l_pool_create(lua_State *L) {
   CREATE(pool, rel_pool, -1, lmoe_pool_create(l, &c, &out));
 }
 
-/* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
-   rank=, scale=}) for the pool at idx: every array is checked to hold what C reads
-   for the pool's layer (its shapes are the pool box's uservalue). The mems stay
-   referenced by t, on the stack, during the call. */
-static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
-  luaL_checktype(L, t, LUA_TTABLE);
-  lua_getiuservalue(L, pool, 1);
-  const int32_t *dims = (const int32_t *)checkmem(L, -1, M_I32, 3);
-  int64_t E = dims[0], H = dims[1], I = dims[2];
-  lua_pop(L, 1); /* the box keeps it */
-  lmoe_adapter_desc_init(d);
-  d->dtype = LMOE_DTYPE_F64;
-  static const char *const names[] = {"gate", "up", "gate_up", "down"};
-  lmoe_lora_part *parts[] = {&d->gate, &d->up, &d->gate_up, &d->down};
-  int64_t in[] = {H, H, H, I}, out[] = {I, I, 2 * I, H};
-  for (int i = 0; i < 4; i++) {
-    if (lua_getfield(L, t, names[i]) == LUA_TTABLE) {
-      int pi = lua_gettop(L);
-      lua_getfield(L, pi, "rank");
-      lua_getfield(L, pi, "scale");
-      lua_getfield(L, pi, "a");
-      lua_getfield(L, pi, "b");
-      int32_t r = check_i32(L, pi + 1);
-      parts[i]->rank = r;
-      parts[i]->scale = (float)luaL_checknumber(L, pi + 2);
-      parts[i]->a = checkmem(L, pi + 3, M_F64, mul3(E, r, in[i]));
-      parts[i]->b = checkmem(L, pi + 4, M_F64, mul3(E, out[i], r));
-      lua_pop(L, 4);
-    }
-    lua_pop(L, 1);
-  }
-}
-
-static int l_pool_load(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  int32_t slot = check_i32(L, 2);
-  lmoe_adapter_desc d;
-  check_desc(L, 1, 3, &d);
-  return ret_st(L, lmoe_pool_load(p, slot, &d));
-}
-
 static int l_pool_load_named(lua_State *L) {
   lmoe_pool *p = POOL(1);
   const char *name = luaL_checkstring(L, 2);
@@ -807,13 +805,6 @@ static int l_forward_group(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------ safetensors */
-
-static int l_safetensors_open_memory(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  size_t len = 0;
-  const char *data = luaL_checklstring(L, 2, &len), *name = luaL_checkstring(L, 3);
-  CREATE(safetensors, rel_safetensors, 0, lmoe_safetensors_open_memory(ctx, data, len, name, &out));
-}
 
 static int l_safetensors_metadata(lua_State *L) {
   lmoe_safetensors *s = ST(1);
@@ -969,9 +960,8 @@ static int l_checkpoint_load_layer(lua_State *L) {
 /* The row lists register their functions; these are the ones written out. */
 #define OTHER_FUNCTIONS(X) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) X(context_create) \
   X(context_retain) X(context_is_live) X(layer_create) X(layer_set_weights) X(layer_set_expert) X(pool_create) \
-  X(pool_load) X(pool_load_named) X(batch_create) X(forward_group) X(safetensors_open_memory) \
-  X(safetensors_metadata) X(safetensors_write) X(peft_inspect) X(peft_layer_desc) X(comm_create_local) \
-  X(checkpoint_load_layer)
+  X(pool_load_named) X(batch_create) X(forward_group) X(safetensors_metadata) X(safetensors_write) \
+  X(peft_inspect) X(peft_layer_desc) X(comm_create_local) X(checkpoint_load_layer)
 #define REG(name, ...) {#name, l_##name},
 #define REG1(name) {#name, l_##name},
 static const luaL_Reg lib[] = {FUNCS(REG) STRUCTS(REG) MAKERS(REG) OUTS(REG) OTHER_FUNCTIONS(REG1)
