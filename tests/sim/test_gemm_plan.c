@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -51,7 +51,7 @@ static void test_select(void) {
    rows; sm80 rows otherwise, and when no sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 128 &&
             g.gemm_cfg == 5 && g.shrink_cfg == 3,
@@ -84,7 +84,7 @@ static void test_select_sm90(void) {
 /* The plan hands the sm90 engine only operands it can read: 16-byte aligned x, W13,
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows. */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -124,7 +124,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
