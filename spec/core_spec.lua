@@ -63,6 +63,7 @@ describe("the raw core", function()
     local st, b = R.buffer_create(ctx, 3, 0, { 2 })
     assert.are.equal(0, tonumber(st))
     R.close(b)
+    R.close(b) -- a second close releases nothing
     refuses(R.buffer_describe, b)
     refuses(R.buffer_fill, b, 1)
   end)

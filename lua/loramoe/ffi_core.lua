@@ -97,6 +97,7 @@ local function opth(h, kind) if h == nil then return nil end return checkh(h, ki
 
 function R.close(h)
   if type(h) ~= "cdata" then bad("box expected") end
+  if closed[h] then return end -- released already
   if release_of[tonumber(ffi.typeof(h))] then closed[h] = true end
   if borrowed[h] then return end
   local rel = release_of[tonumber(ffi.typeof(h))]
