@@ -329,10 +329,8 @@ static void set_name(lua_State *L, char *name, size_t n) {
   } while (0)
 
 #define CTX(i) ((lmoe_context *)checkh(L, i, "context"))
-#define BUF(i) ((lmoe_buffer *)checkh(L, i, "buffer"))
 #define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
 #define POOL(i) ((lmoe_pool *)checkh(L, i, "pool"))
-#define BATCH(i) ((lmoe_batch *)checkh(L, i, "batch"))
 #define ST(i) ((lmoe_safetensors *)checkh(L, i, "safetensors"))
 #define PEFT(i) ((lmoe_peft *)checkh(L, i, "peft"))
 #define CK(i) ((lmoe_checkpoint *)checkh(L, i, "checkpoint"))

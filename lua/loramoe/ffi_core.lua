@@ -324,7 +324,11 @@ local function wrap(f, name)
       s, i = { arg = true, two = true, make = function(v) return shape(v, C.LMOE_MAX_DIMS), shape_buf end }, i + 1
     elseif ty == "char*" then
       local err = ffi.new("char[256]")
-      s, i = { errbuf = err, two = true, make = function() err[0] = 0 return err, 256 end }, i + 1
+      local function make()
+        err[0] = 0
+        return err, 256
+      end
+      s, i = { errbuf = err, two = true, make = make }, i + 1
     elseif check_in[ty] then
       s = { arg = true, make = check_in[ty] }
     elseif sname and fields[sname] then
