@@ -516,8 +516,8 @@ static int push_ptr(lua_State *L, void *p) {
   X(context_reset_counters, "c", R_NONE, lmoe_context_reset_counters(a[0].p))                      \
   X(buffer_fill_random, "bInnP", R_ST,                                                             \
     lmoe_buffer_fill_random(a[0].p, (uint64_t)a[1].I, (float)a[2].n, (float)a[3].n, a[4].p))       \
-  /* the value passes through a float, as it always has here (C takes a double) */                 \
-  X(buffer_fill, "bnP", R_ST, lmoe_buffer_fill(a[0].p, (float)a[1].n, a[2].p))                     \
+  /* the value as Lua's double, as the FFI passes it (C takes a double) */                          \
+  X(buffer_fill, "bnP", R_ST, lmoe_buffer_fill(a[0].p, a[1].n, a[2].p))                            \
   X(buffer_write, "bIfN", R_ST, lmoe_buffer_write(a[0].p, a[1].I, a[2].p, LMOE_DTYPE_F64, a[3].I)) \
   X(buffer_read, "bIfN", R_ST, lmoe_buffer_read(a[0].p, a[1].I, a[2].p, LMOE_DTYPE_F64, a[3].I))   \
   X(layer_randomize, "lIn", R_ST, lmoe_layer_randomize(a[0].p, (uint64_t)a[1].I, (float)a[2].n))   \

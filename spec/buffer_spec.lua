@@ -29,6 +29,11 @@ describe("buffer", function()
     local i = assert(ctx:buffer("i32", { 3 }))
     assert.is_true(i:write({ 7, -1, 15 }))
     assert.are.same({ 7, -1, 15 }, i:read())
+    -- fill keeps a double's value in an f64 buffer under both runtimes (the C module
+    -- once rounded it through a float: 0.1 read back as 0.10000000149011612)
+    local d = assert(ctx:buffer("f64", { 2 }, "host"))
+    assert.is_true(d:fill(0.1))
+    assert.are.same({ 0.1, 0.1 }, d:read())
     -- bf16 keeps 8 bits of mantissa: 1 + 2^-8 rounds to 1
     local bf = assert(ctx:buffer("bf16", { 2 }))
     assert.is_true(bf:write({ 1 + 2 ^ -8, 3 }))
