@@ -17,10 +17,12 @@
      steps ago is released while the next one computes), the epilogue from registers.
    setmaxnreg hands the producer's registers to the consumers (128 accumulators each).
 
-   LoRA stays inside the pipeline: after a tile's base K chunks come, for each adapter
-   group present in the tile, ceil(rank / 64) chunks whose A is the rows' shrink output
-   (rows of other groups zero) and whose B is the slot's B matrix, both by cp.async with
-   the rank as the column limit, so an adapted tile costs its real rank. The shrinks run
+   LoRA stays inside the pipeline: after a tile's base K chunks come the expand's
+   chunks, packed by rank: the adapter groups present in the tile put their rank
+   columns side by side on one K axis (each rounded up to 8 columns), A the rows' shrink
+   output in their own group's columns (zero elsewhere), B each group's slot's B matrix
+   in its columns, both by cp.async; so an adapted tile costs its groups' real ranks
+   (four rank-16 groups: one chunk), not a chunk per group. The shrinks run
    on the sm80 engine (their N is the ranks: too narrow for a 256-wide wgmma). */
 #include "common.cuh"
 #include "gemm_engine.h"
@@ -34,6 +36,14 @@
 namespace {
 
 enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
+
+/* What a launch may vary without another kernel: the walk's group of row tiles, the
+   epilogue's store width. */
+struct sm90_tune {
+  int group_m, epi16;
+  int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
+  int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
+};
 
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
 constexpr int BN = 256; /* output tile columns (gate_up: 128 gate + 128 up) */
@@ -63,13 +73,11 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
 
 #if LMOE_SM90_DEVICE /* the pipeline's device code exists in sm_90a code only */
 
-constexpr int GROUP_M = 8;
-
-/* Tile t of the walk: groups of GROUP_M row tiles take the N tiles together, so the
+/* Tile t of the walk: groups of group_m row tiles take the N tiles together, so the
    blocks working at one time share expert weights and token rows in L2. */
-__device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int &m, int &nt) {
-  int per = GROUP_M * ntn, grp = t / per, first = grp * GROUP_M;
-  int gm = min(ntm - first, GROUP_M), rem = t - grp * per;
+__device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int group_m, int &m, int &nt) {
+  int per = group_m * ntn, grp = t / per, first = grp * group_m;
+  int gm = min(ntm - first, group_m), rem = t - grp * per;
   m = first + rem % gm;
   nt = rem / gm;
 }
@@ -144,21 +152,33 @@ __device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, uint4 o)
 __device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
+/* Chunks of a tile's LoRA expand: the present groups' ranks, each rounded up to
+   align columns (8: one 16-byte piece, packed; 64: a chunk per group), side by side,
+   in 64-wide chunks. */
+template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmoe_fwd &f, int p0, int align) {
+  int cols = 0;
+  for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { cols += (rk + align - 1) / align * align; });
+  return (cols + BK - 1) / BK;
+}
+
 template <int MODE, int BM, int ST>
-__device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, int use_lora, uint8_t *smem,
-                                         uint64_t *full, uint64_t *empty, uint64_t wd) {
+__device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
+                                         int use_lora, uint8_t *smem,
+                                         uint64_t *full, uint64_t *empty, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   constexpr int AR = BM / 16; /* A rows per thread */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
   if (ptid == 0) prefetch_tensormap(tmb);
+  if (ptid == 0 && a_tma) prefetch_tensormap(tma);
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
-    tile_of(t, ntm, ntn, m, nt);
+    tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     const uint16_t *arow[AR];
@@ -177,6 +197,17 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       const int s = it % ST;
       mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
       uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
+      if (a_tma) {
+        /* A and B by TMA: one arrival with both boxes' bytes; the other threads' plain
+           arrivals stand for the cp.async ones the barrier counts */
+        if (ptid == 0) {
+          mbar_arrive_tx(&full[s], S::A_BYTES + S::B_BYTES);
+          tma_load_2d(As, tma, &full[s], c * BK, p0);
+          tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
+        }
+        mbar_arrive(&full[s]);
+        continue;
+      }
       if (ptid == 0) {
         mbar_arrive_tx(&full[s], S::B_BYTES);
         if (MODE == MODE_GATEUP) {
@@ -198,48 +229,77 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       cp_async_mbar_arrive(&full[s]);
     }
     if (use_lora) {
+      /* This thread's 16-byte piece of a stage (column col of group g's rank, nb bytes
+         of it; pb NULL: zeros): for every A row its own group's t or zero, for every
+         output column the slot's B. */
+      auto load_piece = [&](uint32_t a0, uint32_t b0, int g, const uint16_t *pb, int col, int nb) {
+#pragma unroll
+        for (int q = 0; q < AR; q++) {
+          int r = rb + 16 * q;
+          const uint16_t *row = nullptr;
+          if (pb && agrp[q] == g && arow[q])
+            row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
+          cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
+        }
+#pragma unroll 4
+        for (int q = 0; q < BN / 16; q++) {
+          int n = rb + 16 * q;
+          const uint16_t *row = nullptr;
+          if (!pb) {
+          } else if (MODE == MODE_GATEUP) {
+            int j = n0 + (n & (BN / 2 - 1)), which = n / (BN / 2);
+            if (j < I) row = pb + ((size_t)e * 2 * I + (size_t)which * I + j) * (2 * f.R);
+          } else {
+            int o = n0 + n;
+            if (o < H) row = pb + ((size_t)e * H + o) * f.R;
+          }
+          cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
+        }
+      };
+      /* The groups' rank columns side by side on one K axis, each segment rounded up
+         to lora_align columns, cut into 64-wide chunks (lora_chunks counts them). At
+         lora_align 64 every group starts a chunk of its own (ceil(rank / 64) chunks a
+         group); at 8, the packed expand, a tile with four rank-16 groups costs one
+         chunk. The pieces past the last segment are zero (a stage keeps older data). */
+      const int align = tn.lora_align;
+      int off = 0, open = -1, s = 0;
+      uint32_t a0 = 0, b0 = 0;
       for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
         const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
-        const int nch = (rk + BK - 1) / BK;
+        const int w = (rk + align - 1) / align * align;
 #pragma unroll 1
-        for (int cc = 0; cc < nch; cc++, it++) {
-          const int s = it % ST;
-          mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
-          uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
-          if (ptid == 0) mbar_arrive(&full[s]);
-          const int col = cc * BK + ch * 8, nb = piece_bytes(col, rk);
-          const uint32_t a0 = smem_u32(As), b0 = smem_u32(Bs);
-#pragma unroll
-          for (int q = 0; q < AR; q++) {
-            int r = rb + 16 * q;
-            const uint16_t *row = nullptr;
-            if (agrp[q] == g && arow[q])
-              row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
-            cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
-          }
-#pragma unroll 4
-          for (int q = 0; q < BN / 16; q++) {
-            int n = rb + 16 * q;
-            const uint16_t *row = nullptr;
-            if (MODE == MODE_GATEUP) {
-              int j = n0 + (n & (BN / 2 - 1)), which = n / (BN / 2);
-              if (j < I) row = pb + ((size_t)e * 2 * I + (size_t)which * I + j) * (2 * f.R);
-            } else {
-              int o = n0 + n;
-              if (o < H) row = pb + ((size_t)e * H + o) * f.R;
+        for (int c0 = off; c0 < off + w;) {
+          const int cc = c0 / BK, cend = min(off + w, (cc + 1) * BK);
+          if (cc != open) {
+            if (open >= 0) {
+              cp_async_mbar_arrive(&full[s]);
+              it++;
             }
-            cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
+            open = cc;
+            s = it % ST;
+            mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+            if (ptid == 0) mbar_arrive(&full[s]);
+            a0 = smem_u32(smem + s * S::STAGE);
+            b0 = a0 + S::A_BYTES;
           }
-          cp_async_mbar_arrive(&full[s]);
+          const int pc = cc * BK + ch * 8; /* this thread's piece, on the K axis */
+          if (pc >= c0 && pc < cend) load_piece(a0, b0, g, pb, pc - off, piece_bytes(pc - off, rk));
+          c0 = cend;
         }
+        off += w;
       });
+      if (open >= 0) {
+        if (open * BK + ch * 8 >= off) load_piece(a0, b0, -1, nullptr, 0, 0);
+        cp_async_mbar_arrive(&full[s]);
+        it++;
+      }
     }
   }
 }
 
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
-                                         uint64_t *empty, uint64_t wd, int epi16) {
+                                         uint64_t *empty, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
@@ -251,11 +311,11 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
-    tile_of(t, ntm, ntn, m, nt);
+    tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     int nch = nbase;
-    if (use_lora) for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { nch += (rk + BK - 1) / BK; });
+    if (use_lora) nch += lora_chunks<MODE, BM>(f, p0, tn.lora_align);
 #pragma unroll 1
     for (int c = 0; c < nch; c++, it++) {
       const int s = it % ST;
@@ -282,7 +342,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
 
     /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
-    if (epi16) {
+    if (tn.epi16) {
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
         const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
@@ -358,8 +418,9 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 
 template <int MODE, int BM, int ST>
 __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
-    k_wgmma(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
-            unsigned long long wd, int epi16) {
+    k_wgmma(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
+            const __grid_constant__ CUtensorMap tma, int lora,
+            unsigned long long wd, sm90_tune tn) {
 #if LMOE_SM90_DEVICE
   typedef shape<BM> S;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -376,10 +437,10 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, ST>(f, &tmb, use_lora, smem, full, empty, wd);
+    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, wd, tn);
   } else {
     setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, epi16);
+    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, tn);
   }
 #endif
 }
@@ -404,12 +465,18 @@ typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, vo
 encode_fn encode_tiled;
 int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
-int epi16 = 1; /* LMOE_SM90_EPI=0: the 4-byte-store epilogue (for measuring) */
+/* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
+   4-byte-store epilogue), LMOE_SM90_TMA_A=1 (down's A by TMA), LMOE_SM90_LORA_PACK=1
+   (the packed expand): knobs for measuring, read once at init. The last two are off
+   until a GPU run has checked and measured them (docs/gpu-notes.md, 13 and 16). */
+sm90_tune tune = {8, 1, 0, BK};
 
-/* A tensor map of a row-major bf16 matrix [rows][cols]: boxes of 64 columns (128
-   bytes, swizzled) by box_rows rows; outside the matrix reads zero. */
-cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t cols, uint32_t box_rows) {
-  cuuint64_t dims[2] = {cols, rows}, strides[1] = {cols * 2};
+/* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
+   apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
+   box_rows rows; outside the matrix reads zero. */
+cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t cols, uint32_t box_rows,
+                     uint64_t ld = 0) {
+  cuuint64_t dims[2] = {cols, rows}, strides[1] = {(ld ? ld : cols) * 2};
   cuuint32_t box[2] = {BK, box_rows}, es[2] = {1, 1};
   CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, es,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -422,9 +489,14 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
   if (e) return e;
+  CUtensorMap ma; /* down's A: h, rows by sorted row, I columns of hs */
+  memset(&ma, 0, sizeof ma);
+  if (MODE == MODE_DOWN && tune.tma_a &&
+      (e = make_map(&ma, f->h, (uint64_t)f->h_rows, (uint64_t)f->I, BM, (uint64_t)((f->I + 7) & ~7))))
+    return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
-  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, lora, watchdog_ns, epi16);
+  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, ma, lora, watchdog_ns, tune);
   return cudaGetLastError();
 }
 
@@ -440,8 +512,8 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
       static_assert(smem_bytes<BM, ST>() == SMEM, "the table's SMEM is not this row's need");
       if (SMEM > smem_limit) return cudaSuccess;
       cudaError_t e;
-      void (*k0)(lmoe_fwd, CUtensorMap, int, unsigned long long, int) = k_wgmma<MODE_GATEUP, BM, ST>;
-      void (*k1)(lmoe_fwd, CUtensorMap, int, unsigned long long, int) = k_wgmma<MODE_DOWN, BM, ST>;
+      void (*k0)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long, sm90_tune) = k_wgmma<MODE_GATEUP, BM, ST>;
+      void (*k1)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long, sm90_tune) = k_wgmma<MODE_DOWN, BM, ST>;
       void *ks[2] = {(void *)k0, (void *)k1};
       for (int i = 0; i < 2; i++) {
         if ((e = cudaFuncSetAttribute(ks[i], cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM))) return e;
@@ -499,7 +571,13 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
   if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
   const char *ep = getenv("LMOE_SM90_EPI");
-  if (ep) epi16 = atoi(ep) != 0;
+  if (ep) tune.epi16 = atoi(ep) != 0;
+  const char *gm = getenv("LMOE_SM90_GROUP");
+  if (gm && atoi(gm) >= 1 && atoi(gm) <= 1024) tune.group_m = atoi(gm);
+  const char *ta = getenv("LMOE_SM90_TMA_A");
+  if (ta) tune.tma_a = atoi(ta) != 0;
+  const char *lp = getenv("LMOE_SM90_LORA_PACK");
+  if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   int usable = 1;
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     if ((e = rows[i].init(smem_limit, &usable))) return e;
@@ -544,6 +622,7 @@ extern "C" cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_
   f.bm = bm;
   f.mt_max = mt;
   f.h = (uint16_t *)a;
+  f.h_rows = M;
   f.w2 = b;
   f.y = c;
   k_dense_setup<<<grid_for((int64_t)rows, 256), 256, 0, s>>>(f.sorted_pair, f.tw, f.tile_expert, f.ntiles, M,

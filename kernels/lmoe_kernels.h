@@ -83,6 +83,7 @@ typedef struct lmoe_fwd {
   int32_t *sorted_pair;      /* [mt_max*BM] */
   int32_t *sorted_group;     /* [mt_max*BM] */
   uint16_t *h;               /* [mt_max*BM, I] */
+  int32_t h_rows;            /* rows of h a kernel may read (tensor maps: past them reads zero) */
   uint16_t *y;               /* [M*k, H] */
   uint16_t *t13, *t2;        /* [mt_max*BM, t13s], [mt_max*BM, t2s] */
   /* batch and pool */

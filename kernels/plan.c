@@ -58,6 +58,7 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->renorm = a->renorm;
   f->bm = g.bm;
   f->mt_max = (int32_t)((a->M * a->k + (int64_t)a->E * (f->bm - 1)) / f->bm);
+  f->h_rows = f->mt_max * f->bm; /* within the workspace's rows (layout.c) */
   f->engine = g.engine;
   f->gemm_cfg = g.gemm_cfg;
   f->shrink_cfg = g.shrink_cfg;
