@@ -466,10 +466,10 @@ encode_fn encode_tiled;
 int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
-   4-byte-store epilogue), LMOE_SM90_TMA_A=1 (down's A by TMA), LMOE_SM90_LORA_PACK=1
-   (the packed expand): knobs for measuring, read once at init. The last two are off
-   until a GPU run has checked and measured them (docs/gpu-notes.md, 13 and 16). */
-sm90_tune tune = {8, 1, 0, BK};
+   4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
+   (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
+   (docs/gpu-notes.md 13-16 has the measurements behind the defaults). */
+sm90_tune tune = {8, 1, 1, 8};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
