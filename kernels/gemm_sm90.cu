@@ -10,8 +10,9 @@
    - warpgroup 0, the producer, fills a ring of ST stages (BM x 64 of A, 256 x 64 of B,
      128-byte swizzle). The expert weights (B) come by TMA, from tensor maps of W13 / W2
      encoded on the host at launch (a pure host computation, so the forward stays
-     stream-ordered and capturable); the gathered token rows (A: x by token, or h by
-     sorted row) by cp.async, whose completion arrives on the stage's barrier.
+     stream-ordered and capturable); the token rows (A) of gate_up, gathered from x by
+     token, by cp.async, whose completion arrives on the stage's barrier; down's A, h,
+     whose rows are contiguous in sorted order, by TMA too.
    - warpgroups 1..BM/64, the consumers, each own 64 rows: 4 wgmmas per stage with
      both operands in shared memory, one group kept in flight (the stage read two
      steps ago is released while the next one computes), the epilogue from registers.
@@ -37,10 +38,10 @@ namespace {
 
 enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
 
-/* What a launch may vary without another kernel: the walk's group of row tiles, the
-   epilogue's store width. */
+/* What a launch may vary without another kernel (set once at init, below). */
 struct sm90_tune {
-  int group_m, epi16;
+  int group_m;    /* row tiles per group of the walk (tile_of) */
+  int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
 };
@@ -245,11 +246,10 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         for (int q = 0; q < BN / 16; q++) {
           int n = rb + 16 * q;
           const uint16_t *row = nullptr;
-          if (!pb) {
-          } else if (MODE == MODE_GATEUP) {
+          if (pb && MODE == MODE_GATEUP) {
             int j = n0 + (n & (BN / 2 - 1)), which = n / (BN / 2);
             if (j < I) row = pb + ((size_t)e * 2 * I + (size_t)which * I + j) * (2 * f.R);
-          } else {
+          } else if (pb) {
             int o = n0 + n;
             if (o < H) row = pb + ((size_t)e * H + o) * f.R;
           }
