@@ -225,8 +225,15 @@ static int64_t mul3(int64_t a, int64_t b, int64_t c) {
   return abc;
 }
 
+/* The kinds of boxes, by the letter that stands for each in field lists and argument
+   letters (below). */
+static const char box_letters[] = "cblpBgtekm";
+static const char *const box_kinds[] = {"context", "buffer", "layer", "pool", "batch", "graph", "safetensors", "peft",
+  "checkpoint", "comm"};
+
 /* Structs <-> tables by field lists: name, offset, type ('i' int32, 'I' int64, 'u'
-   uint64, 'z' size_t, 'f' float, 'd' double, 's' const char *, 'p' pointer). */
+   uint64, 'z' size_t, 'f' float, 'd' double, 's' const char *, 'P' pointer, or a box
+   letter: the handle of a box of that kind, nil for none; read only). */
 typedef struct fld { const char *k; size_t off; char t; } fld;
 #define F(S, m, t) {#m, offsetof(lmoe_##S, m), t}
 
@@ -273,9 +280,11 @@ static void get_struct(lua_State *L, int t, const fld *f, void *s) {
     } else if (f->t == 's') {
       if (ty != LUA_TSTRING) luaL_error(L, "loramoe.core: field '%s' must be a string", f->k);
       *(const char **)v = lua_tostring(L, -1);
-    } else {
+    } else if (f->t == 'P') {
       if (ty != LUA_TLIGHTUSERDATA) luaL_error(L, "loramoe.core: field '%s' must be a pointer", f->k);
       *(void **)v = lua_touserdata(L, -1);
+    } else {
+      *(void **)v = checkh(L, lua_gettop(L), box_kinds[strchr(box_letters, f->t) - box_letters]);
     }
     lua_pop(L, 1);
   }
@@ -293,6 +302,14 @@ static int ret(lua_State *L, lmoe_status st, int n) {
 }
 
 static int ret_st(lua_State *L, lmoe_status st) { return ret(L, st, 0); }
+
+/* The same, but on failure the status and the library's message err. */
+static int ret_msg(lua_State *L, lmoe_status st, const char *err, int n) {
+  if (st == LMOE_OK) return ret(L, st, n);
+  lua_pushinteger(L, st);
+  lua_pushstring(L, err);
+  return 2;
+}
 
 /* status, then the struct s as a table (only the status on failure). */
 static int ret_struct(lua_State *L, lmoe_status st, const fld *f, const void *s) {
@@ -330,30 +347,28 @@ static void set_name(lua_State *L, char *name, size_t n) {
 
 #define CTX(i) ((lmoe_context *)checkh(L, i, "context"))
 #define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
-#define POOL(i) ((lmoe_pool *)checkh(L, i, "pool"))
 #define ST(i) ((lmoe_safetensors *)checkh(L, i, "safetensors"))
 #define PEFT(i) ((lmoe_peft *)checkh(L, i, "peft"))
-#define CK(i) ((lmoe_checkpoint *)checkh(L, i, "checkpoint"))
 
 /* ------------------------------------------------------------------ field lists */
 
 static const fld device_f[] = {F(device_info, cc_major, 'i'), F(device_info, cc_minor, 'i'),
   F(device_info, sm_count, 'i'), F(device_info, memory_bytes, 'I'), F(device_info, l2_bytes, 'I'), {0}};
 static const fld context_f[] = {F(context_config, backend, 'i'), F(context_config, device, 'i'),
-  F(context_config, threads, 'i'), F(context_config, guard, 'i'), F(context_config, stream, 'p'), {0}};
+  F(context_config, threads, 'i'), F(context_config, guard, 'i'), F(context_config, stream, 'P'), {0}};
 static const fld counters_f[] = {F(counters, forwards, 'u'), F(counters, launches, 'u'),
   F(counters, lora_launches, 'u'), F(counters, host_waits, 'u'), F(counters, uploads, 'u'),
   F(counters, bytes_uploaded, 'u'), F(counters, downloads, 'u'), {0}};
 static const fld waits_f[] = {F(wait_counters, host_waits, 'u'), F(wait_counters, forced, 'u'),
   F(wait_counters, backpressure, 'u'), {0}};
 static const fld desc_f[] = {F(buffer_desc, dtype, 'i'), F(buffer_desc, memory, 'i'), F(buffer_desc, ndim, 'i'),
-  F(buffer_desc, numel, 'I'), F(buffer_desc, bytes, 'z'), F(buffer_desc, data, 'p'), {0}};
+  F(buffer_desc, numel, 'I'), F(buffer_desc, bytes, 'z'), F(buffer_desc, data, 'P'), {0}};
 static const fld compare_f[] = {F(compare_result, rel_l2, 'd'), F(compare_result, max_abs, 'd'),
   F(compare_result, ref_l2, 'd'), F(compare_result, nonfinite, 'I'), F(compare_result, numel, 'I'), {0}};
 static const fld layer_f[] = {F(layer_config, num_experts, 'i'), F(layer_config, hidden, 'i'),
   F(layer_config, intermediate, 'i'), F(layer_config, top_k, 'i'), F(layer_config, renormalize, 'i'),
   F(layer_config, max_tokens, 'i'), F(layer_config, shard_mode, 'i'), F(layer_config, shard_rank, 'i'),
-  F(layer_config, shard_size, 'i'), F(layer_config, weight_dtype, 'i'), {0}};
+  F(layer_config, shard_size, 'i'), F(layer_config, comm, 'm'), F(layer_config, weight_dtype, 'i'), {0}};
 static const fld pool_f[] = {F(pool_config, num_slots, 'i'), F(pool_config, max_rank, 'i'), {0}};
 static const fld random_f[] = {F(random_adapter, targets, 'i'), F(random_adapter, fused, 'i'),
   F(random_adapter, rank, 'i'), F(random_adapter, alpha, 'f'), F(random_adapter, use_rslora, 'i'),
@@ -387,21 +402,9 @@ static const fld ck_f[] = {F(checkpoint_layer_info, family, 'i'), F(checkpoint_l
   F(checkpoint_layer_info, hidden, 'i'), F(checkpoint_layer_info, intermediate, 'i'),
   F(checkpoint_layer_info, has_router, 'i'), F(checkpoint_layer_info, weight_dtype, 'i'), {0}};
 
-/* The forward arguments at t, as boxes held by t during the call. */
-static void check_forward_args(lua_State *L, int t, lmoe_forward_args *a) {
-  luaL_checktype(L, t, LUA_TTABLE);
-  lmoe_forward_args_init(a);
-  static const char *const k[] = {"layer", "pool", "batch", "x", "router_logits", "topk_ids", "topk_weights", "out"};
-  static const char *const kind[] = {"layer", "pool", "batch", "buffer", "buffer", "buffer", "buffer", "buffer"};
-  void *h[8];
-  for (int i = 0; i < 8; i++) {
-    lua_getfield(L, t, k[i]);
-    h[i] = opth(L, -1, kind[i]);
-    lua_pop(L, 1);
-  }
-  a->layer = h[0], a->pool = h[1], a->batch = h[2], a->x = h[3];
-  a->router_logits = h[4], a->topk_ids = h[5], a->topk_weights = h[6], a->out = h[7];
-}
+static const fld forward_f[] = {F(forward_args, layer, 'l'), F(forward_args, pool, 'p'),
+  F(forward_args, batch, 'B'), F(forward_args, x, 'b'), F(forward_args, router_logits, 'b'),
+  F(forward_args, topk_ids, 'b'), F(forward_args, topk_weights, 'b'), F(forward_args, out, 'b'), {0}};
 
 /* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
    rank=, scale=}) for the pool at idx: every array is checked to hold what C reads
@@ -449,16 +452,21 @@ static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
      K an int32 count (.i), N an integer count (.I): the row's arrays, checked after the
      other arguments, must hold that many elements: f an f64 mem, w an i32 mem, q an
      i64 mem (.p)
-     T a table, the row's struct s with the fields of its field list it sets; A a table
-     of forward arguments, the row's struct s (lmoe_forward_args); D an adapter
-     description for the pool that is argument 1, the row's struct s (lmoe_adapter_desc) */
+     a table for a struct, initialised, then the fields of its field list that the table
+     sets (the table keeps their strings and boxes during the call), into the member of
+     s that has the letter's name: C lmoe_context_config, L lmoe_layer_config, O
+     lmoe_pool_config, Q lmoe_batch_config, R lmoe_random_adapter, Y
+     lmoe_peft_synthetic, A lmoe_forward_args; D an adapter description for the pool
+     that is argument 1 (lmoe_adapter_desc, see check_desc) */
 typedef union arg { void *p; int32_t i; lua_Integer I; lua_Number n; const char *s; } arg;
-static const char box_letters[] = "cblpBgtekm", mem_letters[] = "fwq";
-static const char *const box_kinds[] = {"context", "buffer", "layer", "pool", "batch", "graph", "safetensors", "peft",
-  "checkpoint", "comm"};
+typedef union sarg {
+  lmoe_context_config C; lmoe_layer_config L; lmoe_pool_config O; lmoe_batch_config Q;
+  lmoe_random_adapter R; lmoe_peft_synthetic Y; lmoe_forward_args A; lmoe_adapter_desc D;
+} sarg;
+static const char mem_letters[] = "fwq";
 static const int mem_types[] = {M_F64, M_I32, M_I64};
 
-static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, void *s, const fld *f) {
+static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, sarg *s) {
   lua_Integer count = 0;
   for (int k = 0; spec[k]; k++) {
     const char *box = strchr(box_letters, spec[k]);
@@ -472,9 +480,14 @@ static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, void
     else if (spec[k] == 's') a[k].s = luaL_checkstring(L, k + 1);
     else if (spec[k] == 'S') a[k].i = check_shape(L, k + 1, shp, LMOE_MAX_DIMS);
     else if (spec[k] == 'P') a[k].p = opt_ptr(L, k + 1);
-    else if (spec[k] == 'T') get_struct(L, k + 1, f, s);
-    else if (spec[k] == 'A') check_forward_args(L, k + 1, (lmoe_forward_args *)s);
-    else if (spec[k] == 'D') check_desc(L, 1, k + 1, (lmoe_adapter_desc *)s);
+    else if (spec[k] == 'C') lmoe_context_config_init(&s->C), get_struct(L, k + 1, context_f, &s->C);
+    else if (spec[k] == 'L') lmoe_layer_config_init(&s->L), get_struct(L, k + 1, layer_f, &s->L);
+    else if (spec[k] == 'O') lmoe_pool_config_init(&s->O), get_struct(L, k + 1, pool_f, &s->O);
+    else if (spec[k] == 'Q') lmoe_batch_config_init(&s->Q), get_struct(L, k + 1, batch_cfg_f, &s->Q);
+    else if (spec[k] == 'R') lmoe_random_adapter_init(&s->R), get_struct(L, k + 1, random_f, &s->R);
+    else if (spec[k] == 'Y') lmoe_peft_synthetic_init(&s->Y), get_struct(L, k + 1, synthetic_f, &s->Y);
+    else if (spec[k] == 'A') lmoe_forward_args_init(&s->A), get_struct(L, k + 1, forward_f, &s->A);
+    else if (spec[k] == 'D') check_desc(L, 1, k + 1, &s->D);
   }
   for (int k = 0; spec[k]; k++) {
     const char *mem = strchr(mem_letters, spec[k]);
@@ -539,19 +552,25 @@ static int push_ptr(lua_State *L, void *p) {
   X(peft_layers, "ewK", R_INT, lmoe_peft_layers(a[0].p, a[1].p, a[2].i))                           \
   X(comm_rank, "m", R_INT, lmoe_comm_rank(a[0].p))                                                 \
   X(comm_size, "m", R_INT, lmoe_comm_size(a[0].p))                                                 \
-  X(checkpoint_quantize_fp8, "css", R_ST, lmoe_checkpoint_quantize_fp8(a[0].p, a[1].s, a[2].s))
+  X(checkpoint_quantize_fp8, "css", R_ST, lmoe_checkpoint_quantize_fp8(a[0].p, a[1].s, a[2].s))   \
+  X(pool_load_random, "piR", R_ST, lmoe_pool_load_random(a[0].p, a[1].i, &s.R))                   \
+  X(pool_load, "piD", R_ST, lmoe_pool_load(a[0].p, a[1].i, &s.D))                                 \
+  X(forward, "cAP", R_ST, lmoe_forward(a[0].p, &s.A, a[2].p))                                      \
+  X(reference_forward, "cA", R_ST, lmoe_reference_forward(a[0].p, &s.A))                           \
+  /* the pattern keys are strings of the table, which stays on the stack during the call */        \
+  X(peft_write_synthetic, "csY", R_ST, lmoe_peft_write_synthetic(a[0].p, a[1].s, &s.Y))
 #define DEF_FUNC(name, spec, R, call)                                                              \
   static int l_##name(lua_State *L) {                                                              \
     arg a[sizeof spec];                                                                            \
-    checkargs(L, spec, a, NULL, NULL, NULL);                                                       \
+    sarg s;                                                                                        \
+    checkargs(L, spec, a, NULL, &s);                                                               \
     R(call);                                                                                       \
   }
 FUNCS(DEF_FUNC)
 
-/* Functions with one struct parameter s. Given (argument letter T, A or D): status. Else
-   an out-parameter: status, then s as a table by its field list, to which `then` adds.
-   (name, argument letters, struct, field list, how s is initialised after zeroing,
-   call with &s, then) */
+/* Functions with one struct out-parameter s: status, then s as a table by its field
+   list, to which `then` adds. (name, argument letters, struct, field list, how s is
+   initialised after zeroing, call with &s, then) */
 #define SIZED s.struct_size = sizeof s
 #define STRUCTS(X)                                                                                 \
   X(device_get_info, "i", lmoe_device_info, device_f, SIZED, lmoe_device_get_info(a[0].i, &s),     \
@@ -564,20 +583,12 @@ FUNCS(DEF_FUNC)
   X(buffer_compare, "bb", lmoe_compare_result, compare_f, , lmoe_buffer_compare(a[0].p, a[1].p, &s), ) \
   X(layer_get_config, "l", lmoe_layer_config, layer_f, SIZED, lmoe_layer_get_config(a[0].p, &s), ) \
   X(pool_get_config, "p", lmoe_pool_config, pool_f, SIZED, lmoe_pool_get_config(a[0].p, &s), )     \
-  X(pool_load_random, "piT", lmoe_random_adapter, random_f, lmoe_random_adapter_init(&s),          \
-    lmoe_pool_load_random(a[0].p, a[1].i, &s), )                                                   \
-  X(pool_load, "piD", lmoe_adapter_desc, NULL, , lmoe_pool_load(a[0].p, a[1].i, &s), )             \
   X(pool_slot_info, "pi", lmoe_slot_info, slot_f, , lmoe_pool_slot_info(a[0].p, a[1].i, &s), )     \
   X(pool_get_memory, "p", lmoe_pool_memory, memory_f, , lmoe_pool_get_memory(a[0].p, &s), )        \
   X(batch_get_info, "B", lmoe_batch_info, batch_f, , lmoe_batch_get_info(a[0].p, &s), )            \
-  X(forward, "cAP", lmoe_forward_args, NULL, , lmoe_forward(a[0].p, &s, a[2].p), )                 \
-  X(reference_forward, "cA", lmoe_forward_args, NULL, , lmoe_reference_forward(a[0].p, &s), )      \
   X(safetensors_tensor, "ti", lmoe_tensor_info, tensor_f, , lmoe_safetensors_tensor(a[0].p, a[1].i, &s), \
     set_dims(L, "shape", s.shape, s.ndim < LMOE_TENSOR_MAX_DIMS ? s.ndim : LMOE_TENSOR_MAX_DIMS))  \
   X(peft_get_info, "e", lmoe_peft_info, peft_f, lmoe_peft_info_init(&s), lmoe_peft_get_info(a[0].p, &s), ) \
-  /* the pattern keys are strings of the table, which stays on the stack during the call */        \
-  X(peft_write_synthetic, "csT", lmoe_peft_synthetic, synthetic_f, lmoe_peft_synthetic_init(&s),   \
-    lmoe_peft_write_synthetic(a[0].p, a[1].s, &s), )                                               \
   X(checkpoint_get_layer_info, "ki", lmoe_checkpoint_layer_info, ck_f, lmoe_checkpoint_layer_info_init(&s), \
     lmoe_checkpoint_get_layer_info(a[0].p, a[1].i, &s), )
 #define DEF_STRUCT(name, spec, T, f, init, call, then)                                             \
@@ -586,9 +597,8 @@ FUNCS(DEF_FUNC)
     T s;                                                                                           \
     memset(&s, 0, sizeof s);                                                                       \
     init;                                                                                          \
-    checkargs(L, spec, a, NULL, &s, f);                                                            \
+    checkargs(L, spec, a, NULL, NULL);                                                             \
     lmoe_status st = (call);                                                                       \
-    if (strpbrk(spec, "TAD")) return ret_st(L, st);                                                \
     int n = ret_struct(L, st, f, &s);                                                              \
     if (st == LMOE_OK) {                                                                           \
       then;                                                                                        \
@@ -615,12 +625,21 @@ STRUCTS(DEF_STRUCT)
     lmoe_safetensors_open_memory(a[0].p, a[1].s, lua_rawlen(L, 2), a[2].s, &out))                  \
   X(peft_open, "cs", peft, rel_peft, 0, lmoe_peft_open(a[0].p, a[1].s, &out))                      \
   X(checkpoint_open, "cs", checkpoint, rel_checkpoint, 0, lmoe_checkpoint_open(a[0].p, a[1].s, &out)) \
-  X(comm_wrap_nccl, "cP", comm, rel_comm, 0, lmoe_comm_wrap_nccl(a[0].p, a[1].p, &out))
+  X(comm_wrap_nccl, "cP", comm, rel_comm, 0, lmoe_comm_wrap_nccl(a[0].p, a[1].p, &out))          \
+  /* layer_create(ctx, {num_experts=, ..., shard_size=, comm=box}): the layer keeps the comm */    \
+  X(layer_create, "cL", layer, rel_layer, 0, lmoe_layer_create(a[0].p, &s.L, &out))                \
+  X(batch_create, "c", batch, rel_batch, 0, lmoe_batch_create(a[0].p, &out))                       \
+  X(batch_create_with, "cQ", batch, rel_batch, 0, lmoe_batch_create_with(a[0].p, &s.Q, &out))      \
+  /* checkpoint_load_layer(ck, index, layer, with_router): the box (empty without) owns a          \
+     router made even when the load then failed */                                                 \
+  X(checkpoint_load_layer, "kil", buffer, rel_buffer, 0,                                           \
+    lmoe_checkpoint_load_layer(a[0].p, a[1].i, a[2].p, lua_toboolean(L, 4) ? &out : NULL))
 #define DEF_MAKER(name, spec, K, rel, keep, call)                                                  \
   static int l_##name(lua_State *L) {                                                              \
     arg a[sizeof spec];                                                                            \
     int64_t shp[LMOE_MAX_DIMS];                                                                    \
-    checkargs(L, spec, a, shp, NULL, NULL);                                                        \
+    sarg s;                                                                                        \
+    checkargs(L, spec, a, shp, &s);                                                                \
     CREATE(K, rel, keep, call);                                                                    \
   }
 MAKERS(DEF_MAKER)
@@ -631,12 +650,14 @@ MAKERS(DEF_MAKER)
   X(device_count, "", lmoe_device_count(&o))                                                       \
   X(pool_find, "ps", lmoe_pool_find(a[0].p, a[1].s, &o))                                           \
   X(pool_load_peft, "psei", lmoe_pool_load_peft(a[0].p, a[1].s, a[2].p, a[3].i, &o))               \
-  X(safetensors_find, "ts", lmoe_safetensors_find(a[0].p, a[1].s, &o))
+  X(safetensors_find, "ts", lmoe_safetensors_find(a[0].p, a[1].s, &o))                           \
+  X(pool_load_named, "psD", lmoe_pool_load_named(a[0].p, a[1].s, &s.D, &o))
 #define DEF_OUT(name, spec, call)                                                                  \
   static int l_##name(lua_State *L) {                                                              \
     arg a[sizeof spec];                                                                            \
+    sarg s;                                                                                        \
     int32_t o = -1;                                                                                \
-    checkargs(L, spec, a, NULL, NULL, NULL);                                                       \
+    checkargs(L, spec, a, NULL, &s);                                                               \
     lmoe_status st = (call);                                                                       \
     lua_pushinteger(L, o);                                                                         \
     return ret(L, st, 1);                                                                          \
@@ -656,20 +677,15 @@ static int l_now(lua_State *L) {
 
 /* context_create{backend=, device=, threads=, guard=, stream=} -> st, box | st, message */
 static int l_context_create(lua_State *L) {
-  lmoe_context_config cfg;
-  lmoe_context_config_init(&cfg);
-  get_struct(L, 1, context_f, &cfg);
+  arg a[1];
+  sarg s;
+  checkargs(L, "C", a, NULL, &s);
   lbox *b = newbox(L, "context", rel_context, 0);
   char err[256] = "";
   lmoe_context *ctx = NULL;
-  lmoe_status st = lmoe_context_create(&cfg, &ctx, err, sizeof err);
-  if (st != LMOE_OK) {
-    lua_pushinteger(L, st);
-    lua_pushstring(L, err);
-    return 2;
-  }
+  lmoe_status st = lmoe_context_create(&s.C, &ctx, err, sizeof err);
   b->h = ctx;
-  return ret(L, st, 1);
+  return ret_msg(L, st, err, 1);
 }
 
 static int l_context_is_live(lua_State *L) {
@@ -696,18 +712,6 @@ static int l_address(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------ layers */
-
-/* layer_create(ctx, {num_experts=, ..., shard_size=, comm=box}): comm is a comm box
-   (the layer keeps the communicator). */
-static int l_layer_create(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  lmoe_layer_config c;
-  lmoe_layer_config_init(&c);
-  get_struct(L, 2, layer_f, &c);
-  if (lua_getfield(L, 2, "comm") != LUA_TNIL) c.comm = (lmoe_comm *)checkh(L, lua_gettop(L), "comm");
-  lua_pop(L, 1);
-  CREATE(layer, rel_layer, 0, lmoe_layer_create(ctx, &c, &out));
-}
 
 static lmoe_status layer_config(lmoe_layer *l, lmoe_layer_config *c) {
   memset(c, 0, sizeof *c);
@@ -745,41 +749,20 @@ static int l_layer_set_expert(lua_State *L) {
    shapes (E, H, I as an i32 mem): pool_load checks arrays against them, and they stay
    right when the layer's own box is closed (the library keeps the layer for the pool). */
 static int l_pool_create(lua_State *L) {
-  lmoe_layer *l = LAYER(1);
-  lmoe_pool_config c;
-  lmoe_pool_config_init(&c);
-  get_struct(L, 2, pool_f, &c);
+  arg a[2];
+  sarg s;
+  checkargs(L, "lO", a, NULL, &s);
+  lmoe_layer *l = a[0].p;
   lmoe_layer_config lc;
   if (layer_config(l, &lc)) luaL_error(L, "loramoe.core: the layer has no config");
   int32_t *dims = (int32_t *)newmem(L, M_I32, 3)->data;
   dims[0] = lc.num_experts;
   dims[1] = lc.hidden;
   dims[2] = lc.intermediate;
-  CREATE(pool, rel_pool, -1, lmoe_pool_create(l, &c, &out));
-}
-
-static int l_pool_load_named(lua_State *L) {
-  lmoe_pool *p = POOL(1);
-  const char *name = luaL_checkstring(L, 2);
-  lmoe_adapter_desc d;
-  check_desc(L, 1, 3, &d);
-  int32_t slot = -1;
-  lmoe_status st = lmoe_pool_load_named(p, name, &d, &slot);
-  lua_pushinteger(L, slot);
-  return ret(L, st, 1);
+  CREATE(pool, rel_pool, -1, lmoe_pool_create(l, &s.O, &out));
 }
 
 /* ------------------------------------------------------------------ batches, forwards */
-
-/* batch_create(ctx, {staging_depth=}?) -> st, box */
-static int l_batch_create(lua_State *L) {
-  lmoe_context *ctx = CTX(1);
-  if (lua_isnoneornil(L, 2)) CREATE(batch, rel_batch, 0, lmoe_batch_create(ctx, &out));
-  lmoe_batch_config c;
-  lmoe_batch_config_init(&c);
-  get_struct(L, 2, batch_cfg_f, &c);
-  CREATE(batch, rel_batch, 0, lmoe_batch_create_with(ctx, &c, &out));
-}
 
 /* forward_group({ctx, ...}, {args, ...}): one sharded layer's ranks from this thread.
    The lists (and the boxes their tables hold) stay on the stack during the call. */
@@ -795,7 +778,8 @@ static int l_forward_group(lua_State *L) {
     lua_rawgeti(L, 1, (lua_Integer)i + 1);
     ctxs[i] = (lmoe_context *)checkh(L, lua_gettop(L), "context");
     lua_rawgeti(L, 2, (lua_Integer)i + 1);
-    check_forward_args(L, lua_gettop(L), &args[i]);
+    lmoe_forward_args_init(&args[i]);
+    get_struct(L, lua_gettop(L), forward_f, &args[i]);
     pa[i] = &args[i];
     lua_pop(L, 2);
   }
@@ -931,35 +915,18 @@ static int l_comm_create_local(lua_State *L) {
   }
   char err[256] = "";
   lmoe_status st = lmoe_comm_create_local((int32_t)n, ctxs, out, err, sizeof err);
-  if (st != LMOE_OK) {
-    lua_pushinteger(L, st);
-    lua_pushstring(L, err);
-    return 2;
-  }
-  for (lua_Unsigned i = 0; i < n; i++) boxes[i]->h = out[i];
+  for (lua_Unsigned i = 0; st == LMOE_OK && i < n; i++) boxes[i]->h = out[i];
   lua_pushvalue(L, t);
-  return ret(L, st, 1);
-}
-
-/* ------------------------------------------------------------------ checkpoints */
-
-/* checkpoint_load_layer(ck, index, layer, with_router) -> st, router box (empty
-   without). The box owns a router made even when the load then failed. */
-static int l_checkpoint_load_layer(lua_State *L) {
-  lmoe_checkpoint *c = CK(1);
-  int32_t idx = check_i32(L, 2);
-  lmoe_layer *l = LAYER(3);
-  int want = lua_toboolean(L, 4);
-  CREATE(buffer, rel_buffer, 0, lmoe_checkpoint_load_layer(c, idx, l, want ? &out : NULL));
+  return ret_msg(L, st, err, 1);
 }
 
 /* ------------------------------------------------------------------ registration */
 
 /* The row lists register their functions; these are the ones written out. */
 #define OTHER_FUNCTIONS(X) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) X(context_create) \
-  X(context_retain) X(context_is_live) X(layer_create) X(layer_set_weights) X(layer_set_expert) X(pool_create) \
-  X(pool_load_named) X(batch_create) X(forward_group) X(safetensors_metadata) X(safetensors_write) \
-  X(peft_inspect) X(peft_layer_desc) X(comm_create_local) X(checkpoint_load_layer)
+  X(context_retain) X(context_is_live) X(layer_set_weights) X(layer_set_expert) X(pool_create) \
+  X(forward_group) X(safetensors_metadata) X(safetensors_write) X(peft_inspect) X(peft_layer_desc) \
+  X(comm_create_local)
 #define REG(name, ...) {#name, l_##name},
 #define REG1(name) {#name, l_##name},
 static const luaL_Reg lib[] = {FUNCS(REG) STRUCTS(REG) MAKERS(REG) OUTS(REG) OTHER_FUNCTIONS(REG1)

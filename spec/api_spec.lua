@@ -44,7 +44,7 @@ local core_functions = {
   "pool_create", "pool_get_config", "pool_load_random", "pool_load", "pool_unload", "pool_slot_info",
   "pool_load_named", "pool_load_peft", "pool_unload_named", "pool_find", "pool_slot_name", "pool_pin",
   "pool_unpin", "pool_pin_count", "pool_touch", "pool_get_memory",
-  "batch_create", "batch_set", "batch_get_info", "batch_offsets", "batch_active_slots",
+  "batch_create", "batch_create_with", "batch_set", "batch_get_info", "batch_offsets", "batch_active_slots",
   "forward", "reference_forward", "graph_begin", "graph_end", "graph_launch",
   "safetensors_open", "safetensors_open_memory", "safetensors_count", "safetensors_tensor", "safetensors_find",
   "safetensors_read", "safetensors_metadata_count", "safetensors_metadata", "safetensors_write",

@@ -505,13 +505,14 @@ end
 -- ctx:batch{staging_depth=}: the options table may be left out (the defaults).
 function Ctx.batch(self, cfg)
   local h, cb = check(self, "context", "batch")
-  local t
-  if cfg ~= nil then
+  local st, box
+  if cfg == nil then
+    st, box = R.batch_create(h)
+  else
     checktype(cfg, "table", 1, "batch")
     check_fields(cfg, set { "staging_depth" }, 1, "batch")
-    t = { staging_depth = field_int(cfg, "staging_depth", 1, "batch") }
+    st, box = R.batch_create_with(h, { staging_depth = field_int(cfg, "staging_depth", 1, "batch") })
   end
-  local st, box = R.batch_create(h, t)
   return made("batch", st, box, self, cb)
 end
 

@@ -307,6 +307,29 @@ end
 
 -- ------------------------------------------------------------------ regular functions
 
+-- The adapter description t for the pool h, every array checked against what C reads
+-- for the pool's layer (its shapes, kept with the pool's box); the arrays are kept in
+-- anchor while C uses them.
+local function adapter_desc(h, t, anchor)
+  if type(t) ~= "table" then bad("table expected") end
+  local dims = keep[checkh(h, "pool")]
+  local d = new_struct("lmoe_adapter_desc")
+  d.dtype = C.LMOE_DTYPE_F64
+  local E, H, I = dims[1], dims[2], dims[3]
+  for name, io in pairs { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } } do
+    local p = t[name]
+    if p ~= nil then
+      local r = i32(p.rank)
+      local a, b = checkmem(p.a, "f64", mul3(E, r, io[1])), checkmem(p.b, "f64", mul3(E, io[2], r))
+      anchor[#anchor + 1], anchor[#anchor + 2] = a, b
+      d[name].a, d[name].b = a, b
+      d[name].rank, d[name].scale = r, num(p.scale)
+    end
+  end
+  return d
+end
+
+
 -- The wrapper of C function f (lmoe_<name>), made from its parameters. Each takes the
 -- next argument, checked by its C type (a table for a struct, filled as above), or is
 -- an out-parameter whose value follows the status on success: a handle (lmoe_X **) as
@@ -331,6 +354,8 @@ local function wrap(f, name)
       s, i = { errbuf = err, two = true, make = make }, i + 1
     elseif check_in[ty] then
       s = { arg = true, make = check_in[ty] }
+    elseif ty == "const lmoe_adapter_desc*" then -- for the pool that is argument 1
+      s = { arg = true, make = function(v, anchor, args) return adapter_desc(args[1], v, anchor) end }
     elseif sname and fields[sname] then
       s = { arg = true, make = function(v, anchor) return fill(sname, v, anchor) end }
     elseif kind then
@@ -378,7 +403,7 @@ local function wrap(f, name)
     for k = 1, #steps do
       local s = steps[k]
       if s.arg then n = n + 1 end
-      local x, y = s.make(a[n], anchor)
+      local x, y = s.make(a[n], anchor, a)
       nc = nc + 1
       c[nc] = x
       if s.two then
@@ -411,7 +436,8 @@ for name, f in pairs {
   pool_unload_named = C.lmoe_pool_unload_named, pool_find = C.lmoe_pool_find, pool_slot_name = C.lmoe_pool_slot_name,
   pool_pin = C.lmoe_pool_pin, pool_unpin = C.lmoe_pool_unpin, pool_touch = C.lmoe_pool_touch,
   pool_pin_count = C.lmoe_pool_pin_count, pool_get_memory = C.lmoe_pool_get_memory,
-  batch_get_info = C.lmoe_batch_get_info, forward = C.lmoe_forward, reference_forward = C.lmoe_reference_forward,
+  batch_create = C.lmoe_batch_create, batch_create_with = C.lmoe_batch_create_with,
+  pool_load = C.lmoe_pool_load, pool_load_named = C.lmoe_pool_load_named, batch_get_info = C.lmoe_batch_get_info, forward = C.lmoe_forward, reference_forward = C.lmoe_reference_forward,
   graph_begin = C.lmoe_graph_begin, graph_end = C.lmoe_graph_end, graph_launch = C.lmoe_graph_launch,
   comm_wrap_nccl = C.lmoe_comm_wrap_nccl, comm_rank = C.lmoe_comm_rank, comm_size = C.lmoe_comm_size,
   safetensors_open = C.lmoe_safetensors_open, safetensors_count = C.lmoe_safetensors_count,
@@ -448,7 +474,6 @@ end
 local function ctx(h) return checkh(h, "context") end
 local function buf(h) return checkh(h, "buffer") end
 local function layer(h) return checkh(h, "layer") end
-local function pool(h) return checkh(h, "pool") end
 local function batch(h) return checkh(h, "batch") end
 local function stf(h) return checkh(h, "safetensors") end
 local function peft(h) return checkh(h, "peft") end
@@ -504,37 +529,6 @@ function R.pool_create(h, cfg)
   return st, box("pool", o[0], dims)
 end
 
--- The adapter description t for the pool h, every array checked against what C reads
--- for the pool's layer (its shapes, kept with the pool's box).
-local function adapter_desc(h, t)
-  if type(t) ~= "table" then bad("table expected") end
-  local dims = keep[pool(h)]
-  local d = new_struct("lmoe_adapter_desc")
-  d.dtype = C.LMOE_DTYPE_F64
-  local E, H, I = dims[1], dims[2], dims[3]
-  for name, io in pairs { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } } do
-    local p = t[name]
-    if p ~= nil then
-      local r = i32(p.rank)
-      d[name].a = checkmem(p.a, "f64", mul3(E, r, io[1]))
-      d[name].b = checkmem(p.b, "f64", mul3(E, io[2], r))
-      d[name].rank, d[name].scale = r, num(p.scale)
-    end
-  end
-  return d
-end
-function R.pool_load(h, slot, t) return C.lmoe_pool_load(pool(h), i32(slot), adapter_desc(h, t)) end
-local out_i32 = ffi.new("int32_t[1]")
-function R.pool_load_named(h, name, t)
-  local st = C.lmoe_pool_load_named(pool(h), str(name), adapter_desc(h, t), out_i32)
-  return st, out_i32[0]
-end
-
-function R.batch_create(h, cfg)
-  local o = out("batch")
-  if cfg == nil then return made("batch", C.lmoe_batch_create(ctx(h), o), o) end
-  return made("batch", C.lmoe_batch_create_with(ctx(h), fill("lmoe_batch_config", cfg, {}), o), o)
-end
 function R.batch_set(h, p, n, tokens, slots)
   n = i32(n)
   return C.lmoe_batch_set(batch(h), opth(p, "pool"), n, checkmem(tokens, "i32", n), checkmem(slots, "i32", n))
