@@ -56,15 +56,16 @@ template <int BM> struct shape {
   /* registers after setmaxnreg: the block's pool is what the launch allocated,
      numRegs x THREADS (168 x 384 = 64512 for BM = 128); asking more than the pool
      blocks the warpgroup forever */
-  static constexpr int PREG = BM == 128 ? 88 : 96;
-  static constexpr int CREG = BM == 128 ? 208 : 232;
+  static constexpr int PREG = BM == 128 ? 104 : 96;
+  static constexpr int CREG = BM == 128 ? 200 : 232;
   static constexpr int POOL = 128 * PREG + 128 * NC * CREG;
 };
 static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-thread block holds");
 
-/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers. */
+/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, and
+   a word a stage (set when the stage holds its tile's last K chunk). */
 template <int BM, int ST> constexpr size_t smem_bytes(void) {
-  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t);
+  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + ST * sizeof(int32_t);
 }
 
 /* N tiles of an output */
@@ -84,27 +85,39 @@ __device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int group_m, in
 }
 
 /* Calls fn(group, slot, rank) once per adapter group present in the tile at sorted row
-   p0, in row order, uniformly across the calling warp. */
+   p0, in row order, uniformly across the calling warp. The loads are issued together
+   (the rows' groups, then each group start's slot and rank, one lane per start): three
+   dependent global loads a call, not three per group, so a tile boundary waits little. */
 template <int MODE, int BM, class Fn>
 __device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
+  constexpr int NR = BM / 32;
   const int lane = threadIdx.x & 31;
   const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
-  int last = -1;
-#pragma unroll 1
-  for (int r0 = 0; r0 < BM; r0 += 32) {
-    int g = f.sorted_group[p0 + r0 + lane];
-    int gp = __shfl_up_sync(0xffffffffu, g, 1);
-    if (lane == 0) gp = last;
-    unsigned mask = __ballot_sync(0xffffffffu, g >= 1 && g != PAD_GROUP && g != gp);
+  int g[NR], slot[NR], rk[NR];
+  unsigned start[NR];
+#pragma unroll
+  for (int i = 0; i < NR; i++) g[i] = f.sorted_group[p0 + 32 * i + lane];
+#pragma unroll
+  for (int i = 0; i < NR; i++) {
+    int gp = __shfl_up_sync(0xffffffffu, g[i], 1);
+    int prev = i > 0 ? __shfl_sync(0xffffffffu, g[i > 0 ? i - 1 : 0], 31) : -1;
+    if (lane == 0) gp = prev;
+    bool st = g[i] >= 1 && g[i] != PAD_GROUP && g[i] != gp;
+    start[i] = __ballot_sync(0xffffffffu, st);
+    slot[i] = st ? act[g[i] - 1] : 0;
+  }
+#pragma unroll
+  for (int i = 0; i < NR; i++)
+    rk[i] = (start[i] >> lane) & 1 ? (MODE == MODE_GATEUP ? f.slots[slot[i]].r13 : f.slots[slot[i]].r2) : 0;
+#pragma unroll
+  for (int i = 0; i < NR; i++) {
+    unsigned mask = start[i];
     while (mask) {
       int b = __ffs(mask) - 1;
       mask &= mask - 1;
-      int gg = __shfl_sync(0xffffffffu, g, b);
-      int slot = act[gg - 1];
-      int rk = MODE == MODE_GATEUP ? f.slots[slot].r13 : f.slots[slot].r2;
-      fn(gg, slot, rk);
+      fn(__shfl_sync(0xffffffffu, g[i], b), __shfl_sync(0xffffffffu, slot[i], b),
+         __shfl_sync(0xffffffffu, rk[i], b));
     }
-    last = __shfl_sync(0xffffffffu, g, 31);
   }
 }
 
@@ -164,8 +177,8 @@ template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmo
 
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
-                                         int use_lora, uint8_t *smem,
-                                         uint64_t *full, uint64_t *empty, uint64_t wd, sm90_tune tn) {
+                                         int use_lora, uint8_t *smem, uint64_t *full, uint64_t *empty,
+                                         volatile int32_t *last, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   constexpr int AR = BM / 16; /* A rows per thread */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
@@ -182,6 +195,9 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    /* the tile's K chunks: the base ones, then the expand's; the stage holding the last
+       one says so (last[s]), so the consumers need not count them */
+    const int nlc = use_lora ? lora_chunks<MODE, BM>(f, p0, tn.lora_align) : 0, nch = nbase + nlc;
     const uint16_t *arow[AR];
     int agrp[AR];
 #pragma unroll
@@ -202,6 +218,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         /* A and B by TMA: one arrival with both boxes' bytes; the other threads' plain
            arrivals stand for the cp.async ones the barrier counts */
         if (ptid == 0) {
+          last[s] = c == nch - 1;
           mbar_arrive_tx(&full[s], S::A_BYTES + S::B_BYTES);
           tma_load_2d(As, tma, &full[s], c * BK, p0);
           tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
@@ -210,6 +227,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         continue;
       }
       if (ptid == 0) {
+        last[s] = c == nch - 1;
         mbar_arrive_tx(&full[s], S::B_BYTES);
         if (MODE == MODE_GATEUP) {
           int row = e * 2 * I + n0;
@@ -278,7 +296,10 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
             open = cc;
             s = it % ST;
             mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
-            if (ptid == 0) mbar_arrive(&full[s]);
+            if (ptid == 0) {
+              last[s] = cc == nlc - 1;
+              mbar_arrive(&full[s]);
+            }
             a0 = smem_u32(smem + s * S::STAGE);
             b0 = a0 + S::A_BYTES;
           }
@@ -298,13 +319,13 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 }
 
 template <int MODE, int BM, int ST>
-__device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
-                                         uint64_t *empty, uint64_t wd, sm90_tune tn) {
+__device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, uint64_t *full, uint64_t *empty,
+                                         uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
   const int H = f.H, I = f.I;
-  const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
+  const int hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   float acc[128];
   uint32_t it = 0;
@@ -314,10 +335,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
-    int nch = nbase;
-    if (use_lora) nch += lora_chunks<MODE, BM>(f, p0, tn.lora_align);
 #pragma unroll 1
-    for (int c = 0; c < nch; c++, it++) {
+    for (int c = 0;; c++, it++) {
       const int s = it % ST;
       mbar_wait(&full[s], (it / ST) & 1, wd);
       fence_proxy_async();
@@ -334,6 +353,11 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
       if (c > 0) {
         wgmma_wait<1>();
         if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+      }
+      /* stage s stays ours until the next chunk's wait releases it: its word is valid */
+      if (((const volatile int32_t *)(empty + ST))[s]) { /* the producer's last[s] */
+        it++;
+        break;
       }
     }
     wgmma_wait<0>();
@@ -426,6 +450,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
   uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
+  int32_t *last = (int32_t *)(empty + ST);
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
@@ -437,10 +462,10 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, wd, tn);
+    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, last, wd, tn);
   } else {
     setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, tn);
+    consumer<MODE, BM, ST>(f, smem, full, empty, wd, tn);
   }
 #endif
 }
