@@ -65,6 +65,13 @@ typedef struct lmoe_fwd {
   int32_t engine;            /* engine of the expert GEMMs (LMOE_ENGINE_*; gemm_cfg's row says the same) */
   int32_t gemm_cfg;          /* row of the GEMM table for gate_up and down */
   int32_t shrink_cfg;        /* row of the GEMM table for the shrinks */
+  /* Sharding (docs/design.md, "Sharding"; set by the backend after lmoe_k_plan, which
+     leaves them 0). E above is the experts this rank computes, [e0, e0 + E) of the
+     layer's; E_route the experts the router picks from (the logits' columns; 0: E).
+     Routed ids stay the layer's: a pair whose id is outside [e0, e0 + E) is another
+     rank's and is not counted, placed or summed here. */
+  int32_t E_route, e0;
+  float *part;               /* [M, H] f32, or NULL: reduce writes its float32 sums here, unrounded */
   const uint16_t *x;         /* [M, H] */
   const void *logits;        /* [M, E] f32 or bf16, or NULL */
   int32_t logits_bf16;
@@ -164,7 +171,19 @@ cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s);  /* t13 = s * A1
 cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s); /* h = silu(g) * u */
 cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s);   /* t2 = s * A2 h    (LoRA) */
 cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s);   /* y = w * (W2 h + B2 t2) */
-cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s);    /* out = sum_j y */
+cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s);    /* out = sum_j y (or part, f32) */
+
+/* A sharded layer's sum over ranks whose partials share one device (and the rounding
+   after an NCCL all-reduce, n = 1): out[o][i] = bf16(part[0][i] + part[1][i] + ...), in
+   rank order in float32, rounded once, the same bits into every out[o]. */
+enum { LMOE_K_SUM_MAX = 64 };
+typedef struct lmoe_k_sum {
+  const float *part[LMOE_K_SUM_MAX];
+  uint16_t *out[LMOE_K_SUM_MAX];
+  int32_t n, nout;
+  int64_t count; /* elements of each */
+} lmoe_k_sum;
+cudaError_t lmoe_k_sum_parts(const lmoe_k_sum *a, cudaStream_t s);
 
 #ifdef __cplusplus
 }

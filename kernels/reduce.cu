@@ -5,7 +5,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-/* Deterministic reduction: out[t] = sum over j in order of y[t*k + j] (already weighted). */
+/* Deterministic reduction: out[t] = sum over j in order of y[t*k + j] (already weighted).
+   A sharded layer's rank sums only its own pairs (ids in [e0, e0 + E)) and, with
+   f.part, keeps the sum in float32 there for the sum over ranks (lmoe_k_sum_parts, or
+   an NCCL all-reduce and then lmoe_k_sum_parts of one part). */
 static __global__ void k_reduce(lmoe_fwd f) {
   int H = f.H, k = f.k;
   int vec = (H & 7) == 0 ? 8 : 1;
@@ -16,8 +19,8 @@ static __global__ void k_reduce(lmoe_fwd f) {
     int t = (int)(i / per_row), c = (int)(i % per_row) * vec;
     float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int j = 0; j < k; j++) {
-      int e = f.ids[(size_t)t * k + j];
-      if (e < 0 || e >= f.E) continue;
+      int id = f.ids[(size_t)t * k + j], e = id - f.e0;
+      if (id < 0 || e < 0 || e >= f.E) continue;
       const uint16_t *yr = f.y + ((size_t)t * k + j) * H + c;
       if (vec == 8) {
         uint4 q = *(const uint4 *)yr;
@@ -30,6 +33,16 @@ static __global__ void k_reduce(lmoe_fwd f) {
       } else {
         s[0] += bf2f(yr[0]);
       }
+    }
+    if (f.part) {
+      float *o = f.part + (size_t)t * H + c;
+      if (vec == 8) {
+        *(float4 *)o = make_float4(s[0], s[1], s[2], s[3]);
+        *(float4 *)(o + 4) = make_float4(s[4], s[5], s[6], s[7]);
+      } else {
+        o[0] = s[0];
+      }
+      continue;
     }
     uint16_t *o = f.out + (size_t)t * H + c;
     if (vec == 8) {
@@ -48,5 +61,40 @@ static __global__ void k_reduce(lmoe_fwd f) {
 extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {
   int64_t n = (int64_t)f->M * ((f->H & 7) == 0 ? f->H / 8 : f->H);
   k_reduce<<<grid_for(n, 256), 256, 0, s>>>(*f);
+  return cudaGetLastError();
+}
+
+/* The sum over ranks of float32 partials on one device, in rank order, rounded once;
+   four elements a thread where every pointer and the count allow it. */
+static __global__ void k_sum_parts(lmoe_k_sum a, int vec) {
+  int64_t n = a.count / vec;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    if (vec == 4) {
+      float4 s = *(const float4 *)(a.part[0] + i * 4);
+      for (int r = 1; r < a.n; r++) {
+        float4 v = *(const float4 *)(a.part[r] + i * 4);
+        s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+      }
+      uint2 q;
+      q.x = f2bf(s.x) | ((uint32_t)f2bf(s.y) << 16);
+      q.y = f2bf(s.z) | ((uint32_t)f2bf(s.w) << 16);
+      for (int o = 0; o < a.nout; o++) *(uint2 *)(a.out[o] + i * 4) = q;
+    } else {
+      float s = a.part[0][i];
+      for (int r = 1; r < a.n; r++) s += a.part[r][i];
+      uint16_t b = f2bf(s);
+      for (int o = 0; o < a.nout; o++) a.out[o][i] = b;
+    }
+  }
+}
+
+extern "C" cudaError_t lmoe_k_sum_parts(const lmoe_k_sum *a, cudaStream_t s) {
+  if (a->count <= 0 || a->n < 1) return cudaSuccess;
+  int vec = a->count % 4 == 0 ? 4 : 1;
+  for (int r = 0; r < a->n && vec == 4; r++)
+    if ((uintptr_t)a->part[r] % 16) vec = 1;
+  for (int o = 0; o < a->nout && vec == 4; o++)
+    if ((uintptr_t)a->out[o] % 8) vec = 1;
+  k_sum_parts<<<grid_for(a->count / vec, 256), 256, 0, s>>>(*a, vec);
   return cudaGetLastError();
 }

@@ -5,7 +5,11 @@
    Pair order: pairs are grouped by expert, each expert's list padded to a multiple of
    the row tile bm; inside an expert they are sorted by adapter group (0 = none, 1 +
    index into the batch's active slots), so a GEMM row tile has one expert and a few
-   groups in ascending order. */
+   groups in ascending order.
+
+   Expert parallel (lmoe_fwd.e0, E_route): the top-k and its weights are over all
+   E_route experts and the ids stay the layer's; only pairs of this rank's experts
+   [e0, e0 + E) are counted and placed, as local expert id - e0. */
 #include "common.cuh"
 #include "lmoe_kernels.h"
 
@@ -33,7 +37,7 @@ static __global__ void k_route(lmoe_fwd f) {
     g = nreq > 0 ? grp[lo] : 0;
   }
   if (lane == 0) f.tok_group[t] = g;
-  int k = f.k, E = f.E;
+  int k = f.k, E = f.E_route ? f.E_route : f.E;
   int myid = -1;
   float myw = 0.0f;
   if (f.logits) {
@@ -93,7 +97,8 @@ static __global__ void k_route(lmoe_fwd f) {
   } else if (lane < k) {
     myid = f.ids[(size_t)t * k + lane];
   }
-  if (lane < k && myid >= 0 && myid < E) atomicAdd(&f.cnt[(size_t)myid * f.gstride + g], 1);
+  int le = myid - f.e0; /* this rank's expert, or out of [0, f.E) */
+  if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[(size_t)le * f.gstride + g], 1);
 }
 
 /* device_sync guard: does any token use an adapter? */
@@ -180,8 +185,8 @@ static __global__ void k_scan(lmoe_fwd f) {
 static __global__ void k_scatter(lmoe_fwd f) {
   int P = f.M * f.k;
   for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += gridDim.x * blockDim.x) {
-    int e = f.ids[p];
-    if (e < 0 || e >= f.E) continue;
+    int id = f.ids[p], e = id - f.e0;
+    if (id < 0 || e < 0 || e >= f.E) continue;
     int g = f.tok_group[p / f.k];
     int pos = atomicAdd(&f.off[(size_t)e * f.gstride + g], 1);
     f.sorted_pair[pos] = p;

@@ -9,7 +9,10 @@
    if the host delivered each of those in stream order, which is what the sim tests
    check. The alignment stages (scan, scatter) and the LoRA shrinks are folded into
    gate/up and down here: they run as empty kernels, to keep the launch order. Storage
-   and rounding follow the real kernels (bf16 h, y and out; fp32 accumulation). */
+   and rounding follow the real kernels (bf16 h, y and out; fp32 accumulation). A
+   sharded layer's rank (lmoe_fwd.e0, E_route, part) routes over all E_route experts
+   and computes only the pairs of its experts [e0, e0 + E), as route.cu and reduce.cu
+   do; its reduce keeps float32 sums in part, and lmoe_k_sum_parts adds the ranks'. */
 #include "internal.h"
 #include "lmoe_kernels.h"
 
@@ -83,15 +86,23 @@ static void *alloc(size_t bytes) {
   return p;
 }
 
-/* The pairs (t * k + j) routed to each expert: order[start[e] .. start[e + 1]). */
+/* The local expert of pair p (its id minus e0), or -1: another rank's, or no expert. */
+static int32_t local_expert(const lmoe_fwd *f, size_t p) {
+  int32_t id = f->ids[p], e = id - f->e0;
+  return id >= 0 && e >= 0 && e < f->E ? e : -1;
+}
+
+/* The pairs (t * k + j) routed to each local expert: order[start[e] .. start[e + 1]). */
 static void pairs_by_expert(const lmoe_fwd *f, int32_t *start, int32_t *order) {
   size_t P = (size_t)f->M * f->k;
   for (int32_t e = 0; e <= f->E; e++) start[e] = 0;
-  for (size_t p = 0; p < P; p++) start[f->ids[p] + 1]++;
+  for (size_t p = 0; p < P; p++)
+    if (local_expert(f, p) >= 0) start[local_expert(f, p) + 1]++;
   for (int32_t e = 0; e < f->E; e++) start[e + 1] += start[e];
   int32_t *fill = alloc(sizeof(int32_t) * (size_t)(f->E > 0 ? f->E : 1));
   for (int32_t e = 0; e < f->E; e++) fill[e] = start[e];
-  for (size_t p = 0; p < P; p++) order[fill[f->ids[p]]++] = (int32_t)p;
+  for (size_t p = 0; p < P; p++)
+    if (local_expert(f, p) >= 0) order[fill[local_expert(f, p)]++] = (int32_t)p;
   free(fill);
 }
 
@@ -200,22 +211,23 @@ static void nothing_run(const void *a) { (void)a; }
    expert; weights over all experts, or over the k chosen with renormalise */
 static void route_run(const void *a) {
   const lmoe_fwd *f = a;
-  float *v = malloc(sizeof(float) * (size_t)f->E);
+  const int32_t ER = f->E_route ? f->E_route : f->E; /* the router's experts: all of the layer's */
+  float *v = malloc(sizeof(float) * (size_t)ER);
   if (!v) abort();
   if (f->logits) {
     for (int32_t t = 0; t < f->M; t++) {
       float mx = -INFINITY;
-      for (int32_t e = 0; e < f->E; e++) {
-        size_t i = (size_t)t * f->E + e;
+      for (int32_t e = 0; e < ER; e++) {
+        size_t i = (size_t)t * ER + e;
         v[e] = f->logits_bf16 ? bf(((const uint16_t *)f->logits)[i]) : ((const float *)f->logits)[i];
         if (v[e] > mx) mx = v[e];
       }
       float sum = 0, sel_sum = 0, p[32];
       int32_t sel[32];
-      for (int32_t e = 0; e < f->E; e++) sum += expf(v[e] - mx);
+      for (int32_t e = 0; e < ER; e++) sum += expf(v[e] - mx);
       for (int32_t j = 0; j < f->k; j++) {
         int32_t best = -1;
-        for (int32_t e = 0; e < f->E; e++) {
+        for (int32_t e = 0; e < ER; e++) {
           int taken = 0;
           for (int32_t q = 0; q < j; q++) taken |= sel[q] == e;
           if (!taken && (best < 0 || v[e] > v[best])) best = e;
@@ -280,7 +292,8 @@ static void gateup_run(const void *a_) {
     }
   }
   for (size_t p = 0; p < P; p++) {
-    int32_t t = (int32_t)(p / k), e = f->ids[p], slot = token_slot(f, a->lora, t);
+    int32_t t = (int32_t)(p / k), e = local_expert(f, p), slot = token_slot(f, a->lora, t);
+    if (e < 0) continue; /* another rank's pair */
     float *g = gu + p * 2 * I, *u = g + I;
     if (slot >= 0) {
       lmoe_dslot d = f->slots[slot];
@@ -311,7 +324,8 @@ static void down_run(const void *a_) {
   float *wf = alloc(sizeof(float) * ((size_t)I + (size_t)R + 8)), *t2 = wf + I;
   float *lf = alloc(sizeof(float) * ((size_t)R * I + (size_t)H * R + 8)); /* a2, b2 as float */
   int32_t *start = alloc(sizeof(int32_t) * ((size_t)f->E + 1)), *order = alloc(sizeof(int32_t) * (P + 1));
-  for (size_t p = 0; p < P; p++) to_float(hf + p * I, f->h + p * hs, (size_t)I);
+  for (size_t p = 0; p < P; p++)
+    if (local_expert(f, p) >= 0) to_float(hf + p * I, f->h + p * hs, (size_t)I);
   pairs_by_expert(f, start, order);
   for (int32_t e = 0; e < f->E; e++) {
     if (start[e] == start[e + 1]) continue;
@@ -324,7 +338,8 @@ static void down_run(const void *a_) {
     }
   }
   for (size_t p = 0; p < P; p++) {
-    int32_t t = (int32_t)(p / k), e = f->ids[p], slot = token_slot(f, a->lora, t);
+    int32_t t = (int32_t)(p / k), e = local_expert(f, p), slot = token_slot(f, a->lora, t);
+    if (e < 0) continue; /* another rank's pair: h was not computed, y is not read */
     float *y = yf + p * H;
     if (slot >= 0) {
       lmoe_dslot d = f->slots[slot];
@@ -346,9 +361,26 @@ static void reduce_run(const void *a) {
   for (int32_t t = 0; t < f->M; t++)
     for (int32_t c = 0; c < f->H; c++) {
       float s = 0;
-      for (int32_t j = 0; j < f->k; j++) s += bf(f->y[((size_t)t * f->k + j) * f->H + c]);
-      f->out[(size_t)t * f->H + c] = to_bf(s);
+      for (int32_t j = 0; j < f->k; j++)
+        if (local_expert(f, (size_t)t * f->k + j) >= 0) s += bf(f->y[((size_t)t * f->k + j) * f->H + c]);
+      if (f->part) f->part[(size_t)t * f->H + c] = s;
+      else f->out[(size_t)t * f->H + c] = to_bf(s);
     }
+}
+
+static void sum_parts_run(const void *a_) {
+  const lmoe_k_sum *a = a_;
+  for (int64_t i = 0; i < a->count; i++) {
+    float s = a->part[0][i];
+    for (int32_t r = 1; r < a->n; r++) s += a->part[r][i];
+    uint16_t b = to_bf(s);
+    for (int32_t o = 0; o < a->nout; o++) a->out[o][i] = b;
+  }
+}
+
+cudaError_t lmoe_k_sum_parts(const lmoe_k_sum *a, cudaStream_t s) {
+  if (a->count <= 0 || a->n < 1) return cudaSuccess;
+  return lmoe_sim_launch(s, sum_parts_run, a, sizeof *a);
 }
 
 cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s) { return route_launch(f, s); }
