@@ -28,7 +28,12 @@ typedef struct cuda_ctx {
      retained; lmoe_graph_end hands them to the graph, whose launches upload them. */
   lmoe_batch **cap;
   int32_t ncap, cap_size;
+  /* lmoe_forward_group of ranks on one device: orders the ranks' streams around the
+     group's stream (group_forward) */
+  cudaEvent_t order_ev;
 } cuda_ctx;
+
+_Static_assert((int)LMOE_DEVICE_GROUP_MAX <= (int)LMOE_K_SUM_MAX, "one sum kernel reads every rank of a one-device group");
 
 typedef struct cuda_pool {
   lmoe_dslot *table;     /* [num_slots] */
@@ -144,8 +149,14 @@ static lmoe_status cu_init(lmoe_context *ctx) {
   } else {
     c->gemm_dev = kernels_dev[ctx->device];
   }
+  e = cudaEventCreateWithFlags(&c->order_ev, cudaEventDisableTiming);
+  if (e) {
+    free(c);
+    return cuda_err(ctx, e, "cudaEventCreate");
+  }
   e = cudaHostAlloc((void **)&c->any_host, sizeof(int32_t), cudaHostAllocDefault);
   if (e) {
+    cudaEventDestroy(c->order_ev);
     free(c);
     return cuda_err(ctx, e, "cudaHostAlloc");
   }
@@ -155,6 +166,7 @@ static lmoe_status cu_init(lmoe_context *ctx) {
     e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (e) {
       cudaFreeHost(c->any_host);
+      cudaEventDestroy(c->order_ev);
       free(c);
       return cuda_err(ctx, e, "cudaStreamCreate");
     }
@@ -174,6 +186,7 @@ static void cu_fini(lmoe_context *ctx) {
     cudaStreamDestroy(c->stream);
   }
   cudaFreeHost(c->any_host);
+  cudaEventDestroy(c->order_ev);
   free(c->cap); /* a capture never ended: its batches' references are not given back */
   cudaGetLastError(); /* at process exit the runtime may be gone: nothing to report */
   free(c);
@@ -325,13 +338,31 @@ static lmoe_status cu_fill(lmoe_context *ctx, lmoe_buffer *b, double v, void *st
   return e ? cuda_err(ctx, e, "fill launch") : LMOE_OK;
 }
 
+/* A layer with a communicator keeps its rank's float32 partial output [M, H] in the
+   workspace after lmoe_k_layout's regions (docs/design.md, "Sharding"). */
+static size_t part_bytes(const lmoe_layer_config *cfg) {
+  return cfg->comm ? ((size_t)cfg->max_tokens * (size_t)cfg->hidden * sizeof(float) + 255) / 256 * 256 : 0;
+}
+
+/* cfg is the layer's local config (its rank's shapes). */
 static size_t cu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_config *cfg,
                                  const lmoe_pool_config *pc) {
   (void)ctx;
   lmoe_ws_layout L;
   lmoe_k_layout(cfg->max_tokens, cfg->num_experts, cfg->hidden, cfg->intermediate, cfg->top_k,
                 pc ? pc->num_slots : 0, pc ? pc->max_rank : 0, &L);
-  return L.total;
+  return L.total + part_bytes(cfg);
+}
+
+/* Where a forward of this plan keeps its partial: after the layout lmoe_k_plan carved
+   for the same layer and pool. */
+static float *part_of(const lmoe_context *ctx, const lmoe_forward_plan *plan) {
+  const lmoe_layer_config *c = &plan->layer->local;
+  const lmoe_pool *pool = plan->pool;
+  lmoe_ws_layout L;
+  lmoe_k_layout(c->max_tokens, c->num_experts, c->hidden, c->intermediate, c->top_k,
+                pool ? pool->cfg.num_slots : 0, pool ? pool->cfg.max_rank : 0, &L);
+  return (float *)((uint8_t *)ctx->workspace + L.total);
 }
 
 /* ---------------------------------------------------------------- pools */
@@ -353,7 +384,7 @@ static lmoe_status cu_pool_init(lmoe_context *ctx, lmoe_pool *pool) {
     free(cp);
     return cuda_err(ctx, e, "cudaMemsetAsync");
   }
-  const lmoe_layer_config *lc = &pool->layer->cfg;
+  const lmoe_layer_config *lc = &pool->layer->local; /* a shard's slots hold its cut */
   lmoe_k_plan_pool(lc->hidden, lc->intermediate, pool->cfg.num_slots, pool->cfg.max_rank, pool->storage,
                    pool->slot_bytes, pool->off_a13, pool->off_b13, pool->off_a2, pool->off_b2, cp->table,
                    &cp->plan);
@@ -602,15 +633,48 @@ static lmoe_status capture_meta(lmoe_context *ctx, lmoe_batch *b, cudaStream_t s
     if (e_) return cuda_err(ctx, e_, "kernel launch (" #call ")");    \
   } while (0)
 
+/* A sharded layer's float32 partial, summed (nothing to add: one rank, or after the
+   all-reduce), rounded once into out. */
+static lmoe_status round_part(lmoe_context *ctx, const lmoe_forward_plan *plan, cudaStream_t s) {
+  lmoe_k_sum a;
+  memset(&a, 0, sizeof a);
+  a.part[0] = part_of(ctx, plan);
+  a.out[0] = plan->out->data;
+  a.n = a.nout = 1;
+  a.count = plan->M * plan->layer->cfg.hidden;
+  LAUNCH(lmoe_k_sum_parts(&a, s), 0);
+  return LMOE_OK;
+}
+
+/* A sharded layer (one with a communicator, docs/design.md "Sharding") computes its
+   rank's part with the local shapes: routing over all of the layer's experts, only its
+   experts' pairs (EP) or its slice of I (TP), the top-k sum kept in float32 in the
+   workspace. Then, stream-ordered: over NCCL the in-place all-reduce of that partial
+   and its rounding into out (unless lmoe_forward_group finishes it); a one-device group
+   of one rank rounds it; a larger one-device group leaves it to group_forward. */
 static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream) {
   cudaStream_t s = (cudaStream_t)stream;
   const lmoe_layer *l = plan->layer;
-  const lmoe_layer_config *c = &l->cfg;
+  const lmoe_layer_config *c = &l->local;
+  const lmoe_comm *comm = l->comm;
   const lmoe_batch *b = plan->batch;
   lmoe_pool *pool = plan->pool;
   int64_t M = plan->M;
   if (M == 0) return LMOE_OK;
   if (!b->be) return lmoe_fail(ctx, LMOE_ERR_STATE, "the batch has no staged metadata (call lmoe_batch_set)");
+  if (comm && !comm->nccl && !comm->group)
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "internal: the layer's communicator has neither NCCL nor a group");
+  if (comm && comm->group && comm->size > 1 && !plan->shard_defer)
+    return lmoe_fail(ctx, LMOE_ERR_STATE,
+                     "the layer is rank %d of %d ranks on one device: their forwards run together, through "
+                     "lmoe_forward_group",
+                     (int)comm->rank, (int)comm->size);
+  if (comm && comm->nccl) { /* lmoe_forward_group may drive ranks on several devices */
+    int cur = -1;
+    cudaError_t de = cudaGetDevice(&cur);
+    if (!de && cur != ctx->device) de = cudaSetDevice(ctx->device);
+    if (de) return cuda_err(ctx, de, "cudaSetDevice");
+  }
 
   enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
   cudaError_t e = cudaStreamIsCapturing(s, &cap);
@@ -645,9 +709,13 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   };
   lmoe_fwd f;
   size_t need = lmoe_k_plan(&pa, &f);
-  if (need > ctx->workspace_bytes || !ctx->workspace)
+  size_t part = comm ? (size_t)M * (size_t)c->hidden * sizeof(float) : 0;
+  if (need + part > ctx->workspace_bytes || !ctx->workspace)
     return lmoe_fail(ctx, LMOE_ERR_STATE, "the workspace (%zu bytes) is smaller than this layer needs (%zu)",
-                     ctx->workspace_bytes, need);
+                     ctx->workspace_bytes, need + part);
+  f.E_route = l->cfg.num_experts;
+  f.e0 = l->e0;
+  if (comm) f.part = part_of(ctx, plan); /* == workspace + need */
   if (lora_possible) {
     lmoe_status st = capturing ? capture_meta(ctx, (lmoe_batch *)b, s) : upload_meta(ctx, b, s);
     if (st) return st;
@@ -678,7 +746,101 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   if (run_lora) LAUNCH(lmoe_k_shrink2(&f, s), 1);
   LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
   LAUNCH(lmoe_k_reduce(&f, s), 0);
-  return f.meta && !capturing ? used_on(ctx, (cuda_batch *)b->be, s) : LMOE_OK;
+  if (f.meta && !capturing) {
+    lmoe_status st = used_on(ctx, (cuda_batch *)b->be, s);
+    if (st) return st;
+  }
+  if (!comm) return LMOE_OK;
+  if (comm->nccl) {
+#ifdef LMOE_HAVE_NCCL
+    lmoe_status st = lmoe_comm_nccl_allreduce_f32((lmoe_comm *)comm, f.part, (size_t)M * c->hidden, s);
+    if (st) return st;
+#else
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "internal: an NCCL communicator in a build without NCCL");
+#endif
+  }
+  return plan->shard_defer ? LMOE_OK : round_part(ctx, plan, s);
+}
+
+static lmoe_status cu_shard_finish(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream) {
+  if (plan->M == 0) return LMOE_OK;
+  return round_part(ctx, plan, (cudaStream_t)stream);
+}
+
+/* lmoe_forward_group of a group communicator whose ranks share one device: every
+   rank's forward and the sum are enqueued, in rank order, on one stream (streams[0],
+   or rank 0's context's stream), so the sum kernel runs after every partial is written
+   and the next group forward's partials are written after it has read them. Eager, a
+   rank whose context's stream is another one is ordered after what that stream holds
+   (its pool loads) before, and that stream after the sum: device-side waits, no host
+   wait. Under capture those waits are left out (the graph is one unit on the captured
+   stream; a replay orders nothing else). */
+static lmoe_status cu_group_forward(int32_t n, lmoe_context *const *ctxs, lmoe_forward_plan *plans,
+                                    void *const *streams) {
+  lmoe_context *c0 = ctxs[0];
+  cudaStream_t s = (cudaStream_t)(streams && streams[0] ? streams[0] : c0->stream);
+  if (n > LMOE_K_SUM_MAX)
+    return lmoe_fail(c0, LMOE_ERR_UNSUPPORTED, "%d ranks on one device: at most %d", (int)n, LMOE_K_SUM_MAX);
+  for (int32_t r = 1; r < n; r++) {
+    if (streams && streams[r] && streams[r] != (void *)s)
+      return lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT,
+                       "streams[%d] is not streams[0]: ranks on one device run on one stream (give it as "
+                       "streams[0], the others NULL or the same)",
+                       (int)r);
+    if (ctxs[r]->device != c0->device)
+      return lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT, "ctxs[%d] is on device %d, ctxs[0] on device %d", (int)r,
+                       (int)ctxs[r]->device, (int)c0->device);
+    if (plans[r].M != plans[0].M || plans[r].layer->cfg.hidden != plans[0].layer->cfg.hidden)
+      return lmoe_fail(c0, LMOE_ERR_INVALID_ARGUMENT,
+                       "the ranks' forwards disagree: rank 0 has %lld tokens of %d, rank %d %lld of %d (one "
+                       "batch for every rank)",
+                       (long long)plans[0].M, (int)plans[0].layer->cfg.hidden, (int)r, (long long)plans[r].M,
+                       (int)plans[r].layer->cfg.hidden);
+  }
+  enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  cudaError_t e = cudaStreamIsCapturing(s, &cap);
+  if (e) return cuda_err(c0, e, "cudaStreamIsCapturing");
+  bool eager = cap == cudaStreamCaptureStatusNone;
+  for (int32_t r = 0; r < n && eager; r++) {
+    cudaStream_t sr = (cudaStream_t)ctxs[r]->stream;
+    if (sr == s) continue;
+    cuda_ctx *cr = ctxs[r]->be;
+    e = cudaEventRecord(cr->order_ev, sr);
+    if (!e) e = cudaStreamWaitEvent(s, cr->order_ev, 0);
+    if (e) return cuda_err(c0, e, "ordering the ranks' streams");
+  }
+  for (int32_t r = 0; r < n; r++) {
+    plans[r].shard_defer = true;
+    lmoe_status st = cu_forward(ctxs[r], &plans[r], s);
+    if (st) {
+      if (ctxs[r] != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctxs[r]));
+      return st;
+    }
+  }
+  if (plans[0].M == 0) return LMOE_OK;
+  lmoe_k_sum a;
+  memset(&a, 0, sizeof a);
+  for (int32_t r = 0; r < n; r++) {
+    a.part[r] = part_of(ctxs[r], &plans[r]);
+    a.out[r] = plans[r].out->data;
+  }
+  a.n = a.nout = n;
+  a.count = plans[0].M * plans[0].layer->cfg.hidden;
+  {
+    lmoe_context *ctx = c0; /* LAUNCH counts and reports on it */
+    LAUNCH(lmoe_k_sum_parts(&a, s), 0);
+  }
+  cuda_ctx *cc0 = c0->be;
+  bool recorded = false;
+  for (int32_t r = 0; r < n && eager; r++) {
+    cudaStream_t sr = (cudaStream_t)ctxs[r]->stream;
+    if (sr == s) continue;
+    if (!recorded) e = cudaEventRecord(cc0->order_ev, s);
+    recorded = true;
+    if (!e) e = cudaStreamWaitEvent(sr, cc0->order_ev, 0);
+    if (e) return cuda_err(c0, e, "ordering the ranks' streams");
+  }
+  return LMOE_OK;
 }
 
 /* ---------------------------------------------------------------- graphs */
@@ -793,6 +955,8 @@ static const lmoe_backend_ops cuda_ops = {
     .fill = cu_fill,
     .workspace_bytes = cu_workspace_bytes,
     .forward = cu_forward,
+    .shard_finish = cu_shard_finish,
+    .group_forward = cu_group_forward,
     .pinned_alloc = cu_pinned_alloc,
     .pinned_free = cu_pinned_free,
     .event_create = cu_event_create,

@@ -11,7 +11,14 @@
    the sum is done once at the end (lmoe_comm_group_collect_begin/end here).
 
    nccl (builds with LMOE_HAVE_NCCL): a wrapped or owned ncclComm_t; the sum is one
-   ncclAllReduce of float32 on the forward's stream (lmoe_comm_nccl_allreduce_f32). */
+   ncclAllReduce of float32 on the forward's stream (lmoe_comm_nccl_allreduce_f32).
+
+   cuda contexts of one device (several ranks on one GPU, which NCCL refuses): a group
+   as for the cpu, but no rank meets another in host memory: lmoe_forward_group
+   enqueues every rank's forward and then one kernel that sums all partials (each in
+   its rank's workspace, on the same device) into every rank's out (the backend's
+   group_forward). lmoe_forward of one of its ranks alone is refused when there are
+   several (nothing would sum them); a group of one rounds its own partial. */
 #include "internal.h"
 
 #include <pthread.h>
@@ -209,7 +216,19 @@ lmoe_status lmoe_comm_create_local(int32_t n, lmoe_context *const *ctxs, lmoe_co
                  "ctxs[%d] is a %s context, ctxs[0] a %s one: the ranks share one backend", (int)r,
                  ctxs[r]->ops->name, ctxs[0]->ops->name);
   }
-  if (ctxs[0]->ops->kind != LMOE_BACKEND_CPU) {
+  bool one_device = true;
+  for (int32_t r = 1; r < n; r++) one_device &= ctxs[r]->device == ctxs[0]->device;
+  /* Device contexts: NCCL over several devices (and for one rank, when built with it);
+     several ranks on one device, which NCCL refuses, a group summed by a kernel. */
+  bool device_group = ctxs[0]->ops->kind != LMOE_BACKEND_CPU && one_device && (n > 1 || !lmoe_has_nccl());
+  if (device_group && n > LMOE_DEVICE_GROUP_MAX)
+    return say(LMOE_ERR_UNSUPPORTED, errbuf, errbuf_size,
+               "%d ranks on one %s device: a group on one device has at most %d", (int)n, ctxs[0]->ops->name,
+               (int)LMOE_DEVICE_GROUP_MAX);
+  if (device_group && !ctxs[0]->ops->group_forward)
+    return say(LMOE_ERR_UNSUPPORTED, errbuf, errbuf_size, "the %s backend has no sharded forward",
+               ctxs[0]->ops->name);
+  if (ctxs[0]->ops->kind != LMOE_BACKEND_CPU && !device_group) {
 #ifdef LMOE_HAVE_NCCL
     int *devs = calloc((size_t)n, sizeof *devs);
     ncclComm_t *nc = calloc((size_t)n, sizeof *nc);
@@ -241,7 +260,8 @@ lmoe_status lmoe_comm_create_local(int32_t n, lmoe_context *const *ctxs, lmoe_co
     return st;
 #else
     return say(LMOE_ERR_UNSUPPORTED, errbuf, errbuf_size,
-               "communicators over %s contexts need NCCL, and this build has none (cmake option LMOE_NCCL)",
+               "communicators over %s contexts on different devices need NCCL, and this build has none "
+               "(cmake option LMOE_NCCL); ranks on one device need none",
                ctxs[0]->ops->name);
 #endif
   }
@@ -309,7 +329,6 @@ lmoe_status lmoe_comm_wrap_nccl(lmoe_context *ctx, void *nccl_comm, lmoe_comm **
 /* The sum over the ranks on the GPU: one in-place ncclAllReduce of float32 on the
    forward's stream (enqueued, capturable into a CUDA graph; no host wait). The rounding
    to bf16 follows on the same stream (the backend's conversion). */
-lmoe_status lmoe_comm_nccl_allreduce_f32(lmoe_comm *c, float *buf, size_t count, void *stream);
 lmoe_status lmoe_comm_nccl_allreduce_f32(lmoe_comm *c, float *buf, size_t count, void *stream) {
   ncclResult_t nr = ncclAllReduce(buf, buf, count, ncclFloat32, ncclSum, (ncclComm_t)c->nccl,
                                   (cudaStream_t)stream);

@@ -123,7 +123,9 @@ static void join_failed(lmoe_context *ctx, const lmoe_forward_args *a) {
       a->struct_size < LMOE_FIELD_END(lmoe_forward_args, layer) || !lmoe_object_is(a->layer, LMOE_MAGIC_LAYER))
     return;
   lmoe_layer *l = a->layer;
-  if (l->ctx != ctx || !l->comm || !l->comm->group || l->cfg.shard_size < 2) return;
+  if (l->ctx != ctx || !l->comm || !l->comm->group || l->cfg.shard_size < 2 ||
+      ctx->ops->kind != LMOE_BACKEND_CPU) /* a device group's ranks never wait for each other */
+    return;
   char keep[LMOE_ERRBUF];
   memcpy(keep, ctx->error, sizeof keep);
   lmoe_comm_cpu_allreduce(l->comm, ctx, NULL, 0, 0, 0, NULL, true);
@@ -134,6 +136,12 @@ lmoe_status lmoe_forward(lmoe_context *ctx, const lmoe_forward_args *args, void 
   lmoe_forward_plan plan;
   lmoe_status st = lmoe_forward_validate(ctx, args, &plan, false);
   if (st) join_failed(ctx, args);
+  if (!st && plan.layer->comm && plan.layer->comm->group && plan.layer->comm->size > 1 &&
+      ctx->ops->kind != LMOE_BACKEND_CPU)
+    st = lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
+                   "the layer is rank %d of %d ranks on one %s device (lmoe_comm_create_local without NCCL "
+                   "between them): their forwards run together, through lmoe_forward_group",
+                   (int)plan.layer->comm->rank, (int)plan.layer->comm->size, ctx->ops->name);
   if (!st) st = ctx->ops->forward(ctx, &plan, stream ? stream : ctx->stream);
   /* A forward that failed while capturing leaves a graph without its work: the
      capture's end refuses it (graph.c). */

@@ -2,7 +2,10 @@
    (docs/design.md, "Sharding"). Every rank's arguments are checked first, nothing runs
    unless all are good; on the cpu the ranks' forwards run one after another and their
    partial outputs are summed once at the end (comm.c's collect_begin/end); over NCCL
-   the forwards are one NCCL group. Its own file so that comm.c, which forward.c calls
+   the forwards (each leaving its partial and enqueueing its all-reduce) are one NCCL
+   group, and each rank's rounding into out follows the group's end; ranks sharing one
+   device (a group communicator of device contexts) are the backend's group_forward:
+   the forwards and one summing kernel on one stream. Its own file so that comm.c, which forward.c calls
    for the sum, never calls back into forward.c. */
 #include "internal.h"
 
@@ -60,17 +63,36 @@ lmoe_status lmoe_forward_group(int32_t n, lmoe_context *const *ctxs, const lmoe_
   if (!g) {
 #ifdef LMOE_HAVE_NCCL
     if (plans[0].layer->comm && plans[0].layer->comm->nccl) {
+      /* inside the NCCL group the all-reduces are only recorded: they are enqueued by
+         ncclGroupEnd, so each rank's rounding (which reads the sum) comes after it */
       ncclGroupStart();
-      for (int32_t r = 0; r < n && !st; r++)
-        st = lmoe_forward(ctxs[r], args[r], streams ? streams[r] : NULL);
+      for (int32_t r = 0; r < n && !st; r++) {
+        lmoe_context *ctx = ctxs[r];
+        plans[r].shard_defer = true;
+        st = ctx->ops->forward(ctx, &plans[r], streams && streams[r] ? streams[r] : ctx->stream);
+        if (st && ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
+      }
       ncclResult_t nr = ncclGroupEnd();
       if (!st && nr != ncclSuccess)
         st = lmoe_fail(c0, LMOE_ERR_BACKEND, "ncclGroupEnd: %s", ncclGetErrorString(nr));
-      goto done;
+      for (int32_t r = 0; r < n && !st; r++) {
+        lmoe_context *ctx = ctxs[r];
+        st = ctx->ops->shard_finish(ctx, &plans[r], streams && streams[r] ? streams[r] : ctx->stream);
+        if (st && ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
+      }
+      goto counted;
     }
 #endif
     st = lmoe_forward(c0, args[0], streams ? streams[0] : NULL); /* one unsharded rank */
     goto done;
+  }
+  if (c0->ops->kind != LMOE_BACKEND_CPU) { /* ranks on one device */
+    if (!c0->ops->group_forward) {
+      st = lmoe_fail(c0, LMOE_ERR_UNSUPPORTED, "the %s backend has no sharded forward", c0->ops->name);
+      goto done;
+    }
+    st = c0->ops->group_forward(n, ctxs, plans, streams);
+    goto counted;
   }
   if (!lmoe_comm_group_collect_begin(g)) {
     st = lmoe_fail(c0, LMOE_ERR_STATE, "another forward of this communicator is in progress");
@@ -82,6 +104,10 @@ lmoe_status lmoe_forward_group(int32_t n, lmoe_context *const *ctxs, const lmoe_
     if (st && ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
   }
   st = lmoe_comm_group_collect_end(g, c0, n, st);
+counted:
+  /* a failed forward while capturing leaves a graph without its work (as lmoe_forward) */
+  for (int32_t r = 0; r < n && st; r++)
+    if (ctxs[r]->capturing && !ctxs[r]->capture_failed) ctxs[r]->capture_failed = st;
   for (int32_t r = 0; r < n && !st; r++) {
     ctxs[r]->counters.forwards++;
     if (plans[r].pool && lmoe_meta_active_count(plans[r].meta))

@@ -128,10 +128,16 @@ struct lmoe_comm {
   lmoe_object obj;
   lmoe_context *ctx;
   int32_t rank, size;
-  lmoe_comm_group *group; /* cpu */
+  lmoe_comm_group *group; /* cpu, or device contexts of one device (the sum is a kernel) */
   void *nccl;             /* ncclComm_t */
   bool owns_nccl;
 };
+/* A group communicator over device contexts of one device sums its ranks' partials
+   with one kernel reading them all: at most this many ranks. */
+enum { LMOE_DEVICE_GROUP_MAX = 64 };
+/* comm.c, builds with NCCL only: the in-place float32 all-reduce of a rank's partial on
+   the forward's stream (enqueued, capturable; no host wait). */
+lmoe_status lmoe_comm_nccl_allreduce_f32(lmoe_comm *c, float *buf, size_t count, void *stream);
 /* Rank r's part [*lo, *lo + *n) of a dimension of `total` over `size` ranks: the first
    total % size ranks hold one more (loramoe.h, lmoe_shard_mode). */
 void lmoe_shard_range(int32_t total, int32_t rank, int32_t size, int32_t *lo, int32_t *n);
@@ -220,6 +226,10 @@ typedef struct lmoe_forward_plan {
   const int32_t *meta;    /* the batch's encoding (batch_meta.h) */
   int32_t guard;
   bool run_lora;          /* host decision: enqueue LoRA work (guard host/always) */
+  /* lmoe_forward_group on a device backend: the forward leaves the rank's float32
+     partial in its workspace (over NCCL it also enqueues the all-reduce, inside the
+     NCCL group) and the group finishes it (ops shard_finish / group_forward). */
+  bool shard_defer;
 } lmoe_forward_plan;
 
 /* What the core asks of a backend instead of asking which one it is. */
@@ -256,6 +266,15 @@ struct lmoe_backend_ops {
   size_t (*workspace_bytes)(const lmoe_context *ctx, const lmoe_layer_config *cfg,
                             const lmoe_pool_config *pool_cfg);
   lmoe_status (*forward)(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
+  /* Optional, sharded layers on a device (docs/design.md, "Sharding"). shard_finish:
+     after a deferred forward's NCCL all-reduce (plan->shard_defer), the rounding of the
+     summed float32 partial into out, on the forward's stream. group_forward: the ranks
+     of a group communicator whose contexts share one device (comm.c), from one thread:
+     every rank's forward, then one kernel summing the partials into every out, all
+     enqueued on one stream; plans are validated, streams as lmoe_forward_group's. */
+  lmoe_status (*shard_finish)(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
+  lmoe_status (*group_forward)(int32_t n, lmoe_context *const *ctxs, lmoe_forward_plan *plans,
+                               void *const *streams);
   /* Optional hooks for backend state hung on objects (the `be` fields). */
   lmoe_status (*pool_init)(lmoe_context *ctx, lmoe_pool *pool);
   void (*pool_fini)(lmoe_context *ctx, lmoe_pool *pool);

@@ -53,8 +53,9 @@ static lmoe_status check_shard(lmoe_context *ctx, const lmoe_layer_config *c) {
     if (c->shard_size == 1) return LMOE_OK;
     if (ctx->ops->kind != LMOE_BACKEND_CPU && !lmoe_has_nccl())
       return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
-                       "shard_size is %d, but this build has no NCCL (cmake option LMOE_NCCL): a %s layer "
-                       "can't be sharded",
+                       "shard_size is %d but comm is NULL, and this build has no NCCL (cmake option LMOE_NCCL): "
+                       "a %s layer is sharded over ranks on one device only, through lmoe_comm_create_local "
+                       "over their contexts",
                        (int)c->shard_size, ctx->ops->name);
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
                      "shard_size is %d but comm is NULL: a sharded layer sums its ranks' outputs through a "
@@ -69,11 +70,11 @@ static lmoe_status check_shard(lmoe_context *ctx, const lmoe_layer_config *c) {
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
                      "shard_rank %d and shard_size %d disagree with comm, which is rank %d of %d",
                      (int)c->shard_rank, (int)c->shard_size, (int)cm->rank, (int)cm->size);
-  if (ctx->ops->kind != LMOE_BACKEND_CPU && c->shard_size > 1)
+  if (ctx->ops->kind != LMOE_BACKEND_CPU && !cm->nccl && !(cm->group && ctx->ops->group_forward))
     return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
-                     "shard_size is %d: the %s backend's forward of a sharded layer is not written yet "
-                     "(docs/design.md, \"Sharding\")",
-                     (int)c->shard_size, ctx->ops->name);
+                     "comm has neither NCCL nor a group of ranks on one device: the %s backend can't sum a "
+                     "sharded layer's ranks through it",
+                     ctx->ops->name);
   return LMOE_OK;
 }
 

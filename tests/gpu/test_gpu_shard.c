@@ -1,0 +1,391 @@
+/* Sharded layers on the cuda backend (docs/design.md, "Sharding"), every rank on one
+   device:
+   - one rank: through NCCL (an NCCL communicator of one rank from
+     lmoe_comm_create_local, when the build has NCCL; else the case is skipped, saying
+     so) and through a one-device group of one rank: f32 partial, the sum, one rounding;
+   - 2 and 3 ranks as a group communicator of cuda contexts of one device (NCCL refuses
+     one GPU twice): lmoe_forward_group enqueues every rank's forward and one kernel
+     summing the partials into every rank's out.
+   Tensor and expert parallel, adapters of mixed ranks and a request without one,
+   router logits and given routing. Each summed output is held to the unsharded cuda
+   layer's and to the float64 reference (lmoe_reference_forward), every rank's out the
+   same bits; CUPTI counts no host synchronisation, device-to-host copy, blocking copy
+   or allocation over forwards whose batch changes; a group forward captured in a CUDA
+   graph in global capture mode replays to the eager forward's bits. Refusals: a lone
+   rank of a one-device group, ranks on different streams. */
+#include "gpu_common.h"
+
+#include <cupti.h>
+
+enum { E = 8, K = 2, NREQ = 5, SLOTS = 4, MAXR = 16 };
+#ifdef LMOE_SIM_CUDA
+enum { H = 64, I = 48 }; /* the simulated device is slow */
+#else
+enum { H = 256, I = 192 };
+#endif
+static const int32_t req_tokens[NREQ] = {13, 1, 22, 0, 31};
+static const int32_t req_slots[NREQ] = {0, LMOE_NO_ADAPTER, 1, 2, 3};
+static int64_t M;
+
+/* ---------------------------------------------------------------- CUPTI */
+
+static volatile int counting;
+static int n_sync, n_d2h, n_blocking, n_alloc;
+
+static void CUPTIAPI on_runtime(void *user, CUpti_CallbackDomain dom, CUpti_CallbackId id, const void *data) {
+  (void)user;
+  const CUpti_CallbackData *d = data;
+  if (dom != CUPTI_CB_DOMAIN_RUNTIME_API || d->callbackSite != CUPTI_API_ENTER || !counting) return;
+  switch (id) {
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamSynchronize_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamSynchronize_ptsz_v7000:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaDeviceSynchronize_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaEventSynchronize_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamQuery_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaStreamQuery_ptsz_v7000:
+    n_sync++;
+    break;
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpy_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpy2D_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpyFromSymbol_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemset_v3020:
+    n_blocking++;
+    break;
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMemcpyAsync_v3020: {
+    const cudaMemcpyAsync_v3020_params *p = d->functionParams;
+    if (p->kind == cudaMemcpyDeviceToHost || p->kind == cudaMemcpyDefault) n_d2h++;
+    break;
+  }
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMalloc_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaFree_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaHostAlloc_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMallocHost_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaFreeHost_v3020:
+  case CUPTI_RUNTIME_TRACE_CBID_cudaMallocAsync_v11020:
+    n_alloc++;
+    break;
+  default:
+    break;
+  }
+}
+
+/* ---------------------------------------------------------------- ranks */
+
+typedef struct rank_state {
+  lmoe_context *ctx;
+  lmoe_layer *layer;
+  lmoe_pool *pool;
+  lmoe_batch *batch;
+  lmoe_buffer *x, *logits, *ids, *wts, *out;
+  lmoe_forward_args args;
+} rank_state;
+
+/* Adapters of mixed ranks and forms: separate gate/up/down, fused gate_up, gate only,
+   down only (as tests/test_shard.c). */
+static void load_adapters(lmoe_context *c, lmoe_pool *p) {
+  static const struct { int32_t targets, fused, rank; } a[SLOTS] = {
+      {LMOE_TARGET_ALL, 0, 4}, {LMOE_TARGET_ALL, 1, 16}, {LMOE_TARGET_GATE, 0, 3}, {LMOE_TARGET_DOWN, 0, 8}};
+  for (int32_t s = 0; s < SLOTS; s++) {
+    lmoe_random_adapter ra;
+    lmoe_random_adapter_init(&ra);
+    ra.targets = a[s].targets, ra.fused = a[s].fused, ra.rank = a[s].rank;
+    ra.alpha = 2.0f * (float)a[s].rank, ra.seed = 100 + (uint64_t)s, ra.scale = 0.2f;
+    OK(c, lmoe_pool_load_random(p, s, &ra));
+  }
+}
+
+static lmoe_layer_config layer_cfg(int32_t mode, int32_t rank, int32_t size, lmoe_comm *comm) {
+  lmoe_layer_config lc;
+  lmoe_layer_config_init(&lc);
+  lc.num_experts = E, lc.hidden = H, lc.intermediate = I, lc.top_k = K, lc.max_tokens = 128;
+  lc.shard_mode = mode, lc.shard_rank = rank, lc.shard_size = size, lc.comm = comm;
+  return lc;
+}
+
+/* The same inputs on every context (a fill gives the same values for one seed on every
+   context; randomize gives a shard its part of the whole layer's values). */
+static void make_rank(rank_state *r, lmoe_layer_config lc, bool given_routing) {
+  lmoe_context *c = r->ctx;
+  OK(c, lmoe_layer_create(c, &lc, &r->layer));
+  OK(c, lmoe_layer_randomize(r->layer, 7, 0.15f));
+  lmoe_pool_config pc;
+  lmoe_pool_config_init(&pc);
+  pc.num_slots = SLOTS, pc.max_rank = MAXR;
+  OK(c, lmoe_pool_create(r->layer, &pc, &r->pool));
+  load_adapters(c, r->pool);
+  int64_t sx[2] = {M, H}, sl[2] = {M, E}, sk[2] = {M, K};
+  OK(c, lmoe_buffer_create(c, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sx, &r->x));
+  OK(c, lmoe_buffer_create(c, LMOE_DTYPE_BF16, LMOE_MEMORY_DEVICE, 2, sx, &r->out));
+  OK(c, lmoe_buffer_fill_random(r->x, 11, -1.0f, 1.0f, NULL));
+  lmoe_forward_args_init(&r->args);
+  if (given_routing) {
+    OK(c, lmoe_buffer_create(c, LMOE_DTYPE_I32, LMOE_MEMORY_DEVICE, 2, sk, &r->ids));
+    OK(c, lmoe_buffer_create(c, LMOE_DTYPE_F32, LMOE_MEMORY_DEVICE, 2, sk, &r->wts));
+    int32_t *ids = malloc((size_t)(M * K) * sizeof *ids);
+    for (int64_t t = 0; t < M; t++) {
+      ids[t * K] = (int32_t)((t * 5 + 1) % E);
+      ids[t * K + 1] = (int32_t)((t * 3 + 4 + (t % 2)) % E);
+      if (ids[t * K + 1] == ids[t * K]) ids[t * K + 1] = (ids[t * K] + 1) % E;
+    }
+    OK(c, lmoe_buffer_write(r->ids, 0, ids, LMOE_DTYPE_I32, M * K));
+    free(ids);
+    OK(c, lmoe_buffer_fill_random(r->wts, 12, 0.1f, 0.9f, NULL));
+    r->args.topk_ids = r->ids, r->args.topk_weights = r->wts;
+  } else {
+    OK(c, lmoe_buffer_create(c, LMOE_DTYPE_F32, LMOE_MEMORY_DEVICE, 2, sl, &r->logits));
+    OK(c, lmoe_buffer_fill_random(r->logits, 13, -2.0f, 2.0f, NULL));
+    r->args.router_logits = r->logits;
+  }
+  OK(c, lmoe_batch_create(c, &r->batch));
+  OK(c, lmoe_batch_set(r->batch, r->pool, NREQ, req_tokens, req_slots));
+  r->args.layer = r->layer;
+  r->args.pool = r->pool;
+  r->args.batch = r->batch;
+  r->args.x = r->x;
+  r->args.out = r->out;
+}
+
+static void free_rank(rank_state *r) {
+  lmoe_buffer_release(r->x), lmoe_buffer_release(r->out), lmoe_buffer_release(r->logits);
+  lmoe_buffer_release(r->ids), lmoe_buffer_release(r->wts);
+  lmoe_batch_release(r->batch);
+  lmoe_pool_release(r->pool);
+  lmoe_layer_release(r->layer);
+  lmoe_context_release(r->ctx);
+  memset(r, 0, sizeof *r);
+}
+
+static void read_out(rank_state *r, float *dst) { OK(r->ctx, lmoe_buffer_read(r->out, 0, dst, LMOE_DTYPE_F32, M * H)); }
+
+static double rel_l2(const float *a, const float *b, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; i++) {
+    double d = (double)a[i] - (double)b[i];
+    num += d * d, den += (double)b[i] * b[i];
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* The ranks' forwards: one NCCL or one-device rank alone through lmoe_forward (or the
+   group call), several through lmoe_forward_group. */
+static lmoe_status run_ranks(rank_state *rs, int32_t n, bool group, void *stream) {
+  if (n == 1 && !group) return lmoe_forward(rs[0].ctx, &rs[0].args, stream);
+  lmoe_context *ctxs[4];
+  const lmoe_forward_args *args[4];
+  void *streams[4] = {stream, NULL, NULL, NULL};
+  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx, args[r] = &rs[r].args;
+  return lmoe_forward_group(n, ctxs, args, stream ? streams : NULL);
+}
+
+/* kind: "nccl" (one rank, lmoe_comm_create_local with NCCL) or "group" (cuda contexts
+   of one device). */
+static void run_case(int32_t mode, int32_t n, bool given_routing, const char *kind) {
+  char what[128];
+  snprintf(what, sizeof what, "%s n=%d %s%s", mode == LMOE_SHARD_TP ? "TP" : "EP", (int)n, kind,
+           given_routing ? " given routing" : " router");
+  /* the unsharded cuda layer and the float64 reference */
+  rank_state ref = {0};
+  ref.ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  make_rank(&ref, layer_cfg(LMOE_SHARD_TP, 0, 1, NULL), given_routing);
+  OK(ref.ctx, lmoe_forward(ref.ctx, &ref.args, NULL));
+  float *want = malloc((size_t)(M * H) * sizeof *want), *got = malloc((size_t)(M * H) * sizeof *got);
+  float *first = malloc((size_t)(M * H) * sizeof *first);
+  read_out(&ref, want);
+  lmoe_buffer *f64 = NULL;
+  int64_t s2[2] = {M, H};
+  OK(ref.ctx, lmoe_buffer_create(ref.ctx, LMOE_DTYPE_F64, LMOE_MEMORY_HOST, 2, s2, &f64));
+  lmoe_forward_args ra = ref.args;
+  ra.out = f64;
+  OK(ref.ctx, lmoe_reference_forward(ref.ctx, &ra));
+  lmoe_compare_result cr;
+  OK(ref.ctx, lmoe_buffer_compare(ref.out, f64, &cr));
+  double ref_tol = cr.rel_l2;
+
+  rank_state rs[4] = {{0}};
+  lmoe_context *ctxs[4];
+  lmoe_comm *comms[4];
+  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  char err[256];
+  OK(NULL, lmoe_comm_create_local(n, ctxs, comms, err, sizeof err));
+  for (int32_t r = 0; r < n; r++) {
+    make_rank(&rs[r], layer_cfg(mode, r, n, comms[r]), given_routing);
+    lmoe_comm_release(comms[r]); /* the layer keeps it */
+  }
+  if (n > 1) { /* a lone rank of a one-device group: nothing would sum it */
+    lmoe_status st = lmoe_forward(rs[1].ctx, &rs[1].args, NULL);
+    CHECK(st == LMOE_ERR_INVALID_ARGUMENT && strstr(lmoe_context_last_error(rs[1].ctx), "lmoe_forward_group"),
+          "%s: a lone rank's forward: %s \"%s\"", what, lmoe_status_string(st), lmoe_context_last_error(rs[1].ctx));
+  }
+  for (int rep = 0; rep < 2; rep++) { /* n = 1: lmoe_forward, then the group call */
+    for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_buffer_fill(rs[r].out, NAN, NULL));
+    OK(rs[0].ctx, run_ranks(rs, n, rep == 1 || n > 1, NULL));
+    for (int32_t r = 0; r < n; r++) {
+      read_out(&rs[r], r ? got : first);
+      if (r)
+        CHECK(!memcmp(got, first, (size_t)(M * H) * sizeof *got), "%s: rank %d's output differs from rank 0's",
+              what, (int)r);
+    }
+    int64_t same = 0, nonfinite = 0;
+    for (int64_t i = 0; i < M * H; i++) same += first[i] == want[i], nonfinite += !isfinite(first[i]);
+    double d_unsharded = rel_l2(first, want, M * H);
+    lmoe_compare_result c2;
+    OK(rs[0].ctx, lmoe_buffer_compare(rs[0].out, f64, &c2));
+    printf("%s%s: rel_l2 vs unsharded cuda %.2e (%lld of %lld equal), vs float64 %.2e (unsharded %.2e)\n", what,
+           n == 1 ? (rep ? " group call" : " lmoe_forward") : "", d_unsharded, (long long)same, (long long)(M * H),
+           c2.rel_l2, ref_tol);
+    /* EP and one rank: each pair's y is the unsharded layer's and only the float32
+       sum's association can differ; TP: each rank's partial y is rounded to bf16 on
+       its own (an error of the size of the unsharded layer's own) */
+    double lim = mode == LMOE_SHARD_EP || n == 1 ? 2e-3 : 1e-2;
+    CHECK(nonfinite == 0 && d_unsharded <= lim, "%s: rel L2 %.3e against the unsharded cuda layer (limit %.0e), "
+          "%lld non-finite", what, d_unsharded, lim, (long long)nonfinite);
+    CHECK(c2.rel_l2 <= 1e-2 && c2.rel_l2 <= 3 * ref_tol + 1e-3 && c2.nonfinite == 0,
+          "%s: rel_l2 %.3g against the float64 reference (unsharded: %.3g)", what, c2.rel_l2, ref_tol);
+    if (n > 1) break;
+  }
+  for (int32_t r = 0; r < n; r++) free_rank(&rs[r]);
+  lmoe_buffer_release(f64);
+  free_rank(&ref);
+  free(want), free(got), free(first);
+}
+
+/* 0 host waits over forwards whose batch changes; then a forward captured in a graph in
+   global capture mode replays to the eager forward's bits (every rank's context on the
+   one captured stream). */
+static void run_sync_and_graph(int32_t mode, int32_t n, const char *kind) {
+  char what[96];
+  snprintf(what, sizeof what, "%s n=%d %s", mode == LMOE_SHARD_TP ? "TP" : "EP", (int)n, kind);
+  cudaStream_t s;
+  if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) {
+    CHECK(0, "cudaStreamCreate failed");
+    return;
+  }
+  rank_state rs[4] = {{0}};
+  lmoe_context *ctxs[4];
+  lmoe_comm *comms[4];
+  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = gpu_context(LMOE_GUARD_ALWAYS, s);
+  char err[256];
+  OK(NULL, lmoe_comm_create_local(n, ctxs, comms, err, sizeof err));
+  for (int32_t r = 0; r < n; r++) {
+    make_rank(&rs[r], layer_cfg(mode, r, n, comms[r]), false);
+    lmoe_comm_release(comms[r]);
+  }
+  OK(rs[0].ctx, run_ranks(rs, n, n > 1, NULL)); /* warm: modules loaded, NCCL set up */
+  for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_context_synchronize(rs[r].ctx, NULL));
+  lmoe_counters c0[4], c1[4];
+  for (int32_t r = 0; r < n; r++) lmoe_context_counters(rs[r].ctx, &c0[r]);
+  int32_t tok[NREQ], slots[NREQ];
+  n_sync = n_d2h = n_blocking = n_alloc = 0;
+  counting = 1;
+  enum { ROUNDS = 20 };
+  for (int i = 0; i < ROUNDS; i++) {
+    for (int q = 0; q < NREQ; q++) { /* another split and adapter mix, the same M */
+      tok[q] = req_tokens[(q + i) % NREQ];
+      slots[q] = (i + q) % 5 == 4 ? LMOE_NO_ADAPTER : (int32_t)((i * 3 + q) % SLOTS);
+    }
+    for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_batch_set(rs[r].batch, rs[r].pool, NREQ, tok, slots));
+    OK(rs[0].ctx, run_ranks(rs, n, n > 1, NULL));
+  }
+  counting = 0;
+  uint64_t waits = 0;
+  for (int32_t r = 0; r < n; r++) {
+    lmoe_context_counters(rs[r].ctx, &c1[r]);
+    waits += c1[r].host_waits - c0[r].host_waits;
+    CHECK(c1[r].forwards - c0[r].forwards == ROUNDS, "%s: rank %d counted %llu forwards", what, (int)r,
+          (unsigned long long)(c1[r].forwards - c0[r].forwards));
+  }
+  printf("%s: %d forwards: CUPTI syncs %d, d2h copies %d, blocking copies %d, allocations %d; counted host waits "
+         "%llu\n",
+         what, ROUNDS, n_sync, n_d2h, n_blocking, n_alloc, (unsigned long long)waits);
+  CHECK(n_sync == 0 && n_d2h == 0 && n_blocking == 0 && n_alloc == 0 && waits == 0,
+        "%s: host synchronisations %d, d2h copies %d, blocking copies %d, allocations %d, host waits %llu "
+        "(want all 0)",
+        what, n_sync, n_d2h, n_blocking, n_alloc, (unsigned long long)waits);
+
+  /* the last batch once more, eagerly, on the stream to capture: its metadata is on the
+     device in that stream's order (a capture made with cudaStreamBeginCapture needs it) */
+  float *eager = malloc((size_t)(M * H) * sizeof *eager), *replay = malloc((size_t)(M * H) * sizeof *replay);
+  OK(rs[0].ctx, run_ranks(rs, n, n > 1, s));
+  read_out(&rs[0], eager);
+  cudaGraph_t g = NULL;
+  cudaGraphExec_t ge = NULL;
+  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaSuccess, "%s: begin capture", what);
+  lmoe_status st = run_ranks(rs, n, n > 1, s);
+  cudaError_t ce = cudaStreamEndCapture(s, &g);
+  CHECK(st == LMOE_OK && ce == cudaSuccess, "%s: capture: %s / %s", what, lmoe_context_last_error(rs[0].ctx),
+        cudaGetErrorString(ce));
+  if (!st && !ce) {
+    ce = cudaGraphInstantiate(&ge, g, 0);
+    CHECK(ce == cudaSuccess, "%s: instantiate: %s", what, cudaGetErrorString(ce));
+    for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_buffer_fill(rs[r].out, NAN, NULL));
+    for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_context_synchronize(rs[r].ctx, NULL));
+    CHECK(cudaGraphLaunch(ge, s) == cudaSuccess, "%s: graph launch", what);
+    CHECK(cudaStreamSynchronize(s) == cudaSuccess, "%s: replay", what);
+    for (int32_t r = 0; r < n; r++) {
+      read_out(&rs[r], replay);
+      CHECK(!memcmp(replay, eager, (size_t)(M * H) * sizeof *eager),
+            "%s: rank %d's output of the replay differs from the eager forward's", what, (int)r);
+    }
+    printf("%s: captured in global mode, replayed: %s\n", what,
+           memcmp(replay, eager, (size_t)(M * H) * sizeof *eager) ? "differs" : "the eager forward's bits");
+    cudaGraphExecDestroy(ge);
+  }
+  if (g) cudaGraphDestroy(g);
+  free(eager), free(replay);
+  for (int32_t r = 0; r < n; r++) free_rank(&rs[r]);
+  cudaStreamDestroy(s);
+}
+
+/* Ranks on one device given different streams are refused, naming the stream. */
+static void test_refusals(void) {
+  rank_state rs[2] = {{0}};
+  lmoe_context *ctxs[2];
+  lmoe_comm *comms[2];
+  for (int32_t r = 0; r < 2; r++) ctxs[r] = rs[r].ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  char err[256];
+  OK(NULL, lmoe_comm_create_local(2, ctxs, comms, err, sizeof err));
+  for (int32_t r = 0; r < 2; r++) {
+    make_rank(&rs[r], layer_cfg(LMOE_SHARD_EP, r, 2, comms[r]), false);
+    lmoe_comm_release(comms[r]);
+  }
+  const lmoe_forward_args *args[2] = {&rs[0].args, &rs[1].args};
+  void *streams[2] = {lmoe_context_stream(rs[0].ctx), lmoe_context_stream(rs[1].ctx)};
+  lmoe_status st = lmoe_forward_group(2, ctxs, args, streams);
+  CHECK(st == LMOE_ERR_INVALID_ARGUMENT && strstr(lmoe_context_last_error(rs[0].ctx), "streams[1]"),
+        "ranks on two streams: %s \"%s\"", lmoe_status_string(st), lmoe_context_last_error(rs[0].ctx));
+  /* a shard_size 2 layer without a communicator names the cause */
+  lmoe_layer *l = NULL;
+  lmoe_layer_config lc = layer_cfg(LMOE_SHARD_TP, 0, 2, NULL);
+  st = lmoe_layer_create(rs[0].ctx, &lc, &l);
+  CHECK(st != LMOE_OK && !l && strstr(lmoe_context_last_error(rs[0].ctx), "comm"), "no comm: %s \"%s\"",
+        lmoe_status_string(st), lmoe_context_last_error(rs[0].ctx));
+  for (int32_t r = 0; r < 2; r++) free_rank(&rs[r]);
+}
+
+int main(void) {
+  if (!test_need_gpu("test_gpu_shard")) return 1;
+  M = 0;
+  for (int i = 0; i < NREQ; i++) M += req_tokens[i];
+  CUpti_SubscriberHandle sub;
+  if (cuptiSubscribe(&sub, on_runtime, NULL) != CUPTI_SUCCESS ||
+      cuptiEnableDomain(1, sub, CUPTI_CB_DOMAIN_RUNTIME_API) != CUPTI_SUCCESS) {
+    fprintf(stderr, "CUPTI subscription failed\n");
+    return 1;
+  }
+  bool nccl = lmoe_has_nccl() != 0;
+  if (!nccl)
+    printf("SKIPPED: the NCCL cases (one rank through NCCL): this build has no NCCL (cmake option LMOE_NCCL, "
+           "LMOE_NCCL_ROOT); one rank runs as a one-device group instead\n");
+  for (int32_t mode = LMOE_SHARD_TP; mode <= LMOE_SHARD_EP; mode++) {
+    /* one rank: lmoe_comm_create_local of one cuda context is NCCL's when built with it */
+    run_case(mode, 1, mode == LMOE_SHARD_EP, nccl ? "nccl" : "group");
+    run_case(mode, 2, false, "group");
+    run_case(mode, 3, true, "group");
+    run_case(mode, 3, false, "group");
+    run_sync_and_graph(mode, 1, nccl ? "nccl" : "group");
+    run_sync_and_graph(mode, 3, "group");
+  }
+  cuptiUnsubscribe(sub);
+  test_refusals();
+  return test_summary();
+}
