@@ -7,8 +7,10 @@
  *
  * One owning box serves every handle, as liolib's file handle does: created empty
  * before the C object is acquired, it stores the handle and its release function, and
- * its uservalue keeps the parent (a pool's layer, a wrapped buffer's owner, a borrowed
- * buffer's layer) alive. __gc releases; core.close releases now.
+ * its uservalue keeps what it depends on alive (a wrapped buffer's owner, a borrowed
+ * buffer's layer) or, for a pool, the layer's shapes that pool_load checks arrays
+ * against (the library itself keeps a pool's layer). __gc releases; core.close
+ * releases now.
  *
  * Everything a caller can pass is checked here before use even though the Lua API has
  * checked it already with its own messages: handle kinds, integer ranges (no
@@ -256,9 +258,15 @@ static void push_struct(lua_State *L, const fld *f, const void *s) {
   }
 }
 
+/* Moves the value on top of the stack into the anchor list at stack index a. Whatever
+   C gets a pointer into (a string, a box, a mem) is anchored there as soon as it is
+   read, so it stays referenced until the function returns, whatever metamethods (a
+   fresh string from __index) or finalizers do to the tables it came from. */
+static void anchor(lua_State *L, int a) { lua_rawseti(L, a, (lua_Integer)lua_rawlen(L, a) + 1); }
+
 /* Sets the fields of s that the table at t has (others keep the defaults); strings
-   stay referenced by the table, which the caller keeps on the stack. */
-static void get_struct(lua_State *L, int t, const fld *f, void *s) {
+   and boxes are anchored in the list at a. */
+static void get_struct(lua_State *L, int t, const fld *f, void *s, int a) {
   char *b = (char *)s;
   luaL_checktype(L, t, LUA_TTABLE);
   for (; f->k; f++) {
@@ -286,7 +294,8 @@ static void get_struct(lua_State *L, int t, const fld *f, void *s) {
     } else {
       *(void **)v = checkh(L, lua_gettop(L), box_kinds[strchr(box_letters, f->t) - box_letters]);
     }
-    lua_pop(L, 1);
+    if (ty == LUA_TSTRING || ty == LUA_TUSERDATA) anchor(L, a);
+    else lua_pop(L, 1);
   }
 }
 
@@ -408,9 +417,9 @@ static const fld forward_f[] = {F(forward_args, layer, 'l'), F(forward_args, poo
 
 /* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
    rank=, scale=}) for the pool at idx: every array is checked to hold what C reads
-   for the pool's layer (its shapes are the pool box's uservalue). The mems stay
-   referenced by t, on the stack, during the call. */
-static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
+   for the pool's layer (its shapes are the pool box's uservalue). The mems are
+   anchored in the list at a. */
+static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d, int a) {
   luaL_checktype(L, t, LUA_TTABLE);
   lua_getiuservalue(L, pool, 1);
   const int32_t *dims = (const int32_t *)checkmem(L, -1, M_I32, 3);
@@ -433,7 +442,9 @@ static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
       parts[i]->scale = (float)luaL_checknumber(L, pi + 2);
       parts[i]->a = checkmem(L, pi + 3, M_F64, mul3(E, r, in[i]));
       parts[i]->b = checkmem(L, pi + 4, M_F64, mul3(E, out[i], r));
-      lua_pop(L, 4);
+      anchor(L, a);
+      anchor(L, a);
+      lua_pop(L, 2);
     }
     lua_pop(L, 1);
   }
@@ -453,7 +464,7 @@ static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d) {
      other arguments, must hold that many elements: f an f64 mem, w an i32 mem, q an
      i64 mem (.p)
      a table for a struct, initialised, then the fields of its field list that the table
-     sets (the table keeps their strings and boxes during the call), into the member of
+     sets (their strings and boxes anchored during the call, see anchor), into the member of
      s that has the letter's name: C lmoe_context_config, L lmoe_layer_config, O
      lmoe_pool_config, Q lmoe_batch_config, R lmoe_random_adapter, Y
      lmoe_peft_synthetic, A lmoe_forward_args; D an adapter description for the pool
@@ -468,6 +479,12 @@ static const int mem_types[] = {M_F64, M_I32, M_I64};
 
 static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, sarg *s) {
   lua_Integer count = 0;
+  int anc = 0;
+  if (strpbrk(spec, "CLOQRYAD")) { /* the anchor list goes above every argument */
+    if (lua_gettop(L) < (int)strlen(spec)) lua_settop(L, (int)strlen(spec));
+    lua_newtable(L);
+    anc = lua_gettop(L);
+  }
   for (int k = 0; spec[k]; k++) {
     const char *box = strchr(box_letters, spec[k]);
     if (box) a[k].p = checkh(L, k + 1, box_kinds[box - box_letters]);
@@ -480,14 +497,14 @@ static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, sarg
     else if (spec[k] == 's') a[k].s = luaL_checkstring(L, k + 1);
     else if (spec[k] == 'S') a[k].i = check_shape(L, k + 1, shp, LMOE_MAX_DIMS);
     else if (spec[k] == 'P') a[k].p = opt_ptr(L, k + 1);
-    else if (spec[k] == 'C') lmoe_context_config_init(&s->C), get_struct(L, k + 1, context_f, &s->C);
-    else if (spec[k] == 'L') lmoe_layer_config_init(&s->L), get_struct(L, k + 1, layer_f, &s->L);
-    else if (spec[k] == 'O') lmoe_pool_config_init(&s->O), get_struct(L, k + 1, pool_f, &s->O);
-    else if (spec[k] == 'Q') lmoe_batch_config_init(&s->Q), get_struct(L, k + 1, batch_cfg_f, &s->Q);
-    else if (spec[k] == 'R') lmoe_random_adapter_init(&s->R), get_struct(L, k + 1, random_f, &s->R);
-    else if (spec[k] == 'Y') lmoe_peft_synthetic_init(&s->Y), get_struct(L, k + 1, synthetic_f, &s->Y);
-    else if (spec[k] == 'A') lmoe_forward_args_init(&s->A), get_struct(L, k + 1, forward_f, &s->A);
-    else if (spec[k] == 'D') check_desc(L, 1, k + 1, &s->D);
+    else if (spec[k] == 'C') lmoe_context_config_init(&s->C), get_struct(L, k + 1, context_f, &s->C, anc);
+    else if (spec[k] == 'L') lmoe_layer_config_init(&s->L), get_struct(L, k + 1, layer_f, &s->L, anc);
+    else if (spec[k] == 'O') lmoe_pool_config_init(&s->O), get_struct(L, k + 1, pool_f, &s->O, anc);
+    else if (spec[k] == 'Q') lmoe_batch_config_init(&s->Q), get_struct(L, k + 1, batch_cfg_f, &s->Q, anc);
+    else if (spec[k] == 'R') lmoe_random_adapter_init(&s->R), get_struct(L, k + 1, random_f, &s->R, anc);
+    else if (spec[k] == 'Y') lmoe_peft_synthetic_init(&s->Y), get_struct(L, k + 1, synthetic_f, &s->Y, anc);
+    else if (spec[k] == 'A') lmoe_forward_args_init(&s->A), get_struct(L, k + 1, forward_f, &s->A, anc);
+    else if (spec[k] == 'D') check_desc(L, 1, k + 1, &s->D, anc);
   }
   for (int k = 0; spec[k]; k++) {
     const char *mem = strchr(mem_letters, spec[k]);
@@ -745,16 +762,18 @@ static int l_layer_set_expert(lua_State *L) {
 
 /* ------------------------------------------------------------------ pools */
 
-/* pool_create(layer, {num_slots=, max_rank=}) -> st, box. The box keeps the layer's
-   shapes (E, H, I as an i32 mem): pool_load checks arrays against them, and they stay
-   right when the layer's own box is closed (the library keeps the layer for the pool). */
+/* pool_create(layer, {num_slots=, max_rank=}) -> st, box (st alone, as from the FFI
+   core, when the layer's config can't be read). The box keeps the layer's shapes (E,
+   H, I as an i32 mem): pool_load checks arrays against them, and they stay right when
+   the layer's own box is closed (the library keeps the layer for the pool). */
 static int l_pool_create(lua_State *L) {
   arg a[2];
   sarg s;
   checkargs(L, "lO", a, NULL, &s);
   lmoe_layer *l = a[0].p;
   lmoe_layer_config lc;
-  if (layer_config(l, &lc)) luaL_error(L, "loramoe.core: the layer has no config");
+  lmoe_status st = layer_config(l, &lc);
+  if (st) return ret_st(L, st);
   int32_t *dims = (int32_t *)newmem(L, M_I32, 3)->data;
   dims[0] = lc.num_experts;
   dims[1] = lc.hidden;
@@ -765,7 +784,7 @@ static int l_pool_create(lua_State *L) {
 /* ------------------------------------------------------------------ batches, forwards */
 
 /* forward_group({ctx, ...}, {args, ...}): one sharded layer's ranks from this thread.
-   The lists (and the boxes their tables hold) stay on the stack during the call. */
+   Every box read from the lists is anchored during the call. */
 static int l_forward_group(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -774,14 +793,17 @@ static int l_forward_group(lua_State *L) {
   lmoe_context **ctxs = (lmoe_context **)lua_newuserdatauv(L, n * sizeof *ctxs, 0);
   lmoe_forward_args *args = (lmoe_forward_args *)lua_newuserdatauv(L, n * sizeof *args, 0);
   const lmoe_forward_args **pa = (const lmoe_forward_args **)lua_newuserdatauv(L, n * sizeof *pa, 0);
+  lua_newtable(L);
+  int anc = lua_gettop(L);
   for (lua_Unsigned i = 0; i < n; i++) {
     lua_rawgeti(L, 1, (lua_Integer)i + 1);
     ctxs[i] = (lmoe_context *)checkh(L, lua_gettop(L), "context");
+    anchor(L, anc);
     lua_rawgeti(L, 2, (lua_Integer)i + 1);
     lmoe_forward_args_init(&args[i]);
-    get_struct(L, lua_gettop(L), forward_f, &args[i]);
+    get_struct(L, lua_gettop(L), forward_f, &args[i], anc);
     pa[i] = &args[i];
-    lua_pop(L, 2);
+    lua_pop(L, 1);
   }
   return ret_st(L, lmoe_forward_group((int32_t)n, ctxs, pa, NULL));
 }
@@ -799,8 +821,8 @@ static int l_safetensors_metadata(lua_State *L) {
 
 /* safetensors_write(ctx, path, entries, keys, values): entries {name=, dtype=, shape=,
    data=buffer box} whose buffers hold at least shape's elements of dtype in host
-   memory; keys/values lists of strings. Every string and box stays referenced by the
-   argument tables on the stack during the call. */
+   memory; keys/values lists of strings. Every string and box is anchored during the
+   call. */
 static int l_safetensors_write(lua_State *L) {
   lmoe_context *ctx = CTX(1);
   const char *path = luaL_checkstring(L, 2);
@@ -812,16 +834,20 @@ static int l_safetensors_write(lua_State *L) {
   lmoe_tensor_entry *e = (lmoe_tensor_entry *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *e, 0);
   const char **keys = (const char **)lua_newuserdatauv(L, (nm ? nm : 1) * sizeof(char *), 0);
   const char **vals = (const char **)lua_newuserdatauv(L, (nm ? nm : 1) * sizeof(char *), 0);
+  lua_newtable(L);
+  int anc = lua_gettop(L);
   for (lua_Unsigned i = 0; i < n; i++) {
     memset(&e[i], 0, sizeof e[i]);
     if (lua_rawgeti(L, 3, (lua_Integer)i + 1) != LUA_TTABLE) luaL_argerror(L, 3, "entries must be tables");
     int ti = lua_gettop(L);
     if (lua_getfield(L, ti, "name") != LUA_TSTRING) luaL_argerror(L, 3, "entry names must be strings");
     e[i].name = lua_tostring(L, -1);
+    anchor(L, anc);
     lua_getfield(L, ti, "dtype");
     e[i].dtype = check_i32(L, -1);
     lua_getfield(L, ti, "shape");
     e[i].ndim = check_shape(L, lua_gettop(L), e[i].shape, LMOE_TENSOR_MAX_DIMS);
+    lua_pop(L, 2);
     lua_getfield(L, ti, "data");
     lmoe_buffer_desc d = {0};
     if (lmoe_buffer_describe((lmoe_buffer *)checkh(L, -1, "buffer"), &d)) luaL_argerror(L, 3, "a buffer without a description");
@@ -831,14 +857,16 @@ static int l_safetensors_write(lua_State *L) {
     if (d.memory != LMOE_MEMORY_HOST && lmoe_context_backend(ctx) != LMOE_BACKEND_CPU) luaL_argerror(L, 3, "data not in host memory");
     if (d.dtype != e[i].dtype || numel < 0 || numel > d.numel) luaL_argerror(L, 3, "data smaller than its shape");
     e[i].data = d.data;
-    lua_pop(L, 5); /* the entry table at 3 keeps name, shape and buffer referenced */
+    anchor(L, anc);
+    lua_pop(L, 1);
   }
   for (lua_Unsigned i = 0; i < nm; i++) {
     if (lua_rawgeti(L, 4, (lua_Integer)i + 1) != LUA_TSTRING || lua_rawgeti(L, 5, (lua_Integer)i + 1) != LUA_TSTRING)
       luaL_argerror(L, 4, "metadata must be strings");
     keys[i] = lua_tostring(L, -2);
     vals[i] = lua_tostring(L, -1);
-    lua_pop(L, 2);
+    anchor(L, anc);
+    anchor(L, anc);
   }
   return ret_st(L, lmoe_safetensors_write(ctx, path, (int32_t)n, e, (int32_t)nm, keys, vals));
 }
@@ -901,10 +929,12 @@ static int l_comm_create_local(lua_State *L) {
   if (n < 1 || n > 4096) luaL_argerror(L, 1, "1..4096 contexts");
   lmoe_context **ctxs = (lmoe_context **)lua_newuserdatauv(L, n * sizeof *ctxs, 0);
   lmoe_comm **out = (lmoe_comm **)lua_newuserdatauv(L, n * sizeof *out, 0);
+  lua_newtable(L);
+  int anc = lua_gettop(L);
   for (lua_Unsigned i = 0; i < n; i++) {
     lua_rawgeti(L, 1, (lua_Integer)i + 1);
     ctxs[i] = (lmoe_context *)checkh(L, lua_gettop(L), "context");
-    lua_pop(L, 1);
+    anchor(L, anc); /* the boxes, anchored during the call */
   }
   lua_createtable(L, (int)n, 0);
   int t = lua_gettop(L);

@@ -101,4 +101,83 @@ describe("the raw core", function()
     refuses(R.layer_create, ctx, { num_experts = 2, hidden = 4, intermediate = 2, comm = ctx })
     refuses(R.batch_create_with, ctx, { staging_depth = 1.5 })
   end)
+
+  -- A table whose fields all come from __index, each a fresh value (a function in
+  -- `fields` builds one per read), each read first running the collector and filling
+  -- the heap with strings of about the same sizes: a value that C was given a pointer
+  -- into and that nothing references any more is freed, then overwritten, before C
+  -- runs. The results are checked by content; the ASan build (make test-fuzz-lua
+  -- builds one; ctest -L lua there) also reports any read of freed memory.
+  local junk = {}
+  local function hostile(fields)
+    return setmetatable({}, { __index = function(_, k)
+      collectgarbage()
+      collectgarbage()
+      for i = 1, 64 do junk[(#junk % 256) + 1] = string.rep(string.char(65 + i % 26), 40 + i % 16) .. i end
+      local v = fields[k]
+      if type(v) == "function" then return v() end
+      return v
+    end })
+  end
+
+  it("keeps what metamethods give alive until C returns", function()
+    local path = os.tmpname()
+    local entries = {}
+    for i = 1, 6 do
+      entries[i] = hostile {
+        name = function() return "tensor." .. string.rep("n", 40) .. i end, dtype = 3,
+        shape = function() return { 2 } end,
+        data = function() -- a buffer box that only C would see
+          local st, b = R.buffer_create(ctx, 3, 0, { 2 })
+          assert.are.equal(0, tonumber(st))
+          assert.are.equal(0, tonumber(R.buffer_fill(b, i)))
+          return b
+        end,
+      }
+    end
+    assert.are.equal(0, tonumber(R.safetensors_write(ctx, path, entries, { "key" }, { "value" })))
+    local st, f = R.safetensors_open(ctx, path)
+    assert.are.equal(0, tonumber(st))
+    assert.are.equal(6, R.safetensors_count(f))
+    for i = 1, 6 do
+      local found, idx = R.safetensors_find(f, "tensor." .. string.rep("n", 40) .. i)
+      assert.are.equal(0, tonumber(found), "tensor " .. i)
+      local m = R.mem("f64", 2)
+      assert.are.equal(0, tonumber(R.safetensors_read(f, idx, m, 2)))
+      assert.are.same({ i, i }, R.unpack(m))
+    end
+    R.close(f)
+    os.remove(path)
+
+    -- string fields of a struct (the patterns' keys)
+    local dir = os.tmpname()
+    os.remove(dir)
+    local spec = hostile { num_layers = 1, num_experts = 2, hidden = 4, intermediate = 2, rank = 2, alpha = 4,
+      rank_pattern_key = function() return "down" .. "_proj" end, rank_pattern_value = 1,
+      alpha_pattern_key = function() return "up" .. "_proj" end, alpha_pattern_value = 8 }
+    assert.are.equal(0, tonumber(R.peft_write_synthetic(ctx, dir, spec)))
+    local p
+    st, p = R.peft_open(ctx, dir)
+    assert.are.equal(0, tonumber(st))
+    local d
+    st, d = R.peft_layer_desc(p, 0, 2, 4, 2)
+    assert.are.equal(0, tonumber(st))
+    assert.are.equal(1, d.down.rank)
+    assert.are.equal(2, d.gate.rank)
+    assert.are.near(8 / 2, d.up.scale, 1e-6)
+    R.close(p)
+
+    -- mems of an adapter description, boxes of a struct
+    local part = function()
+      return hostile { rank = 1, scale = 1, a = function() return R.mem("f64", 8) end,
+        b = function() return R.mem("f64", 4) end }
+    end
+    assert.are.equal(0, tonumber(R.pool_load(pool, 0, hostile { gate = part, up = part })))
+    local l2
+    st, l2 = R.layer_create(ctx, hostile { num_experts = 2, hidden = 4, intermediate = 2, top_k = 1,
+      max_tokens = 8 })
+    assert.are.equal(0, tonumber(st))
+    R.close(l2)
+    junk = {}
+  end)
 end)

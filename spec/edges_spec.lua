@@ -124,6 +124,26 @@ describe("the Lua boundary", function()
       function() ctx:wrap("f32", { 1 }, other:data(), "device", other) end)
   end)
 
+  it("makes pools alike: refusals, a closed layer, the raw cores' answer", function()
+    local l2 = assert(ctx:layer { experts = 2, hidden = 4, intermediate = 2, top_k = 1, max_tokens = 8 })
+    local p, msg, code = l2:pool { slots = 0 }
+    assert.is_nil(p)
+    assert.are.equal("INVALID_ARGUMENT: num_slots must be 1..4096, got 0", msg)
+    assert.are.equal("INVALID_ARGUMENT", code)
+    p, msg = l2:pool { max_rank = 2000 }
+    assert.are.equal("INVALID_ARGUMENT: max_rank must be 1..1024, got 2000", msg)
+    same("bad argument #1 to 'pool' (table expected, got number)", function() l2:pool(5) end)
+    same("bad argument #1 to 'pool' (field 'max_rank' must be an integer)", function() l2:pool { max_rank = "2" } end)
+    -- under either core a pool the library refuses is its status alone, no box (as is
+    -- a layer whose config can't be read, which an open layer box never is)
+    local st, box = lm.core.pool_create(l2._box, { num_slots = 0 })
+    assert.are.equal(1, tonumber(st))
+    assert.is_nil(box)
+    assert.are.equal(1, select("#", lm.core.pool_create(l2._box, { num_slots = 0 })))
+    l2:close()
+    same("attempt to use a closed layer", function() l2:pool {} end)
+  end)
+
   it("keeps strings computed by __index alive while C uses them", function()
     local dir = os.tmpname()
     local names = setmetatable({}, { __index = function(_, k) return k == "name" and ("t" .. string.rep("x", 40)) or nil end })

@@ -49,6 +49,12 @@ local R = {
 
 local function bad(msg) error("loramoe.ffi_core: " .. msg, 3) end
 
+-- Whatever C gets a pointer into (a string, a box, a mem) is put in an anchor table as
+-- soon as it is read, whatever metamethods (a fresh string from __index) do to the
+-- tables it came from; `live` holds that table from the last read until C returns (a
+-- local alone would not do: LuaJIT's compiler may drop a local that is not read again).
+local live
+
 -- ------------------------------------------------------------------ boxes
 
 local kinds = {
@@ -65,7 +71,8 @@ for k, v in pairs(kinds) do
   release_of[tonumber(ct)] = v[2]
   out_of[k] = ffi.new(v[1] .. "[1]")
 end
--- What a box keeps alive (a pool's layer, a wrap's owner, a borrowed buffer's layer).
+-- What a box keeps alive (a wrap's owner, a borrowed buffer's layer), or for a pool its
+-- layer's shapes, which pool_load checks arrays against (the library keeps the layer).
 local keep = setmetatable({}, { __mode = "k" })
 local borrowed = setmetatable({}, { __mode = "k" })
 -- Boxes closed by R.close: their pointers would reach freed memory.
@@ -378,6 +385,7 @@ local function wrap(f, name)
   local status_t = ffi.typeof("lmoe_status")
   local errbuf = (steps[#steps] or {}).errbuf
   local function finish(outs, ...)
+    live = nil
     local r = ...
     if type(r) == "cdata" and not ffi.istype(status_t, r) then -- a status stays an enum cdata
       if ffi.istype("const char *", r) then return r ~= nil and ffi.string(r) or "" end
@@ -412,6 +420,7 @@ local function wrap(f, name)
       end
       if s.give then outs[#outs + 1] = x end
     end
+    live = anchor
     return finish(outs, f(unpack(c, 1, nc)))
   end
 end
@@ -520,10 +529,11 @@ function R.layer_weights(h, which)
 end
 
 function R.pool_create(h, cfg)
-  local c = fill("lmoe_pool_config", cfg, {})
+  layer(h) -- the arguments in order, as the C module checks them
+  local c = fill("lmoe_pool_config", cfg, {}) -- integers only
   local o = out("pool")
   local lst, lc = layer_config(h)
-  if lst ~= 0 then return lst end
+  if lst ~= 0 then return lst end -- as from the C module: the status alone
   local dims = { lc.num_experts, lc.hidden, lc.intermediate } -- fixed, checked by pool_load
   local st = C.lmoe_pool_create(h, c, o)
   if st ~= 0 then return st end
@@ -541,7 +551,7 @@ function R.batch_active_slots(h, s, t, cap)
   return C.lmoe_batch_active_slots(batch(h), checkmem(s, "i32", i32(cap)), checkmem(t, "i64", cap), cap)
 end
 
--- forward_group({ctx, ...}, {args, ...}): the lists hold the boxes during the call.
+-- forward_group({ctx, ...}, {args, ...}): every box read from the lists is anchored.
 function R.forward_group(cs, as)
   if type(cs) ~= "table" or type(as) ~= "table" then bad("lists expected") end
   local n = #cs
@@ -549,12 +559,17 @@ function R.forward_group(cs, as)
   local ctxs = ffi.new("lmoe_context *[?]", n)
   local args = ffi.new("lmoe_forward_args[?]", n)
   local pa = ffi.new("const lmoe_forward_args *[?]", n)
+  local anchor = {}
   for i = 1, n do
-    ctxs[i - 1] = ctx(cs[i])
-    args[i - 1] = fill("lmoe_forward_args", as[i], {})
+    anchor[#anchor + 1] = ctx(cs[i])
+    ctxs[i - 1] = anchor[#anchor]
+    args[i - 1] = fill("lmoe_forward_args", as[i], anchor)
     pa[i - 1] = args + (i - 1)
   end
-  return C.lmoe_forward_group(n, ctxs, pa, nil)
+  live = anchor
+  local st = C.lmoe_forward_group(n, ctxs, pa, nil)
+  live = nil
+  return st
 end
 
 -- comm_create_local({ctx, ...}) -> st, {box, ...} | st, message
@@ -562,11 +577,16 @@ function R.comm_create_local(cs)
   if type(cs) ~= "table" then bad("list expected") end
   local n = #cs
   if n < 1 or n > 4096 then bad("1..4096 contexts") end
-  local ctxs = ffi.new("lmoe_context *[?]", n)
-  for i = 1, n do ctxs[i - 1] = ctx(cs[i]) end
+  local ctxs, anchor = ffi.new("lmoe_context *[?]", n), {}
+  for i = 1, n do
+    anchor[i] = ctx(cs[i])
+    ctxs[i - 1] = anchor[i]
+  end
   local o = ffi.new("lmoe_comm *[?]", n)
   local err = ffi.new("char[256]")
+  live = anchor
   local st = C.lmoe_comm_create_local(n, ctxs, o, err, 256)
+  live = nil
   if st ~= 0 then return st, ffi.string(err) end
   local t = {}
   for i = 1, n do t[i] = box("comm", o[i - 1]) end
@@ -580,16 +600,18 @@ end
 function R.safetensors_read(h, i, m, n)
   return C.lmoe_safetensors_read(stf(h), i32(i), checkmem(m, "f64", int(n)), C.LMOE_DTYPE_F64, n)
 end
--- entries {name=, dtype=, shape=, data=buffer box}; the strings and boxes stay
--- referenced by the argument tables during the call.
+-- entries {name=, dtype=, shape=, data=buffer box}, the lists read raw; every string
+-- and box is anchored during the call.
 function R.safetensors_write(h, path, entries, keys, vals)
   local n, nm = #entries, #keys
   if nm ~= #vals then bad("keys and values differ in length") end
-  local e = ffi.new("lmoe_tensor_entry[?]", n > 0 and n or 1)
+  local e, anchor = ffi.new("lmoe_tensor_entry[?]", n > 0 and n or 1), {}
   for i = 1, n do
-    local t = entries[i]
+    local t = rawget(entries, i)
+    if type(t) ~= "table" then bad("entries must be tables") end
     local ent = e[i - 1]
-    ent.name = str(t.name)
+    anchor[#anchor + 1] = str(t.name)
+    ent.name = anchor[#anchor]
     ent.dtype = i32(t.dtype)
     ent.ndim = shape(t.shape, C.LMOE_TENSOR_MAX_DIMS)
     local numel = 1
@@ -597,7 +619,8 @@ function R.safetensors_write(h, path, entries, keys, vals)
       ent.shape[d] = shape_buf[d]
       numel = mul3(numel, tonumber(shape_buf[d]), 1)
     end
-    local st, bd = R.buffer_describe(t.data)
+    anchor[#anchor + 1] = t.data
+    local st, bd = R.buffer_describe(anchor[#anchor])
     if st ~= 0 or bd.dtype ~= ent.dtype or numel > bd.numel then bad("data smaller than its shape") end
     if bd.memory ~= C.LMOE_MEMORY_HOST and C.lmoe_context_backend(ctx(h)) ~= C.LMOE_BACKEND_CPU then
       bad("data not in host memory")
@@ -606,8 +629,16 @@ function R.safetensors_write(h, path, entries, keys, vals)
   end
   local mk = ffi.new("const char *[?]", nm > 0 and nm or 1)
   local mv = ffi.new("const char *[?]", nm > 0 and nm or 1)
-  for i = 1, nm do mk[i - 1], mv[i - 1] = str(keys[i]), str(vals[i]) end
-  return C.lmoe_safetensors_write(ctx(h), str(path), n, e, nm, mk, mv)
+  for i = 1, nm do
+    local k, v = str(rawget(keys, i)), str(rawget(vals, i))
+    anchor[#anchor + 1] = k
+    anchor[#anchor + 1] = v
+    mk[i - 1], mv[i - 1] = k, v
+  end
+  live = anchor
+  local st = C.lmoe_safetensors_write(ctx(h), str(path), n, e, nm, mk, mv)
+  live = nil
+  return st
 end
 
 function R.peft_layers(h, m, cap) return C.lmoe_peft_layers(peft(h), checkmem(m, "i32", i32(cap)), cap) end
