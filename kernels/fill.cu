@@ -5,6 +5,7 @@
 #include "lmoe_kernels.h"
 
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -30,6 +31,9 @@ static __global__ void k_fill_random(void *p, int32_t dtype, int64_t n, uint64_t
     case 1: ((__half *)p)[i] = __float2half_rn(v); break;
     case 2: ((float *)p)[i] = v; break;
     case 3: ((double *)p)[i] = (double)v; break;
+    case 5: /* f8_e4m3: nearest even, saturating (convert.c's lmoe_f64_to_f8e4m3) */
+      ((uint8_t *)p)[i] = (uint8_t)__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+      break;
     case 4: {
       double f = floor((double)v);
       ((int32_t *)p)[i] = f >= 2147483647.0 ? 2147483647 : f <= -2147483648.0 ? (-2147483647 - 1) : (int32_t)f;
@@ -47,6 +51,7 @@ static __global__ void k_fill(void *p, int32_t dtype, int64_t n, double v) {
     case 1: ((__half *)p)[i] = __float2half_rn((float)v); break;
     case 2: ((float *)p)[i] = (float)v; break;
     case 3: ((double *)p)[i] = v; break;
+    case 5: ((uint8_t *)p)[i] = (uint8_t)__nv_cvt_double_to_fp8(v, __NV_SATFINITE, __NV_E4M3); break;
     case 4: {
       double f = floor(v);
       ((int32_t *)p)[i] = f >= 2147483647.0 ? 2147483647 : f <= -2147483648.0 ? (-2147483647 - 1) : (int32_t)f;

@@ -32,6 +32,9 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
 /* The engine hook: every GEMM stage goes through here, to the engine of its row. An
    engine added to the table adds its case. */
 static cudaError_t run_gemm(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
+  /* an FP8 layer's gate_up and down: the FP8 engine, whatever the table's row (its row
+     tile, f->bm, is the plan's); its shrinks read the bf16 activations on their row */
+  if (f->fp8 && (op == LMOE_OP_GATEUP || op == LMOE_OP_DOWN)) return lmoe_fp8_run(op, f, lora, s);
   int32_t cfg = op == LMOE_OP_GATEUP || op == LMOE_OP_DOWN ? f->gemm_cfg : f->shrink_cfg;
   if (cfg < 0 || cfg >= lmoe_gemm_nconfigs) return cudaErrorInvalidValue;
   switch (lmoe_gemm_configs[cfg].engine) {
@@ -39,6 +42,16 @@ static cudaError_t run_gemm(int32_t op, const lmoe_fwd *f, int lora, cudaStream_
   case LMOE_ENGINE_SM90: return lmoe_sm90_run(op, cfg, f, lora, s);
   default: return cudaErrorInvalidValue;
   }
+}
+
+cudaError_t lmoe_k_fp8_init(int32_t *available) {
+  int d = 0, limit = 0, major = 0, minor = 0;
+  *available = 0;
+  cudaError_t e = cudaGetDevice(&d);
+  if (!e) e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, d);
+  if (!e) e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d);
+  if (!e) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, d);
+  return e ? e : lmoe_fp8_init(major * 10 + minor, limit, available);
 }
 
 cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) { return run_gemm(LMOE_OP_SHRINK13, f, 1, s); }

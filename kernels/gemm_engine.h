@@ -33,6 +33,20 @@ size_t lmoe_sm90_dense_ws(int64_t M);
 cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_t K, const uint16_t *a, const uint16_t *b,
                             uint16_t *c, void *ws, cudaStream_t s);
 
+/* The FP8 engine (gemm_sm90_fp8.cu): an FP8 layer's gate_up and down on e4m3 wgmma
+   with the block scales applied per 128-wide K chunk, the LoRA expand in bf16 after
+   them. init: *available = 1 when its kernels can run on the current device (cc 9.0,
+   sm_90a code, the TMA encoder, its shared memory). run: op with the row tile f->bm. */
+cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *available);
+cudaError_t lmoe_fp8_run(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s);
+
+/* A dense C[M, N] = (A[M, K] B[N, K]^T) in bf16 through the FP8 down kernel, for tests
+   and measurements: a e4m3 [M, K] with float32 scales as [M, ceil(K/128)] (a row's
+   128-wide groups), b e4m3 [N, K] with scales bs [ceil(N/128), ceil(K/128)] (128x128
+   blocks); ws holds lmoe_sm90_dense_ws(M) bytes. K and N multiples of 16. */
+cudaError_t lmoe_fp8_dense(int32_t M, int32_t N, int32_t K, const uint8_t *a, const float *as, const uint8_t *b,
+                           const float *bs, uint16_t *c, void *ws, cudaStream_t s);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,6 +7,11 @@ static size_t round_up_sz(size_t v, size_t m) { return (v + m - 1) / m * m; }
 
 void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                    int32_t num_slots, int32_t max_rank, lmoe_ws_layout *o) {
+  lmoe_k_layout_fp8(max_tokens, E, H, I, k, num_slots, max_rank, 0, o);
+}
+
+void lmoe_k_layout_fp8(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
+                       int32_t num_slots, int32_t max_rank, int32_t fp8, lmoe_ws_layout *o) {
   size_t P = (size_t)max_tokens * (size_t)k;
   /* most tiles: the smallest row tile's; most rows: the largest's */
   size_t mt = (P + (size_t)E * (LMOE_K_BM_MIN - 1)) / LMOE_K_BM_MIN + 1;
@@ -35,6 +40,14 @@ void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t 
   LMOE_TAKE(y, P * (size_t)H * 2);
   LMOE_TAKE(t13, rows * t13s * 2);
   LMOE_TAKE(t2, rows * t2s * 2);
+  o->xq = o->xs = o->hq = o->hsc = 0;
+  if (fp8) { /* e4m3 codes and float32 scales of 128-wide groups: x's tokens, h's rows */
+    size_t nbh = ((size_t)H + 127) / 128, nbi = ((size_t)I + 127) / 128;
+    LMOE_TAKE(xq, (size_t)max_tokens * (size_t)H);
+    LMOE_TAKE(xs, (size_t)max_tokens * nbh * 4);
+    LMOE_TAKE(hq, rows * (size_t)I);
+    LMOE_TAKE(hsc, rows * nbi * 4);
+  }
 #undef LMOE_TAKE
   o->total = at;
   o->mt_max = (int32_t)mt;

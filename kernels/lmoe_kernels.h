@@ -98,6 +98,19 @@ typedef struct lmoe_fwd {
   const lmoe_dslot *slots;
   const uint16_t *pool;      /* storage base */
   size_t slot_elems, off_a13, off_b13, off_a2, off_b2; /* in bf16 elements */
+  /* FP8 layers (docs/design.md, "FP8 layers"): fp8 = 1, w13 and w2 hold e4m3 codes (one
+     byte each) with float32 scales of 128x128 blocks (internal.h's layout: w13s
+     [E, 2*nbi, nbh], gate's row blocks then up's; w2s [E, nbh, nbi]). lmoe_k_quant_x and
+     lmoe_k_quant_h quantize the activations per row and 128-wide group into xq/xs and
+     hq/hsc, which gate_up and down read on the FP8 engine; x and h stay in bf16 for the
+     shrinks. */
+  int32_t fp8;
+  int32_t nbh, nbi;          /* ceil(H / 128), ceil(I / 128) */
+  const float *w13s, *w2s;
+  uint8_t *xq;               /* [M, H] e4m3 */
+  float *xs;                 /* [M, nbh] */
+  uint8_t *hq;               /* [h rows, I] e4m3 (sorted rows, as h) */
+  float *hsc;                /* [h rows, nbi] */
 } lmoe_fwd;
 
 /* Workspace layout for the upper bounds of a layer (and pool): byte offsets. */
@@ -105,9 +118,13 @@ typedef struct lmoe_ws_layout {
   size_t ids, tw, tok_group, cnt, off, tile_expert, ntiles, any, sorted_pair, sorted_group, h, y,
       t13, t2, total;
   int32_t mt_max, t13s, t2s;
+  size_t xq, xs, hq, hsc; /* FP8 layers' quantized activations (0 without) */
 } lmoe_ws_layout;
 void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                    int32_t num_slots, int32_t max_rank, lmoe_ws_layout *out);
+/* The same for an FP8 layer (fp8 != 0): the regions above, then xq, xs, hq, hsc. */
+void lmoe_k_layout_fp8(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
+                       int32_t num_slots, int32_t max_rank, int32_t fp8, lmoe_ws_layout *out);
 
 /* The forward's host-side plan (plan.c): the lmoe_fwd its kernels read.
 
@@ -132,7 +149,9 @@ typedef struct lmoe_k_plan_args {
   /* the layer */
   int64_t max_tokens;
   int32_t E, H, I, k, renorm;
-  const uint16_t *w13, *w2;
+  const uint16_t *w13, *w2;     /* FP8 layers: e4m3 codes */
+  int32_t fp8;                  /* an FP8 layer: w13s, w2s its block scales */
+  const float *w13s, *w2s;
   const lmoe_k_pool_plan *pool; /* or NULL */
   int32_t lora;                 /* LoRA may run: the pool's fields are filled (meta is the caller's) */
   /* the forward */
@@ -155,6 +174,10 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f);
    *dev receives what the GEMM selector needs to know of the device. Fails
    (cudaErrorInvalidConfiguration) on a device that fits no configuration. */
 cudaError_t lmoe_k_init(lmoe_gemm_device *dev);
+/* Whether FP8 layers can run on the current device: the FP8 engine's kernels
+   (kernels/gemm_sm90_fp8.cu) need cc 9.0, sm_90a code in the binary and the driver's
+   TMA encoder. Call after lmoe_k_init. */
+cudaError_t lmoe_k_fp8_init(int32_t *available);
 
 cudaError_t lmoe_k_fill_random(void *p, int32_t dtype, int64_t n, uint64_t seed, float lo, float hi,
                                cudaStream_t s);
@@ -172,6 +195,12 @@ cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s); /* h = s
 cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s);   /* t2 = s * A2 h    (LoRA) */
 cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s);   /* y = w * (W2 h + B2 t2) */
 cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s);    /* out = sum_j y (or part, f32) */
+/* FP8 layers only (kernels/quant.cu): the activations quantized per row and 128-wide
+   group, scale = amax / 448 (1 for an all-zero group), code = e4m3(v / scale) rounded to
+   nearest even, saturating. quant_x: x into xq, xs (before gate_up); quant_h: h's rows
+   in use into hq, hsc (after gate_up; padding rows zero). */
+cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s);
+cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s);
 
 /* A sharded layer's sum over ranks whose partials share one device (and the rounding
    after an NCCL all-reduce, n = 1): out[o][i] = bf16(part[0][i] + part[1][i] + ...), in

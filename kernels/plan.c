@@ -30,8 +30,8 @@ void lmoe_k_plan_pool(int32_t H_, int32_t I_, int32_t num_slots, int32_t max_ran
 size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   const lmoe_k_pool_plan *pool = a->pool;
   lmoe_ws_layout L;
-  lmoe_k_layout(a->max_tokens, a->E, a->H, a->I, a->k, pool ? pool->num_slots : 0,
-                pool ? pool->max_rank : 0, &L);
+  lmoe_k_layout_fp8(a->max_tokens, a->E, a->H, a->I, a->k, pool ? pool->num_slots : 0,
+                    pool ? pool->max_rank : 0, a->fp8, &L);
   if (L.total > a->workspace_bytes || !a->workspace) return L.total;
   uint8_t *ws = a->workspace;
 
@@ -102,6 +102,17 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
     f->off_b2 = pool->off_b2;
     f->al_lora = pool->al_lora;
     f->lora = 1;
+  }
+  if (a->fp8) { /* gate_up and down go to the FP8 engine (gemm.c); the shrinks as above */
+    f->fp8 = 1;
+    f->nbh = (a->H + 127) / 128;
+    f->nbi = (a->I + 127) / 128;
+    f->w13s = a->w13s;
+    f->w2s = a->w2s;
+    f->xq = ws + L.xq;
+    f->xs = (float *)(ws + L.xs);
+    f->hq = ws + L.hq;
+    f->hsc = (float *)(ws + L.hsc);
   }
   return L.total;
 }

@@ -12,4 +12,6 @@ set(LMOE_CUDA_SOURCES
   ${PROJECT_SOURCE_DIR}/kernels/reduce.cu
   ${PROJECT_SOURCE_DIR}/kernels/gemm_sm80.cu
   ${PROJECT_SOURCE_DIR}/kernels/gemm_sm90.cu
+  ${PROJECT_SOURCE_DIR}/kernels/gemm_sm90_fp8.cu
+  ${PROJECT_SOURCE_DIR}/kernels/quant.cu
 )

@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail=0
-for f in gemm_sm90.cu gemm_sm80.cu; do
+for f in gemm_sm90.cu gemm_sm80.cu gemm_sm90_fp8.cu; do
   out=$("$nvcc" -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -DLMOE_SM90A -Xptxas -v \
     -I"$root/kernels" -c "$root/kernels/$f" -o "$tmp/$f.o" 2>&1) || { echo "$out" | grep -E "error" | head; fail=1; continue; }
   remarks=$(echo "$out" | grep -c "Potential Performance Loss")

@@ -24,6 +24,7 @@ typedef struct cuda_ctx {
   int own_stream;
   int32_t *any_host; /* pinned: the device_sync guard's flag */
   lmoe_gemm_device gemm_dev; /* what the GEMM selector knows of this device */
+  int32_t fp8;               /* the FP8 engine runs here (lmoe_k_fp8_init) */
   /* Batches whose metadata the capture in progress (lmoe_graph_begin) reads, each
      retained; lmoe_graph_end hands them to the graph, whose launches upload them. */
   lmoe_batch **cap;
@@ -122,6 +123,7 @@ static lmoe_status cu_device_info(int32_t device, lmoe_device_info *out) {
 
 static int kernels_ready[64];
 static lmoe_gemm_device kernels_dev[64];
+static int32_t kernels_fp8[64];
 
 static lmoe_status cu_init(lmoe_context *ctx) {
   int n = cu_device_count();
@@ -136,18 +138,23 @@ static lmoe_status cu_init(lmoe_context *ctx) {
   if (!c) return lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
   if (ctx->device >= 64 || !kernels_ready[ctx->device]) {
     lmoe_gemm_device dev;
+    int32_t fp8 = 0;
     e = lmoe_k_init(&dev);
+    if (!e) e = lmoe_k_fp8_init(&fp8);
     if (e) {
       free(c);
       return cuda_err(ctx, e, "setting up the kernels for this device");
     }
     if (ctx->device < 64) {
       kernels_dev[ctx->device] = dev;
+      kernels_fp8[ctx->device] = fp8;
       kernels_ready[ctx->device] = 1;
     }
     c->gemm_dev = dev;
+    c->fp8 = fp8;
   } else {
     c->gemm_dev = kernels_dev[ctx->device];
+    c->fp8 = kernels_fp8[ctx->device];
   }
   e = cudaEventCreateWithFlags(&c->order_ev, cudaEventDisableTiming);
   if (e) {
@@ -349,8 +356,8 @@ static size_t cu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_confi
                                  const lmoe_pool_config *pc) {
   (void)ctx;
   lmoe_ws_layout L;
-  lmoe_k_layout(cfg->max_tokens, cfg->num_experts, cfg->hidden, cfg->intermediate, cfg->top_k,
-                pc ? pc->num_slots : 0, pc ? pc->max_rank : 0, &L);
+  lmoe_k_layout_fp8(cfg->max_tokens, cfg->num_experts, cfg->hidden, cfg->intermediate, cfg->top_k,
+                    pc ? pc->num_slots : 0, pc ? pc->max_rank : 0, cfg->weight_dtype == LMOE_DTYPE_F8_E4M3, &L);
   return L.total + part_bytes(cfg);
 }
 
@@ -360,9 +367,39 @@ static float *part_of(const lmoe_context *ctx, const lmoe_forward_plan *plan) {
   const lmoe_layer_config *c = &plan->layer->local;
   const lmoe_pool *pool = plan->pool;
   lmoe_ws_layout L;
-  lmoe_k_layout(c->max_tokens, c->num_experts, c->hidden, c->intermediate, c->top_k,
-                pool ? pool->cfg.num_slots : 0, pool ? pool->cfg.max_rank : 0, &L);
+  lmoe_k_layout_fp8(c->max_tokens, c->num_experts, c->hidden, c->intermediate, c->top_k,
+                    pool ? pool->cfg.num_slots : 0, pool ? pool->cfg.max_rank : 0,
+                    c->weight_dtype == LMOE_DTYPE_F8_E4M3, &L);
   return (float *)((uint8_t *)ctx->workspace + L.total);
+}
+
+/* FP8 layers run on the FP8 engine (kernels/gemm_sm90_fp8.cu): e4m3 wgmma, so a Hopper
+   GPU and sm_90a code in this build; its TMA reads the codes' rows (16-byte pitch) and
+   its 16-byte copies the quantized activations' rows. */
+static lmoe_status cu_fp8_check(lmoe_context *ctx, const lmoe_layer_config *cfg) {
+  cuda_ctx *c = ctx->be;
+  if (!c->fp8) {
+    lmoe_device_info di;
+    memset(&di, 0, sizeof di);
+    cu_device_info(ctx->device, &di);
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "weight_dtype f8_e4m3 on the cuda backend needs the FP8 expert GEMMs (e4m3 wgmma): a Hopper "
+                     "GPU (compute capability 9.0) and a build with sm_90a code (CMAKE_CUDA_ARCHITECTURES "
+                     "including 90a); device %d (%s) is cc %d.%d%s. The cpu backend computes FP8 layers",
+                     (int)ctx->device, di.name, (int)di.cc_major, (int)di.cc_minor,
+#ifdef LMOE_SM90A
+                     ""
+#else
+                     " and this build has no sm_90a code"
+#endif
+    );
+  }
+  if (cfg->hidden % 16 || cfg->intermediate % 16)
+    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                     "weight_dtype f8_e4m3 on the cuda backend needs hidden and intermediate multiples of 16 "
+                     "(the FP8 engine's TMA rows), got %d and %d",
+                     (int)cfg->hidden, (int)cfg->intermediate);
+  return LMOE_OK;
 }
 
 /* ---------------------------------------------------------------- pools */
@@ -694,6 +731,9 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
       .renorm = c->renormalize,
       .w13 = l->w13->data,
       .w2 = l->w2->data,
+      .fp8 = l->w13s != NULL,
+      .w13s = l->w13s ? l->w13s->data : NULL,
+      .w2s = l->w2s ? l->w2s->data : NULL,
       .pool = pool ? &((cuda_pool *)pool->be)->plan : NULL,
       .lora = lora_possible,
       .M = M,
@@ -713,6 +753,17 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   if (need + part > ctx->workspace_bytes || !ctx->workspace)
     return lmoe_fail(ctx, LMOE_ERR_STATE, "the workspace (%zu bytes) is smaller than this layer needs (%zu)",
                      ctx->workspace_bytes, need + part);
+  if (f.fp8) {
+    const lmoe_k_pool_plan *pp = pa.pool;
+    if (lora_possible && ((pp->al_lora & (LMOE_AL_B13 | LMOE_AL_B2)) != (LMOE_AL_B13 | LMOE_AL_B2) ||
+                          (uintptr_t)pp->storage % 16))
+      return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
+                       "an FP8 layer's LoRA expand reads the pool's B13 and B2 rows in 16-byte pieces: the pool's "
+                       "max_rank must be a multiple of 8 (it is %d)",
+                       (int)pool->cfg.max_rank);
+    if ((uintptr_t)f.x % 16)
+      return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "an FP8 layer's x must be 16-byte aligned");
+  }
   f.E_route = l->cfg.num_experts;
   f.e0 = l->e0;
   if (comm) f.part = part_of(ctx, plan); /* == workspace + need */
@@ -741,8 +792,11 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
 
   LAUNCH(lmoe_k_scan(&f, s), 0);
   LAUNCH(lmoe_k_scatter(&f, s), 0);
+  /* an FP8 layer's activations quantized for its base GEMMs; the shrinks read x and h */
+  if (f.fp8) LAUNCH(lmoe_k_quant_x(&f, s), 0);
   if (run_lora) LAUNCH(lmoe_k_shrink13(&f, s), 1);
   LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
+  if (f.fp8) LAUNCH(lmoe_k_quant_h(&f, s), 0);
   if (run_lora) LAUNCH(lmoe_k_shrink2(&f, s), 1);
   LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
   LAUNCH(lmoe_k_reduce(&f, s), 0);
@@ -955,6 +1009,7 @@ static const lmoe_backend_ops cuda_ops = {
     .fill = cu_fill,
     .workspace_bytes = cu_workspace_bytes,
     .forward = cu_forward,
+    .fp8_check = cu_fp8_check,
     .shard_finish = cu_shard_finish,
     .group_forward = cu_group_forward,
     .pinned_alloc = cu_pinned_alloc,

@@ -198,9 +198,6 @@ lmoe_status lmoe_buffer_fill_random(lmoe_buffer *b, uint64_t seed, float lo, flo
   if (!(lo <= hi) || !isfinite(lo) || !isfinite(hi))
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT, "fill_random needs finite lo <= hi");
   if (b->numel == 0) return LMOE_OK;
-  if (b->dtype == LMOE_DTYPE_F8_E4M3 && !lmoe_host_addressable(ctx, b->memory))
-    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "fill_random of an f8_e4m3 buffer in %s device memory: not yet "
-                     "(write it with lmoe_buffer_write)", ctx->ops->name);
   return ctx->ops->fill_random(ctx, b, seed, lo, hi, stream ? stream : ctx->stream);
 }
 
@@ -208,9 +205,6 @@ lmoe_status lmoe_buffer_fill(lmoe_buffer *b, double value, void *stream) {
   if (!b || b->obj.magic != LMOE_MAGIC_BUFFER) return LMOE_ERR_INVALID_ARGUMENT;
   lmoe_context *ctx = b->ctx;
   if (b->numel == 0) return LMOE_OK;
-  if (b->dtype == LMOE_DTYPE_F8_E4M3 && !lmoe_host_addressable(ctx, b->memory))
-    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "fill of an f8_e4m3 buffer in %s device memory: not yet "
-                     "(write it with lmoe_buffer_write)", ctx->ops->name);
   return ctx->ops->fill(ctx, b, value, stream ? stream : ctx->stream);
 }
 

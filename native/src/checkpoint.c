@@ -327,8 +327,8 @@ static lmoe_status stream_parts(lmoe_checkpoint *ck, lmoe_context *lctx, const p
   return s;
 }
 
-/* An FP8 checkpoint into an FP8 layer (never sharded; cpu backend, so its storage is
-   host memory): every code tensor and its scale tensor found with its shape and dtype,
+/* An FP8 checkpoint into an FP8 layer (never sharded; host memory on the cpu backend,
+   device memory on cuda, written through lmoe_buffer_write): every code tensor and its scale tensor found with its shape and dtype,
    and every scale read and checked finite, before anything is written. Codes are
    copied as they are; the scales go to the layer's block scales (gate's row blocks,
    then up's). Per expert: `P.weight` F8_E4M3 [out, in] and `P.weight_scale_inv`
@@ -341,8 +341,9 @@ typedef struct fp8_part {
   int32_t ndim;
   lmoe_safetensors *file, *sfile;
   int32_t index, sindex;
-  uint8_t *dst;   /* codes */
-  float *sdst;    /* scales, in the layer's layout */
+  int64_t dst;    /* first code's element in the layer's w13 or w2 */
+  int64_t sdst;   /* first scale's element in w13s or w2s (the layer's layout) */
+  bool down;      /* w2 and w2s (else w13 and w13s) */
   int64_t srows;  /* scale rows to place (fused: per expert, E of them) */
 } fp8_part;
 
@@ -397,15 +398,11 @@ static lmoe_status load_fp8(lmoe_checkpoint *ck, const layer_names *ln, lmoe_lay
   lmoe_context *ctx = ck->ctx;
   const int64_t E = dst->cfg.num_experts, H = dst->cfg.hidden, I = dst->cfg.intermediate;
   const int64_t nbh = lmoe_fp8_blocks(H), nbi = lmoe_fp8_blocks(I);
-  if (!lmoe_host_addressable(dst->ctx, LMOE_MEMORY_DEVICE))
-    return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED, "FP8 layers live in host memory (cpu backend)");
   if (ln->fused && I % LMOE_FP8_BLOCK)
     return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
                      "%s: %s.experts.gate_up_proj is FP8 with I = %lld, not a multiple of 128: its scale blocks "
                      "straddle gate and up, which the layer keeps apart",
                      ck->path, ln->block, (long long)I);
-  uint8_t *c13 = dst->w13->data, *c2 = dst->w2->data;
-  float *s13 = dst->w13s->data, *s2 = dst->w2s->data;
   const int32_t np = ln->fused ? 2 : (int32_t)(3 * E);
   fp8_part *parts = calloc((size_t)np, sizeof *parts);
   float **scales = calloc((size_t)np, sizeof *scales);
@@ -419,8 +416,7 @@ static lmoe_status load_fp8(lmoe_checkpoint *ck, const layer_names *ln, lmoe_lay
       p->ndim = 3;
       p->shape[0] = E, p->shape[1] = down ? H : 2 * I, p->shape[2] = down ? I : H;
       p->sshape[0] = E, p->sshape[1] = down ? nbh : 2 * nbi, p->sshape[2] = down ? nbi : nbh;
-      p->dst = down ? c2 : c13;
-      p->sdst = down ? s2 : s13;
+      p->down = down;
     } else {
       const int64_t e = k / 3, pi = k % 3; /* gate, up, down */
       const char *pn = pi == 2 ? ln->d : pi == 1 ? ln->u : ln->g;
@@ -429,8 +425,9 @@ static lmoe_status load_fp8(lmoe_checkpoint *ck, const layer_names *ln, lmoe_lay
       p->ndim = 2;
       p->shape[0] = pi == 2 ? H : I, p->shape[1] = pi == 2 ? I : H;
       p->sshape[0] = pi == 2 ? nbh : nbi, p->sshape[1] = pi == 2 ? nbi : nbh;
-      p->dst = pi == 2 ? c2 + e * H * I : c13 + (e * 2 + pi) * I * H;
-      p->sdst = pi == 2 ? s2 + e * nbh * nbi : s13 + (e * 2 + pi) * nbi * nbh;
+      p->down = pi == 2;
+      p->dst = pi == 2 ? e * H * I : (e * 2 + pi) * I * H;
+      p->sdst = pi == 2 ? e * nbh * nbi : (e * 2 + pi) * nbi * nbh;
     }
     s = find_fp8_part(ck, p);
     int64_t ns = p->sshape[0] * p->sshape[1] * (p->ndim == 3 ? p->sshape[2] : 1);
@@ -446,8 +443,25 @@ static lmoe_status load_fp8(lmoe_checkpoint *ck, const layer_names *ln, lmoe_lay
     fp8_part *p = &parts[k];
     int64_t n = p->shape[0] * p->shape[1] * (p->ndim == 3 ? p->shape[2] : 1);
     int64_t ns = p->sshape[0] * p->sshape[1] * (p->ndim == 3 ? p->sshape[2] : 1);
-    s = lmoe_st_read_range(p->file, p->index, 0, n, p->dst, LMOE_DTYPE_F8_E4M3);
-    if (!s) memcpy(p->sdst, scales[k], (size_t)ns * sizeof(float)); /* I % 128 == 0 when fused: same layout */
+    lmoe_buffer *bc = p->down ? dst->w2 : dst->w13, *bs = p->down ? dst->w2s : dst->w13s;
+    if (lmoe_host_addressable(dst->ctx, bc->memory)) {
+      s = lmoe_st_read_range(p->file, p->index, 0, n, (uint8_t *)bc->data + p->dst, LMOE_DTYPE_F8_E4M3);
+      /* I % 128 == 0 when fused: same layout */
+      if (!s) memcpy((float *)bs->data + p->sdst, scales[k], (size_t)ns * sizeof(float));
+      continue;
+    }
+    /* device memory: the codes through host memory (a part at a time) */
+    uint8_t *tmp = malloc((size_t)(n ? n : 1));
+    if (!tmp) {
+      s = lmoe_fail(ctx, LMOE_ERR_OUT_OF_MEMORY, "out of host memory");
+      break;
+    }
+    s = lmoe_st_read_range(p->file, p->index, 0, n, tmp, LMOE_DTYPE_F8_E4M3);
+    lmoe_status w = LMOE_OK;
+    if (!s) w = lmoe_buffer_write(bc, p->dst, tmp, LMOE_DTYPE_F8_E4M3, n);
+    if (!s && !w) w = lmoe_buffer_write(bs, p->sdst, scales[k], LMOE_DTYPE_F32, ns);
+    if (w) s = dst->ctx == ctx ? w : lmoe_fail(ctx, w, "%s", lmoe_context_last_error(dst->ctx));
+    free(tmp);
   }
   for (int32_t k = 0; scales && k < np; k++) free(scales[k]);
   free(scales);

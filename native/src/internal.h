@@ -266,6 +266,9 @@ struct lmoe_backend_ops {
   size_t (*workspace_bytes)(const lmoe_context *ctx, const lmoe_layer_config *cfg,
                             const lmoe_pool_config *pool_cfg);
   lmoe_status (*forward)(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
+  /* Optional: whether this context computes an FP8 layer of config cfg (its reason
+     reported with lmoe_fail if not). NULL: only the cpu backend computes FP8 layers. */
+  lmoe_status (*fp8_check)(lmoe_context *ctx, const lmoe_layer_config *cfg);
   /* Optional, sharded layers on a device (docs/design.md, "Sharding"). shard_finish:
      after a deferred forward's NCCL all-reduce (plan->shard_defer), the rounding of the
      summed float32 partial into out, on the forward's stream. group_forward: the ranks

@@ -110,11 +110,12 @@ lmoe_status lmoe_layer_create(lmoe_context *ctx, const lmoe_layer_config *cfg_in
     return lmoe_fail(ctx, LMOE_ERR_INVALID_ARGUMENT,
                      "weight_dtype must be LMOE_DTYPE_BF16 (0) or LMOE_DTYPE_F8_E4M3 (5), got %d",
                      (int)cfg.weight_dtype);
-  if (fp8 && ctx->ops->kind != LMOE_BACKEND_CPU)
+  if (fp8 && ctx->ops->kind != LMOE_BACKEND_CPU && !ctx->ops->fp8_check)
     return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
-                     "weight_dtype f8_e4m3: fp8 weights need the FP8 expert GEMMs, not yet on %s (issue 12); "
-                     "the cpu backend computes FP8 layers",
+                     "weight_dtype f8_e4m3: fp8 weights need FP8 expert GEMMs, which the %s backend lacks; "
+                     "the cpu backend computes FP8 layers (the cuda backend on Hopper too)",
                      ctx->ops->name);
+  if (fp8 && ctx->ops->fp8_check && (st = ctx->ops->fp8_check(ctx, &cfg))) return st;
   if (fp8 && cfg.shard_size > 1)
     return lmoe_fail(ctx, LMOE_ERR_UNSUPPORTED,
                      "weight_dtype f8_e4m3 with shard_size %d: FP8 layers are not sharded yet", (int)cfg.shard_size);

@@ -80,6 +80,26 @@ static void to_float(float *dst, const uint16_t *src, size_t n) {
   for (size_t i = 0; i < n; i++) dst[i] = bf(src[i]);
 }
 
+/* FP8 layers (lmoe_fwd.fp8): weight row `row` of n codes, dequantized with its row
+   block's scales sc (one per 128 columns) */
+static void row_fp8(float *dst, const uint16_t *codes16, size_t row, size_t n, const float *sc) {
+  const uint8_t *c = (const uint8_t *)codes16 + row * n;
+  for (size_t i = 0; i < n; i++) dst[i] = lmoe_f8e4m3_to_f32(c[i]) * sc[i / 128];
+}
+
+/* An activation row as quant.cu leaves it: per 128-wide group scale = amax / 448 (1 for
+   zeros), code = e4m3(v / scale), dequantized (the FP8 engine's scaled partial sums,
+   to float rounding) */
+static void quant_row(float *dst, const float *src, size_t n) {
+  for (size_t g = 0; g < n; g += 128) {
+    size_t e = g + 128 < n ? g + 128 : n;
+    float a = 0;
+    for (size_t i = g; i < e; i++) a = fabsf(src[i]) > a ? fabsf(src[i]) : a;
+    float sc = a > 0 ? a / 448.0f : 1.0f;
+    for (size_t i = g; i < e; i++) dst[i] = lmoe_f8e4m3_to_f32(lmoe_f32_to_f8e4m3(src[i] / sc)) * sc;
+  }
+}
+
 static void *alloc(size_t bytes) {
   void *p = malloc(bytes ? bytes : 1);
   if (!p) abort();
@@ -121,6 +141,12 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->force_cfg = -1;
   dev->sm90 = 0;
   dev->small_tile_pairs = 0;
+  return cudaSuccess;
+}
+
+/* FP8 layers compute here (plainly, with the FP8 engine's quantization of x and h) */
+cudaError_t lmoe_k_fp8_init(int32_t *available) {
+  *available = 1;
   return cudaSuccess;
 }
 
@@ -280,17 +306,28 @@ static void gateup_run(const void *a_) {
   float *lf = alloc(sizeof(float) * ((size_t)R13 * H + 2 * (size_t)I * R13 + 8)); /* a13, b13 as float */
   int32_t *start = alloc(sizeof(int32_t) * ((size_t)f->E + 1)), *order = alloc(sizeof(int32_t) * (P + 1));
   to_float(xf, f->x, (size_t)f->M * H);
+  /* FP8: the base product reads x quantized (xb), the shrink below x itself */
+  float *xb = xf;
+  if (f->fp8) {
+    xb = alloc(sizeof(float) * (size_t)f->M * H);
+    for (int32_t t = 0; t < f->M; t++) quant_row(xb + (size_t)t * H, xf + (size_t)t * H, (size_t)H);
+  }
   pairs_by_expert(f, start, order);
   for (int32_t e = 0; e < f->E; e++) {
     if (start[e] == start[e + 1]) continue;
     for (int32_t i = 0; i < 2 * I; i++) {
-      to_float(wf, f->w13 + ((size_t)e * 2 * I + i) * H, (size_t)H);
+      if (f->fp8) /* row i of expert e's [2I, H]: gate's rows, then up's, each blocked on its own */
+        row_fp8(wf, f->w13, (size_t)e * 2 * I + i, (size_t)H,
+                f->w13s + ((size_t)e * 2 * f->nbi + (i < I ? i / 128 : f->nbi + (i - I) / 128)) * f->nbh);
+      else
+        to_float(wf, f->w13 + ((size_t)e * 2 * I + i) * H, (size_t)H);
       for (int32_t q = start[e]; q < start[e + 1]; q++) {
         int32_t p = order[q];
-        gu[(size_t)p * 2 * I + i] = dot(wf, xf + (size_t)(p / k) * H, H);
+        gu[(size_t)p * 2 * I + i] = dot(wf, xb + (size_t)(p / k) * H, H);
       }
     }
   }
+  if (xb != xf) free(xb);
   for (size_t p = 0; p < P; p++) {
     int32_t t = (int32_t)(p / k), e = local_expert(f, p), slot = token_slot(f, a->lora, t);
     if (e < 0) continue; /* another rank's pair */
@@ -326,17 +363,28 @@ static void down_run(const void *a_) {
   int32_t *start = alloc(sizeof(int32_t) * ((size_t)f->E + 1)), *order = alloc(sizeof(int32_t) * (P + 1));
   for (size_t p = 0; p < P; p++)
     if (local_expert(f, p) >= 0) to_float(hf + p * I, f->h + p * hs, (size_t)I);
+  /* FP8: the base product reads h quantized (hb), the shrink below h itself */
+  float *hb = hf;
+  if (f->fp8) {
+    hb = alloc(sizeof(float) * P * I);
+    for (size_t p = 0; p < P; p++)
+      if (local_expert(f, p) >= 0) quant_row(hb + p * I, hf + p * I, (size_t)I);
+  }
   pairs_by_expert(f, start, order);
   for (int32_t e = 0; e < f->E; e++) {
     if (start[e] == start[e + 1]) continue;
     for (int32_t c = 0; c < H; c++) {
-      to_float(wf, f->w2 + ((size_t)e * H + c) * I, (size_t)I);
+      if (f->fp8)
+        row_fp8(wf, f->w2, (size_t)e * H + c, (size_t)I, f->w2s + ((size_t)e * f->nbh + c / 128) * f->nbi);
+      else
+        to_float(wf, f->w2 + ((size_t)e * H + c) * I, (size_t)I);
       for (int32_t q = start[e]; q < start[e + 1]; q++) {
         int32_t p = order[q];
-        yf[(size_t)p * H + c] = dot(wf, hf + (size_t)p * I, I);
+        yf[(size_t)p * H + c] = dot(wf, hb + (size_t)p * I, I);
       }
     }
   }
+  if (hb != hf) free(hb);
   for (size_t p = 0; p < P; p++) {
     int32_t t = (int32_t)(p / k), e = local_expert(f, p), slot = token_slot(f, a->lora, t);
     if (e < 0) continue; /* another rank's pair: h was not computed, y is not read */
@@ -390,6 +438,10 @@ cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) { return nothing_l
 cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) { return reduce_launch(f, s); }
+/* the quantization is folded into gate/up and down here (their base products read the
+   quantized rows, their shrinks the bf16 ones) */
+cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
+cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 
 cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s) {
   lora_args a = {*f, lora};

@@ -164,7 +164,45 @@ static void test_plan(void) {
   free(ws);
 }
 
+/* An FP8 layer's plan: the bf16 regions where they were, then the quantized
+   activations' (x's codes and group scales by token, h's by sorted row), the weights'
+   block scales and the groups per row. */
+static void test_plan_fp8(void) {
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0};
+  lmoe_ws_layout L, L0;
+  lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
+  lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
+  CHECK(L.h == L0.h && L.t2 == L0.t2 && L0.xq == 0 && L.xq >= L0.total && L.xs >= L.xq + 512 * 1024 &&
+            L.hq >= L.xs + 512 * 8 * 4 && L.hsc >= L.hq + (size_t)L.mt_max * 0 + 768 &&
+            L.total >= L.hsc + 4 * 6 && L.xq % 256 == 0 && L.hq % 256 == 0,
+        "FP8 regions after the bf16 ones");
+  size_t rows = (512 * 2 + 8 * 127) / 128 * 128 + 128;
+  CHECK(L.hsc - L.hq >= rows * 768 && L.total - L.hsc >= rows * 6 * 4, "h's codes and scales for every row");
+  void *ws = malloc(L.total);
+  static _Alignas(16) uint16_t x[64], out[16], w[64];
+  static float s13[16], s2[16];
+  int32_t ids[8];
+  float tw[8];
+  lmoe_k_plan_args a = {.max_tokens = 512, .E = 8, .H = 1024, .I = 768, .k = 2, .w13 = w, .w2 = w, .fp8 = 1,
+                        .w13s = s13, .w2s = s2, .M = 512, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
+                        .workspace = ws, .workspace_bytes = L0.total, .dev = &d};
+  lmoe_fwd f;
+  CHECK(lmoe_k_plan(&a, &f) == L.total, "an FP8 plan needs the larger workspace");
+  a.workspace_bytes = L.total;
+  lmoe_k_plan(&a, &f);
+  uint8_t *b = ws;
+  CHECK(f.fp8 == 1 && f.nbh == 8 && f.nbi == 6 && f.w13s == s13 && f.w2s == s2, "FP8 facts");
+  CHECK(f.xq == b + L.xq && (uint8_t *)f.xs == b + L.xs && f.hq == b + L.hq && (uint8_t *)f.hsc == b + L.hsc &&
+            (uint8_t *)f.h == b + L.h,
+        "FP8 carving");
+  a.fp8 = 0;
+  lmoe_k_plan(&a, &f);
+  CHECK(!f.fp8 && !f.xq && !f.hq && !f.w13s, "a bf16 layer's plan has no FP8 regions");
+  free(ws);
+}
+
 int main(void) {
+  test_plan_fp8();
   test_select();
   test_select_sm90();
   test_plan();

@@ -1,0 +1,551 @@
+/* The FP8 engine: an FP8 layer's gate_up and down on Hopper's e4m3 wgmma
+   (m64n128k32, f32 accumulate), for sm_90a (docs/design.md, "FP8 layers").
+
+     gate_up   h = silu(xq Wq13_e^T (+ t13 B13^T)) * (...)   (64 gate + 64 up columns a tile)
+     down      y = w * (hq Wq2_e^T (+ t2 B2^T))
+
+   The structure is the bf16 sm90 engine's (gemm_sm90.cu): one block per SM walks the
+   device-built tile list, a producer warpgroup fills a ring of stages (weights by TMA,
+   token rows by cp.async completing on the stage's mbarrier), BM / 64 consumer
+   warpgroups compute from shared memory. What FP8 changes:
+
+   - A K chunk is 128 e4m3 = one 128-byte swizzled row, so one chunk is one scale block
+     along K: x's (or h's) rows carry one float32 scale per 128-wide group (quant.cu),
+     the weights one per 128x128 block. A stage holds the A and B tiles of a chunk and
+     its scales: BM row scales and the tile's block scales (gate's and up's; down's
+     one), copied by the producer with the tile (cp.async, same barrier).
+   - Promotion (as DeepGEMM): each chunk's four wgmmas go into a fresh accumulator,
+     then acc += partial * (a_scale[row] * b_scale[block]) in fp32. The tile is 128
+     columns wide, so partial and acc take 64 registers each (a 256-wide tile would
+     need 256).
+   - The LoRA expand stays bf16: after the base chunks come the expand's, a stage of 64
+     bf16 K columns (also 128 bytes a row), as bf16 wgmmas (m64n128k16) straight into
+     acc: the same packed chunks of the groups' ranks as the bf16 engine, added before
+     SiLU exactly as there. The shrinks (sm80 engine) read the bf16 x and h.
+   - No setmaxnreg: the consumers need about 150 registers, within the launch's share.
+
+   What is left for speed (not needed for correct numbers): the consumers wait for each
+   chunk's wgmmas before promoting (wgmma_wait<0>), so a warpgroup's tensor work and its
+   promotion do not overlap (the other consumer warpgroup's do); two partial
+   accumulators in turn would overlap them. */
+#include "common.cuh"
+#include "gemm_engine.h"
+#include "ptx_sm90.cuh"
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
+
+constexpr int BKQ = 128; /* base K chunk: 128 e4m3, one 128-byte row, one scale block */
+constexpr int BKL = 64;  /* expand K chunk: 64 bf16, one 128-byte row */
+constexpr int BN = 128;  /* output tile columns (gate_up: 64 gate + 64 up) */
+constexpr int QB = 128;  /* scale block */
+
+template <int BM> struct shape {
+  static constexpr int NC = BM / 64; /* consumer warpgroups */
+  static constexpr int THREADS = 128 * (NC + 1);
+  static constexpr uint32_t A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
+  static constexpr int ST = BM == 128 ? 6 : 8;
+  static constexpr int SC = BM + 4; /* floats of a stage's scales: BM rows, then B's (gate, up) */
+};
+
+/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the scales, the
+   barriers, and a word a stage (set when the stage holds its tile's last K chunk). */
+template <int BM> constexpr size_t smem_bytes(void) {
+  typedef shape<BM> S;
+  return 1024 + (size_t)S::ST * S::STAGE + (size_t)S::ST * S::SC * 4 + 2 * S::ST * sizeof(uint64_t) +
+         S::ST * sizeof(int32_t);
+}
+static_assert(smem_bytes<128>() <= 232448 && smem_bytes<64>() <= 232448, "fits an H100/H200's 227 KB");
+
+template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
+  return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (f.H + BN - 1) / BN;
+}
+
+#if LMOE_SM90_DEVICE
+
+/* As gemm_sm90.cu's: groups of 8 row tiles take the N tiles together (L2 reuse). */
+constexpr int GROUP_M = 8;
+__device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int &m, int &nt) {
+  int per = GROUP_M * ntn, grp = t / per, first = grp * GROUP_M;
+  int gm = min(ntm - first, GROUP_M), rem = t - grp * per;
+  m = first + rem % gm;
+  nt = rem / gm;
+}
+
+/* fn(group, slot, rank) per adapter group present in the tile at sorted row p0, in row
+   order, uniformly across the calling warp (gemm_sm90.cu's for_groups). */
+template <int MODE, int BM, class Fn>
+__device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
+  constexpr int NR = BM / 32;
+  const int lane = threadIdx.x & 31;
+  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  int g[NR], slot[NR], rk[NR];
+  unsigned start[NR];
+#pragma unroll
+  for (int i = 0; i < NR; i++) g[i] = f.sorted_group[p0 + 32 * i + lane];
+#pragma unroll
+  for (int i = 0; i < NR; i++) {
+    int gp = __shfl_up_sync(0xffffffffu, g[i], 1);
+    int prev = i > 0 ? __shfl_sync(0xffffffffu, g[i > 0 ? i - 1 : 0], 31) : -1;
+    if (lane == 0) gp = prev;
+    bool st = g[i] >= 1 && g[i] != PAD_GROUP && g[i] != gp;
+    start[i] = __ballot_sync(0xffffffffu, st);
+    slot[i] = st ? act[g[i] - 1] : 0;
+  }
+#pragma unroll
+  for (int i = 0; i < NR; i++)
+    rk[i] = (start[i] >> lane) & 1 ? (MODE == MODE_GATEUP ? f.slots[slot[i]].r13 : f.slots[slot[i]].r2) : 0;
+#pragma unroll
+  for (int i = 0; i < NR; i++) {
+    unsigned mask = start[i];
+    while (mask) {
+      int b = __ffs(mask) - 1;
+      mask &= mask - 1;
+      fn(__shfl_sync(0xffffffffu, g[i], b), __shfl_sync(0xffffffffu, slot[i], b),
+         __shfl_sync(0xffffffffu, rk[i], b));
+    }
+  }
+}
+
+/* bytes of a 16-byte piece at element col that lie below limit, for elements of es bytes */
+__device__ __forceinline__ int piece_bytes(int col, int limit, int es) {
+  int b = (limit - col) * es;
+  return b < 0 ? 0 : b > 16 ? 16 : b;
+}
+
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
+/* The packed expand (gemm_sm90.cu, lora_align 8): the present groups' ranks, each
+   rounded up to 8 columns, side by side in 64-wide chunks. */
+constexpr int LORA_ALIGN = 8;
+template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmoe_fwd &f, int p0) {
+  int cols = 0;
+  for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { cols += (rk + LORA_ALIGN - 1) / LORA_ALIGN * LORA_ALIGN; });
+  return (cols + BKL - 1) / BKL;
+}
+
+template <int MODE, int BM>
+__device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, int use_lora, uint8_t *smem,
+                                         float *scl, uint64_t *full, uint64_t *empty, volatile int32_t *last,
+                                         uint64_t wd) {
+  typedef shape<BM> S;
+  constexpr int ST = S::ST;
+  constexpr int AR = BM / 16; /* A rows per thread */
+  const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
+  const int H = f.H, I = f.I;
+  const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BKQ - 1) / BKQ;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  if (ptid == 0) prefetch_tensormap(tmb);
+  uint32_t it = 0;
+#pragma unroll 1
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    int m, nt;
+    tile_of(t, ntm, ntn, m, nt);
+    const int e = f.tile_expert[m], p0 = m * BM;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    const int nlc = use_lora ? lora_chunks<MODE, BM>(f, p0) : 0, nch = nbase + nlc;
+    /* this thread's A rows: codes and their groups' scales (NULL: a padding row) */
+    const uint8_t *arow[AR];
+    const float *asc[AR];
+    int agrp[AR];
+#pragma unroll
+    for (int q = 0; q < AR; q++) {
+      int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
+      if (MODE == MODE_GATEUP) {
+        arow[q] = pair >= 0 ? f.xq + (size_t)(pair / f.k) * H : nullptr;
+        asc[q] = pair >= 0 ? f.xs + (size_t)(pair / f.k) * f.nbh : nullptr;
+      } else {
+        arow[q] = pair >= 0 ? f.hq + (size_t)(p0 + r) * I : nullptr;
+        asc[q] = pair >= 0 ? f.hsc + (size_t)(p0 + r) * f.nbi : nullptr;
+      }
+      agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
+    }
+    /* the tile's weight scale rows: gate's and up's row block (64 rows of one block:
+       n0 is a multiple of 64), or down's (128 rows, n0 a multiple of 128) */
+    const float *bsc0, *bsc1;
+    if (MODE == MODE_GATEUP) {
+      bsc0 = f.w13s + ((size_t)e * 2 * f.nbi + n0 / QB) * f.nbh;
+      bsc1 = f.w13s + ((size_t)e * 2 * f.nbi + f.nbi + n0 / QB) * f.nbh;
+    } else {
+      bsc0 = bsc1 = f.w2s + ((size_t)e * f.nbh + n0 / QB) * f.nbi;
+    }
+#pragma unroll 1
+    for (int c = 0; c < nbase; c++, it++) {
+      const int s = it % ST;
+      mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+      uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
+      const uint32_t sc = smem_u32(scl + s * S::SC);
+      if (ptid == 0) {
+        last[s] = c == nch - 1;
+        mbar_arrive_tx(&full[s], S::B_BYTES);
+        if (MODE == MODE_GATEUP) {
+          int row = e * 2 * I + n0;
+          tma_load_2d(Bs, tmb, &full[s], c * BKQ, row);
+          tma_load_2d(Bs + (BN / 2) * 128, tmb, &full[s], c * BKQ, row + I);
+        } else {
+          tma_load_2d(Bs, tmb, &full[s], c * BKQ, e * H + n0);
+        }
+        cp_async4_s(sc + BM * 4, bsc0 + c, 4);
+        cp_async4_s(sc + BM * 4 + 4, bsc1 + c, 4);
+      }
+      const int col = c * BKQ + ch * 16, nb = piece_bytes(col, K, 1);
+      const uint32_t a0 = smem_u32(As);
+#pragma unroll
+      for (int q = 0; q < AR; q++) {
+        int r = rb + 16 * q;
+        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : (const uint8_t *)f.x,
+                     arow[q] ? nb : 0);
+        if (ch == 0) cp_async4_s(sc + r * 4, asc[q] ? asc[q] + c : f.xs, asc[q] ? 4 : 0);
+      }
+      cp_async_mbar_arrive(&full[s]);
+    }
+    if (nlc > 0) {
+      /* gemm_sm90.cu's expand, with a 128-wide tile: this thread's 16-byte piece of a
+         stage (column col of group g's rank, nb bytes of it; pb NULL: zeros), for every A
+         row its own group's t or zero, for every output column the slot's B. */
+      auto load_piece = [&](uint32_t a0, uint32_t b0, int g, const uint16_t *pb, int col, int nb) {
+#pragma unroll
+        for (int q = 0; q < AR; q++) {
+          int r = rb + 16 * q;
+          const uint16_t *row = nullptr;
+          if (pb && agrp[q] == g && arow[q])
+            row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
+          cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
+        }
+#pragma unroll 4
+        for (int q = 0; q < BN / 16; q++) {
+          int n = rb + 16 * q;
+          const uint16_t *row = nullptr;
+          if (pb && MODE == MODE_GATEUP) {
+            int j = n0 + (n & (BN / 2 - 1)), which = n / (BN / 2);
+            if (j < I) row = pb + ((size_t)e * 2 * I + (size_t)which * I + j) * (2 * f.R);
+          } else if (pb) {
+            int o = n0 + n;
+            if (o < H) row = pb + ((size_t)e * H + o) * f.R;
+          }
+          cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
+        }
+      };
+      int off = 0, open = -1, s = 0;
+      uint32_t a0 = 0, b0 = 0;
+      for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
+        const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
+        const int w = (rk + LORA_ALIGN - 1) / LORA_ALIGN * LORA_ALIGN;
+#pragma unroll 1
+        for (int c0 = off; c0 < off + w;) {
+          const int cc = c0 / BKL, cend = min(off + w, (cc + 1) * BKL);
+          if (cc != open) {
+            if (open >= 0) {
+              cp_async_mbar_arrive(&full[s]);
+              it++;
+            }
+            open = cc;
+            s = it % ST;
+            mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+            if (ptid == 0) {
+              last[s] = cc == nlc - 1;
+              mbar_arrive(&full[s]);
+            }
+            a0 = smem_u32(smem + s * S::STAGE);
+            b0 = a0 + S::A_BYTES;
+          }
+          const int pc = cc * BKL + ch * 8; /* this thread's piece, on the K axis */
+          if (pc >= c0 && pc < cend) load_piece(a0, b0, g, pb, pc - off, piece_bytes(pc - off, rk, 2));
+          c0 = cend;
+        }
+        off += w;
+      });
+      if (open >= 0) {
+        if (open * BKL + ch * 8 >= off) load_piece(a0, b0, -1, nullptr, 0, 0);
+        cp_async_mbar_arrive(&full[s]);
+        it++;
+      }
+    }
+  }
+}
+
+template <int MODE, int BM>
+__device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const float *scl, uint64_t *full,
+                                         uint64_t *empty, uint64_t wd) {
+  typedef shape<BM> S;
+  constexpr int ST = S::ST;
+  const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
+  const int warp = ltid >> 5, lane = ltid & 31;
+  const int H = f.H, I = f.I;
+  const int hs = (I + 7) & ~7;
+  const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BKQ - 1) / BKQ;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  /* this thread's rows of the warpgroup's 64: r and r + 8 */
+  const int r0 = wgc * 64 + warp * 16 + (lane >> 2);
+  float acc[64], part[64];
+  uint32_t it = 0;
+#pragma unroll 1
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    int m, nt;
+    tile_of(t, ntm, ntn, m, nt);
+    const int p0 = m * BM;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+#pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+#pragma unroll 1
+    for (int c = 0;; c++, it++) {
+      const int s = it % ST;
+      mbar_wait(&full[s], (it / ST) & 1, wd);
+      fence_proxy_async();
+      const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
+      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+      const bool lastc = ((const volatile int32_t *)(empty + ST))[s] != 0; /* the producer's last[s] */
+      if (c < nbase) {
+        /* a base chunk: 4 e4m3 k32 steps into a fresh partial, then promoted */
+#pragma unroll
+        for (int i = 0; i < 64; i++) reg_fence(part[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BKQ / 32; kk++) wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; i++) reg_fence(part[i]);
+        const float *sc = scl + s * S::SC;
+        const float sa0 = sc[r0], sa1 = sc[r0 + 8], sb0 = sc[BM], sb1 = sc[BM + 1];
+        /* the stage's data is in registers now: hand it back before promoting */
+        if (ltid == 0) mbar_arrive(&empty[s]);
+        const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+          /* columns 8i..8i+7: gate_up's first 64 are gate (sb0), the rest up (sb1) */
+          const bool hi = MODE == MODE_GATEUP && i >= 8;
+          const float lo_s = hi ? s01 : s00, hi_s = hi ? s11 : s10;
+          acc[4 * i + 0] = fmaf(part[4 * i + 0], lo_s, acc[4 * i + 0]);
+          acc[4 * i + 1] = fmaf(part[4 * i + 1], lo_s, acc[4 * i + 1]);
+          acc[4 * i + 2] = fmaf(part[4 * i + 2], hi_s, acc[4 * i + 2]);
+          acc[4 * i + 3] = fmaf(part[4 * i + 3], hi_s, acc[4 * i + 3]);
+        }
+      } else {
+        /* an expand chunk: 4 bf16 k16 steps added to acc as they are */
+#pragma unroll
+        for (int i = 0; i < 64; i++) reg_fence(acc[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BKL / 16; kk++) wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; i++) reg_fence(acc[i]);
+        if (ltid == 0) mbar_arrive(&empty[s]);
+      }
+      if (lastc) {
+        it++;
+        break;
+      }
+    }
+
+    /* epilogue: thread holds rows r0 and r0 + 8, columns 8i + 2(lane % 4) + {0, 1} */
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      const int r = r0 + hf * 8;
+      const int pair = f.sorted_pair[p0 + r];
+      if (pair < 0) continue;
+      if (MODE == MODE_GATEUP) {
+        uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+          int j = n0 + 8 * i + 2 * (lane & 3);
+          float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
+          float u0 = acc[4 * (i + 8) + 2 * hf], u1 = acc[4 * (i + 8) + 2 * hf + 1];
+          uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
+          if (j + 1 < I)
+            *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
+          else if (j < I)
+            dst[j] = v0;
+        }
+      } else {
+        const float w = f.tw[pair];
+        uint16_t *dst = f.y + (size_t)pair * H;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+          int o = n0 + 8 * i + 2 * (lane & 3);
+          uint16_t v0 = f2bf(w * acc[4 * i + 2 * hf]), v1 = f2bf(w * acc[4 * i + 2 * hf + 1]);
+          if (o + 1 < H)
+            *(uint32_t *)(dst + o) = (uint32_t)v0 | ((uint32_t)v1 << 16);
+          else if (o < H)
+            dst[o] = v0;
+        }
+      }
+    }
+  }
+}
+
+#endif /* LMOE_SM90_DEVICE */
+
+template <int MODE, int BM>
+__global__ void __launch_bounds__(shape<BM>::THREADS, 1)
+    k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
+          unsigned long long wd) {
+#if LMOE_SM90_DEVICE
+  typedef shape<BM> S;
+  constexpr int ST = S::ST;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+  float *scl = (float *)(smem + ST * S::STAGE);
+  uint64_t *full = (uint64_t *)(scl + ST * S::SC), *empty = full + ST;
+  int32_t *last = (int32_t *)(empty + ST);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ST; s++) {
+      mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
+      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  const int use_lora = lora && f.meta && f.meta[1] > 0;
+  if (threadIdx.x < 128)
+    producer<MODE, BM>(f, &tmb, use_lora, smem, scl, full, empty, last, wd);
+  else
+    consumer<MODE, BM>(f, smem, scl, full, empty, wd);
+#endif
+}
+
+/* Fills what a dense GEMM through the down kernel reads: identity pairs (padding
+   rows -1), weights 1, one expert, the tile count. */
+__global__ void k_dense_setup(int32_t *pair, float *tw, int32_t *tile_expert, int32_t *ntiles, int M, int rows,
+                              int mt) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < rows; i += gridDim.x * blockDim.x) {
+    pair[i] = i < M ? i : -1;
+    if (i < M) tw[i] = 1.0f;
+    if (i < mt) tile_expert[i] = 0;
+    if (i == 0) ntiles[0] = mt;
+  }
+}
+
+/* ------------------------------------------------------------------ host side */
+
+typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                              const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+encode_fn encode_tiled;
+int num_sms;
+int ready; /* lmoe_fp8_init found the kernels usable */
+unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
+
+/* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
+   128 columns (128 bytes, swizzled) by box_rows rows; outside the matrix reads zero. */
+cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t cols, uint32_t box_rows) {
+  cuuint64_t dims[2] = {cols, rows}, strides[1] = {cols};
+  cuuint32_t box[2] = {BKQ, box_rows}, es[2] = {1, 1};
+  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)base, dims, strides, box, es,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <int MODE, int BM> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  CUtensorMap m;
+  cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
+                                      : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
+  if (e) return e;
+  int grid = f->mt_max * n_tiles<MODE>(*f);
+  if (grid > num_sms) grid = num_sms;
+  if (grid < 1) grid = 1;
+  k_fp8<MODE, BM><<<grid, shape<BM>::THREADS, smem_bytes<BM>(), s>>>(*f, m, lora, watchdog_ns);
+  return cudaGetLastError();
+}
+
+template <int MODE, int BM> cudaError_t setup(int smem_limit, int *usable) {
+  void (*k)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM>;
+  if ((int)smem_bytes<BM>() > smem_limit) {
+    *usable = 0;
+    return cudaSuccess;
+  }
+  cudaError_t e = cudaFuncSetAttribute((void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes<BM>());
+  if (e) return e;
+  cudaFuncAttributes a;
+  if ((e = cudaFuncGetAttributes(&a, (void *)k))) return e;
+  if (a.binaryVersion != 90) *usable = 0; /* no sm_90a code: the body is empty */
+  return cudaSuccess;
+}
+
+} /* namespace */
+
+extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *available) {
+  *available = 0;
+#ifdef LMOE_SM90A
+  if (cc != 90) return cudaSuccess;
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (!e) e = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e) return e;
+  if (!encode_tiled) {
+    cudaDriverEntryPointQueryResult q;
+    void *fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) ||
+        q != cudaDriverEntryPointSuccess || !fn) {
+      (void)cudaGetLastError();
+      return cudaSuccess; /* no TMA encoder in this driver */
+    }
+    encode_tiled = (encode_fn)fn;
+  }
+  const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
+  if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
+  int usable = 1;
+  if ((e = setup<MODE_GATEUP, 128>(smem_limit, &usable))) return e;
+  if ((e = setup<MODE_DOWN, 128>(smem_limit, &usable))) return e;
+  if ((e = setup<MODE_GATEUP, 64>(smem_limit, &usable))) return e;
+  if ((e = setup<MODE_DOWN, 64>(smem_limit, &usable))) return e;
+  ready = usable;
+  *available = usable;
+#else
+  (void)cc;
+  (void)smem_limit;
+#endif
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t lmoe_fp8_run(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
+  if (!ready || !f->fp8 || f->H % 16 || f->I % 16) return cudaErrorInvalidValue;
+  if (f->bm == 128) return op == MODE_GATEUP ? launch<MODE_GATEUP, 128>(f, lora, s) : launch<MODE_DOWN, 128>(f, lora, s);
+  if (f->bm == 64) return op == MODE_GATEUP ? launch<MODE_GATEUP, 64>(f, lora, s) : launch<MODE_DOWN, 64>(f, lora, s);
+  return cudaErrorInvalidValue;
+}
+
+extern "C" cudaError_t lmoe_fp8_dense(int32_t M, int32_t N, int32_t K, const uint8_t *a, const float *as,
+                                      const uint8_t *b, const float *bs, uint16_t *c, void *ws, cudaStream_t s) {
+  if (M < 1 || K % 16 || N % 16 || K < 16 || N < 16) return cudaErrorInvalidValue;
+  const int bm = LMOE_K_BM, mt = (M + bm - 1) / bm;
+  lmoe_fwd f;
+  memset(&f, 0, sizeof f);
+  size_t rows = (size_t)mt * bm;
+  uint8_t *w = (uint8_t *)ws;
+  f.sorted_pair = (int32_t *)w;
+  f.sorted_group = (int32_t *)(w + rows * 4);
+  f.tw = (float *)(w + rows * 8);
+  f.tile_expert = (int32_t *)(w + rows * 8 + (size_t)M * 4);
+  f.ntiles = f.tile_expert + mt;
+  f.M = M;
+  f.k = 1;
+  f.E = 1;
+  f.H = N;
+  f.I = K;
+  f.bm = bm;
+  f.mt_max = mt;
+  f.fp8 = 1;
+  f.nbh = (N + QB - 1) / QB;
+  f.nbi = (K + QB - 1) / QB;
+  f.hq = (uint8_t *)a;
+  f.hsc = (float *)as;
+  f.w2 = (const uint16_t *)b;
+  f.w2s = bs;
+  f.y = c;
+  f.x = (const uint16_t *)a; /* a valid address for the zero-byte copies of padding rows */
+  f.xs = (float *)as;
+  k_dense_setup<<<grid_for((int64_t)rows, 256), 256, 0, s>>>(f.sorted_pair, f.tw, f.tile_expert, f.ntiles, M,
+                                                              (int)rows, mt);
+  cudaError_t e = cudaGetLastError();
+  return e ? e : lmoe_fp8_run(LMOE_OP_DOWN, &f, 0, s);
+}
