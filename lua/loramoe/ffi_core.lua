@@ -425,41 +425,6 @@ local function wrap(f, name)
   end
 end
 
-for name, f in pairs {
-  version = C.lmoe_version, status_string = C.lmoe_status_string, has_cuda = C.lmoe_has_cuda,
-  has_nccl = C.lmoe_has_nccl, device_count = C.lmoe_device_count, device_get_info = C.lmoe_device_get_info,
-  dtype_size = C.lmoe_dtype_size, dtype_name = C.lmoe_dtype_name, lora_scale = C.lmoe_lora_scale,
-  context_create = C.lmoe_context_create, context_last_error = C.lmoe_context_last_error,
-  context_backend = C.lmoe_context_backend, context_threads = C.lmoe_context_threads,
-  context_guard = C.lmoe_context_guard, context_set_guard = C.lmoe_context_set_guard,
-  context_stream = C.lmoe_context_stream, context_synchronize = C.lmoe_context_synchronize,
-  context_counters = C.lmoe_context_counters, context_wait_counters = C.lmoe_context_wait_counters,
-  context_reset_counters = C.lmoe_context_reset_counters,
-  buffer_create = C.lmoe_buffer_create, buffer_describe = C.lmoe_buffer_describe,
-  buffer_fill_random = C.lmoe_buffer_fill_random, buffer_fill = C.lmoe_buffer_fill,
-  buffer_compare = C.lmoe_buffer_compare,
-  layer_create = C.lmoe_layer_create, layer_get_config = C.lmoe_layer_get_config,
-  layer_randomize = C.lmoe_layer_randomize,
-  pool_get_config = C.lmoe_pool_get_config, pool_load_random = C.lmoe_pool_load_random,
-  pool_unload = C.lmoe_pool_unload, pool_slot_info = C.lmoe_pool_slot_info, pool_load_peft = C.lmoe_pool_load_peft,
-  pool_unload_named = C.lmoe_pool_unload_named, pool_find = C.lmoe_pool_find, pool_slot_name = C.lmoe_pool_slot_name,
-  pool_pin = C.lmoe_pool_pin, pool_unpin = C.lmoe_pool_unpin, pool_touch = C.lmoe_pool_touch,
-  pool_pin_count = C.lmoe_pool_pin_count, pool_get_memory = C.lmoe_pool_get_memory,
-  pool_load = C.lmoe_pool_load, pool_load_named = C.lmoe_pool_load_named,
-  batch_create = C.lmoe_batch_create, batch_create_with = C.lmoe_batch_create_with,
-  batch_get_info = C.lmoe_batch_get_info, forward = C.lmoe_forward, reference_forward = C.lmoe_reference_forward,
-  graph_begin = C.lmoe_graph_begin, graph_end = C.lmoe_graph_end, graph_launch = C.lmoe_graph_launch,
-  comm_wrap_nccl = C.lmoe_comm_wrap_nccl, comm_rank = C.lmoe_comm_rank, comm_size = C.lmoe_comm_size,
-  safetensors_open = C.lmoe_safetensors_open, safetensors_count = C.lmoe_safetensors_count,
-  safetensors_tensor = C.lmoe_safetensors_tensor, safetensors_find = C.lmoe_safetensors_find,
-  safetensors_metadata_count = C.lmoe_safetensors_metadata_count, safetensors_metadata = C.lmoe_safetensors_metadata,
-  peft_open = C.lmoe_peft_open, peft_get_info = C.lmoe_peft_get_info, peft_write_synthetic = C.lmoe_peft_write_synthetic,
-  checkpoint_open = C.lmoe_checkpoint_open, checkpoint_get_layer_info = C.lmoe_checkpoint_get_layer_info,
-  checkpoint_quantize_fp8 = C.lmoe_checkpoint_quantize_fp8,
-} do
-  R[name] = wrap(f, name)
-end
-
 -- ------------------------------------------------------------------ the others
 
 local ts = ffi.new("struct lmoe_lua_timespec")
@@ -677,6 +642,19 @@ function R.checkpoint_load_layer(h, i, l, with_router)
   local router = box("buffer", o[0]) -- owned even when the load failed after making it
   if st ~= 0 then return st end
   return st, router
+end
+
+-- Every other function of the header is regular: its wrapper is made from its
+-- declaration. Not bound as functions: the *_init of the structs (called where a
+-- struct is filled, see new_struct) and the release and close functions (a box's
+-- release, see kinds).
+for cname in pairs(params) do
+  local name = cname:sub(6)
+  local elsewhere = name:find("_init$") or name:find("_init_sized$") or name:find("_release$")
+    or name:find("_close$")
+  if R[name] == nil and not elsewhere then
+    R[name] = wrap(C[cname], name)
+  end
 end
 
 return R
