@@ -62,10 +62,23 @@ template <int BM> struct shape {
 };
 static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-thread block holds");
 
-/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, and
-   a word a stage (set when the stage holds its tile's last K chunk). */
-template <int BM, int ST> constexpr size_t smem_bytes(void) {
-  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + ST * sizeof(int32_t);
+/* What the producer knows of a tile before loading it (prepared one tile ahead, in
+   shared memory, so that a tile boundary costs no global-memory round trip): each row's
+   source (gate_up: its token; down: its sorted row; -1: padding) and adapter group, the
+   tile's expert, and the adapter groups present with their slots and ranks. */
+template <int BM> struct tile_plan {
+  int32_t src[BM], grp[BM];
+  int32_t g[BM], slot[BM], rank[BM]; /* the groups present, in row order (at most one a row) */
+  int32_t e, ngroups, nlora, pad;    /* expert; groups; the expand's K chunks */
+};
+
+/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, a
+   word a stage (set when the stage holds its tile's last K chunk, rounded up to 16
+   bytes), and two tile plans. */
+template <int ST> __host__ __device__ constexpr size_t last_bytes(void) { return (ST * sizeof(int32_t) + 15) / 16 * 16; }
+template <int BM, int ST> __host__ __device__ constexpr size_t smem_bytes(void) {
+  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + last_bytes<ST>() +
+         2 * sizeof(tile_plan<BM>);
 }
 
 /* N tiles of an output */
@@ -84,25 +97,22 @@ __device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int group_m, in
   nt = rem / gm;
 }
 
-/* Calls fn(group, slot, rank) once per adapter group present in the tile at sorted row
-   p0, in row order, uniformly across the calling warp. The loads are issued together
-   (the rows' groups, then each group start's slot and rank, one lane per start): three
-   dependent global loads a call, not three per group, so a tile boundary waits little. */
+/* Calls fn(group, slot, rank) once per adapter group present among a tile's rows (grp:
+   their groups, sorted), in row order, uniformly across the calling warp. The slot and
+   rank loads are issued together (one lane per group start): two dependent global loads
+   a call, not two per group. */
 template <int MODE, int BM, class Fn>
-__device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
+__device__ __forceinline__ void for_groups(const lmoe_fwd &f, const int32_t *grp, Fn fn) {
   constexpr int NR = BM / 32;
   const int lane = threadIdx.x & 31;
   const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
   int g[NR], slot[NR], rk[NR];
   unsigned start[NR];
 #pragma unroll
-  for (int i = 0; i < NR; i++) g[i] = f.sorted_group[p0 + 32 * i + lane];
-#pragma unroll
   for (int i = 0; i < NR; i++) {
-    int gp = __shfl_up_sync(0xffffffffu, g[i], 1);
-    int prev = i > 0 ? __shfl_sync(0xffffffffu, g[i > 0 ? i - 1 : 0], 31) : -1;
-    if (lane == 0) gp = prev;
-    bool st = g[i] >= 1 && g[i] != PAD_GROUP && g[i] != gp;
+    g[i] = grp[32 * i + lane];
+    const int gp = 32 * i + lane > 0 ? grp[32 * i + lane - 1] : -1;
+    const bool st = g[i] >= 1 && g[i] != PAD_GROUP && g[i] != gp;
     start[i] = __ballot_sync(0xffffffffu, st);
     slot[i] = st ? act[g[i] - 1] : 0;
   }
@@ -117,6 +127,49 @@ __device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
       mask &= mask - 1;
       fn(__shfl_sync(0xffffffffu, g[i], b), __shfl_sync(0xffffffffu, slot[i], b),
          __shfl_sync(0xffffffffu, rk[i], b));
+    }
+  }
+}
+
+/* The producer warpgroup's own barrier (the consumers never wait on it). */
+__device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
+
+/* Tile t's plan, written by the 128 producer threads (nothing when t is past the end). */
+template <int MODE, int BM>
+__device__ __forceinline__ void prepare(const lmoe_fwd &f, int t, int ntm, int ntn, int use_lora, int align,
+                                        int group_m, tile_plan<BM> &P) {
+  const int total = ntm * ntn;
+  if (t >= total) return;
+  int m, nt;
+  tile_of(t, ntm, ntn, group_m, m, nt);
+  const int p0 = m * BM;
+  for (int r = threadIdx.x; r < BM; r += 128) {
+    const int pair = f.sorted_pair[p0 + r];
+    P.src[r] = pair < 0 ? -1 : MODE == MODE_GATEUP ? pair / f.k : p0 + r;
+    P.grp[r] = use_lora ? f.sorted_group[p0 + r] : 0;
+  }
+  if (threadIdx.x == 0) P.e = f.tile_expert[m];
+  if (!use_lora) {
+    if (threadIdx.x == 0) P.nlora = 0;
+    return;
+  }
+  producer_sync(); /* the rows' groups, for warp 0 */
+  if (threadIdx.x < 32) {
+    /* the expand's K axis: the groups' rank columns side by side, each segment rounded
+       up to align columns, in 64-wide chunks */
+    int n = 0, cols = 0;
+    for_groups<MODE, BM>(f, P.grp, [&](int g, int slot, int rk) {
+      if (threadIdx.x == 0) {
+        P.g[n] = g;
+        P.slot[n] = slot;
+        P.rank[n] = rk;
+      }
+      n++;
+      cols += (rk + align - 1) / align * align;
+    });
+    if (threadIdx.x == 0) {
+      P.ngroups = n;
+      P.nlora = (cols + BK - 1) / BK;
     }
   }
 }
@@ -166,19 +219,11 @@ __device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, uint4 o)
 __device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
-/* Chunks of a tile's LoRA expand: the present groups' ranks, each rounded up to
-   align columns (8: one 16-byte piece, packed; 64: a chunk per group), side by side,
-   in 64-wide chunks. */
-template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmoe_fwd &f, int p0, int align) {
-  int cols = 0;
-  for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { cols += (rk + align - 1) / align * align; });
-  return (cols + BK - 1) / BK;
-}
-
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
                                          int use_lora, uint8_t *smem, uint64_t *full, uint64_t *empty,
-                                         volatile int32_t *last, uint64_t wd, sm90_tune tn) {
+                                         volatile int32_t *last, tile_plan<BM> *plans, uint64_t wd,
+                                         sm90_tune tn) {
   typedef shape<BM> S;
   constexpr int AR = BM / 16; /* A rows per thread */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
@@ -186,31 +231,34 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
+  /* the next tile's plan is prepared while this one's second chunk waits for its stage
+     (the first when the tile has one): by then the ring holds work for the consumers */
+  const int prep_at = nbase > 1 ? 1 : 0;
   if (ptid == 0) prefetch_tensormap(tmb);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
+  prepare<MODE, BM>(f, blockIdx.x, ntm, ntn, use_lora, tn.lora_align, tn.group_m, plans[0]);
   uint32_t it = 0;
 #pragma unroll 1
-  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+  for (int t = blockIdx.x, i = 0; t < total; t += gridDim.x, i++) {
+    producer_sync(); /* this tile's plan is complete; the one before it is no longer read */
+    const tile_plan<BM> &P = plans[i & 1];
     int m, nt;
     tile_of(t, ntm, ntn, tn.group_m, m, nt);
-    const int e = f.tile_expert[m], p0 = m * BM;
+    const int e = P.e, p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     /* the tile's K chunks: the base ones, then the expand's; the stage holding the last
        one says so (last[s]), so the consumers need not count them */
-    const int nlc = use_lora ? lora_chunks<MODE, BM>(f, p0, tn.lora_align) : 0, nch = nbase + nlc;
-    const uint16_t *arow[AR];
-    int agrp[AR];
+    const int nlc = P.nlora, nch = nbase + nlc;
+    const uint16_t *arow[AR]; /* this thread's A rows (NULL: padding) */
 #pragma unroll
     for (int q = 0; q < AR; q++) {
-      int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
-      if (MODE == MODE_GATEUP)
-        arow[q] = pair >= 0 ? f.x + (size_t)(pair / f.k) * H : nullptr;
-      else
-        arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
-      agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
+      const int src = P.src[rb + 16 * q];
+      arow[q] = src < 0 ? nullptr : MODE == MODE_GATEUP ? f.x + (size_t)src * H : f.h + (size_t)src * hs;
     }
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
+      if (c == prep_at)
+        prepare<MODE, BM>(f, t + gridDim.x, ntm, ntn, use_lora, tn.lora_align, tn.group_m, plans[(i + 1) & 1]);
       const int s = it % ST;
       mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
       uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
@@ -241,22 +289,21 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       const uint32_t a0 = smem_u32(As);
 #pragma unroll
       for (int q = 0; q < AR; q++) {
-        int r = rb + 16 * q;
-        const uint16_t *src = arow[q] ? arow[q] + col : f.x;
-        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), src, arow[q] ? nb : 0);
+        const int r = rb + 16 * q;
+        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : f.x, arow[q] ? nb : 0);
       }
       cp_async_mbar_arrive(&full[s]);
     }
-    if (use_lora) {
+    if (nlc > 0) {
       /* This thread's 16-byte piece of a stage (column col of group g's rank, nb bytes
          of it; pb NULL: zeros): for every A row its own group's t or zero, for every
          output column the slot's B. */
       auto load_piece = [&](uint32_t a0, uint32_t b0, int g, const uint16_t *pb, int col, int nb) {
 #pragma unroll
         for (int q = 0; q < AR; q++) {
-          int r = rb + 16 * q;
+          const int r = rb + 16 * q;
           const uint16_t *row = nullptr;
-          if (pb && agrp[q] == g && arow[q])
+          if (pb && P.grp[r] == g && arow[q])
             row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
         }
@@ -275,15 +322,18 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         }
       };
       /* The groups' rank columns side by side on one K axis, each segment rounded up
-         to lora_align columns, cut into 64-wide chunks (lora_chunks counts them). At
+         to lora_align columns, cut into 64-wide chunks (prepare counted them). At
          lora_align 64 every group starts a chunk of its own (ceil(rank / 64) chunks a
          group); at 8, the packed expand, a tile with four rank-16 groups costs one
          chunk. The pieces past the last segment are zero (a stage keeps older data). */
       const int align = tn.lora_align;
       int off = 0, open = -1, s = 0;
       uint32_t a0 = 0, b0 = 0;
-      for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
-        const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
+#pragma unroll 1
+      for (int j = 0; j < P.ngroups; j++) {
+        const int g = P.g[j], rk = P.rank[j];
+        const uint16_t *pb =
+            f.pool + (size_t)P.slot[j] * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
         const int w = (rk + align - 1) / align * align;
 #pragma unroll 1
         for (int c0 = off; c0 < off + w;) {
@@ -308,7 +358,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
           c0 = cend;
         }
         off += w;
-      });
+      }
       if (open >= 0) {
         if (open * BK + ch * 8 >= off) load_piece(a0, b0, -1, nullptr, 0, 0);
         cp_async_mbar_arrive(&full[s]);
@@ -352,9 +402,11 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, uint6
       for (int i = 0; i < 128; i++) reg_fence(acc[i]);
       if (c > 0) {
         wgmma_wait<1>();
-        if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
       }
-      /* stage s stays ours until the next chunk's wait releases it: its word is valid */
+      /* stage s stays ours until this warp releases it (one arrival a consumer warp,
+         after __syncwarp: every lane's read of last[s] comes before its warp's arrival) */
       if (((const volatile int32_t *)(empty + ST))[s]) { /* the producer's last[s] */
         it++;
         break;
@@ -363,7 +415,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, uint6
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; i++) reg_fence(acc[i]);
-    if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
 
     /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
     if (tn.epi16) {
@@ -451,10 +504,11 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
   uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
   int32_t *last = (int32_t *)(empty + ST);
+  tile_plan<BM> *plans = (tile_plan<BM> *)((uint8_t *)last + last_bytes<ST>());
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
-      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
+      mbar_init(&empty[s], 4 * S::NC); /* every consumer warp */
     }
     fence_barrier_init();
   }
@@ -462,7 +516,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, last, wd, tn);
+    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, last, plans, wd, tn);
   } else {
     setmaxnreg_inc<S::CREG>();
     consumer<MODE, BM, ST>(f, smem, full, empty, wd, tn);
