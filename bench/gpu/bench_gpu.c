@@ -1,5 +1,5 @@
 /* GPU benchmark of one MoE layer with LoRA adapters (PERFORMANCE.md):
-     bench_gpu [preset ...] [--m 512,2048,...] [--iters N] [--stack] [--csv file]
+     bench_gpu [preset ...] [--m 512,2048,...] [--iters N] [--stack] [--csv file] [--fp8 | --fp8-only]
      bench_gpu --gemms [preset ...] [--m ...] [--csv file]
      bench_gpu --dense N
    presets: qwen3 (E128 H2048 I768 k8), mixtral (E8 H4096 I14336 k2).
@@ -8,6 +8,12 @@
    LMOE_PEAK_FLOPS and LMOE_PEAK_BYTES (bench/gpu/run.sh measures them in the same run;
    the defaults are an H200's). --stack: the guard modes over a 48-layer qwen3 stack
    (host waits per forward, ms per forward).
+   --fp8: after each preset's table, the same table for an FP8 layer of the preset (e4m3
+   experts, float32 128x128 block scales; cases "fp8 no adapter" and "fp8 4 adapters
+   r16"; codes random in [-448, 448), scales in [0.5, 1] * 0.02 / 448, so weights of the
+   bf16 layer's magnitude). Its floor counts 1-byte weights and the base GEMMs at twice
+   LMOE_PEAK_FLOPS (Hopper's FP8 rate), the adapters at LMOE_PEAK_FLOPS.
+   --fp8-only: the FP8 tables alone (no bf16 table, early exit or stack).
    --gemms: the two expert GEMMs alone (gate_up + down, routing done once), on every
    engine the card runs, for comparison with torch._grouped_mm.
    --dense N: an N x N x N bf16 GEMM through each sm90 row, checked against float64
@@ -61,6 +67,7 @@ typedef struct bench {
   lmoe_batch *batch;
   lmoe_buffer *x[NSETS], *lg[NSETS], *out;
   FILE *csv;
+  int fp8; /* the layer's experts are FP8 e4m3 with block scales */
 } bench;
 
 static lmoe_buffer *view(lmoe_context *ctx, lmoe_buffer *b, int rows, int cols, int dtype) {
@@ -86,16 +93,23 @@ static const bcase CASES[] = {
     {"mixed ranks 4-32", 2, {0, 1, 2, 3, 0, 1, 2, 3}, {4, 8, 16, 32}},
 };
 
-static double case_flops(const preset *p, int M, const bcase *c) {
-  double pairs = (double)M * p->k, per_req = pairs / 8;
-  double f = pairs * 6.0 * p->H * p->I;
+/* The adapters' share of case_flops. */
+static double case_lora_flops(const preset *p, int M, const bcase *c) {
+  double per_req = (double)M * p->k / 8, f = 0;
   for (int i = 0; i < 8; i++)
     if (c->slots[i] >= 0) f += per_req * 6.0 * c->rank_of[c->slots[i]] * (p->H + p->I);
   return f;
 }
 
-static double case_bytes(const preset *p, int M, const bcase *c) {
-  double b = (double)p->E * 3 * p->H * p->I * 2 + 2.0 * M * p->H * 2 + (double)M * p->E * 4;
+static double case_flops(const preset *p, int M, const bcase *c) {
+  return (double)M * p->k * 6.0 * p->H * p->I + case_lora_flops(p, M, c);
+}
+
+/* fp8: 1-byte expert weights plus their float32 128x128 block scales. */
+static double case_bytes(const preset *p, int M, const bcase *c, int fp8) {
+  double nb = (double)((p->H + 127) / 128) * ((p->I + 127) / 128);
+  double w = fp8 ? (double)p->E * 3 * p->H * p->I + (double)p->E * 3 * nb * 4 : (double)p->E * 3 * p->H * p->I * 2;
+  double b = w + 2.0 * M * p->H * 2 + (double)M * p->E * 4;
   int seen[4] = {0};
   for (int i = 0; i < 8; i++) {
     int s = c->slots[i];
@@ -107,10 +121,11 @@ static double case_bytes(const preset *p, int M, const bcase *c) {
   return b;
 }
 
-static void setup(bench *b, const preset *p, int maxM) {
+static void setup(bench *b, const preset *p, int maxM, int fp8) {
   memset(b, 0, sizeof *b);
   b->p = *p;
   b->maxM = maxM;
+  b->fp8 = fp8;
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
   cfg.backend = LMOE_BACKEND_CUDA;
@@ -125,8 +140,20 @@ static void setup(bench *b, const preset *p, int maxM) {
   lmoe_layer_config_init(&lc);
   lc.num_experts = p->E, lc.hidden = p->H, lc.intermediate = p->I, lc.top_k = p->k;
   lc.max_tokens = maxM;
+  if (fp8) lc.weight_dtype = LMOE_DTYPE_F8_E4M3;
   CK(ctx, lmoe_layer_create(ctx, &lc, &b->layer));
-  CK(ctx, lmoe_layer_randomize(b->layer, 7, 0.02f));
+  if (fp8) {
+    /* on the device (lmoe_layer_randomize of an FP8 layer is made on the host): codes
+       uniform over e4m3's range, block scales near amax / 448 for |w| <= 0.02 */
+    for (int w = 0; w < 4; w++) {
+      lmoe_buffer *wb;
+      CK(ctx, lmoe_layer_weights(b->layer, w, &wb));
+      if (w < 2) CK(ctx, lmoe_buffer_fill_random(wb, 7 + w, -448.0f, 448.0f, NULL));
+      else CK(ctx, lmoe_buffer_fill_random(wb, 7 + w, 0.5f * 0.02f / 448.0f, 0.02f / 448.0f, NULL));
+    }
+  } else {
+    CK(ctx, lmoe_layer_randomize(b->layer, 7, 0.02f));
+  }
   lmoe_pool_config pc;
   lmoe_pool_config_init(&pc);
   pc.num_slots = 4, pc.max_rank = 16;
@@ -226,7 +253,8 @@ static int only_case = -1, profile_only = 0;
 
 static void run_preset(bench *b, const int *Ms, int nM, int iters) {
   const preset *p = &b->p;
-  printf("\n### %s (E%d H%d I%d k%d)\n\n", p->name, p->E, p->H, p->I, p->k);
+  printf("\n### %s%s (E%d H%d I%d k%d)\n\n", p->name, b->fp8 ? ", FP8 e4m3 experts" : "", p->E, p->H, p->I,
+         p->k);
   printf("| M | case | eager ms | graph ms | TFLOP/s (graph) | floor ms | %% of floor |\n");
   printf("|---|---|---|---|---|---|---|\n");
   for (int mi = 0; mi < nM; mi++) {
@@ -235,6 +263,7 @@ static void run_preset(bench *b, const int *Ms, int nM, int iters) {
     for (size_t ci = 0; ci < sizeof CASES / sizeof CASES[0]; ci++) {
       const bcase *c = &CASES[ci];
       if (only_case >= 0 && (int)ci != only_case) continue;
+      if (b->fp8 && ci > 1) continue; /* FP8: no adapter and 4 adapters r16 only */
       lmoe_pool *pool = c->pool == 0 ? NULL : c->pool == 1 ? b->pool16 : b->poolmix;
       int tok[8];
       for (int i = 0; i < 8; i++) tok[i] = M / 8 + (i < M % 8);
@@ -242,13 +271,16 @@ static void run_preset(bench *b, const int *Ms, int nM, int iters) {
       double te = time_forward(b, M, pool, 0, iters);
       if (profile_only) continue;
       double tg = time_forward(b, M, pool, 1, iters);
-      double fl = case_flops(p, M, c), by = case_bytes(p, M, c);
-      double floor_ms = fmax(fl / PEAK_FLOPS, by / PEAK_BYTES) * 1e3;
-      printf("| %d | %s | %.3f | %.3f | %.0f | %.3f | %.0f%% |\n", M, c->name, te, tg, fl / (tg * 1e-3) / 1e12,
+      double fl = case_flops(p, M, c), by = case_bytes(p, M, c, b->fp8), lf = case_lora_flops(p, M, c);
+      double ft = b->fp8 ? (fl - lf) / (2 * PEAK_FLOPS) + lf / PEAK_FLOPS : fl / PEAK_FLOPS;
+      double floor_ms = fmax(ft, by / PEAK_BYTES) * 1e3;
+      char name[64];
+      snprintf(name, sizeof name, "%s%s", b->fp8 ? "fp8 " : "", c->name);
+      printf("| %d | %s | %.3f | %.3f | %.0f | %.3f | %.0f%% |\n", M, name, te, tg, fl / (tg * 1e-3) / 1e12,
              floor_ms, 100.0 * floor_ms / tg);
       fflush(stdout);
       if (b->csv)
-        fprintf(b->csv, "%s,%d,%s,%.4f,%.4f,%.1f,%.4f\n", p->name, M, c->name, te, tg,
+        fprintf(b->csv, "%s,%d,%s,%.4f,%.4f,%.1f,%.4f\n", p->name, M, name, te, tg,
                 fl / (tg * 1e-3) / 1e12, floor_ms);
     }
   }
@@ -494,6 +526,7 @@ static int run_dense_all(int N, int iters) {
 
 int main(int argc, char **argv) {
   int Ms[16] = {512, 2048, 8192, 16384}, nM = 4, iters = 50, stack = 0, nsel = 0, gemms = 0, dense = 0;
+  int fp8 = 0; /* 1: the FP8 tables after the bf16 ones; 2: the FP8 tables alone */
   const char *pf = getenv("LMOE_PEAK_FLOPS"), *pb = getenv("LMOE_PEAK_BYTES");
   if (pf && atof(pf) > 0) PEAK_FLOPS = atof(pf);
   if (pb && atof(pb) > 0) PEAK_BYTES = atof(pb);
@@ -513,6 +546,10 @@ int main(int argc, char **argv) {
       gemms = 1;
     } else if (!strcmp(argv[i], "--dense") && i + 1 < argc) {
       dense = atoi(argv[++i]);
+    } else if (!strcmp(argv[i], "--fp8")) {
+      if (!fp8) fp8 = 1;
+    } else if (!strcmp(argv[i], "--fp8-only")) {
+      fp8 = 2;
     } else if (!strcmp(argv[i], "--stack")) {
       stack = 1;
     } else if (!strcmp(argv[i], "--csv") && i + 1 < argc) {
@@ -540,14 +577,22 @@ int main(int argc, char **argv) {
       continue;
     }
     bench b;
-    setup(&b, &PRESETS[pi], maxM);
-    b.csv = csv;
-    run_preset(&b, Ms, nM, iters);
-    if (pi == 0 && !profile_only) {
-      run_early_exit(&b, Ms, nM, iters);
-      if (stack) run_stack(&b, 2048 <= maxM ? 2048 : maxM);
+    if (fp8 != 2) {
+      setup(&b, &PRESETS[pi], maxM, 0);
+      b.csv = csv;
+      run_preset(&b, Ms, nM, iters);
+      if (pi == 0 && !profile_only) {
+        run_early_exit(&b, Ms, nM, iters);
+        if (stack) run_stack(&b, 2048 <= maxM ? 2048 : maxM);
+      }
+      teardown(&b);
     }
-    teardown(&b);
+    if (fp8) {
+      setup(&b, &PRESETS[pi], maxM, 1);
+      b.csv = csv;
+      run_preset(&b, Ms, nM, iters);
+      teardown(&b);
+    }
   }
   if (csv) fclose(csv);
   return 0;
