@@ -19,8 +19,8 @@ enum { LMOE_K_BM = 128, LMOE_K_BM_MIN = 64 };
 /* GEMM engines. The sm80 engine (kernels/gemm_sm80.cu: mma.sync m16n8k16, ldmatrix,
    cp.async) runs on every supported device. The sm90 engine (kernels/gemm_sm90.cu:
    wgmma, TMA, warp-specialised persistent blocks) runs gate_up and down on sm_90a when
-   the build holds sm_90a code and the operands are 16-byte aligned; its shrinks stay on
-   sm80 rows. A row's engine says which engine runs it. */
+   the build holds sm_90a code and the operands are 16-byte aligned, and the shrinks
+   with it. A row's engine says which engine runs it. */
 enum { LMOE_ENGINE_SM80 = 0, LMOE_ENGINE_SM90 = 1 };
 
 /* What a row computes: the expert GEMMs (gate_up and down: base weights with the LoRA
@@ -51,7 +51,11 @@ enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
   X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 202864)                               \
   /* 6, 7: sm90 64x256 (one consumer warpgroup), 4 or 5 stages of 40 KB */                      \
   X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 167536)                                \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 208528)
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 208528)                               \
+  /* 8, 9: sm90 shrinks (64-row tiles inside the forward's 128- or 64-row ones, 128      \
+     columns a pass, 4 stages of 25 KB, two blocks an SM) */                               \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_SHRINK, 128, 128, 4, 1, 4, 104784)                               \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_SHRINK, 64, 128, 4, 1, 4, 104784)
 
 typedef struct lmoe_gemm_config {
   int32_t engine, kind;
@@ -72,11 +76,14 @@ typedef struct lmoe_gemm_device {
                          build, cc 9.0, the TMA encoder present; LMOE_ENGINE=sm80 clears it) */
   int32_t small_tile_pairs; /* LMOE_SMALL_TILE_PAIRS: 64-row tiles below this many pairs
                                per expert on average; 0: the default (96), for measuring */
+  int32_t sm80_shrinks;     /* LMOE_SM90_SHRINK=0: the shrinks on sm80 rows even where the
+                               expert GEMMs run on sm90 (for measuring) */
 } lmoe_gemm_device;
 
 /* A forward's choice: the engine of the expert GEMMs, the row tile (every expert's pair
-   list is padded to it) and the rows of the expert GEMMs and of the shrinks (the shrinks'
-   row may be of another engine: each row names its own). */
+   list is padded to it) and the rows of the expert GEMMs and of the shrinks (the shrinks
+   run on the expert GEMMs' engine where it has a row that fits, else on sm80: each row
+   names its own engine). */
 typedef struct lmoe_gemm_choice {
   int32_t engine, bm, gemm_cfg, shrink_cfg;
 } lmoe_gemm_choice;

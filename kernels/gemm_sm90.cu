@@ -23,8 +23,10 @@
    columns side by side on one K axis (each rounded up to 8 columns), A the rows' shrink
    output in their own group's columns (zero elsewhere), B each group's slot's B matrix
    in its columns, both by cp.async; so an adapted tile costs its groups' real ranks
-   (four rank-16 groups: one chunk), not a chunk per group. The shrinks run
-   on the sm80 engine (their N is the ranks: too narrow for a 256-wide wgmma). */
+   (four rank-16 groups: one chunk), not a chunk per group.
+
+   The shrinks (k_shrink, below) use the same packed layout on N: 64-row tiles, 128
+   columns a pass (wgmma m64n128k16), two blocks an SM. */
 #include "common.cuh"
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
@@ -69,7 +71,7 @@ static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-th
 template <int BM> struct tile_plan {
   int32_t src[BM], grp[BM];
   int32_t g[BM], slot[BM], rank[BM]; /* the groups present, in row order (at most one a row) */
-  int32_t e, ngroups, nlora, pad;    /* expert; groups; the expand's K chunks */
+  int32_t e, ngroups, nlora, cols;   /* expert; groups; the expand's K chunks; their columns */
 };
 
 /* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, a
@@ -101,7 +103,7 @@ __device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int group_m, in
    their groups, sorted), in row order, uniformly across the calling warp. The slot and
    rank loads are issued together (one lane per group start): two dependent global loads
    a call, not two per group. */
-template <int MODE, int BM, class Fn>
+template <bool GU, int BM, class Fn>
 __device__ __forceinline__ void for_groups(const lmoe_fwd &f, const int32_t *grp, Fn fn) {
   constexpr int NR = BM / 32;
   const int lane = threadIdx.x & 31;
@@ -118,7 +120,7 @@ __device__ __forceinline__ void for_groups(const lmoe_fwd &f, const int32_t *grp
   }
 #pragma unroll
   for (int i = 0; i < NR; i++)
-    rk[i] = (start[i] >> lane) & 1 ? (MODE == MODE_GATEUP ? f.slots[slot[i]].r13 : f.slots[slot[i]].r2) : 0;
+    rk[i] = (start[i] >> lane) & 1 ? (GU ? f.slots[slot[i]].r13 : f.slots[slot[i]].r2) : 0;
 #pragma unroll
   for (int i = 0; i < NR; i++) {
     unsigned mask = start[i];
@@ -134,31 +136,28 @@ __device__ __forceinline__ void for_groups(const lmoe_fwd &f, const int32_t *grp
 /* The producer warpgroup's own barrier (the consumers never wait on it). */
 __device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
-/* Tile t's plan, written by the 128 producer threads (nothing when t is past the end). */
-template <int MODE, int BM>
-__device__ __forceinline__ void prepare(const lmoe_fwd &f, int t, int ntm, int ntn, int use_lora, int align,
-                                        int group_m, tile_plan<BM> &P) {
-  const int total = ntm * ntn;
-  if (t >= total) return;
-  int m, nt;
-  tile_of(t, ntm, ntn, group_m, m, nt);
-  const int p0 = m * BM;
+/* The plan of the BM rows at sorted row p0 (expert of row tile me), written by the 128
+   producer threads. GU: gate_up's side (rows are tokens of x, ranks r13); else down's
+   (rows of h, ranks r2). */
+template <bool GU, int BM>
+__device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int use_lora, int align,
+                                          tile_plan<BM> &P) {
   for (int r = threadIdx.x; r < BM; r += 128) {
     const int pair = f.sorted_pair[p0 + r];
-    P.src[r] = pair < 0 ? -1 : MODE == MODE_GATEUP ? pair / f.k : p0 + r;
+    P.src[r] = pair < 0 ? -1 : GU ? pair / f.k : p0 + r;
     P.grp[r] = use_lora ? f.sorted_group[p0 + r] : 0;
   }
-  if (threadIdx.x == 0) P.e = f.tile_expert[m];
+  if (threadIdx.x == 0) P.e = f.tile_expert[me];
   if (!use_lora) {
-    if (threadIdx.x == 0) P.nlora = 0;
+    if (threadIdx.x == 0) P.nlora = P.ngroups = 0;
     return;
   }
   producer_sync(); /* the rows' groups, for warp 0 */
   if (threadIdx.x < 32) {
-    /* the expand's K axis: the groups' rank columns side by side, each segment rounded
-       up to align columns, in 64-wide chunks */
+    /* the LoRA K (expand) or N (shrink) axis: the groups' rank columns side by side,
+       each segment rounded up to align columns, in 64-wide chunks */
     int n = 0, cols = 0;
-    for_groups<MODE, BM>(f, P.grp, [&](int g, int slot, int rk) {
+    for_groups<GU, BM>(f, P.grp, [&](int g, int slot, int rk) {
       if (threadIdx.x == 0) {
         P.g[n] = g;
         P.slot[n] = slot;
@@ -170,8 +169,19 @@ __device__ __forceinline__ void prepare(const lmoe_fwd &f, int t, int ntm, int n
     if (threadIdx.x == 0) {
       P.ngroups = n;
       P.nlora = (cols + BK - 1) / BK;
+      P.cols = cols;
     }
   }
+}
+
+/* Tile t's plan (nothing when t is past the end). */
+template <int MODE, int BM>
+__device__ __forceinline__ void prepare(const lmoe_fwd &f, int t, int ntm, int ntn, int use_lora, int align,
+                                        int group_m, tile_plan<BM> &P) {
+  if (t >= ntm * ntn) return;
+  int m, nt;
+  tile_of(t, ntm, ntn, group_m, m, nt);
+  plan_rows<MODE == MODE_GATEUP, BM>(f, m * BM, m, use_lora, align, P);
 }
 
 /* bytes of a 16-byte piece at column col that lie below the limit */
@@ -524,6 +534,242 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
 #endif
 }
 
+/* ------------------------------------------------------------------ the shrinks
+
+     shrink13  t13 = scale * (x A13^T)        shrink2  t2 = sd * (h A2^T)
+
+   Tiles of SBM = 64 sorted rows (a forward's row tile holds one or two). A tile computes
+   the adapter groups present side by side on N, in the expand's packed layout (each
+   group's rank rounded up to 8 columns), in passes of SN = 128 columns (wgmma
+   m64n128k16); each row keeps its own group's columns. One producer warpgroup loads A
+   (the rows of x or h that have a group) and B (the groups' A13 or A2 rows) by
+   cp.async; one consumer warpgroup. The stage opening a pass carries what the
+   consumer's epilogue needs (the rows' segments), the stage closing it says so, and a
+   last stage tells the consumer to stop, so the consumer never reads the producer's
+   plan. Two blocks an SM. */
+constexpr int SBM = 64, SN = 128;
+struct shrink_meta {
+  int32_t p0, n0, flags, pad;
+  int32_t off[SBM], rank[SBM], slot[SBM]; /* the row's group's segment start (-1: none), rank, slot */
+};
+enum { SH_PASS_END = 1, SH_EXIT = 2 };
+struct shrink_shape {
+  static constexpr uint32_t A_BYTES = SBM * BK * 2, B_BYTES = SN * BK * 2;
+  static constexpr uint32_t META = (sizeof(shrink_meta) + 1023) / 1024 * 1024; /* stages stay 1024-aligned */
+  static constexpr uint32_t STAGE = A_BYTES + B_BYTES + META;
+};
+template <int ST> __host__ __device__ constexpr size_t shrink_smem_bytes(void) {
+  return 1024 + (size_t)ST * shrink_shape::STAGE + 2 * ST * sizeof(uint64_t) + sizeof(tile_plan<SBM>);
+}
+
+#if LMOE_SM90_DEVICE
+
+template <int MODE, int ST>
+__device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem, uint64_t *full, uint64_t *empty,
+                                                tile_plan<SBM> &P, uint64_t wd) {
+  typedef shrink_shape S;
+  constexpr bool GU = MODE == LMOE_OP_SHRINK13;
+  const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
+  const int H = f.H, I = f.I, R = f.R, K = GU ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
+  const int total = f.ntiles[0] * (f.bm / SBM);
+  uint32_t it = 0;
+#pragma unroll 1
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const int p0 = t * SBM;
+    producer_sync(); /* the previous tile's plan is no longer read */
+    plan_rows<GU, SBM>(f, p0, p0 / f.bm, 1, 8, P);
+    producer_sync();
+    const int cols = P.cols, ng = P.ngroups, e = P.e;
+    if (cols == 0) continue;
+    const uint16_t *arow[SBM / 16]; /* this thread's A rows: the rows with a group (NULL: zeros) */
+#pragma unroll
+    for (int q = 0; q < SBM / 16; q++) {
+      const int r = rb + 16 * q, src = P.src[r], g = P.grp[r];
+      arow[q] = src >= 0 && g >= 1 && g != PAD_GROUP ? (GU ? f.x + (size_t)src * H : f.h + (size_t)src * hs) : nullptr;
+    }
+#pragma unroll 1
+    for (int n0 = 0; n0 < cols; n0 += SN) {
+      const uint16_t *brow[SN / 16]; /* this thread's B rows: packed column n0 + n of a group's A */
+#pragma unroll
+      for (int q = 0; q < SN / 16; q++) {
+        const int pc = n0 + rb + 16 * q;
+        brow[q] = nullptr;
+        int off = 0;
+#pragma unroll 1
+        for (int j = 0; j < ng; j++) {
+          const int rk = P.rank[j], w = (rk + 7) & ~7;
+          if (pc < off + w) {
+            const int q2 = pc - off;
+            if (q2 < rk) {
+              const uint16_t *base = f.pool + (size_t)P.slot[j] * f.slot_elems;
+              brow[q] = GU ? base + f.off_a13 + ((size_t)e * 2 * R + q2) * H : base + f.off_a2 + ((size_t)e * R + q2) * I;
+            }
+            break;
+          }
+          off += w;
+        }
+      }
+#pragma unroll 1
+      for (int c = 0; c < nbase; c++, it++) {
+        const int s = it % ST;
+        mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+        uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
+        if (ptid == 0) {
+          shrink_meta *M = (shrink_meta *)(Bs + S::B_BYTES);
+          if (c == 0) {
+            M->p0 = p0;
+            M->n0 = n0;
+            for (int r = 0; r < SBM; r++) {
+              const int g = P.grp[r];
+              int off = 0, o = -1, rk = 0, sl = 0;
+              for (int j = 0; j < ng; j++) {
+                if (P.g[j] == g) {
+                  o = off;
+                  rk = P.rank[j];
+                  sl = P.slot[j];
+                  break;
+                }
+                off += (P.rank[j] + 7) & ~7;
+              }
+              M->off[r] = P.src[r] >= 0 ? o : -1;
+              M->rank[r] = rk;
+              M->slot[r] = sl;
+            }
+          }
+          M->flags = c == nbase - 1 ? SH_PASS_END : 0;
+          mbar_arrive(&full[s]);
+        }
+        const int col = c * BK + ch * 8, nb = piece_bytes(col, K);
+        const uint32_t a0 = smem_u32(As), b0 = smem_u32(Bs);
+#pragma unroll
+        for (int q = 0; q < SBM / 16; q++) {
+          const int r = rb + 16 * q;
+          cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : f.x, arow[q] ? nb : 0);
+        }
+#pragma unroll
+        for (int q = 0; q < SN / 16; q++) {
+          const int n = rb + 16 * q;
+          cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), brow[q] ? brow[q] + col : f.x, brow[q] ? nb : 0);
+        }
+        cp_async_mbar_arrive(&full[s]);
+      }
+    }
+  }
+  /* the last stage: the consumer stops */
+  const int s = it % ST;
+  mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+  if (ptid == 0) {
+    ((shrink_meta *)(smem + s * S::STAGE + S::A_BYTES + S::B_BYTES))->flags = SH_EXIT;
+    mbar_arrive(&full[s]);
+  }
+  mbar_arrive(&full[s]);
+}
+
+template <int MODE, int ST>
+__device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem, uint64_t *full, uint64_t *empty,
+                                                uint64_t wd) {
+  typedef shrink_shape S;
+  const int ltid = threadIdx.x - 128, warp = ltid >> 5, lane = ltid & 31;
+  uint16_t *tb = MODE == LMOE_OP_SHRINK13 ? f.t13 : f.t2;
+  const int ts = MODE == LMOE_OP_SHRINK13 ? f.t13s : f.t2s;
+  float acc[SN / 2];
+  uint32_t it = 0;
+#pragma unroll 1
+  for (;;) {
+    int s = it % ST;
+    mbar_wait(&full[s], (it / ST) & 1, wd);
+    const shrink_meta *M = (const shrink_meta *)(smem + s * S::STAGE + S::A_BYTES + S::B_BYTES);
+    if (M->flags & SH_EXIT) break;
+    const int p0 = M->p0, n0 = M->n0;
+    int off[2], rank[2], slot[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      const int r = warp * 16 + (lane >> 2) + hf * 8;
+      off[hf] = M->off[r];
+      rank[hf] = M->rank[r];
+      slot[hf] = M->slot[r];
+    }
+#pragma unroll 1
+    for (int c = 0;; c++, it++) {
+      s = it % ST;
+      if (c > 0) mbar_wait(&full[s], (it / ST) & 1, wd);
+      fence_proxy_async();
+      const uint32_t as = smem_u32(smem + s * S::STAGE), bs = as + S::A_BYTES;
+      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+#pragma unroll
+      for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; kk++) wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
+      if (c > 0) {
+        wgmma_wait<1>();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+      }
+      const int fl = ((const volatile shrink_meta *)(smem + s * S::STAGE + S::A_BYTES + S::B_BYTES))->flags;
+      if (fl & SH_PASS_END) {
+        it++;
+        break;
+      }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+    /* each row keeps its group's columns of the pass: t = scale * acc (zero past the
+       rank, where B's rows are zero) */
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      if (off[hf] < 0) continue;
+      const int r = warp * 16 + (lane >> 2) + hf * 8, w = (rank[hf] + 7) & ~7;
+      const lmoe_dslot ds = f.slots[slot[hf]];
+      uint16_t *trow = tb + (size_t)(p0 + r) * ts;
+#pragma unroll
+      for (int i = 0; i < SN / 8; i++) {
+        const int cc = n0 + 8 * i + 2 * (lane & 3) - off[hf];
+        if (cc < 0 || cc >= w) continue;
+        float s0, s1;
+        if (MODE == LMOE_OP_SHRINK13) {
+          s0 = cc >= ds.g_lo && cc < ds.g_hi ? ds.sg : cc >= ds.u_lo && cc < ds.u_hi ? ds.su : 0.0f;
+          s1 = cc + 1 >= ds.g_lo && cc + 1 < ds.g_hi ? ds.sg : cc + 1 >= ds.u_lo && cc + 1 < ds.u_hi ? ds.su : 0.0f;
+        } else {
+          s0 = s1 = ds.sd;
+        }
+        *(uint32_t *)(trow + cc) = pack2(s0 * acc[4 * i + 2 * hf], s1 * acc[4 * i + 2 * hf + 1]);
+      }
+    }
+  }
+}
+
+#endif /* LMOE_SM90_DEVICE */
+
+template <int MODE, int ST>
+__global__ void __launch_bounds__(256, 2) k_shrink(const __grid_constant__ lmoe_fwd f, unsigned long long wd) {
+#if LMOE_SM90_DEVICE
+  if (!f.meta || f.meta[1] == 0) return; /* nothing active: exit at once */
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+  uint64_t *full = (uint64_t *)(smem + ST * shrink_shape::STAGE), *empty = full + ST;
+  tile_plan<SBM> *plan = (tile_plan<SBM> *)(empty + ST);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ST; s++) {
+      mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + thread 0's (the stage's words) */
+      mbar_init(&empty[s], 4);      /* every consumer warp */
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x < 128)
+    shrink_producer<MODE, ST>(f, smem, full, empty, *plan, wd);
+  else
+    shrink_consumer<MODE, ST>(f, smem, full, empty, wd);
+#endif
+}
+
 /* Fills what a dense GEMM through the down kernel reads: identity pairs (padding
    rows -1), weights 1, one expert, the tile count. */
 __global__ void k_dense_setup(int32_t *pair, float *tw, int32_t *tile_expert, int32_t *ntiles, int M, int rows,
@@ -582,33 +828,49 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
 /* One row of the table (gemm_config.h): its gate_up and down kernels. Rows of other
    engines compile to nothing here. */
 template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SMEM> struct row {
+  /* shared-memory limit of kernel k, and whether its registers and code can run */
+  static cudaError_t setup(void *k, int smem, int threads, int pool, int *usable) {
+    cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaFuncAttributes a;
+    if (!e) e = cudaFuncGetAttributes(&a, k);
+    if (e) return e;
+    /* the registers setmaxnreg redistributes must exist (else the consumers would wait
+       forever), and the binary must hold sm_90a code (else the body is empty) */
+    int regs = (a.numRegs + 7) & ~7; /* allocated per thread in steps of 8 */
+    if (regs * threads < pool || a.binaryVersion != 90) *usable = 0;
+    return cudaSuccess;
+  }
   static cudaError_t init(int smem_limit, int *usable) {
     if constexpr (ENGINE != LMOE_ENGINE_SM90) {
       return cudaSuccess;
+    } else if constexpr (KIND == LMOE_GEMM_SHRINK) {
+      static_assert(BN_ == SN && WM == 4 && WN == 1 && (BM == 64 || BM == 128),
+                    "sm90 shrink rows: 128 columns, 4 consumer warps, 64 or 128-row tiles of the forward");
+      static_assert(shrink_smem_bytes<ST>() == SMEM, "the table's SMEM is not this row's need");
+      if (SMEM > smem_limit) return cudaSuccess;
+      cudaError_t e = setup((void *)k_shrink<LMOE_OP_SHRINK13, ST>, SMEM, 256, 0, usable);
+      return e ? e : setup((void *)k_shrink<LMOE_OP_SHRINK2, ST>, SMEM, 256, 0, usable);
     } else {
       static_assert(KIND == LMOE_GEMM_EXPERT && BN_ == BN && WM == BM / 16 && WN == 1,
                     "sm90 rows: expert GEMMs, 256 columns, BM / 16 consumer warps x 1");
       static_assert(smem_bytes<BM, ST>() == SMEM, "the table's SMEM is not this row's need");
       if (SMEM > smem_limit) return cudaSuccess;
-      cudaError_t e;
-      void (*k0)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long, sm90_tune) = k_wgmma<MODE_GATEUP, BM, ST>;
-      void (*k1)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long, sm90_tune) = k_wgmma<MODE_DOWN, BM, ST>;
-      void *ks[2] = {(void *)k0, (void *)k1};
-      for (int i = 0; i < 2; i++) {
-        if ((e = cudaFuncSetAttribute(ks[i], cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM))) return e;
-        cudaFuncAttributes a;
-        if ((e = cudaFuncGetAttributes(&a, ks[i]))) return e;
-        /* the registers setmaxnreg redistributes must exist (else the consumers would
-           wait forever), and the binary must hold sm_90a code (else the body is empty) */
-        int regs = (a.numRegs + 7) & ~7; /* allocated per thread in steps of 8 */
-        if (regs * shape<BM>::THREADS < shape<BM>::POOL || a.binaryVersion != 90) *usable = 0;
-      }
-      return cudaSuccess;
+      cudaError_t e = setup((void *)k_wgmma<MODE_GATEUP, BM, ST>, SMEM, shape<BM>::THREADS, shape<BM>::POOL, usable);
+      return e ? e : setup((void *)k_wgmma<MODE_DOWN, BM, ST>, SMEM, shape<BM>::THREADS, shape<BM>::POOL, usable);
     }
   }
   static cudaError_t run(int op, const lmoe_fwd *f, int lora, cudaStream_t s) {
     if constexpr (ENGINE != LMOE_ENGINE_SM90) {
       return cudaErrorInvalidValue;
+    } else if constexpr (KIND == LMOE_GEMM_SHRINK) {
+      if (f->bm != BM || (op != LMOE_OP_SHRINK13 && op != LMOE_OP_SHRINK2)) return cudaErrorInvalidValue;
+      int grid = f->mt_max * (BM / SBM);
+      if (grid > 2 * num_sms) grid = 2 * num_sms;
+      if (op == LMOE_OP_SHRINK13)
+        k_shrink<LMOE_OP_SHRINK13, ST><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
+      else
+        k_shrink<LMOE_OP_SHRINK2, ST><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
+      return cudaGetLastError();
     } else {
       if (op == MODE_GATEUP) return launch<MODE_GATEUP, BM, ST>(f, lora, s);
       if (op == MODE_DOWN) return launch<MODE_DOWN, BM, ST>(f, lora, s);

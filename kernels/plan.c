@@ -48,6 +48,14 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   int sel = lmoe_gemm_select(a->dev, a->M * a->k, a->E, aligned16, &g);
   assert(sel == 0); /* lmoe_k_init accepted the device: every problem finds its rows */
   (void)sel;
+  /* the sm90 shrinks read the pool's A13 and A2 rows in 16-byte pieces too */
+  if (lora && lmoe_gemm_configs[g.shrink_cfg].engine != LMOE_ENGINE_SM80 &&
+      (pool->al_lora & (LMOE_AL_A13 | LMOE_AL_A2)) != (LMOE_AL_A13 | LMOE_AL_A2)) {
+    lmoe_gemm_device d80 = *a->dev;
+    lmoe_gemm_choice g80;
+    d80.sm80_shrinks = 1;
+    if (lmoe_gemm_select(&d80, a->M * a->k, a->E, aligned16, &g80) == 0) g.shrink_cfg = g80.shrink_cfg;
+  }
 
   memset(f, 0, sizeof *f);
   f->M = (int32_t)a->M;

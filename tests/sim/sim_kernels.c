@@ -141,6 +141,7 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->force_cfg = -1;
   dev->sm90 = 0;
   dev->small_tile_pairs = 0;
+  dev->sm80_shrinks = 0;
   return cudaSuccess;
 }
 

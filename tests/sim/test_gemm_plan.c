@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -47,18 +47,24 @@ static void test_select(void) {
 }
 
 /* The sm90 engine: where usable on cc 9.0 and the operands are aligned, its rows for
-   gate_up and down (5 for 128-row tiles, 6 for 64, 7 when forced), the shrinks on sm80
-   rows; sm80 rows otherwise, and when no sm90 row fits the device. */
+   gate_up and down (5 for 128-row tiles, 6 for 64, 7 when forced) and the shrinks (8,
+   9; sm80 rows under LMOE_SM90_SHRINK=0); sm80 rows otherwise, and when no sm90 row
+   fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 128 &&
-            g.gemm_cfg == 5 && g.shrink_cfg == 3,
-        "large: row 5, shrinks 3 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
+            g.gemm_cfg == 5 && g.shrink_cfg == 8,
+        "large: row 5, shrinks 8 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
   CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 64 &&
-            g.gemm_cfg == 6 && g.shrink_cfg == 4,
-        "small: row 6, shrinks 4 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
+            g.gemm_cfg == 6 && g.shrink_cfg == 9,
+        "small: row 6, shrinks 9 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
+  d.sm80_shrinks = 1;
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.gemm_cfg == 5 &&
+            g.shrink_cfg == 3,
+        "LMOE_SM90_SHRINK=0: sm80 shrinks beside the sm90 GEMMs (got %d %d)", g.gemm_cfg, g.shrink_cfg);
+  d.sm80_shrinks = 0;
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 0, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.gemm_cfg == 0,
         "misaligned operands: sm80");
   d.force_cfg = 7;
@@ -82,9 +88,10 @@ static void test_select_sm90(void) {
 }
 
 /* The plan hands the sm90 engine only operands it can read: 16-byte aligned x, W13,
-   W2 rows and pointers, and with LoRA the pool's B13 and B2 rows. */
+   W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13, A2 rows for
+   its shrinks, else the shrinks run on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -99,7 +106,14 @@ static void test_plan_sm90(void) {
                         .workspace = ws, .workspace_bytes = L.total, .dev = &d};
   lmoe_fwd f;
   lmoe_k_plan(&a, &f);
-  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink_cfg == 3, "aligned: sm90 (%d)", f.engine);
+  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink_cfg == 8, "aligned: sm90 (%d)", f.engine);
+  lmoe_k_pool_plan a13odd; /* A13 rows start 8 bytes off: the sm90 GEMMs, the sm80 shrinks */
+  lmoe_k_plan_pool(1024, 768, 4, 16, (void *)w, 1 << 20, 8, 4096, 8192, 12288, table, &a13odd);
+  a.pool = &a13odd;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink_cfg == 3,
+        "A13 rows not 16-byte aligned: sm80 shrinks (got %d %d)", f.gemm_cfg, f.shrink_cfg);
+  a.pool = &pp;
   a.x = x + 1;
   lmoe_k_plan(&a, &f);
   CHECK(f.engine == LMOE_ENGINE_SM80 && f.gemm_cfg == 0, "x rows not 16-byte aligned: sm80");
@@ -124,7 +138,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -168,7 +182,7 @@ static void test_plan(void) {
    activations' (x's codes and group scales by token, h's by sorted row), the weights'
    block scales and the groups per row. */
 static void test_plan_fp8(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
   lmoe_ws_layout L, L0;
   lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
   lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
