@@ -58,29 +58,25 @@ template <int BM> struct shape {
   /* registers after setmaxnreg: the block's pool is what the launch allocated,
      numRegs x THREADS (168 x 384 = 64512 for BM = 128); asking more than the pool
      blocks the warpgroup forever */
-  static constexpr int PREG = BM == 128 ? 104 : 96;
-  static constexpr int CREG = BM == 128 ? 200 : 232;
+  static constexpr int PREG = BM == 128 ? 88 : 96;
+  static constexpr int CREG = BM == 128 ? 208 : 232;
   static constexpr int POOL = 128 * PREG + 128 * NC * CREG;
 };
 static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-thread block holds");
 
-/* What the producer knows of a tile before loading it (prepared one tile ahead, in
-   shared memory, so that a tile boundary costs no global-memory round trip): each row's
-   source (gate_up: its token; down: its sorted row; -1: padding) and adapter group, the
-   tile's expert, and the adapter groups present with their slots and ranks. */
+/* What the shrinks' producer knows of a tile before loading it (in shared memory):
+   each row's source (gate_up's side: its token; down's: its sorted row; -1: padding)
+   and adapter group, the tile's expert, and the adapter groups present with their
+   slots and ranks (their packed columns: cols). */
 template <int BM> struct tile_plan {
   int32_t src[BM], grp[BM];
   int32_t g[BM], slot[BM], rank[BM]; /* the groups present, in row order (at most one a row) */
   int32_t e, ngroups, nlora, cols;   /* expert; groups; the expand's K chunks; their columns */
 };
 
-/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, a
-   word a stage (set when the stage holds its tile's last K chunk, rounded up to 16
-   bytes), and two tile plans. */
-template <int ST> __host__ __device__ constexpr size_t last_bytes(void) { return (ST * sizeof(int32_t) + 15) / 16 * 16; }
-template <int BM, int ST> __host__ __device__ constexpr size_t smem_bytes(void) {
-  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + last_bytes<ST>() +
-         2 * sizeof(tile_plan<BM>);
+/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers. */
+template <int BM, int ST> constexpr size_t smem_bytes(void) {
+  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t);
 }
 
 /* N tiles of an output */
@@ -99,12 +95,37 @@ __device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int group_m, in
   nt = rem / gm;
 }
 
-/* Calls fn(group, slot, rank) once per adapter group present among a tile's rows (grp:
+/* Calls fn(group, slot, rank) once per adapter group present in the tile at sorted row
+   p0, in row order, uniformly across the calling warp. */
+template <int MODE, int BM, class Fn>
+__device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
+  const int lane = threadIdx.x & 31;
+  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  int last = -1;
+#pragma unroll 1
+  for (int r0 = 0; r0 < BM; r0 += 32) {
+    int g = f.sorted_group[p0 + r0 + lane];
+    int gp = __shfl_up_sync(0xffffffffu, g, 1);
+    if (lane == 0) gp = last;
+    unsigned mask = __ballot_sync(0xffffffffu, g >= 1 && g != PAD_GROUP && g != gp);
+    while (mask) {
+      int b = __ffs(mask) - 1;
+      mask &= mask - 1;
+      int gg = __shfl_sync(0xffffffffu, g, b);
+      int slot = act[gg - 1];
+      int rk = MODE == MODE_GATEUP ? f.slots[slot].r13 : f.slots[slot].r2;
+      fn(gg, slot, rk);
+    }
+    last = __shfl_sync(0xffffffffu, g, 31);
+  }
+}
+
+/* for_groups over a tile plan's rows: calls fn(group, slot, rank) once per adapter group present among a tile's rows (grp:
    their groups, sorted), in row order, uniformly across the calling warp. The slot and
    rank loads are issued together (one lane per group start): two dependent global loads
    a call, not two per group. */
 template <bool GU, int BM, class Fn>
-__device__ __forceinline__ void for_groups(const lmoe_fwd &f, const int32_t *grp, Fn fn) {
+__device__ __forceinline__ void for_groups_smem(const lmoe_fwd &f, const int32_t *grp, Fn fn) {
   constexpr int NR = BM / 32;
   const int lane = threadIdx.x & 31;
   const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
@@ -137,7 +158,7 @@ __device__ __forceinline__ void for_groups(const lmoe_fwd &f, const int32_t *grp
 __device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
 /* The plan of the BM rows at sorted row p0 (expert of row tile me), written by the 128
-   producer threads. GU: gate_up's side (rows are tokens of x, ranks r13); else down's
+   producer threads (barrier 1: the consumers never wait on it). GU: gate_up's side (rows are tokens of x, ranks r13); else down's
    (rows of h, ranks r2). */
 template <bool GU, int BM>
 __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int use_lora, int align,
@@ -157,7 +178,7 @@ __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int
     /* the LoRA K (expand) or N (shrink) axis: the groups' rank columns side by side,
        each segment rounded up to align columns, in 64-wide chunks */
     int n = 0, cols = 0;
-    for_groups<GU, BM>(f, P.grp, [&](int g, int slot, int rk) {
+    for_groups_smem<GU, BM>(f, P.grp, [&](int g, int slot, int rk) {
       if (threadIdx.x == 0) {
         P.g[n] = g;
         P.slot[n] = slot;
@@ -172,16 +193,6 @@ __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int
       P.cols = cols;
     }
   }
-}
-
-/* Tile t's plan (nothing when t is past the end). */
-template <int MODE, int BM>
-__device__ __forceinline__ void prepare(const lmoe_fwd &f, int t, int ntm, int ntn, int use_lora, int align,
-                                        int group_m, tile_plan<BM> &P) {
-  if (t >= ntm * ntn) return;
-  int m, nt;
-  tile_of(t, ntm, ntn, group_m, m, nt);
-  plan_rows<MODE == MODE_GATEUP, BM>(f, m * BM, m, use_lora, align, P);
 }
 
 /* bytes of a 16-byte piece at column col that lie below the limit */
@@ -229,11 +240,19 @@ __device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, uint4 o)
 __device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
 
+/* Chunks of a tile's LoRA expand: the present groups' ranks, each rounded up to
+   align columns (8: one 16-byte piece, packed; 64: a chunk per group), side by side,
+   in 64-wide chunks. */
+template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmoe_fwd &f, int p0, int align) {
+  int cols = 0;
+  for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { cols += (rk + align - 1) / align * align; });
+  return (cols + BK - 1) / BK;
+}
+
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
-                                         int use_lora, uint8_t *smem, uint64_t *full, uint64_t *empty,
-                                         volatile int32_t *last, tile_plan<BM> *plans, uint64_t wd,
-                                         sm90_tune tn) {
+                                         int use_lora, uint8_t *smem,
+                                         uint64_t *full, uint64_t *empty, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   constexpr int AR = BM / 16; /* A rows per thread */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
@@ -241,34 +260,28 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
-  /* the next tile's plan is prepared while this one's second chunk waits for its stage
-     (the first when the tile has one): by then the ring holds work for the consumers */
-  const int prep_at = nbase > 1 ? 1 : 0;
   if (ptid == 0) prefetch_tensormap(tmb);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
-  prepare<MODE, BM>(f, blockIdx.x, ntm, ntn, use_lora, tn.lora_align, tn.group_m, plans[0]);
   uint32_t it = 0;
 #pragma unroll 1
-  for (int t = blockIdx.x, i = 0; t < total; t += gridDim.x, i++) {
-    producer_sync(); /* this tile's plan is complete; the one before it is no longer read */
-    const tile_plan<BM> &P = plans[i & 1];
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     tile_of(t, ntm, ntn, tn.group_m, m, nt);
-    const int e = P.e, p0 = m * BM;
+    const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
-    /* the tile's K chunks: the base ones, then the expand's; the stage holding the last
-       one says so (last[s]), so the consumers need not count them */
-    const int nlc = P.nlora, nch = nbase + nlc;
-    const uint16_t *arow[AR]; /* this thread's A rows (NULL: padding) */
+    const uint16_t *arow[AR];
+    int agrp[AR];
 #pragma unroll
     for (int q = 0; q < AR; q++) {
-      const int src = P.src[rb + 16 * q];
-      arow[q] = src < 0 ? nullptr : MODE == MODE_GATEUP ? f.x + (size_t)src * H : f.h + (size_t)src * hs;
+      int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
+      if (MODE == MODE_GATEUP)
+        arow[q] = pair >= 0 ? f.x + (size_t)(pair / f.k) * H : nullptr;
+      else
+        arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
+      agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
     }
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
-      if (c == prep_at)
-        prepare<MODE, BM>(f, t + gridDim.x, ntm, ntn, use_lora, tn.lora_align, tn.group_m, plans[(i + 1) & 1]);
       const int s = it % ST;
       mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
       uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
@@ -276,7 +289,6 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         /* A and B by TMA: one arrival with both boxes' bytes; the other threads' plain
            arrivals stand for the cp.async ones the barrier counts */
         if (ptid == 0) {
-          last[s] = c == nch - 1;
           mbar_arrive_tx(&full[s], S::A_BYTES + S::B_BYTES);
           tma_load_2d(As, tma, &full[s], c * BK, p0);
           tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
@@ -285,7 +297,6 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         continue;
       }
       if (ptid == 0) {
-        last[s] = c == nch - 1;
         mbar_arrive_tx(&full[s], S::B_BYTES);
         if (MODE == MODE_GATEUP) {
           int row = e * 2 * I + n0;
@@ -299,21 +310,22 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       const uint32_t a0 = smem_u32(As);
 #pragma unroll
       for (int q = 0; q < AR; q++) {
-        const int r = rb + 16 * q;
-        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : f.x, arow[q] ? nb : 0);
+        int r = rb + 16 * q;
+        const uint16_t *src = arow[q] ? arow[q] + col : f.x;
+        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), src, arow[q] ? nb : 0);
       }
       cp_async_mbar_arrive(&full[s]);
     }
-    if (nlc > 0) {
+    if (use_lora) {
       /* This thread's 16-byte piece of a stage (column col of group g's rank, nb bytes
          of it; pb NULL: zeros): for every A row its own group's t or zero, for every
          output column the slot's B. */
       auto load_piece = [&](uint32_t a0, uint32_t b0, int g, const uint16_t *pb, int col, int nb) {
 #pragma unroll
         for (int q = 0; q < AR; q++) {
-          const int r = rb + 16 * q;
+          int r = rb + 16 * q;
           const uint16_t *row = nullptr;
-          if (pb && P.grp[r] == g && arow[q])
+          if (pb && agrp[q] == g && arow[q])
             row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
         }
@@ -332,18 +344,15 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         }
       };
       /* The groups' rank columns side by side on one K axis, each segment rounded up
-         to lora_align columns, cut into 64-wide chunks (prepare counted them). At
+         to lora_align columns, cut into 64-wide chunks (lora_chunks counts them). At
          lora_align 64 every group starts a chunk of its own (ceil(rank / 64) chunks a
          group); at 8, the packed expand, a tile with four rank-16 groups costs one
          chunk. The pieces past the last segment are zero (a stage keeps older data). */
       const int align = tn.lora_align;
       int off = 0, open = -1, s = 0;
       uint32_t a0 = 0, b0 = 0;
-#pragma unroll 1
-      for (int j = 0; j < P.ngroups; j++) {
-        const int g = P.g[j], rk = P.rank[j];
-        const uint16_t *pb =
-            f.pool + (size_t)P.slot[j] * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
+      for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
+        const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
         const int w = (rk + align - 1) / align * align;
 #pragma unroll 1
         for (int c0 = off; c0 < off + w;) {
@@ -356,10 +365,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
             open = cc;
             s = it % ST;
             mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
-            if (ptid == 0) {
-              last[s] = cc == nlc - 1;
-              mbar_arrive(&full[s]);
-            }
+            if (ptid == 0) mbar_arrive(&full[s]);
             a0 = smem_u32(smem + s * S::STAGE);
             b0 = a0 + S::A_BYTES;
           }
@@ -368,7 +374,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
           c0 = cend;
         }
         off += w;
-      }
+      });
       if (open >= 0) {
         if (open * BK + ch * 8 >= off) load_piece(a0, b0, -1, nullptr, 0, 0);
         cp_async_mbar_arrive(&full[s]);
@@ -379,13 +385,13 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 }
 
 template <int MODE, int BM, int ST>
-__device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, uint64_t *full, uint64_t *empty,
-                                         uint64_t wd, sm90_tune tn) {
+__device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
+                                         uint64_t *empty, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
   const int H = f.H, I = f.I;
-  const int hs = (I + 7) & ~7;
+  const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   float acc[128];
   uint32_t it = 0;
@@ -395,8 +401,10 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, uint6
     tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    int nch = nbase;
+    if (use_lora) nch += lora_chunks<MODE, BM>(f, p0, tn.lora_align);
 #pragma unroll 1
-    for (int c = 0;; c++, it++) {
+    for (int c = 0; c < nch; c++, it++) {
       const int s = it % ST;
       mbar_wait(&full[s], (it / ST) & 1, wd);
       fence_proxy_async();
@@ -412,21 +420,13 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, uint6
       for (int i = 0; i < 128; i++) reg_fence(acc[i]);
       if (c > 0) {
         wgmma_wait<1>();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
-      }
-      /* stage s stays ours until this warp releases it (one arrival a consumer warp,
-         after __syncwarp: every lane's read of last[s] comes before its warp's arrival) */
-      if (((const volatile int32_t *)(empty + ST))[s]) { /* the producer's last[s] */
-        it++;
-        break;
+        if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
       }
     }
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; i++) reg_fence(acc[i]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+    if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
 
     /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
     if (tn.epi16) {
@@ -513,12 +513,10 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
   uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
-  int32_t *last = (int32_t *)(empty + ST);
-  tile_plan<BM> *plans = (tile_plan<BM> *)((uint8_t *)last + last_bytes<ST>());
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
-      mbar_init(&empty[s], 4 * S::NC); /* every consumer warp */
+      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
     }
     fence_barrier_init();
   }
@@ -526,10 +524,10 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, last, plans, wd, tn);
+    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, wd, tn);
   } else {
     setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, ST>(f, smem, full, empty, wd, tn);
+    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, tn);
   }
 #endif
 }
@@ -546,7 +544,8 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
    cp.async; one consumer warpgroup. The stage opening a pass carries what the
    consumer's epilogue needs (the rows' segments), the stage closing it says so, and a
    last stage tells the consumer to stop, so the consumer never reads the producer's
-   plan. Two blocks an SM. */
+   plan; every consumer thread releases a stage itself, after its own reads of those
+   words. Two blocks an SM. */
 constexpr int SBM = 64, SN = 128;
 struct shrink_meta {
   int32_t p0, n0, flags, pad;
@@ -706,8 +705,7 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
       for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
       if (c > 0) {
         wgmma_wait<1>();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+        mbar_arrive(&empty[(it - 1) % ST]);
       }
       const int fl = ((const volatile shrink_meta *)(smem + s * S::STAGE + S::A_BYTES + S::B_BYTES))->flags;
       if (fl & SH_PASS_END) {
@@ -718,8 +716,7 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+    mbar_arrive(&empty[(it - 1) % ST]);
     /* each row keeps its group's columns of the pass: t = scale * acc (zero past the
        rank, where B's rows are zero) */
 #pragma unroll
@@ -758,7 +755,7 @@ __global__ void __launch_bounds__(256, 2) k_shrink(const __grid_constant__ lmoe_
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + thread 0's (the stage's words) */
-      mbar_init(&empty[s], 4);      /* every consumer warp */
+      mbar_init(&empty[s], 128);    /* every consumer thread (each after its own reads of the stage's words) */
     }
     fence_barrier_init();
   }
