@@ -25,8 +25,10 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->force_cfg = env ? atoi(env) : -1;
   const char *sp = getenv("LMOE_SMALL_TILE_PAIRS"); /* for measuring: see gemm_config.h */
   dev->small_tile_pairs = sp && atoi(sp) > 0 ? atoi(sp) : 0;
-  const char *sh = getenv("LMOE_SM90_SHRINK"); /* "0": the shrinks on sm80 rows (measuring) */
-  dev->sm80_shrinks = sh && atoi(sh) == 0;
+  /* LMOE_SM90_SHRINK=1: the shrinks on the sm90 engine's rows (not yet measured on a
+     GPU: docs/gpu-notes.md 21); otherwise on sm80 rows */
+  const char *sh = getenv("LMOE_SM90_SHRINK");
+  dev->sm80_shrinks = !(sh && atoi(sh) != 0);
   if (!lmoe_gemm_supported(dev)) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
   return cudaSuccess;
 }

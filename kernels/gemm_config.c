@@ -48,8 +48,8 @@ int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int al
     out->engine = LMOE_ENGINE_SM80;
     out->gemm_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, out->bm);
   }
-  /* the shrinks on the expert GEMMs' engine (its expand reads their output), sm80 rows
-     where it has none that fits */
+  /* the shrinks on the expert GEMMs' engine (its expand reads their output) when asked
+     (d->sm80_shrinks clear), sm80 rows otherwise and where it has none that fits */
   out->shrink_cfg = d->sm80_shrinks ? -1 : pick_row(d, out->engine, LMOE_GEMM_SHRINK, out->bm);
   if (out->shrink_cfg < 0) out->shrink_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, out->bm);
   return out->gemm_cfg >= 0 && out->shrink_cfg >= 0 ? 0 : -1;

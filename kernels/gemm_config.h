@@ -20,7 +20,7 @@ enum { LMOE_K_BM = 128, LMOE_K_BM_MIN = 64 };
    cp.async) runs on every supported device. The sm90 engine (kernels/gemm_sm90.cu:
    wgmma, TMA, warp-specialised persistent blocks) runs gate_up and down on sm_90a when
    the build holds sm_90a code and the operands are 16-byte aligned, and the shrinks
-   with it. A row's engine says which engine runs it. */
+   with it under LMOE_SM90_SHRINK=1. A row's engine says which engine runs it. */
 enum { LMOE_ENGINE_SM80 = 0, LMOE_ENGINE_SM90 = 1 };
 
 /* What a row computes: the expert GEMMs (gate_up and down: base weights with the LoRA
@@ -76,8 +76,9 @@ typedef struct lmoe_gemm_device {
                          build, cc 9.0, the TMA encoder present; LMOE_ENGINE=sm80 clears it) */
   int32_t small_tile_pairs; /* LMOE_SMALL_TILE_PAIRS: 64-row tiles below this many pairs
                                per expert on average; 0: the default (96), for measuring */
-  int32_t sm80_shrinks;     /* LMOE_SM90_SHRINK=0: the shrinks on sm80 rows even where the
-                               expert GEMMs run on sm90 (for measuring) */
+  int32_t sm80_shrinks;     /* the shrinks on sm80 rows even where the expert GEMMs run on
+                               sm90: set unless LMOE_SM90_SHRINK=1 (the sm90 shrinks are
+                               not yet measured on a GPU) */
 } lmoe_gemm_device;
 
 /* A forward's choice: the engine of the expert GEMMs, the row tile (every expert's pair

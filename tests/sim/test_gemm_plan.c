@@ -48,8 +48,8 @@ static void test_select(void) {
 
 /* The sm90 engine: where usable on cc 9.0 and the operands are aligned, its rows for
    gate_up and down (5 for 128-row tiles, 6 for 64, 7 when forced) and the shrinks (8,
-   9; sm80 rows under LMOE_SM90_SHRINK=0); sm80 rows otherwise, and when no sm90 row
-   fits the device. */
+   9 when sm80_shrinks is clear, LMOE_SM90_SHRINK=1; sm80 rows by default); sm80 rows
+   otherwise, and when no sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
   lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
@@ -63,7 +63,7 @@ static void test_select_sm90(void) {
   d.sm80_shrinks = 1;
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.gemm_cfg == 5 &&
             g.shrink_cfg == 3,
-        "LMOE_SM90_SHRINK=0: sm80 shrinks beside the sm90 GEMMs (got %d %d)", g.gemm_cfg, g.shrink_cfg);
+        "sm80_shrinks (the default): sm80 shrinks beside the sm90 GEMMs (got %d %d)", g.gemm_cfg, g.shrink_cfg);
   d.sm80_shrinks = 0;
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 0, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.gemm_cfg == 0,
         "misaligned operands: sm80");
