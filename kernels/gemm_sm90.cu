@@ -30,6 +30,7 @@
 #include "common.cuh"
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
+#include "sm90_walk.cuh"
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -42,7 +43,7 @@ enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
 
 /* What a launch may vary without another kernel (set once at init, below). */
 struct sm90_tune {
-  int group_m;    /* row tiles per group of the walk (tile_of) */
+  int group_m;    /* row tiles per group of the walk (sm90_tile_of) */
   int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
@@ -86,74 +87,6 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
 
 #if LMOE_SM90_DEVICE /* the pipeline's device code exists in sm_90a code only */
 
-/* Tile t of the walk: groups of group_m row tiles take the N tiles together, so the
-   blocks working at one time share expert weights and token rows in L2. */
-__device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int group_m, int &m, int &nt) {
-  int per = group_m * ntn, grp = t / per, first = grp * group_m;
-  int gm = min(ntm - first, group_m), rem = t - grp * per;
-  m = first + rem % gm;
-  nt = rem / gm;
-}
-
-/* Calls fn(group, slot, rank) once per adapter group present in the tile at sorted row
-   p0, in row order, uniformly across the calling warp. */
-template <int MODE, int BM, class Fn>
-__device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
-  const int lane = threadIdx.x & 31;
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
-  int last = -1;
-#pragma unroll 1
-  for (int r0 = 0; r0 < BM; r0 += 32) {
-    int g = f.sorted_group[p0 + r0 + lane];
-    int gp = __shfl_up_sync(0xffffffffu, g, 1);
-    if (lane == 0) gp = last;
-    unsigned mask = __ballot_sync(0xffffffffu, g >= 1 && g != PAD_GROUP && g != gp);
-    while (mask) {
-      int b = __ffs(mask) - 1;
-      mask &= mask - 1;
-      int gg = __shfl_sync(0xffffffffu, g, b);
-      int slot = act[gg - 1];
-      int rk = MODE == MODE_GATEUP ? f.slots[slot].r13 : f.slots[slot].r2;
-      fn(gg, slot, rk);
-    }
-    last = __shfl_sync(0xffffffffu, g, 31);
-  }
-}
-
-/* for_groups over a tile plan's rows: calls fn(group, slot, rank) once per adapter group present among a tile's rows (grp:
-   their groups, sorted), in row order, uniformly across the calling warp. The slot and
-   rank loads are issued together (one lane per group start): two dependent global loads
-   a call, not two per group. */
-template <bool GU, int BM, class Fn>
-__device__ __forceinline__ void for_groups_smem(const lmoe_fwd &f, const int32_t *grp, Fn fn) {
-  constexpr int NR = BM / 32;
-  const int lane = threadIdx.x & 31;
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
-  int g[NR], slot[NR], rk[NR];
-  unsigned start[NR];
-#pragma unroll
-  for (int i = 0; i < NR; i++) {
-    g[i] = grp[32 * i + lane];
-    const int gp = 32 * i + lane > 0 ? grp[32 * i + lane - 1] : -1;
-    const bool st = g[i] >= 1 && g[i] != PAD_GROUP && g[i] != gp;
-    start[i] = __ballot_sync(0xffffffffu, st);
-    slot[i] = st ? act[g[i] - 1] : 0;
-  }
-#pragma unroll
-  for (int i = 0; i < NR; i++)
-    rk[i] = (start[i] >> lane) & 1 ? (GU ? f.slots[slot[i]].r13 : f.slots[slot[i]].r2) : 0;
-#pragma unroll
-  for (int i = 0; i < NR; i++) {
-    unsigned mask = start[i];
-    while (mask) {
-      int b = __ffs(mask) - 1;
-      mask &= mask - 1;
-      fn(__shfl_sync(0xffffffffu, g[i], b), __shfl_sync(0xffffffffu, slot[i], b),
-         __shfl_sync(0xffffffffu, rk[i], b));
-    }
-  }
-}
-
 /* The producer warpgroup's own barrier (the consumers never wait on it). */
 __device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
@@ -178,7 +111,7 @@ __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int
     /* the LoRA K (expand) or N (shrink) axis: the groups' rank columns side by side,
        each segment rounded up to align columns, in 64-wide chunks */
     int n = 0, cols = 0;
-    for_groups_smem<GU, BM>(f, P.grp, [&](int g, int slot, int rk) {
+    sm90_for_groups<GU, BM>(f, [&](int r) { return P.grp[r]; }, [&](int g, int slot, int rk) {
       if (threadIdx.x == 0) {
         P.g[n] = g;
         P.slot[n] = slot;
@@ -193,12 +126,6 @@ __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int
       P.cols = cols;
     }
   }
-}
-
-/* bytes of a 16-byte piece at column col that lie below the limit */
-__device__ __forceinline__ int piece_bytes(int col, int limit) {
-  int b = (limit - col) * 2;
-  return b < 0 ? 0 : b > 16 ? 16 : b;
 }
 
 __device__ __forceinline__ uint32_t sel4(uint32_t a, uint32_t b, uint32_t c, uint32_t d, int i) {
@@ -238,16 +165,6 @@ __device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, uint4 o)
 }
 
 __device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
-
-/* Chunks of a tile's LoRA expand: the present groups' ranks, each rounded up to
-   align columns (8: one 16-byte piece, packed; 64: a chunk per group), side by side,
-   in 64-wide chunks. */
-template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmoe_fwd &f, int p0, int align) {
-  int cols = 0;
-  for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { cols += (rk + align - 1) / align * align; });
-  return (cols + BK - 1) / BK;
-}
 
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
@@ -266,7 +183,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
-    tile_of(t, ntm, ntn, tn.group_m, m, nt);
+    sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     const uint16_t *arow[AR];
@@ -306,7 +223,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
           tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
         }
       }
-      const int col = c * BK + ch * 8, nb = piece_bytes(col, K);
+      const int col = c * BK + ch * 8, nb = sm90_piece_bytes(col, K, 2);
       const uint32_t a0 = smem_u32(As);
 #pragma unroll
       for (int q = 0; q < AR; q++) {
@@ -344,14 +261,15 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         }
       };
       /* The groups' rank columns side by side on one K axis, each segment rounded up
-         to lora_align columns, cut into 64-wide chunks (lora_chunks counts them). At
+         to lora_align columns, cut into 64-wide chunks (sm90_lora_chunks counts them). At
          lora_align 64 every group starts a chunk of its own (ceil(rank / 64) chunks a
          group); at 8, the packed expand, a tile with four rank-16 groups costs one
          chunk. The pieces past the last segment are zero (a stage keeps older data). */
       const int align = tn.lora_align;
       int off = 0, open = -1, s = 0;
       uint32_t a0 = 0, b0 = 0;
-      for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
+      sm90_for_groups<MODE == MODE_GATEUP, BM>(
+          f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
         const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
         const int w = (rk + align - 1) / align * align;
 #pragma unroll 1
@@ -370,7 +288,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
             b0 = a0 + S::A_BYTES;
           }
           const int pc = cc * BK + ch * 8; /* this thread's piece, on the K axis */
-          if (pc >= c0 && pc < cend) load_piece(a0, b0, g, pb, pc - off, piece_bytes(pc - off, rk));
+          if (pc >= c0 && pc < cend) load_piece(a0, b0, g, pb, pc - off, sm90_piece_bytes(pc - off, rk, 2));
           c0 = cend;
         }
         off += w;
@@ -398,11 +316,11 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
-    tile_of(t, ntm, ntn, tn.group_m, m, nt);
+    sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     int nch = nbase;
-    if (use_lora) nch += lora_chunks<MODE, BM>(f, p0, tn.lora_align);
+    if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, tn.lora_align, BK);
 #pragma unroll 1
     for (int c = 0; c < nch; c++, it++) {
       const int s = it % ST;
@@ -442,8 +360,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
             for (int b = 0; b < 4; b++) {
               const int i = 4 * g + b;
-              p[b] = pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
-                           silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
+              p[b] = pack2(sm90_silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
+                           sm90_silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
             }
             uint4 o = quad_transpose(p[0], p[1], p[2], p[3]);
             if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), I, o);
@@ -478,7 +396,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           int j = n0 + 8 * i + 2 * (lane & 3);
           float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
           float u0 = acc[4 * (i + 16) + 2 * hf], u1 = acc[4 * (i + 16) + 2 * hf + 1];
-          uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
+          uint16_t v0 = f2bf(sm90_silu_mul(g0, u0)), v1 = f2bf(sm90_silu_mul(g1, u1));
           if (j + 1 < I)
             *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
           else if (j < I)
@@ -638,7 +556,7 @@ __device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem
           M->flags = c == nbase - 1 ? SH_PASS_END : 0;
           mbar_arrive(&full[s]);
         }
-        const int col = c * BK + ch * 8, nb = piece_bytes(col, K);
+        const int col = c * BK + ch * 8, nb = sm90_piece_bytes(col, K, 2);
         const uint32_t a0 = smem_u32(As), b0 = smem_u32(Bs);
 #pragma unroll
         for (int q = 0; q < SBM / 16; q++) {

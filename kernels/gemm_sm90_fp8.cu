@@ -31,6 +31,7 @@
 #include "common.cuh"
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
+#include "sm90_walk.cuh"
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -44,6 +45,7 @@ enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
 constexpr int BKQ = 128; /* base K chunk: 128 e4m3, one 128-byte row, one scale block */
 constexpr int BKL = 64;  /* expand K chunk: 64 bf16, one 128-byte row */
 constexpr int BN = 128;  /* output tile columns (gate_up: 64 gate + 64 up) */
+static_assert(BKL * 2 == BKQ, "an expand chunk of bf16 is one 128-byte row, as a base chunk of e4m3");
 constexpr int QB = 128;  /* scale block */
 
 template <int BM> struct shape {
@@ -69,66 +71,9 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
 
 #if LMOE_SM90_DEVICE
 
-/* As gemm_sm90.cu's: groups of 8 row tiles take the N tiles together (L2 reuse). */
-constexpr int GROUP_M = 8;
-__device__ __forceinline__ void tile_of(int t, int ntm, int ntn, int &m, int &nt) {
-  int per = GROUP_M * ntn, grp = t / per, first = grp * GROUP_M;
-  int gm = min(ntm - first, GROUP_M), rem = t - grp * per;
-  m = first + rem % gm;
-  nt = rem / gm;
-}
-
-/* fn(group, slot, rank) per adapter group present in the tile at sorted row p0, in row
-   order, uniformly across the calling warp (gemm_sm90.cu's for_groups). */
-template <int MODE, int BM, class Fn>
-__device__ __forceinline__ void for_groups(const lmoe_fwd &f, int p0, Fn fn) {
-  constexpr int NR = BM / 32;
-  const int lane = threadIdx.x & 31;
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
-  int g[NR], slot[NR], rk[NR];
-  unsigned start[NR];
-#pragma unroll
-  for (int i = 0; i < NR; i++) g[i] = f.sorted_group[p0 + 32 * i + lane];
-#pragma unroll
-  for (int i = 0; i < NR; i++) {
-    int gp = __shfl_up_sync(0xffffffffu, g[i], 1);
-    int prev = i > 0 ? __shfl_sync(0xffffffffu, g[i > 0 ? i - 1 : 0], 31) : -1;
-    if (lane == 0) gp = prev;
-    bool st = g[i] >= 1 && g[i] != PAD_GROUP && g[i] != gp;
-    start[i] = __ballot_sync(0xffffffffu, st);
-    slot[i] = st ? act[g[i] - 1] : 0;
-  }
-#pragma unroll
-  for (int i = 0; i < NR; i++)
-    rk[i] = (start[i] >> lane) & 1 ? (MODE == MODE_GATEUP ? f.slots[slot[i]].r13 : f.slots[slot[i]].r2) : 0;
-#pragma unroll
-  for (int i = 0; i < NR; i++) {
-    unsigned mask = start[i];
-    while (mask) {
-      int b = __ffs(mask) - 1;
-      mask &= mask - 1;
-      fn(__shfl_sync(0xffffffffu, g[i], b), __shfl_sync(0xffffffffu, slot[i], b),
-         __shfl_sync(0xffffffffu, rk[i], b));
-    }
-  }
-}
-
-/* bytes of a 16-byte piece at element col that lie below limit, for elements of es bytes */
-__device__ __forceinline__ int piece_bytes(int col, int limit, int es) {
-  int b = (limit - col) * es;
-  return b < 0 ? 0 : b > 16 ? 16 : b;
-}
-
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
-
-/* The packed expand (gemm_sm90.cu, lora_align 8): the present groups' ranks, each
-   rounded up to 8 columns, side by side in 64-wide chunks. */
-constexpr int LORA_ALIGN = 8;
-template <int MODE, int BM> __device__ __forceinline__ int lora_chunks(const lmoe_fwd &f, int p0) {
-  int cols = 0;
-  for_groups<MODE, BM>(f, p0, [&](int, int, int rk) { cols += (rk + LORA_ALIGN - 1) / LORA_ALIGN * LORA_ALIGN; });
-  return (cols + BKL - 1) / BKL;
-}
+/* As gemm_sm90.cu's walk: groups of 8 row tiles take the N tiles together (L2 reuse);
+   the packed expand (lora_align 8): each group's rank rounded up to 8 columns. */
+constexpr int GROUP_M = 8, LORA_ALIGN = 8;
 
 template <int MODE, int BM>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, int use_lora, uint8_t *smem,
@@ -146,10 +91,11 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
-    tile_of(t, ntm, ntn, m, nt);
+    sm90_tile_of(t, ntm, ntn, GROUP_M, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
-    const int nlc = use_lora ? lora_chunks<MODE, BM>(f, p0) : 0, nch = nbase + nlc;
+    const int nlc = use_lora ? sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, LORA_ALIGN, BKL) : 0;
+    const int nch = nbase + nlc;
     /* this thread's A rows: codes and their groups' scales (NULL: a padding row) */
     const uint8_t *arow[AR];
     const float *asc[AR];
@@ -194,7 +140,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         cp_async4_s(sc + BM * 4, bsc0 + c, 4);
         cp_async4_s(sc + BM * 4 + 4, bsc1 + c, 4);
       }
-      const int col = c * BKQ + ch * 16, nb = piece_bytes(col, K, 1);
+      const int col = c * BKQ + ch * 16, nb = sm90_piece_bytes(col, K, 1);
       const uint32_t a0 = smem_u32(As);
 #pragma unroll
       for (int q = 0; q < AR; q++) {
@@ -234,7 +180,8 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       };
       int off = 0, open = -1, s = 0;
       uint32_t a0 = 0, b0 = 0;
-      for_groups<MODE, BM>(f, p0, [&](int g, int slot, int rk) {
+      sm90_for_groups<MODE == MODE_GATEUP, BM>(
+          f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
         const uint16_t *pb = f.pool + (size_t)slot * f.slot_elems + (MODE == MODE_GATEUP ? f.off_b13 : f.off_b2);
         const int w = (rk + LORA_ALIGN - 1) / LORA_ALIGN * LORA_ALIGN;
 #pragma unroll 1
@@ -256,7 +203,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
             b0 = a0 + S::A_BYTES;
           }
           const int pc = cc * BKL + ch * 8; /* this thread's piece, on the K axis */
-          if (pc >= c0 && pc < cend) load_piece(a0, b0, g, pb, pc - off, piece_bytes(pc - off, rk, 2));
+          if (pc >= c0 && pc < cend) load_piece(a0, b0, g, pb, pc - off, sm90_piece_bytes(pc - off, rk, 2));
           c0 = cend;
         }
         off += w;
@@ -288,7 +235,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
-    tile_of(t, ntm, ntn, m, nt);
+    sm90_tile_of(t, ntm, ntn, GROUP_M, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
 #pragma unroll
@@ -359,7 +306,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
           int j = n0 + 8 * i + 2 * (lane & 3);
           float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
           float u0 = acc[4 * (i + 8) + 2 * hf], u1 = acc[4 * (i + 8) + 2 * hf + 1];
-          uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
+          uint16_t v0 = f2bf(sm90_silu_mul(g0, u0)), v1 = f2bf(sm90_silu_mul(g1, u1));
           if (j + 1 < I)
             *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
           else if (j < I)

@@ -1,0 +1,76 @@
+/* What the sm90 engines (gemm_sm90.cu: bf16, gemm_sm90_fp8.cu: FP8) share on the
+   device: the persistent walk over the device-built tile list, the adapter groups of a
+   tile, and the small arithmetic of their loaders and epilogues. Include inside the
+   engine's LMOE_SM90_DEVICE section (sm_90a code only); everything here is inlined. */
+#ifndef LMOE_SM90_WALK_CUH
+#define LMOE_SM90_WALK_CUH
+
+#include "common.cuh"
+#include "lmoe_kernels.h"
+
+/* Tile t of the walk: groups of group_m row tiles take the N tiles together, so the
+   blocks working at one time share expert weights and token rows in L2. */
+static __device__ __forceinline__ void sm90_tile_of(int t, int ntm, int ntn, int group_m, int &m, int &nt) {
+  int per = group_m * ntn, grp = t / per, first = grp * group_m;
+  int gm = min(ntm - first, group_m), rem = t - grp * per;
+  m = first + rem % gm;
+  nt = rem / gm;
+}
+
+/* Calls fn(group, slot, rank) once per adapter group present among a tile's BM sorted
+   rows, in row order, uniformly across the calling warp; grp_of(r) is row r's group
+   (rows are sorted by group), GU picks gate_up's ranks (r13) or down's (r2). The loads
+   are issued together (the rows' groups, then each group start's slot and rank, one
+   lane per start): three dependent loads a call, not three per group. */
+template <bool GU, int BM, class G, class Fn>
+static __device__ __forceinline__ void sm90_for_groups(const lmoe_fwd &f, G grp_of, Fn fn) {
+  constexpr int NR = BM / 32;
+  const int lane = threadIdx.x & 31;
+  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  int g[NR], slot[NR], rk[NR];
+  unsigned start[NR];
+#pragma unroll
+  for (int i = 0; i < NR; i++) g[i] = grp_of(32 * i + lane);
+#pragma unroll
+  for (int i = 0; i < NR; i++) {
+    int gp = __shfl_up_sync(0xffffffffu, g[i], 1);
+    int prev = i > 0 ? __shfl_sync(0xffffffffu, g[i > 0 ? i - 1 : 0], 31) : -1;
+    if (lane == 0) gp = prev;
+    bool st = g[i] >= 1 && g[i] != PAD_GROUP && g[i] != gp;
+    start[i] = __ballot_sync(0xffffffffu, st);
+    slot[i] = st ? act[g[i] - 1] : 0;
+  }
+#pragma unroll
+  for (int i = 0; i < NR; i++)
+    rk[i] = (start[i] >> lane) & 1 ? (GU ? f.slots[slot[i]].r13 : f.slots[slot[i]].r2) : 0;
+#pragma unroll
+  for (int i = 0; i < NR; i++) {
+    unsigned mask = start[i];
+    while (mask) {
+      int b = __ffs(mask) - 1;
+      mask &= mask - 1;
+      fn(__shfl_sync(0xffffffffu, g[i], b), __shfl_sync(0xffffffffu, slot[i], b),
+         __shfl_sync(0xffffffffu, rk[i], b));
+    }
+  }
+}
+
+/* The packed LoRA axis of the tile at sorted row p0: the present groups' ranks, each
+   rounded up to align columns, side by side; returns its chunks of bk columns. */
+template <bool GU, int BM>
+static __device__ __forceinline__ int sm90_lora_chunks(const lmoe_fwd &f, int p0, int align, int bk) {
+  int cols = 0;
+  sm90_for_groups<GU, BM>(f, [&](int r) { return f.sorted_group[p0 + r]; },
+                          [&](int, int, int rk) { cols += (rk + align - 1) / align * align; });
+  return (cols + bk - 1) / bk;
+}
+
+/* bytes of a 16-byte piece at element col that lie below limit, for elements of es bytes */
+static __device__ __forceinline__ int sm90_piece_bytes(int col, int limit, int es) {
+  int b = (limit - col) * es;
+  return b < 0 ? 0 : b > 16 ? 16 : b;
+}
+
+static __device__ __forceinline__ float sm90_silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
+#endif
