@@ -72,7 +72,7 @@ static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-th
 template <int BM> struct tile_plan {
   int32_t src[BM], grp[BM];
   int32_t g[BM], slot[BM], rank[BM]; /* the groups present, in row order (at most one a row) */
-  int32_t e, ngroups, nlora, cols;   /* expert; groups; the expand's K chunks; their columns */
+  int32_t e, ngroups, cols, pad;     /* expert; groups; their packed columns */
 };
 
 /* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers. */
@@ -91,25 +91,20 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
 __device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
 /* The plan of the BM rows at sorted row p0 (expert of row tile me), written by the 128
-   producer threads (barrier 1: the consumers never wait on it). GU: gate_up's side (rows are tokens of x, ranks r13); else down's
-   (rows of h, ranks r2). */
+   producer threads (barrier 1: the consumers never wait on it). GU: gate_up's side
+   (rows are tokens of x, ranks r13); else down's (rows of h, ranks r2). */
 template <bool GU, int BM>
-__device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int use_lora, int align,
-                                          tile_plan<BM> &P) {
+__device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int align, tile_plan<BM> &P) {
   for (int r = threadIdx.x; r < BM; r += 128) {
     const int pair = f.sorted_pair[p0 + r];
     P.src[r] = pair < 0 ? -1 : GU ? pair / f.k : p0 + r;
-    P.grp[r] = use_lora ? f.sorted_group[p0 + r] : 0;
+    P.grp[r] = f.sorted_group[p0 + r];
   }
   if (threadIdx.x == 0) P.e = f.tile_expert[me];
-  if (!use_lora) {
-    if (threadIdx.x == 0) P.nlora = P.ngroups = 0;
-    return;
-  }
   producer_sync(); /* the rows' groups, for warp 0 */
   if (threadIdx.x < 32) {
-    /* the LoRA K (expand) or N (shrink) axis: the groups' rank columns side by side,
-       each segment rounded up to align columns, in 64-wide chunks */
+    /* the LoRA axis: the groups' rank columns side by side, each segment rounded up to
+       align columns */
     int n = 0, cols = 0;
     sm90_for_groups<GU, BM>(f, [&](int r) { return P.grp[r]; }, [&](int g, int slot, int rk) {
       if (threadIdx.x == 0) {
@@ -122,7 +117,6 @@ __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int
     });
     if (threadIdx.x == 0) {
       P.ngroups = n;
-      P.nlora = (cols + BK - 1) / BK;
       P.cols = cols;
     }
   }
@@ -494,7 +488,7 @@ __device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const int p0 = t * SBM;
     producer_sync(); /* the previous tile's plan is no longer read */
-    plan_rows<GU, SBM>(f, p0, p0 / f.bm, 1, 8, P);
+    plan_rows<GU, SBM>(f, p0, p0 / f.bm, 8, P);
     producer_sync();
     const int cols = P.cols, ng = P.ngroups, e = P.e;
     if (cols == 0) continue;
