@@ -121,7 +121,7 @@ describe("the raw core", function()
   end
 
   it("keeps what metamethods give alive until C returns", function()
-    local path = os.tmpname()
+    local path = h.tmpname()
     local entries = {}
     for i = 1, 6 do
       entries[i] = hostile {
@@ -150,7 +150,7 @@ describe("the raw core", function()
     os.remove(path)
 
     -- string fields of a struct (the patterns' keys)
-    local dir = os.tmpname()
+    local dir = h.tmpname()
     os.remove(dir)
     local spec = hostile { num_layers = 1, num_experts = 2, hidden = 4, intermediate = 2, rank = 2, alpha = 4,
       rank_pattern_key = function() return "down" .. "_proj" end, rank_pattern_value = 1,

@@ -145,7 +145,7 @@ describe("the Lua boundary", function()
   end)
 
   it("keeps strings computed by __index alive while C uses them", function()
-    local dir = os.tmpname()
+    local dir = h.tmpname()
     local names = setmetatable({}, { __index = function(_, k) return k == "name" and ("t" .. string.rep("x", 40)) or nil end })
     local tensors = {}
     for i = 1, 8 do
@@ -161,7 +161,7 @@ describe("the Lua boundary", function()
   end)
 
   it("bounds a PEFT layer description by what it would allocate", function()
-    local dir = os.tmpname()
+    local dir = h.tmpname()
     os.remove(dir)
     assert.is_true(ctx:write_peft(dir, { layers = 1, experts = 2, hidden = 4, intermediate = 2, rank = 2 }))
     local p = assert(ctx:peft(dir))
@@ -171,7 +171,7 @@ describe("the Lua boundary", function()
   end)
 
   it("writes PEFT adapters with rank and alpha patterns", function()
-    local dir = os.tmpname()
+    local dir = h.tmpname()
     os.remove(dir)
     assert.is_true(ctx:write_peft(dir, { layers = 1, experts = 2, hidden = 4, intermediate = 2, rank = 2, alpha = 4,
       rank_pattern = { down_proj = 1 }, alpha_pattern = { up_proj = 8 } }))

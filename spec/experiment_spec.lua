@@ -6,7 +6,7 @@ local report = require "loramoe.report"
 local svg = require "loramoe.svg"
 local json = require "dkjson"
 
-local tmpdir = os.tmpname()
+local tmpdir = dofile("spec/helpers.lua").tmpname()
 os.remove(tmpdir)
 assert(report.mkdir(tmpdir))
 

@@ -2,7 +2,7 @@ local h = dofile("spec/helpers.lua")
 
 -- A fresh directory for files this spec writes; removed afterwards.
 local function tmpdir()
-  local d = os.tmpname()
+  local d = h.tmpname()
   os.remove(d)
   assert(os.execute("mkdir -p '" .. d .. "'"))
   return d

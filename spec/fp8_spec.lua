@@ -5,7 +5,7 @@ local h = dofile("spec/helpers.lua")
 local lm = h.lm
 
 local function tmpdir()
-  local d = os.tmpname()
+  local d = h.tmpname()
   os.remove(d)
   assert(os.execute("mkdir -p '" .. d .. "'"))
   return d

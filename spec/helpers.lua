@@ -66,4 +66,22 @@ function h.rig(ctx, tokens)
   return { layer = layer, pool = pool, batch = batch, args = args, requests = reqs }
 end
 
+-- A fresh temporary path (a file os.tmpname made, or one made here). Under WebAssembly
+-- os.tmpname's mkstemp draws names from a clock coarse enough that a quick run of specs
+-- can spend its retries on names earlier specs still hold (directories they wrote
+-- there): "unable to generate a unique filename", now and then. So: a few more tries,
+-- then a name of this process's own.
+local tmp_count = 0
+function h.tmpname()
+  for _ = 1, 5 do
+    local ok, name = pcall(os.tmpname)
+    if ok then return name end
+  end
+  tmp_count = tmp_count + 1
+  local name = string.format("/tmp/lmoe_spec_%d_%d_%d", os.time(), math.floor(os.clock() * 1e6), tmp_count)
+  local f = assert(io.open(name, "w"))
+  f:close()
+  return name
+end
+
 return h
