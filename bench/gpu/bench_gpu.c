@@ -490,7 +490,9 @@ static int run_dense_all(int N, int iters) {
   printf("\n### dense %d x %d x %d through the sm90 engine\n\n| row | ms | TFLOP/s | max rel err | checked |\n|---|---|---|---|---|\n",
          N, N, N);
   for (int cfg = 0; cfg < lmoe_gemm_nconfigs; cfg++) {
-    if (lmoe_gemm_configs[cfg].engine != LMOE_ENGINE_SM90 || lmoe_gemm_configs[cfg].smem > dev.smem_optin) continue;
+    if (lmoe_gemm_configs[cfg].engine != LMOE_ENGINE_SM90 || lmoe_gemm_configs[cfg].kind != LMOE_GEMM_EXPERT ||
+        lmoe_gemm_configs[cfg].smem > dev.smem_optin)
+      continue; /* the shrink rows compute the LoRA shrinks, not a GEMM of the dense kind */
     d.cfg = cfg;
     CU(cudaMemset(d.c, 0xff, n * 2)); /* NaN: an element never written shows */
     CU(run_dense(&d, s));
