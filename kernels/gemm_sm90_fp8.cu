@@ -261,8 +261,11 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         for (int i = 0; i < 64; i++) reg_fence(part[i]);
         const float *sc = scl + s * S::SC;
         const float sa0 = sc[r0], sa1 = sc[r0 + 8], sb0 = sc[BM], sb1 = sc[BM + 1];
-        /* the stage's data is in registers now: hand it back before promoting */
-        if (ltid == 0) mbar_arrive(&empty[s]);
+        /* the stage's data is in registers now: hand it back before promoting. Every
+           thread arrives itself, after its own reads of the stage's scales and word (one
+           thread arriving for the warpgroup would free the stage while another warp of
+           it may still read them: racecheck's WAR hazard against the producer's writes) */
+        mbar_arrive(&empty[s]);
         const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
 #pragma unroll
         for (int i = 0; i < 16; i++) {
@@ -285,7 +288,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < 64; i++) reg_fence(acc[i]);
-        if (ltid == 0) mbar_arrive(&empty[s]);
+        mbar_arrive(&empty[s]);
       }
       if (lastc) {
         it++;
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
-      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
+      mbar_init(&empty[s], S::NC * 128); /* every consumer thread (each after its own reads) */
     }
     fence_barrier_init();
   }

@@ -324,9 +324,17 @@ int main(void) {
   if (!test_need_gpu("test_gpu_shard")) return 1;
   M = 0;
   for (int i = 0; i < NREQ; i++) M += req_tokens[i];
-  CUpti_SubscriberHandle sub;
-  if (cuptiSubscribe(&sub, on_runtime, NULL) != CUPTI_SUCCESS ||
-      cuptiEnableDomain(1, sub, CUPTI_CB_DOMAIN_RUNTIME_API) != CUPTI_SUCCESS) {
+  /* LMOE_TEST_NO_CUPTI (tools/gpu-sanitize.sh): CUPTI cannot attach under
+     compute-sanitizer; the sharded paths still run there, their CUPTI counts stay 0 and
+     only the library's own host-wait counter is checked (the plain run checks both) */
+  const char *no_cupti = getenv("LMOE_TEST_NO_CUPTI");
+  const bool cupti = !(no_cupti && *no_cupti && strcmp(no_cupti, "0"));
+  CUpti_SubscriberHandle sub = NULL;
+  if (!cupti)
+    printf("SKIPPED: CUPTI's counts of host synchronisations (LMOE_TEST_NO_CUPTI is set); the library's "
+           "host-wait counter is still checked\n");
+  else if (cuptiSubscribe(&sub, on_runtime, NULL) != CUPTI_SUCCESS ||
+           cuptiEnableDomain(1, sub, CUPTI_CB_DOMAIN_RUNTIME_API) != CUPTI_SUCCESS) {
     fprintf(stderr, "CUPTI subscription failed\n");
     return 1;
   }
@@ -343,7 +351,7 @@ int main(void) {
     run_sync_and_graph(mode, 1, nccl ? "nccl" : "group");
     run_sync_and_graph(mode, 3, "group");
   }
-  cuptiUnsubscribe(sub);
+  if (cupti) cuptiUnsubscribe(sub);
   test_refusals();
   return test_summary();
 }
