@@ -1,6 +1,6 @@
 /* The GEMM stages' launchers and the kernels' per-device setup. A stage runs on the
    forward's engine (lmoe_fwd.engine) with the row of the table the plan selected
-   (gemm_cfg for gate_up and down, shrink_cfg for the shrinks). */
+   (gemm_cfg for gate_up and down, shrink13_cfg and shrink2_cfg for the shrinks). */
 #include "gemm_engine.h"
 
 #include <stdlib.h>
@@ -25,10 +25,10 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->force_cfg = env ? atoi(env) : -1;
   const char *sp = getenv("LMOE_SMALL_TILE_PAIRS"); /* for measuring: see gemm_config.h */
   dev->small_tile_pairs = sp && atoi(sp) > 0 ? atoi(sp) : 0;
-  /* LMOE_SM90_SHRINK=1: the shrinks on the sm90 engine's rows (not yet measured on a
-     GPU: docs/gpu-notes.md 21); otherwise on sm80 rows */
+  /* LMOE_SM90_SHRINK (for measuring): 1 both shrinks on the sm90 engine's rows, 0 both
+     on sm80 rows; unset, each by its K (gemm_config.h) */
   const char *sh = getenv("LMOE_SM90_SHRINK");
-  dev->sm80_shrinks = !(sh && atoi(sh) != 0);
+  dev->shrink_mode = !sh || !*sh ? LMOE_SHRINK_BY_K : atoi(sh) != 0 ? LMOE_SHRINK_SM90 : LMOE_SHRINK_SM80;
   if (!lmoe_gemm_supported(dev)) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
   return cudaSuccess;
 }
@@ -39,7 +39,7 @@ static cudaError_t run_gemm(int32_t op, const lmoe_fwd *f, int lora, cudaStream_
   /* an FP8 layer's gate_up and down: the FP8 engine, whatever the table's row (its row
      tile, f->bm, is the plan's); its shrinks read the bf16 activations on their row */
   if (f->fp8 && (op == LMOE_OP_GATEUP || op == LMOE_OP_DOWN)) return lmoe_fp8_run(op, f, lora, s);
-  int32_t cfg = op == LMOE_OP_GATEUP || op == LMOE_OP_DOWN ? f->gemm_cfg : f->shrink_cfg;
+  int32_t cfg = op == LMOE_OP_SHRINK13 ? f->shrink13_cfg : op == LMOE_OP_SHRINK2 ? f->shrink2_cfg : f->gemm_cfg;
   if (cfg < 0 || cfg >= lmoe_gemm_nconfigs) return cudaErrorInvalidValue;
   switch (lmoe_gemm_configs[cfg].engine) {
   case LMOE_ENGINE_SM80: return lmoe_sm80_run(op, cfg, f, lora, s);

@@ -35,7 +35,18 @@ static int32_t pick_row(const lmoe_gemm_device *d, int32_t engine, int32_t kind,
   return -1;
 }
 
-int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int aligned16, lmoe_gemm_choice *out) {
+/* A shrink's row: on the expert GEMMs' engine where the mode (by its K, gemm_config.h)
+   says so and it has a row that fits, else on sm80 (every shrink row writes t in the
+   layout both engines' expands read). */
+static int32_t pick_shrink(const lmoe_gemm_device *d, int32_t engine, int32_t bm, int32_t K) {
+  int on_engine = d->shrink_mode == LMOE_SHRINK_SM90 ||
+                  (d->shrink_mode == LMOE_SHRINK_BY_K && K >= LMOE_SM90_SHRINK_MIN_K);
+  int32_t row = on_engine ? pick_row(d, engine, LMOE_GEMM_SHRINK, bm) : -1;
+  return row >= 0 ? row : pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, bm);
+}
+
+int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int32_t H, int32_t I, int aligned16,
+                     lmoe_gemm_choice *out) {
   out->engine = pick_engine(d, aligned16);
   int64_t small = d->small_tile_pairs > 0 ? d->small_tile_pairs : SMALL_TILE_PAIRS;
   out->bm = pairs < small * (int64_t)E ? LMOE_K_BM_MIN : LMOE_K_BM;
@@ -48,11 +59,9 @@ int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int al
     out->engine = LMOE_ENGINE_SM80;
     out->gemm_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, out->bm);
   }
-  /* the shrinks on the expert GEMMs' engine (its expand reads their output) when asked
-     (d->sm80_shrinks clear), sm80 rows otherwise and where it has none that fits */
-  out->shrink_cfg = d->sm80_shrinks ? -1 : pick_row(d, out->engine, LMOE_GEMM_SHRINK, out->bm);
-  if (out->shrink_cfg < 0) out->shrink_cfg = pick_row(d, LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, out->bm);
-  return out->gemm_cfg >= 0 && out->shrink_cfg >= 0 ? 0 : -1;
+  out->shrink13_cfg = pick_shrink(d, out->engine, out->bm, H);
+  out->shrink2_cfg = pick_shrink(d, out->engine, out->bm, I);
+  return out->gemm_cfg >= 0 && out->shrink13_cfg >= 0 && out->shrink2_cfg >= 0 ? 0 : -1;
 }
 
 /* The sm80 rows are the fallback of every problem (misaligned operands), so they must

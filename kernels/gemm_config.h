@@ -76,24 +76,33 @@ typedef struct lmoe_gemm_device {
                          build, cc 9.0, the TMA encoder present; LMOE_ENGINE=sm80 clears it) */
   int32_t small_tile_pairs; /* LMOE_SMALL_TILE_PAIRS: 64-row tiles below this many pairs
                                per expert on average; 0: the default (96), for measuring */
-  int32_t sm80_shrinks;     /* the shrinks on sm80 rows even where the expert GEMMs run on
-                               sm90: set unless LMOE_SM90_SHRINK=1 (the sm90 shrinks are
-                               not yet measured on a GPU) */
+  int32_t shrink_mode;      /* where the shrinks run beside sm90 expert GEMMs
+                               (LMOE_SM90_SHRINK=0 or 1 for measuring; see below) */
 } lmoe_gemm_device;
+
+/* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
+   where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else
+   on sm80 rows. Measured on the H200 (docs/gpu-notes.md 21, ncu, 4 adapters r16): the
+   sm90 shrinks take 0.5-0.7x the sm80 ones' time wherever K >= 2048 (qwen3's shrink13,
+   both of mixtral's), but qwen3's shrink2 (K 768) is slower on them up to M = 8192
+   (16.0 -> 25.6 us at M = 512): a 64-row tile's pipeline does not fill on 12 chunks. */
+enum { LMOE_SHRINK_BY_K = 0, LMOE_SHRINK_SM80 = 1, LMOE_SHRINK_SM90 = 2 };
+enum { LMOE_SM90_SHRINK_MIN_K = 2048 };
 
 /* A forward's choice: the engine of the expert GEMMs, the row tile (every expert's pair
    list is padded to it) and the rows of the expert GEMMs and of the shrinks (the shrinks
    run on the expert GEMMs' engine where it has a row that fits, else on sm80: each row
    names its own engine). */
 typedef struct lmoe_gemm_choice {
-  int32_t engine, bm, gemm_cfg, shrink_cfg;
+  int32_t engine, bm, gemm_cfg, shrink13_cfg, shrink2_cfg;
 } lmoe_gemm_choice;
 
-/* Picks the configurations for `pairs` (token, expert) pairs over E experts on the
-   device; aligned16: every operand the sm90 engine reads has 16-byte aligned rows
-   (plan.c says which). Returns 0, or -1 when no row fits the device
-   (lmoe_gemm_supported says). */
-int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int aligned16, lmoe_gemm_choice *out);
+/* Picks the configurations for `pairs` (token, expert) pairs over E experts of hidden
+   size H and intermediate size I (the shrinks' K) on the device; aligned16: every
+   operand the sm90 engine reads has 16-byte aligned rows (plan.c says which). Returns
+   0, or -1 when no row fits the device (lmoe_gemm_supported says). */
+int lmoe_gemm_select(const lmoe_gemm_device *d, int64_t pairs, int32_t E, int32_t H, int32_t I, int aligned16,
+                     lmoe_gemm_choice *out);
 
 /* Whether every forward finds its rows on the device (lmoe_k_init refuses it if not). */
 int lmoe_gemm_supported(const lmoe_gemm_device *d);

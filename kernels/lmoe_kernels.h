@@ -64,7 +64,8 @@ typedef struct lmoe_fwd {
   int32_t al_x, al_lora;     /* 16-byte aligned fast paths allowed (LMOE_AL_*) */
   int32_t engine;            /* engine of the expert GEMMs (LMOE_ENGINE_*; gemm_cfg's row says the same) */
   int32_t gemm_cfg;          /* row of the GEMM table for gate_up and down */
-  int32_t shrink_cfg;        /* row of the GEMM table for the shrinks */
+  int32_t shrink13_cfg;      /* rows of the GEMM table for the shrinks (each its own */
+  int32_t shrink2_cfg;       /* engine's: gemm_config.h's shrink_mode) */
   /* Sharding (docs/design.md, "Sharding"; set by the backend after lmoe_k_plan, which
      leaves them 0). E above is the experts this rank computes, [e0, e0 + E) of the
      layer's; E_route the experts the router picks from (the logits' columns; 0: E).

@@ -45,16 +45,21 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
                   (!lora || ((pool->al_lora & (LMOE_AL_B13 | LMOE_AL_B2)) == (LMOE_AL_B13 | LMOE_AL_B2) &&
                              (uintptr_t)pool->storage % 16 == 0));
   lmoe_gemm_choice g;
-  int sel = lmoe_gemm_select(a->dev, a->M * a->k, a->E, aligned16, &g);
+  int sel = lmoe_gemm_select(a->dev, a->M * a->k, a->E, a->H, a->I, aligned16, &g);
   assert(sel == 0); /* lmoe_k_init accepted the device: every problem finds its rows */
   (void)sel;
-  /* the sm90 shrinks read the pool's A13 and A2 rows in 16-byte pieces too */
-  if (lora && lmoe_gemm_configs[g.shrink_cfg].engine != LMOE_ENGINE_SM80 &&
-      (pool->al_lora & (LMOE_AL_A13 | LMOE_AL_A2)) != (LMOE_AL_A13 | LMOE_AL_A2)) {
+  /* the sm90 shrinks read the pool's A13 (A2) rows in 16-byte pieces too: where they
+     are not aligned, that shrink on sm80 */
+  if (lora) {
     lmoe_gemm_device d80 = *a->dev;
     lmoe_gemm_choice g80;
-    d80.sm80_shrinks = 1;
-    if (lmoe_gemm_select(&d80, a->M * a->k, a->E, aligned16, &g80) == 0) g.shrink_cfg = g80.shrink_cfg;
+    d80.shrink_mode = LMOE_SHRINK_SM80;
+    if (lmoe_gemm_select(&d80, a->M * a->k, a->E, a->H, a->I, aligned16, &g80) == 0) {
+      if (lmoe_gemm_configs[g.shrink13_cfg].engine != LMOE_ENGINE_SM80 && !(pool->al_lora & LMOE_AL_A13))
+        g.shrink13_cfg = g80.shrink13_cfg;
+      if (lmoe_gemm_configs[g.shrink2_cfg].engine != LMOE_ENGINE_SM80 && !(pool->al_lora & LMOE_AL_A2))
+        g.shrink2_cfg = g80.shrink2_cfg;
+    }
   }
 
   memset(f, 0, sizeof *f);
@@ -69,7 +74,8 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->h_rows = f->mt_max * f->bm; /* within the workspace's rows (layout.c) */
   f->engine = g.engine;
   f->gemm_cfg = g.gemm_cfg;
-  f->shrink_cfg = g.shrink_cfg;
+  f->shrink13_cfg = g.shrink13_cfg;
+  f->shrink2_cfg = g.shrink2_cfg;
   f->gstride = pool ? pool->num_slots + 1 : 1;
   f->R = pool ? pool->max_rank : 0;
   f->t13s = L.t13s;

@@ -117,6 +117,10 @@ static void test_random_cases(void) {
      and fill whole 64-wide chunks */
   run_case(ctx, idx++, 4, 256, 128, 2, 700, 4, 80, 0, 0);
   run_case(ctx, idx++, 4, 256, 128, 2, 200, 4, 80, 0, 3);
+  /* a long K on one side only: by default (gemm_config.h) one shrink on the sm90 rows
+     and the other on sm80's, each way round */
+  run_case(ctx, idx++, 8, 2048, 256, 2, 300, 3, 16, 0, 3);
+  run_case(ctx, idx++, 8, 256, 2048, 2, 300, 3, 16, 0, 3);
   /* LMOE_TEST_QUICK: the fixed corners only (for runs under compute-sanitizer) */
   int nrand = getenv("LMOE_TEST_QUICK") ? 0 : 12;
   for (int i = 0; i < nrand; i++) {

@@ -141,7 +141,7 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->force_cfg = -1;
   dev->sm90 = 0;
   dev->small_tile_pairs = 0;
-  dev->sm80_shrinks = 1; /* as lmoe_k_init without LMOE_SM90_SHRINK=1 */
+  dev->shrink_mode = LMOE_SHRINK_BY_K; /* as lmoe_k_init without LMOE_SM90_SHRINK */
   return cudaSuccess;
 }
 

@@ -35,11 +35,12 @@ static void test_select(void) {
           lmoe_gemm_choice g;
           int bm, gemm, shrink;
           old_choice(smems[a], envs[b], pairs[p], Es[c], &bm, &gemm, &shrink);
-          CHECK(lmoe_gemm_select(&d, pairs[p], Es[c], 1, &g) == 0, "select failed");
-          CHECK(g.engine == LMOE_ENGINE_SM80 && g.bm == bm && g.gemm_cfg == gemm && g.shrink_cfg == shrink,
-                "smem %d env %d pairs %lld E %d: got bm %d rows %d/%d, want %d %d/%d", smems[a], envs[b],
-                (long long)pairs[p], (int)Es[c], g.bm, g.gemm_cfg, g.shrink_cfg, bm, gemm, shrink);
-          const lmoe_gemm_config *gc = &lmoe_gemm_configs[g.gemm_cfg], *sc = &lmoe_gemm_configs[g.shrink_cfg];
+          CHECK(lmoe_gemm_select(&d, pairs[p], Es[c], 4096, 14336, 1, &g) == 0, "select failed");
+          CHECK(g.engine == LMOE_ENGINE_SM80 && g.bm == bm && g.gemm_cfg == gemm && g.shrink13_cfg == shrink &&
+                    g.shrink2_cfg == shrink,
+                "smem %d env %d pairs %lld E %d: got bm %d rows %d/%d/%d, want %d %d/%d", smems[a], envs[b],
+                (long long)pairs[p], (int)Es[c], g.bm, g.gemm_cfg, g.shrink13_cfg, g.shrink2_cfg, bm, gemm, shrink);
+          const lmoe_gemm_config *gc = &lmoe_gemm_configs[g.gemm_cfg], *sc = &lmoe_gemm_configs[g.shrink13_cfg];
           CHECK(gc->kind == LMOE_GEMM_EXPERT && sc->kind == LMOE_GEMM_SHRINK && gc->bm == g.bm && sc->bm == g.bm,
                 "rows of the wrong kind or tile");
         }
@@ -48,50 +49,63 @@ static void test_select(void) {
 
 /* The sm90 engine: where usable on cc 9.0 and the operands are aligned, its rows for
    gate_up and down (5 for 128-row tiles, 6 for 64, 7 when forced) and the shrinks (8,
-   9 when sm80_shrinks is clear, LMOE_SM90_SHRINK=1; sm80 rows by default); sm80 rows
-   otherwise, and when no sm90 row fits the device. */
+   9: by default each shrink whose K is at least 2048, both or neither under
+   LMOE_SM90_SHRINK=1 or 0; sm80 rows 3, 4 otherwise); sm80 rows otherwise, and when no
+   sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
   lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 128 &&
-            g.gemm_cfg == 5 && g.shrink_cfg == 8,
-        "large: row 5, shrinks 8 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
-  CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 64 &&
-            g.gemm_cfg == 6 && g.shrink_cfg == 9,
-        "small: row 6, shrinks 9 (got %d %d %d)", g.engine, g.gemm_cfg, g.shrink_cfg);
-  d.sm80_shrinks = 1;
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.gemm_cfg == 5 &&
-            g.shrink_cfg == 3,
-        "sm80_shrinks (the default): sm80 shrinks beside the sm90 GEMMs (got %d %d)", g.gemm_cfg, g.shrink_cfg);
-  d.sm80_shrinks = 0;
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 0, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.gemm_cfg == 0,
+  /* mixtral's sizes: both shrinks' K (4096, 14336) long enough for the sm90 rows */
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
+            g.bm == 128 && g.gemm_cfg == 5 && g.shrink13_cfg == 8 && g.shrink2_cfg == 8,
+        "large: row 5, shrinks 8 (got %d %d %d %d)", g.engine, g.gemm_cfg, g.shrink13_cfg, g.shrink2_cfg);
+  CHECK(lmoe_gemm_select(&d, 1000, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.bm == 64 &&
+            g.gemm_cfg == 6 && g.shrink13_cfg == 9 && g.shrink2_cfg == 9,
+        "small: row 6, shrinks 9 (got %d %d %d %d)", g.engine, g.gemm_cfg, g.shrink13_cfg, g.shrink2_cfg);
+  /* qwen3's: shrink13 (K = H = 2048) on sm90, shrink2 (K = I = 768) on sm80; the
+     bound itself on sm90, one below it on sm80 */
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 2048, 768, 1, &g) == 0 && g.shrink13_cfg == 8 && g.shrink2_cfg == 3,
+        "by K, qwen3: shrink13 row 8, shrink2 row 3 (got %d %d)", g.shrink13_cfg, g.shrink2_cfg);
+  CHECK(lmoe_gemm_select(&d, 1000, 128, 2047, 2048, 1, &g) == 0 && g.shrink13_cfg == 4 && g.shrink2_cfg == 9,
+        "by K at the bound (got %d %d)", g.shrink13_cfg, g.shrink2_cfg);
+  d.shrink_mode = LMOE_SHRINK_SM80;
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
+            g.gemm_cfg == 5 && g.shrink13_cfg == 3 && g.shrink2_cfg == 3,
+        "LMOE_SM90_SHRINK=0: sm80 shrinks beside the sm90 GEMMs (got %d %d %d)", g.gemm_cfg, g.shrink13_cfg,
+        g.shrink2_cfg);
+  d.shrink_mode = LMOE_SHRINK_SM90;
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 2048, 768, 1, &g) == 0 && g.shrink13_cfg == 8 && g.shrink2_cfg == 8,
+        "LMOE_SM90_SHRINK=1: both on sm90 whatever K (got %d %d)", g.shrink13_cfg, g.shrink2_cfg);
+  d.shrink_mode = LMOE_SHRINK_BY_K;
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 0, &g) == 0 && g.engine == LMOE_ENGINE_SM80 &&
+            g.gemm_cfg == 0 && g.shrink13_cfg == 3 && g.shrink2_cfg == 3,
         "misaligned operands: sm80");
   d.force_cfg = 7;
-  CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.gemm_cfg == 7, "forced row 7 at 64-row tiles");
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.gemm_cfg == 5, "row 7 is not a 128-row row");
+  CHECK(lmoe_gemm_select(&d, 1000, 128, 4096, 14336, 1, &g) == 0 && g.gemm_cfg == 7, "forced row 7 at 64-row tiles");
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.gemm_cfg == 5, "row 7 is not a 128-row row");
   d.force_cfg = 0;
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.gemm_cfg == 5, "an sm80 row is not forced on sm90");
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.gemm_cfg == 5, "an sm80 row is not forced on sm90");
   d.force_cfg = -1;
   d.smem_optin = 170000; /* row 6 fits, row 5 does not */
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.gemm_cfg == 0 &&
-            g.shrink_cfg == 3,
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80 && g.gemm_cfg == 0 &&
+            g.shrink13_cfg == 3 && g.shrink2_cfg == 3,
         "no 128-row sm90 row fits: the sm80 one (got %d %d)", g.engine, g.gemm_cfg);
-  CHECK(lmoe_gemm_select(&d, 1000, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.gemm_cfg == 6,
+  CHECK(lmoe_gemm_select(&d, 1000, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 && g.gemm_cfg == 6,
         "the 64-row sm90 row fits");
   d.smem_optin = 232448;
   d.cc = 89;
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80, "sm90 rows only on 9.0");
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80, "sm90 rows only on 9.0");
   d.cc = 100;
-  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80,
+  CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM80,
         "sm_90a code does not run on 10.0");
 }
 
 /* The plan hands the sm90 engine only operands it can read: 16-byte aligned x, W13,
-   W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13, A2 rows for
-   its shrinks, else the shrinks run on sm80). */
+   W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13 rows for
+   its shrink13, A2 rows for its shrink2, else that shrink runs on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -106,14 +120,26 @@ static void test_plan_sm90(void) {
                         .workspace = ws, .workspace_bytes = L.total, .dev = &d};
   lmoe_fwd f;
   lmoe_k_plan(&a, &f);
-  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink_cfg == 8, "aligned: sm90 (%d)", f.engine);
-  lmoe_k_pool_plan a13odd; /* A13 rows start 8 bytes off: the sm90 GEMMs, the sm80 shrinks */
+  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink13_cfg == 8 && f.shrink2_cfg == 8,
+        "aligned: sm90 (%d)", f.engine);
+  lmoe_k_pool_plan a13odd; /* A13 rows start 8 bytes off: the sm90 GEMMs, shrink13 on sm80 */
   lmoe_k_plan_pool(1024, 768, 4, 16, (void *)w, 1 << 20, 8, 4096, 8192, 12288, table, &a13odd);
   a.pool = &a13odd;
   lmoe_k_plan(&a, &f);
-  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink_cfg == 3,
-        "A13 rows not 16-byte aligned: sm80 shrinks (got %d %d)", f.gemm_cfg, f.shrink_cfg);
+  CHECK(f.engine == LMOE_ENGINE_SM90 && f.gemm_cfg == 5 && f.shrink13_cfg == 3 && f.shrink2_cfg == 8,
+        "A13 rows not 16-byte aligned: shrink13 on sm80 (got %d %d %d)", f.gemm_cfg, f.shrink13_cfg, f.shrink2_cfg);
+  lmoe_k_pool_plan a2odd; /* A2 rows start 8 bytes off: shrink2 on sm80 */
+  lmoe_k_plan_pool(1024, 768, 4, 16, (void *)w, 1 << 20, 0, 4096, 8200, 12288, table, &a2odd);
+  a.pool = &a2odd;
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM90 && f.shrink13_cfg == 8 && f.shrink2_cfg == 3,
+        "A2 rows not 16-byte aligned: shrink2 on sm80 (got %d %d)", f.shrink13_cfg, f.shrink2_cfg);
   a.pool = &pp;
+  d.shrink_mode = LMOE_SHRINK_BY_K; /* H 1024, I 768: both under the bound */
+  lmoe_k_plan(&a, &f);
+  CHECK(f.engine == LMOE_ENGINE_SM90 && f.shrink13_cfg == 3 && f.shrink2_cfg == 3,
+        "by K, short K: sm80 shrinks (got %d %d)", f.shrink13_cfg, f.shrink2_cfg);
+  d.shrink_mode = LMOE_SHRINK_SM90;
   a.x = x + 1;
   lmoe_k_plan(&a, &f);
   CHECK(f.engine == LMOE_ENGINE_SM80 && f.gemm_cfg == 0, "x rows not 16-byte aligned: sm80");
@@ -158,7 +184,7 @@ static void test_plan(void) {
   a.workspace_bytes = L.total;
   CHECK(lmoe_k_plan(&a, &f) == L.total, "plan");
   uint8_t *b = ws;
-  CHECK(f.bm == 64 && f.mt_max == (800 + 64 * 63) / 64 && f.gemm_cfg == 2 && f.shrink_cfg == 4 && f.engine == 0,
+  CHECK(f.bm == 64 && f.mt_max == (800 + 64 * 63) / 64 && f.gemm_cfg == 2 && f.shrink13_cfg == 4 && f.shrink2_cfg == 4 && f.engine == 0,
         "800 pairs over 64 experts: 64-row tiles");
   CHECK((uint8_t *)f.ids == b + L.ids && (uint8_t *)f.t2 == b + L.t2 && (uint8_t *)f.h == b + L.h, "carving");
   CHECK(f.t13s == 32 && f.t2s == 32 && f.gstride == 5 && f.R == 16 && f.lora == 1 && f.al_lora == pp.al_lora,
@@ -173,7 +199,7 @@ static void test_plan(void) {
   a.topk_ids = ids;
   a.topk_w = tw;
   lmoe_k_plan(&a, &f);
-  CHECK(f.bm == 128 && f.gemm_cfg == 0 && f.shrink_cfg == 3 && f.ids == ids && f.tw == tw && !f.pool && !f.lora,
+  CHECK(f.bm == 128 && f.gemm_cfg == 0 && f.shrink13_cfg == 3 && f.shrink2_cfg == 3 && f.ids == ids && f.tw == tw && !f.pool && !f.lora,
         "4096 pairs over 8 experts: 128-row tiles; routing given; no LoRA");
   free(ws);
 }
