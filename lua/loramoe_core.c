@@ -624,16 +624,30 @@ FUNCS(DEF_FUNC)
   }
 STRUCTS(DEF_STRUCT)
 
+/* buffer_wrap's call: a view of dtype a[1] and shape shp (a[3] dims) at a[4] only where
+   it lies inside the owner buffer a[5] and has its memory kind (pure Lua holds pointers
+   to every buffer's data: a larger shape would read past it). */
+static lmoe_status wrap_inside(lua_State *L, const arg *a, const int64_t *shp, lmoe_buffer **out) {
+  lmoe_buffer_desc d;
+  if (lmoe_buffer_describe(a[5].p, &d) != LMOE_OK) luaL_argerror(L, 6, "owner buffer cannot be described");
+  int64_t bytes = (int64_t)lmoe_dtype_size(a[1].i);
+  for (int i = 0; i < a[3].i && bytes >= 0; i++) bytes = mul3(bytes, shp[i], 1);
+  uintptr_t p = (uintptr_t)a[4].p, lo = (uintptr_t)d.data;
+  if (a[2].i != d.memory) luaL_argerror(L, 3, "memory differs from the owner's");
+  if (bytes < 0 || !lo || p < lo || p - lo > d.bytes || (uint64_t)bytes > d.bytes - (p - lo))
+    luaL_argerror(L, 5, "the view does not lie inside the owner's memory");
+  return lmoe_buffer_wrap(a[0].p, a[1].i, a[2].i, a[3].i, shp, a[4].p, out);
+}
+
 /* Functions that make a handle: status, a box of kind K owning it (with release
    function rel, and keep, a stack index or 0, as the box's uservalue; see CREATE).
    (name, argument letters, K, rel, keep, call with &out) */
 #define MAKERS(X)                                                                                  \
   X(buffer_create, "ciiS", buffer, rel_buffer, 0,                                                  \
     lmoe_buffer_create(a[0].p, a[1].i, a[2].i, a[3].i, shp, &out))                                 \
-  /* buffer_wrap(ctx, dtype, memory, shape, ptr, owner): the API checks that ptr lies in           \
-     owner's memory; owner (argument 6) is kept alive by the box */                                \
-  X(buffer_wrap, "ciiSP", buffer, rel_buffer, 6,                                                   \
-    lmoe_buffer_wrap(a[0].p, a[1].i, a[2].i, a[3].i, shp, a[4].p, &out))                           \
+  /* buffer_wrap(ctx, dtype, memory, shape, ptr, owner): the view must lie inside owner's        \
+     memory (wrap_inside); owner (argument 6) is kept alive by the box */                          \
+  X(buffer_wrap, "ciiSPb", buffer, rel_buffer, 6, wrap_inside(L, a, shp, &out))                   \
   X(layer_weights, "li", buffer, NULL, 1, lmoe_layer_weights(a[0].p, a[1].i, &out))                \
   X(graph_end, "cP", graph, rel_graph, 0, lmoe_graph_end(a[0].p, a[1].p, &out))                    \
   X(safetensors_open, "cs", safetensors, rel_safetensors, 0, lmoe_safetensors_open(a[0].p, a[1].s, &out)) \

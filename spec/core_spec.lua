@@ -92,6 +92,29 @@ describe("the raw core", function()
     refuses(R.pool_load_named, pool, "x", { down = { rank = 1, scale = 1, a = R.mem("f64", 2), b = R.mem("f64", 8) } })
   end)
 
+  it("wraps only inside the owner's memory", function()
+    local st, d = R.buffer_describe(buf) -- 4 f64: 32 bytes
+    assert.are.equal(0, tonumber(st))
+    local v
+    st, v = R.buffer_wrap(ctx, 3, 0, { 4 }, d.data, buf)
+    assert.are.equal(0, tonumber(st))
+    R.close(v)
+    st, v = R.buffer_wrap(ctx, 1, 0, { 2, 4 }, d.data, buf) -- f32 [2, 4]: the same 32 bytes
+    assert.are.equal(0, tonumber(st))
+    R.close(v)
+    refuses(R.buffer_wrap, ctx, 3, 0, { 5 }, d.data, buf) -- 40 bytes
+    refuses(R.buffer_wrap, ctx, 3, 0, { 2 ^ 40, 2 ^ 40 }, d.data, buf) -- a size that wraps
+    refuses(R.buffer_wrap, ctx, 3, 0, { 1 }, d.data, nil) -- no owner
+    refuses(R.buffer_wrap, ctx, 3, 0, { 1 }, d.data, layer) -- not a buffer
+    refuses(R.buffer_wrap, ctx, 3, 1, { 1 }, d.data, buf) -- device memory, the owner's is host
+    refuses(R.buffer_wrap, ctx, 3, 0, { 1 }, R.pointer(layer), buf) -- outside the owner
+    local st2, other = R.buffer_create(ctx, 3, 0, { 64 })
+    assert.are.equal(0, tonumber(st2))
+    local _, od = R.buffer_describe(other)
+    refuses(R.buffer_wrap, ctx, 3, 0, { 1 }, od.data, buf) -- another buffer's memory
+    R.close(other)
+  end)
+
   it("takes tables where C takes a struct", function()
     refuses(R.context_create, 1)
     refuses(R.pool_load_random, pool, 0, "rank 2")

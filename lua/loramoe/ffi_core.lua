@@ -328,7 +328,8 @@ local function adapter_desc(h, t, anchor)
     if p ~= nil then
       local r = i32(p.rank)
       local a, b = checkmem(p.a, "f64", mul3(E, r, io[1])), checkmem(p.b, "f64", mul3(E, io[2], r))
-      anchor[#anchor + 1], anchor[#anchor + 2] = a, b
+      anchor[#anchor + 1] = a -- one at a time: a multiple assignment's order is undefined
+      anchor[#anchor + 1] = b
       d[name].a, d[name].b = a, b
       d[name].rank, d[name].scale = r, num(p.scale)
     end
@@ -453,8 +454,18 @@ local function batch(h) return checkh(h, "batch") end
 local function stf(h) return checkh(h, "safetensors") end
 local function peft(h) return checkh(h, "peft") end
 
+-- The view must lie inside owner's memory, as the C module checks (wrap_inside).
 function R.buffer_wrap(h, dtype, memory, shp, p, owner)
   local nd = shape(shp, C.LMOE_MAX_DIMS)
+  local d = ffi.new("lmoe_buffer_desc")
+  if C.lmoe_buffer_describe(buf(owner), d) ~= 0 then bad("owner buffer cannot be described") end
+  local bytes = tonumber(C.lmoe_dtype_size(i32(dtype)))
+  for i = 0, nd - 1 do bytes = mul3(bytes, tonumber(shape_buf[i]), 1) end
+  local at, lo, size = R.address(p), tonumber(ffi.cast("uintptr_t", d.data)), tonumber(d.bytes)
+  if i32(memory) ~= d.memory then bad("memory differs from the owner's") end
+  if at == nil or lo == 0 or at < lo or at + bytes > lo + size then
+    bad("the view does not lie inside the owner's memory")
+  end
   local o = out("buffer")
   return made("buffer", C.lmoe_buffer_wrap(ctx(h), i32(dtype), i32(memory), nd, shape_buf, opt_ptr(p), o), o, owner)
 end
