@@ -46,6 +46,8 @@ struct sm90_tune {
   int group_m;    /* row tiles per group of the walk (sm90_tile_of) */
   int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
+  int tma_x;      /* gate_up's A (x's token rows, gathered) by a TMA box per row instead of
+                     cp.async (LMOE_SM90_TMA_X=1; off until measured: gpu-notes 24) */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
 };
 
@@ -171,7 +173,14 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
+  /* gate_up's rows by TMA: thread r < BM loads row r of each chunk, a box of 64 columns
+     by one row of x's tensor map (tma), into the row's 128 bytes of the stage. The
+     128-byte swizzle is a function of the shared address (bits 4-6 XOR bits 7-9), so
+     one-row boxes at r * 128 of a 1024-aligned stage land as one BM-row box would; a
+     padding row loads token 0's row (its output is never stored) */
+  const bool x_tma = MODE == MODE_GATEUP && tn.tma_x;
   if (ptid == 0) prefetch_tensormap(tmb);
+  if (ptid == 0 && x_tma) prefetch_tensormap(tma);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
   uint32_t it = 0;
 #pragma unroll 1
@@ -191,11 +200,30 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
       agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
     }
+    int xrow = 0; /* x_tma: the token of row ptid (0 for padding) */
+    if (x_tma && ptid < BM) {
+      const int pair = f.sorted_pair[p0 + ptid];
+      xrow = pair >= 0 ? pair / f.k : 0;
+    }
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
       const int s = it % ST;
       mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
       uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
+      if (x_tma) {
+        /* thread 0 arrives expecting every box's bytes (BM rows and B's two halves);
+           the boxes other threads issue may complete before that (the transaction count
+           goes below zero meanwhile; the phase cannot complete until thread 0 arrives) */
+        if (ptid == 0) {
+          mbar_arrive_tx(&full[s], S::A_BYTES + S::B_BYTES);
+          int row = e * 2 * I + n0;
+          tma_load_2d(Bs, tmb, &full[s], c * BK, row);
+          tma_load_2d(Bs + (BN / 2) * BK * 2, tmb, &full[s], c * BK, row + I);
+        }
+        if (ptid < BM) tma_load_2d(As + ptid * BK * 2, tma, &full[s], c * BK, xrow);
+        mbar_arrive(&full[s]);
+        continue;
+      }
       if (a_tma) {
         /* A and B by TMA: one arrival with both boxes' bytes; the other threads' plain
            arrivals stand for the cp.async ones the barrier counts */
@@ -701,9 +729,10 @@ int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
-   (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
-   (docs/gpu-notes.md 13-16 has the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 8};
+   (a chunk per LoRA group), LMOE_SM90_TMA_X=1 (gate_up's A by a TMA box per row): knobs
+   for measuring the alternatives, read once at init (docs/gpu-notes.md 13-16 and 24
+   have the measurements behind the defaults). */
+sm90_tune tune = {8, 1, 1, 0, 8};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -723,11 +752,12 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
   if (e) return e;
-  CUtensorMap ma; /* down's A: h, rows by sorted row, I columns of hs */
+  CUtensorMap ma; /* down's A: h, rows by sorted row, I columns of hs; gate_up's: x by row */
   memset(&ma, 0, sizeof ma);
   if (MODE == MODE_DOWN && tune.tma_a &&
       (e = make_map(&ma, f->h, (uint64_t)f->h_rows, (uint64_t)f->I, BM, (uint64_t)((f->I + 7) & ~7))))
     return e;
+  if (MODE == MODE_GATEUP && tune.tma_x && f->M > 0 && (e = make_map(&ma, f->x, (uint64_t)f->M, (uint64_t)f->H, 1))) return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
   k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, ma, lora, watchdog_ns, tune);
@@ -826,6 +856,8 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (gm && atoi(gm) >= 1 && atoi(gm) <= 1024) tune.group_m = atoi(gm);
   const char *ta = getenv("LMOE_SM90_TMA_A");
   if (ta) tune.tma_a = atoi(ta) != 0;
+  const char *tx = getenv("LMOE_SM90_TMA_X");
+  if (tx) tune.tma_x = atoi(tx) != 0;
   const char *lp = getenv("LMOE_SM90_LORA_PACK");
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   int usable = 1;
