@@ -435,6 +435,10 @@ int main(void) {
   run_case(ctx, "fp8 small", 8, 384, 320, 2, 300, 0);
   run_case(ctx, "fp8 large", 8, 256, 512, 2, 1000, 0);
   run_case(ctx, "fp8 shrink reads bf16", 4, 256, 256, 2, 200, 1);
+  /* a K of 2048 on each side: the sm90 shrinks by default (gemm_config.h), which must
+     read the bf16 activations too */
+  run_case(ctx, "fp8 long K, shrink13 on sm90", 4, 2048, 256, 2, 200, 1);
+  run_case(ctx, "fp8 long K, shrink2 on sm90", 4, 256, 2048, 2, 200, 0);
 #ifndef LMOE_SIM_CUDA
   dense_check(200, 272, 400);
   dense_check(512, 1024, 1024);
