@@ -4,7 +4,8 @@
 # runs the engine on a dense 8192^3 GEMM, the expert GEMMs alone, loramoe's layer
 # benchmark and the torch peer on the same card, and prints the ratios (report.py).
 #   bash bench/gpu/run.sh [presets...]        e.g. bash bench/gpu/run.sh qwen3
-# Env: BUILD (default build-cuda), MS (default 512,2048,8192,16384), ITERS (50), OUTDIR.
+# Env: BUILD (default build-cuda), MS (default 512,2048,8192,16384), ITERS (50), OUTDIR,
+# LMOE_COMMIT (the commit to print, for a tree copied out of its checkout).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${BUILD:-$root/build-cuda}
@@ -17,7 +18,7 @@ if [ ! -x "$build/bench/gpu/bench_gpu" ]; then
   cmake --build "$build" -j --target bench_gpu >/dev/null
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
-echo "commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "commit: ${LMOE_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 echo "== ceilings and the CUTLASS grouped GEMM"
 python3 "$root/bench/gpu/ceilings.py" --m "$ms" --iters "$iters" --env "$outdir/peaks.env" --csv "$outdir/grouped.csv"
 # shellcheck disable=SC1091
