@@ -15,6 +15,7 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* One warp per token: its adapter group (from the request segments), the top-k of the
    softmax of its router logits (ties: lower expert id), and the per (expert, group)
@@ -98,6 +99,92 @@ static __global__ void k_route(lmoe_fwd f) {
     myid = f.ids[(size_t)t * k + lane];
   }
   int le = myid - f.e0; /* this rank's expert, or out of [0, f.E) */
+  if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[(size_t)le * f.gstride + g], 1);
+}
+
+/* k_route with the top-k in registers (LMOE_ROUTE_REG=1, off until measured:
+   docs/gpu-notes.md 25), for up to 32 * NV experts: each lane holds the probabilities
+   of experts lane, lane + 32, ... once (k_route recomputes them, and skips the taken
+   experts with k shuffles, at every pick), as 64-bit keys (probability bits above, the
+   complement of the expert below: the largest key is the largest probability, ties to
+   the lower expert; a NaN or taken expert is key 0), so a pick is one warp maximum. The
+   same probabilities, picks and weights as k_route. */
+template <int NV> static __global__ void k_route_reg(lmoe_fwd f) {
+  int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int t = blockIdx.x * 8 + wib;
+  if (t >= f.M) return;
+  int g = 0;
+  if (f.meta) {
+    int nreq = f.meta[0];
+    const int32_t *offs = f.meta + 2;
+    const int32_t *grp = offs + nreq + 1;
+    int lo = 0, hi = nreq;
+    while (hi - lo > 1) {
+      int mid = (lo + hi) >> 1;
+      if (offs[mid] <= t) lo = mid;
+      else hi = mid;
+    }
+    g = nreq > 0 ? grp[lo] : 0;
+  }
+  if (lane == 0) f.tok_group[t] = g;
+  const int k = f.k, E = f.E_route ? f.E_route : f.E;
+  const float *lf = (const float *)f.logits + (size_t)t * E;
+  const uint16_t *lb = (const uint16_t *)f.logits + (size_t)t * E;
+  float v[NV];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < NV; i++) {
+    const int e = lane + 32 * i;
+    v[i] = e < E ? (f.logits_bf16 ? bf2f(lb[e]) : lf[e]) : -INFINITY;
+    if (e < E) mx = fmaxf(mx, v[i]);
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < NV; i++)
+    if (lane + 32 * i < E) sum += expf(v[i] - mx);
+#pragma unroll
+  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = 1.0f / sum;
+  unsigned long long key[NV];
+#pragma unroll
+  for (int i = 0; i < NV; i++) {
+    const int e = lane + 32 * i;
+    const float p = expf(v[i] - mx) * inv;
+    key[i] = e < E && p == p ? ((unsigned long long)__float_as_uint(p) << 32) | (0xffffffffu - (unsigned)e) : 0ull;
+  }
+  int myid = -1;
+  float myw = 0.0f;
+  for (int j = 0; j < k; j++) {
+    unsigned long long b = 0;
+#pragma unroll
+    for (int i = 0; i < NV; i++) b = key[i] > b ? key[i] : b;
+#pragma unroll
+    for (int o = 16; o; o >>= 1) {
+      const unsigned long long ob = __shfl_xor_sync(0xffffffffu, b, o);
+      b = ob > b ? ob : b;
+    }
+    const int be = b ? (int)(0xffffffffu - (unsigned)(b & 0xffffffffu)) : -1; /* none left: NaN logits */
+    const bool mine = be >= 0 && lane == (be & 31);
+#pragma unroll
+    for (int i = 0; i < NV; i++) key[i] = mine && i == (be >> 5) ? 0ull : key[i];
+    if (lane == j) {
+      myid = be;
+      myw = be >= 0 ? __uint_as_float((unsigned)(b >> 32)) : 0.0f;
+    }
+  }
+  if (f.renorm) {
+    float s = lane < k ? myw : 0.0f;
+#pragma unroll
+    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (s > 0.0f) myw = myw / s;
+  }
+  if (lane < k) {
+    f.ids[(size_t)t * k + lane] = myid;
+    f.tw[(size_t)t * k + lane] = myw;
+  }
+  int le = myid - f.e0;
   if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[(size_t)le * f.gstride + g], 1);
 }
 
@@ -195,7 +282,18 @@ static __global__ void k_scatter(lmoe_fwd f) {
 }
 
 extern "C" cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s) {
-  k_route<<<(f->M + 7) / 8, 256, 0, s>>>(*f);
+  static int reg = -1; /* LMOE_ROUTE_REG, read once (every thread reads the same value) */
+  if (reg < 0) {
+    const char *v = getenv("LMOE_ROUTE_REG");
+    reg = v && atoi(v) != 0;
+  }
+  const int E = f->E_route ? f->E_route : f->E, grid = (f->M + 7) / 8;
+  if (reg && f->logits && E <= 128)
+    k_route_reg<4><<<grid, 256, 0, s>>>(*f);
+  else if (reg && f->logits && E <= 256)
+    k_route_reg<8><<<grid, 256, 0, s>>>(*f);
+  else
+    k_route<<<grid, 256, 0, s>>>(*f);
   return cudaGetLastError();
 }
 
