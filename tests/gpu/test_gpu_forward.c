@@ -121,6 +121,10 @@ static void test_random_cases(void) {
      and the other on sm80's, each way round */
   run_case(ctx, idx++, 8, 2048, 256, 2, 300, 3, 16, 0, 3);
   run_case(ctx, idx++, 8, 256, 2048, 2, 300, 3, 16, 0, 3);
+  /* many experts from logits: several a lane in the routing's warp (up to 128 and up to
+     256 on k_route_reg's two paths), k up to 8 */
+  run_case(ctx, idx++, 100, 64, 32, 6, 150, 2, 8, 0, 0);
+  run_case(ctx, idx++, 160, 64, 32, 8, 150, 2, 8, 0, 0);
   /* LMOE_TEST_QUICK: the fixed corners only (for runs under compute-sanitizer) */
   int nrand = getenv("LMOE_TEST_QUICK") ? 0 : 12;
   for (int i = 0; i < nrand; i++) {
