@@ -17,6 +17,44 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* Token t's adapter group: 1 + the index of its request's slot among the batch's
+   active ones, 0 for none (the request segments of lmoe_fwd.meta). */
+static __device__ __forceinline__ int token_group(const lmoe_fwd &f, int t) {
+  if (!f.meta) return 0;
+  int nreq = f.meta[0];
+  const int32_t *offs = f.meta + 2;
+  const int32_t *grp = offs + nreq + 1;
+  int lo = 0, hi = nreq; /* largest i with offs[i] <= t, i < nreq */
+  while (hi - lo > 1) {
+    int mid = (lo + hi) >> 1;
+    if (offs[mid] <= t) lo = mid;
+    else hi = mid;
+  }
+  return nreq > 0 ? grp[lo] : 0;
+}
+
+/* The end of a token's routing, lane j holding pick j (myid, -1 for none; weight myw):
+   the weights renormalised if asked, ids and weights written, this rank's pairs
+   counted per (expert, group). */
+static __device__ __forceinline__ void finish_route(const lmoe_fwd &f, int t, int lane, int g, int myid,
+                                                    float myw) {
+  const int k = f.k;
+  if (f.logits) {
+    if (f.renorm) {
+      float s = lane < k ? myw : 0.0f;
+#pragma unroll
+      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (s > 0.0f) myw = myw / s;
+    }
+    if (lane < k) {
+      f.ids[(size_t)t * k + lane] = myid;
+      f.tw[(size_t)t * k + lane] = myw;
+    }
+  }
+  int le = myid - f.e0; /* this rank's expert, or out of [0, f.E) */
+  if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[(size_t)le * f.gstride + g], 1);
+}
+
 /* One warp per token: its adapter group (from the request segments), the top-k of the
    softmax of its router logits (ties: lower expert id), and the per (expert, group)
    pair counts. */
@@ -24,19 +62,7 @@ static __global__ void k_route(lmoe_fwd f) {
   int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int t = blockIdx.x * 8 + wib;
   if (t >= f.M) return;
-  int g = 0;
-  if (f.meta) {
-    int nreq = f.meta[0];
-    const int32_t *offs = f.meta + 2;
-    const int32_t *grp = offs + nreq + 1;
-    int lo = 0, hi = nreq; /* largest i with offs[i] <= t, i < nreq */
-    while (hi - lo > 1) {
-      int mid = (lo + hi) >> 1;
-      if (offs[mid] <= t) lo = mid;
-      else hi = mid;
-    }
-    g = nreq > 0 ? grp[lo] : 0;
-  }
+  const int g = token_group(f, t);
   if (lane == 0) f.tok_group[t] = g;
   int k = f.k, E = f.E_route ? f.E_route : f.E;
   int myid = -1;
@@ -85,21 +111,10 @@ static __global__ void k_route(lmoe_fwd f) {
         myw = be >= 0 ? bv : 0.0f;
       }
     }
-    if (f.renorm) {
-      float s = lane < k ? myw : 0.0f;
-#pragma unroll
-      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (s > 0.0f) myw = myw / s;
-    }
-    if (lane < k) {
-      f.ids[(size_t)t * k + lane] = myid;
-      f.tw[(size_t)t * k + lane] = myw;
-    }
   } else if (lane < k) {
     myid = f.ids[(size_t)t * k + lane];
   }
-  int le = myid - f.e0; /* this rank's expert, or out of [0, f.E) */
-  if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[(size_t)le * f.gstride + g], 1);
+  finish_route(f, t, lane, g, myid, myw);
 }
 
 /* k_route with the top-k in registers (LMOE_ROUTE_REG=1, off until measured:
@@ -113,19 +128,7 @@ template <int NV> static __global__ void k_route_reg(lmoe_fwd f) {
   int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int t = blockIdx.x * 8 + wib;
   if (t >= f.M) return;
-  int g = 0;
-  if (f.meta) {
-    int nreq = f.meta[0];
-    const int32_t *offs = f.meta + 2;
-    const int32_t *grp = offs + nreq + 1;
-    int lo = 0, hi = nreq;
-    while (hi - lo > 1) {
-      int mid = (lo + hi) >> 1;
-      if (offs[mid] <= t) lo = mid;
-      else hi = mid;
-    }
-    g = nreq > 0 ? grp[lo] : 0;
-  }
+  const int g = token_group(f, t);
   if (lane == 0) f.tok_group[t] = g;
   const int k = f.k, E = f.E_route ? f.E_route : f.E;
   const float *lf = (const float *)f.logits + (size_t)t * E;
@@ -174,18 +177,7 @@ template <int NV> static __global__ void k_route_reg(lmoe_fwd f) {
       myw = be >= 0 ? __uint_as_float((unsigned)(b >> 32)) : 0.0f;
     }
   }
-  if (f.renorm) {
-    float s = lane < k ? myw : 0.0f;
-#pragma unroll
-    for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (s > 0.0f) myw = myw / s;
-  }
-  if (lane < k) {
-    f.ids[(size_t)t * k + lane] = myid;
-    f.tw[(size_t)t * k + lane] = myw;
-  }
-  int le = myid - f.e0;
-  if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[(size_t)le * f.gstride + g], 1);
+  finish_route(f, t, lane, g, myid, myw);
 }
 
 /* device_sync guard: does any token use an adapter? */
