@@ -6,7 +6,9 @@
 #       (it also checks that every header function is reachable through the core);
 #       or the release or close of a kind of box (core.close), or the init of a
 #       struct (lmoe_X_init, lmoe_X_init_sized: called where the cores fill it);
-#   (b) documented in docs/api.md            in a heading (a line starting with #)
+#   (b) documented in docs/api.md            in a heading (a line starting with #);
+# and that every environment variable the library reads (getenv("LMOE_...") in native/
+# and kernels/) has a row of docs/api.md's table of them.
 # Usage: tools/check-api.sh [repo root]. Prints what is missing; exits 1 if anything is.
 set -euo pipefail
 
@@ -51,8 +53,17 @@ for n in "${names[@]}"; do
   fi
 done
 
+mapfile -t envs < <(grep -rhoE 'getenv\("LMOE_[A-Z0-9_]+"\)' "$root/native" "$root/kernels" |
+  grep -oE 'LMOE_[A-Z0-9_]+' | sort -u)
+for v in "${envs[@]}"; do
+  if ! grep -qE "^\| \`$v\` \|" "$doc"; then
+    missing=$((missing + 1))
+    printf '%s: no row in docs/api.md'"'"'s table of environment variables\n' "$v"
+  fi
+done
+
 if [ "$missing" -gt 0 ]; then
-  echo "check-api: $missing of ${#names[@]} API functions are not bound or documented everywhere"
+  echo "check-api: $missing of ${#names[@]} API functions and ${#envs[@]} environment variables are not bound or documented everywhere"
   exit 1
 fi
-echo "check-api: all ${#names[@]} API functions are bound in the Lua cores and documented"
+echo "check-api: all ${#names[@]} API functions are bound in the Lua cores and documented, and the ${#envs[@]} environment variables"
