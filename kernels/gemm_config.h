@@ -83,16 +83,16 @@ typedef struct lmoe_gemm_device {
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
    where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else
    on sm80 rows. Measured on the H200 (docs/gpu-notes.md 21, ncu, 4 adapters r16): the
-   sm90 shrinks take 0.5-0.7x the sm80 ones' time wherever K >= 2048 (qwen3's shrink13,
+   sm90 shrinks take 0.44-0.76x the sm80 ones' time wherever K >= 2048 (qwen3's shrink13,
    both of mixtral's), but qwen3's shrink2 (K 768) is slower on them up to M = 8192
    (16.0 -> 25.6 us at M = 512): a 64-row tile's pipeline does not fill on 12 chunks. */
 enum { LMOE_SHRINK_BY_K = 0, LMOE_SHRINK_SM80 = 1, LMOE_SHRINK_SM90 = 2 };
 enum { LMOE_SM90_SHRINK_MIN_K = 2048 };
 
 /* A forward's choice: the engine of the expert GEMMs, the row tile (every expert's pair
-   list is padded to it) and the rows of the expert GEMMs and of the shrinks (the shrinks
-   run on the expert GEMMs' engine where it has a row that fits, else on sm80: each row
-   names its own engine). */
+   list is padded to it) and the rows of the expert GEMMs and of each shrink (on the
+   expert GEMMs' engine where shrink_mode says so and it has a row that fits, else on
+   sm80: each row names its own engine). */
 typedef struct lmoe_gemm_choice {
   int32_t engine, bm, gemm_cfg, shrink13_cfg, shrink2_cfg;
 } lmoe_gemm_choice;

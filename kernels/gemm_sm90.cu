@@ -210,33 +210,11 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       const int s = it % ST;
       mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
       uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
-      if (x_tma) {
-        /* thread 0 arrives expecting every box's bytes (BM rows and B's two halves);
-           the boxes other threads issue may complete before that (the transaction count
-           goes below zero meanwhile; the phase cannot complete until thread 0 arrives) */
-        if (ptid == 0) {
-          mbar_arrive_tx(&full[s], S::A_BYTES + S::B_BYTES);
-          int row = e * 2 * I + n0;
-          tma_load_2d(Bs, tmb, &full[s], c * BK, row);
-          tma_load_2d(Bs + (BN / 2) * BK * 2, tmb, &full[s], c * BK, row + I);
-        }
-        if (ptid < BM) tma_load_2d(As + ptid * BK * 2, tma, &full[s], c * BK, xrow);
-        mbar_arrive(&full[s]);
-        continue;
-      }
-      if (a_tma) {
-        /* A and B by TMA: one arrival with both boxes' bytes; the other threads' plain
-           arrivals stand for the cp.async ones the barrier counts */
-        if (ptid == 0) {
-          mbar_arrive_tx(&full[s], S::A_BYTES + S::B_BYTES);
-          tma_load_2d(As, tma, &full[s], c * BK, p0);
-          tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
-        }
-        mbar_arrive(&full[s]);
-        continue;
-      }
+      /* thread 0 arrives expecting the stage's TMA bytes (B's boxes, and A's where A
+         comes by TMA) and issues B's boxes (and down's A box) */
       if (ptid == 0) {
-        mbar_arrive_tx(&full[s], S::B_BYTES);
+        mbar_arrive_tx(&full[s], (a_tma || x_tma ? S::A_BYTES : 0) + S::B_BYTES);
+        if (a_tma) tma_load_2d(As, tma, &full[s], c * BK, p0);
         if (MODE == MODE_GATEUP) {
           int row = e * 2 * I + n0;
           tma_load_2d(Bs, tmb, &full[s], c * BK, row);
@@ -244,6 +222,15 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         } else {
           tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
         }
+      }
+      if (a_tma || x_tma) {
+        /* A by TMA (down's one box, or gate_up's box a row: the boxes other threads
+           issue may complete before thread 0's arrival, the transaction count below
+           zero meanwhile; the phase cannot complete until thread 0 arrives); the
+           threads' plain arrivals stand for the cp.async ones the barrier counts */
+        if (x_tma && ptid < BM) tma_load_2d(As + ptid * BK * 2, tma, &full[s], c * BK, xrow);
+        mbar_arrive(&full[s]);
+        continue;
       }
       const int col = c * BK + ch * 8, nb = sm90_piece_bytes(col, K, 2);
       const uint32_t a0 = smem_u32(As);

@@ -274,11 +274,10 @@ static __global__ void k_scatter(lmoe_fwd f) {
 }
 
 extern "C" cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s) {
-  static int reg = -1; /* LMOE_ROUTE_REG, read once (every thread reads the same value) */
-  if (reg < 0) {
+  static const bool reg = [] { /* LMOE_ROUTE_REG, read once (a static's initialisation is thread-safe) */
     const char *v = getenv("LMOE_ROUTE_REG");
-    reg = v && atoi(v) != 0;
-  }
+    return v && atoi(v) != 0;
+  }();
   const int E = f->E_route ? f->E_route : f->E, grid = (f->M + 7) / 8;
   if (reg && f->logits && E <= 128)
     k_route_reg<4><<<grid, 256, 0, s>>>(*f);
