@@ -46,8 +46,10 @@ struct sm90_tune {
   int group_m;    /* row tiles per group of the walk (sm90_tile_of) */
   int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
-  int tma_x;      /* gate_up's A (x's token rows, gathered) by a TMA box per row instead of
-                     cp.async (LMOE_SM90_TMA_X=1; off until measured: gpu-notes 24) */
+  int l2pf;       /* chunks ahead the producer prefetches B (and A where it comes by TMA or
+                     cp.async) into L2, 0: none (LMOE_SM90_L2PF; gpu-notes 26) */
+  int epi_pre;    /* the consumers load the rows' pairs (and down's weights) at a tile's
+                     start, not in its epilogue (LMOE_SM90_EPI_PRE; gpu-notes 26) */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
 };
 
@@ -173,15 +175,27 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
-  /* gate_up's rows by TMA: thread r < BM loads row r of each chunk, a box of 64 columns
-     by one row of x's tensor map (tma), into the row's 128 bytes of the stage. The
-     128-byte swizzle is a function of the shared address (bits 4-6 XOR bits 7-9), so
-     one-row boxes at r * 128 of a 1024-aligned stage land as one BM-row box would; a
-     padding row loads token 0's row (its output is never stored) */
-  const bool x_tma = MODE == MODE_GATEUP && tn.tma_x;
   if (ptid == 0) prefetch_tensormap(tmb);
-  if (ptid == 0 && x_tma) prefetch_tensormap(tma);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
+  /* B's boxes of chunk c for the tile of expert e at output column n0 (into Bs on the
+     barrier, or with Bs NULL into L2 only) */
+  auto issue_b = [&](uint8_t *Bs, uint64_t *bar, int c, int e, int n0) {
+    if (MODE == MODE_GATEUP) {
+      const int row = e * 2 * I + n0;
+      if (Bs) {
+        tma_load_2d(Bs, tmb, bar, c * BK, row);
+        tma_load_2d(Bs + (BN / 2) * BK * 2, tmb, bar, c * BK, row + I);
+      } else {
+        tma_prefetch_2d(tmb, c * BK, row);
+        tma_prefetch_2d(tmb, c * BK, row + I);
+      }
+    } else if (Bs) {
+      tma_load_2d(Bs, tmb, bar, c * BK, e * H + n0);
+    } else {
+      tma_prefetch_2d(tmb, c * BK, e * H + n0);
+    }
+  };
+  const int pf = tn.l2pf;
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -200,10 +214,14 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
       agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
     }
-    int xrow = 0; /* x_tma: the token of row ptid (0 for padding) */
-    if (x_tma && ptid < BM) {
-      const int pair = f.sorted_pair[p0 + ptid];
-      xrow = pair >= 0 ? pair / f.k : 0;
+    /* the next tile of this block, for the L2 prefetch of its first chunks */
+    int e2 = -1, p2 = 0, n2 = 0;
+    if (pf && ptid == 0 && t + (int)gridDim.x < total) {
+      int m2, nt2;
+      sm90_tile_of(t + gridDim.x, ntm, ntn, tn.group_m, m2, nt2);
+      e2 = f.tile_expert[m2];
+      p2 = m2 * BM;
+      n2 = MODE == MODE_GATEUP ? nt2 * (BN / 2) : nt2 * BN;
     }
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
@@ -213,24 +231,31 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       /* thread 0 arrives expecting the stage's TMA bytes (B's boxes, and A's where A
          comes by TMA) and issues B's boxes (and down's A box) */
       if (ptid == 0) {
-        mbar_arrive_tx(&full[s], (a_tma || x_tma ? S::A_BYTES : 0) + S::B_BYTES);
+        mbar_arrive_tx(&full[s], (a_tma ? S::A_BYTES : 0) + S::B_BYTES);
         if (a_tma) tma_load_2d(As, tma, &full[s], c * BK, p0);
-        if (MODE == MODE_GATEUP) {
-          int row = e * 2 * I + n0;
-          tma_load_2d(Bs, tmb, &full[s], c * BK, row);
-          tma_load_2d(Bs + (BN / 2) * BK * 2, tmb, &full[s], c * BK, row + I);
-        } else {
-          tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
+        issue_b(Bs, &full[s], c, e, n0);
+        /* chunk c + pf into L2 (this tile's, else the next one's first chunks), so
+           that the ring's loads find it there rather than in DRAM */
+        const int cq = c + pf;
+        if (pf && cq < nbase) {
+          issue_b(nullptr, nullptr, cq, e, n0);
+          if (a_tma) tma_prefetch_2d(tma, cq * BK, p0);
+        } else if (pf && e2 >= 0 && cq - nbase < nbase) {
+          issue_b(nullptr, nullptr, cq - nbase, e2, n2);
+          if (a_tma) tma_prefetch_2d(tma, (cq - nbase) * BK, p2);
         }
       }
-      if (a_tma || x_tma) {
-        /* A by TMA (down's one box, or gate_up's box a row: the boxes other threads
-           issue may complete before thread 0's arrival, the transaction count below
-           zero meanwhile; the phase cannot complete until thread 0 arrives); the
-           threads' plain arrivals stand for the cp.async ones the barrier counts */
-        if (x_tma && ptid < BM) tma_load_2d(As + ptid * BK * 2, tma, &full[s], c * BK, xrow);
+      if (a_tma) {
+        /* the threads' plain arrivals stand for the cp.async ones the barrier counts */
         mbar_arrive(&full[s]);
         continue;
+      }
+      /* gate_up's gathered rows: this tile's chunk c + pf into L2, a row's 128 bytes by
+         the row's first thread */
+      if (pf && ch == 0 && c + pf < nbase) {
+#pragma unroll
+        for (int q = 0; q < AR; q++)
+          if (arow[q]) bulk_prefetch_l2(arow[q] + (c + pf) * BK, 2 * min(BK, K - (c + pf) * BK));
       }
       const int col = c * BK + ch * 8, nb = sm90_piece_bytes(col, K, 2);
       const uint32_t a0 = smem_u32(As);
@@ -328,6 +353,12 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    /* this thread's two rows (r, r + 8): their pairs loaded now, down's weights after the
+       first chunk's MMA is issued, so the epilogue does not wait on a dependent load */
+    const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
+    int pre_pair[2] = {-1, -1};
+    float pre_w[2] = {0.0f, 0.0f};
+    if (tn.epi_pre) pre_pair[0] = f.sorted_pair[r0], pre_pair[1] = f.sorted_pair[r0 + 8];
     int nch = nbase;
     if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, tn.lora_align, BK);
 #pragma unroll 1
@@ -348,6 +379,9 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
       if (c > 0) {
         wgmma_wait<1>();
         if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+      } else if (MODE == MODE_DOWN && tn.epi_pre) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) pre_w[hf] = pre_pair[hf] >= 0 ? f.tw[pre_pair[hf]] : 0.0f;
       }
     }
     wgmma_wait<0>();
@@ -360,7 +394,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
         const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
-        const int pair = f.sorted_pair[p0 + r], q = lane & 3;
+        const int pair = tn.epi_pre ? pre_pair[hf] : f.sorted_pair[p0 + r], q = lane & 3;
         if (MODE == MODE_GATEUP) {
           uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
 #pragma unroll
@@ -376,7 +410,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
             if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), I, o);
           }
         } else {
-          const float w = pair >= 0 ? f.tw[pair] : 0.0f;
+          const float w = tn.epi_pre ? pre_w[hf] : pair >= 0 ? f.tw[pair] : 0.0f;
           uint16_t *dst = f.y + (size_t)(pair >= 0 ? pair : 0) * H;
 #pragma unroll
           for (int g = 0; g < 8; g++) {
@@ -396,7 +430,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
       const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
-      const int pair = f.sorted_pair[p0 + r];
+      const int pair = tn.epi_pre ? pre_pair[hf] : f.sorted_pair[p0 + r];
       if (pair < 0) continue;
       if (MODE == MODE_GATEUP) {
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
@@ -412,7 +446,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
             dst[j] = v0;
         }
       } else {
-        const float w = f.tw[pair];
+        const float w = tn.epi_pre ? pre_w[hf] : f.tw[pair];
         uint16_t *dst = f.y + (size_t)pair * H;
 #pragma unroll
         for (int i = 0; i < 32; i++) {
@@ -716,10 +750,11 @@ int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
-   (a chunk per LoRA group), LMOE_SM90_TMA_X=1 (gate_up's A by a TMA box per row): knobs
-   for measuring the alternatives, read once at init (docs/gpu-notes.md 13-16 and 24
-   have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 0, 8};
+   (a chunk per LoRA group), LMOE_SM90_L2PF=n (B, and A, prefetched into L2 n chunks
+   ahead), LMOE_SM90_EPI_PRE=1 (the epilogue's pairs and weights loaded at the tile's
+   start): knobs for measuring the alternatives, read once at init (docs/gpu-notes.md
+   13-16 and 26 have the measurements behind the defaults). */
+sm90_tune tune = {8, 1, 1, 0, 0, 8};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -739,12 +774,11 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
   if (e) return e;
-  CUtensorMap ma; /* down's A: h, rows by sorted row, I columns of hs; gate_up's: x by row */
+  CUtensorMap ma; /* down's A: h, rows by sorted row, I columns of hs */
   memset(&ma, 0, sizeof ma);
   if (MODE == MODE_DOWN && tune.tma_a &&
       (e = make_map(&ma, f->h, (uint64_t)f->h_rows, (uint64_t)f->I, BM, (uint64_t)((f->I + 7) & ~7))))
     return e;
-  if (MODE == MODE_GATEUP && tune.tma_x && f->M > 0 && (e = make_map(&ma, f->x, (uint64_t)f->M, (uint64_t)f->H, 1))) return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
   k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, ma, lora, watchdog_ns, tune);
@@ -843,8 +877,10 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (gm && atoi(gm) >= 1 && atoi(gm) <= 1024) tune.group_m = atoi(gm);
   const char *ta = getenv("LMOE_SM90_TMA_A");
   if (ta) tune.tma_a = atoi(ta) != 0;
-  const char *tx = getenv("LMOE_SM90_TMA_X");
-  if (tx) tune.tma_x = atoi(tx) != 0;
+  const char *pf = getenv("LMOE_SM90_L2PF");
+  if (pf && atoi(pf) >= 0 && atoi(pf) <= 64) tune.l2pf = atoi(pf);
+  const char *epr = getenv("LMOE_SM90_EPI_PRE");
+  if (epr) tune.epi_pre = atoi(epr) != 0;
   const char *lp = getenv("LMOE_SM90_LORA_PACK");
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   int usable = 1;

@@ -117,8 +117,8 @@ static __global__ void k_route(lmoe_fwd f) {
   finish_route(f, t, lane, g, myid, myw);
 }
 
-/* k_route with the top-k in registers (LMOE_ROUTE_REG=1, off until measured:
-   docs/gpu-notes.md 25), for up to 32 * NV experts: each lane holds the probabilities
+/* k_route with the top-k in registers (the default where router logits are given;
+   LMOE_ROUTE_REG=0 keeps k_route: docs/gpu-notes.md 25), for up to 32 * NV experts: each lane holds the probabilities
    of experts lane, lane + 32, ... once (k_route recomputes them, and skips the taken
    experts with k shuffles, at every pick), as 64-bit keys (probability bits above, the
    complement of the expert below: the largest key is the largest probability, ties to
@@ -274,9 +274,10 @@ static __global__ void k_scatter(lmoe_fwd f) {
 }
 
 extern "C" cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s) {
-  static const bool reg = [] { /* LMOE_ROUTE_REG, read once (a static's initialisation is thread-safe) */
+  static const bool reg = [] { /* LMOE_ROUTE_REG=0: k_route always (read once; a static's
+                                   initialisation is thread-safe) */
     const char *v = getenv("LMOE_ROUTE_REG");
-    return v && atoi(v) != 0;
+    return !v || atoi(v) != 0;
   }();
   const int E = f->E_route ? f->E_route : f->E, grid = (f->M + 7) / 8;
   if (reg && f->logits && E <= 128)
