@@ -46,10 +46,6 @@ struct sm90_tune {
   int group_m;    /* row tiles per group of the walk (sm90_tile_of) */
   int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
-  int l2pf;       /* chunks ahead the producer prefetches B (and A where it comes by TMA or
-                     cp.async) into L2, 0: none (LMOE_SM90_L2PF; gpu-notes 26) */
-  int epi_pre;    /* the consumers load the rows' pairs (and down's weights) at a tile's
-                     start, not in its epilogue (LMOE_SM90_EPI_PRE; gpu-notes 26) */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
 };
 
@@ -177,25 +173,6 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
   if (ptid == 0) prefetch_tensormap(tmb);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
-  /* B's boxes of chunk c for the tile of expert e at output column n0 (into Bs on the
-     barrier, or with Bs NULL into L2 only) */
-  auto issue_b = [&](uint8_t *Bs, uint64_t *bar, int c, int e, int n0) {
-    if (MODE == MODE_GATEUP) {
-      const int row = e * 2 * I + n0;
-      if (Bs) {
-        tma_load_2d(Bs, tmb, bar, c * BK, row);
-        tma_load_2d(Bs + (BN / 2) * BK * 2, tmb, bar, c * BK, row + I);
-      } else {
-        tma_prefetch_2d(tmb, c * BK, row);
-        tma_prefetch_2d(tmb, c * BK, row + I);
-      }
-    } else if (Bs) {
-      tma_load_2d(Bs, tmb, bar, c * BK, e * H + n0);
-    } else {
-      tma_prefetch_2d(tmb, c * BK, e * H + n0);
-    }
-  };
-  const int pf = tn.l2pf;
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -214,15 +191,6 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
       agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
     }
-    /* the next tile of this block, for the L2 prefetch of its first chunks */
-    int e2 = -1, p2 = 0, n2 = 0;
-    if (pf && ptid == 0 && t + (int)gridDim.x < total) {
-      int m2, nt2;
-      sm90_tile_of(t + gridDim.x, ntm, ntn, tn.group_m, m2, nt2);
-      e2 = f.tile_expert[m2];
-      p2 = m2 * BM;
-      n2 = MODE == MODE_GATEUP ? nt2 * (BN / 2) : nt2 * BN;
-    }
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
       const int s = it % ST;
@@ -233,29 +201,18 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       if (ptid == 0) {
         mbar_arrive_tx(&full[s], (a_tma ? S::A_BYTES : 0) + S::B_BYTES);
         if (a_tma) tma_load_2d(As, tma, &full[s], c * BK, p0);
-        issue_b(Bs, &full[s], c, e, n0);
-        /* chunk c + pf into L2 (this tile's, else the next one's first chunks), so
-           that the ring's loads find it there rather than in DRAM */
-        const int cq = c + pf;
-        if (pf && cq < nbase) {
-          issue_b(nullptr, nullptr, cq, e, n0);
-          if (a_tma) tma_prefetch_2d(tma, cq * BK, p0);
-        } else if (pf && e2 >= 0 && cq - nbase < nbase) {
-          issue_b(nullptr, nullptr, cq - nbase, e2, n2);
-          if (a_tma) tma_prefetch_2d(tma, (cq - nbase) * BK, p2);
+        if (MODE == MODE_GATEUP) {
+          const int row = e * 2 * I + n0;
+          tma_load_2d(Bs, tmb, &full[s], c * BK, row);
+          tma_load_2d(Bs + (BN / 2) * BK * 2, tmb, &full[s], c * BK, row + I);
+        } else {
+          tma_load_2d(Bs, tmb, &full[s], c * BK, e * H + n0);
         }
       }
       if (a_tma) {
         /* the threads' plain arrivals stand for the cp.async ones the barrier counts */
         mbar_arrive(&full[s]);
         continue;
-      }
-      /* gate_up's gathered rows: this tile's chunk c + pf into L2, a row's 128 bytes by
-         the row's first thread */
-      if (pf && ch == 0 && c + pf < nbase) {
-#pragma unroll
-        for (int q = 0; q < AR; q++)
-          if (arow[q]) bulk_prefetch_l2(arow[q] + (c + pf) * BK, 2 * min(BK, K - (c + pf) * BK));
       }
       const int col = c * BK + ch * 8, nb = sm90_piece_bytes(col, K, 2);
       const uint32_t a0 = smem_u32(As);
@@ -354,11 +311,11 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     /* this thread's two rows (r, r + 8): their pairs loaded now, down's weights after the
-       first chunk's MMA is issued, so the epilogue does not wait on a dependent load */
+       first chunk's MMA is issued, so the epilogue does not wait on a dependent load
+       chain (gpu-notes 26) */
     const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
-    int pre_pair[2] = {-1, -1};
+    const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
-    if (tn.epi_pre) pre_pair[0] = f.sorted_pair[r0], pre_pair[1] = f.sorted_pair[r0 + 8];
     int nch = nbase;
     if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, tn.lora_align, BK);
 #pragma unroll 1
@@ -379,7 +336,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
       if (c > 0) {
         wgmma_wait<1>();
         if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
-      } else if (MODE == MODE_DOWN && tn.epi_pre) {
+      } else if (MODE == MODE_DOWN) {
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) pre_w[hf] = pre_pair[hf] >= 0 ? f.tw[pre_pair[hf]] : 0.0f;
       }
@@ -394,7 +351,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
         const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
-        const int pair = tn.epi_pre ? pre_pair[hf] : f.sorted_pair[p0 + r], q = lane & 3;
+        const int pair = pre_pair[hf], q = lane & 3;
         if (MODE == MODE_GATEUP) {
           uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
 #pragma unroll
@@ -410,7 +367,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
             if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), I, o);
           }
         } else {
-          const float w = tn.epi_pre ? pre_w[hf] : pair >= 0 ? f.tw[pair] : 0.0f;
+          const float w = pre_w[hf];
           uint16_t *dst = f.y + (size_t)(pair >= 0 ? pair : 0) * H;
 #pragma unroll
           for (int g = 0; g < 8; g++) {
@@ -430,7 +387,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
       const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
-      const int pair = tn.epi_pre ? pre_pair[hf] : f.sorted_pair[p0 + r];
+      const int pair = pre_pair[hf];
       if (pair < 0) continue;
       if (MODE == MODE_GATEUP) {
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
@@ -446,7 +403,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
             dst[j] = v0;
         }
       } else {
-        const float w = tn.epi_pre ? pre_w[hf] : f.tw[pair];
+        const float w = pre_w[hf];
         uint16_t *dst = f.y + (size_t)pair * H;
 #pragma unroll
         for (int i = 0; i < 32; i++) {
@@ -750,11 +707,9 @@ int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
-   (a chunk per LoRA group), LMOE_SM90_L2PF=n (B, and A, prefetched into L2 n chunks
-   ahead), LMOE_SM90_EPI_PRE=1 (the epilogue's pairs and weights loaded at the tile's
-   start): knobs for measuring the alternatives, read once at init (docs/gpu-notes.md
-   13-16 and 26 have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 0, 0, 8};
+   (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
+   (docs/gpu-notes.md 13-16 and 24-26 have the measurements behind the defaults). */
+sm90_tune tune = {8, 1, 1, 8};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -877,10 +832,6 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (gm && atoi(gm) >= 1 && atoi(gm) <= 1024) tune.group_m = atoi(gm);
   const char *ta = getenv("LMOE_SM90_TMA_A");
   if (ta) tune.tma_a = atoi(ta) != 0;
-  const char *pf = getenv("LMOE_SM90_L2PF");
-  if (pf && atoi(pf) >= 0 && atoi(pf) <= 64) tune.l2pf = atoi(pf);
-  const char *epr = getenv("LMOE_SM90_EPI_PRE");
-  if (epr) tune.epi_pre = atoi(epr) != 0;
   const char *lp = getenv("LMOE_SM90_LORA_PACK");
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   int usable = 1;
