@@ -55,21 +55,53 @@ local function bad(msg) error("loramoe.ffi_core: " .. msg, 3) end
 -- local alone would not do: LuaJIT's compiler may drop a local that is not read again).
 local live
 
+-- ------------------------------------------------------------------ the header's declarations
+
+-- "const char *name", "int64_t shape[LMOE_MAX_DIMS]" -> {name=, type=} with no spaces
+-- around '*' and "[]" for an array ("const char*", "int64_t[]"); nil for what is not
+-- a declaration (the allocator's function pointers, which nothing here reads).
+local function decl(s)
+  local ty, name = s:gsub("%b[]", ""):match("^%s*(.-)%s*([%w_]+)%s*$")
+  if not ty then return nil end
+  return { name = name, type = ty:gsub("%s*%*%s*", "*") .. (s:find("[", 1, true) and "[]" or "") }
+end
+
+-- The fields of every struct and the parameters of every function, read from the cdef.
+local fields, params = {}, {}
+for sname, body in cdef:gmatch("typedef struct (lmoe_[%w_]+) (%b{})") do
+  local list = {}
+  for d in body:sub(2, -2):gmatch("[^;]+") do
+    local first
+    for part in d:gmatch("[^,]+") do -- "int32_t a, b": b has a's type
+      local f = decl(part)
+      if f then
+        if f.type == "" then f.type = first.type end
+        first = first or f
+        list[#list + 1] = f
+      end
+    end
+  end
+  fields[sname] = list
+end
+for name, ps in cdef:gmatch("(lmoe_[%w_]+)%s*(%b())%s*;") do
+  local list = {}
+  if ps ~= "(void)" then
+    for p in ps:sub(2, -2):gmatch("[^,]+") do list[#list + 1] = decl(p) end
+  end
+  params[name] = list
+end
+
 -- ------------------------------------------------------------------ boxes
 
-local kinds = {
-  context = { "lmoe_context *", C.lmoe_context_release }, buffer = { "lmoe_buffer *", C.lmoe_buffer_release },
-  layer = { "lmoe_layer *", C.lmoe_layer_release }, pool = { "lmoe_pool *", C.lmoe_pool_release },
-  batch = { "lmoe_batch *", C.lmoe_batch_release }, graph = { "lmoe_graph *", C.lmoe_graph_release },
-  safetensors = { "lmoe_safetensors *", C.lmoe_safetensors_close }, peft = { "lmoe_peft *", C.lmoe_peft_close },
-  checkpoint = { "lmoe_checkpoint *", C.lmoe_checkpoint_close }, comm = { "lmoe_comm *", C.lmoe_comm_release },
-}
-local release_of, out_of = {}, {}
-for k, v in pairs(kinds) do
-  local ct = ffi.typeof(v[1])
-  kinds[k] = ct
-  release_of[tonumber(ct)] = v[2]
-  out_of[k] = ffi.new(v[1] .. "[1]")
+-- The kinds of boxes: what a release or close function of the header releases.
+local kinds, release_of, out_of = {}, {}, {}
+for cname, ps in pairs(params) do
+  local kind = cname:match("^lmoe_(.-)_release$") or cname:match("^lmoe_(.-)_close$")
+  if kind and #ps == 1 and ps[1].type == "lmoe_" .. kind .. "*" then
+    kinds[kind] = ffi.typeof("lmoe_" .. kind .. " *")
+    release_of[tonumber(kinds[kind])] = C[cname]
+    out_of[kind] = ffi.new("lmoe_" .. kind .. " *[1]")
+  end
 end
 -- What a box keeps alive (a wrap's owner, a borrowed buffer's layer), or for a pool its
 -- layer's shapes, which pool_load checks arrays against (the library keeps the layer).
@@ -211,42 +243,6 @@ local function mul3(a, b, c)
   return v
 end
 
--- ------------------------------------------------------------------ the header's declarations
-
--- "const char *name", "int64_t shape[LMOE_MAX_DIMS]" -> {name=, type=} with no spaces
--- around '*' and "[]" for an array ("const char*", "int64_t[]"); nil for what is not
--- a declaration (the allocator's function pointers, which nothing here reads).
-local function decl(s)
-  local ty, name = s:gsub("%b[]", ""):match("^%s*(.-)%s*([%w_]+)%s*$")
-  if not ty then return nil end
-  return { name = name, type = ty:gsub("%s*%*%s*", "*") .. (s:find("[", 1, true) and "[]" or "") }
-end
-
--- The fields of every struct and the parameters of every function, read from the cdef.
-local fields, params = {}, {}
-for sname, body in cdef:gmatch("typedef struct (lmoe_[%w_]+) (%b{})") do
-  local list = {}
-  for d in body:sub(2, -2):gmatch("[^;]+") do
-    local first
-    for part in d:gmatch("[^,]+") do -- "int32_t a, b": b has a's type
-      local f = decl(part)
-      if f then
-        if f.type == "" then f.type = first.type end
-        first = first or f
-        list[#list + 1] = f
-      end
-    end
-  end
-  fields[sname] = list
-end
-for name, ps in cdef:gmatch("(lmoe_[%w_]+)%s*(%b())%s*;") do
-  local list = {}
-  if ps ~= "(void)" then
-    for p in ps:sub(2, -2):gmatch("[^,]+") do list[#list + 1] = decl(p) end
-  end
-  params[name] = list
-end
-
 -- How an argument, or a field of a struct given as a table, is checked by its C type.
 local check_in = { int32_t = i32, lmoe_status = i32, int64_t = int, uint64_t = int, float = num, double = num,
   ["const char*"] = str, ["void*"] = opt_ptr }
@@ -255,18 +251,12 @@ for kind in pairs(kinds) do
   check_in["lmoe_" .. kind .. "*"], check_in["const lmoe_" .. kind .. "*"] = h, h
 end
 
--- Structs are filled by their init function, else zeroed with their struct_size set.
-local inits = {
-  lmoe_context_config = C.lmoe_context_config_init, lmoe_layer_config = C.lmoe_layer_config_init,
-  lmoe_pool_config = C.lmoe_pool_config_init, lmoe_adapter_desc = C.lmoe_adapter_desc_init,
-  lmoe_random_adapter = C.lmoe_random_adapter_init, lmoe_batch_config = C.lmoe_batch_config_init,
-  lmoe_forward_args = C.lmoe_forward_args_init, lmoe_peft_info = C.lmoe_peft_info_init,
-  lmoe_peft_synthetic = C.lmoe_peft_synthetic_init, lmoe_checkpoint_layer_info = C.lmoe_checkpoint_layer_info_init,
-}
+-- Structs are filled by their init function (lmoe_X_init), else zeroed with their
+-- struct_size set.
 local function new_struct(sname)
   local s = ffi.new(sname)
-  if inits[sname] then
-    inits[sname](s)
+  if params[sname .. "_init"] then
+    C[sname .. "_init"](s)
   elseif fields[sname][1].name == "struct_size" then
     s.struct_size = ffi.sizeof(s)
   end
@@ -342,17 +332,28 @@ end
 -- next argument, checked by its C type (a table for a struct, filled as above), or is
 -- an out-parameter whose value follows the status on success: a handle (lmoe_X **) as
 -- a box, an int32, a string, a struct as a table. ndim and shape take one argument, a
--- shape list; errbuf and its size none (on failure the message follows the status).
--- Without out-parameters the result is C's: a status, a number, a string ("" for
--- NULL), a pointer (nil for NULL) or nothing.
+-- shape list; data and its size a string; errbuf and its size none (on failure the
+-- message follows the status). In a function with a count or capacity, its pointers
+-- are arrays of that many elements, checked after the other arguments (void *: f64,
+-- the dtype after it LMOE_DTYPE_F64). Without out-parameters the result is C's: a
+-- status, a number, a string ("" for NULL), a pointer (nil for NULL) or nothing.
+local array_of = { ["void*"] = "f64", ["const void*"] = "f64", ["int32_t*"] = "i32", ["const int32_t*"] = "i32",
+  ["int64_t*"] = "i64", ["const int64_t*"] = "i64" }
 local function wrap(f, name)
-  local steps, ps, i = {}, params["lmoe_" .. name], 1
+  local steps, ps, i, counted = {}, params["lmoe_" .. name], 1, false
+  for _, p in ipairs(ps) do counted = counted or p.name == "count" or p.name == "capacity" end
   while i <= #ps do
     local ty = ps[i].type
     local sname, kind = ty:match("^const (lmoe_[%w_]+)%*$"), ty:match("^lmoe_([%w_]+)%*%*$")
     local s
     if ps[i].name == "ndim" then
       s, i = { arg = true, two = true, make = function(v) return shape(v, C.LMOE_MAX_DIMS), shape_buf end }, i + 1
+    elseif counted and array_of[ty] then
+      local dtype = ty:find("void") and ps[i + 1].name:find("dtype$") -- f64's, not an argument
+      s, i = { arg = true, array = array_of[ty], two = dtype, make = function(v) return v, C.LMOE_DTYPE_F64 end },
+        dtype and i + 1 or i
+    elseif ty == "const void*" and ps[i + 1] and ps[i + 1].type == "size_t" then
+      s, i = { arg = true, two = true, make = function(v) return str(v), #v end }, i + 1
     elseif ty == "char*" then
       local err = ffi.new("char[256]")
       local function make()
@@ -361,7 +362,7 @@ local function wrap(f, name)
       end
       s, i = { errbuf = err, two = true, make = make }, i + 1
     elseif check_in[ty] then
-      s = { arg = true, make = check_in[ty] }
+      s = { arg = true, make = check_in[ty], count = ps[i].name == "count" or ps[i].name == "capacity" }
     elseif ty == "const lmoe_adapter_desc*" then -- for the pool that is argument 1
       s = { arg = true, make = function(v, anchor, args) return adapter_desc(args[1], v, anchor) end }
     elseif sname and fields[sname] then
@@ -407,20 +408,27 @@ local function wrap(f, name)
     end
     return unpack(res, 1, j + 1)
   end
+  local arrays, nc = {}, 0 -- each array's place among C's arguments, and its type
+  for k = 1, #steps do
+    nc = nc + (steps[k].two and 2 or 1)
+    if steps[k].array then arrays[#arrays + 1] = { nc - (steps[k].two and 1 or 0), steps[k].array } end
+  end
   return function(...)
-    local a, c, outs, anchor, n, nc = { ... }, {}, {}, {}, 0, 0
+    local a, c, outs, anchor, n, nc, count = { ... }, {}, {}, {}, 0, 0, nil
     for k = 1, #steps do
       local s = steps[k]
       if s.arg then n = n + 1 end
       local x, y = s.make(a[n], anchor, a)
       nc = nc + 1
       c[nc] = x
+      if s.count then count = x end
       if s.two then
         nc = nc + 1
         c[nc] = y
       end
       if s.give then outs[#outs + 1] = x end
     end
+    for k = 1, #arrays do checkmem(c[arrays[k][1]], arrays[k][2], count) end
     live = anchor
     return finish(outs, f(unpack(c, 1, nc)))
   end
@@ -451,7 +459,6 @@ local function ctx(h) return checkh(h, "context") end
 local function buf(h) return checkh(h, "buffer") end
 local function layer(h) return checkh(h, "layer") end
 local function batch(h) return checkh(h, "batch") end
-local function stf(h) return checkh(h, "safetensors") end
 local function peft(h) return checkh(h, "peft") end
 
 -- The view must lie inside owner's memory, as the C module checks (wrap_inside).
@@ -468,12 +475,6 @@ function R.buffer_wrap(h, dtype, memory, shp, p, owner)
   end
   local o = out("buffer")
   return made("buffer", C.lmoe_buffer_wrap(ctx(h), i32(dtype), i32(memory), nd, shape_buf, opt_ptr(p), o), o, owner)
-end
-function R.buffer_write(h, off, m, n)
-  return C.lmoe_buffer_write(buf(h), int(off), checkmem(m, "f64", int(n)), C.LMOE_DTYPE_F64, n)
-end
-function R.buffer_read(h, off, m, n)
-  return C.lmoe_buffer_read(buf(h), int(off), checkmem(m, "f64", int(n)), C.LMOE_DTYPE_F64, n)
 end
 
 local lcfg = ffi.new("lmoe_layer_config")
@@ -511,20 +512,12 @@ function R.pool_create(h, cfg)
   local lst, lc = layer_config(h)
   if lst ~= 0 then return lst end -- as from the C module: the status alone
   local dims = { lc.num_experts, lc.hidden, lc.intermediate } -- fixed, checked by pool_load
-  local st = C.lmoe_pool_create(h, c, o)
-  if st ~= 0 then return st end
-  return st, box("pool", o[0], dims)
+  return made("pool", C.lmoe_pool_create(h, c, o), o, dims)
 end
 
 function R.batch_set(h, p, n, tokens, slots)
   n = i32(n)
   return C.lmoe_batch_set(batch(h), opth(p, "pool"), n, checkmem(tokens, "i32", n), checkmem(slots, "i32", n))
-end
-function R.batch_offsets(h, m, cap)
-  return C.lmoe_batch_offsets(batch(h), checkmem(m, "i64", i32(cap)), cap)
-end
-function R.batch_active_slots(h, s, t, cap)
-  return C.lmoe_batch_active_slots(batch(h), checkmem(s, "i32", i32(cap)), checkmem(t, "i64", cap), cap)
 end
 
 -- forward_group({ctx, ...}, {args, ...}): every box read from the lists is anchored.
@@ -569,13 +562,6 @@ function R.comm_create_local(cs)
   return st, t
 end
 
-function R.safetensors_open_memory(h, data, name)
-  local o = out("safetensors")
-  return made("safetensors", C.lmoe_safetensors_open_memory(ctx(h), str(data), #data, str(name), o), o)
-end
-function R.safetensors_read(h, i, m, n)
-  return C.lmoe_safetensors_read(stf(h), i32(i), checkmem(m, "f64", int(n)), C.LMOE_DTYPE_F64, n)
-end
 -- entries {name=, dtype=, shape=, data=buffer box}, the lists read raw; every string
 -- and box is anchored during the call.
 function R.safetensors_write(h, path, entries, keys, vals)
@@ -617,7 +603,6 @@ function R.safetensors_write(h, path, entries, keys, vals)
   return st
 end
 
-function R.peft_layers(h, m, cap) return C.lmoe_peft_layers(peft(h), checkmem(m, "i32", i32(cap)), cap) end
 local need = ffi.new("size_t[1]")
 function R.peft_inspect(h)
   local probe = ffi.new("char[1]")
