@@ -46,8 +46,6 @@ struct sm90_tune {
   int group_m;    /* row tiles per group of the walk (sm90_tile_of) */
   int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
-  int pre_rows;   /* the producer loads the next tile's row pairs and expert one tile ahead
-                     (LMOE_SM90_PRE_ROWS=1; off until measured: gpu-notes 27) */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
 };
 
@@ -175,41 +173,18 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
   if (ptid == 0) prefetch_tensormap(tmb);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
-  /* pre_rows: the next tile's expert and this thread's pairs of its rows, loaded while
-     this tile's chunks are issued, so a tile's first loads need not wait on them */
-  int nx_e = 0, nx_pair[AR];
-  auto fetch_rows = [&](int tt) {
-    if (tt >= total) return;
-    int mm, nn;
-    sm90_tile_of(tt, ntm, ntn, tn.group_m, mm, nn);
-    nx_e = f.tile_expert[mm];
-#pragma unroll
-    for (int q = 0; q < AR; q++) nx_pair[q] = f.sorted_pair[mm * BM + rb + 16 * q];
-  };
-  if (tn.pre_rows) fetch_rows(blockIdx.x);
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
-    const int p0 = m * BM;
+    const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
-    int e, pairs[AR];
-    if (tn.pre_rows) {
-      e = nx_e;
-#pragma unroll
-      for (int q = 0; q < AR; q++) pairs[q] = nx_pair[q];
-      fetch_rows(t + gridDim.x);
-    } else {
-      e = f.tile_expert[m];
-#pragma unroll
-      for (int q = 0; q < AR; q++) pairs[q] = f.sorted_pair[p0 + rb + 16 * q];
-    }
     const uint16_t *arow[AR];
     int agrp[AR];
 #pragma unroll
     for (int q = 0; q < AR; q++) {
-      int r = rb + 16 * q, pair = pairs[q];
+      int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
       if (MODE == MODE_GATEUP)
         arow[q] = pair >= 0 ? f.x + (size_t)(pair / f.k) * H : nullptr;
       else
@@ -734,7 +709,7 @@ unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
    (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
    (docs/gpu-notes.md 13-16 and 24-26 have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 0, 8};
+sm90_tune tune = {8, 1, 1, 8};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -857,8 +832,6 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (gm && atoi(gm) >= 1 && atoi(gm) <= 1024) tune.group_m = atoi(gm);
   const char *ta = getenv("LMOE_SM90_TMA_A");
   if (ta) tune.tma_a = atoi(ta) != 0;
-  const char *pr = getenv("LMOE_SM90_PRE_ROWS");
-  if (pr) tune.pre_rows = atoi(pr) != 0;
   const char *lp = getenv("LMOE_SM90_LORA_PACK");
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   int usable = 1;
