@@ -382,7 +382,7 @@ struct epi_silu_up {
   static constexpr int COLS = 2; /* accumulator columns per output column */
   static __device__ __forceinline__ float row_weight(const lmoe_fwd &f, int pair) { return 1.0f; }
   static __device__ __forceinline__ void stage(uint16_t *so_row, int c, float a0, float a1, float w) {
-    so_row[c / 2] = f2bf(a0 / (1.0f + __expf(-a0)) * a1);
+    so_row[c / 2] = f2bf(silu_mul(a0, a1));
   }
   static __device__ __forceinline__ int limit(const lmoe_fwd &f) { return f.I; }
   static __device__ __forceinline__ bool vec(const lmoe_fwd &f) { return true; } /* h rows: stride 8k */

@@ -360,8 +360,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
             for (int b = 0; b < 4; b++) {
               const int i = 4 * g + b;
-              p[b] = pack2(sm90_silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
-                           sm90_silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
+              p[b] = pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
+                           silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
             }
             uint4 o = quad_transpose(p[0], p[1], p[2], p[3]);
             if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), I, o);
@@ -396,7 +396,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           int j = n0 + 8 * i + 2 * (lane & 3);
           float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
           float u0 = acc[4 * (i + 16) + 2 * hf], u1 = acc[4 * (i + 16) + 2 * hf + 1];
-          uint16_t v0 = f2bf(sm90_silu_mul(g0, u0)), v1 = f2bf(sm90_silu_mul(g1, u1));
+          uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
           if (j + 1 < I)
             *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
           else if (j < I)

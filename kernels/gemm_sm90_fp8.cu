@@ -309,7 +309,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
           int j = n0 + 8 * i + 2 * (lane & 3);
           float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
           float u0 = acc[4 * (i + 8) + 2 * hf], u1 = acc[4 * (i + 8) + 2 * hf + 1];
-          uint16_t v0 = f2bf(sm90_silu_mul(g0, u0)), v1 = f2bf(sm90_silu_mul(g1, u1));
+          uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
           if (j + 1 < I)
             *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
           else if (j < I)

@@ -71,6 +71,4 @@ static __device__ __forceinline__ int sm90_piece_bytes(int col, int limit, int e
   return b < 0 ? 0 : b > 16 ? 16 : b;
 }
 
-static __device__ __forceinline__ float sm90_silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
-
 #endif
