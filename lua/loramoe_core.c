@@ -18,12 +18,18 @@
  * stack while C holds them. A failed check here raises a plain error: the API's
  * messages are written once, in Lua.
  *
- * Most functions are regular (check the arguments, call, push the result) and are
- * rows of the lists under "regular functions"; the others are written out below them.
+ * Most functions are regular (check the arguments, call, push the result): each is a
+ * row of a list under "regular functions". The rows of the functions whose parameters
+ * and result all map by type (by the rules the FFI core's wrappers follow), the field
+ * lists of the structs and the kinds of boxes are generated from the header at build
+ * time: lua/gen_core_rows.cmake writes them to loramoe_core_rows.h (GEN_ lists). The
+ * rows of the other regular functions and the functions that are not regular are
+ * written out here, each saying why; the generator skips every name this file lists.
  */
-#define _POSIX_C_SOURCE 200809L /* clock_gettime */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, strnlen */
 
 #include "loramoe.h"
+#include "loramoe_core_rows.h" /* generated, see above */
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -44,17 +50,9 @@ typedef struct lbox {
   const char *kind;
 } lbox;
 
-/* The release functions, as the box stores them. */
-static void rel_context(void *p) { lmoe_context_release((lmoe_context *)p); }
-static void rel_buffer(void *p) { lmoe_buffer_release((lmoe_buffer *)p); }
-static void rel_layer(void *p) { lmoe_layer_release((lmoe_layer *)p); }
-static void rel_pool(void *p) { lmoe_pool_release((lmoe_pool *)p); }
-static void rel_batch(void *p) { lmoe_batch_release((lmoe_batch *)p); }
-static void rel_graph(void *p) { lmoe_graph_release((lmoe_graph *)p); }
-static void rel_safetensors(void *p) { lmoe_safetensors_close((lmoe_safetensors *)p); }
-static void rel_peft(void *p) { lmoe_peft_close((lmoe_peft *)p); }
-static void rel_checkpoint(void *p) { lmoe_checkpoint_close((lmoe_checkpoint *)p); }
-static void rel_comm(void *p) { lmoe_comm_release((lmoe_comm *)p); }
+/* The release functions, as the box stores them: rel_<kind>. */
+#define REL(letter, K, release) static void rel_##K(void *p) { release((lmoe_##K *)p); }
+GEN_BOXES(REL)
 
 /* A new, empty box; keep (a stack index, or 0) becomes its uservalue. */
 static lbox *newbox(lua_State *L, const char *kind, void (*release)(void *), int keep) {
@@ -229,15 +227,21 @@ static int64_t mul3(int64_t a, int64_t b, int64_t c) {
 
 /* The kinds of boxes, by the letter that stands for each in field lists and argument
    letters (below). */
-static const char box_letters[] = "cblpBgtekm";
-static const char *const box_kinds[] = {"context", "buffer", "layer", "pool", "batch", "graph", "safetensors", "peft",
-  "checkpoint", "comm"};
+#define BOX_LETTER(letter, K, release) #letter
+#define BOX_KIND(letter, K, release) #K,
+static const char box_letters[] = GEN_BOXES(BOX_LETTER);
+static const char *const box_kinds[] = {GEN_BOXES(BOX_KIND)};
 
-/* Structs <-> tables by field lists: name, offset, type ('i' int32, 'I' int64, 'u'
-   uint64, 'z' size_t, 'f' float, 'd' double, 's' const char *, 'P' pointer, or a box
-   letter: the handle of a box of that kind, nil for none; read only). */
-typedef struct fld { const char *k; size_t off; char t; } fld;
-#define F(S, m, t) {#m, offsetof(lmoe_##S, m), t}
+/* Structs <-> tables by field lists (generated): name, offset, size, type ('i' int32,
+   'I' int64, 'u' uint64, 'z' size_t, 'f' float, 'd' double, 's' const char *, 'P'
+   pointer, 'a' a char array holding a string, 'S' a shape: the first ndim entries of
+   an int64 array, ndim being the field before it; or a box letter: the handle of a box
+   of that kind). Tables set every field but z, a and S; tables get every field but
+   the boxes (a pointer from C is no box). */
+typedef struct fld { const char *k; size_t off, size; char t; } fld;
+#define F(S, m, t) {#m, offsetof(lmoe_##S, m), sizeof(((lmoe_##S *)0)->m), t},
+#define DEF_FIELDS(S) static const fld S##_f[] = {GEN_FIELDS_##S(F){0}};
+GEN_FIELD_LISTS(DEF_FIELDS)
 
 static void push_struct(lua_State *L, const fld *f, const void *s) {
   const char *b = (const char *)s;
@@ -252,7 +256,21 @@ static void push_struct(lua_State *L, const fld *f, const void *s) {
     case 'f': lua_pushnumber(L, *(const float *)v); break;
     case 'd': lua_pushnumber(L, *(const double *)v); break;
     case 's': lua_pushstring(L, *(const char *const *)v ? *(const char *const *)v : ""); break;
-    default: lua_pushlightuserdata(L, *(void *const *)v); break;
+    case 'P': lua_pushlightuserdata(L, *(void *const *)v); break;
+    case 'a': lua_pushlstring(L, (const char *)v, strnlen((const char *)v, f->size - 1)); break;
+    case 'S': {
+      lua_getfield(L, -1, "ndim");
+      lua_Integer n = lua_tointeger(L, -1), max = (lua_Integer)(f->size / sizeof(int64_t));
+      lua_pop(L, 1);
+      n = n < 0 ? 0 : n < max ? n : max;
+      lua_createtable(L, (int)n, 0);
+      for (int i = 0; i < (int)n; i++) {
+        lua_pushinteger(L, ((const int64_t *)v)[i]);
+        lua_rawseti(L, -2, i + 1);
+      }
+      break;
+    }
+    default: continue; /* a box */
     }
     lua_setfield(L, -2, f->k);
   }
@@ -270,6 +288,7 @@ static void get_struct(lua_State *L, int t, const fld *f, void *s, int a) {
   char *b = (char *)s;
   luaL_checktype(L, t, LUA_TTABLE);
   for (; f->k; f++) {
+    if (strchr("zaS", f->t)) continue; /* never set from a table */
     int ty = lua_getfield(L, t, f->k), isint = 1;
     void *v = b + f->off;
     lua_Integer i = f->t == 'i' || f->t == 'u' || f->t == 'I' ? lua_tointegerx(L, -1, &isint) : 0;
@@ -301,20 +320,17 @@ static void get_struct(lua_State *L, int t, const fld *f, void *s, int a) {
 
 /* status, then the n values already pushed (or nothing but the status on failure). */
 static int ret(lua_State *L, lmoe_status st, int n) {
-  if (st != LMOE_OK) {
-    lua_pushinteger(L, st);
-    return 1;
-  }
   lua_pushinteger(L, st);
+  if (st != LMOE_OK) return 1;
   lua_insert(L, -1 - n);
   return n + 1;
 }
 
 static int ret_st(lua_State *L, lmoe_status st) { return ret(L, st, 0); }
 
-/* The same, but on failure the status and the library's message err. */
+/* The same, but on failure the status and the library's message err (NULL: none). */
 static int ret_msg(lua_State *L, lmoe_status st, const char *err, int n) {
-  if (st == LMOE_OK) return ret(L, st, n);
+  if (st == LMOE_OK || !err) return ret(L, st, n);
   lua_pushinteger(L, st);
   lua_pushstring(L, err);
   return 2;
@@ -326,94 +342,21 @@ static int ret_struct(lua_State *L, lmoe_status st, const fld *f, const void *s)
   return ret(L, st, st == LMOE_OK);
 }
 
-/* A list of the first n entries of an int64 array, as field k of the table on top. */
-static void set_dims(lua_State *L, const char *k, const int64_t *d, int n) {
-  lua_createtable(L, n, 0);
-  for (int i = 0; i < n; i++) {
-    lua_pushinteger(L, d[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-  lua_setfield(L, -2, k);
-}
-
-/* The char array name[n] (NUL-terminated here) as field "name" of the table on top. */
-static void set_name(lua_State *L, char *name, size_t n) {
-  name[n - 1] = 0;
-  lua_pushstring(L, name);
-  lua_setfield(L, -2, "name");
-}
-
-/* An empty box of kind K (its type lmoe_K), then call with &out: status, box. The box
-   comes first, so that nothing leaks when Lua runs out of memory making it. */
-#define CREATE(K, rel, keep, call)                                                                 \
+/* An empty box of kind K (its type lmoe_K), then call with &out: status, box (the
+   message err after the status on failure, see ret_msg). The box comes first, so that
+   nothing leaks when Lua runs out of memory making it. */
+#define CREATE(K, rel, keep, err, call)                                                            \
   do {                                                                                             \
     lbox *b_ = newbox(L, #K, rel, keep);                                                           \
     lmoe_##K *out = NULL;                                                                          \
     lmoe_status st_ = (call);                                                                      \
     b_->h = out;                                                                                   \
-    return ret(L, st_, 1);                                                                         \
+    return ret_msg(L, st_, err, 1);                                                                \
   } while (0)
 
 #define CTX(i) ((lmoe_context *)checkh(L, i, "context"))
 #define LAYER(i) ((lmoe_layer *)checkh(L, i, "layer"))
-#define ST(i) ((lmoe_safetensors *)checkh(L, i, "safetensors"))
 #define PEFT(i) ((lmoe_peft *)checkh(L, i, "peft"))
-
-/* ------------------------------------------------------------------ field lists */
-
-static const fld device_f[] = {F(device_info, cc_major, 'i'), F(device_info, cc_minor, 'i'),
-  F(device_info, sm_count, 'i'), F(device_info, memory_bytes, 'I'), F(device_info, l2_bytes, 'I'), {0}};
-static const fld context_f[] = {F(context_config, backend, 'i'), F(context_config, device, 'i'),
-  F(context_config, threads, 'i'), F(context_config, guard, 'i'), F(context_config, stream, 'P'), {0}};
-static const fld counters_f[] = {F(counters, forwards, 'u'), F(counters, launches, 'u'),
-  F(counters, lora_launches, 'u'), F(counters, host_waits, 'u'), F(counters, uploads, 'u'),
-  F(counters, bytes_uploaded, 'u'), F(counters, downloads, 'u'), {0}};
-static const fld waits_f[] = {F(wait_counters, host_waits, 'u'), F(wait_counters, forced, 'u'),
-  F(wait_counters, backpressure, 'u'), {0}};
-static const fld desc_f[] = {F(buffer_desc, dtype, 'i'), F(buffer_desc, memory, 'i'), F(buffer_desc, ndim, 'i'),
-  F(buffer_desc, numel, 'I'), F(buffer_desc, bytes, 'z'), F(buffer_desc, data, 'P'), {0}};
-static const fld compare_f[] = {F(compare_result, rel_l2, 'd'), F(compare_result, max_abs, 'd'),
-  F(compare_result, ref_l2, 'd'), F(compare_result, nonfinite, 'I'), F(compare_result, numel, 'I'), {0}};
-static const fld layer_f[] = {F(layer_config, num_experts, 'i'), F(layer_config, hidden, 'i'),
-  F(layer_config, intermediate, 'i'), F(layer_config, top_k, 'i'), F(layer_config, renormalize, 'i'),
-  F(layer_config, max_tokens, 'i'), F(layer_config, shard_mode, 'i'), F(layer_config, shard_rank, 'i'),
-  F(layer_config, shard_size, 'i'), F(layer_config, comm, 'm'), F(layer_config, weight_dtype, 'i'), {0}};
-static const fld pool_f[] = {F(pool_config, num_slots, 'i'), F(pool_config, max_rank, 'i'), {0}};
-static const fld random_f[] = {F(random_adapter, targets, 'i'), F(random_adapter, fused, 'i'),
-  F(random_adapter, rank, 'i'), F(random_adapter, alpha, 'f'), F(random_adapter, use_rslora, 'i'),
-  F(random_adapter, seed, 'u'), F(random_adapter, scale, 'f'), {0}};
-static const fld slot_f[] = {F(slot_info, loaded, 'i'), F(slot_info, targets, 'i'), F(slot_info, fused, 'i'),
-  F(slot_info, rank_gate, 'i'), F(slot_info, rank_up, 'i'), F(slot_info, rank_down, 'i'),
-  F(slot_info, scale_gate, 'f'), F(slot_info, scale_up, 'f'), F(slot_info, scale_down, 'f'),
-  F(slot_info, max_rank, 'i'), F(slot_info, bytes, 'I'), F(slot_info, generation, 'u'), {0}};
-static const fld memory_f[] = {F(pool_memory, slot_bytes, 'I'), F(pool_memory, total_bytes, 'I'),
-  F(pool_memory, num_slots, 'i'), F(pool_memory, loaded_slots, 'i'), F(pool_memory, loaded_bytes, 'I'),
-  F(pool_memory, used_bytes, 'I'), F(pool_memory, evictions, 'I'), {0}};
-static const fld batch_cfg_f[] = {F(batch_config, staging_depth, 'i'), {0}};
-static const fld batch_f[] = {F(batch_info, num_requests, 'i'), F(batch_info, num_tokens, 'I'),
-  F(batch_info, has_active, 'i'), F(batch_info, num_active, 'i'), F(batch_info, max_rank, 'i'),
-  F(batch_info, max_slot, 'i'), {0}};
-static const fld tensor_f[] = {F(tensor_info, name, 's'), F(tensor_info, dtype_name, 's'), F(tensor_info, dtype, 'i'),
-  F(tensor_info, numel, 'I'), F(tensor_info, offset, 'u'), F(tensor_info, bytes, 'u'), {0}};
-static const fld peft_f[] = {F(peft_info, family, 'i'), F(peft_info, layout, 'i'), F(peft_info, rank, 'i'),
-  F(peft_info, alpha, 'f'), F(peft_info, use_rslora, 'i'), F(peft_info, targets, 'i'), F(peft_info, num_layers, 'i'),
-  F(peft_info, min_layer, 'i'), F(peft_info, max_layer, 'i'), F(peft_info, num_experts, 'i'),
-  F(peft_info, max_rank, 'i'), F(peft_info, has_patterns, 'i'), F(peft_info, num_tensors, 'i'),
-  F(peft_info, bytes, 'I'), {0}};
-static const fld synthetic_f[] = {F(peft_synthetic, family, 'i'), F(peft_synthetic, layout, 'i'),
-  F(peft_synthetic, num_layers, 'i'), F(peft_synthetic, num_experts, 'i'), F(peft_synthetic, hidden, 'i'),
-  F(peft_synthetic, intermediate, 'i'), F(peft_synthetic, targets, 'i'), F(peft_synthetic, rank, 'i'),
-  F(peft_synthetic, alpha, 'f'), F(peft_synthetic, use_rslora, 'i'), F(peft_synthetic, dtype, 'i'),
-  F(peft_synthetic, seed, 'u'), F(peft_synthetic, scale, 'f'), F(peft_synthetic, rank_pattern_key, 's'),
-  F(peft_synthetic, rank_pattern_value, 'i'), F(peft_synthetic, alpha_pattern_key, 's'),
-  F(peft_synthetic, alpha_pattern_value, 'f'), {0}};
-static const fld ck_f[] = {F(checkpoint_layer_info, family, 'i'), F(checkpoint_layer_info, num_experts, 'i'),
-  F(checkpoint_layer_info, hidden, 'i'), F(checkpoint_layer_info, intermediate, 'i'),
-  F(checkpoint_layer_info, has_router, 'i'), F(checkpoint_layer_info, weight_dtype, 'i'), {0}};
-
-static const fld forward_f[] = {F(forward_args, layer, 'l'), F(forward_args, pool, 'p'),
-  F(forward_args, batch, 'B'), F(forward_args, x, 'b'), F(forward_args, router_logits, 'b'),
-  F(forward_args, topk_ids, 'b'), F(forward_args, topk_weights, 'b'), F(forward_args, out, 'b'), {0}};
 
 /* The adapter description at t ({gate=, up=, gate_up=, down=}, each {a=mem, b=mem,
    rank=, scale=}) for the pool at idx: every array is checked to hold what C reads
@@ -453,8 +396,8 @@ static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d, int 
 /* ------------------------------------------------------------------ regular functions */
 
 /* Most functions are regular: check the arguments, call, push what C gave. Each is one
-   row of a list below, which defines l_<name>. A row's argument letters say how
-   argument k+1 is checked into a[k]:
+   row of a list below (GEN_ lists generated, the others written out here), which
+   defines l_<name>. A row's argument letters say how argument k+1 is checked into a[k]:
      c context  b buffer  l layer  p pool  B batch  g graph  t safetensors  e peft
      k checkpoint  m comm: a box of that kind, open (.p); o a pool box or nil (.p)
      i int32 (.i)  I integer (.I)  n number (.n)  s string (.s; the argument keeps it
@@ -464,23 +407,22 @@ static void check_desc(lua_State *L, int pool, int t, lmoe_adapter_desc *d, int 
      other arguments, must hold that many elements: f an f64 mem, w an i32 mem, q an
      i64 mem (.p)
      a table for a struct, initialised, then the fields of its field list that the table
-     sets (their strings and boxes anchored during the call, see anchor), into the member of
-     s that has the letter's name: C lmoe_context_config, L lmoe_layer_config, O
-     lmoe_pool_config, Q lmoe_batch_config, R lmoe_random_adapter, Y
-     lmoe_peft_synthetic, A lmoe_forward_args; D an adapter description for the pool
+     sets (their strings and boxes anchored during the call, see anchor), into the member
+     of s that has the letter's name (GEN_STRUCT_ARGS: C lmoe_context_config, L
+     lmoe_layer_config, O lmoe_pool_config, ...); D an adapter description for the pool
      that is argument 1 (lmoe_adapter_desc, see check_desc) */
 typedef union arg { void *p; int32_t i; lua_Integer I; lua_Number n; const char *s; } arg;
-typedef union sarg {
-  lmoe_context_config C; lmoe_layer_config L; lmoe_pool_config O; lmoe_batch_config Q;
-  lmoe_random_adapter R; lmoe_peft_synthetic Y; lmoe_forward_args A; lmoe_adapter_desc D;
-} sarg;
+#define SARG(l, S) lmoe_##S l;
+typedef union sarg { GEN_STRUCT_ARGS(SARG) lmoe_adapter_desc D; } sarg;
+#define SARG_LETTER(l, S) #l
+#define GET_SARG(l, S) else if (spec[k] == #l[0]) lmoe_##S##_init(&s->l), get_struct(L, k + 1, S##_f, &s->l, anc);
 static const char mem_letters[] = "fwq";
 static const int mem_types[] = {M_F64, M_I32, M_I64};
 
 static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, sarg *s) {
   lua_Integer count = 0;
   int anc = 0;
-  if (strpbrk(spec, "CLOQRYAD")) { /* the anchor list goes above every argument */
+  if (strpbrk(spec, GEN_STRUCT_ARGS(SARG_LETTER) "D")) { /* the anchor list goes above every argument */
     if (lua_gettop(L) < (int)strlen(spec)) lua_settop(L, (int)strlen(spec));
     lua_newtable(L);
     anc = lua_gettop(L);
@@ -497,13 +439,7 @@ static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, sarg
     else if (spec[k] == 's') a[k].s = luaL_checkstring(L, k + 1);
     else if (spec[k] == 'S') a[k].i = check_shape(L, k + 1, shp, LMOE_MAX_DIMS);
     else if (spec[k] == 'P') a[k].p = opt_ptr(L, k + 1);
-    else if (spec[k] == 'C') lmoe_context_config_init(&s->C), get_struct(L, k + 1, context_f, &s->C, anc);
-    else if (spec[k] == 'L') lmoe_layer_config_init(&s->L), get_struct(L, k + 1, layer_f, &s->L, anc);
-    else if (spec[k] == 'O') lmoe_pool_config_init(&s->O), get_struct(L, k + 1, pool_f, &s->O, anc);
-    else if (spec[k] == 'Q') lmoe_batch_config_init(&s->Q), get_struct(L, k + 1, batch_cfg_f, &s->Q, anc);
-    else if (spec[k] == 'R') lmoe_random_adapter_init(&s->R), get_struct(L, k + 1, random_f, &s->R, anc);
-    else if (spec[k] == 'Y') lmoe_peft_synthetic_init(&s->Y), get_struct(L, k + 1, synthetic_f, &s->Y, anc);
-    else if (spec[k] == 'A') lmoe_forward_args_init(&s->A), get_struct(L, k + 1, forward_f, &s->A, anc);
+    GEN_STRUCT_ARGS(GET_SARG)
     else if (spec[k] == 'D') check_desc(L, 1, k + 1, &s->D, anc);
   }
   for (int k = 0; spec[k]; k++) {
@@ -519,7 +455,7 @@ static int push_ptr(lua_State *L, void *p) {
   return 1;
 }
 
-/* How FUNCS rows push what their call returns. */
+/* How the rows of GEN_FUNCS and FUNCS push what their call returns. */
 #define R_ST(call) return ret_st(L, call)
 #define R_INT(call) lua_pushinteger(L, (lua_Integer)(call)); return 1
 #define R_NUM(call) lua_pushnumber(L, call); return 1
@@ -527,102 +463,33 @@ static int push_ptr(lua_State *L, void *p) {
 #define R_NONE(call) call; return 0
 #define R_PTR(call) return push_ptr(L, call)
 
-/* (name, argument letters, how the result is pushed, call) */
-#define FUNCS(X)                                                                                   \
-  X(version, "", R_STR, lmoe_version())                                                            \
-  X(status_string, "i", R_STR, lmoe_status_string((lmoe_status)a[0].i))                            \
-  X(has_cuda, "", R_INT, lmoe_has_cuda())                                                          \
-  X(has_nccl, "", R_INT, lmoe_has_nccl())                                                          \
-  X(dtype_size, "i", R_INT, lmoe_dtype_size(a[0].i))                                               \
-  X(dtype_name, "i", R_STR, lmoe_dtype_name(a[0].i))                                               \
-  X(lora_scale, "nii", R_NUM, lmoe_lora_scale((float)a[0].n, a[1].i, a[2].i))                      \
-  X(context_last_error, "c", R_STR, lmoe_context_last_error(a[0].p))                               \
-  X(context_backend, "c", R_INT, lmoe_context_backend(a[0].p))                                     \
-  X(context_threads, "c", R_INT, lmoe_context_threads(a[0].p))                                     \
-  X(context_guard, "c", R_INT, lmoe_context_guard(a[0].p))                                         \
-  X(context_set_guard, "ci", R_ST, lmoe_context_set_guard(a[0].p, a[1].i))                         \
-  X(context_stream, "c", R_PTR, lmoe_context_stream(a[0].p))                                       \
-  X(context_synchronize, "cP", R_ST, lmoe_context_synchronize(a[0].p, a[1].p))                     \
-  X(context_reset_counters, "c", R_NONE, lmoe_context_reset_counters(a[0].p))                      \
-  X(buffer_fill_random, "bInnP", R_ST,                                                             \
-    lmoe_buffer_fill_random(a[0].p, (uint64_t)a[1].I, (float)a[2].n, (float)a[3].n, a[4].p))       \
-  /* the value as Lua's double, as the FFI passes it (C takes a double) */                          \
-  X(buffer_fill, "bnP", R_ST, lmoe_buffer_fill(a[0].p, a[1].n, a[2].p))                            \
-  X(buffer_write, "bIfN", R_ST, lmoe_buffer_write(a[0].p, a[1].I, a[2].p, LMOE_DTYPE_F64, a[3].I)) \
-  X(buffer_read, "bIfN", R_ST, lmoe_buffer_read(a[0].p, a[1].I, a[2].p, LMOE_DTYPE_F64, a[3].I))   \
-  X(layer_randomize, "lIn", R_ST, lmoe_layer_randomize(a[0].p, (uint64_t)a[1].I, (float)a[2].n))   \
-  X(pool_unload, "pi", R_ST, lmoe_pool_unload(a[0].p, a[1].i))                                     \
-  X(pool_unload_named, "ps", R_ST, lmoe_pool_unload_named(a[0].p, a[1].s))                         \
-  X(pool_pin, "pi", R_ST, lmoe_pool_pin(a[0].p, a[1].i))                                           \
-  X(pool_unpin, "pi", R_ST, lmoe_pool_unpin(a[0].p, a[1].i))                                       \
-  X(pool_touch, "pi", R_ST, lmoe_pool_touch(a[0].p, a[1].i))                                       \
-  X(pool_pin_count, "pi", R_INT, lmoe_pool_pin_count(a[0].p, a[1].i))                              \
-  X(pool_slot_name, "pi", R_STR, lmoe_pool_slot_name(a[0].p, a[1].i))                              \
-  X(batch_set, "BoKww", R_ST, lmoe_batch_set(a[0].p, a[1].p, a[2].i, a[3].p, a[4].p))              \
-  X(batch_offsets, "BqK", R_INT, lmoe_batch_offsets(a[0].p, a[1].p, a[2].i))                       \
-  X(batch_active_slots, "BwqK", R_INT, lmoe_batch_active_slots(a[0].p, a[1].p, a[2].p, a[3].i))    \
-  X(graph_begin, "cP", R_ST, lmoe_graph_begin(a[0].p, a[1].p))                                     \
-  X(graph_launch, "gP", R_ST, lmoe_graph_launch(a[0].p, a[1].p))                                   \
-  X(safetensors_count, "t", R_INT, lmoe_safetensors_count(a[0].p))                                 \
-  X(safetensors_metadata_count, "t", R_INT, lmoe_safetensors_metadata_count(a[0].p))               \
-  X(safetensors_read, "tifN", R_ST, lmoe_safetensors_read(a[0].p, a[1].i, a[2].p, LMOE_DTYPE_F64, a[3].I)) \
-  X(peft_layers, "ewK", R_INT, lmoe_peft_layers(a[0].p, a[1].p, a[2].i))                           \
-  X(comm_rank, "m", R_INT, lmoe_comm_rank(a[0].p))                                                 \
-  X(comm_size, "m", R_INT, lmoe_comm_size(a[0].p))                                                 \
-  X(checkpoint_quantize_fp8, "css", R_ST, lmoe_checkpoint_quantize_fp8(a[0].p, a[1].s, a[2].s))   \
-  X(pool_load_random, "piR", R_ST, lmoe_pool_load_random(a[0].p, a[1].i, &s.R))                   \
-  X(pool_load, "piD", R_ST, lmoe_pool_load(a[0].p, a[1].i, &s.D))                                 \
-  X(forward, "cAP", R_ST, lmoe_forward(a[0].p, &s.A, a[2].p))                                      \
-  X(reference_forward, "cA", R_ST, lmoe_reference_forward(a[0].p, &s.A))                           \
-  /* the pattern keys are strings of the table, which stays on the stack during the call */        \
-  X(peft_write_synthetic, "csY", R_ST, lmoe_peft_write_synthetic(a[0].p, a[1].s, &s.Y))
-#define DEF_FUNC(name, spec, R, call)                                                              \
-  static int l_##name(lua_State *L) {                                                              \
-    arg a[sizeof spec];                                                                            \
-    sarg s;                                                                                        \
-    checkargs(L, spec, a, NULL, &s);                                                               \
-    R(call);                                                                                       \
-  }
+/* What every row's function starts with: its arguments checked into a, a shape's
+   entries into shp, a struct argument into s. */
+#define ARGS(spec)                                                                                 \
+  arg a[sizeof spec];                                                                              \
+  int64_t shp[LMOE_MAX_DIMS];                                                                      \
+  sarg s;                                                                                          \
+  checkargs(L, spec, a, shp, &s)
+
+/* (name, argument letters, how the result is pushed, call). Written out: batch_set,
+   whose pool may be nil and whose arrays' length is its number of requests. */
+#define FUNCS(X) X(batch_set, "BoKww", R_ST, lmoe_batch_set(a[0].p, a[1].p, a[2].i, a[3].p, a[4].p))
+#define DEF_FUNC(name, spec, R, call) static int l_##name(lua_State *L) { ARGS(spec); R(call); }
+GEN_FUNCS(DEF_FUNC)
 FUNCS(DEF_FUNC)
 
-/* Functions with one struct out-parameter s: status, then s as a table by its field
-   list, to which `then` adds. (name, argument letters, struct, field list, how s is
-   initialised after zeroing, call with &s, then) */
-#define SIZED s.struct_size = sizeof s
-#define STRUCTS(X)                                                                                 \
-  X(device_get_info, "i", lmoe_device_info, device_f, SIZED, lmoe_device_get_info(a[0].i, &s),     \
-    set_name(L, s.name, sizeof s.name))                                                            \
-  X(context_counters, "c", lmoe_counters, counters_f, , lmoe_context_counters(a[0].p, &s), )       \
-  X(context_wait_counters, "c", lmoe_wait_counters, waits_f, SIZED,                                \
-    lmoe_context_wait_counters(a[0].p, &s), )                                                      \
-  X(buffer_describe, "b", lmoe_buffer_desc, desc_f, , lmoe_buffer_describe(a[0].p, &s),            \
-    set_dims(L, "shape", s.shape, s.ndim < LMOE_MAX_DIMS ? s.ndim : LMOE_MAX_DIMS))                \
-  X(buffer_compare, "bb", lmoe_compare_result, compare_f, , lmoe_buffer_compare(a[0].p, a[1].p, &s), ) \
-  X(layer_get_config, "l", lmoe_layer_config, layer_f, SIZED, lmoe_layer_get_config(a[0].p, &s), ) \
-  X(pool_get_config, "p", lmoe_pool_config, pool_f, SIZED, lmoe_pool_get_config(a[0].p, &s), )     \
-  X(pool_slot_info, "pi", lmoe_slot_info, slot_f, , lmoe_pool_slot_info(a[0].p, a[1].i, &s), )     \
-  X(pool_get_memory, "p", lmoe_pool_memory, memory_f, , lmoe_pool_get_memory(a[0].p, &s), )        \
-  X(batch_get_info, "B", lmoe_batch_info, batch_f, , lmoe_batch_get_info(a[0].p, &s), )            \
-  X(safetensors_tensor, "ti", lmoe_tensor_info, tensor_f, , lmoe_safetensors_tensor(a[0].p, a[1].i, &s), \
-    set_dims(L, "shape", s.shape, s.ndim < LMOE_TENSOR_MAX_DIMS ? s.ndim : LMOE_TENSOR_MAX_DIMS))  \
-  X(peft_get_info, "e", lmoe_peft_info, peft_f, lmoe_peft_info_init(&s), lmoe_peft_get_info(a[0].p, &s), ) \
-  X(checkpoint_get_layer_info, "ki", lmoe_checkpoint_layer_info, ck_f, lmoe_checkpoint_layer_info_init(&s), \
-    lmoe_checkpoint_get_layer_info(a[0].p, a[1].i, &s), )
-#define DEF_STRUCT(name, spec, T, f, init, call, then)                                             \
+/* Functions with one struct out-parameter o: status, then o as a table by its field
+   list (GEN_STRUCTS only). (name, argument letters, the struct lmoe_S, how o is
+   initialised after zeroing, call with &o) */
+#define DEF_STRUCT(name, spec, S, init, call)                                                      \
   static int l_##name(lua_State *L) {                                                              \
-    arg a[sizeof spec];                                                                            \
-    T s;                                                                                           \
-    memset(&s, 0, sizeof s);                                                                       \
+    ARGS(spec);                                                                                    \
+    lmoe_##S o;                                                                                    \
+    memset(&o, 0, sizeof o);                                                                       \
     init;                                                                                          \
-    checkargs(L, spec, a, NULL, NULL);                                                             \
-    lmoe_status st = (call);                                                                       \
-    int n = ret_struct(L, st, f, &s);                                                              \
-    if (st == LMOE_OK) {                                                                           \
-      then;                                                                                        \
-    }                                                                                              \
-    return n;                                                                                      \
+    return ret_struct(L, (call), S##_f, &o);                                                       \
   }
-STRUCTS(DEF_STRUCT)
+GEN_STRUCTS(DEF_STRUCT)
 
 /* buffer_wrap's call: a view of dtype a[1] and shape shp (a[3] dims) at a[4] only where
    it lies inside the owner buffer a[5] and has its memory kind (pure Lua holds pointers
@@ -640,60 +507,48 @@ static lmoe_status wrap_inside(lua_State *L, const arg *a, const int64_t *shp, l
 }
 
 /* Functions that make a handle: status, a box of kind K owning it (with release
-   function rel, and keep, a stack index or 0, as the box's uservalue; see CREATE).
-   (name, argument letters, K, rel, keep, call with &out) */
+   function rel, and keep, a stack index or 0, as the box's uservalue; on failure the
+   message err, or NULL for none; see CREATE). (name, argument letters, K, rel, keep,
+   err, call with &out). Written out: the functions whose box or call differs from the
+   rule, each saying how. */
 #define MAKERS(X)                                                                                  \
-  X(buffer_create, "ciiS", buffer, rel_buffer, 0,                                                  \
-    lmoe_buffer_create(a[0].p, a[1].i, a[2].i, a[3].i, shp, &out))                                 \
   /* buffer_wrap(ctx, dtype, memory, shape, ptr, owner): the view must lie inside owner's        \
      memory (wrap_inside); owner (argument 6) is kept alive by the box */                          \
-  X(buffer_wrap, "ciiSPb", buffer, rel_buffer, 6, wrap_inside(L, a, shp, &out))                   \
-  X(layer_weights, "li", buffer, NULL, 1, lmoe_layer_weights(a[0].p, a[1].i, &out))                \
-  X(graph_end, "cP", graph, rel_graph, 0, lmoe_graph_end(a[0].p, a[1].p, &out))                    \
-  X(safetensors_open, "cs", safetensors, rel_safetensors, 0, lmoe_safetensors_open(a[0].p, a[1].s, &out)) \
-  /* the data's length is the string's, the argument on the stack */                               \
-  X(safetensors_open_memory, "css", safetensors, rel_safetensors, 0,                               \
-    lmoe_safetensors_open_memory(a[0].p, a[1].s, lua_rawlen(L, 2), a[2].s, &out))                  \
-  X(peft_open, "cs", peft, rel_peft, 0, lmoe_peft_open(a[0].p, a[1].s, &out))                      \
-  X(checkpoint_open, "cs", checkpoint, rel_checkpoint, 0, lmoe_checkpoint_open(a[0].p, a[1].s, &out)) \
-  X(comm_wrap_nccl, "cP", comm, rel_comm, 0, lmoe_comm_wrap_nccl(a[0].p, a[1].p, &out))          \
-  /* layer_create(ctx, {num_experts=, ..., shard_size=, comm=box}): the layer keeps the comm */    \
-  X(layer_create, "cL", layer, rel_layer, 0, lmoe_layer_create(a[0].p, &s.L, &out))                \
-  X(batch_create, "c", batch, rel_batch, 0, lmoe_batch_create(a[0].p, &out))                       \
-  X(batch_create_with, "cQ", batch, rel_batch, 0, lmoe_batch_create_with(a[0].p, &s.Q, &out))      \
+  X(buffer_wrap, "ciiSPb", buffer, rel_buffer, 6, NULL, wrap_inside(L, a, shp, &out))             \
+  /* a borrowed buffer: nothing to release; the box keeps the layer */                           \
+  X(layer_weights, "li", buffer, NULL, 1, NULL, lmoe_layer_weights(a[0].p, a[1].i, &out))          \
   /* checkpoint_load_layer(ck, index, layer, with_router): the box (empty without) owns a          \
      router made even when the load then failed */                                                 \
-  X(checkpoint_load_layer, "kil", buffer, rel_buffer, 0,                                           \
+  X(checkpoint_load_layer, "kil", buffer, rel_buffer, 0, NULL,                                     \
     lmoe_checkpoint_load_layer(a[0].p, a[1].i, a[2].p, lua_toboolean(L, 4) ? &out : NULL))
-#define DEF_MAKER(name, spec, K, rel, keep, call)                                                  \
+#define DEF_MAKER(name, spec, K, rel, keep, msg, call)                                             \
   static int l_##name(lua_State *L) {                                                              \
-    arg a[sizeof spec];                                                                            \
-    int64_t shp[LMOE_MAX_DIMS];                                                                    \
-    sarg s;                                                                                        \
-    checkargs(L, spec, a, shp, &s);                                                                \
-    CREATE(K, rel, keep, call);                                                                    \
+    ARGS(spec);                                                                                    \
+    char err[256] = "";                                                                            \
+    (void)err;                                                                                     \
+    CREATE(K, rel, keep, msg, call);                                                               \
   }
+GEN_MAKERS(DEF_MAKER)
 MAKERS(DEF_MAKER)
 
-/* Functions with one int32 out-parameter: status, its value. (name, argument
-   letters, call with &o) */
-#define OUTS(X)                                                                                    \
-  X(device_count, "", lmoe_device_count(&o))                                                       \
-  X(pool_find, "ps", lmoe_pool_find(a[0].p, a[1].s, &o))                                           \
-  X(pool_load_peft, "psei", lmoe_pool_load_peft(a[0].p, a[1].s, a[2].p, a[3].i, &o))               \
-  X(safetensors_find, "ts", lmoe_safetensors_find(a[0].p, a[1].s, &o))                           \
-  X(pool_load_named, "psD", lmoe_pool_load_named(a[0].p, a[1].s, &s.D, &o))
-#define DEF_OUT(name, spec, call)                                                                  \
-  static int l_##name(lua_State *L) {                                                              \
-    arg a[sizeof spec];                                                                            \
-    sarg s;                                                                                        \
-    int32_t o = -1;                                                                                \
-    checkargs(L, spec, a, NULL, &s);                                                               \
-    lmoe_status st = (call);                                                                       \
-    lua_pushinteger(L, o);                                                                         \
-    return ret(L, st, 1);                                                                          \
+/* Functions with out-parameters o[0], o[1] of the kinds their letters say (i an int32,
+   .i; s a string, .s, "" for NULL): status, their values (GEN_OUTS only). (name,
+   argument letters, out letters, call with &o[j]) */
+static int ret_outs(lua_State *L, lmoe_status st, const char *outs, const arg *o) {
+  for (int j = 0; outs[j]; j++) {
+    if (outs[j] == 'i') lua_pushinteger(L, o[j].i);
+    else lua_pushstring(L, o[j].s ? o[j].s : "");
   }
-OUTS(DEF_OUT)
+  return ret(L, st, (int)strlen(outs));
+}
+#define DEF_OUT(name, spec, outs, call)                                                            \
+  static int l_##name(lua_State *L) {                                                              \
+    ARGS(spec);                                                                                    \
+    arg o[sizeof outs];                                                                            \
+    memset(o, 0, sizeof o);                                                                        \
+    return ret_outs(L, (call), outs, o);                                                           \
+  }
+GEN_OUTS(DEF_OUT)
 
 /* ------------------------------------------------------------------ library */
 
@@ -705,19 +560,6 @@ static int l_now(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------ context */
-
-/* context_create{backend=, device=, threads=, guard=, stream=} -> st, box | st, message */
-static int l_context_create(lua_State *L) {
-  arg a[1];
-  sarg s;
-  checkargs(L, "C", a, NULL, &s);
-  lbox *b = newbox(L, "context", rel_context, 0);
-  char err[256] = "";
-  lmoe_context *ctx = NULL;
-  lmoe_status st = lmoe_context_create(&s.C, &ctx, err, sizeof err);
-  b->h = ctx;
-  return ret_msg(L, st, err, 1);
-}
 
 static int l_context_is_live(lua_State *L) {
   lua_pushboolean(L, lua_islightuserdata(L, 1) && lmoe_context_is_live(lua_touserdata(L, 1)));
@@ -781,9 +623,7 @@ static int l_layer_set_expert(lua_State *L) {
    H, I as an i32 mem): pool_load checks arrays against them, and they stay right when
    the layer's own box is closed (the library keeps the layer for the pool). */
 static int l_pool_create(lua_State *L) {
-  arg a[2];
-  sarg s;
-  checkargs(L, "lO", a, NULL, &s);
+  ARGS("lO");
   lmoe_layer *l = a[0].p;
   lmoe_layer_config lc;
   lmoe_status st = layer_config(l, &lc);
@@ -792,7 +632,7 @@ static int l_pool_create(lua_State *L) {
   dims[0] = lc.num_experts;
   dims[1] = lc.hidden;
   dims[2] = lc.intermediate;
-  CREATE(pool, rel_pool, -1, lmoe_pool_create(l, &s.O, &out));
+  CREATE(pool, rel_pool, -1, NULL, lmoe_pool_create(l, &s.O, &out));
 }
 
 /* ------------------------------------------------------------------ batches, forwards */
@@ -815,7 +655,7 @@ static int l_forward_group(lua_State *L) {
     anchor(L, anc);
     lua_rawgeti(L, 2, (lua_Integer)i + 1);
     lmoe_forward_args_init(&args[i]);
-    get_struct(L, lua_gettop(L), forward_f, &args[i], anc);
+    get_struct(L, lua_gettop(L), forward_args_f, &args[i], anc);
     pa[i] = &args[i];
     lua_pop(L, 1);
   }
@@ -823,15 +663,6 @@ static int l_forward_group(lua_State *L) {
 }
 
 /* ------------------------------------------------------------------ safetensors */
-
-static int l_safetensors_metadata(lua_State *L) {
-  lmoe_safetensors *s = ST(1);
-  const char *k = NULL, *v = NULL;
-  lmoe_status st = lmoe_safetensors_metadata(s, check_i32(L, 2), &k, &v);
-  lua_pushstring(L, k ? k : "");
-  lua_pushstring(L, v ? v : "");
-  return ret(L, st, 2);
-}
 
 /* safetensors_write(ctx, path, entries, keys, values): entries {name=, dtype=, shape=,
    data=buffer box} whose buffers hold at least shape's elements of dtype in host
@@ -966,15 +797,20 @@ static int l_comm_create_local(lua_State *L) {
 
 /* ------------------------------------------------------------------ registration */
 
-/* The row lists register their functions; these are the ones written out. */
-#define OTHER_FUNCTIONS(X) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) X(context_create) \
-  X(context_retain) X(context_is_live) X(layer_set_weights) X(layer_set_expert) X(pool_create) \
-  X(forward_group) X(safetensors_metadata) X(safetensors_write) X(peft_inspect) X(peft_layer_desc) \
-  X(comm_create_local)
+/* The row lists register their functions; these are the ones written out, none of
+   them regular: now, pointer, address, mem, pack and unpack are no functions of the
+   header; context_retain takes a pointer and makes a box, context_is_live takes any
+   value; layer_set_weights and layer_set_expert take arrays sized by the layer's
+   shapes, which pool_create keeps with its box; forward_group, comm_create_local and
+   safetensors_write take lists; peft_inspect sizes its text by the library's answer;
+   peft_layer_desc copies the library's arrays out. */
+#define OTHER_FUNCTIONS(X) X(now) X(pointer) X(address) X(mem) X(pack) X(unpack) X(context_retain) \
+  X(context_is_live) X(layer_set_weights) X(layer_set_expert) X(pool_create) X(forward_group) \
+  X(safetensors_write) X(peft_inspect) X(peft_layer_desc) X(comm_create_local)
 #define REG(name, ...) {#name, l_##name},
 #define REG1(name) {#name, l_##name},
-static const luaL_Reg lib[] = {FUNCS(REG) STRUCTS(REG) MAKERS(REG) OUTS(REG) OTHER_FUNCTIONS(REG1)
-  {"close", box_gc}, {NULL, NULL}};
+static const luaL_Reg lib[] = {GEN_FUNCS(REG) FUNCS(REG) GEN_STRUCTS(REG) GEN_MAKERS(REG) MAKERS(REG)
+  GEN_OUTS(REG) OTHER_FUNCTIONS(REG1) {"close", box_gc}, {NULL, NULL}};
 
 /* The *_init functions are called where their structs are filled; the release and
    close functions are the boxes' release functions. not bound: the allocator hooks of

@@ -3,6 +3,7 @@
 # and fetches the C sources of Lua 5.4 and cJSON from Debian's source packages
 # (apt-get source) into DIR (default build-wasm/src): they are built into the module, never committed.
 #   emscripten  emcc (Debian's clang/lld + binaryen), nodejs for running the module
+#   cmake       runs the generator of the Lua C module's rows (lua/gen_core_rows.cmake)
 #   dpkg-dev    apt-get source
 #   lua-luassert, lua-say, lua-dkjson  pure Lua: what the spec files use under wasm
 #   chromium    the browser test (only with --browser): Debian's package. Ubuntu has
@@ -15,7 +16,7 @@ dir=${1:-build-wasm/src}
 browser=0
 [ "${2:-}" = "--browser" ] && browser=1
 
-PACKAGES="emscripten nodejs dpkg-dev lua-luassert lua-say lua-dkjson"
+PACKAGES="emscripten nodejs cmake dpkg-dev lua-luassert lua-say lua-dkjson"
 [ $browser = 1 ] && PACKAGES="$PACKAGES chromium"
 
 if ! command -v dpkg-query >/dev/null 2>&1; then

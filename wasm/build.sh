@@ -1,6 +1,7 @@
 #!/bin/sh
 # Builds loramoe for wasm32 with emscripten: the core with the cpu backend and the file
-# formats, cJSON, Lua 5.4 with the loramoe C module and its pure-Lua files built in, and
+# formats, cJSON, Lua 5.4 with the loramoe C module (its rows generated from the header
+# by lua/gen_core_rows.cmake, so cmake is needed) and its pure-Lua files built in, and
 # the `loramoe` command (cli/main.c, cli/adapter.c, cli/checkpoint.c) as the module's main. The same C
 # sources as the native build: the core's list is read from native/CMakeLists.txt.
 #
@@ -43,6 +44,11 @@ cp "$src/cjson/cJSON.h" "$src/include/cjson/"
 OPT="-O3"
 WARN="-Wall -Wno-unused-parameter"
 
+# The Lua C module's generated rows, as the CMake build makes them (lua/CMakeLists.txt).
+mkdir -p "$out/gen"
+cmake -DCC="$EMCC" -DHEADER="$here/native/include/loramoe.h" -DSOURCE="$here/lua/loramoe_core.c" \
+  -DOUT="$out/gen/loramoe_core_rows.h" -P "$here/lua/gen_core_rows.cmake"
+
 # One object directory per variant (threads change the code: atomics, TLS).
 build_variant() { # build_variant NAME EXTRA_CFLAGS EXTRA_LDFLAGS
   name=$1 cflags=$2 ldflags=$3
@@ -77,8 +83,11 @@ build_variant() { # build_variant NAME EXTRA_CFLAGS EXTRA_LDFLAGS
     compile "$obj/core_$(basename "$f" .c).o" "$here/native/$f" -std=c11 -D_GNU_SOURCE \
       -DLMOE_BUILDING -I"$here/native/include" -I"$src/include" $WARN -msimd128
   done
+  hdr=$dep # loramoe_core.o also when its generated rows changed
+  dep=$(ls -t "$hdr" "$out/gen/loramoe_core_rows.h" | head -n 1)
   compile "$obj/loramoe_core.o" "$here/lua/loramoe_core.c" -std=c11 -D_GNU_SOURCE \
-    -I"$here/native/include" $LUA_INC $WARN
+    -I"$here/native/include" -I"$out/gen" $LUA_INC $WARN
+  dep=$hdr
   for f in main adapter checkpoint; do
     compile "$obj/cli_$f.o" "$here/cli/$f.c" -std=c11 -D_GNU_SOURCE \
       -I"$here/native/include" $LUA_INC $WARN \

@@ -286,14 +286,11 @@ local function number(v) return tonumber(v) end
 local check_out = { int32_t = number, int64_t = number, uint64_t = number, size_t = number, float = number,
   double = number, ["const char*"] = function(v) return v ~= nil and ffi.string(v) or "" end,
   ["char[]"] = function(v) return ffi.string(v) end, ["void*"] = function(v) return v end }
--- Fields the C module's lists leave out of a struct's table.
-local unlisted = { lmoe_tensor_info = { ndim = true } }
-
 local function totable(s, sname)
-  local t, skip = {}, unlisted[sname] or {}
+  local t = {}
   for _, f in ipairs(fields[sname]) do
     local conv = check_out[f.type]
-    if conv and not skip[f.name] then t[f.name] = conv(s[f.name]) end
+    if conv then t[f.name] = conv(s[f.name]) end
     if f.type == "int64_t[]" then
       t[f.name] = {}
       for d = 0, math.min(s.ndim, ffi.sizeof(s[f.name]) / 8) - 1 do t[f.name][d + 1] = tonumber(s[f.name][d]) end
