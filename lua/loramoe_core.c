@@ -195,6 +195,13 @@ static int32_t check_i32(lua_State *L, int idx) {
   return (int32_t)v;
 }
 
+/* A string argument: a string only (no number coerced into one, as the FFI core
+   refuses numbers too); it stays on the stack, so alive, during the call. */
+static const char *check_str(lua_State *L, int idx) {
+  luaL_checktype(L, idx, LUA_TSTRING);
+  return lua_tostring(L, idx);
+}
+
 static void *opt_ptr(lua_State *L, int idx) {
   if (lua_isnoneornil(L, idx)) return NULL;
   luaL_checktype(L, idx, LUA_TLIGHTUSERDATA);
@@ -436,7 +443,7 @@ static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, sarg
     else if (spec[k] == 'I') a[k].I = luaL_checkinteger(L, k + 1);
     else if (spec[k] == 'N') count = a[k].I = luaL_checkinteger(L, k + 1);
     else if (spec[k] == 'n') a[k].n = luaL_checknumber(L, k + 1);
-    else if (spec[k] == 's') a[k].s = luaL_checkstring(L, k + 1);
+    else if (spec[k] == 's') a[k].s = check_str(L, k + 1);
     else if (spec[k] == 'S') a[k].i = check_shape(L, k + 1, shp, LMOE_MAX_DIMS);
     else if (spec[k] == 'P') a[k].p = opt_ptr(L, k + 1);
     GEN_STRUCT_ARGS(GET_SARG)
@@ -448,10 +455,10 @@ static void checkargs(lua_State *L, const char *spec, arg *a, int64_t *shp, sarg
   }
 }
 
-/* A pointer as a light userdata; nothing for NULL. */
+/* A pointer as a light userdata; nil for NULL (one result either way, as from the FFI). */
 static int push_ptr(lua_State *L, void *p) {
-  if (!p) return 0;
-  lua_pushlightuserdata(L, p);
+  if (p) lua_pushlightuserdata(L, p);
+  else lua_pushnil(L);
   return 1;
 }
 
@@ -670,7 +677,7 @@ static int l_forward_group(lua_State *L) {
    call. */
 static int l_safetensors_write(lua_State *L) {
   lmoe_context *ctx = CTX(1);
-  const char *path = luaL_checkstring(L, 2);
+  const char *path = check_str(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   luaL_checktype(L, 4, LUA_TTABLE);
   luaL_checktype(L, 5, LUA_TTABLE);

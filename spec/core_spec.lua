@@ -52,6 +52,7 @@ describe("the raw core", function()
     assert.are.equal(8, R.dtype_size(3))
     assert.are.equal("f64", R.dtype_name(3))
     assert.is_nil(R.context_stream(ctx)) -- the cpu backend has none
+    assert.are.equal(1, select("#", R.context_stream(ctx))) -- nil, under both cores
     assert.are.equal(0, select("#", R.context_reset_counters(ctx)))
   end)
 
@@ -60,6 +61,8 @@ describe("the raw core", function()
     refuses(R.buffer_describe, ctx)
     refuses(R.batch_get_info, pool)
     refuses(R.pool_find, pool, {}) -- a table for a string
+    refuses(R.pool_find, pool, 5) -- a number for a string: no coercion under either core
+    refuses(R.safetensors_open_memory, ctx, 5, "x")
     local st, b = R.buffer_create(ctx, 3, 0, { 2 })
     assert.are.equal(0, tonumber(st))
     R.close(b)
