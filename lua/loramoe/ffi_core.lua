@@ -285,7 +285,11 @@ end
 local function number(v) return tonumber(v) end
 local check_out = { int32_t = number, int64_t = number, uint64_t = number, size_t = number, float = number,
   double = number, ["const char*"] = function(v) return v ~= nil and ffi.string(v) or "" end,
-  ["char[]"] = function(v) return ffi.string(v) end, ["void*"] = function(v) return v end }
+  ["char[]"] = function(v) -- up to its NUL or its last byte, as the C module reads it
+    local n, len = ffi.sizeof(v) - 1, 0
+    while len < n and v[len] ~= 0 do len = len + 1 end
+    return ffi.string(v, len)
+  end, ["void*"] = function(v) return v end }
 local function totable(s, sname)
   local t = {}
   for _, f in ipairs(fields[sname]) do
@@ -304,21 +308,28 @@ end
 -- The adapter description t for the pool h, every array checked against what C reads
 -- for the pool's layer (its shapes, kept with the pool's box); the arrays are kept in
 -- anchor while C uses them.
+-- An adapter description's parts in the C module's order, with each one's input and
+-- output sizes for a layer of hidden size H and intermediate size I.
+local function parts_of(H, I)
+  return { { "gate", H, I }, { "up", H, I }, { "gate_up", H, 2 * I }, { "down", I, H } }
+end
+
 local function adapter_desc(h, t, anchor)
   if type(t) ~= "table" then bad("table expected") end
   local dims = keep[checkh(h, "pool")]
   local d = new_struct("lmoe_adapter_desc")
   d.dtype = C.LMOE_DTYPE_F64
   local E, H, I = dims[1], dims[2], dims[3]
-  for name, io in pairs { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } } do
-    local p = t[name]
-    if p ~= nil then
-      local r = i32(p.rank)
-      local a, b = checkmem(p.a, "f64", mul3(E, r, io[1])), checkmem(p.b, "f64", mul3(E, io[2], r))
-      anchor[#anchor + 1] = a -- one at a time: a multiple assignment's order is undefined
+  for _, part in ipairs(parts_of(H, I)) do
+    local name, p = part[1], t[part[1]]
+    if type(p) == "table" then -- as the C module: a part that is not a table is absent
+      local r, scale = i32(p.rank), num(p.scale) -- checked in the C module's order
+      local a = checkmem(p.a, "f64", mul3(E, r, part[2]))
+      anchor[#anchor + 1] = a
+      local b = checkmem(p.b, "f64", mul3(E, part[3], r))
       anchor[#anchor + 1] = b
       d[name].a, d[name].b = a, b
-      d[name].rank, d[name].scale = r, num(p.scale)
+      d[name].rank, d[name].scale = r, scale
     end
   end
   return d
@@ -616,10 +627,11 @@ function R.peft_layer_desc(h, l, E, H, I)
   local st = C.lmoe_peft_layer_desc(peft(h), i32(l), i32(E), i32(H), i32(I), d)
   if st ~= 0 or d.dtype ~= C.LMOE_DTYPE_F32 then return st ~= 0 and st or C.LMOE_ERR_UNSUPPORTED end
   local t = {}
-  for name, io in pairs { gate = { H, I }, up = { H, I }, gate_up = { H, 2 * I }, down = { I, H } } do
+  for _, part in ipairs(parts_of(H, I)) do
+    local name = part[1]
     local p = d[name]
     if p.a ~= nil and p.b ~= nil then
-      local na, nb = mul3(E, p.rank, io[1]), mul3(E, io[2], p.rank)
+      local na, nb = mul3(E, p.rank, part[2]), mul3(E, part[3], p.rank)
       local a, b = R.mem("f32", na), R.mem("f32", nb)
       ffi.copy(a, p.a, 4 * na)
       ffi.copy(b, p.b, 4 * nb)
