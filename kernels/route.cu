@@ -118,12 +118,13 @@ static __global__ void k_route(lmoe_fwd f) {
 }
 
 /* k_route with the top-k in registers (the default where router logits are given;
-   LMOE_ROUTE_REG=0 keeps k_route: docs/gpu-notes.md 25), for up to 32 * NV experts: each lane holds the probabilities
-   of experts lane, lane + 32, ... once (k_route recomputes them, and skips the taken
-   experts with k shuffles, at every pick), as 64-bit keys (probability bits above, the
-   complement of the expert below: the largest key is the largest probability, ties to
-   the lower expert; a NaN or taken expert is key 0), so a pick is one warp maximum. The
-   same probabilities, picks and weights as k_route. */
+   LMOE_ROUTE_REG=0 keeps k_route: docs/gpu-notes.md 25), for up to 32 * NV experts:
+   each lane holds the probabilities of experts lane, lane + 32, ... once (k_route
+   recomputes them, and skips the taken experts with k shuffles, at every pick), as
+   64-bit keys (probability bits above, the complement of the expert below: the largest
+   key is the largest probability, ties to the lower expert; a NaN or taken expert is
+   key 0), so a pick is one warp maximum. The same probabilities, picks and weights as
+   k_route. */
 template <int NV> static __global__ void k_route_reg(lmoe_fwd f) {
   int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int t = blockIdx.x * 8 + wib;
