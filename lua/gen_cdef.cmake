@@ -1,12 +1,8 @@
-# Generates the LuaJIT cdef from the public header: preprocess with LMOE_FFI_CDEF
-# (the header then skips its system includes and export attributes), drop blank lines,
-# wrap as a Lua file returning the string. Run with cmake -P.
+# Generates the LuaJIT cdef from the public header: preprocess it (header_text.cmake),
+# drop blank lines, wrap as a Lua file returning the string. Run with cmake -P.
 #   -DCC=<c compiler> -DHEADER=<loramoe.h> -DOUT=<cdef.lua>
-execute_process(COMMAND ${CC} -E -P -DLMOE_FFI_CDEF ${HEADER}
-  OUTPUT_VARIABLE cdef ERROR_VARIABLE err RESULT_VARIABLE rc)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "preprocessing ${HEADER} for the FFI cdef failed: ${err}")
-endif()
+include(${CMAKE_CURRENT_LIST_DIR}/header_text.cmake)
+lmoe_header_text(cdef "the FFI cdef")
 string(REGEX REPLACE "\n[ \t]*\n+" "\n" cdef "${cdef}")
 if(cdef MATCHES "\\]==\\]")
   message(FATAL_ERROR "the preprocessed header contains ]==]")

@@ -14,11 +14,8 @@
 # map stops the build, as it stops the FFI core from loading. Run with cmake -P:
 #   -DCC=<c compiler> -DHEADER=<loramoe.h> -DSOURCE=<loramoe_core.c> -DOUT=<rows header>
 cmake_minimum_required(VERSION 3.22)
-execute_process(COMMAND ${CC} -E -P -DLMOE_FFI_CDEF ${HEADER}
-  OUTPUT_VARIABLE h ERROR_VARIABLE err RESULT_VARIABLE rc)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "preprocessing ${HEADER} for the C module's rows failed: ${err}")
-endif()
+include(${CMAKE_CURRENT_LIST_DIR}/header_text.cmake)
+lmoe_header_text(h "the C module's rows")
 # One line; statements end at '|' (CMake lists are separated by ';').
 string(REGEX REPLACE "[ \t\r\n]+" " " h "${h}")
 string(REPLACE ";" "|" h "${h}")
