@@ -251,12 +251,14 @@ for kind in pairs(kinds) do
   check_in["lmoe_" .. kind .. "*"], check_in["const lmoe_" .. kind .. "*"] = h, h
 end
 
--- Structs are filled by their init function (lmoe_X_init), else zeroed with their
+-- Structs are filled by their init function with this binding's size
+-- (lmoe_X_init_sized(s, sizeof s): the exported lmoe_X_init writes only the fields of
+-- 0.1.0, so a field added later would stay zero here), else zeroed with their
 -- struct_size set.
 local function new_struct(sname)
   local s = ffi.new(sname)
-  if params[sname .. "_init"] then
-    C[sname .. "_init"](s)
+  if params[sname .. "_init_sized"] then
+    C[sname .. "_init_sized"](s, ffi.sizeof(s))
   elseif fields[sname][1].name == "struct_size" then
     s.struct_size = ffi.sizeof(s)
   end

@@ -290,9 +290,10 @@ typedef struct lmoe_layer_config {
   int32_t shard_size;   /* ranks the layer is cut over, 1 (default): not cut */
   lmoe_comm *comm;      /* the communicator of this rank (kept alive by the layer) */
   /* The experts' storage: LMOE_DTYPE_BF16 (default) or LMOE_DTYPE_F8_E4M3, FP8 with one
-     float32 scale per 128x128 block (w = fp8 * scale; docs/formats.md, "FP8"). An FP8
-     layer is computed by the cpu backend (dequantizing per block); the cuda backend
-     refuses it at creation (LMOE_ERR_UNSUPPORTED), and so does a sharded one. */
+     float32 scale per 128x128 block (w = fp8 * scale; docs/formats.md, "FP8"). The cpu
+     backend computes an FP8 layer by dequantizing per block; the cuda backend on FP8
+     wgmma, which needs a Hopper GPU and a build with sm_90a code (else creation fails
+     with LMOE_ERR_UNSUPPORTED) and hidden, intermediate multiples of 16. */
   int32_t weight_dtype;
 } lmoe_layer_config;
 
