@@ -29,8 +29,9 @@ void lmoe_k_layout_fp8(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int3
   LMOE_TAKE(ids, P * 4);
   LMOE_TAKE(tw, P * 4);
   LMOE_TAKE(tok_group, (size_t)max_tokens * 4);
-  LMOE_TAKE(cnt, (size_t)E * gs * 4);
-  LMOE_TAKE(off, (size_t)E * gs * 4);
+  const size_t cnt_bytes = (size_t)LMOE_K_CNT_REP * (size_t)lmoe_k_cnt_stride(E, (int32_t)gs) * 4;
+  LMOE_TAKE(cnt, cnt_bytes);
+  LMOE_TAKE(off, cnt_bytes);
   LMOE_TAKE(tile_expert, mt * 4);
   LMOE_TAKE(ntiles, 4);
   LMOE_TAKE(any, 4);

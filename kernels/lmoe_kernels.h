@@ -19,6 +19,16 @@ extern "C" {
    an engine may read a rank's columns in chunks that divide it. */
 enum { LMOE_K_RANK_PAD = 32 };
 
+/* The routing's per (expert, group) pair counts (cnt) and placement offsets (off) are
+   kept in LMOE_K_CNT_REP replicas, lmoe_k_cnt_stride ints apart; the pairs of token t
+   go to replica (t / 8) % LMOE_K_CNT_REP. One copy made every pair's atomic land on the
+   same few L2 lines (qwen3's 131,072 pairs on 128 counters), and those atomics were
+   most of the routing's and the scatter's time (docs/gpu-notes.md 31). */
+enum { LMOE_K_CNT_REP = 16 };
+static inline int32_t lmoe_k_cnt_stride(int32_t E, int32_t gstride) {
+  return (int32_t)(((int64_t)E * gstride + 63) / 64 * 64);
+}
+
 /* 16-byte aligned fast paths the plan allows (lmoe_fwd.al_x / al_lora bit sets): rows
    of x, of W13, of W2 (al_x); of a pool's A13, B13, A2, B2 (al_lora). */
 enum {
@@ -58,6 +68,7 @@ typedef struct lmoe_fwd {
   int32_t bm;                /* row tile: 128, or 64 for small batches (fewer padding rows) */
   int32_t mt_max;            /* upper bound of row tiles: (M*k + E*(bm-1)) / bm */
   int32_t gstride;           /* groups per expert in cnt/off: pool slots + 1 (1 without pool) */
+  int32_t cstride;           /* ints between cnt's (and off's) replicas: lmoe_k_cnt_stride */
   int32_t lora;              /* LoRA may run (meta and pool present) */
   int32_t R;                 /* pool max_rank (0 without pool) */
   int32_t t13s, t2s;         /* row strides of t13, t2 (multiples of LMOE_K_RANK_PAD) */
@@ -84,7 +95,7 @@ typedef struct lmoe_fwd {
   int32_t *ids;              /* [M*k] */
   float *tw;                 /* [M*k] */
   int32_t *tok_group;        /* [M] */
-  int32_t *cnt, *off;        /* [E*gstride] */
+  int32_t *cnt, *off;        /* [LMOE_K_CNT_REP][cstride], (expert, group) at e*gstride+g */
   int32_t *tile_expert;      /* [mt_max] */
   int32_t *ntiles;           /* [1] */
   int32_t *any;              /* [1] device_sync flag */

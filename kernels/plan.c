@@ -77,6 +77,7 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->shrink13_cfg = g.shrink13_cfg;
   f->shrink2_cfg = g.shrink2_cfg;
   f->gstride = pool ? pool->num_slots + 1 : 1;
+  f->cstride = lmoe_k_cnt_stride(f->E, f->gstride);
   f->R = pool ? pool->max_rank : 0;
   f->t13s = L.t13s;
   f->t2s = L.t2s;

@@ -33,6 +33,12 @@ static __device__ __forceinline__ int token_group(const lmoe_fwd &f, int t) {
   return nreq > 0 ? grp[lo] : 0;
 }
 
+/* The replica of cnt and off that token t's pairs are counted and placed in
+   (lmoe_kernels.h, LMOE_K_CNT_REP). */
+static __device__ __forceinline__ size_t cnt_replica(const lmoe_fwd &f, int t) {
+  return (size_t)((t >> 3) % LMOE_K_CNT_REP) * f.cstride;
+}
+
 /* The end of a token's routing, lane j holding pick j (myid, -1 for none; weight myw):
    the weights renormalised if asked, ids and weights written, this rank's pairs
    counted per (expert, group). */
@@ -52,7 +58,7 @@ static __device__ __forceinline__ void finish_route(const lmoe_fwd &f, int t, in
     }
   }
   int le = myid - f.e0; /* this rank's expert, or out of [0, f.E) */
-  if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[(size_t)le * f.gstride + g], 1);
+  if (lane < k && myid >= 0 && le >= 0 && le < f.E) atomicAdd(&f.cnt[cnt_replica(f, t) + (size_t)le * f.gstride + g], 1);
 }
 
 /* One warp per token: its adapter group (from the request segments), the top-k of the
@@ -198,13 +204,24 @@ static __global__ void k_scan(lmoe_fwd f) {
   __shared__ int warp_sum[32];
   __shared__ int total_rows;
   int E = f.E, gs = f.gstride, bm = f.bm;
+  const size_t cs = f.cstride;
   int G = f.meta ? f.meta[1] + 1 : 1;
   if (G > gs) G = gs;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+  int *send = sbase + E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) send[e] = 0;
+  __syncthreads();
+  /* each (expert, group)'s count summed over the replicas, kept in off's first replica
+     until its start is written there; an expert's real rows in send */
+  for (int i = threadIdx.x; i < E * G; i += blockDim.x) {
+    const int e = i / G, at = e * gs + (i - e * G);
     int c = 0;
-    for (int g = 0; g < G; g++) c += f.cnt[(size_t)e * gs + g];
-    sbase[e] = (c + bm - 1) / bm * bm;
+#pragma unroll
+    for (int r = 0; r < LMOE_K_CNT_REP; r++) c += f.cnt[r * cs + at];
+    f.off[at] = c;
+    if (c) atomicAdd(&send[e], c);
   }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) sbase[e] = (send[e] + bm - 1) / bm * bm;
   __syncthreads();
   /* exclusive scan: each thread a contiguous run of experts */
   int per = (E + blockDim.x - 1) / blockDim.x;
@@ -241,16 +258,27 @@ static __global__ void k_scan(lmoe_fwd f) {
   }
   __syncthreads();
   if (threadIdx.x == 0) f.ntiles[0] = total_rows / bm;
-  int *send = sbase + E;
+  /* each group's start inside its expert (replica 0's offset), then each replica's
+     after the pairs of the replicas before it */
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int at = sbase[e];
     for (int g = 0; g < G; g++) {
+      const int c = f.off[(size_t)e * gs + g];
       f.off[(size_t)e * gs + g] = at;
-      at += f.cnt[(size_t)e * gs + g];
+      at += c;
     }
     send[e] = at;
   }
   __syncthreads();
+  for (int i = threadIdx.x; i < E * G; i += blockDim.x) {
+    const int e = i / G, at0 = e * gs + (i - e * G);
+    int at = f.off[at0];
+#pragma unroll
+    for (int r = 0; r + 1 < LMOE_K_CNT_REP; r++) {
+      at += f.cnt[r * cs + at0];
+      f.off[(r + 1) * cs + at0] = at;
+    }
+  }
   for (int e = w; e < E; e += blockDim.x >> 5) {
     int base = sbase[e], at = send[e];
     int end = (at - base + bm - 1) / bm * bm + base;
@@ -267,8 +295,8 @@ static __global__ void k_scatter(lmoe_fwd f) {
   for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += gridDim.x * blockDim.x) {
     int id = f.ids[p], e = id - f.e0;
     if (id < 0 || e < 0 || e >= f.E) continue;
-    int g = f.tok_group[p / f.k];
-    int pos = atomicAdd(&f.off[(size_t)e * f.gstride + g], 1);
+    const int t = p / f.k, g = f.tok_group[t];
+    int pos = atomicAdd(&f.off[cnt_replica(f, t) + (size_t)e * f.gstride + g], 1);
     f.sorted_pair[pos] = p;
     f.sorted_group[pos] = g;
   }
