@@ -1,13 +1,13 @@
 /* The GEMM configuration table and the selector (see gemm_config.h). */
 #include "gemm_config.h"
 
-#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem, pp) {engine, kind, bm, bn, wm, wn, st, smem, pp},
+#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem) {engine, kind, bm, bn, wm, wn, st, smem},
 const lmoe_gemm_config lmoe_gemm_configs[] = {LMOE_GEMM_TABLE(LMOE_ROW)};
 #undef LMOE_ROW
 const int32_t lmoe_gemm_nconfigs = (int32_t)(sizeof lmoe_gemm_configs / sizeof lmoe_gemm_configs[0]);
 
 /* the workspace (layout.c) is sized for row tiles between these */
-#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem, pp) \
+#define LMOE_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
   _Static_assert((bm) >= LMOE_K_BM_MIN && (bm) <= LMOE_K_BM, "row tile outside the workspace bounds");
 LMOE_GEMM_TABLE(LMOE_ROW)
 #undef LMOE_ROW

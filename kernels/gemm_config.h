@@ -28,11 +28,9 @@ enum { LMOE_ENGINE_SM80 = 0, LMOE_ENGINE_SM90 = 1 };
 enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
 
 /* The table, one row per kernel configuration:
-     X(engine, kind, BM, BN, WARPS_M, WARPS_N, STAGES, SMEM, PP)
+     X(engine, kind, BM, BN, WARPS_M, WARPS_N, STAGES, SMEM)
    BM x BN output tile, WARPS_M x WARPS_N warps, STAGES-deep load pipeline, SMEM bytes
-   of dynamic shared memory; PP 1: the sm90 engine's ping-pong schedule (two consumer
-   warpgroups, each a 64 x BN tile of its own in turn, one's epilogue under the other's
-   MMA; BM is then the forward's row tile it accepts), 0 for every other row. A row's number is its position. Each engine instantiates
+   of dynamic shared memory. A row's number is its position. Each engine instantiates
    its kernels from its own rows (so the table and the compiled kernels cannot drift)
    and checks SMEM against its shared-memory layout at compile time. Among the rows
    that fit, the selector takes the first of the kind and row tile it needs: order is
@@ -41,33 +39,28 @@ enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
    changed nothing. */
 #define LMOE_GEMM_TABLE(X)                                                                        \
   /* 0: 128x256 tiles (warps of 64x64), for sm_80..sm_90 */                                    \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 256, 2, 4, 4, 101920, 0)                            \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 256, 2, 4, 4, 101920)                               \
   /* 1: 128x128 tiles (warps of 64x32), for devices with less shared memory */                 \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 128, 2, 4, 4, 69152, 0)                             \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 128, 128, 2, 4, 4, 69152)                                \
   /* 2: 64-row tiles for small batches */                                                       \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 64, 256, 2, 4, 4, 83744, 0)                              \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_EXPERT, 64, 256, 2, 4, 4, 83744)                                 \
   /* 3, 4: the shrinks (N: the present groups' ranks side by side) */                           \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 128, 128, 4, 2, 4, 69152, 0)                             \
-  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976, 0)                              \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 128, 128, 4, 2, 4, 69152)                                \
+  X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976)                                 \
   /* 5: sm90 128x256 (two consumer warpgroups of 64x256), 4 stages of 48 KB */                 \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 197696, 0)                            \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 197696)                               \
   /* 6, 7: sm90 64x256 (one consumer warpgroup), 4 or 5 stages of 40 KB */                      \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 164928, 0)                             \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 205904, 0)                            \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 164928)                                \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 205904)                               \
   /* 8, 9: sm90 shrinks (64-row tiles inside the forward's 128- or 64-row ones, 128      \
      columns a pass, 4 stages of 25 KB, two blocks an SM) */                               \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_SHRINK, 128, 128, 4, 1, 4, 104784, 0)                            \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_SHRINK, 64, 128, 4, 1, 4, 104784, 0)                            \
-  /* 10: sm90 ping-pong over 128-row tiles: 64x256 tiles, a consumer warpgroup each, 5    \
-     stages of 40 KB (after the rows above: chosen by LMOE_GEMM_CFG=10 until measured,   \
-     gpu-notes 30) */                                                                     \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 5, 205920, 1)
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_SHRINK, 128, 128, 4, 1, 4, 104784)                               \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_SHRINK, 64, 128, 4, 1, 4, 104784)
 
 typedef struct lmoe_gemm_config {
   int32_t engine, kind;
   int32_t bm, bn, warps_m, warps_n, stages;
   int32_t smem; /* bytes of dynamic shared memory */
-  int32_t pp;   /* the ping-pong schedule (sm90) */
 } lmoe_gemm_config;
 
 extern const lmoe_gemm_config lmoe_gemm_configs[];

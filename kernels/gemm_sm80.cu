@@ -666,7 +666,7 @@ typedef struct row_fns {
   cudaError_t (*run)(int op, const lmoe_fwd *f, int lora, cudaStream_t s);
 } row_fns;
 
-#define LMOE_SM80_ROW(engine, kind, bm, bn, wm, wn, st, smem, pp) \
+#define LMOE_SM80_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
   {row<engine, kind, bm, bn, wm, wn, st, smem>::init, row<engine, kind, bm, bn, wm, wn, st, smem>::run},
 static const row_fns rows[] = {LMOE_GEMM_TABLE(LMOE_SM80_ROW)};
 #undef LMOE_SM80_ROW

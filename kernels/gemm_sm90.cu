@@ -55,21 +55,18 @@ struct sm90_tune {
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
 constexpr int BN = 256; /* output tile columns (gate_up: 128 gate + 128 up) */
 
-/* BM: a tile's rows; PP: the ping-pong schedule (two consumer warpgroups, each a
-   whole 64-row tile of its own in turn), else BM / 64 consumer warpgroups share a tile */
-template <int BM, int PP = 0> struct shape {
-  static constexpr int NC = PP ? 2 : BM / 64; /* consumer warpgroups */
+template <int BM> struct shape {
+  static constexpr int NC = BM / 64;              /* consumer warpgroups */
   static constexpr int THREADS = 128 * (NC + 1);
   static constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE = A_BYTES + B_BYTES;
   /* registers after setmaxnreg: the block's pool is what the launch allocated,
      numRegs x THREADS (168 x 384 = 64512 for BM = 128); asking more than the pool
      blocks the warpgroup forever */
-  static constexpr int PREG = NC == 2 ? 88 : 96;
-  static constexpr int CREG = NC == 2 ? 208 : 232;
+  static constexpr int PREG = BM == 128 ? 88 : 96;
+  static constexpr int CREG = BM == 128 ? 208 : 232;
   static constexpr int POOL = 128 * PREG + 128 * NC * CREG;
 };
-static_assert(shape<128>::POOL <= 168 * 384 && shape<64, 1>::POOL <= 168 * 384,
-              "setmaxnreg asks more than a 384-thread block holds");
+static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-thread block holds");
 
 /* What the shrinks' producer knows of a tile before loading it (in shared memory):
    each row's source (gate_up's side: its token; down's: its sorted row; -1: padding)
@@ -81,19 +78,9 @@ template <int BM> struct tile_plan {
   int32_t e, ngroups, cols, pad;     /* expert; groups; their packed columns */
 };
 
-/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers (and
-   the ping-pong's two turn barriers). */
-template <int BM, int ST, int PP = 0> constexpr size_t smem_bytes(void) {
-  return 1024 + (size_t)ST * shape<BM, PP>::STAGE + (2 * ST + (PP ? 2 : 0)) * sizeof(uint64_t);
-}
-
-/* Row tiles of BM rows in the forward's list (padded to f.bm, a multiple of BM), and
-   the expert of row tile m. */
-template <int BM> __host__ __device__ __forceinline__ int row_tiles(const lmoe_fwd &f) {
-  return f.ntiles[0] * (f.bm / BM);
-}
-template <int BM> __device__ __forceinline__ int expert_of(const lmoe_fwd &f, int m) {
-  return f.tile_expert[m / (f.bm / BM)];
+/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers. */
+template <int BM, int ST> constexpr size_t smem_bytes(void) {
+  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t);
 }
 
 /* N tiles of an output */
@@ -185,7 +172,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  const int ntm = row_tiles<BM>(f), ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
   if (ptid == 0) prefetch_tensormap(tmb);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
@@ -194,7 +181,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
-    const int e = expert_of<BM>(f, m), p0 = m * BM;
+    const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     const uint16_t *arow[AR];
     int agrp[AR];
@@ -212,7 +199,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     if (tn.pf_next && ptid == 32 && t + (int)gridDim.x < total) {
       int m2, nt2;
       sm90_tile_of(t + gridDim.x, ntm, ntn, tn.group_m, m2, nt2);
-      const int e2 = expert_of<BM>(f, m2);
+      const int e2 = f.tile_expert[m2];
 #pragma unroll 1
       for (int c = 0; c < tn.pf_next && c < nbase; c++) {
         if (MODE == MODE_GATEUP) {
@@ -327,51 +314,37 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   }
 }
 
-/* The consumers. Cooperative (PP 0): the NC warpgroups each take 64 rows of every tile.
-   Ping-pong (PP 1): warpgroup w takes the block's tiles j with j % 2 == w, whole (64
-   rows), and the two take turns at the MMA: a warpgroup starts a tile's chunks once
-   the other has issued its previous tile's last ones (turn[w], 128 arrivals), so one's
-   epilogue runs under the other's MMA, and a warpgroup never waits on a ring stage more
-   than one phase ahead of it. Both count every tile's chunks to keep the ring's index. */
-template <int MODE, int BM, int ST, int PP>
+template <int MODE, int BM, int ST>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
-                                         uint64_t *empty, uint64_t *turn, uint64_t wd, sm90_tune tn) {
-  typedef shape<BM, PP> S;
+                                         uint64_t *empty, uint64_t wd, sm90_tune tn) {
+  typedef shape<BM> S;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
-  const int wrow = PP ? 0 : wgc * 64; /* this warpgroup's first row of a tile */
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  const int ntm = row_tiles<BM>(f), ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   float acc[128];
   uint32_t it = 0;
 #pragma unroll 1
-  for (int j = 0, t = blockIdx.x; t < total; j++, t += gridDim.x) {
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
-    int nch = nbase;
-    if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, tn.lora_align, BK);
-    if (PP && (j & 1) != wgc) { /* the other warpgroup's tile */
-      it += nch;
-      continue;
-    }
     /* this thread's two rows (r, r + 8): their pairs loaded now, down's weights after the
        first chunk's MMA is issued, so the epilogue does not wait on a dependent load
        chain (gpu-notes 26) */
-    const int r0 = p0 + wrow + warp * 16 + (lane >> 2);
+    const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
     const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
-    /* ping-pong: wait for the turn (warpgroup 0's k-th wait is before its tile 2k + 2,
-       warpgroup 1's before its tile 2k + 1) */
-    if (PP && j > 0) mbar_wait(&turn[wgc], (uint32_t)((j - 1) >> 1) & 1, wd);
+    int nch = nbase;
+    if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, tn.lora_align, BK);
 #pragma unroll 1
     for (int c = 0; c < nch; c++, it++) {
       const int s = it % ST;
       mbar_wait(&full[s], (it / ST) & 1, wd);
       fence_proxy_async();
-      const uint32_t as = smem_u32(smem + s * S::STAGE) + wrow * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
+      const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
       const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
 #pragma unroll
       for (int i = 0; i < 128; i++) reg_fence(acc[i]);
@@ -389,7 +362,6 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
         for (int hf = 0; hf < 2; hf++) pre_w[hf] = pre_pair[hf] >= 0 ? f.tw[pre_pair[hf]] : 0.0f;
       }
     }
-    if (PP) mbar_arrive(&turn[wgc ^ 1]); /* the other's turn: this tile's MMAs are issued */
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; i++) reg_fence(acc[i]);
@@ -399,7 +371,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     if (tn.epi16) {
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
-        const int r = wrow + warp * 16 + (lane >> 2) + hf * 8;
+        const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
         const int pair = pre_pair[hf], q = lane & 3;
         if (MODE == MODE_GATEUP) {
           uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
@@ -435,7 +407,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     }
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
-      const int r = wrow + warp * 16 + (lane >> 2) + hf * 8;
+      const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
       const int pair = pre_pair[hf];
       if (pair < 0) continue;
       if (MODE == MODE_GATEUP) {
@@ -470,22 +442,21 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 
 #endif /* LMOE_SM90_DEVICE */
 
-template <int MODE, int BM, int ST, int PP>
-__global__ void __launch_bounds__(shape<BM, PP>::THREADS, 1)
+template <int MODE, int BM, int ST>
+__global__ void __launch_bounds__(shape<BM>::THREADS, 1)
     k_wgmma(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
             const __grid_constant__ CUtensorMap tma, int lora,
             unsigned long long wd, sm90_tune tn) {
 #if LMOE_SM90_DEVICE
-  typedef shape<BM, PP> S;
+  typedef shape<BM> S;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
-  uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST, *turn = empty + ST;
+  uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
-      mbar_init(&full[s], 128 + 1);        /* the producer's cp.async arrivals + one (TMA tx) */
-      mbar_init(&empty[s], PP ? 1 : S::NC); /* one per consumer warpgroup reading the stage */
+      mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
+      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
     }
-    if (PP) mbar_init(&turn[0], 128), mbar_init(&turn[1], 128);
     fence_barrier_init();
   }
   __syncthreads();
@@ -495,7 +466,7 @@ __global__ void __launch_bounds__(shape<BM, PP>::THREADS, 1)
     producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, wd, tn);
   } else {
     setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, ST, PP>(f, use_lora, smem, full, empty, turn, wd, tn);
+    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, tn);
   }
 #endif
 }
@@ -775,7 +746,7 @@ cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t c
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <int MODE, int BM, int ST, int PP> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
+template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
   CUtensorMap m;
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
@@ -785,16 +756,15 @@ template <int MODE, int BM, int ST, int PP> cudaError_t launch(const lmoe_fwd *f
   if (MODE == MODE_DOWN && tune.tma_a &&
       (e = make_map(&ma, f->h, (uint64_t)f->h_rows, (uint64_t)f->I, BM, (uint64_t)((f->I + 7) & ~7))))
     return e;
-  int grid = f->mt_max * (f->bm / BM) * n_tiles<MODE>(*f);
+  int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
-  k_wgmma<MODE, BM, ST, PP><<<grid, shape<BM, PP>::THREADS, smem_bytes<BM, ST, PP>(), s>>>(*f, m, ma, lora,
-                                                                                         watchdog_ns, tune);
+  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, ma, lora, watchdog_ns, tune);
   return cudaGetLastError();
 }
 
 /* One row of the table (gemm_config.h): its gate_up and down kernels. Rows of other
    engines compile to nothing here. */
-template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SMEM, int PP> struct row {
+template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SMEM> struct row {
   /* shared-memory limit of kernel k, and whether its registers and code can run */
   static cudaError_t setup(void *k, int smem, int threads, int pool, int *usable) {
     cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -818,14 +788,12 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
       cudaError_t e = setup((void *)k_shrink<LMOE_OP_SHRINK13, ST>, SMEM, 256, 0, usable);
       return e ? e : setup((void *)k_shrink<LMOE_OP_SHRINK2, ST>, SMEM, 256, 0, usable);
     } else {
-      static_assert(KIND == LMOE_GEMM_EXPERT && BN_ == BN && WM == BM / 16 && WN == 1 && (!PP || BM == 128),
-                    "sm90 rows: expert GEMMs, 256 columns, BM / 16 consumer warps x 1; ping-pong over 128-row tiles");
-      constexpr int TB = PP ? 64 : BM; /* a tile's rows in the kernel */
-      static_assert(smem_bytes<TB, ST, PP>() == SMEM, "the table's SMEM is not this row's need");
-      typedef shape<TB, PP> S;
+      static_assert(KIND == LMOE_GEMM_EXPERT && BN_ == BN && WM == BM / 16 && WN == 1,
+                    "sm90 rows: expert GEMMs, 256 columns, BM / 16 consumer warps x 1");
+      static_assert(smem_bytes<BM, ST>() == SMEM, "the table's SMEM is not this row's need");
       if (SMEM > smem_limit) return cudaSuccess;
-      cudaError_t e = setup((void *)k_wgmma<MODE_GATEUP, TB, ST, PP>, SMEM, S::THREADS, S::POOL, usable);
-      return e ? e : setup((void *)k_wgmma<MODE_DOWN, TB, ST, PP>, SMEM, S::THREADS, S::POOL, usable);
+      cudaError_t e = setup((void *)k_wgmma<MODE_GATEUP, BM, ST>, SMEM, shape<BM>::THREADS, shape<BM>::POOL, usable);
+      return e ? e : setup((void *)k_wgmma<MODE_DOWN, BM, ST>, SMEM, shape<BM>::THREADS, shape<BM>::POOL, usable);
     }
   }
   static cudaError_t run(int op, const lmoe_fwd *f, int lora, cudaStream_t s) {
@@ -841,10 +809,8 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
         k_shrink<LMOE_OP_SHRINK2, ST><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
       return cudaGetLastError();
     } else {
-      constexpr int TB = PP ? 64 : BM;
-      if (f->bm % TB) return cudaErrorInvalidValue; /* the list must be padded to whole tiles */
-      if (op == MODE_GATEUP) return launch<MODE_GATEUP, TB, ST, PP>(f, lora, s);
-      if (op == MODE_DOWN) return launch<MODE_DOWN, TB, ST, PP>(f, lora, s);
+      if (op == MODE_GATEUP) return launch<MODE_GATEUP, BM, ST>(f, lora, s);
+      if (op == MODE_DOWN) return launch<MODE_DOWN, BM, ST>(f, lora, s);
       return cudaErrorInvalidValue;
     }
   }
@@ -855,8 +821,8 @@ typedef struct row_fns {
   cudaError_t (*run)(int op, const lmoe_fwd *f, int lora, cudaStream_t s);
 } row_fns;
 
-#define LMOE_SM90_ROW(engine, kind, bm, bn, wm, wn, st, smem, pp) \
-  {row<engine, kind, bm, bn, wm, wn, st, smem, pp>::init, row<engine, kind, bm, bn, wm, wn, st, smem, pp>::run},
+#define LMOE_SM90_ROW(engine, kind, bm, bn, wm, wn, st, smem) \
+  {row<engine, kind, bm, bn, wm, wn, st, smem>::init, row<engine, kind, bm, bn, wm, wn, st, smem>::run},
 const row_fns rows[] = {LMOE_GEMM_TABLE(LMOE_SM90_ROW)};
 #undef LMOE_SM90_ROW
 

@@ -198,7 +198,7 @@ cudaError_t lmoe_k_set_slot(lmoe_dslot *table, int32_t slot, lmoe_dslot facts, c
 cudaError_t lmoe_k_meta_write(int32_t *dst, const lmoe_meta_param *m, cudaStream_t s);
 
 /* The forward's stages, in order. Each returns the launch status. */
-cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s);     /* top-k, groups, counts */
+cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s);     /* counts zeroed; top-k, groups, counts */
 cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s);       /* device_sync: any active */
 cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s);      /* offsets, tiles, padding */
 cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s);   /* pairs sorted by expert, group */

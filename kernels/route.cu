@@ -308,6 +308,8 @@ extern "C" cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s) {
     const char *v = getenv("LMOE_ROUTE_REG");
     return !v || atoi(v) != 0;
   }();
+  cudaError_t e = cudaMemsetAsync(f->cnt, 0, (size_t)LMOE_K_CNT_REP * f->cstride * sizeof(int32_t), s);
+  if (e) return e;
   const int E = f->E_route ? f->E_route : f->E, grid = (f->M + 7) / 8;
   if (reg && f->logits && E <= 128)
     k_route_reg<4><<<grid, 256, 0, s>>>(*f);

@@ -433,7 +433,6 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
                             .workspace = ws, .workspace_bytes = L.total, .dev = &d};
       lmoe_fwd f;
       lmoe_k_plan(&a, &f);
-      CU(cudaMemsetAsync(f.cnt, 0, (size_t)p->E * f.gstride * sizeof(int32_t), s)); /* as the backend does */
       CU(lmoe_k_route(&f, s));
       CU(lmoe_k_scan(&f, s));
       CU(lmoe_k_scatter(&f, s));

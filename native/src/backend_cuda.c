@@ -773,8 +773,6 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
     f.meta = ((cuda_batch *)b->be)->dev;
   }
 
-  e = cudaMemsetAsync(f.cnt, 0, (size_t)LMOE_K_CNT_REP * f.cstride * sizeof(int32_t), s);
-  if (e) return cuda_err(ctx, e, "cudaMemsetAsync");
   LAUNCH(lmoe_k_route(&f, s), 0);
 
   bool run_lora = plan->run_lora && f.meta;
