@@ -22,12 +22,12 @@
      bf16 K columns (also 128 bytes a row), as bf16 wgmmas (m64n128k16) straight into
      acc: the same packed chunks of the groups' ranks as the bf16 engine, added before
      SiLU exactly as there. The shrinks (sm80 engine) read the bf16 x and h.
-   - Promotion in turn (OV 1, LMOE_FP8_OVERLAP=1 until measured: docs/gpu-notes.md 32):
-     two partials, chunk c's wgmmas go into partial c % 2 while chunk c - 1's is
-     promoted (wgmma_wait<1>), so a warpgroup's promotion runs under its own tensor
-     work; 64 more registers a consumer thread, handed over by setmaxnreg from the
-     producer warpgroup. OV 0 waits for each chunk's wgmmas before promoting
-     (wgmma_wait<0>), without setmaxnreg (about 150 registers a consumer). */
+   - No setmaxnreg: the consumers need about 150 registers, within the launch's share.
+
+   What is left for speed (not needed for correct numbers): the consumers wait for each
+   chunk's wgmmas before promoting (wgmma_wait<0>), so a warpgroup's tensor work and its
+   promotion do not overlap (the other consumer warpgroup's do); two partial
+   accumulators in turn would overlap them. */
 #include "common.cuh"
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
@@ -54,12 +54,7 @@ template <int BM> struct shape {
   static constexpr uint32_t A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
   static constexpr int ST = BM == 128 ? 6 : 8;
   static constexpr int SC = BM + 4; /* floats of a stage's scales: BM rows, then B's (gate, up) */
-  /* OV 1's registers after setmaxnreg (BM = 128: the launch's pool is 168 x 384; at BM
-     = 64 a 256-thread block may use 255 a thread without it) */
-  static constexpr int PREG = 56, CREG = 224;
-  static constexpr int POOL = 128 * PREG + 128 * NC * CREG;
 };
-static_assert(shape<128>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-thread block holds");
 
 /* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the scales, the
    barriers, and a word a stage (set when the stage holds its tile's last K chunk). */
@@ -101,19 +96,22 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     const int nlc = use_lora ? sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, LORA_ALIGN, BKL) : 0;
     const int nch = nbase + nlc;
-    /* this thread's A rows: the row of xq/xs (gate_up: the token) or hq/hsc (down: the
-       sorted row) holding its codes and its groups' scales, -1 for a padding row; kept
-       as indices, not pointers, for OV 1's producer's 56 registers */
-    int arow[AR], agrp[AR];
+    /* this thread's A rows: codes and their groups' scales (NULL: a padding row) */
+    const uint8_t *arow[AR];
+    const float *asc[AR];
+    int agrp[AR];
 #pragma unroll
     for (int q = 0; q < AR; q++) {
       int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
-      arow[q] = pair < 0 ? -1 : MODE == MODE_GATEUP ? pair / f.k : p0 + r;
+      if (MODE == MODE_GATEUP) {
+        arow[q] = pair >= 0 ? f.xq + (size_t)(pair / f.k) * H : nullptr;
+        asc[q] = pair >= 0 ? f.xs + (size_t)(pair / f.k) * f.nbh : nullptr;
+      } else {
+        arow[q] = pair >= 0 ? f.hq + (size_t)(p0 + r) * I : nullptr;
+        asc[q] = pair >= 0 ? f.hsc + (size_t)(p0 + r) * f.nbi : nullptr;
+      }
       agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
     }
-    const uint8_t *acodes = MODE == MODE_GATEUP ? f.xq : f.hq;
-    const float *ascales = MODE == MODE_GATEUP ? f.xs : f.hsc;
-    const int nka = MODE == MODE_GATEUP ? f.nbh : f.nbi; /* scales a row */
     /* the tile's weight scale rows: gate's and up's row block (64 rows of one block:
        n0 is a multiple of 64), or down's (128 rows, n0 a multiple of 128) */
     const float *bsc0, *bsc1;
@@ -147,10 +145,9 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 #pragma unroll
       for (int q = 0; q < AR; q++) {
         int r = rb + 16 * q;
-        const bool real = arow[q] >= 0;
-        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4),
-                     real ? acodes + (size_t)arow[q] * K + col : (const uint8_t *)f.x, real ? nb : 0);
-        if (ch == 0) cp_async4_s(sc + r * 4, real ? ascales + (size_t)arow[q] * nka + c : f.xs, real ? 4 : 0);
+        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : (const uint8_t *)f.x,
+                     arow[q] ? nb : 0);
+        if (ch == 0) cp_async4_s(sc + r * 4, asc[q] ? asc[q] + c : f.xs, asc[q] ? 4 : 0);
       }
       cp_async_mbar_arrive(&full[s]);
     }
@@ -163,7 +160,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         for (int q = 0; q < AR; q++) {
           int r = rb + 16 * q;
           const uint16_t *row = nullptr;
-          if (pb && agrp[q] == g && arow[q] >= 0)
+          if (pb && agrp[q] == g && arow[q])
             row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
         }
@@ -220,82 +217,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   }
 }
 
-/* acc += part x (the row's scale x the block's): the promotion of a base chunk whose
-   scales are at sc (columns 8i..8i+7: gate_up's first 64 are gate's block, the rest
-   up's) */
 template <int MODE, int BM>
-__device__ __forceinline__ void promote(float (&acc)[64], float (&part)[64], const float *sc, int r0) {
-  const float sa0 = sc[r0], sa1 = sc[r0 + 8], sb0 = sc[BM], sb1 = sc[BM + 1];
-  const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
-#pragma unroll
-  for (int i = 0; i < 16; i++) {
-    const bool hi = MODE == MODE_GATEUP && i >= 8;
-    const float lo_s = hi ? s01 : s00, hi_s = hi ? s11 : s10;
-    acc[4 * i + 0] = fmaf(part[4 * i + 0], lo_s, acc[4 * i + 0]);
-    acc[4 * i + 1] = fmaf(part[4 * i + 1], lo_s, acc[4 * i + 1]);
-    acc[4 * i + 2] = fmaf(part[4 * i + 2], hi_s, acc[4 * i + 2]);
-    acc[4 * i + 3] = fmaf(part[4 * i + 3], hi_s, acc[4 * i + 3]);
-  }
-}
-
-/* OV 1's chunk c (P = c % 2) of a tile, in stage s: a base chunk's wgmmas into partial
-   P, then the previous chunk's partial (1 - P, its stage in pend; -1: none) promoted
-   under them, and this one too when it is the tile's last; an expand chunk after the
-   pending promotion. Every thread arrives on a stage's empty barrier itself after its
-   own reads of the stage (the scales, the last-chunk word read by the caller). */
-template <int MODE, int BM, int P>
-__device__ __forceinline__ void chunk_ov(float (&acc)[64], float (&part0)[64], float (&part1)[64], int c, int nbase,
-                                         int s, bool lastc, int &pend, uint64_t da, uint64_t db, const float *scl,
-                                         uint64_t *empty, int r0) {
-  typedef shape<BM> S;
-  float(&cur)[64] = P ? part1 : part0;
-  float(&prev)[64] = P ? part0 : part1;
-  if (c < nbase) {
-#pragma unroll
-    for (int i = 0; i < 64; i++) reg_fence(cur[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BKQ / 32; kk++) wgmma_m64n128k32_e4m3(cur, da + 2 * kk, db + 2 * kk, kk > 0);
-    wgmma_commit();
-    if (pend >= 0) {
-      wgmma_wait<1>();
-#pragma unroll
-      for (int i = 0; i < 64; i++) reg_fence(prev[i]);
-      promote<MODE, BM>(acc, prev, scl + pend * S::SC, r0);
-      mbar_arrive(&empty[pend]);
-    }
-    pend = s;
-    if (lastc) {
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 64; i++) reg_fence(cur[i]);
-      promote<MODE, BM>(acc, cur, scl + s * S::SC, r0);
-      mbar_arrive(&empty[s]);
-      pend = -1;
-    }
-  } else {
-    if (pend >= 0) {
-      wgmma_wait<0>();
-#pragma unroll
-      for (int i = 0; i < 64; i++) reg_fence(prev[i]);
-      promote<MODE, BM>(acc, prev, scl + pend * S::SC, r0);
-      mbar_arrive(&empty[pend]);
-      pend = -1;
-    }
-#pragma unroll
-    for (int i = 0; i < 64; i++) reg_fence(acc[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BKL / 16; kk++) wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, 1);
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int i = 0; i < 64; i++) reg_fence(acc[i]);
-    mbar_arrive(&empty[s]);
-  }
-}
-
-template <int MODE, int BM, int OV>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const float *scl, uint64_t *full,
                                          uint64_t *empty, uint64_t wd) {
   typedef shape<BM> S;
@@ -308,7 +230,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
   /* this thread's rows of the warpgroup's 64: r and r + 8 */
   const int r0 = wgc * 64 + warp * 16 + (lane >> 2);
-  float acc[64], part[64], part1[OV ? 64 : 1];
+  float acc[64], part[64];
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -318,37 +240,14 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
 #pragma unroll
     for (int i = 0; i < 64; i++) acc[i] = 0.0f;
-    /* the stage's descriptors of this warpgroup's A and of B, and whether it holds the
-       tile's last chunk (the producer's last[s]) */
-    auto stage = [&](int s, uint64_t &da, uint64_t &db) {
-      mbar_wait(&full[s], (it / ST) & 1, wd);
-      fence_proxy_async();
-      da = desc_sw128(smem_u32(smem + s * S::STAGE) + wgc * 64 * 128);
-      db = desc_sw128(smem_u32(smem + s * S::STAGE + S::A_BYTES));
-      return ((const volatile int32_t *)(empty + ST))[s] != 0;
-    };
-    if constexpr (OV) {
-      int pend = -1;
-#pragma unroll 1
-      for (int c = 0;; c += 2) {
-        uint64_t da, db;
-        int s = it % ST;
-        bool lastc = stage(s, da, db);
-        it++;
-        chunk_ov<MODE, BM, 0>(acc, part, part1, c, nbase, s, lastc, pend, da, db, scl, empty, r0);
-        if (lastc) break;
-        s = it % ST;
-        lastc = stage(s, da, db);
-        it++;
-        chunk_ov<MODE, BM, 1>(acc, part, part1, c + 1, nbase, s, lastc, pend, da, db, scl, empty, r0);
-        if (lastc) break;
-      }
-    } else {
 #pragma unroll 1
     for (int c = 0;; c++, it++) {
       const int s = it % ST;
-      uint64_t da, db;
-      const bool lastc = stage(s, da, db);
+      mbar_wait(&full[s], (it / ST) & 1, wd);
+      fence_proxy_async();
+      const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
+      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+      const bool lastc = ((const volatile int32_t *)(empty + ST))[s] != 0; /* the producer's last[s] */
       if (c < nbase) {
         /* a base chunk: 4 e4m3 k32 steps into a fresh partial, then promoted */
 #pragma unroll
@@ -396,7 +295,6 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         break;
       }
     }
-    }
 
     /* epilogue: thread holds rows r0 and r0 + 8, columns 8i + 2(lane % 4) + {0, 1} */
 #pragma unroll
@@ -436,7 +334,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 
 #endif /* LMOE_SM90_DEVICE */
 
-template <int MODE, int BM, int OV>
+template <int MODE, int BM>
 __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
     k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
           unsigned long long wd) {
@@ -457,13 +355,10 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   }
   __syncthreads();
   const int use_lora = lora && f.meta && f.meta[1] > 0;
-  if (threadIdx.x < 128) {
-    if constexpr (OV && BM == 128) setmaxnreg_dec<S::PREG>();
+  if (threadIdx.x < 128)
     producer<MODE, BM>(f, &tmb, use_lora, smem, scl, full, empty, last, wd);
-  } else {
-    if constexpr (OV && BM == 128) setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, OV>(f, smem, scl, full, empty, wd);
-  }
+  else
+    consumer<MODE, BM>(f, smem, scl, full, empty, wd);
 #endif
 }
 
@@ -487,7 +382,6 @@ typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, vo
 encode_fn encode_tiled;
 int num_sms;
 int ready; /* lmoe_fp8_init found the kernels usable */
-int overlap; /* LMOE_FP8_OVERLAP=1: the kernels with OV 1 (promotion in turn) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
@@ -501,7 +395,7 @@ cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t c
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <int MODE, int BM, int OV> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
+template <int MODE, int BM> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
   CUtensorMap m;
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
@@ -509,12 +403,12 @@ template <int MODE, int BM, int OV> cudaError_t launch(const lmoe_fwd *f, int lo
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  k_fp8<MODE, BM, OV><<<grid, shape<BM>::THREADS, smem_bytes<BM>(), s>>>(*f, m, lora, watchdog_ns);
+  k_fp8<MODE, BM><<<grid, shape<BM>::THREADS, smem_bytes<BM>(), s>>>(*f, m, lora, watchdog_ns);
   return cudaGetLastError();
 }
 
-template <int MODE, int BM, int OV> cudaError_t setup(int smem_limit, int *usable) {
-  void (*k)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM, OV>;
+template <int MODE, int BM> cudaError_t setup(int smem_limit, int *usable) {
+  void (*k)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM>;
   if ((int)smem_bytes<BM>() > smem_limit) {
     *usable = 0;
     return cudaSuccess;
@@ -524,9 +418,6 @@ template <int MODE, int BM, int OV> cudaError_t setup(int smem_limit, int *usabl
   cudaFuncAttributes a;
   if ((e = cudaFuncGetAttributes(&a, (void *)k))) return e;
   if (a.binaryVersion != 90) *usable = 0; /* no sm_90a code: the body is empty */
-  /* the registers setmaxnreg redistributes must exist (else the consumers would wait
-     forever) */
-  if (OV && BM == 128 && ((a.numRegs + 7) & ~7) * shape<BM>::THREADS < shape<BM>::POOL) *usable = 0;
   return cudaSuccess;
 }
 
@@ -552,17 +443,11 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
   }
   const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
   if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
-  const char *ov = getenv("LMOE_FP8_OVERLAP");
-  overlap = ov && atoi(ov) != 0;
   int usable = 1;
-  if ((e = overlap ? setup<MODE_GATEUP, 128, 1>(smem_limit, &usable) : setup<MODE_GATEUP, 128, 0>(smem_limit, &usable)))
-    return e;
-  if ((e = overlap ? setup<MODE_DOWN, 128, 1>(smem_limit, &usable) : setup<MODE_DOWN, 128, 0>(smem_limit, &usable)))
-    return e;
-  if ((e = overlap ? setup<MODE_GATEUP, 64, 1>(smem_limit, &usable) : setup<MODE_GATEUP, 64, 0>(smem_limit, &usable)))
-    return e;
-  if ((e = overlap ? setup<MODE_DOWN, 64, 1>(smem_limit, &usable) : setup<MODE_DOWN, 64, 0>(smem_limit, &usable)))
-    return e;
+  if ((e = setup<MODE_GATEUP, 128>(smem_limit, &usable))) return e;
+  if ((e = setup<MODE_DOWN, 128>(smem_limit, &usable))) return e;
+  if ((e = setup<MODE_GATEUP, 64>(smem_limit, &usable))) return e;
+  if ((e = setup<MODE_DOWN, 64>(smem_limit, &usable))) return e;
   ready = usable;
   *available = usable;
 #else
@@ -574,15 +459,8 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
 
 extern "C" cudaError_t lmoe_fp8_run(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
   if (!ready || !f->fp8 || f->H % 16 || f->I % 16) return cudaErrorInvalidValue;
-  if (overlap) {
-    if (f->bm == 128)
-      return op == MODE_GATEUP ? launch<MODE_GATEUP, 128, 1>(f, lora, s) : launch<MODE_DOWN, 128, 1>(f, lora, s);
-    if (f->bm == 64) return op == MODE_GATEUP ? launch<MODE_GATEUP, 64, 1>(f, lora, s) : launch<MODE_DOWN, 64, 1>(f, lora, s);
-  } else {
-    if (f->bm == 128)
-      return op == MODE_GATEUP ? launch<MODE_GATEUP, 128, 0>(f, lora, s) : launch<MODE_DOWN, 128, 0>(f, lora, s);
-    if (f->bm == 64) return op == MODE_GATEUP ? launch<MODE_GATEUP, 64, 0>(f, lora, s) : launch<MODE_DOWN, 64, 0>(f, lora, s);
-  }
+  if (f->bm == 128) return op == MODE_GATEUP ? launch<MODE_GATEUP, 128>(f, lora, s) : launch<MODE_DOWN, 128>(f, lora, s);
+  if (f->bm == 64) return op == MODE_GATEUP ? launch<MODE_GATEUP, 64>(f, lora, s) : launch<MODE_DOWN, 64>(f, lora, s);
   return cudaErrorInvalidValue;
 }
 
