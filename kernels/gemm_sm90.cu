@@ -46,9 +46,6 @@ struct sm90_tune {
   int group_m;    /* row tiles per group of the walk (sm90_tile_of) */
   int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
-  int pf_next;    /* chunks of the block's next tile whose B (and down's A) boxes a producer
-                     thread prefetches into L2 when a tile starts, 0: none
-                     (LMOE_SM90_PF_NEXT; off until measured: gpu-notes 29) */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
 };
 
@@ -193,24 +190,6 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       else
         arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
       agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
-    }
-    /* pf_next: the next tile's first chunks into L2 a tile ahead, by thread 32 (thread 0
-       issues the ring's loads); in flight at most pf_next x 48 KB an SM */
-    if (tn.pf_next && ptid == 32 && t + (int)gridDim.x < total) {
-      int m2, nt2;
-      sm90_tile_of(t + gridDim.x, ntm, ntn, tn.group_m, m2, nt2);
-      const int e2 = f.tile_expert[m2];
-#pragma unroll 1
-      for (int c = 0; c < tn.pf_next && c < nbase; c++) {
-        if (MODE == MODE_GATEUP) {
-          const int row = e2 * 2 * I + nt2 * (BN / 2);
-          tma_prefetch_2d(tmb, c * BK, row);
-          tma_prefetch_2d(tmb, c * BK, row + I);
-        } else {
-          tma_prefetch_2d(tmb, c * BK, e2 * H + nt2 * BN);
-          if (a_tma) tma_prefetch_2d(tma, c * BK, m2 * BM);
-        }
-      }
     }
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
@@ -728,10 +707,9 @@ int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
-   (a chunk per LoRA group), LMOE_SM90_PF_NEXT=n (the next tile's first n chunks
-   prefetched into L2): knobs for measuring the alternatives, read once at init
+   (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
    (docs/gpu-notes.md 13-16 and 24-26 have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 0, 8};
+sm90_tune tune = {8, 1, 1, 8};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -854,8 +832,6 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (gm && atoi(gm) >= 1 && atoi(gm) <= 1024) tune.group_m = atoi(gm);
   const char *ta = getenv("LMOE_SM90_TMA_A");
   if (ta) tune.tma_a = atoi(ta) != 0;
-  const char *pn = getenv("LMOE_SM90_PF_NEXT");
-  if (pn && atoi(pn) >= 0 && atoi(pn) <= 8) tune.pf_next = atoi(pn);
   const char *lp = getenv("LMOE_SM90_LORA_PACK");
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   int usable = 1;

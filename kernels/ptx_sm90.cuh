@@ -80,12 +80,6 @@ static __device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap 
       "l"((uint64_t)map), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
       : "memory");
 }
-/* box (c0, c1) of map into L2 only: no shared memory, no barrier */
-static __device__ __forceinline__ void tma_prefetch_2d(const CUtensorMap *map, int c0, int c1) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"((uint64_t)map), "r"(c0),
-               "r"(c1)
-               : "memory");
-}
 static __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap *map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map) : "memory");
 }
