@@ -22,10 +22,6 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->sm90 = sm90 && !(eng && strcmp(eng, "sm80") == 0);
   dev->cc = major * 10 + minor;
   dev->smem_optin = limit;
-  /* LMOE_PDL=1: the forward's kernels after the routing as programmatic dependent
-     launches (Hopper on; off until measured: docs/gpu-notes.md 33) */
-  const char *pdl = getenv("LMOE_PDL");
-  dev->pdl = major >= 9 && pdl && atoi(pdl) != 0;
   dev->force_cfg = env ? atoi(env) : -1;
   const char *sp = getenv("LMOE_SMALL_TILE_PAIRS"); /* for measuring: see gemm_config.h */
   dev->small_tile_pairs = sp && atoi(sp) > 0 ? atoi(sp) : 0;

@@ -78,7 +78,6 @@ typedef struct lmoe_gemm_device {
                                per expert on average; 0: the default (96), for measuring */
   int32_t shrink_mode;      /* where the shrinks run beside sm90 expert GEMMs
                                (LMOE_SM90_SHRINK=0 or 1 for measuring; see below) */
-  int32_t pdl;        /* programmatic dependent launches (cc >= 9.0; LMOE_PDL=0/1) */
 } lmoe_gemm_device;
 
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row

@@ -435,7 +435,6 @@ template <> struct epilogue_of<MODE_SHRINK2> { typedef epi_lora_scale2 type; };
 template <int MODE, int BN, int WARPS_M, int WARPS_N, int ST, int BM>
 static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
     k_gemm(lmoe_fwd f, int lora) {
-  pdl_wait();
   constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N, MI = WTM / 16, NI = WTN / 8;
   constexpr bool SHRINK = MODE == MODE_SHRINK13 || MODE == MODE_SHRINK2;
   typedef typename epilogue_of<MODE>::type Epi;
@@ -626,8 +625,9 @@ template <int MODE, int BN, int WM, int WN, int ST, int BM> static cudaError_t s
 
 template <int MODE, int BN, int WM, int WN, int ST, int BM>
 static cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
-  return launch_k(f->pdl, k_gemm<MODE, BN, WM, WN, ST, BM>, f->mt_max * n_tiles<MODE, BN>(*f), 32 * WM * WN,
-                  gemm_smem<BN, ST, BM>(), s, *f, lora);
+  k_gemm<MODE, BN, WM, WN, ST, BM><<<f->mt_max * n_tiles<MODE, BN>(*f), 32 * WM * WN, gemm_smem<BN, ST, BM>(), s>>>(
+      *f, lora);
+  return cudaGetLastError();
 }
 
 /* (in an unnamed namespace: gemm_sm90.cu has a `row` of its own, and two class

@@ -427,7 +427,6 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
             const __grid_constant__ CUtensorMap tma, int lora,
             unsigned long long wd, sm90_tune tn) {
 #if LMOE_SM90_DEVICE
-  pdl_wait();
   typedef shape<BM> S;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
@@ -666,7 +665,6 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
 template <int MODE, int ST>
 __global__ void __launch_bounds__(256, 2) k_shrink(const __grid_constant__ lmoe_fwd f, unsigned long long wd) {
 #if LMOE_SM90_DEVICE
-  pdl_wait(); /* before any exit: a block ending early must still wait (common.cuh) */
   if (!f.meta || f.meta[1] == 0) return; /* nothing active: exit at once */
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
@@ -738,8 +736,8 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
     return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
-  return launch_k(f->pdl, k_wgmma<MODE, BM, ST>, grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s, *f, m, ma, lora,
-                  watchdog_ns, tune);
+  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, ma, lora, watchdog_ns, tune);
+  return cudaGetLastError();
 }
 
 /* One row of the table (gemm_config.h): its gate_up and down kernels. Rows of other
@@ -783,8 +781,11 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
       if (f->bm != BM || (op != LMOE_OP_SHRINK13 && op != LMOE_OP_SHRINK2)) return cudaErrorInvalidValue;
       int grid = f->mt_max * (BM / SBM);
       if (grid > 2 * num_sms) grid = 2 * num_sms;
-      if (op == LMOE_OP_SHRINK13) return launch_k(f->pdl, k_shrink<LMOE_OP_SHRINK13, ST>, grid, 256, SMEM, s, *f, watchdog_ns);
-      return launch_k(f->pdl, k_shrink<LMOE_OP_SHRINK2, ST>, grid, 256, SMEM, s, *f, watchdog_ns);
+      if (op == LMOE_OP_SHRINK13)
+        k_shrink<LMOE_OP_SHRINK13, ST><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
+      else
+        k_shrink<LMOE_OP_SHRINK2, ST><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
+      return cudaGetLastError();
     } else {
       if (op == MODE_GATEUP) return launch<MODE_GATEUP, BM, ST>(f, lora, s);
       if (op == MODE_DOWN) return launch<MODE_DOWN, BM, ST>(f, lora, s);

@@ -339,7 +339,6 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
     k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
           unsigned long long wd) {
 #if LMOE_SM90_DEVICE
-  pdl_wait();
   typedef shape<BM> S;
   constexpr int ST = S::ST;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -404,7 +403,8 @@ template <int MODE, int BM> cudaError_t launch(const lmoe_fwd *f, int lora, cuda
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  return launch_k(f->pdl, k_fp8<MODE, BM>, grid, shape<BM>::THREADS, smem_bytes<BM>(), s, *f, m, lora, watchdog_ns);
+  k_fp8<MODE, BM><<<grid, shape<BM>::THREADS, smem_bytes<BM>(), s>>>(*f, m, lora, watchdog_ns);
+  return cudaGetLastError();
 }
 
 template <int MODE, int BM> cudaError_t setup(int smem_limit, int *usable) {

@@ -74,8 +74,6 @@ typedef struct lmoe_fwd {
   int32_t t13s, t2s;         /* row strides of t13, t2 (multiples of LMOE_K_RANK_PAD) */
   int32_t al_x, al_lora;     /* 16-byte aligned fast paths allowed (LMOE_AL_*) */
   int32_t engine;            /* engine of the expert GEMMs (LMOE_ENGINE_*; gemm_cfg's row says the same) */
-  int32_t pdl;               /* the kernels after the routing launched as programmatic dependents
-                                (common.cuh launch_k; lmoe_gemm_device.pdl) */
   int32_t gemm_cfg;          /* row of the GEMM table for gate_up and down */
   int32_t shrink13_cfg;      /* rows of the GEMM table for the shrinks (each its own */
   int32_t shrink2_cfg;       /* engine's: gemm_config.h's shrink_mode) */

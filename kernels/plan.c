@@ -73,7 +73,6 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->mt_max = (int32_t)((a->M * a->k + (int64_t)a->E * (f->bm - 1)) / f->bm);
   f->h_rows = f->mt_max * f->bm; /* within the workspace's rows (layout.c) */
   f->engine = g.engine;
-  f->pdl = a->dev->pdl;
   f->gemm_cfg = g.gemm_cfg;
   f->shrink13_cfg = g.shrink13_cfg;
   f->shrink2_cfg = g.shrink2_cfg;

@@ -50,7 +50,6 @@ __device__ __forceinline__ void quant_group(const uint16_t *src, int cols, int g
 }
 
 __global__ void k_quant_x(const uint16_t *x, int M, int H, int nbh, uint8_t *xq, float *xs) {
-  pdl_wait();
   const int lane = threadIdx.x & 31;
   const int64_t nw = (int64_t)gridDim.x * (blockDim.x / 32), total = (int64_t)M * nbh;
   for (int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; w < total; w += nw) {
@@ -64,7 +63,6 @@ __global__ void k_quant_x(const uint16_t *x, int M, int H, int nbh, uint8_t *xq,
    zeros: gate_up never wrote it */
 __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_t *sorted_pair, int bm, int I,
                           int nbi, uint8_t *hq, float *hsc) {
-  pdl_wait();
   const int lane = threadIdx.x & 31, hs = (I + 7) & ~7;
   const int64_t rows = (int64_t)ntiles[0] * bm;
   const int64_t nw = (int64_t)gridDim.x * (blockDim.x / 32), total = rows * nbi;
@@ -80,13 +78,15 @@ __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_
 extern "C" cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s) {
   if (!f->fp8 || f->M <= 0) return cudaSuccess;
   const int64_t warps = (int64_t)f->M * f->nbh;
-  return launch_k(f->pdl, k_quant_x, grid_for(warps * 32, 256), 256, 0, s, f->x, f->M, f->H, f->nbh, f->xq, f->xs);
+  k_quant_x<<<grid_for(warps * 32, 256), 256, 0, s>>>(f->x, f->M, f->H, f->nbh, f->xq, f->xs);
+  return cudaGetLastError();
 }
 
 extern "C" cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s) {
   if (!f->fp8 || f->M <= 0) return cudaSuccess;
   /* the grid for the most rows the tile list may hold; the loop reads the real count */
   const int64_t warps = (int64_t)f->mt_max * f->bm * f->nbi;
-  return launch_k(f->pdl, k_quant_h, grid_for(warps * 32, 256), 256, 0, s, f->h, f->ntiles, f->sorted_pair, f->bm,
-                  f->I, f->nbi, f->hq, f->hsc);
+  k_quant_h<<<grid_for(warps * 32, 256), 256, 0, s>>>(f->h, f->ntiles, f->sorted_pair, f->bm, f->I, f->nbi, f->hq,
+                                                      f->hsc);
+  return cudaGetLastError();
 }

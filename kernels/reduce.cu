@@ -10,7 +10,6 @@
    f.part, keeps the sum in float32 there for the sum over ranks (lmoe_k_sum_parts, or
    an NCCL all-reduce and then lmoe_k_sum_parts of one part). */
 static __global__ void k_reduce(lmoe_fwd f) {
-  pdl_wait();
   int H = f.H, k = f.k;
   int vec = (H & 7) == 0 ? 8 : 1;
   int per_row = H / vec;
@@ -61,7 +60,8 @@ static __global__ void k_reduce(lmoe_fwd f) {
 
 extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {
   int64_t n = (int64_t)f->M * ((f->H & 7) == 0 ? f->H / 8 : f->H);
-  return launch_k(f->pdl, k_reduce, grid_for(n, 256), 256, 0, s, *f);
+  k_reduce<<<grid_for(n, 256), 256, 0, s>>>(*f);
+  return cudaGetLastError();
 }
 
 /* The sum over ranks of float32 partials on one device, in rank order, rounded once;

@@ -203,7 +203,6 @@ static __global__ void k_scan(lmoe_fwd f) {
   extern __shared__ int sbase[]; /* [E] starts, then [E] ends of the real rows */
   __shared__ int warp_sum[32];
   __shared__ int total_rows;
-  pdl_wait();
   int E = f.E, gs = f.gstride, bm = f.bm;
   const size_t cs = f.cstride;
   int G = f.meta ? f.meta[1] + 1 : 1;
@@ -292,7 +291,6 @@ static __global__ void k_scan(lmoe_fwd f) {
 }
 
 static __global__ void k_scatter(lmoe_fwd f) {
-  pdl_wait();
   int P = f.M * f.k;
   for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += gridDim.x * blockDim.x) {
     int id = f.ids[p], e = id - f.e0;
@@ -328,10 +326,12 @@ extern "C" cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s) {
 }
 
 extern "C" cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s) {
-  return launch_k(f->pdl, k_scan, 1, 1024, 2 * (size_t)f->E * sizeof(int), s, *f);
+  k_scan<<<1, 1024, 2 * (size_t)f->E * sizeof(int), s>>>(*f);
+  return cudaGetLastError();
 }
 
 extern "C" cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) {
-  return launch_k(f->pdl, k_scatter, grid_for((int64_t)f->M * f->k, 256), 256, 0, s, *f);
+  k_scatter<<<grid_for((int64_t)f->M * f->k, 256), 256, 0, s>>>(*f);
+  return cudaGetLastError();
 }
 

@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -54,7 +54,7 @@ static void test_select(void) {
    sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   /* mixtral's sizes: both shrinks' K (4096, 14336) long enough for the sm90 rows */
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
@@ -105,7 +105,7 @@ static void test_select_sm90(void) {
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13 rows for
    its shrink13, A2 rows for its shrink2, else that shrink runs on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -164,7 +164,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -208,7 +208,7 @@ static void test_plan(void) {
    activations' (x's codes and group scales by token, h's by sorted row), the weights'
    block scales and the groups per row. */
 static void test_plan_fp8(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
   lmoe_ws_layout L, L0;
   lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
   lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
