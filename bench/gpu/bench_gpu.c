@@ -1,21 +1,24 @@
 /* GPU benchmark of one MoE layer with LoRA adapters (PERFORMANCE.md):
      bench_gpu [preset ...] [--m 512,2048,...] [--iters N] [--stack] [--csv file] [--fp8 | --fp8-only]
-     bench_gpu --gemms [preset ...] [--m ...] [--csv file]
+     bench_gpu --gemms [preset ...] [--m ...] [--csv file] [--fp8-only]
      bench_gpu --dense N
    presets: qwen3 (E128 H2048 I768 k8), mixtral (E8 H4096 I14336 k2).
    Per M and case: eager and CUDA-graph replay, median ms of >= 50 (CUDA events,
    input sets rotated), TFLOP/s and % of the floor. The floor's ceilings come from
    LMOE_PEAK_FLOPS and LMOE_PEAK_BYTES (bench/gpu/run.sh measures them in the same run;
-   the defaults are an H200's). --stack: the guard modes over a 48-layer qwen3 stack
+   the defaults are an H200's), and for FP8 base GEMMs LMOE_PEAK_FLOPS_FP8 (default
+   twice LMOE_PEAK_FLOPS, Hopper's e4m3 rate). --stack: the guard modes over a 48-layer qwen3 stack
    (host waits per forward, ms per forward).
    --fp8: after each preset's table, the same table for an FP8 layer of the preset (e4m3
    experts, float32 128x128 block scales; cases "fp8 no adapter" and "fp8 4 adapters
    r16"; codes random in [-448, 448), scales in [0.5, 1] * 0.02 / 448, so weights of the
-   bf16 layer's magnitude). Its floor counts 1-byte weights and the base GEMMs at twice
-   LMOE_PEAK_FLOPS (Hopper's FP8 rate), the adapters at LMOE_PEAK_FLOPS.
+   bf16 layer's magnitude). Its floor counts 1-byte weights and the base GEMMs at
+   LMOE_PEAK_FLOPS_FP8, the adapters at LMOE_PEAK_FLOPS.
    --fp8-only: the FP8 tables alone (no bf16 table, early exit or stack).
    --gemms: the two expert GEMMs alone (gate_up + down, routing done once), on every
-   engine the card runs, for comparison with torch._grouped_mm.
+   engine the card runs, for comparison with torch._grouped_mm; with --fp8-only, the FP8
+   engine's instead (x quantized once, h once after a first gate_up; the timing is
+   gate_up + down on the quantized operands, as torch._scaled_grouped_mm's reference).
    --dense N: an N x N x N bf16 GEMM through each sm90 row, checked against float64
    (every element for N <= 512, else 4096 samples), TFLOP/s. */
 #include "../bench_common.h"
@@ -30,7 +33,7 @@
 #include <time.h>
 
 #define NSETS 3
-static double PEAK_FLOPS = 771e12, PEAK_BYTES = 4.27e12;
+static double PEAK_FLOPS = 771e12, PEAK_BYTES = 4.27e12, PEAK_FLOPS_FP8 = 0; /* 0: 2 x PEAK_FLOPS */
 
 #define CK(ctx, call)                                                                          \
   do {                                                                                         \
@@ -272,7 +275,7 @@ static void run_preset(bench *b, const int *Ms, int nM, int iters) {
       if (profile_only) continue;
       double tg = time_forward(b, M, pool, 1, iters);
       double fl = case_flops(p, M, c), by = case_bytes(p, M, c, b->fp8), lf = case_lora_flops(p, M, c);
-      double ft = b->fp8 ? (fl - lf) / (2 * PEAK_FLOPS) + lf / PEAK_FLOPS : fl / PEAK_FLOPS;
+      double ft = b->fp8 ? (fl - lf) / PEAK_FLOPS_FP8 + lf / PEAK_FLOPS : fl / PEAK_FLOPS;
       double floor_ms = fmax(ft, by / PEAK_BYTES) * 1e3;
       char name[64];
       snprintf(name, sizeof name, "%s%s", b->fp8 ? "fp8 " : "", c->name);
@@ -449,6 +452,76 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
   cudaFree(ws), cudaFree(w13), cudaFree(w2), cudaFree(x), cudaFree(out), cudaFree(lg);
 }
 
+/* The FP8 engine's expert GEMMs alone: e4m3 weights and block scales as the FP8 layer
+   table has them (--fp8), x quantized once; h (and its quantization) from a first
+   gate_up; then gate_up + down timed on the quantized operands. */
+static cudaError_t run_gemms_fp8(void *arg, cudaStream_t s) {
+  const lmoe_fwd *f = arg;
+  cudaError_t e = lmoe_k_gateup(f, 0, s);
+  return e ? e : lmoe_k_down(f, 0, s);
+}
+
+static void run_gemms_fp8_preset(const preset *p, const int *Ms, int nM, int iters, FILE *csv) {
+  lmoe_gemm_device dev;
+  CU(lmoe_k_init(&dev));
+  int32_t avail = 0;
+  CU(lmoe_k_fp8_init(&avail));
+  printf("\n### expert GEMMs alone, FP8 e4m3: %s (gate_up + down, no adapter)\n\n", p->name);
+  if (!avail) {
+    printf("the FP8 engine does not run on this card or build\n");
+    return;
+  }
+  printf("| M | ms | TFLOP/s | %% of the FP8 ceiling |\n|---|---|---|---|\n");
+  int maxM = 0;
+  for (int i = 0; i < nM; i++) maxM = Ms[i] > maxM ? Ms[i] : maxM;
+  const int nbh = (p->H + 127) / 128, nbi = (p->I + 127) / 128;
+  size_t nw13 = (size_t)p->E * 2 * p->I * p->H, nw2 = (size_t)p->E * p->H * p->I;
+  size_t ns13 = (size_t)p->E * 2 * nbi * nbh, ns2 = (size_t)p->E * nbh * nbi;
+  uint8_t *w13, *w2;
+  float *s13, *s2, *lg;
+  uint16_t *x, *out;
+  CU(cudaMalloc((void **)&w13, nw13));
+  CU(cudaMalloc((void **)&w2, nw2));
+  CU(cudaMalloc((void **)&s13, ns13 * 4));
+  CU(cudaMalloc((void **)&s2, ns2 * 4));
+  CU(cudaMalloc((void **)&x, (size_t)maxM * p->H * 2));
+  CU(cudaMalloc((void **)&out, (size_t)maxM * p->H * 2));
+  CU(cudaMalloc((void **)&lg, (size_t)maxM * p->E * 4));
+  CU(lmoe_k_fill_random(w13, LMOE_DTYPE_F8_E4M3, (int64_t)nw13, 7, -448.0f, 448.0f, 0));
+  CU(lmoe_k_fill_random(w2, LMOE_DTYPE_F8_E4M3, (int64_t)nw2, 8, -448.0f, 448.0f, 0));
+  CU(lmoe_k_fill_random(s13, LMOE_DTYPE_F32, (int64_t)ns13, 9, 0.5f * 0.02f / 448.0f, 0.02f / 448.0f, 0));
+  CU(lmoe_k_fill_random(s2, LMOE_DTYPE_F32, (int64_t)ns2, 10, 0.5f * 0.02f / 448.0f, 0.02f / 448.0f, 0));
+  CU(lmoe_k_fill_random(x, LMOE_DTYPE_BF16, (int64_t)maxM * p->H, 11, -1, 1, 0));
+  CU(lmoe_k_fill_random(lg, LMOE_DTYPE_F32, (int64_t)maxM * p->E, 21, -2, 2, 0));
+  lmoe_ws_layout L;
+  lmoe_k_layout_fp8(maxM, p->E, p->H, p->I, p->k, 0, 0, 1, &L);
+  void *ws;
+  CU(cudaMalloc(&ws, L.total));
+  cudaStream_t s;
+  CU(cudaStreamCreate(&s));
+  for (int mi = 0; mi < nM; mi++) {
+    lmoe_k_plan_args a = {.max_tokens = maxM, .E = p->E, .H = p->H, .I = p->I, .k = p->k, .renorm = 1,
+                          .w13 = (const uint16_t *)w13, .w2 = (const uint16_t *)w2, .M = Ms[mi], .x = x,
+                          .out = out, .logits = lg, .workspace = ws, .workspace_bytes = L.total, .dev = &dev,
+                          .fp8 = 1, .w13s = s13, .w2s = s2};
+    lmoe_fwd f;
+    lmoe_k_plan(&a, &f);
+    CU(lmoe_k_route(&f, s));
+    CU(lmoe_k_scan(&f, s));
+    CU(lmoe_k_scatter(&f, s));
+    CU(lmoe_k_quant_x(&f, s));
+    CU(lmoe_k_gateup(&f, 0, s));
+    CU(lmoe_k_quant_h(&f, s));
+    double ms = time_stage(run_gemms_fp8, &f, s, iters);
+    double fl = (double)Ms[mi] * p->k * 6.0 * p->H * p->I, tf = fl / ms / 1e9;
+    printf("| %d | %.3f | %.0f | %.0f%% |\n", Ms[mi], ms, tf, 100.0 * tf * 1e12 / PEAK_FLOPS_FP8);
+    fflush(stdout);
+    if (csv) fprintf(csv, "%s,%d,fp8,-1,%.4f,%.1f\n", p->name, Ms[mi], ms, tf);
+  }
+  CU(cudaStreamDestroy(s));
+  cudaFree(ws), cudaFree(w13), cudaFree(w2), cudaFree(s13), cudaFree(s2), cudaFree(x), cudaFree(out), cudaFree(lg);
+}
+
 typedef struct dense_arg {
   int cfg, N;
   uint16_t *a, *b, *c;
@@ -531,6 +604,8 @@ int main(int argc, char **argv) {
   const char *pf = getenv("LMOE_PEAK_FLOPS"), *pb = getenv("LMOE_PEAK_BYTES");
   if (pf && atof(pf) > 0) PEAK_FLOPS = atof(pf);
   if (pb && atof(pb) > 0) PEAK_BYTES = atof(pb);
+  const char *pf8 = getenv("LMOE_PEAK_FLOPS_FP8");
+  PEAK_FLOPS_FP8 = pf8 && atof(pf8) > 0 ? atof(pf8) : 2 * PEAK_FLOPS;
   const char *sel[4];
   FILE *csv = NULL;
   for (int i = 1; i < argc; i++) {
@@ -565,7 +640,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   printf("card: %s (sm_%d%d, %d SMs)\n", di.name, di.cc_major, di.cc_minor, di.sm_count);
-  printf("floor from: %.0f TFLOP/s, %.2f TB/s\n", PEAK_FLOPS / 1e12, PEAK_BYTES / 1e12);
+  printf("floor from: %.0f TFLOP/s, %.2f TB/s (FP8 base GEMMs: %.0f TFLOP/s)\n", PEAK_FLOPS / 1e12,
+         PEAK_BYTES / 1e12, PEAK_FLOPS_FP8 / 1e12);
   if (dense > 0) return run_dense_all(dense, iters);
   int maxM = 0;
   for (int i = 0; i < nM; i++) maxM = Ms[i] > maxM ? Ms[i] : maxM;
@@ -574,7 +650,8 @@ int main(int argc, char **argv) {
     for (int s = 0; s < nsel; s++) want |= strstr(PRESETS[pi].name, sel[s]) != NULL;
     if (!want) continue;
     if (gemms) {
-      run_gemms_preset(&PRESETS[pi], Ms, nM, iters, csv);
+      if (fp8 == 2) run_gemms_fp8_preset(&PRESETS[pi], Ms, nM, iters, csv);
+      else run_gemms_preset(&PRESETS[pi], Ms, nM, iters, csv);
       continue;
     }
     bench b;
