@@ -37,6 +37,21 @@ def median_ms(fn, iters):
     return ts[n // 2] if n % 2 else 0.5 * (ts[n // 2 - 1] + ts[n // 2])
 
 
+def route_offsets(M, E, k):
+    """Group ends of the M x k pairs, routed as the layer benchmark routes them."""
+    logits = torch.rand(M, E, device="cuda") * 4 - 2
+    ids = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices.flatten()
+    return torch.cumsum(torch.bincount(ids, minlength=E), 0).to(torch.int32)
+
+
+def gemm_row(name, M, k, H, I, ms, csv):
+    """A table row (and CSV line) of the two expert GEMMs: ms and TFLOP/s."""
+    tf = M * k * 6.0 * H * I / (ms * 1e-3) / 1e12
+    print(f"| {M} | {ms:.3f} | {tf:.0f} |")
+    if csv:
+        csv.write(f"{name},{M},{ms:.4f},{tf:.1f}\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default="512,2048,8192,16384")
@@ -75,17 +90,11 @@ def main():
         print(f"\n### expert GEMMs alone through torch._grouped_mm (CUTLASS): {name}\n")
         print("| M | ms | TFLOP/s |\n|---|---|---|")
         for M in Ms:
-            logits = torch.rand(M, E, device=dev) * 4 - 2
-            ids = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices.flatten()
-            offs = torch.cumsum(torch.bincount(ids, minlength=E), 0).to(torch.int32)
+            offs = route_offsets(M, E, k)
             xs = torch.randn(M * k, H, device=dev).bfloat16()
             h = torch.randn(M * k, I, device=dev).bfloat16()
             run = lambda: (torch._grouped_mm(xs, w13t, offs=offs), torch._grouped_mm(h, w2t, offs=offs))
-            gms = median_ms(run, args.iters)
-            tf = M * k * 6.0 * H * I / (gms * 1e-3) / 1e12
-            print(f"| {M} | {gms:.3f} | {tf:.0f} |")
-            if csv:
-                csv.write(f"{name},{M},{gms:.4f},{tf:.1f}\n")
+            gemm_row(name, M, k, H, I, median_ms(run, args.iters), csv)
         del w13t, w2t
         torch.cuda.empty_cache()
     if csv:
@@ -137,9 +146,7 @@ def fp8_grouped(Ms, iters, csv_path):
             break
         print("| M | ms | TFLOP/s |\n|---|---|---|")
         for M in Ms:
-            logits = torch.rand(M, E, device="cuda") * 4 - 2
-            ids = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices.flatten()
-            offs = torch.cumsum(torch.bincount(ids, minlength=E), 0).to(torch.int32)
+            offs = route_offsets(M, E, k)
             xs = torch.randn(M * k, H, device="cuda").clamp(-8, 8).to(E4M3)
             h = torch.randn(M * k, I, device="cuda").clamp(-8, 8).to(E4M3)
             sx = torch.rand(M * k, device="cuda") * 0.01
@@ -151,10 +158,7 @@ def fp8_grouped(Ms, iters, csv_path):
             except Exception as e:
                 print(f"| {M} | failed: {str(e).splitlines()[0][:200]} | - |")
                 continue
-            tf = M * k * 6.0 * H * I / (gms * 1e-3) / 1e12
-            print(f"| {M} | {gms:.3f} | {tf:.0f} |")
-            if csv:
-                csv.write(f"{name},{M},{gms:.4f},{tf:.1f}\n")
+            gemm_row(name, M, k, H, I, gms, csv)
         del w13t, w2t
         torch.cuda.empty_cache()
     if csv:
