@@ -7,8 +7,8 @@
    input sets rotated), TFLOP/s and % of the floor. The floor's ceilings come from
    LMOE_PEAK_FLOPS and LMOE_PEAK_BYTES (bench/gpu/run.sh measures them in the same run;
    the defaults are an H200's), and for FP8 base GEMMs LMOE_PEAK_FLOPS_FP8 (default
-   twice LMOE_PEAK_FLOPS, Hopper's e4m3 rate). --stack: the guard modes over a 48-layer qwen3 stack
-   (host waits per forward, ms per forward).
+   twice LMOE_PEAK_FLOPS, Hopper's e4m3 rate). --stack: the guard modes over a 48-layer
+   qwen3 stack (host waits per forward, ms per forward).
    --fp8: after each preset's table, the same table for an FP8 layer of the preset (e4m3
    experts, float32 128x128 block scales; cases "fp8 no adapter" and "fp8 4 adapters
    r16"; codes random in [-448, 448), scales in [0.5, 1] * 0.02 / 448, so weights of the
@@ -33,7 +33,7 @@
 #include <time.h>
 
 #define NSETS 3
-static double PEAK_FLOPS = 771e12, PEAK_BYTES = 4.27e12, PEAK_FLOPS_FP8 = 0; /* 0: 2 x PEAK_FLOPS */
+static double PEAK_FLOPS = 771e12, PEAK_BYTES = 4.27e12, PEAK_FLOPS_FP8; /* set in main */
 
 #define CK(ctx, call)                                                                          \
   do {                                                                                         \
