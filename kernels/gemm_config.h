@@ -78,7 +78,16 @@ typedef struct lmoe_gemm_device {
                                per expert on average; 0: the default (96), for measuring */
   int32_t shrink_mode;      /* where the shrinks run beside sm90 expert GEMMs
                                (LMOE_SM90_SHRINK=0 or 1 for measuring; see below) */
+  int32_t gather_x;         /* whether the bf16 sm90 gate_up reads x gathered into sorted
+                               order by TMA (LMOE_SM90_GATHER=1 / 0 for measuring; below) */
 } lmoe_gemm_device;
+
+/* lmoe_gemm_device.gather_x. By pairs (the default, 0): where the forward has at least
+   LMOE_SM90_GATHER_MIN_PAIRS pairs, scatter's pair_row and a gather kernel write x's rows
+   in sorted order (pairs x H bf16), and gate_up's producer loads its A as one TMA box a
+   stage, as down's, instead of 8 x BM 16-byte cp.async (docs/gpu-notes.md 34). */
+enum { LMOE_GATHER_BY_PAIRS = 0, LMOE_GATHER_ON = 1, LMOE_GATHER_OFF = 2 };
+enum { LMOE_SM90_GATHER_MIN_PAIRS = 8192 };
 
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
    where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else

@@ -10,9 +10,10 @@
    - warpgroup 0, the producer, fills a ring of ST stages (BM x 64 of A, 256 x 64 of B,
      128-byte swizzle). The expert weights (B) come by TMA, from tensor maps of W13 / W2
      encoded on the host at launch (a pure host computation, so the forward stays
-     stream-ordered and capturable); the token rows (A) of gate_up, gathered from x by
+     stream-ordered and capturable); the token rows (A) of gate_up by TMA too where x
+     was gathered into sorted order (lmoe_fwd.xg, route.cu's gather_x), else from x by
      token, by cp.async, whose completion arrives on the stage's barrier; down's A, h,
-     whose rows are contiguous in sorted order, by TMA too.
+     whose rows are contiguous in sorted order, by TMA.
    - warpgroups 1..BM/64, the consumers, each own 64 rows: 4 wgmmas per stage with
      both operands in shared memory, one group kept in flight (the stage read two
      steps ago is released while the next one computes), the epilogue from registers.
@@ -170,7 +171,9 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
-  const bool a_tma = MODE == MODE_DOWN && tn.tma_a;
+  /* A by TMA: down's (h, in sorted order) where tune.tma_a, gate_up's where x was
+     gathered into sorted order (xg) */
+  const bool a_tma = MODE == MODE_DOWN ? tn.tma_a != 0 : f.xg != nullptr;
   if (ptid == 0) prefetch_tensormap(tmb);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
   uint32_t it = 0;
@@ -729,10 +732,12 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
   if (e) return e;
-  CUtensorMap ma; /* down's A: h, rows by sorted row, I columns of hs */
+  CUtensorMap ma; /* A by TMA: down's h (I columns of hs), gate_up's xg; rows by sorted row */
   memset(&ma, 0, sizeof ma);
   if (MODE == MODE_DOWN && tune.tma_a &&
       (e = make_map(&ma, f->h, (uint64_t)f->h_rows, (uint64_t)f->I, BM, (uint64_t)((f->I + 7) & ~7))))
+    return e;
+  if (MODE == MODE_GATEUP && f->xg && (e = make_map(&ma, f->xg, (uint64_t)f->h_rows, (uint64_t)f->H, BM)))
     return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;

@@ -5,15 +5,19 @@
      down      y = w * (hq Wq2_e^T (+ t2 B2^T))
 
    The structure is the bf16 sm90 engine's (gemm_sm90.cu): one block per SM walks the
-   device-built tile list, a producer warpgroup fills a ring of stages (weights by TMA,
-   token rows by cp.async completing on the stage's mbarrier), BM / 64 consumer
-   warpgroups compute from shared memory. What FP8 changes:
+   device-built tile list, a producer warpgroup fills a ring of stages, BM / 64 consumer
+   warpgroups compute from shared memory. Both operands of a base chunk come by TMA, one
+   box each: the weights, and A, whose rows are in sorted order for both GEMMs (quant.cu
+   writes x's codes to each pair's sorted row, h is in sorted order), so the producer
+   issues three TMA copies and BM 4-byte scale copies a chunk (docs/gpu-notes.md 34: with
+   A gathered by cp.async, 8 x BM 16-byte copies a chunk, the producer was the limit).
+   What FP8 changes:
 
    - A K chunk is 128 e4m3 = one 128-byte swizzled row, so one chunk is one scale block
      along K: x's (or h's) rows carry one float32 scale per 128-wide group (quant.cu),
      the weights one per 128x128 block. A stage holds the A and B tiles of a chunk and
      its scales: BM row scales and the tile's block scales (gate's and up's; down's
-     one), copied by the producer with the tile (cp.async, same barrier).
+     one), copied by the producer with the tile (cp.async, on the same barrier).
    - Promotion (as DeepGEMM): each chunk's four wgmmas go into a fresh accumulator,
      then acc += partial * (a_scale[row] * b_scale[block]) in fp32. The tile is 128
      columns wide, so partial and acc take 64 registers each (a 256-wide tile would
@@ -76,17 +80,21 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
 constexpr int GROUP_M = 8, LORA_ALIGN = 8;
 
 template <int MODE, int BM>
-__device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, int use_lora, uint8_t *smem,
-                                         float *scl, uint64_t *full, uint64_t *empty, volatile int32_t *last,
-                                         uint64_t wd) {
+__device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
+                                         int use_lora, uint8_t *smem, float *scl, uint64_t *full, uint64_t *empty,
+                                         volatile int32_t *last, uint64_t wd) {
   typedef shape<BM> S;
   constexpr int ST = S::ST;
-  constexpr int AR = BM / 16; /* A rows per thread */
+  constexpr int AR = BM / 16; /* A rows per thread (the expand's loads) */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BKQ - 1) / BKQ;
+  const int nsb = MODE == MODE_GATEUP ? f.nbh : f.nbi; /* scale blocks a row */
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
-  if (ptid == 0) prefetch_tensormap(tmb);
+  if (ptid == 0) {
+    prefetch_tensormap(tmb);
+    prefetch_tensormap(tma);
+  }
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -96,21 +104,21 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     const int nlc = use_lora ? sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, LORA_ALIGN, BKL) : 0;
     const int nch = nbase + nlc;
-    /* this thread's A rows: codes and their groups' scales (NULL: a padding row) */
-    const uint8_t *arow[AR];
-    const float *asc[AR];
+    /* A's codes come by TMA (x's and h's rows are both in sorted order: quant.cu);
+       this thread copies the scale of row ptid (NULL: a padding row, or none) */
+    const float *asc = nullptr;
+    if (ptid < BM && f.sorted_pair[p0 + ptid] >= 0)
+      asc = (MODE == MODE_GATEUP ? f.xs : f.hsc) + (size_t)(p0 + ptid) * nsb;
+    /* the expand's rows: which exist and their groups */
+    bool avalid[AR];
     int agrp[AR];
+    if (use_lora) {
 #pragma unroll
-    for (int q = 0; q < AR; q++) {
-      int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
-      if (MODE == MODE_GATEUP) {
-        arow[q] = pair >= 0 ? f.xq + (size_t)(pair / f.k) * H : nullptr;
-        asc[q] = pair >= 0 ? f.xs + (size_t)(pair / f.k) * f.nbh : nullptr;
-      } else {
-        arow[q] = pair >= 0 ? f.hq + (size_t)(p0 + r) * I : nullptr;
-        asc[q] = pair >= 0 ? f.hsc + (size_t)(p0 + r) * f.nbi : nullptr;
+      for (int q = 0; q < AR; q++) {
+        int r = rb + 16 * q;
+        avalid[q] = f.sorted_pair[p0 + r] >= 0;
+        agrp[q] = f.sorted_group[p0 + r];
       }
-      agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
     }
     /* the tile's weight scale rows: gate's and up's row block (64 rows of one block:
        n0 is a multiple of 64), or down's (128 rows, n0 a multiple of 128) */
@@ -129,7 +137,8 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       const uint32_t sc = smem_u32(scl + s * S::SC);
       if (ptid == 0) {
         last[s] = c == nch - 1;
-        mbar_arrive_tx(&full[s], S::B_BYTES);
+        mbar_arrive_tx(&full[s], S::A_BYTES + S::B_BYTES);
+        tma_load_2d(As, tma, &full[s], c * BKQ, p0);
         if (MODE == MODE_GATEUP) {
           int row = e * 2 * I + n0;
           tma_load_2d(Bs, tmb, &full[s], c * BKQ, row);
@@ -140,15 +149,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         cp_async4_s(sc + BM * 4, bsc0 + c, 4);
         cp_async4_s(sc + BM * 4 + 4, bsc1 + c, 4);
       }
-      const int col = c * BKQ + ch * 16, nb = sm90_piece_bytes(col, K, 1);
-      const uint32_t a0 = smem_u32(As);
-#pragma unroll
-      for (int q = 0; q < AR; q++) {
-        int r = rb + 16 * q;
-        cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : (const uint8_t *)f.x,
-                     arow[q] ? nb : 0);
-        if (ch == 0) cp_async4_s(sc + r * 4, asc[q] ? asc[q] + c : f.xs, asc[q] ? 4 : 0);
-      }
+      if (ptid < BM) cp_async4_s(sc + ptid * 4, asc ? asc + c : f.w13s, asc ? 4 : 0);
       cp_async_mbar_arrive(&full[s]);
     }
     if (nlc > 0) {
@@ -160,7 +161,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         for (int q = 0; q < AR; q++) {
           int r = rb + 16 * q;
           const uint16_t *row = nullptr;
-          if (pb && agrp[q] == g && arow[q])
+          if (pb && agrp[q] == g && avalid[q])
             row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
         }
@@ -336,8 +337,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 
 template <int MODE, int BM>
 __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
-    k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb, int lora,
-          unsigned long long wd) {
+    k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
+          const __grid_constant__ CUtensorMap tma, int lora, unsigned long long wd) {
 #if LMOE_SM90_DEVICE
   typedef shape<BM> S;
   constexpr int ST = S::ST;
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   __syncthreads();
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128)
-    producer<MODE, BM>(f, &tmb, use_lora, smem, scl, full, empty, last, wd);
+    producer<MODE, BM>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, wd);
   else
     consumer<MODE, BM>(f, smem, scl, full, empty, wd);
 #endif
@@ -400,15 +401,19 @@ template <int MODE, int BM> cudaError_t launch(const lmoe_fwd *f, int lora, cuda
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
   if (e) return e;
+  CUtensorMap ma; /* A: x's codes (gate_up) or h's (down), rows in sorted order */
+  e = MODE == MODE_GATEUP ? make_map(&ma, f->xq, (uint64_t)f->h_rows, (uint64_t)f->H, BM)
+                          : make_map(&ma, f->hq, (uint64_t)f->h_rows, (uint64_t)f->I, BM);
+  if (e) return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  k_fp8<MODE, BM><<<grid, shape<BM>::THREADS, smem_bytes<BM>(), s>>>(*f, m, lora, watchdog_ns);
+  k_fp8<MODE, BM><<<grid, shape<BM>::THREADS, smem_bytes<BM>(), s>>>(*f, m, ma, lora, watchdog_ns);
   return cudaGetLastError();
 }
 
 template <int MODE, int BM> cudaError_t setup(int smem_limit, int *usable) {
-  void (*k)(lmoe_fwd, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM>;
+  void (*k)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM>;
   if ((int)smem_bytes<BM>() > smem_limit) {
     *usable = 0;
     return cudaSuccess;
@@ -489,6 +494,7 @@ extern "C" cudaError_t lmoe_fp8_dense(int32_t M, int32_t N, int32_t K, const uin
   f.nbi = (K + QB - 1) / QB;
   f.hq = (uint8_t *)a;
   f.hsc = (float *)as;
+  f.h_rows = M; /* A's tensor map: rows past M read zero */
   f.w2 = (const uint16_t *)b;
   f.w2s = bs;
   f.y = c;

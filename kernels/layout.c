@@ -37,15 +37,18 @@ void lmoe_k_layout_fp8(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int3
   LMOE_TAKE(any, 4);
   LMOE_TAKE(sorted_pair, rows * 4);
   LMOE_TAKE(sorted_group, rows * 4);
+  LMOE_TAKE(pair_row, P * 4);
   LMOE_TAKE(h, rows * hs * 2);
-  LMOE_TAKE(y, P * (size_t)H * 2);
+  /* y, and before down writes it x's rows in sorted order (xg bf16, or an FP8 layer's
+     codes xq): room for the larger */
+  LMOE_TAKE(y, (P > rows ? P : rows) * (size_t)H * 2);
   LMOE_TAKE(t13, rows * t13s * 2);
   LMOE_TAKE(t2, rows * t2s * 2);
-  o->xq = o->xs = o->hq = o->hsc = 0;
-  if (fp8) { /* e4m3 codes and float32 scales of 128-wide groups: x's tokens, h's rows */
+  o->xs = o->hq = o->hsc = 0;
+  if (fp8) { /* float32 scales of 128-wide groups of x's and h's sorted rows, h's e4m3
+                codes (x's lie in y's region) */
     size_t nbh = ((size_t)H + 127) / 128, nbi = ((size_t)I + 127) / 128;
-    LMOE_TAKE(xq, (size_t)max_tokens * (size_t)H);
-    LMOE_TAKE(xs, (size_t)max_tokens * nbh * 4);
+    LMOE_TAKE(xs, rows * nbh * 4);
     LMOE_TAKE(hq, rows * (size_t)I);
     LMOE_TAKE(hsc, rows * nbi * 4);
   }

@@ -104,6 +104,12 @@ typedef struct lmoe_fwd {
   uint16_t *h;               /* [mt_max*BM, I] */
   int32_t h_rows;            /* rows of h a kernel may read (tensor maps: past them reads zero) */
   uint16_t *y;               /* [M*k, H] */
+  /* x's rows in sorted order, so gate_up's A arrives by TMA boxes as down's does (the
+     bf16 sm90 engine where lmoe_gemm_device.gather_x says; NULL: gathered by cp.async
+     from x). It lies in y's region, which down writes only after gate_up has read it. */
+  uint16_t *xg;              /* [h rows, H], or NULL */
+  int32_t *pair_row;         /* [M*k] sorted row of each pair (-1: another rank's expert);
+                                written by scatter where xg or an FP8 layer needs it, else NULL */
   uint16_t *t13, *t2;        /* [mt_max*BM, t13s], [mt_max*BM, t2s] */
   /* batch and pool */
   const int32_t *meta;       /* device meta, or NULL (no LoRA) */
@@ -119,22 +125,22 @@ typedef struct lmoe_fwd {
   int32_t fp8;
   int32_t nbh, nbi;          /* ceil(H / 128), ceil(I / 128) */
   const float *w13s, *w2s;
-  uint8_t *xq;               /* [M, H] e4m3 */
-  float *xs;                 /* [M, nbh] */
+  uint8_t *xq;               /* [h rows, H] e4m3, x's rows in sorted order (in y's region, as xg) */
+  float *xs;                 /* [h rows, nbh] */
   uint8_t *hq;               /* [h rows, I] e4m3 (sorted rows, as h) */
   float *hsc;                /* [h rows, nbi] */
 } lmoe_fwd;
 
 /* Workspace layout for the upper bounds of a layer (and pool): byte offsets. */
 typedef struct lmoe_ws_layout {
-  size_t ids, tw, tok_group, cnt, off, tile_expert, ntiles, any, sorted_pair, sorted_group, h, y,
-      t13, t2, total;
+  size_t ids, tw, tok_group, cnt, off, tile_expert, ntiles, any, sorted_pair, sorted_group, pair_row, h, y,
+      t13, t2, total; /* y's region also holds xg (or xq): the larger of M*k and the rows, x H x 2 bytes */
   int32_t mt_max, t13s, t2s;
-  size_t xq, xs, hq, hsc; /* FP8 layers' quantized activations (0 without) */
+  size_t xs, hq, hsc; /* FP8 layers' quantized activations (0 without; their x codes at y) */
 } lmoe_ws_layout;
 void lmoe_k_layout(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                    int32_t num_slots, int32_t max_rank, lmoe_ws_layout *out);
-/* The same for an FP8 layer (fp8 != 0): the regions above, then xq, xs, hq, hsc. */
+/* The same for an FP8 layer (fp8 != 0): the regions above, then xs, hq, hsc. */
 void lmoe_k_layout_fp8(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int32_t k,
                        int32_t num_slots, int32_t max_rank, int32_t fp8, lmoe_ws_layout *out);
 
@@ -202,6 +208,7 @@ cudaError_t lmoe_k_route(const lmoe_fwd *f, cudaStream_t s);     /* counts zeroe
 cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s);       /* device_sync: any active */
 cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s);      /* offsets, tiles, padding */
 cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s);   /* pairs sorted by expert, group */
+cudaError_t lmoe_k_gather_x(const lmoe_fwd *f, cudaStream_t s);  /* xg = x's rows sorted (if f->xg) */
 cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s);  /* t13 = s * A13 x  (LoRA) */
 cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s); /* h = silu(g) * u */
 cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s);   /* t2 = s * A2 h    (LoRA) */
@@ -209,8 +216,10 @@ cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s);   /* y = w
 cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s);    /* out = sum_j y (or part, f32) */
 /* FP8 layers only (kernels/quant.cu): the activations quantized per row and 128-wide
    group, scale = amax / 448 (1 for an all-zero group), code = e4m3(v / scale) rounded to
-   nearest even, saturating. quant_x: x into xq, xs (before gate_up); quant_h: h's rows
-   in use into hq, hsc (after gate_up; padding rows zero). */
+   nearest even, saturating. quant_x: each token of x once, its codes and scales written
+   to its pairs' sorted rows of xq, xs (before gate_up; padding rows left unwritten: a
+   row's products never mix with another row's, and a padding row's are not stored);
+   quant_h: h's rows in use into hq, hsc (after gate_up; padding rows zero). */
 cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s);
 cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s);
 

@@ -105,6 +105,12 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   f->sorted_group = (int32_t *)(ws + L.sorted_group);
   f->h = (uint16_t *)(ws + L.h);
   f->y = (uint16_t *)(ws + L.y);
+  /* x's rows in sorted order for the bf16 sm90 gate_up (gemm_config.h's gather_x) */
+  if (!a->fp8 && g.engine == LMOE_ENGINE_SM90 &&
+      (a->dev->gather_x == LMOE_GATHER_ON ||
+       (a->dev->gather_x == LMOE_GATHER_BY_PAIRS && a->M * a->k >= LMOE_SM90_GATHER_MIN_PAIRS)))
+    f->xg = f->y;
+  if (f->xg || a->fp8) f->pair_row = (int32_t *)(ws + L.pair_row);
   f->t13 = (uint16_t *)(ws + L.t13);
   f->t2 = (uint16_t *)(ws + L.t2);
   if (lora) {
@@ -124,7 +130,7 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
     f->nbi = (a->I + 127) / 128;
     f->w13s = a->w13s;
     f->w2s = a->w2s;
-    f->xq = ws + L.xq;
+    f->xq = (uint8_t *)f->y;
     f->xs = (float *)(ws + L.xs);
     f->hq = ws + L.hq;
     f->hsc = (float *)(ws + L.hsc);

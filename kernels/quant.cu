@@ -20,10 +20,12 @@ namespace {
 
 /* One warp per (row, group): lane l takes columns 4l..4l+3 of the group. cols is a
    multiple of 4 (of 16 for FP8 layers), so a lane's 4 columns are all in or all out.
-   src NULL or skip: the row is a padding row, zeros and scale 0 (never read as a
-   product: its outputs are not stored). */
-__device__ __forceinline__ void quant_group(const uint16_t *src, int cols, int g, uint8_t *dst, float *scale,
-                                            int lane) {
+   src NULL: a padding row, zeros and scale 0 (never read as a product: its outputs are
+   not stored). The codes go to each of the nd rows dst[j] (scale[j]), so a token is
+   quantized once for all its pairs. */
+template <int ND>
+__device__ __forceinline__ void quant_group(const uint16_t *src, int cols, int g, uint8_t *const *dst,
+                                            float *const *scale, int nd, int lane) {
   const int c = g * 128 + lane * 4;
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   if (src && c < cols) {
@@ -44,18 +46,37 @@ __device__ __forceinline__ void quant_group(const uint16_t *src, int cols, int g
       uint32_t b = src ? (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(v[i], s), __NV_SATFINITE, __NV_E4M3) : 0u;
       q |= b << (8 * i);
     }
-    *(uint32_t *)(dst + c) = q;
+#pragma unroll
+    for (int j = 0; j < ND; j++)
+      if (j < nd && dst[j]) *(uint32_t *)(dst[j] + c) = q;
   }
-  if (lane == 0) *scale = s;
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < ND; j++)
+      if (j < nd && dst[j]) *scale[j] = s;
+  }
 }
 
-__global__ void k_quant_x(const uint16_t *x, int M, int H, int nbh, uint8_t *xq, float *xs) {
+/* x's tokens, each written to its pairs' sorted rows (pair_row; -1: another rank's
+   expert, not written) */
+__global__ void k_quant_x(const uint16_t *x, const int32_t *pair_row, int M, int k, int H, int nbh, uint8_t *xq,
+                          float *xs) {
   const int lane = threadIdx.x & 31;
   const int64_t nw = (int64_t)gridDim.x * (blockDim.x / 32), total = (int64_t)M * nbh;
   for (int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; w < total; w += nw) {
     const int64_t t = w / nbh;
     const int g = (int)(w - t * nbh);
-    quant_group(x + t * H, H, g, xq + t * H, xs + t * nbh + g, lane);
+    for (int j0 = 0; j0 < k; j0 += 8) { /* 8 pairs a pass (top_k may be up to 32) */
+      uint8_t *dst[8];
+      float *sc[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        const int r = j0 + j < k ? pair_row[t * k + j0 + j] : -1;
+        dst[j] = r >= 0 ? xq + (size_t)r * H : nullptr;
+        sc[j] = r >= 0 ? xs + (size_t)r * nbh + g : nullptr;
+      }
+      quant_group<8>(x + t * H, H, g, dst, sc, k - j0, lane);
+    }
   }
 }
 
@@ -69,7 +90,9 @@ __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_
   for (int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; w < total; w += nw) {
     const int64_t r = w / nbi;
     const int g = (int)(w - r * nbi);
-    quant_group(sorted_pair[r] >= 0 ? h + r * hs : nullptr, I, g, hq + r * I, hsc + r * nbi + g, lane);
+    uint8_t *dst = hq + r * I;
+    float *sc = hsc + r * nbi + g;
+    quant_group<1>(sorted_pair[r] >= 0 ? h + r * hs : nullptr, I, g, &dst, &sc, 1, lane);
   }
 }
 
@@ -78,7 +101,8 @@ __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_
 extern "C" cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s) {
   if (!f->fp8 || f->M <= 0) return cudaSuccess;
   const int64_t warps = (int64_t)f->M * f->nbh;
-  k_quant_x<<<grid_for(warps * 32, 256), 256, 0, s>>>(f->x, f->M, f->H, f->nbh, f->xq, f->xs);
+  if (!f->pair_row) return cudaErrorInvalidValue;
+  k_quant_x<<<grid_for(warps * 32, 256), 256, 0, s>>>(f->x, f->pair_row, f->M, f->k, f->H, f->nbh, f->xq, f->xs);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,7 @@
 /* Routing and the alignment of (token, expert) pairs: top-k of the router's softmax and
    each token's adapter group (route), the device_sync guard's flag (any), per-expert
-   offsets, tiles and padding (scan), and the pairs sorted by expert and group (scatter).
+   offsets, tiles and padding (scan), the pairs sorted by expert and group (scatter), and
+   where the GEMMs want it x's rows in that order (gather_x).
 
    Pair order: pairs are grouped by expert, each expert's list padded to a multiple of
    the row tile bm; inside an expert they are sorted by adapter group (0 = none, 1 +
@@ -294,11 +295,38 @@ static __global__ void k_scatter(lmoe_fwd f) {
   int P = f.M * f.k;
   for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < P; p += gridDim.x * blockDim.x) {
     int id = f.ids[p], e = id - f.e0;
-    if (id < 0 || e < 0 || e >= f.E) continue;
+    if (id < 0 || e < 0 || e >= f.E) {
+      if (f.pair_row) f.pair_row[p] = -1;
+      continue;
+    }
     const int t = p / f.k, g = f.tok_group[t];
     int pos = atomicAdd(&f.off[cnt_replica(f, t) + (size_t)e * f.gstride + g], 1);
     f.sorted_pair[pos] = p;
     f.sorted_group[pos] = g;
+    if (f.pair_row) f.pair_row[p] = pos;
+  }
+}
+
+/* x's rows into sorted order (lmoe_fwd.xg): a warp per token reads its row once, in
+   16-byte pieces, and writes it to each of its pairs' rows. Padding rows are left
+   unwritten (their products are not stored, and never mix with another row's). */
+static __global__ void k_gather_x(lmoe_fwd f) {
+  const int lane = threadIdx.x & 31, k = f.k;
+  const int64_t nw = (int64_t)gridDim.x * (blockDim.x / 32);
+  const int pieces = f.H / 8; /* H % 8 == 0 where xg is set (the sm90 engine's alignment) */
+  for (int64_t t = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; t < f.M; t += nw) {
+    const uint4 *src = (const uint4 *)(f.x + t * f.H);
+    for (int j0 = 0; j0 < k; j0 += 8) { /* 8 pairs a pass (top_k may be up to 32) */
+      int row[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) row[j] = j0 + j < k ? f.pair_row[t * k + j0 + j] : -1;
+      for (int c = lane; c < pieces; c += 32) {
+        const uint4 v = src[c];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+          if (row[j] >= 0) ((uint4 *)(f.xg + (size_t)row[j] * f.H))[c] = v;
+      }
+    }
   }
 }
 
@@ -332,6 +360,13 @@ extern "C" cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s) {
 
 extern "C" cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) {
   k_scatter<<<grid_for((int64_t)f->M * f->k, 256), 256, 0, s>>>(*f);
+  return cudaGetLastError();
+}
+
+extern "C" cudaError_t lmoe_k_gather_x(const lmoe_fwd *f, cudaStream_t s) {
+  if (!f->xg || f->M <= 0) return cudaSuccess;
+  if (f->H % 8 || !f->pair_row || ((uintptr_t)f->x | (uintptr_t)f->xg) % 16) return cudaErrorInvalidValue;
+  k_gather_x<<<grid_for((int64_t)f->M * 32, 256), 256, 0, s>>>(*f);
   return cudaGetLastError();
 }
 

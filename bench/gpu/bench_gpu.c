@@ -439,6 +439,9 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
       CU(lmoe_k_route(&f, s));
       CU(lmoe_k_scan(&f, s));
       CU(lmoe_k_scatter(&f, s));
+      /* x's rows in sorted order where the plan gathers them: before the timing, as the
+         grouped GEMM reference gets its rows grouped (the layer's rows time the gather) */
+      CU(lmoe_k_gather_x(&f, s));
       double ms = time_stage(run_gemms, &f, s, iters);
       double fl = (double)Ms[mi] * p->k * 6.0 * p->H * p->I;
       printf("| %d | %s (%d) | %.3f | %.0f |\n", Ms[mi], engine_name(f.engine), f.gemm_cfg, ms, fl / ms / 1e9);

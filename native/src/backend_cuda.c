@@ -790,8 +790,10 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
 
   LAUNCH(lmoe_k_scan(&f, s), 0);
   LAUNCH(lmoe_k_scatter(&f, s), 0);
-  /* an FP8 layer's activations quantized for its base GEMMs; the shrinks read x and h */
+  /* gate_up's A in sorted order: an FP8 layer's codes of x (the shrinks read x and h),
+     or x's rows where the plan gathers them (f.xg) */
   if (f.fp8) LAUNCH(lmoe_k_quant_x(&f, s), 0);
+  if (f.xg) LAUNCH(lmoe_k_gather_x(&f, s), 0);
   if (run_lora) LAUNCH(lmoe_k_shrink13(&f, s), 1);
   LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
   if (f.fp8) LAUNCH(lmoe_k_quant_h(&f, s), 0);

@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -54,7 +54,7 @@ static void test_select(void) {
    sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   /* mixtral's sizes: both shrinks' K (4096, 14336) long enough for the sm90 rows */
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
@@ -105,7 +105,7 @@ static void test_select_sm90(void) {
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13 rows for
    its shrink13, A2 rows for its shrink2, else that shrink runs on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -164,7 +164,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -205,19 +205,20 @@ static void test_plan(void) {
 }
 
 /* An FP8 layer's plan: the bf16 regions where they were, then the quantized
-   activations' (x's codes and group scales by token, h's by sorted row), the weights'
-   block scales and the groups per row. */
+   activations' (x's group scales and h's codes and scales, by sorted row; x's codes in
+   y's region), the weights' block scales, and every pair's sorted row. */
 static void test_plan_fp8(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0};
   lmoe_ws_layout L, L0;
   lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
   lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
-  CHECK(L.h == L0.h && L.t2 == L0.t2 && L0.xq == 0 && L.xq >= L0.total && L.xs >= L.xq + 512 * 1024 &&
-            L.hq >= L.xs + 512 * 8 * 4 && L.hsc >= L.hq + (size_t)L.mt_max * 0 + 768 &&
-            L.total >= L.hsc + 4 * 6 && L.xq % 256 == 0 && L.hq % 256 == 0,
-        "FP8 regions after the bf16 ones");
   size_t rows = (512 * 2 + 8 * 127) / 128 * 128 + 128;
-  CHECK(L.hsc - L.hq >= rows * 768 && L.total - L.hsc >= rows * 6 * 4, "h's codes and scales for every row");
+  CHECK(L.h == L0.h && L.t2 == L0.t2 && L0.xs == 0 && L.xs >= L0.total && L.hq >= L.xs + rows * 8 * 4 &&
+            L.hsc >= L.hq + rows * 768 && L.total >= L.hsc + rows * 6 * 4 && L.xs % 256 == 0 && L.hq % 256 == 0,
+        "FP8 regions after the bf16 ones, a row of each for every sorted row");
+  CHECK(L.t13 - L.y >= rows * 1024 * 2 && L.t13 - L.y >= 512 * 2 * 1024 * 2 && L.pair_row >= L.sorted_group &&
+            L.h >= L.pair_row + 512 * 2 * 4,
+        "y's region holds y and the sorted rows of x; a sorted row for every pair");
   void *ws = malloc(L.total);
   static _Alignas(16) uint16_t x[64], out[16], w[64];
   static float s13[16], s2[16];
@@ -232,17 +233,57 @@ static void test_plan_fp8(void) {
   lmoe_k_plan(&a, &f);
   uint8_t *b = ws;
   CHECK(f.fp8 == 1 && f.nbh == 8 && f.nbi == 6 && f.w13s == s13 && f.w2s == s2, "FP8 facts");
-  CHECK(f.xq == b + L.xq && (uint8_t *)f.xs == b + L.xs && f.hq == b + L.hq && (uint8_t *)f.hsc == b + L.hsc &&
-            (uint8_t *)f.h == b + L.h,
-        "FP8 carving");
+  CHECK(f.xq == b + L.y && (uint8_t *)f.xs == b + L.xs && f.hq == b + L.hq && (uint8_t *)f.hsc == b + L.hsc &&
+            (uint8_t *)f.h == b + L.h && (uint8_t *)f.pair_row == b + L.pair_row && !f.xg,
+        "FP8 carving: x's codes in y's region, no bf16 gather");
   a.fp8 = 0;
   lmoe_k_plan(&a, &f);
   CHECK(!f.fp8 && !f.xq && !f.hq && !f.w13s, "a bf16 layer's plan has no FP8 regions");
   free(ws);
 }
 
+/* The bf16 sm90 gate_up's x in sorted order (gemm_config.h's gather_x): by the pair
+   count unless forced; never on the sm80 engine; in y's region, with the pairs' rows. */
+static void test_plan_gather(void) {
+  const int64_t maxT = 8192;
+  lmoe_ws_layout L;
+  lmoe_k_layout(maxT, 8, 1024, 768, 2, 0, 0, &L);
+  void *ws = malloc(L.total);
+  static _Alignas(16) uint16_t x[64], out[16], w[64];
+  int32_t ids[8];
+  float tw[8];
+  const struct {
+    int sm90, mode;
+    int64_t M;
+    int want;
+  } cases[] = {
+      {1, LMOE_GATHER_BY_PAIRS, LMOE_SM90_GATHER_MIN_PAIRS / 2, 1},
+      {1, LMOE_GATHER_BY_PAIRS, LMOE_SM90_GATHER_MIN_PAIRS / 2 - 1, 0},
+      {1, LMOE_GATHER_ON, 3, 1},
+      {1, LMOE_GATHER_OFF, maxT, 0},
+      {0, LMOE_GATHER_ON, maxT, 0},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode};
+    lmoe_k_plan_args a = {.max_tokens = maxT, .E = 8, .H = 1024, .I = 768, .k = 2, .w13 = w, .w2 = w,
+                          .M = cases[i].M, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
+                          .workspace = ws, .workspace_bytes = L.total, .dev = &d};
+    lmoe_fwd f;
+    CHECK(lmoe_k_plan(&a, &f) == L.total, "case %zu: planned", i);
+    uint8_t *b = ws;
+    if (cases[i].want)
+      CHECK(f.xg == f.y && (uint8_t *)f.y == b + L.y && (uint8_t *)f.pair_row == b + L.pair_row &&
+                (size_t)f.h_rows * 1024 * 2 <= L.t13 - L.y,
+            "case %zu: x gathered into y's region, which holds its rows", i);
+    else
+      CHECK(!f.xg && !f.pair_row, "case %zu: x read by token", i);
+  }
+  free(ws);
+}
+
 int main(void) {
   test_plan_fp8();
+  test_plan_gather();
   test_select();
   test_select_sm90();
   test_plan();
