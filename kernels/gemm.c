@@ -30,9 +30,9 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   const char *sh = getenv("LMOE_SM90_SHRINK");
   dev->shrink_mode = !sh || !*sh ? LMOE_SHRINK_BY_K : atoi(sh) != 0 ? LMOE_SHRINK_SM90 : LMOE_SHRINK_SM80;
   /* LMOE_SM90_GATHER (for measuring): 1 x gathered into sorted order for every bf16 sm90
-     gate_up, 0 never; unset, by the pair count (gemm_config.h) */
+     gate_up, 0 never; unset, by the shape (gemm_config.h) */
   const char *ga = getenv("LMOE_SM90_GATHER");
-  dev->gather_x = !ga || !*ga ? LMOE_GATHER_BY_PAIRS : atoi(ga) != 0 ? LMOE_GATHER_ON : LMOE_GATHER_OFF;
+  dev->gather_x = !ga || !*ga ? LMOE_GATHER_BY_SHAPE : atoi(ga) != 0 ? LMOE_GATHER_ON : LMOE_GATHER_OFF;
   if (!lmoe_gemm_supported(dev)) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
   return cudaSuccess;
 }

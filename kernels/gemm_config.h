@@ -82,12 +82,16 @@ typedef struct lmoe_gemm_device {
                                order by TMA (LMOE_SM90_GATHER=1 / 0 for measuring; below) */
 } lmoe_gemm_device;
 
-/* lmoe_gemm_device.gather_x. By pairs (the default, 0): where the forward has at least
-   LMOE_SM90_GATHER_MIN_PAIRS pairs, scatter's pair_row and a gather kernel write x's rows
-   in sorted order (pairs x H bf16), and gate_up's producer loads its A as one TMA box a
-   stage, as down's, instead of 8 x BM 16-byte cp.async (docs/gpu-notes.md 34). */
-enum { LMOE_GATHER_BY_PAIRS = 0, LMOE_GATHER_ON = 1, LMOE_GATHER_OFF = 2 };
-enum { LMOE_SM90_GATHER_MIN_PAIRS = 8192 };
+/* lmoe_gemm_device.gather_x. By shape (the default, 0): where the forward has at least
+   LMOE_SM90_GATHER_MIN_PAIRS pairs and I is at least LMOE_SM90_GATHER_MIN_I, scatter's
+   pair_row and a gather kernel write x's rows in sorted order (pairs x H bf16), and
+   gate_up's producer loads its A as one TMA box a stage, as down's, instead of 8 x BM
+   16-byte cp.async. The gather's bytes are H x 2 a pair, gate_up's work 4 H I a pair:
+   measured on the H200 (docs/gpu-notes.md 34), mixtral's layer (I 14336) 5-6% faster
+   from M = 2048 pairs up, qwen3's (I 768) 4-10% slower at every M (the gather, 164 us at
+   M = 16384, costs more than gate_up saves, 50 us). */
+enum { LMOE_GATHER_BY_SHAPE = 0, LMOE_GATHER_ON = 1, LMOE_GATHER_OFF = 2 };
+enum { LMOE_SM90_GATHER_MIN_PAIRS = 4096, LMOE_SM90_GATHER_MIN_I = 4096 };
 
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
    where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else

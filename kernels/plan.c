@@ -108,7 +108,8 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   /* x's rows in sorted order for the bf16 sm90 gate_up (gemm_config.h's gather_x) */
   if (!a->fp8 && g.engine == LMOE_ENGINE_SM90 &&
       (a->dev->gather_x == LMOE_GATHER_ON ||
-       (a->dev->gather_x == LMOE_GATHER_BY_PAIRS && a->M * a->k >= LMOE_SM90_GATHER_MIN_PAIRS)))
+       (a->dev->gather_x == LMOE_GATHER_BY_SHAPE && a->M * a->k >= LMOE_SM90_GATHER_MIN_PAIRS &&
+        a->I >= LMOE_SM90_GATHER_MIN_I)))
     f->xg = f->y;
   if (f->xg || a->fp8) f->pair_row = (int32_t *)(ws + L.pair_row);
   f->t13 = (uint16_t *)(ws + L.t13);

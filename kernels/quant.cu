@@ -18,81 +18,95 @@
 
 namespace {
 
-/* One warp per (row, group): lane l takes columns 4l..4l+3 of the group. cols is a
-   multiple of 4 (of 16 for FP8 layers), so a lane's 4 columns are all in or all out.
-   src NULL: a padding row, zeros and scale 0 (never read as a product: its outputs are
-   not stored). The codes go to each of the nd rows dst[j] (scale[j]), so a token is
-   quantized once for all its pairs. */
+/* One warp per row, its groups 8 at a time: lane l takes columns 4l..4l+3 of each
+   group (cols is a multiple of 4, of 16 for FP8 layers, so a lane's 4 columns are all in
+   or all out). The 8 groups' loads are issued together and their maxima reduced side by
+   side, and the row's index needs no division: the kernel was a warp per (row, group)
+   with one 8-byte load, a 64-bit division and a serial reduction each, and it ran at a
+   third of the copy rate (docs/gpu-notes.md 34). src NULL: a padding row, zeros and scale
+   0 (never read as a product: its outputs are not stored). The codes go to each of the
+   nd rows dst[j] (scales at scale[j], a row's nb floats), so a token is quantized once
+   for all its pairs. */
 template <int ND>
-__device__ __forceinline__ void quant_group(const uint16_t *src, int cols, int g, uint8_t *const *dst,
-                                            float *const *scale, int nd, int lane) {
-  const int c = g * 128 + lane * 4;
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
-  if (src && c < cols) {
-    uint2 w = *(const uint2 *)(src + c);
-    v[0] = bf2f((uint16_t)(w.x & 0xffffu));
-    v[1] = bf2f((uint16_t)(w.x >> 16));
-    v[2] = bf2f((uint16_t)(w.y & 0xffffu));
-    v[3] = bf2f((uint16_t)(w.y >> 16));
-  }
-  float a = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+__device__ __forceinline__ void quant_row(const uint16_t *src, int cols, int nb, uint8_t *const *dst,
+                                          float *const *scale, int nd, int lane) {
+  constexpr int GB = 8; /* groups a pass */
+  for (int g0 = 0; g0 < nb; g0 += GB) {
+    float v[GB][4], a[GB];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-  const float s = !src ? 0.0f : a > 0.0f ? __fdiv_rn(a, 448.0f) : 1.0f;
-  if (c < cols) {
-    uint32_t q = 0;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      uint32_t b = src ? (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(v[i], s), __NV_SATFINITE, __NV_E4M3) : 0u;
-      q |= b << (8 * i);
+    for (int b = 0; b < GB; b++) {
+      const int c = (g0 + b) * 128 + lane * 4;
+      v[b][0] = v[b][1] = v[b][2] = v[b][3] = 0.0f;
+      if (src && g0 + b < nb && c < cols) {
+        uint2 w = *(const uint2 *)(src + c);
+        v[b][0] = bf2f((uint16_t)(w.x & 0xffffu));
+        v[b][1] = bf2f((uint16_t)(w.x >> 16));
+        v[b][2] = bf2f((uint16_t)(w.y & 0xffffu));
+        v[b][3] = bf2f((uint16_t)(w.y >> 16));
+      }
+      a[b] = fmaxf(fmaxf(fabsf(v[b][0]), fabsf(v[b][1])), fmaxf(fabsf(v[b][2]), fabsf(v[b][3])));
     }
 #pragma unroll
-    for (int j = 0; j < ND; j++)
-      if (j < nd && dst[j]) *(uint32_t *)(dst[j] + c) = q;
-  }
-  if (lane == 0) {
+    for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-    for (int j = 0; j < ND; j++)
-      if (j < nd && dst[j]) *scale[j] = s;
+      for (int b = 0; b < GB; b++) a[b] = fmaxf(a[b], __shfl_xor_sync(0xffffffffu, a[b], o));
+    float mys = 0.0f; /* lane b < GB keeps group g0 + b's scale */
+#pragma unroll
+    for (int b = 0; b < GB; b++) {
+      const int c = (g0 + b) * 128 + lane * 4;
+      const float sc = !src ? 0.0f : a[b] > 0.0f ? __fdiv_rn(a[b], 448.0f) : 1.0f;
+      if (lane == b) mys = sc;
+      if (g0 + b < nb && c < cols) {
+        uint32_t q = 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          uint32_t bt = src ? (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(v[b][i], sc), __NV_SATFINITE, __NV_E4M3) : 0u;
+          q |= bt << (8 * i);
+        }
+#pragma unroll
+        for (int j = 0; j < ND; j++)
+          if (j < nd && dst[j]) *(uint32_t *)(dst[j] + c) = q;
+      }
+    }
+    if (lane < GB && g0 + lane < nb) {
+#pragma unroll
+      for (int j = 0; j < ND; j++)
+        if (j < nd && dst[j]) scale[j][g0 + lane] = mys;
+    }
   }
 }
 
-/* x's tokens, each written to its pairs' sorted rows (pair_row; -1: another rank's
-   expert, not written) */
+/* x's tokens, a warp each, written to their pairs' sorted rows (pair_row; -1: another
+   rank's expert, not written) */
 __global__ void k_quant_x(const uint16_t *x, const int32_t *pair_row, int M, int k, int H, int nbh, uint8_t *xq,
                           float *xs) {
   const int lane = threadIdx.x & 31;
-  const int64_t nw = (int64_t)gridDim.x * (blockDim.x / 32), total = (int64_t)M * nbh;
-  for (int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; w < total; w += nw) {
-    const int64_t t = w / nbh;
-    const int g = (int)(w - t * nbh);
+  const int nw = gridDim.x * (blockDim.x / 32);
+  for (int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < M; t += nw) {
     for (int j0 = 0; j0 < k; j0 += 8) { /* 8 pairs a pass (top_k may be up to 32) */
       uint8_t *dst[8];
       float *sc[8];
 #pragma unroll
       for (int j = 0; j < 8; j++) {
-        const int r = j0 + j < k ? pair_row[t * k + j0 + j] : -1;
+        const int r = j0 + j < k ? pair_row[(size_t)t * k + j0 + j] : -1;
         dst[j] = r >= 0 ? xq + (size_t)r * H : nullptr;
-        sc[j] = r >= 0 ? xs + (size_t)r * nbh + g : nullptr;
+        sc[j] = r >= 0 ? xs + (size_t)r * nbh : nullptr;
       }
-      quant_group<8>(x + t * H, H, g, dst, sc, k - j0, lane);
+      quant_row<8>(x + (size_t)t * H, H, nbh, dst, sc, k - j0, lane);
     }
   }
 }
 
-/* h's rows in use (ntiles x bm, sorted order); a padding row (sorted_pair < 0) gets
-   zeros: gate_up never wrote it */
+/* h's rows in use (ntiles x bm, sorted order), a warp each; a padding row (sorted_pair
+   < 0) gets zeros: gate_up never wrote it */
 __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_t *sorted_pair, int bm, int I,
                           int nbi, uint8_t *hq, float *hsc) {
   const int lane = threadIdx.x & 31, hs = (I + 7) & ~7;
-  const int64_t rows = (int64_t)ntiles[0] * bm;
-  const int64_t nw = (int64_t)gridDim.x * (blockDim.x / 32), total = rows * nbi;
-  for (int64_t w = blockIdx.x * (int64_t)(blockDim.x / 32) + threadIdx.x / 32; w < total; w += nw) {
-    const int64_t r = w / nbi;
-    const int g = (int)(w - r * nbi);
-    uint8_t *dst = hq + r * I;
-    float *sc = hsc + r * nbi + g;
-    quant_group<1>(sorted_pair[r] >= 0 ? h + r * hs : nullptr, I, g, &dst, &sc, 1, lane);
+  const int rows = ntiles[0] * bm, nw = gridDim.x * (blockDim.x / 32);
+  for (int r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += nw) {
+    uint8_t *dst = hq + (size_t)r * I;
+    float *sc = hsc + (size_t)r * nbi;
+    quant_row<1>(sorted_pair[r] >= 0 ? h + (size_t)r * hs : nullptr, I, nbi, &dst, &sc, 1, lane);
   }
 }
 
@@ -100,17 +114,15 @@ __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_
 
 extern "C" cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s) {
   if (!f->fp8 || f->M <= 0) return cudaSuccess;
-  const int64_t warps = (int64_t)f->M * f->nbh;
   if (!f->pair_row) return cudaErrorInvalidValue;
-  k_quant_x<<<grid_for(warps * 32, 256), 256, 0, s>>>(f->x, f->pair_row, f->M, f->k, f->H, f->nbh, f->xq, f->xs);
+  k_quant_x<<<grid_for((int64_t)f->M * 32, 256), 256, 0, s>>>(f->x, f->pair_row, f->M, f->k, f->H, f->nbh, f->xq, f->xs);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s) {
   if (!f->fp8 || f->M <= 0) return cudaSuccess;
   /* the grid for the most rows the tile list may hold; the loop reads the real count */
-  const int64_t warps = (int64_t)f->mt_max * f->bm * f->nbi;
-  k_quant_h<<<grid_for(warps * 32, 256), 256, 0, s>>>(f->h, f->ntiles, f->sorted_pair, f->bm, f->I, f->nbi, f->hq,
+  k_quant_h<<<grid_for((int64_t)f->mt_max * f->bm * 32, 256), 256, 0, s>>>(f->h, f->ntiles, f->sorted_pair, f->bm, f->I, f->nbi, f->hq,
                                                       f->hsc);
   return cudaGetLastError();
 }

@@ -422,8 +422,12 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
   CU(lmoe_k_fill_random(lg, LMOE_DTYPE_F32, (int64_t)maxM * p->E, 21, -2, 2, 0));
   lmoe_ws_layout L;
   lmoe_k_layout(maxM, p->E, p->H, p->I, p->k, 0, 0, &L);
-  void *ws;
+  void *ws, *ybuf;
   CU(cudaMalloc(&ws, L.total));
+  /* down's y apart from the workspace's region: there it would overwrite the sorted x
+     (xg) that gate_up reads, and every timed run after the first would multiply
+     down's outputs (wrong inputs, and other power draw, other clocks) */
+  CU(cudaMalloc(&ybuf, (size_t)maxM * p->k * p->H * 2));
   cudaStream_t s;
   CU(cudaStreamCreate(&s));
   for (int mi = 0; mi < nM; mi++) {
@@ -436,6 +440,7 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
                             .workspace = ws, .workspace_bytes = L.total, .dev = &d};
       lmoe_fwd f;
       lmoe_k_plan(&a, &f);
+      f.y = ybuf;
       CU(lmoe_k_route(&f, s));
       CU(lmoe_k_scan(&f, s));
       CU(lmoe_k_scatter(&f, s));
@@ -452,7 +457,7 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
     }
   }
   CU(cudaStreamDestroy(s));
-  cudaFree(ws), cudaFree(w13), cudaFree(w2), cudaFree(x), cudaFree(out), cudaFree(lg);
+  cudaFree(ws), cudaFree(ybuf), cudaFree(w13), cudaFree(w2), cudaFree(x), cudaFree(out), cudaFree(lg);
 }
 
 /* The FP8 engine's expert GEMMs alone: e4m3 weights and block scales as the FP8 layer
@@ -493,8 +498,9 @@ static void run_gemms_fp8_preset(const preset *p, const int *Ms, int nM, int ite
   CU(lmoe_k_fill_random(lg, LMOE_DTYPE_F32, (int64_t)maxM * p->E, 21, -2, 2, 0));
   lmoe_ws_layout L;
   lmoe_k_layout_fp8(maxM, p->E, p->H, p->I, p->k, 0, 0, 1, &L);
-  void *ws;
+  void *ws, *ybuf;
   CU(cudaMalloc(&ws, L.total));
+  CU(cudaMalloc(&ybuf, (size_t)maxM * p->k * p->H * 2)); /* y apart from x's codes (as above) */
   cudaStream_t s;
   CU(cudaStreamCreate(&s));
   for (int mi = 0; mi < nM; mi++) {
@@ -504,6 +510,7 @@ static void run_gemms_fp8_preset(const preset *p, const int *Ms, int nM, int ite
                           .fp8 = 1, .w13s = s13, .w2s = s2};
     lmoe_fwd f;
     lmoe_k_plan(&a, &f);
+    f.y = ybuf;
     CU(lmoe_k_route(&f, s));
     CU(lmoe_k_scan(&f, s));
     CU(lmoe_k_scatter(&f, s));
@@ -517,7 +524,8 @@ static void run_gemms_fp8_preset(const preset *p, const int *Ms, int nM, int ite
     if (csv) fprintf(csv, "%s,%d,fp8,-1,%.4f,%.1f\n", p->name, Ms[mi], ms, tf);
   }
   CU(cudaStreamDestroy(s));
-  cudaFree(ws), cudaFree(w13), cudaFree(w2), cudaFree(s13), cudaFree(s2), cudaFree(x), cudaFree(out), cudaFree(lg);
+  cudaFree(ws), cudaFree(ybuf), cudaFree(w13), cudaFree(w2), cudaFree(s13), cudaFree(s2), cudaFree(x), cudaFree(out),
+      cudaFree(lg);
 }
 
 typedef struct dense_arg {

@@ -246,26 +246,27 @@ static void test_plan_fp8(void) {
    count unless forced; never on the sm80 engine; in y's region, with the pairs' rows. */
 static void test_plan_gather(void) {
   const int64_t maxT = 8192;
-  lmoe_ws_layout L;
-  lmoe_k_layout(maxT, 8, 1024, 768, 2, 0, 0, &L);
-  void *ws = malloc(L.total);
   static _Alignas(16) uint16_t x[64], out[16], w[64];
   int32_t ids[8];
   float tw[8];
   const struct {
-    int sm90, mode;
+    int sm90, mode, I;
     int64_t M;
     int want;
   } cases[] = {
-      {1, LMOE_GATHER_BY_PAIRS, LMOE_SM90_GATHER_MIN_PAIRS / 2, 1},
-      {1, LMOE_GATHER_BY_PAIRS, LMOE_SM90_GATHER_MIN_PAIRS / 2 - 1, 0},
-      {1, LMOE_GATHER_ON, 3, 1},
-      {1, LMOE_GATHER_OFF, maxT, 0},
-      {0, LMOE_GATHER_ON, maxT, 0},
+      {1, LMOE_GATHER_BY_SHAPE, LMOE_SM90_GATHER_MIN_I, LMOE_SM90_GATHER_MIN_PAIRS / 2, 1},
+      {1, LMOE_GATHER_BY_SHAPE, LMOE_SM90_GATHER_MIN_I, LMOE_SM90_GATHER_MIN_PAIRS / 2 - 1, 0},
+      {1, LMOE_GATHER_BY_SHAPE, LMOE_SM90_GATHER_MIN_I - 8, maxT, 0},
+      {1, LMOE_GATHER_ON, 768, 3, 1},
+      {1, LMOE_GATHER_OFF, LMOE_SM90_GATHER_MIN_I, maxT, 0},
+      {0, LMOE_GATHER_ON, LMOE_SM90_GATHER_MIN_I, maxT, 0},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    lmoe_ws_layout L;
+    lmoe_k_layout(maxT, 8, 1024, cases[i].I, 2, 0, 0, &L);
+    void *ws = malloc(L.total);
     lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode};
-    lmoe_k_plan_args a = {.max_tokens = maxT, .E = 8, .H = 1024, .I = 768, .k = 2, .w13 = w, .w2 = w,
+    lmoe_k_plan_args a = {.max_tokens = maxT, .E = 8, .H = 1024, .I = cases[i].I, .k = 2, .w13 = w, .w2 = w,
                           .M = cases[i].M, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
                           .workspace = ws, .workspace_bytes = L.total, .dev = &d};
     lmoe_fwd f;
@@ -277,8 +278,8 @@ static void test_plan_gather(void) {
             "case %zu: x gathered into y's region, which holds its rows", i);
     else
       CHECK(!f.xg && !f.pair_row, "case %zu: x read by token", i);
+    free(ws);
   }
-  free(ws);
 }
 
 int main(void) {
