@@ -232,6 +232,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
   /* this thread's rows of the warpgroup's 64: r and r + 8 */
   const int r0 = wgc * 64 + warp * 16 + (lane >> 2);
   float acc[64], part[64];
+  const uint32_t scl_u32 = smem_u32(scl), last_u32 = smem_u32(empty + ST); /* the scales, the producer's last[] */
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -248,7 +249,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
       fence_proxy_async();
       const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
       const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
-      const bool lastc = ((const volatile int32_t *)(empty + ST))[s] != 0; /* the producer's last[s] */
+      const bool lastc = lds_s32(last_u32 + 4 * s) != 0; /* the producer's last[s] */
       if (c < nbase) {
         /* a base chunk: 4 e4m3 k32 steps into a fresh partial, then promoted */
 #pragma unroll
@@ -257,11 +258,14 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 #pragma unroll
         for (int kk = 0; kk < BKQ / 32; kk++) wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + 2 * kk, kk > 0);
         wgmma_commit();
+        /* the stage's scales read while the wgmmas run (their latency hidden) */
+        const uint32_t sc = scl_u32 + s * S::SC * 4;
+        const float sa0 = lds_f32(sc + 4 * r0), sa1 = lds_f32(sc + 4 * (r0 + 8));
+        const float2 sb = lds_f32x2(sc + 4 * BM);
+        const float sb0 = sb.x, sb1 = sb.y;
         wgmma_wait<0>();
 #pragma unroll
         for (int i = 0; i < 64; i++) reg_fence(part[i]);
-        const float *sc = scl + s * S::SC;
-        const float sa0 = sc[r0], sa1 = sc[r0 + 8], sb0 = sc[BM], sb1 = sc[BM + 1];
         /* the stage's data is in registers now: hand it back before promoting. Every
            thread arrives itself, after its own reads of the stage's scales and word (one
            thread arriving for the warpgroup would free the stage while another warp of
