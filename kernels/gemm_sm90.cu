@@ -561,22 +561,15 @@ __device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem
         }
         const int col = c * BK + ch * 8, nb = sm90_piece_bytes(col, K, 2);
         const uint32_t a0 = smem_u32(As), b0 = smem_u32(Bs);
-        /* only what a stored output reads: the rows with a group and the pass's packed
-           columns (with the zeros between a rank and its segment's end: those columns are
-           stored). The rest of the stage keeps older data: a row's (a column's) products
-           never mix with another row's (column's), and those outputs are not stored. At
-           one rank-16 group a tile, the common case, this skips 96 of the 128 B rows
-           (docs/gpu-notes.md 35). */
 #pragma unroll
         for (int q = 0; q < SBM / 16; q++) {
           const int r = rb + 16 * q;
-          if (arow[q]) cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] + col, nb);
+          cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : f.x, arow[q] ? nb : 0);
         }
 #pragma unroll
         for (int q = 0; q < SN / 16; q++) {
           const int n = rb + 16 * q;
-          if (n0 + n < cols)
-            cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), brow[q] ? brow[q] + col : f.x, brow[q] ? nb : 0);
+          cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), brow[q] ? brow[q] + col : f.x, brow[q] ? nb : 0);
         }
         cp_async_mbar_arrive(&full[s]);
       }
