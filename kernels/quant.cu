@@ -23,7 +23,7 @@ namespace {
    or all out). The 8 groups' loads are issued together and their maxima reduced side by
    side, and the row's index needs no division: the kernel was a warp per (row, group)
    with one 8-byte load, a 64-bit division and a serial reduction each, and it ran at a
-   third of the copy rate (docs/gpu-notes.md 34). src NULL: a padding row, zeros and scale
+   third of the copy rate (docs/gpu-notes.md 35). src NULL: a padding row, zeros and scale
    0 (never read as a product: its outputs are not stored). The codes go to each of the
    nd rows dst[j] (scales at scale[j], a row's nb floats), so a token is quantized once
    for all its pairs. */
