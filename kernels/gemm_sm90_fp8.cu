@@ -19,9 +19,10 @@
      its scales: BM row scales and the tile's block scales (gate's and up's; down's
      one), copied by the producer with the tile (cp.async, on the same barrier).
    - Promotion (as DeepGEMM): each chunk's four wgmmas go into a fresh accumulator,
-     then acc += partial * (a_scale[row] * b_scale[block]) in fp32. The tile is 128
-     columns wide, so partial and acc take 64 registers each (a 256-wide tile would
-     need 256).
+     then acc += partial * (a_scale[row] * b_scale[block]) in fp32. A tile is 128
+     columns wide (partial and acc 64 registers each) or, under LMOE_FP8_BN=256, 256
+     wide in two 128-column halves promoted in turn (acc 128, one partial of 64;
+     setmaxnreg hands the producer's registers to the consumers at 128 rows).
    - The LoRA expand stays bf16: after the base chunks come the expand's, a stage of 64
      bf16 K columns (also 128 bytes a row), as bf16 wgmmas (m64n128k16) straight into
      acc: the same packed chunks of the groups' ranks as the bf16 engine, added before
@@ -48,28 +49,43 @@ enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
 
 constexpr int BKQ = 128; /* base K chunk: 128 e4m3, one 128-byte row, one scale block */
 constexpr int BKL = 64;  /* expand K chunk: 64 bf16, one 128-byte row */
-constexpr int BN = 128;  /* output tile columns (gate_up: 64 gate + 64 up) */
 static_assert(BKL * 2 == BKQ, "an expand chunk of bf16 is one 128-byte row, as a base chunk of e4m3");
 constexpr int QB = 128;  /* scale block */
 
-template <int BM> struct shape {
+/* A tile is BM rows by BN output columns, BN 128 (gate_up: 64 gate + 64 up) or 256
+   (128 + 128; down: two scale blocks). A consumer warpgroup computes a 256-wide tile in
+   two 128-column halves, each into the one partial and promoted in turn, so it holds
+   128 accumulators and 64 partials (setmaxnreg at 128 rows); the wider tile moves 48
+   KB for 8.4 MFLOP a chunk where the narrow one moves 32 KB for 4.2. */
+template <int BM, int BN> struct shape {
+  static_assert(BN == 128 || BN == 256, "FP8 tiles are 128 or 256 columns");
   static constexpr int NC = BM / 64; /* consumer warpgroups */
+  static constexpr int NH = BN / 128; /* 128-column halves a consumer computes in turn */
   static constexpr int THREADS = 128 * (NC + 1);
   static constexpr uint32_t A_BYTES = BM * 128, B_BYTES = BN * 128, STAGE = A_BYTES + B_BYTES;
-  static constexpr int ST = BM == 128 ? 6 : 8;
-  static constexpr int SC = BM + 4; /* floats of a stage's scales: BM rows, then B's (gate, up) */
+  static constexpr int ST = BN == 128 ? (BM == 128 ? 6 : 8) : (BM == 128 ? 4 : 5);
+  static constexpr int SC = BM + 4; /* floats of a stage's scales: BM rows, then B's two */
+  /* 256 columns on 128 rows: 384 threads share 168 x 384 registers; setmaxnreg moves
+     them from the producer (TMA and scale copies; the expand's cp.async) to the
+     consumers (128 accumulators, 64 partials) */
+  static constexpr bool REALLOC = BN == 256 && BM == 128;
+  static constexpr int PREG = 56, CREG = 224;
+  static constexpr int POOL = 128 * PREG + 128 * NC * CREG;
 };
+static_assert(shape<128, 256>::POOL <= 168 * 384, "setmaxnreg asks more than a 384-thread block holds");
 
 /* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the scales, the
    barriers, and a word a stage (set when the stage holds its tile's last K chunk). */
-template <int BM> constexpr size_t smem_bytes(void) {
-  typedef shape<BM> S;
+template <int BM, int BN> constexpr size_t smem_bytes(void) {
+  typedef shape<BM, BN> S;
   return 1024 + (size_t)S::ST * S::STAGE + (size_t)S::ST * S::SC * 4 + 2 * S::ST * sizeof(uint64_t) +
          S::ST * sizeof(int32_t);
 }
-static_assert(smem_bytes<128>() <= 232448 && smem_bytes<64>() <= 232448, "fits an H100/H200's 227 KB");
+static_assert(smem_bytes<128, 128>() <= 232448 && smem_bytes<64, 128>() <= 232448 &&
+                  smem_bytes<128, 256>() <= 232448 && smem_bytes<64, 256>() <= 232448,
+              "fits an H100/H200's 227 KB");
 
-template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
+template <int MODE, int BN> __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
   return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (f.H + BN - 1) / BN;
 }
 
@@ -79,18 +95,18 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
    the packed expand (lora_align 8): each group's rank rounded up to 8 columns. */
 constexpr int GROUP_M = 8, LORA_ALIGN = 8;
 
-template <int MODE, int BM>
+template <int MODE, int BM, int BN>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
                                          int use_lora, uint8_t *smem, float *scl, uint64_t *full, uint64_t *empty,
                                          volatile int32_t *last, uint64_t wd) {
-  typedef shape<BM> S;
+  typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
   constexpr int AR = BM / 16; /* A rows per thread (the expand's loads) */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BKQ - 1) / BKQ;
   const int nsb = MODE == MODE_GATEUP ? f.nbh : f.nbi; /* scale blocks a row */
-  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE, BN>(f), total = ntm * ntn;
   if (ptid == 0) {
     prefetch_tensormap(tmb);
     prefetch_tensormap(tma);
@@ -109,25 +125,16 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     const float *asc = nullptr;
     if (ptid < BM && f.sorted_pair[p0 + ptid] >= 0)
       asc = (MODE == MODE_GATEUP ? f.xs : f.hsc) + (size_t)(p0 + ptid) * nsb;
-    /* the expand's rows: which exist and their groups */
-    bool avalid[AR];
-    int agrp[AR];
-    if (use_lora) {
-#pragma unroll
-      for (int q = 0; q < AR; q++) {
-        int r = rb + 16 * q;
-        avalid[q] = f.sorted_pair[p0 + r] >= 0;
-        agrp[q] = f.sorted_group[p0 + r];
-      }
-    }
-    /* the tile's weight scale rows: gate's and up's row block (64 rows of one block:
-       n0 is a multiple of 64), or down's (128 rows, n0 a multiple of 128) */
+    /* the tile's weight scale rows: gate's and up's row block (BN / 2 rows of one
+       block: n0 is a multiple of BN / 2), or down's (BN rows from n0, a multiple of BN:
+       one block, or two at BN 256, the second past H at the edge: never used then) */
     const float *bsc0, *bsc1;
     if (MODE == MODE_GATEUP) {
       bsc0 = f.w13s + ((size_t)e * 2 * f.nbi + n0 / QB) * f.nbh;
       bsc1 = f.w13s + ((size_t)e * 2 * f.nbi + f.nbi + n0 / QB) * f.nbh;
     } else {
       bsc0 = bsc1 = f.w2s + ((size_t)e * f.nbh + n0 / QB) * f.nbi;
+      if (BN == 256 && n0 / QB + 1 < f.nbh) bsc1 = bsc0 + f.nbi;
     }
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
@@ -153,19 +160,23 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       cp_async_mbar_arrive(&full[s]);
     }
     if (nlc > 0) {
-      /* gemm_sm90.cu's expand, with a 128-wide tile: this thread's 16-byte piece of a
+      /* unrolled where registers allow: not where setmaxnreg leaves the producer 56 */
+      constexpr int UA = S::REALLOC ? 1 : AR, UB = S::REALLOC ? 1 : 4;
+      /* gemm_sm90.cu's expand, with a BN-wide tile: this thread's 16-byte piece of a
          stage (column col of group g's rank, nb bytes of it; pb NULL: zeros), for every A
          row its own group's t or zero, for every output column the slot's B. */
       auto load_piece = [&](uint32_t a0, uint32_t b0, int g, const uint16_t *pb, int col, int nb) {
-#pragma unroll
+#pragma unroll UA
         for (int q = 0; q < AR; q++) {
           int r = rb + 16 * q;
           const uint16_t *row = nullptr;
-          if (pb && agrp[q] == g && avalid[q])
+          /* the row's group and existence read here, not kept in registers through the
+             base chunks (the producer's registers are few where setmaxnreg moves them) */
+          if (pb && f.sorted_group[p0 + r] == g && f.sorted_pair[p0 + r] >= 0)
             row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
         }
-#pragma unroll 4
+#pragma unroll UB
         for (int q = 0; q < BN / 16; q++) {
           int n = rb + 16 * q;
           const uint16_t *row = nullptr;
@@ -218,20 +229,21 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   }
 }
 
-template <int MODE, int BM>
+template <int MODE, int BM, int BN>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const float *scl, uint64_t *full,
                                          uint64_t *empty, uint64_t wd) {
-  typedef shape<BM> S;
+  typedef shape<BM, BN> S;
+  constexpr int NH = S::NH;
   constexpr int ST = S::ST;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
   const int H = f.H, I = f.I;
   const int hs = (I + 7) & ~7;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BKQ - 1) / BKQ;
-  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE, BN>(f), total = ntm * ntn;
   /* this thread's rows of the warpgroup's 64: r and r + 8 */
   const int r0 = wgc * 64 + warp * 16 + (lane >> 2);
-  float acc[64], part[64];
+  float acc[64 * NH], part[64];
   const uint32_t scl_u32 = smem_u32(scl), last_u32 = smem_u32(empty + ST); /* the scales, the producer's last[] */
   uint32_t it = 0;
 #pragma unroll 1
@@ -241,58 +253,75 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
 #pragma unroll
-    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+    for (int i = 0; i < 64 * NH; i++) acc[i] = 0.0f;
 #pragma unroll 1
     for (int c = 0;; c++, it++) {
       const int s = it % ST;
       mbar_wait(&full[s], (it / ST) & 1, wd);
       fence_proxy_async();
       const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
-      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+      const uint64_t da = desc_sw128(as);
       const bool lastc = lds_s32(last_u32 + 4 * s) != 0; /* the producer's last[s] */
       if (c < nbase) {
-        /* a base chunk: 4 e4m3 k32 steps into a fresh partial, then promoted */
+        /* a base chunk: per 128-column half, 4 e4m3 k32 steps into a fresh partial, then
+           promoted */
+        float sa0 = 0.0f, sa1 = 0.0f, sb0 = 0.0f, sb1 = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 64; i++) reg_fence(part[i]);
-        wgmma_fence();
+        for (int hh = 0; hh < NH; hh++) {
+          const uint64_t db = desc_sw128(bs + hh * 128 * 128);
 #pragma unroll
-        for (int kk = 0; kk < BKQ / 32; kk++) wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + 2 * kk, kk > 0);
-        wgmma_commit();
-        /* the stage's scales read while the wgmmas run (their latency hidden) */
-        const uint32_t sc = scl_u32 + s * S::SC * 4;
-        const float sa0 = lds_f32(sc + 4 * r0), sa1 = lds_f32(sc + 4 * (r0 + 8));
-        const float2 sb = lds_f32x2(sc + 4 * BM);
-        const float sb0 = sb.x, sb1 = sb.y;
-        wgmma_wait<0>();
+          for (int i = 0; i < 64; i++) reg_fence(part[i]);
+          wgmma_fence();
 #pragma unroll
-        for (int i = 0; i < 64; i++) reg_fence(part[i]);
-        /* the stage's data is in registers now: hand it back before promoting. Every
-           thread arrives itself, after its own reads of the stage's scales and word (one
-           thread arriving for the warpgroup would free the stage while another warp of
-           it may still read them: racecheck's WAR hazard against the producer's writes) */
-        mbar_arrive(&empty[s]);
-        const float s00 = sa0 * sb0, s10 = sa1 * sb0, s01 = sa0 * sb1, s11 = sa1 * sb1;
+          for (int kk = 0; kk < BKQ / 32; kk++) wgmma_m64n128k32_e4m3(part, da + 2 * kk, db + 2 * kk, kk > 0);
+          wgmma_commit();
+          if (hh == 0) {
+            /* the stage's scales read while the wgmmas run (their latency hidden) */
+            const uint32_t sc = scl_u32 + s * S::SC * 4;
+            sa0 = lds_f32(sc + 4 * r0);
+            sa1 = lds_f32(sc + 4 * (r0 + 8));
+            const float2 sb = lds_f32x2(sc + 4 * BM);
+            sb0 = sb.x;
+            sb1 = sb.y;
+          }
+          wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < 16; i++) {
-          /* columns 8i..8i+7: gate_up's first 64 are gate (sb0), the rest up (sb1) */
-          const bool hi = MODE == MODE_GATEUP && i >= 8;
-          const float lo_s = hi ? s01 : s00, hi_s = hi ? s11 : s10;
-          acc[4 * i + 0] = fmaf(part[4 * i + 0], lo_s, acc[4 * i + 0]);
-          acc[4 * i + 1] = fmaf(part[4 * i + 1], lo_s, acc[4 * i + 1]);
-          acc[4 * i + 2] = fmaf(part[4 * i + 2], hi_s, acc[4 * i + 2]);
-          acc[4 * i + 3] = fmaf(part[4 * i + 3], hi_s, acc[4 * i + 3]);
+          for (int i = 0; i < 64; i++) reg_fence(part[i]);
+          /* the stage's data is in registers now: hand it back before the last
+             promotion. Every thread arrives itself, after its own reads of the stage's
+             scales and word (one thread arriving for the warpgroup would free the stage
+             while another warp of it may still read them: racecheck's WAR hazard against
+             the producer's writes) */
+          if (hh == NH - 1) mbar_arrive(&empty[s]);
+          float *ac = acc + 64 * hh;
+#pragma unroll
+          for (int i = 0; i < 16; i++) {
+            /* columns 8i..8i+7 of the half: at BN 128 gate_up's first 64 are gate (sb0),
+               the rest up (sb1); at BN 256 the halves are gate and up (down: its two
+               blocks) */
+            const float sbx = NH == 2 ? (hh ? sb1 : sb0) : (MODE == MODE_GATEUP && i >= 8 ? sb1 : sb0);
+            const float lo_s = sa0 * sbx, hi_s = sa1 * sbx;
+            ac[4 * i + 0] = fmaf(part[4 * i + 0], lo_s, ac[4 * i + 0]);
+            ac[4 * i + 1] = fmaf(part[4 * i + 1], lo_s, ac[4 * i + 1]);
+            ac[4 * i + 2] = fmaf(part[4 * i + 2], hi_s, ac[4 * i + 2]);
+            ac[4 * i + 3] = fmaf(part[4 * i + 3], hi_s, ac[4 * i + 3]);
+          }
         }
       } else {
-        /* an expand chunk: 4 bf16 k16 steps added to acc as they are */
+        /* an expand chunk: per half, 4 bf16 k16 steps added to acc as they are */
 #pragma unroll
-        for (int i = 0; i < 64; i++) reg_fence(acc[i]);
+        for (int i = 0; i < 64 * NH; i++) reg_fence(acc[i]);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BKL / 16; kk++) wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, 1);
+        for (int hh = 0; hh < NH; hh++) {
+          const uint64_t db = desc_sw128(bs + hh * 128 * 128);
+#pragma unroll
+          for (int kk = 0; kk < BKL / 16; kk++) wgmma_m64n128k16(acc + 64 * hh, da + 2 * kk, db + 2 * kk, 1);
+        }
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < 64; i++) reg_fence(acc[i]);
+        for (int i = 0; i < 64 * NH; i++) reg_fence(acc[i]);
         mbar_arrive(&empty[s]);
       }
       if (lastc) {
@@ -310,10 +339,10 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
       if (MODE == MODE_GATEUP) {
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < BN / 16; i++) { /* gate's columns, then up's BN / 4 accumulators on */
           int j = n0 + 8 * i + 2 * (lane & 3);
           float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
-          float u0 = acc[4 * (i + 8) + 2 * hf], u1 = acc[4 * (i + 8) + 2 * hf + 1];
+          float u0 = acc[4 * i + BN / 4 + 2 * hf], u1 = acc[4 * i + BN / 4 + 2 * hf + 1];
           uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
           if (j + 1 < I)
             *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
@@ -324,7 +353,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         const float w = f.tw[pair];
         uint16_t *dst = f.y + (size_t)pair * H;
 #pragma unroll
-        for (int i = 0; i < 16; i++) {
+        for (int i = 0; i < BN / 8; i++) {
           int o = n0 + 8 * i + 2 * (lane & 3);
           uint16_t v0 = f2bf(w * acc[4 * i + 2 * hf]), v1 = f2bf(w * acc[4 * i + 2 * hf + 1]);
           if (o + 1 < H)
@@ -339,12 +368,12 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 
 #endif /* LMOE_SM90_DEVICE */
 
-template <int MODE, int BM>
-__global__ void __launch_bounds__(shape<BM>::THREADS, 1)
+template <int MODE, int BM, int BN>
+__global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
     k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
           const __grid_constant__ CUtensorMap tma, int lora, unsigned long long wd) {
 #if LMOE_SM90_DEVICE
-  typedef shape<BM> S;
+  typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
@@ -360,10 +389,13 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   }
   __syncthreads();
   const int use_lora = lora && f.meta && f.meta[1] > 0;
-  if (threadIdx.x < 128)
-    producer<MODE, BM>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, wd);
-  else
-    consumer<MODE, BM>(f, smem, scl, full, empty, wd);
+  if (threadIdx.x < 128) {
+    if constexpr (S::REALLOC) setmaxnreg_dec<S::PREG>();
+    producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, wd);
+  } else {
+    if constexpr (S::REALLOC) setmaxnreg_inc<S::CREG>();
+    consumer<MODE, BM, BN>(f, smem, scl, full, empty, wd);
+  }
 #endif
 }
 
@@ -387,6 +419,7 @@ typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, vo
 encode_fn encode_tiled;
 int num_sms;
 int ready; /* lmoe_fp8_init found the kernels usable */
+int tile_n = 128; /* the tiles' columns (LMOE_FP8_BN: 128 or 256, read at init) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
@@ -400,8 +433,8 @@ cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t c
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <int MODE, int BM> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
-  CUtensorMap m;
+template <int MODE, int BM, int BN> cudaError_t launch(const lmoe_fwd *f, int lora, cudaStream_t s) {
+  CUtensorMap m; /* B: gate's and up's BN / 2 rows, or down's BN (a box has at most 256) */
   cudaError_t e = MODE == MODE_GATEUP ? make_map(&m, f->w13, (uint64_t)f->E * 2 * f->I, (uint64_t)f->H, BN / 2)
                                       : make_map(&m, f->w2, (uint64_t)f->E * f->H, (uint64_t)f->I, BN);
   if (e) return e;
@@ -409,25 +442,45 @@ template <int MODE, int BM> cudaError_t launch(const lmoe_fwd *f, int lora, cuda
   e = MODE == MODE_GATEUP ? make_map(&ma, f->xq, (uint64_t)f->h_rows, (uint64_t)f->H, BM)
                           : make_map(&ma, f->hq, (uint64_t)f->h_rows, (uint64_t)f->I, BM);
   if (e) return e;
-  int grid = f->mt_max * n_tiles<MODE>(*f);
+  int grid = f->mt_max * n_tiles<MODE, BN>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  k_fp8<MODE, BM><<<grid, shape<BM>::THREADS, smem_bytes<BM>(), s>>>(*f, m, ma, lora, watchdog_ns);
+  k_fp8<MODE, BM, BN><<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, lora, watchdog_ns);
   return cudaGetLastError();
 }
 
-template <int MODE, int BM> cudaError_t setup(int smem_limit, int *usable) {
-  void (*k)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM>;
-  if ((int)smem_bytes<BM>() > smem_limit) {
+template <int MODE, int BM, int BN> cudaError_t setup(int smem_limit, int *usable) {
+  typedef shape<BM, BN> S;
+  void (*k)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM, BN>;
+  if ((int)smem_bytes<BM, BN>() > smem_limit) {
     *usable = 0;
     return cudaSuccess;
   }
-  cudaError_t e = cudaFuncSetAttribute((void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes<BM>());
+  cudaError_t e =
+      cudaFuncSetAttribute((void *)k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes<BM, BN>());
   if (e) return e;
   cudaFuncAttributes a;
   if ((e = cudaFuncGetAttributes(&a, (void *)k))) return e;
   if (a.binaryVersion != 90) *usable = 0; /* no sm_90a code: the body is empty */
+  /* the registers setmaxnreg redistributes must exist, else the consumers wait for ever */
+  if (S::REALLOC && ((a.numRegs + 7) & ~7) * S::THREADS < S::POOL) *usable = 0;
   return cudaSuccess;
+}
+
+template <int BN> cudaError_t setup_all(int smem_limit, int *usable) {
+  cudaError_t e;
+  if ((e = setup<MODE_GATEUP, 128, BN>(smem_limit, usable))) return e;
+  if ((e = setup<MODE_DOWN, 128, BN>(smem_limit, usable))) return e;
+  if ((e = setup<MODE_GATEUP, 64, BN>(smem_limit, usable))) return e;
+  return setup<MODE_DOWN, 64, BN>(smem_limit, usable);
+}
+
+template <int BN> cudaError_t run_bn(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
+  if (f->bm == 128)
+    return op == MODE_GATEUP ? launch<MODE_GATEUP, 128, BN>(f, lora, s) : launch<MODE_DOWN, 128, BN>(f, lora, s);
+  if (f->bm == 64)
+    return op == MODE_GATEUP ? launch<MODE_GATEUP, 64, BN>(f, lora, s) : launch<MODE_DOWN, 64, BN>(f, lora, s);
+  return cudaErrorInvalidValue;
 }
 
 } /* namespace */
@@ -453,10 +506,10 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
   const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
   if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
   int usable = 1;
-  if ((e = setup<MODE_GATEUP, 128>(smem_limit, &usable))) return e;
-  if ((e = setup<MODE_DOWN, 128>(smem_limit, &usable))) return e;
-  if ((e = setup<MODE_GATEUP, 64>(smem_limit, &usable))) return e;
-  if ((e = setup<MODE_DOWN, 64>(smem_limit, &usable))) return e;
+  /* LMOE_FP8_BN (for measuring): the tiles' columns, 128 or 256 (gpu-notes 38) */
+  const char *bn = getenv("LMOE_FP8_BN");
+  if (bn && *bn) tile_n = atoi(bn) == 256 ? 256 : 128;
+  if ((e = tile_n == 256 ? setup_all<256>(smem_limit, &usable) : setup_all<128>(smem_limit, &usable))) return e;
   ready = usable;
   *available = usable;
 #else
@@ -468,9 +521,7 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
 
 extern "C" cudaError_t lmoe_fp8_run(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
   if (!ready || !f->fp8 || f->H % 16 || f->I % 16) return cudaErrorInvalidValue;
-  if (f->bm == 128) return op == MODE_GATEUP ? launch<MODE_GATEUP, 128>(f, lora, s) : launch<MODE_DOWN, 128>(f, lora, s);
-  if (f->bm == 64) return op == MODE_GATEUP ? launch<MODE_GATEUP, 64>(f, lora, s) : launch<MODE_DOWN, 64>(f, lora, s);
-  return cudaErrorInvalidValue;
+  return tile_n == 256 ? run_bn<256>(op, f, lora, s) : run_bn<128>(op, f, lora, s);
 }
 
 extern "C" cudaError_t lmoe_fp8_dense(int32_t M, int32_t N, int32_t K, const uint8_t *a, const float *as,
