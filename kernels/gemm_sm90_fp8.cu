@@ -159,7 +159,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         cp_async4_s(sc + BM * 4, bsc0 + c, 4);
         cp_async4_s(sc + BM * 4 + 4, bsc1 + c, 4);
       }
-      if (ptid < BM) cp_async4_s(sc + ptid * 4, asc ? asc + c : f.w13s, asc ? 4 : 0);
+      if (ptid < BM) cp_async4_s(sc + ptid * 4, asc ? asc + c : bsc0, asc ? 4 : 0);
       cp_async_mbar_arrive(&full[s]);
     }
     if (nlc > 0) {
