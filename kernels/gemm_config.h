@@ -87,9 +87,9 @@ typedef struct lmoe_gemm_device {
    pair_row and a gather kernel write x's rows in sorted order (pairs x H bf16), and
    gate_up's producer loads its A as one TMA box a stage, as down's, instead of 8 x BM
    16-byte cp.async. The gather's bytes are H x 2 a pair, gate_up's work 4 H I a pair:
-   measured on the H200 (docs/gpu-notes.md 34), mixtral's layer (I 14336) 5-6% faster
-   from M = 2048 pairs up, qwen3's (I 768) 4-10% slower at every M (the gather, 164 us at
-   M = 16384, costs more than gate_up saves, 50 us). */
+   measured on the H200 (docs/gpu-notes.md 34), mixtral's layer (I 14336) 3-6% faster
+   from M = 2048 (4096 pairs) up, qwen3's (I 768) 3-10% slower at every M (the gather,
+   164 us at M = 16384, costs more than gate_up saves, 50 us). */
 enum { LMOE_GATHER_BY_SHAPE = 0, LMOE_GATHER_ON = 1, LMOE_GATHER_OFF = 2 };
 enum { LMOE_SM90_GATHER_MIN_PAIRS = 4096, LMOE_SM90_GATHER_MIN_I = 4096 };
 
