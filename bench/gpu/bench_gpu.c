@@ -399,6 +399,51 @@ static cudaError_t run_gemms(void *arg, cudaStream_t s) {
 
 static const char *engine_name(int engine) { return engine == LMOE_ENGINE_SM90 ? "sm90" : "sm80"; }
 
+/* What both --gemms tables share: x and router logits as the layer benchmark has them,
+   the workspace for the largest M (an FP8 layer's where fp8), a y of its own, a stream. */
+typedef struct gemm_bench {
+  int maxM;
+  uint16_t *x, *out;
+  float *lg;
+  void *ws, *ybuf;
+  size_t ws_bytes;
+  cudaStream_t s;
+} gemm_bench;
+
+static void gemm_bench_open(gemm_bench *g, const preset *p, const int *Ms, int nM, int fp8) {
+  g->maxM = 0;
+  for (int i = 0; i < nM; i++) g->maxM = Ms[i] > g->maxM ? Ms[i] : g->maxM;
+  const size_t maxM = (size_t)g->maxM;
+  CU(cudaMalloc((void **)&g->x, maxM * p->H * 2));
+  CU(cudaMalloc((void **)&g->out, maxM * p->H * 2));
+  CU(cudaMalloc((void **)&g->lg, maxM * p->E * 4));
+  CU(lmoe_k_fill_random(g->x, LMOE_DTYPE_BF16, (int64_t)maxM * p->H, 11, -1, 1, 0));
+  CU(lmoe_k_fill_random(g->lg, LMOE_DTYPE_F32, (int64_t)maxM * p->E, 21, -2, 2, 0));
+  lmoe_ws_layout L;
+  lmoe_k_layout_fp8(g->maxM, p->E, p->H, p->I, p->k, 0, 0, fp8, &L);
+  g->ws_bytes = L.total;
+  CU(cudaMalloc(&g->ws, L.total));
+  /* down's y apart from the workspace's region: there it would overwrite the sorted x
+     (xg, or an FP8 layer's codes) that gate_up reads, and every timed run after the
+     first would multiply down's outputs (wrong inputs, and other power draw, other
+     clocks: gpu-notes 34) */
+  CU(cudaMalloc(&g->ybuf, maxM * p->k * p->H * 2));
+  CU(cudaStreamCreate(&g->s));
+}
+
+/* The routing of a planned forward, once, into the bench's own y */
+static void gemm_bench_route(const gemm_bench *g, lmoe_fwd *f) {
+  f->y = g->ybuf;
+  CU(lmoe_k_route(f, g->s));
+  CU(lmoe_k_scan(f, g->s));
+  CU(lmoe_k_scatter(f, g->s));
+}
+
+static void gemm_bench_close(gemm_bench *g) {
+  CU(cudaStreamDestroy(g->s));
+  cudaFree(g->ws), cudaFree(g->ybuf), cudaFree(g->x), cudaFree(g->out), cudaFree(g->lg);
+}
+
 /* The expert GEMMs alone on the layer's shapes: random weights, x and router logits as
    the layer benchmark has them, the routing run once, then gate_up + down timed. */
 static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, FILE *csv) {
@@ -406,48 +451,29 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
   CU(lmoe_k_init(&dev));
   printf("\n### expert GEMMs alone: %s (gate_up + down, no adapter)\n\n", p->name);
   printf("| M | engine (row) | ms | TFLOP/s |\n|---|---|---|---|\n");
-  int maxM = 0;
-  for (int i = 0; i < nM; i++) maxM = Ms[i] > maxM ? Ms[i] : maxM;
   size_t nw13 = (size_t)p->E * 2 * p->I * p->H, nw2 = (size_t)p->E * p->H * p->I;
-  uint16_t *w13, *w2, *x, *out;
-  float *lg;
+  uint16_t *w13, *w2;
   CU(cudaMalloc((void **)&w13, nw13 * 2));
   CU(cudaMalloc((void **)&w2, nw2 * 2));
-  CU(cudaMalloc((void **)&x, (size_t)maxM * p->H * 2));
-  CU(cudaMalloc((void **)&out, (size_t)maxM * p->H * 2));
-  CU(cudaMalloc((void **)&lg, (size_t)maxM * p->E * 4));
   CU(lmoe_k_fill_random(w13, LMOE_DTYPE_BF16, (int64_t)nw13, 7, -0.02f, 0.02f, 0));
   CU(lmoe_k_fill_random(w2, LMOE_DTYPE_BF16, (int64_t)nw2, 8, -0.02f, 0.02f, 0));
-  CU(lmoe_k_fill_random(x, LMOE_DTYPE_BF16, (int64_t)maxM * p->H, 11, -1, 1, 0));
-  CU(lmoe_k_fill_random(lg, LMOE_DTYPE_F32, (int64_t)maxM * p->E, 21, -2, 2, 0));
-  lmoe_ws_layout L;
-  lmoe_k_layout(maxM, p->E, p->H, p->I, p->k, 0, 0, &L);
-  void *ws, *ybuf;
-  CU(cudaMalloc(&ws, L.total));
-  /* down's y apart from the workspace's region: there it would overwrite the sorted x
-     (xg) that gate_up reads, and every timed run after the first would multiply
-     down's outputs (wrong inputs, and other power draw, other clocks) */
-  CU(cudaMalloc(&ybuf, (size_t)maxM * p->k * p->H * 2));
-  cudaStream_t s;
-  CU(cudaStreamCreate(&s));
+  gemm_bench g;
+  gemm_bench_open(&g, p, Ms, nM, 0);
   for (int mi = 0; mi < nM; mi++) {
     for (int eng = 1; eng >= 0; eng--) {
       lmoe_gemm_device d = dev;
       if (eng == 1 && !dev.sm90) continue;
       d.sm90 = eng;
-      lmoe_k_plan_args a = {.max_tokens = maxM, .E = p->E, .H = p->H, .I = p->I, .k = p->k, .renorm = 1,
-                            .w13 = w13, .w2 = w2, .M = Ms[mi], .x = x, .out = out, .logits = lg,
-                            .workspace = ws, .workspace_bytes = L.total, .dev = &d};
+      lmoe_k_plan_args a = {.max_tokens = g.maxM, .E = p->E, .H = p->H, .I = p->I, .k = p->k, .renorm = 1,
+                            .w13 = w13, .w2 = w2, .M = Ms[mi], .x = g.x, .out = g.out, .logits = g.lg,
+                            .workspace = g.ws, .workspace_bytes = g.ws_bytes, .dev = &d};
       lmoe_fwd f;
       lmoe_k_plan(&a, &f);
-      f.y = ybuf;
-      CU(lmoe_k_route(&f, s));
-      CU(lmoe_k_scan(&f, s));
-      CU(lmoe_k_scatter(&f, s));
+      gemm_bench_route(&g, &f);
       /* x's rows in sorted order where the plan gathers them: before the timing, as the
          grouped GEMM reference gets its rows grouped (the layer's rows time the gather) */
-      CU(lmoe_k_gather_x(&f, s));
-      double ms = time_stage(run_gemms, &f, s, iters);
+      CU(lmoe_k_gather_x(&f, g.s));
+      double ms = time_stage(run_gemms, &f, g.s, iters);
       double fl = (double)Ms[mi] * p->k * 6.0 * p->H * p->I;
       printf("| %d | %s (%d) | %.3f | %.0f |\n", Ms[mi], engine_name(f.engine), f.gemm_cfg, ms, fl / ms / 1e9);
       fflush(stdout);
@@ -456,8 +482,8 @@ static void run_gemms_preset(const preset *p, const int *Ms, int nM, int iters, 
                 fl / ms / 1e9);
     }
   }
-  CU(cudaStreamDestroy(s));
-  cudaFree(ws), cudaFree(ybuf), cudaFree(w13), cudaFree(w2), cudaFree(x), cudaFree(out), cudaFree(lg);
+  gemm_bench_close(&g);
+  cudaFree(w13), cudaFree(w2);
 }
 
 /* The FP8 engine's expert GEMMs alone: e4m3 weights and block scales as the FP8 layer
@@ -475,57 +501,40 @@ static void run_gemms_fp8_preset(const preset *p, const int *Ms, int nM, int ite
     return;
   }
   printf("| M | ms | TFLOP/s | %% of the FP8 ceiling |\n|---|---|---|---|\n");
-  int maxM = 0;
-  for (int i = 0; i < nM; i++) maxM = Ms[i] > maxM ? Ms[i] : maxM;
   const int nbh = (p->H + 127) / 128, nbi = (p->I + 127) / 128;
   size_t nw13 = (size_t)p->E * 2 * p->I * p->H, nw2 = (size_t)p->E * p->H * p->I;
   size_t ns13 = (size_t)p->E * 2 * nbi * nbh, ns2 = (size_t)p->E * nbh * nbi;
   uint8_t *w13, *w2;
-  float *s13, *s2, *lg;
-  uint16_t *x, *out;
+  float *s13, *s2;
   CU(cudaMalloc((void **)&w13, nw13));
   CU(cudaMalloc((void **)&w2, nw2));
   CU(cudaMalloc((void **)&s13, ns13 * 4));
   CU(cudaMalloc((void **)&s2, ns2 * 4));
-  CU(cudaMalloc((void **)&x, (size_t)maxM * p->H * 2));
-  CU(cudaMalloc((void **)&out, (size_t)maxM * p->H * 2));
-  CU(cudaMalloc((void **)&lg, (size_t)maxM * p->E * 4));
   CU(lmoe_k_fill_random(w13, LMOE_DTYPE_F8_E4M3, (int64_t)nw13, 7, -448.0f, 448.0f, 0));
   CU(lmoe_k_fill_random(w2, LMOE_DTYPE_F8_E4M3, (int64_t)nw2, 8, -448.0f, 448.0f, 0));
   CU(lmoe_k_fill_random(s13, LMOE_DTYPE_F32, (int64_t)ns13, 9, 0.5f * 0.02f / 448.0f, 0.02f / 448.0f, 0));
   CU(lmoe_k_fill_random(s2, LMOE_DTYPE_F32, (int64_t)ns2, 10, 0.5f * 0.02f / 448.0f, 0.02f / 448.0f, 0));
-  CU(lmoe_k_fill_random(x, LMOE_DTYPE_BF16, (int64_t)maxM * p->H, 11, -1, 1, 0));
-  CU(lmoe_k_fill_random(lg, LMOE_DTYPE_F32, (int64_t)maxM * p->E, 21, -2, 2, 0));
-  lmoe_ws_layout L;
-  lmoe_k_layout_fp8(maxM, p->E, p->H, p->I, p->k, 0, 0, 1, &L);
-  void *ws, *ybuf;
-  CU(cudaMalloc(&ws, L.total));
-  CU(cudaMalloc(&ybuf, (size_t)maxM * p->k * p->H * 2)); /* y apart from x's codes (as above) */
-  cudaStream_t s;
-  CU(cudaStreamCreate(&s));
+  gemm_bench g;
+  gemm_bench_open(&g, p, Ms, nM, 1);
   for (int mi = 0; mi < nM; mi++) {
-    lmoe_k_plan_args a = {.max_tokens = maxM, .E = p->E, .H = p->H, .I = p->I, .k = p->k, .renorm = 1,
-                          .w13 = (const uint16_t *)w13, .w2 = (const uint16_t *)w2, .M = Ms[mi], .x = x,
-                          .out = out, .logits = lg, .workspace = ws, .workspace_bytes = L.total, .dev = &dev,
-                          .fp8 = 1, .w13s = s13, .w2s = s2};
+    lmoe_k_plan_args a = {.max_tokens = g.maxM, .E = p->E, .H = p->H, .I = p->I, .k = p->k, .renorm = 1,
+                          .w13 = (const uint16_t *)w13, .w2 = (const uint16_t *)w2, .M = Ms[mi], .x = g.x,
+                          .out = g.out, .logits = g.lg, .workspace = g.ws, .workspace_bytes = g.ws_bytes,
+                          .dev = &dev, .fp8 = 1, .w13s = s13, .w2s = s2};
     lmoe_fwd f;
     lmoe_k_plan(&a, &f);
-    f.y = ybuf;
-    CU(lmoe_k_route(&f, s));
-    CU(lmoe_k_scan(&f, s));
-    CU(lmoe_k_scatter(&f, s));
-    CU(lmoe_k_quant_x(&f, s));
-    CU(lmoe_k_gateup(&f, 0, s));
-    CU(lmoe_k_quant_h(&f, s));
-    double ms = time_stage(run_gemms, &f, s, iters);
+    gemm_bench_route(&g, &f);
+    CU(lmoe_k_quant_x(&f, g.s));
+    CU(lmoe_k_gateup(&f, 0, g.s));
+    CU(lmoe_k_quant_h(&f, g.s));
+    double ms = time_stage(run_gemms, &f, g.s, iters);
     double fl = (double)Ms[mi] * p->k * 6.0 * p->H * p->I, tf = fl / ms / 1e9;
     printf("| %d | %.3f | %.0f | %.0f%% |\n", Ms[mi], ms, tf, 100.0 * tf * 1e12 / PEAK_FLOPS_FP8);
     fflush(stdout);
     if (csv) fprintf(csv, "%s,%d,fp8,-1,%.4f,%.1f\n", p->name, Ms[mi], ms, tf);
   }
-  CU(cudaStreamDestroy(s));
-  cudaFree(ws), cudaFree(ybuf), cudaFree(w13), cudaFree(w2), cudaFree(s13), cudaFree(s2), cudaFree(x), cudaFree(out),
-      cudaFree(lg);
+  gemm_bench_close(&g);
+  cudaFree(w13), cudaFree(w2), cudaFree(s13), cudaFree(s2);
 }
 
 typedef struct dense_arg {
