@@ -39,6 +39,10 @@ cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_t K, const 
    sm_90a code, the TMA encoder, its shared memory). run: op with the row tile f->bm. */
 cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *available);
 cudaError_t lmoe_fp8_run(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s);
+/* Whether the FP8 gate_up writes h's codes and scales itself (its 256-column tiles hold
+   one 128-wide group of h a row; LMOE_FP8_FUSE_H=1), so lmoe_k_quant_h has nothing to do
+   and h's bf16 values are written only where LoRA's shrink2 reads them. */
+int lmoe_fp8_fuses_quant_h(void);
 
 /* A dense C[M, N] = (A[M, K] B[N, K]^T) in bf16 through the FP8 down kernel, for tests
    and measurements: a e4m3 [M, K] with float32 scales as [M, ceil(K/128)] (a row's

@@ -41,6 +41,7 @@
 #include "ptx_sm90.cuh"
 #include "sm90_walk.cuh"
 
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -234,7 +235,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 
 template <int MODE, int BM, int BN>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const float *scl, uint64_t *full,
-                                         uint64_t *empty, uint64_t wd) {
+                                         uint64_t *empty, int use_lora, int fuse_h, uint64_t wd) {
   typedef shape<BM, BN> S;
   constexpr int NH = S::NH;
   constexpr int ST = S::ST;
@@ -338,6 +339,45 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
     for (int hf = 0; hf < 2; hf++) {
       const int r = r0 + hf * 8;
       const int pair = f.sorted_pair[p0 + r];
+      if (MODE == MODE_GATEUP && BN == 256 && fuse_h) {
+        /* h's quantization here (quant.cu's rule on the same bf16 values): the tile's
+           128 h columns are one 128-wide group of the row, spread over the quad's four
+           lanes; their maximum by two shuffles among the quads whose row exists */
+        const unsigned live = __ballot_sync(0xffffffffu, pair >= 0);
+        if (pair < 0) continue;
+        uint32_t hb[BN / 16];
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < BN / 16; i++) {
+          const int j = n0 + 8 * i + 2 * (lane & 3);
+          const uint16_t v0 = f2bf(silu_mul(acc[4 * i + 2 * hf], acc[4 * i + BN / 4 + 2 * hf]));
+          const uint16_t v1 = f2bf(silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * i + BN / 4 + 2 * hf + 1]));
+          hb[i] = (uint32_t)v0 | ((uint32_t)v1 << 16);
+          if (j < I) amax = fmaxf(amax, fabsf(bf2f(v0)));
+          if (j + 1 < I) amax = fmaxf(amax, fabsf(bf2f(v1)));
+        }
+        amax = fmaxf(amax, __shfl_xor_sync(live, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(live, amax, 2));
+        const float sc = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
+        uint8_t *q = f.hq + (size_t)(p0 + r) * I;
+        uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
+#pragma unroll
+        for (int i = 0; i < BN / 16; i++) {
+          const int j = n0 + 8 * i + 2 * (lane & 3);
+          const uint16_t v0 = (uint16_t)(hb[i] & 0xffffu), v1 = (uint16_t)(hb[i] >> 16);
+          const uint32_t c0 = __nv_cvt_float_to_fp8(__fdiv_rn(bf2f(v0), sc), __NV_SATFINITE, __NV_E4M3);
+          const uint32_t c1 = __nv_cvt_float_to_fp8(__fdiv_rn(bf2f(v1), sc), __NV_SATFINITE, __NV_E4M3);
+          if (j + 1 < I) {
+            *(uint16_t *)(q + j) = (uint16_t)(c0 | (c1 << 8)); /* I % 16 == 0, j even */
+            if (use_lora) *(uint32_t *)(dst + j) = hb[i]; /* shrink2 reads the bf16 h */
+          } else if (j < I) {
+            q[j] = (uint8_t)c0;
+            if (use_lora) dst[j] = v0;
+          }
+        }
+        if ((lane & 3) == 0) f.hsc[(size_t)(p0 + r) * f.nbi + n0 / QB] = sc;
+        continue;
+      }
       if (pair < 0) continue;
       if (MODE == MODE_GATEUP) {
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
@@ -374,7 +414,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 template <int MODE, int BM, int BN>
 __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
     k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
-          const __grid_constant__ CUtensorMap tma, int lora, unsigned long long wd) {
+          const __grid_constant__ CUtensorMap tma, int lora, int fuse_h, unsigned long long wd) {
 #if LMOE_SM90_DEVICE
   typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
@@ -397,7 +437,7 @@ __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
     producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, wd);
   } else {
     if constexpr (S::REALLOC) setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, BN>(f, smem, scl, full, empty, wd);
+    consumer<MODE, BM, BN>(f, smem, scl, full, empty, use_lora, fuse_h, wd);
   }
 #endif
 }
@@ -423,6 +463,7 @@ encode_fn encode_tiled;
 int num_sms;
 int ready; /* lmoe_fp8_init found the kernels usable */
 int tile_n = 256; /* the tiles' columns (LMOE_FP8_BN=128 for the narrow ones, read at init) */
+int fuse_h = 0;   /* gate_up quantizes h itself (LMOE_FP8_FUSE_H=1, 256-column tiles only) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
@@ -448,13 +489,14 @@ template <int MODE, int BM, int BN> cudaError_t launch(const lmoe_fwd *f, int lo
   int grid = f->mt_max * n_tiles<MODE, BN>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  k_fp8<MODE, BM, BN><<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, lora, watchdog_ns);
+  const int fh = MODE == MODE_GATEUP && BN == 256 && fuse_h;
+  k_fp8<MODE, BM, BN><<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, lora, fh, watchdog_ns);
   return cudaGetLastError();
 }
 
 template <int MODE, int BM, int BN> cudaError_t setup(int smem_limit, int *usable) {
   typedef shape<BM, BN> S;
-  void (*k)(lmoe_fwd, CUtensorMap, CUtensorMap, int, unsigned long long) = k_fp8<MODE, BM, BN>;
+  void (*k)(lmoe_fwd, CUtensorMap, CUtensorMap, int, int, unsigned long long) = k_fp8<MODE, BM, BN>;
   if ((int)smem_bytes<BM, BN>() > smem_limit) {
     *usable = 0;
     return cudaSuccess;
@@ -513,6 +555,8 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
      gpu-notes.md 38 measured both) */
   const char *bn = getenv("LMOE_FP8_BN");
   if (bn && *bn) tile_n = atoi(bn) == 128 ? 128 : 256;
+  const char *fh = getenv("LMOE_FP8_FUSE_H"); /* for measuring: not yet run on a GPU */
+  fuse_h = fh && atoi(fh) != 0 && tile_n == 256;
   if ((e = tile_n == 256 ? setup_all<256>(smem_limit, &usable) : setup_all<128>(smem_limit, &usable))) return e;
   ready = usable;
   *available = usable;
@@ -522,6 +566,8 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
 #endif
   return cudaSuccess;
 }
+
+extern "C" int lmoe_fp8_fuses_quant_h(void) { return ready && fuse_h; }
 
 extern "C" cudaError_t lmoe_fp8_run(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s) {
   if (!ready || !f->fp8 || f->H % 16 || f->I % 16) return cudaErrorInvalidValue;

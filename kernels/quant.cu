@@ -10,6 +10,7 @@
    chunk's partial sum. x (gate_up's input) and h (down's) stay in bf16 beside their
    codes: the LoRA shrinks read those, never the codes. */
 #include "common.cuh"
+#include "gemm_engine.h"
 #include "lmoe_kernels.h"
 
 #include <cuda_fp8.h>
@@ -120,7 +121,7 @@ extern "C" cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s) {
 }
 
 extern "C" cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s) {
-  if (!f->fp8 || f->M <= 0) return cudaSuccess;
+  if (!f->fp8 || f->M <= 0 || lmoe_fp8_fuses_quant_h()) return cudaSuccess;
   /* the grid for the most rows the tile list may hold; the loop reads the real count */
   k_quant_h<<<grid_for((int64_t)f->mt_max * f->bm * 32, 256), 256, 0, s>>>(f->h, f->ntiles, f->sorted_pair, f->bm, f->I, f->nbi, f->hq,
                                                       f->hsc);
