@@ -37,6 +37,7 @@
    promotion do not overlap (the other consumer warpgroup's do); two partial
    accumulators in turn would overlap them. */
 #include "common.cuh"
+#include "fp8_quot.h"
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
 #include "sm90_walk.cuh"
@@ -358,15 +359,18 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         }
         amax = fmaxf(amax, __shfl_xor_sync(live, amax, 1));
         amax = fmaxf(amax, __shfl_xor_sync(live, amax, 2));
-        const float sc = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
+        const float sc = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f, rc = __frcp_rn(sc);
+        const bool exact = sc < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h */
         uint8_t *q = f.hq + (size_t)(p0 + r) * I;
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
 #pragma unroll
         for (int i = 0; i < BN / 16; i++) {
           const int j = n0 + 8 * i + 2 * (lane & 3);
           const uint16_t v0 = (uint16_t)(hb[i] & 0xffffu), v1 = (uint16_t)(hb[i] >> 16);
-          const uint32_t c0 = __nv_cvt_float_to_fp8(__fdiv_rn(bf2f(v0), sc), __NV_SATFINITE, __NV_E4M3);
-          const uint32_t c1 = __nv_cvt_float_to_fp8(__fdiv_rn(bf2f(v1), sc), __NV_SATFINITE, __NV_E4M3);
+          const float x0 = exact ? __fdiv_rn(bf2f(v0), sc) : lmoe_fp8_quot(bf2f(v0), sc, rc);
+          const float x1 = exact ? __fdiv_rn(bf2f(v1), sc) : lmoe_fp8_quot(bf2f(v1), sc, rc);
+          const uint32_t c0 = __nv_cvt_float_to_fp8(x0, __NV_SATFINITE, __NV_E4M3);
+          const uint32_t c1 = __nv_cvt_float_to_fp8(x1, __NV_SATFINITE, __NV_E4M3);
           if (j + 1 < I) {
             *(uint16_t *)(q + j) = (uint16_t)(c0 | (c1 << 8)); /* I % 16 == 0, j even */
             if (use_lora) *(uint32_t *)(dst + j) = hb[i]; /* shrink2 reads the bf16 h */

@@ -3,13 +3,15 @@
 
      scale = amax / 448 in float32 (1 for an all-zero group)
      code  = e4m3(v / scale), v / scale an IEEE float division, rounded to nearest even
-             and saturated to +-448
+             and saturated to +-448 (computed by the scale's reciprocal and one
+             correction, which gives the same codes: fp8_quot.h)
 
    the rule fp8.c applies to the weights' 128x128 blocks, here on rows of 128: a group
    is exactly one 128-byte K chunk of the FP8 engine, so one scale multiplies each
    chunk's partial sum. x (gate_up's input) and h (down's) stay in bf16 beside their
    codes: the LoRA shrinks read those, never the codes. */
 #include "common.cuh"
+#include "fp8_quot.h"
 #include "gemm_engine.h"
 #include "lmoe_kernels.h"
 
@@ -56,12 +58,15 @@ __device__ __forceinline__ void quant_row(const uint16_t *src, int cols, int nb,
     for (int b = 0; b < GB; b++) {
       const int c = (g0 + b) * 128 + lane * 4;
       const float sc = !src ? 0.0f : a[b] > 0.0f ? __fdiv_rn(a[b], 448.0f) : 1.0f;
+      const float rc = __frcp_rn(sc);
+      const bool exact = sc < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h: the same codes at and above */
       if (lane == b) mys = sc;
       if (g0 + b < nb && c < cols) {
         uint32_t q = 0;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-          uint32_t bt = src ? (uint32_t)__nv_cvt_float_to_fp8(__fdiv_rn(v[b][i], sc), __NV_SATFINITE, __NV_E4M3) : 0u;
+          const float x = exact ? __fdiv_rn(v[b][i], sc) : lmoe_fp8_quot(v[b][i], sc, rc);
+          uint32_t bt = src ? (uint32_t)__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3) : 0u;
           q |= bt << (8 * i);
         }
 #pragma unroll

@@ -5,6 +5,7 @@
    bf16 path's; the LoRA shrink reading the unquantized activations; the checkpoint
    quantizer, loader and their refusals. argv[1]: a directory for the files. */
 #include "test_util.h"
+#include "../kernels/fp8_quot.h"
 
 #include <errno.h>
 #include <sys/stat.h>
@@ -29,6 +30,40 @@ static uint8_t to_code(double v) {
   OK(ctx, lmoe_buffer_read(b, 0, &c, LMOE_DTYPE_F8_E4M3, 1));
   lmoe_buffer_release(b);
   return c;
+}
+
+/* The GPU quantizers' quotient by reciprocal (kernels/fp8_quot.h) against the IEEE
+   division the rule names: for scales the kernels give it (s = RN(amax / 448) >= 2^-90,
+   |v| <= amax, v a bf16 value) equal, or both below 2^-10 with one sign, so the e4m3
+   code is the same. Random groups, and their maxima and zeros. */
+static float bf16_value(uint16_t b) {
+  uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static void test_quotient(void) {
+  long n = 0, bad = 0;
+  for (int g = 0; g < 20000; g++) {
+    float amax;
+    do amax = bf16_value((uint16_t)(test_rand() & 0x7fff));
+    while (!(amax > 0.0f) || isinf(amax));
+    const float s = amax / 448.0f;
+    if (s < LMOE_FP8_QUOT_MIN_S) continue; /* the kernels divide exactly there */
+    const float r = 1.0f / s;
+    for (int k = 0; k < 520; k++) {
+      float v = k < 4 ? (k & 1 ? -1.0f : 1.0f) * (k < 2 ? amax : 0.0f) : bf16_value((uint16_t)test_rand());
+      if (isnan(v) || isinf(v)) continue;
+      if (fabsf(v) > amax) v = copysignf(amax, v);
+      const float q = v / s, q1 = lmoe_fp8_quot(v, s, r);
+      const bool same = memcmp(&q, &q1, 4) == 0 ||
+                        (fabsf(q) < 0x1p-10f && fabsf(q1) < 0x1p-10f && signbit(q) == signbit(q1));
+      n++;
+      if (!same && bad++ < 5) fprintf(stderr, "v %a s %a: %a against %a\n", v, s, q1, q);
+    }
+  }
+  CHECK(bad == 0 && n > 5000000, "the quotient by reciprocal differs from v / s in %ld of %ld", bad, n);
 }
 
 static void test_codec(void) {
@@ -524,6 +559,7 @@ int main(int argc, char **argv) {
   test_seed("test_fp8");
   ctx = test_cpu_context(2, LMOE_GUARD_HOST);
   test_codec();
+  test_quotient();
   test_layer_vs_reference();
   test_adapter_effect_equal();
   test_lora_reads_unquantized();
