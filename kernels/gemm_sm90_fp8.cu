@@ -234,6 +234,11 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   }
 }
 
+/* two e4m3 codes, x0's in the low byte (one cvt.rn.satfinite.e4m3x2 on sm_89+) */
+static __device__ __forceinline__ uint16_t cvt_e4m3x2(float x0, float x1) {
+  return (uint16_t)__nv_cvt_float2_to_fp8x2(make_float2(x0, x1), __NV_SATFINITE, __NV_E4M3);
+}
+
 template <int MODE, int BM, int BN>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const float *scl, uint64_t *full,
                                          uint64_t *empty, int use_lora, int fuse_h, uint64_t wd) {
@@ -346,16 +351,17 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
            lanes; their maximum by two shuffles among the quads whose row exists */
         const unsigned live = __ballot_sync(0xffffffffu, pair >= 0);
         if (pair < 0) continue;
+        const bool whole = n0 + BN / 2 <= I; /* the tile's 128 h columns all exist */
         uint32_t hb[BN / 16];
         float amax = 0.0f;
 #pragma unroll
         for (int i = 0; i < BN / 16; i++) {
           const int j = n0 + 8 * i + 2 * (lane & 3);
-          const uint16_t v0 = f2bf(silu_mul(acc[4 * i + 2 * hf], acc[4 * i + BN / 4 + 2 * hf]));
-          const uint16_t v1 = f2bf(silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * i + BN / 4 + 2 * hf + 1]));
-          hb[i] = (uint32_t)v0 | ((uint32_t)v1 << 16);
-          if (j < I) amax = fmaxf(amax, fabsf(bf2f(v0)));
-          if (j + 1 < I) amax = fmaxf(amax, fabsf(bf2f(v1)));
+          hb[i] = (uint32_t)f2bf(silu_mul(acc[4 * i + 2 * hf], acc[4 * i + BN / 4 + 2 * hf])) |
+                  ((uint32_t)f2bf(silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * i + BN / 4 + 2 * hf + 1])) << 16);
+          const float a0 = __uint_as_float(hb[i] << 16), a1 = __uint_as_float(hb[i] & 0xffff0000u);
+          if (whole || j < I) amax = fmaxf(amax, fabsf(a0));
+          if (whole || j + 1 < I) amax = fmaxf(amax, fabsf(a1));
         }
         amax = fmaxf(amax, __shfl_xor_sync(live, amax, 1));
         amax = fmaxf(amax, __shfl_xor_sync(live, amax, 2));
@@ -363,20 +369,32 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         const bool exact = sc < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h */
         uint8_t *q = f.hq + (size_t)(p0 + r) * I;
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
+        if (whole && !exact) {
+          /* the common case, without a column test or a division: I % 16 == 0 and j even,
+             so each pair of codes is one aligned 16-bit store */
 #pragma unroll
-        for (int i = 0; i < BN / 16; i++) {
-          const int j = n0 + 8 * i + 2 * (lane & 3);
-          const uint16_t v0 = (uint16_t)(hb[i] & 0xffffu), v1 = (uint16_t)(hb[i] >> 16);
-          const float x0 = exact ? __fdiv_rn(bf2f(v0), sc) : lmoe_fp8_quot(bf2f(v0), sc, rc);
-          const float x1 = exact ? __fdiv_rn(bf2f(v1), sc) : lmoe_fp8_quot(bf2f(v1), sc, rc);
-          const uint32_t c0 = __nv_cvt_float_to_fp8(x0, __NV_SATFINITE, __NV_E4M3);
-          const uint32_t c1 = __nv_cvt_float_to_fp8(x1, __NV_SATFINITE, __NV_E4M3);
-          if (j + 1 < I) {
-            *(uint16_t *)(q + j) = (uint16_t)(c0 | (c1 << 8)); /* I % 16 == 0, j even */
+          for (int i = 0; i < BN / 16; i++) {
+            const int j = n0 + 8 * i + 2 * (lane & 3);
+            const float x0 = lmoe_fp8_quot(__uint_as_float(hb[i] << 16), sc, rc);
+            const float x1 = lmoe_fp8_quot(__uint_as_float(hb[i] & 0xffff0000u), sc, rc);
+            *(uint16_t *)(q + j) = cvt_e4m3x2(x0, x1);
             if (use_lora) *(uint32_t *)(dst + j) = hb[i]; /* shrink2 reads the bf16 h */
-          } else if (j < I) {
-            q[j] = (uint8_t)c0;
-            if (use_lora) dst[j] = v0;
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < BN / 16; i++) {
+            const int j = n0 + 8 * i + 2 * (lane & 3);
+            const float v0 = __uint_as_float(hb[i] << 16), v1 = __uint_as_float(hb[i] & 0xffff0000u);
+            const float x0 = exact ? __fdiv_rn(v0, sc) : lmoe_fp8_quot(v0, sc, rc);
+            const float x1 = exact ? __fdiv_rn(v1, sc) : lmoe_fp8_quot(v1, sc, rc);
+            const uint16_t c2 = cvt_e4m3x2(x0, x1);
+            if (j + 1 < I) {
+              *(uint16_t *)(q + j) = c2;
+              if (use_lora) *(uint32_t *)(dst + j) = hb[i];
+            } else if (j < I) {
+              q[j] = (uint8_t)(c2 & 0xffu);
+              if (use_lora) dst[j] = (uint16_t)(hb[i] & 0xffffu);
+            }
           }
         }
         if ((lane & 3) == 0) f.hsc[(size_t)(p0 + r) * f.nbi + n0 / QB] = sc;

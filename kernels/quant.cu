@@ -62,13 +62,13 @@ __device__ __forceinline__ void quant_row(const uint16_t *src, int cols, int nb,
       const bool exact = sc < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h: the same codes at and above */
       if (lane == b) mys = sc;
       if (g0 + b < nb && c < cols) {
-        uint32_t q = 0;
+        float x[4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-          const float x = exact ? __fdiv_rn(v[b][i], sc) : lmoe_fp8_quot(v[b][i], sc, rc);
-          uint32_t bt = src ? (uint32_t)__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3) : 0u;
-          q |= bt << (8 * i);
-        }
+        for (int i = 0; i < 4; i++) x[i] = exact ? __fdiv_rn(v[b][i], sc) : lmoe_fp8_quot(v[b][i], sc, rc);
+        const uint32_t q = !src ? 0u
+                                : (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(x[0], x[1]), __NV_SATFINITE, __NV_E4M3) |
+                                      (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(x[2], x[3]), __NV_SATFINITE, __NV_E4M3)
+                                          << 16;
 #pragma unroll
         for (int j = 0; j < ND; j++)
           if (j < nd && dst[j]) *(uint32_t *)(dst[j] + c) = q;
