@@ -40,7 +40,7 @@ cudaError_t lmoe_sm90_dense(int32_t cfg, int32_t M, int32_t N, int32_t K, const 
 cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *available);
 cudaError_t lmoe_fp8_run(int32_t op, const lmoe_fwd *f, int lora, cudaStream_t s);
 /* Whether the FP8 gate_up writes h's codes and scales itself (its 256-column tiles hold
-   one 128-wide group of h a row; LMOE_FP8_FUSE_H=1), so lmoe_k_quant_h has nothing to do
+   one 128-wide group of h a row; the default; LMOE_FP8_FUSE_H=0 not), so lmoe_k_quant_h has nothing to do
    and h's bf16 values are written only where LoRA's shrink2 reads them. */
 int lmoe_fp8_fuses_quant_h(void);
 

@@ -51,6 +51,7 @@
 namespace {
 
 enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
+enum { FL_FUSE_H = 1, FL_EPI16 = 2 }; /* k_fp8's flags */
 
 constexpr int BKQ = 128; /* base K chunk: 128 e4m3, one 128-byte row, one scale block */
 constexpr int BKL = 64;  /* expand K chunk: 64 bf16, one 128-byte row */
@@ -241,7 +242,7 @@ static __device__ __forceinline__ uint16_t cvt_e4m3x2(float x0, float x1) {
 
 template <int MODE, int BM, int BN>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const float *scl, uint64_t *full,
-                                         uint64_t *empty, int use_lora, int fuse_h, uint64_t wd) {
+                                         uint64_t *empty, int use_lora, int flags, uint64_t wd) {
   typedef shape<BM, BN> S;
   constexpr int NH = S::NH;
   constexpr int ST = S::ST;
@@ -262,6 +263,10 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
     sm90_tile_of(t, ntm, ntn, GROUP_M, m, nt);
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    /* the epilogue's rows' pairs now, down's routing weights once the first chunk's
+       MMAs are issued: not a dependent load chain after the last wait */
+    const int pre_pair[2] = {f.sorted_pair[p0 + r0], f.sorted_pair[p0 + r0 + 8]};
+    float pre_w[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < 64 * NH; i++) acc[i] = 0.0f;
 #pragma unroll 1
@@ -293,6 +298,10 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
             const float2 sb = lds_f32x2(sc + 4 * BM);
             sb0 = sb.x;
             sb1 = sb.y;
+            if (MODE == MODE_DOWN && c == 0) {
+#pragma unroll
+              for (int hf = 0; hf < 2; hf++) pre_w[hf] = pre_pair[hf] >= 0 ? f.tw[pre_pair[hf]] : 0.0f;
+            }
           }
           wgmma_wait<0>();
 #pragma unroll
@@ -344,8 +353,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
       const int r = r0 + hf * 8;
-      const int pair = f.sorted_pair[p0 + r];
-      if (MODE == MODE_GATEUP && BN == 256 && fuse_h) {
+      const int pair = pre_pair[hf];
+      if (MODE == MODE_GATEUP && BN == 256 && (flags & FL_FUSE_H)) {
         /* h's quantization here (quant.cu's rule on the same bf16 values): the tile's
            128 h columns are one 128-wide group of the row, spread over the quad's four
            lanes; their maximum by two shuffles among the quads whose row exists */
@@ -400,6 +409,40 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         if ((lane & 3) == 0) f.hsc[(size_t)(p0 + r) * f.nbi + n0 / QB] = sc;
         continue;
       }
+      if (MODE == MODE_GATEUP && (flags & FL_EPI16) && n0 + BN / 2 <= I) {
+        /* whole tiles: a quad's rows leave as 16-byte stores (sm90_walk.cuh); every lane
+           of the warp takes part in the exchange, stored or not */
+        uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
+#pragma unroll
+        for (int g = 0; g < BN / 64; g++) {
+          uint32_t pk[4];
+#pragma unroll
+          for (int b = 0; b < 4; b++) {
+            const int i = 4 * g + b;
+            pk[b] = pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * i + BN / 4 + 2 * hf]),
+                          silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * i + BN / 4 + 2 * hf + 1]));
+          }
+          const uint4 o = quad_transpose(pk[0], pk[1], pk[2], pk[3]);
+          if (pair >= 0) *(uint4 *)(dst + n0 + 8 * (4 * g + (lane & 3))) = o;
+        }
+        continue;
+      }
+      if (MODE == MODE_DOWN && (flags & FL_EPI16) && n0 + BN <= H) {
+        const float w = pre_w[hf];
+        uint16_t *dst = f.y + (size_t)(pair >= 0 ? pair : 0) * H;
+#pragma unroll
+        for (int g = 0; g < BN / 32; g++) {
+          uint32_t pk[4];
+#pragma unroll
+          for (int b = 0; b < 4; b++) {
+            const int i = 4 * g + b;
+            pk[b] = pack2(w * acc[4 * i + 2 * hf], w * acc[4 * i + 2 * hf + 1]);
+          }
+          const uint4 o = quad_transpose(pk[0], pk[1], pk[2], pk[3]);
+          if (pair >= 0) *(uint4 *)(dst + n0 + 8 * (4 * g + (lane & 3))) = o;
+        }
+        continue;
+      }
       if (pair < 0) continue;
       if (MODE == MODE_GATEUP) {
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
@@ -415,7 +458,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
             dst[j] = v0;
         }
       } else {
-        const float w = f.tw[pair];
+        const float w = pre_w[hf];
         uint16_t *dst = f.y + (size_t)pair * H;
 #pragma unroll
         for (int i = 0; i < BN / 8; i++) {
@@ -436,7 +479,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 template <int MODE, int BM, int BN>
 __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
     k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
-          const __grid_constant__ CUtensorMap tma, int lora, int fuse_h, unsigned long long wd) {
+          const __grid_constant__ CUtensorMap tma, int lora, int flags, unsigned long long wd) {
 #if LMOE_SM90_DEVICE
   typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
@@ -459,7 +502,7 @@ __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
     producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, wd);
   } else {
     if constexpr (S::REALLOC) setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, BN>(f, smem, scl, full, empty, use_lora, fuse_h, wd);
+    consumer<MODE, BM, BN>(f, smem, scl, full, empty, use_lora, flags, wd);
   }
 #endif
 }
@@ -485,7 +528,8 @@ encode_fn encode_tiled;
 int num_sms;
 int ready; /* lmoe_fp8_init found the kernels usable */
 int tile_n = 256; /* the tiles' columns (LMOE_FP8_BN=128 for the narrow ones, read at init) */
-int fuse_h = 0;   /* gate_up quantizes h itself (LMOE_FP8_FUSE_H=1, 256-column tiles only) */
+int fuse_h = 1;   /* gate_up quantizes h itself (256-column tiles only; LMOE_FP8_FUSE_H=0: quant_h does) */
+int epi16 = 1;    /* whole tiles' epilogue by 16-byte stores (LMOE_SM90_EPI=0: 4-byte ones) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
@@ -511,8 +555,8 @@ template <int MODE, int BM, int BN> cudaError_t launch(const lmoe_fwd *f, int lo
   int grid = f->mt_max * n_tiles<MODE, BN>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  const int fh = MODE == MODE_GATEUP && BN == 256 && fuse_h;
-  k_fp8<MODE, BM, BN><<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, lora, fh, watchdog_ns);
+  const int flags = (MODE == MODE_GATEUP && BN == 256 && fuse_h ? FL_FUSE_H : 0) | (epi16 ? FL_EPI16 : 0);
+  k_fp8<MODE, BM, BN><<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, lora, flags, watchdog_ns);
   return cudaGetLastError();
 }
 
@@ -577,8 +621,11 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
      gpu-notes.md 38 measured both) */
   const char *bn = getenv("LMOE_FP8_BN");
   if (bn && *bn) tile_n = atoi(bn) == 128 ? 128 : 256;
-  const char *fh = getenv("LMOE_FP8_FUSE_H"); /* for measuring: not yet run on a GPU */
-  fuse_h = fh && atoi(fh) != 0 && tile_n == 256;
+  /* LMOE_FP8_FUSE_H=0 (for measuring): h quantized by its own kernel (gpu-notes 39) */
+  const char *fh = getenv("LMOE_FP8_FUSE_H");
+  fuse_h = (!fh || atoi(fh) != 0) && tile_n == 256;
+  const char *ep = getenv("LMOE_SM90_EPI");
+  epi16 = !ep || atoi(ep) != 0;
   if ((e = tile_n == 256 ? setup_all<256>(smem_limit, &usable) : setup_all<128>(smem_limit, &usable))) return e;
   ready = usable;
   *available = usable;

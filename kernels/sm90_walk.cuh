@@ -71,4 +71,44 @@ static __device__ __forceinline__ int sm90_piece_bytes(int col, int limit, int e
   return b < 0 ? 0 : b > 16 ? 16 : b;
 }
 
+/* The epilogues' stores (both engines) */
+
+static __device__ __forceinline__ uint32_t sel4(uint32_t a, uint32_t b, uint32_t c, uint32_t d, int i) {
+  return i == 0 ? a : i == 1 ? b : i == 2 ? c : d;
+}
+
+/* The accumulator layout gives each lane of a quad (4 lanes, one row) 2 columns of
+   every 8-column block. Four rotations through shuffles hand lane q of the quad all 8
+   columns of block q of four consecutive blocks (p0..p3: this lane's packed pairs of
+   those blocks), so the row leaves as 16-byte stores, 64 contiguous bytes per quad,
+   instead of 4-byte stores at a 16-byte stride. Every lane of the warp must call it. */
+static __device__ __forceinline__ uint4 quad_transpose(uint32_t p0, uint32_t p1, uint32_t p2, uint32_t p3) {
+  const int lane = threadIdx.x & 31, q = lane & 3, base = lane & ~3;
+  uint32_t o0 = 0, o1 = 0, o2 = 0, o3 = 0;
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    uint32_t got = __shfl_sync(0xffffffffu, sel4(p0, p1, p2, p3, (q - r) & 3), base | ((q + r) & 3));
+    int j = (q + r) & 3;
+    o0 = j == 0 ? got : o0;
+    o1 = j == 1 ? got : o1;
+    o2 = j == 2 ? got : o2;
+    o3 = j == 3 ? got : o3;
+  }
+  return make_uint4(o0, o1, o2, o3);
+}
+
+/* Stores 8 bf16 (o) at dst[c..c+8) where columns below limit exist. */
+static __device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, uint4 o) {
+  if (c + 8 <= limit) {
+    *(uint4 *)(dst + c) = o;
+  } else {
+    uint32_t w[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+    for (int e = 0; e < 8; e++)
+      if (c + e < limit) dst[c + e] = (uint16_t)(w[e >> 1] >> (16 * (e & 1)));
+  }
+}
+
+static __device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
+
 #endif
