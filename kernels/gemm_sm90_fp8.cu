@@ -358,8 +358,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         /* h's quantization here (quant.cu's rule on the same bf16 values): the tile's
            128 h columns are one 128-wide group of the row, spread over the quad's four
            lanes; their maximum by two shuffles among the quads whose row exists */
-        const unsigned live = __ballot_sync(0xffffffffu, pair >= 0);
-        if (pair < 0) continue;
+        /* every lane of the warp goes on to the exchanges below, a padding row's too (its
+           values are computed and not stored) */
         const bool whole = n0 + BN / 2 <= I; /* the tile's 128 h columns all exist */
         uint32_t hb[BN / 16];
         float amax = 0.0f;
@@ -372,24 +372,35 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
           if (whole || j < I) amax = fmaxf(amax, fabsf(a0));
           if (whole || j + 1 < I) amax = fmaxf(amax, fabsf(a1));
         }
-        amax = fmaxf(amax, __shfl_xor_sync(live, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(live, amax, 2));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
         const float sc = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f, rc = __frcp_rn(sc);
-        const bool exact = sc < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h */
+        const bool exact = pair >= 0 && sc < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h */
         uint8_t *q = f.hq + (size_t)(p0 + r) * I;
         uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
-        if (whole && !exact) {
-          /* the common case, without a column test or a division: I % 16 == 0 and j even,
-             so each pair of codes is one aligned 16-bit store */
+        if (whole && (flags & FL_EPI16) && __all_sync(0xffffffffu, !exact)) {
+          /* the common case, without a column test or a division: each quad's codes of four
+             8-column blocks exchanged (quad_transpose) so a lane stores a block's 8 codes
+             at once (I % 16 == 0: 8-byte aligned), and LoRA's bf16 h 16 bytes a lane */
 #pragma unroll
-          for (int i = 0; i < BN / 16; i++) {
-            const int j = n0 + 8 * i + 2 * (lane & 3);
-            const float x0 = lmoe_fp8_quot(__uint_as_float(hb[i] << 16), sc, rc);
-            const float x1 = lmoe_fp8_quot(__uint_as_float(hb[i] & 0xffff0000u), sc, rc);
-            *(uint16_t *)(q + j) = cvt_e4m3x2(x0, x1);
-            if (use_lora) *(uint32_t *)(dst + j) = hb[i]; /* shrink2 reads the bf16 h */
+          for (int g = 0; g < BN / 64; g++) {
+            uint32_t pk[4];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+              const int i = 4 * g + b;
+              pk[b] = cvt_e4m3x2(lmoe_fp8_quot(__uint_as_float(hb[i] << 16), sc, rc),
+                                 lmoe_fp8_quot(__uint_as_float(hb[i] & 0xffff0000u), sc, rc));
+            }
+            const uint4 o = quad_transpose(pk[0], pk[1], pk[2], pk[3]);
+            const int c = n0 + 8 * (4 * g + (lane & 3));
+            if (pair >= 0) *(uint2 *)(q + c) = make_uint2(o.x | (o.y << 16), o.z | (o.w << 16));
+            if (use_lora) { /* shrink2 reads the bf16 h */
+              const uint4 oh = quad_transpose(hb[4 * g], hb[4 * g + 1], hb[4 * g + 2], hb[4 * g + 3]);
+              if (pair >= 0) *(uint4 *)(dst + c) = oh;
+            }
           }
         } else {
+          if (pair < 0) continue;
 #pragma unroll
           for (int i = 0; i < BN / 16; i++) {
             const int j = n0 + 8 * i + 2 * (lane & 3);
@@ -406,6 +417,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
             }
           }
         }
+        if (pair < 0) continue;
         if ((lane & 3) == 0) f.hsc[(size_t)(p0 + r) * f.nbi + n0 / QB] = sc;
         continue;
       }
