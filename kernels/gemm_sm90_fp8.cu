@@ -85,7 +85,7 @@ static_assert(shape<128, 256>::POOL <= 168 * 384, "setmaxnreg asks more than a 3
 template <int BM, int BN> constexpr size_t smem_bytes(void) {
   typedef shape<BM, BN> S;
   return 1024 + (size_t)S::ST * S::STAGE + (size_t)S::ST * S::SC * 4 + 2 * S::ST * sizeof(uint64_t) +
-         S::ST * sizeof(int32_t);
+         S::ST * sizeof(int32_t) + 2 * BM * sizeof(int32_t);
 }
 static_assert(smem_bytes<128, 128>() <= 232448 && smem_bytes<64, 128>() <= 232448 &&
                   smem_bytes<128, 256>() <= 232448 && smem_bytes<64, 256>() <= 232448,
@@ -97,6 +97,9 @@ template <int MODE, int BN> __host__ __device__ __forceinline__ int n_tiles(cons
 
 #if LMOE_SM90_DEVICE
 
+/* the producer warpgroup's 128 threads (named barrier 1; the consumers never use it) */
+__device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
+
 /* As gemm_sm90.cu's walk: groups of 8 row tiles take the N tiles together (L2 reuse);
    the packed expand (lora_align 8): each group's rank rounded up to 8 columns. */
 constexpr int GROUP_M = 8, LORA_ALIGN = 8;
@@ -104,7 +107,7 @@ constexpr int GROUP_M = 8, LORA_ALIGN = 8;
 template <int MODE, int BM, int BN>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
                                          int use_lora, uint8_t *smem, float *scl, uint64_t *full, uint64_t *empty,
-                                         volatile int32_t *last, uint64_t wd) {
+                                         volatile int32_t *last, int32_t *rowg, uint64_t wd) {
   typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
   constexpr int AR = BM / 16; /* A rows per thread (the expand's loads) */
@@ -117,20 +120,29 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     prefetch_tensormap(tmb);
     prefetch_tensormap(tma);
   }
-  uint32_t it = 0;
+  uint32_t it = 0, tk = 0;
 #pragma unroll 1
-  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+  for (int t = blockIdx.x; t < total; t += gridDim.x, tk++) {
     int m, nt;
     sm90_tile_of(t, ntm, ntn, GROUP_M, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    /* the expand's view of the tile's rows, its group or -2 (padding), written here and
+       read after the base chunks (one barrier among the producer's threads): one shared
+       load a row a piece where two dependent global loads were (gpu-notes 41). Two
+       buffers by tile parity; a tile's writes follow the previous tile's barrier, which
+       follows every read of the tile before that */
+    int32_t *rg = rowg + (tk & 1) * BM;
     const int nlc = use_lora ? sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, LORA_ALIGN, BKL) : 0;
     const int nch = nbase + nlc;
     /* A's codes come by TMA (x's and h's rows are both in sorted order: quant.cu);
        this thread copies the scale of row ptid (NULL: a padding row, or none) */
     const float *asc = nullptr;
-    if (ptid < BM && f.sorted_pair[p0 + ptid] >= 0)
-      asc = (MODE == MODE_GATEUP ? f.xs : f.hsc) + (size_t)(p0 + ptid) * nsb;
+    if (ptid < BM) {
+      const int pair = f.sorted_pair[p0 + ptid];
+      if (pair >= 0) asc = (MODE == MODE_GATEUP ? f.xs : f.hsc) + (size_t)(p0 + ptid) * nsb;
+      if (use_lora) rg[ptid] = pair >= 0 ? f.sorted_group[p0 + ptid] : -2;
+    }
     /* the tile's weight scale rows: gate's and up's row block (BN / 2 rows of one
        block: n0 is a multiple of BN / 2), or down's (BN rows from n0, a multiple of BN:
        one block, or two at BN 256, the second past H at the edge: never used then) */
@@ -165,6 +177,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       if (ptid < BM) cp_async4_s(sc + ptid * 4, asc ? asc + c : bsc0, asc ? 4 : 0);
       cp_async_mbar_arrive(&full[s]);
     }
+    if (use_lora) producer_sync();
     if (nlc > 0) {
       /* unrolled where registers allow: not where setmaxnreg leaves the producer 56 */
       constexpr int UA = S::REALLOC ? 1 : AR, UB = S::REALLOC ? 1 : 4;
@@ -176,9 +189,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         for (int q = 0; q < AR; q++) {
           int r = rb + 16 * q;
           const uint16_t *row = nullptr;
-          /* the row's group and existence read here, not kept in registers through the
-             base chunks (the producer's registers are few where setmaxnreg moves them) */
-          if (pb && f.sorted_group[p0 + r] == g && f.sorted_pair[p0 + r] >= 0)
+          if (pb && rg[r] == g)
             row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
         }
@@ -499,7 +510,7 @@ __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
   float *scl = (float *)(smem + ST * S::STAGE);
   uint64_t *full = (uint64_t *)(scl + ST * S::SC), *empty = full + ST;
-  int32_t *last = (int32_t *)(empty + ST);
+  int32_t *last = (int32_t *)(empty + ST), *rowg = last + ST;
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
@@ -511,7 +522,7 @@ __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     if constexpr (S::REALLOC) setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, wd);
+    producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, rowg, wd);
   } else {
     if constexpr (S::REALLOC) setmaxnreg_inc<S::CREG>();
     consumer<MODE, BM, BN>(f, smem, scl, full, empty, use_lora, flags, wd);
