@@ -406,11 +406,9 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
             const uint4 o = quad_transpose(pk[0], pk[1], pk[2], pk[3]);
             const int c = n0 + 8 * (4 * g + (lane & 3));
             if (pair >= 0) *(uint2 *)(q + c) = make_uint2(o.x | (o.y << 16), o.z | (o.w << 16));
-            if (use_lora) { /* shrink2 reads the bf16 h */
-              const uint4 oh = quad_transpose(hb[4 * g], hb[4 * g + 1], hb[4 * g + 2], hb[4 * g + 3]);
-              if (pair >= 0) *(uint4 *)(dst + c) = oh;
-            }
           }
+          if (use_lora) /* shrink2 reads the bf16 h */
+            store_row16<BN / 16>(dst, n0, pair >= 0, [&](int i) { return hb[i]; });
         } else {
           if (pair < 0) continue;
 #pragma unroll
@@ -436,35 +434,16 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
       if (MODE == MODE_GATEUP && (flags & FL_EPI16) && n0 + BN / 2 <= I) {
         /* whole tiles: a quad's rows leave as 16-byte stores (sm90_walk.cuh); every lane
            of the warp takes part in the exchange, stored or not */
-        uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
-#pragma unroll
-        for (int g = 0; g < BN / 64; g++) {
-          uint32_t pk[4];
-#pragma unroll
-          for (int b = 0; b < 4; b++) {
-            const int i = 4 * g + b;
-            pk[b] = pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * i + BN / 4 + 2 * hf]),
-                          silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * i + BN / 4 + 2 * hf + 1]));
-          }
-          const uint4 o = quad_transpose(pk[0], pk[1], pk[2], pk[3]);
-          if (pair >= 0) *(uint4 *)(dst + n0 + 8 * (4 * g + (lane & 3))) = o;
-        }
+        store_row16<BN / 16>(f.h + (size_t)(p0 + r) * hs, n0, pair >= 0, [&](int i) {
+          return pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * i + BN / 4 + 2 * hf]),
+                       silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * i + BN / 4 + 2 * hf + 1]));
+        });
         continue;
       }
       if (MODE == MODE_DOWN && (flags & FL_EPI16) && n0 + BN <= H) {
         const float w = pre_w[hf];
-        uint16_t *dst = f.y + (size_t)(pair >= 0 ? pair : 0) * H;
-#pragma unroll
-        for (int g = 0; g < BN / 32; g++) {
-          uint32_t pk[4];
-#pragma unroll
-          for (int b = 0; b < 4; b++) {
-            const int i = 4 * g + b;
-            pk[b] = pack2(w * acc[4 * i + 2 * hf], w * acc[4 * i + 2 * hf + 1]);
-          }
-          const uint4 o = quad_transpose(pk[0], pk[1], pk[2], pk[3]);
-          if (pair >= 0) *(uint4 *)(dst + n0 + 8 * (4 * g + (lane & 3))) = o;
-        }
+        store_row16<BN / 8>(f.y + (size_t)(pair >= 0 ? pair : 0) * H, n0, pair >= 0,
+                            [&](int i) { return pack2(w * acc[4 * i + 2 * hf], w * acc[4 * i + 2 * hf + 1]); });
         continue;
       }
       if (pair < 0) continue;
