@@ -51,7 +51,7 @@
 namespace {
 
 enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
-enum { FL_FUSE_H = 1, FL_EPI16 = 2, FL_ROWG = 4 }; /* k_fp8's flags */
+enum { FL_FUSE_H = 1, FL_EPI16 = 2 }; /* k_fp8's flags */
 
 constexpr int BKQ = 128; /* base K chunk: 128 e4m3, one 128-byte row, one scale block */
 constexpr int BKL = 64;  /* expand K chunk: 64 bf16, one 128-byte row */
@@ -107,7 +107,7 @@ constexpr int GROUP_M = 8, LORA_ALIGN = 8;
 template <int MODE, int BM, int BN>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
                                          int use_lora, uint8_t *smem, float *scl, uint64_t *full, uint64_t *empty,
-                                         volatile int32_t *last, int32_t *rowg, int flags, uint64_t wd) {
+                                         volatile int32_t *last, int32_t *rowg, uint64_t wd) {
   typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
   constexpr int AR = BM / 16; /* A rows per thread (the expand's loads) */
@@ -129,7 +129,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
     /* the expand's view of the tile's rows, its group or -2 (padding), written here and
        read after the base chunks (one barrier among the producer's threads): one shared
-       load a row a piece where two dependent global loads were (gpu-notes 41). Two
+       load a row a piece where two dependent global loads were (gpu-notes 42). Two
        buffers by tile parity; a tile's writes follow the previous tile's barrier, which
        follows every read of the tile before that */
     int32_t *rg = rowg + (tk & 1) * BM;
@@ -189,8 +189,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         for (int q = 0; q < AR; q++) {
           int r = rb + 16 * q;
           const uint16_t *row = nullptr;
-          if (pb && ((flags & FL_ROWG) ? rg[r] == g
-                                       : f.sorted_group[p0 + r] == g && f.sorted_pair[p0 + r] >= 0))
+          if (pb && rg[r] == g)
             row = MODE == MODE_GATEUP ? f.t13 + (size_t)(p0 + r) * f.t13s : f.t2 + (size_t)(p0 + r) * f.t2s;
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), row ? row + col : f.x, row ? nb : 0);
         }
@@ -502,7 +501,7 @@ __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     if constexpr (S::REALLOC) setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, rowg, flags, wd);
+    producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, rowg, wd);
   } else {
     if constexpr (S::REALLOC) setmaxnreg_inc<S::CREG>();
     consumer<MODE, BM, BN>(f, smem, scl, full, empty, use_lora, flags, wd);
@@ -533,7 +532,6 @@ int ready; /* lmoe_fp8_init found the kernels usable */
 int tile_n = 256; /* the tiles' columns (LMOE_FP8_BN=128 for the narrow ones, read at init) */
 int fuse_h = 1;   /* gate_up quantizes h itself (256-column tiles only; LMOE_FP8_FUSE_H=0: quant_h does) */
 int epi16 = 1;    /* whole tiles' epilogue by 16-byte stores (LMOE_SM90_EPI=0: 4-byte ones) */
-int rowg_smem = 1; /* the expand's row groups from shared memory (LMOE_FP8_ROWG=0: global) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
@@ -559,8 +557,7 @@ template <int MODE, int BM, int BN> cudaError_t launch(const lmoe_fwd *f, int lo
   int grid = f->mt_max * n_tiles<MODE, BN>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  const int flags = (MODE == MODE_GATEUP && BN == 256 && fuse_h ? FL_FUSE_H : 0) | (epi16 ? FL_EPI16 : 0) |
-                    (rowg_smem ? FL_ROWG : 0);
+  const int flags = (MODE == MODE_GATEUP && BN == 256 && fuse_h ? FL_FUSE_H : 0) | (epi16 ? FL_EPI16 : 0);
   k_fp8<MODE, BM, BN><<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, lora, flags, watchdog_ns);
   return cudaGetLastError();
 }
@@ -631,8 +628,6 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
   fuse_h = (!fh || atoi(fh) != 0) && tile_n == 256;
   const char *ep = getenv("LMOE_SM90_EPI");
   epi16 = !ep || atoi(ep) != 0;
-  const char *rgs = getenv("LMOE_FP8_ROWG"); /* for measuring (gpu-notes 41) */
-  rowg_smem = !rgs || atoi(rgs) != 0;
   if ((e = tile_n == 256 ? setup_all<256>(smem_limit, &usable) : setup_all<128>(smem_limit, &usable))) return e;
   ready = usable;
   *available = usable;
