@@ -123,7 +123,6 @@ __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int
   }
 }
 
-
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
                                          int use_lora, uint8_t *smem,

@@ -368,9 +368,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
       if (MODE == MODE_GATEUP && BN == 256 && (flags & FL_FUSE_H)) {
         /* h's quantization here (quant.cu's rule on the same bf16 values): the tile's
            128 h columns are one 128-wide group of the row, spread over the quad's four
-           lanes; their maximum by two shuffles among the quads whose row exists */
-        /* every lane of the warp goes on to the exchanges below, a padding row's too (its
-           values are computed and not stored) */
+           lanes; their maximum by two shuffles. Every lane of the warp goes on to the
+           exchanges below, a padding row's too (its values computed, not stored) */
         const bool whole = n0 + BN / 2 <= I; /* the tile's 128 h columns all exist */
         uint32_t hb[BN / 16];
         float amax = 0.0f;
