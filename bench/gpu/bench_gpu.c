@@ -22,6 +22,7 @@
    --dense N: an N x N x N bf16 GEMM through each sm90 row, checked against float64
    (every element for N <= 512, else 4096 samples), TFLOP/s. */
 #include "../bench_common.h"
+#include "bench_gpu_common.h"
 #include "gemm_engine.h"
 #include "loramoe.h"
 
@@ -34,31 +35,6 @@
 
 #define NSETS 3
 static double PEAK_FLOPS = 771e12, PEAK_BYTES = 4.27e12, PEAK_FLOPS_FP8; /* set in main */
-
-#define CK(ctx, call)                                                                          \
-  do {                                                                                         \
-    lmoe_status st_ = (call);                                                                  \
-    if (st_) {                                                                                 \
-      fprintf(stderr, "%s:%d: %s: %s: %s\n", __FILE__, __LINE__, #call, lmoe_status_string(st_), \
-              lmoe_context_last_error(ctx));                                                   \
-      exit(1);                                                                                 \
-    }                                                                                          \
-  } while (0)
-#define CU(call)                                                                     \
-  do {                                                                               \
-    cudaError_t e_ = (call);                                                         \
-    if (e_) {                                                                        \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      exit(1);                                                                       \
-    }                                                                                \
-  } while (0)
-
-typedef struct preset {
-  const char *name;
-  int E, H, I, k;
-} preset;
-
-static const preset PRESETS[] = {{"qwen3-30b-a3b", 128, 2048, 768, 8}, {"mixtral-8x7b", 8, 4096, 14336, 2}};
 
 typedef struct bench {
   lmoe_context *ctx;
@@ -625,8 +601,7 @@ int main(int argc, char **argv) {
   FILE *csv = NULL;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--m") && i + 1 < argc) {
-      nM = 0;
-      for (char *t = strtok(argv[++i], ","); t && nM < 16; t = strtok(NULL, ",")) Ms[nM++] = atoi(t);
+      nM = parse_ints(argv[++i], Ms, 16);
     } else if (!strcmp(argv[i], "--iters") && i + 1 < argc) {
       iters = atoi(argv[++i]);
     } else if (!strcmp(argv[i], "--case") && i + 1 < argc) {

@@ -16,7 +16,7 @@
    the timed forward; to see it apart, profile a run with ncu or nsys and read the NCCL
    kernel's time (`ncu -k regex:nccl --metrics gpu__time_duration.sum bench_shard ...`). */
 #include "../bench_common.h"
-#include "loramoe.h"
+#include "bench_gpu_common.h"
 
 #include <cuda_runtime_api.h>
 #include <stdio.h>
@@ -24,31 +24,6 @@
 #include <string.h>
 
 #define MAXG 8
-
-#define CK(ctx, call)                                                                          \
-  do {                                                                                         \
-    lmoe_status st_ = (call);                                                                  \
-    if (st_ != LMOE_OK) {                                                                      \
-      fprintf(stderr, "%s:%d: %s: %s: %s\n", __FILE__, __LINE__, #call, lmoe_status_string(st_), \
-              (ctx) ? lmoe_context_last_error(ctx) : "");                                      \
-      exit(1);                                                                                 \
-    }                                                                                          \
-  } while (0)
-#define CU(call)                                                                               \
-  do {                                                                                         \
-    cudaError_t e_ = (call);                                                                   \
-    if (e_ != cudaSuccess) {                                                                   \
-      fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_));   \
-      exit(1);                                                                                 \
-    }                                                                                          \
-  } while (0)
-
-typedef struct preset {
-  const char *name;
-  int E, H, I, k;
-} preset;
-
-static const preset PRESETS[] = {{"qwen3-30b-a3b", 128, 2048, 768, 8}, {"mixtral-8x7b", 8, 4096, 14336, 2}};
 
 /* One rank: its context (device dev), shard of the layer and the adapters, batch and
    buffers. */
@@ -161,17 +136,6 @@ static double time_ranks(rank_state *rs, int n, int iters) {
   return median(t, iters);
 }
 
-static int parse_list(const char *s, int *out, int max) {
-  int n = 0;
-  while (*s && n < max) {
-    out[n++] = atoi(s);
-    const char *c = strchr(s, ',');
-    if (!c) break;
-    s = c + 1;
-  }
-  return n;
-}
-
 int main(int argc, char **argv) {
   const preset *ps[2];
   int np = 0, Ms[8] = {2048, 16384}, nM = 2, gs[8] = {1, 2, 4, 8}, ng = 4, iters = 20;
@@ -180,8 +144,8 @@ int main(int argc, char **argv) {
   for (int i = 1; i < argc; i++) {
     if ((!strcmp(argv[i], "qwen3") || !strcmp(argv[i], "mixtral")) && np < 2)
       ps[np++] = &PRESETS[!strcmp(argv[i], "mixtral")];
-    else if (!strcmp(argv[i], "--m") && i + 1 < argc) nM = parse_list(argv[++i], Ms, 8);
-    else if (!strcmp(argv[i], "--gpus") && i + 1 < argc) ng = parse_list(argv[++i], gs, 8);
+    else if (!strcmp(argv[i], "--m") && i + 1 < argc) nM = parse_ints(argv[++i], Ms, 8);
+    else if (!strcmp(argv[i], "--gpus") && i + 1 < argc) ng = parse_ints(argv[++i], gs, 8);
     else if (!strcmp(argv[i], "--iters") && i + 1 < argc) iters = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--modes") && i + 1 < argc) {
       const char *m = argv[++i];
