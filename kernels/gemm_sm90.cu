@@ -316,35 +316,16 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
         const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
-        const int pair = pre_pair[hf], q = lane & 3;
+        const int pair = pre_pair[hf];
         if (MODE == MODE_GATEUP) {
-          uint16_t *dst = f.h + (size_t)(p0 + r) * hs;
-#pragma unroll
-          for (int g = 0; g < 4; g++) {
-            uint32_t p[4];
-#pragma unroll
-            for (int b = 0; b < 4; b++) {
-              const int i = 4 * g + b;
-              p[b] = pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
-                           silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
-            }
-            uint4 o = quad_transpose(p[0], p[1], p[2], p[3]);
-            if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), I, o);
-          }
+          store_row16<16>(f.h + (size_t)(p0 + r) * hs, n0, I, pair >= 0, [&](int i) {
+            return pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
+                         silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
+          });
         } else {
           const float w = pre_w[hf];
-          uint16_t *dst = f.y + (size_t)(pair >= 0 ? pair : 0) * H;
-#pragma unroll
-          for (int g = 0; g < 8; g++) {
-            uint32_t p[4];
-#pragma unroll
-            for (int b = 0; b < 4; b++) {
-              const int i = 4 * g + b;
-              p[b] = pack2(w * acc[4 * i + 2 * hf], w * acc[4 * i + 2 * hf + 1]);
-            }
-            uint4 o = quad_transpose(p[0], p[1], p[2], p[3]);
-            if (pair >= 0) store8(dst, n0 + 8 * (4 * g + q), H, o);
-          }
+          store_row16<32>(f.y + (size_t)(pair >= 0 ? pair : 0) * H, n0, H, pair >= 0,
+                          [&](int i) { return pack2(w * acc[4 * i + 2 * hf], w * acc[4 * i + 2 * hf + 1]); });
         }
       }
       continue;

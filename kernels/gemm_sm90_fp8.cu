@@ -406,7 +406,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
             if (pair >= 0) *(uint2 *)(q + c) = make_uint2(o.x | (o.y << 16), o.z | (o.w << 16));
           }
           if (use_lora) /* shrink2 reads the bf16 h */
-            store_row16<BN / 16>(dst, n0, pair >= 0, [&](int i) { return hb[i]; });
+            store_row16<BN / 16>(dst, n0, I, pair >= 0, [&](int i) { return hb[i]; });
         } else {
           if (pair < 0) continue;
 #pragma unroll
@@ -429,18 +429,18 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
         if ((lane & 3) == 0) f.hsc[(size_t)(p0 + r) * f.nbi + n0 / QB] = sc;
         continue;
       }
-      if (MODE == MODE_GATEUP && (flags & FL_EPI16) && n0 + BN / 2 <= I) {
-        /* whole tiles: a quad's rows leave as 16-byte stores (sm90_walk.cuh); every lane
-           of the warp takes part in the exchange, stored or not */
-        store_row16<BN / 16>(f.h + (size_t)(p0 + r) * hs, n0, pair >= 0, [&](int i) {
+      if (MODE == MODE_GATEUP && (flags & FL_EPI16)) {
+        /* a quad's rows leave as 16-byte stores (sm90_walk.cuh, as the bf16 engine's);
+           every lane of the warp takes part in the exchange, stored or not */
+        store_row16<BN / 16>(f.h + (size_t)(p0 + r) * hs, n0, I, pair >= 0, [&](int i) {
           return pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * i + BN / 4 + 2 * hf]),
                        silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * i + BN / 4 + 2 * hf + 1]));
         });
         continue;
       }
-      if (MODE == MODE_DOWN && (flags & FL_EPI16) && n0 + BN <= H) {
+      if (MODE == MODE_DOWN && (flags & FL_EPI16)) {
         const float w = pre_w[hf];
-        store_row16<BN / 8>(f.y + (size_t)(pair >= 0 ? pair : 0) * H, n0, pair >= 0,
+        store_row16<BN / 8>(f.y + (size_t)(pair >= 0 ? pair : 0) * H, n0, H, pair >= 0,
                             [&](int i) { return pack2(w * acc[4 * i + 2 * hf], w * acc[4 * i + 2 * hf + 1]); });
         continue;
       }
@@ -530,7 +530,7 @@ int num_sms;
 int ready; /* lmoe_fp8_init found the kernels usable */
 int tile_n = 256; /* the tiles' columns (LMOE_FP8_BN=128 for the narrow ones, read at init) */
 int fuse_h = 1;   /* gate_up quantizes h itself (256-column tiles only; LMOE_FP8_FUSE_H=0: quant_h does) */
-int epi16 = 1;    /* whole tiles' epilogue by 16-byte stores (LMOE_SM90_EPI=0: 4-byte ones) */
+int epi16 = 1;    /* the epilogue by 16-byte stores (LMOE_SM90_EPI=0: 4-byte ones) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of

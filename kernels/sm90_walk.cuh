@@ -111,18 +111,18 @@ static __device__ __forceinline__ void store8(uint16_t *dst, int c, int limit, u
 
 static __device__ __forceinline__ uint32_t pack2(float a, float b) { return (uint32_t)f2bf(a) | ((uint32_t)f2bf(b) << 16); }
 
-/* A whole tile's row from the accumulator layout: NB 8-column blocks whose packed pairs
-   (this lane's two columns of block i, bf16) pack(i) gives, exchanged a quad at a time
-   and stored 8 columns (16 bytes) a lane from dst[c0]; only where live (every lane of
-   the warp calls it) */
+/* A tile's row from the accumulator layout: NB 8-column blocks whose packed pairs (this
+   lane's two columns of block i, bf16) pack(i) gives, exchanged a quad at a time and
+   stored 8 columns (16 bytes) a lane from dst[c0], the columns below limit (store8);
+   only where live (every lane of the warp calls it) */
 template <int NB, class P>
-static __device__ __forceinline__ void store_row16(uint16_t *dst, int c0, bool live, P pack) {
+static __device__ __forceinline__ void store_row16(uint16_t *dst, int c0, int limit, bool live, P pack) {
   static_assert(NB % 4 == 0, "blocks a quad at a time");
   const int q = threadIdx.x & 3;
 #pragma unroll
   for (int g = 0; g < NB / 4; g++) {
     const uint4 o = quad_transpose(pack(4 * g), pack(4 * g + 1), pack(4 * g + 2), pack(4 * g + 3));
-    if (live) *(uint4 *)(dst + c0 + 8 * (4 * g + q)) = o;
+    if (live) store8(dst, c0 + 8 * (4 * g + q), limit, o);
   }
 }
 
