@@ -222,6 +222,9 @@ cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s);    /* out = sum_j 
    quant_h: h's rows in use into hq, hsc (after gate_up; padding rows zero). */
 cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s);
 cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s);
+/* Whether an FP8 forward needs lmoe_k_quant_h: not where the FP8 gate_up quantizes h in
+   its epilogue (the default on 256-column tiles; LMOE_FP8_FUSE_H=0 not) */
+int lmoe_k_quant_h_needed(const lmoe_fwd *f);
 
 /* A sharded layer's sum over ranks whose partials share one device (and the rounding
    after an NCCL all-reduce, n = 1): out[o][i] = bf16(part[0][i] + part[1][i] + ...), in

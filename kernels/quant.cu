@@ -125,8 +125,10 @@ extern "C" cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+extern "C" int lmoe_k_quant_h_needed(const lmoe_fwd *f) { return f->fp8 && !lmoe_fp8_fuses_quant_h(); }
+
 extern "C" cudaError_t lmoe_k_quant_h(const lmoe_fwd *f, cudaStream_t s) {
-  if (!f->fp8 || f->M <= 0 || lmoe_fp8_fuses_quant_h()) return cudaSuccess;
+  if (!f->fp8 || f->M <= 0) return cudaSuccess;
   /* the grid for the most rows the tile list may hold; the loop reads the real count */
   k_quant_h<<<grid_for((int64_t)f->mt_max * f->bm * 32, 256), 256, 0, s>>>(f->h, f->ntiles, f->sorted_pair, f->bm, f->I, f->nbi, f->hq,
                                                       f->hsc);

@@ -796,7 +796,7 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   if (f.xg) LAUNCH(lmoe_k_gather_x(&f, s), 0);
   if (run_lora) LAUNCH(lmoe_k_shrink13(&f, s), 1);
   LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
-  if (f.fp8) LAUNCH(lmoe_k_quant_h(&f, s), 0);
+  if (lmoe_k_quant_h_needed(&f)) LAUNCH(lmoe_k_quant_h(&f, s), 0);
   if (run_lora) LAUNCH(lmoe_k_shrink2(&f, s), 1);
   LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
   LAUNCH(lmoe_k_reduce(&f, s), 0);

@@ -437,6 +437,7 @@ cudaError_t lmoe_k_any(const lmoe_fwd *f, cudaStream_t s) { return any_launch(f,
 cudaError_t lmoe_k_scan(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_scatter(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_gather_x(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
+int lmoe_k_quant_h_needed(const lmoe_fwd *f) { return f->fp8; } /* the simulated gate_up never quantizes h */
 cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) { return reduce_launch(f, s); }
