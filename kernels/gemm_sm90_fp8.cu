@@ -51,7 +51,7 @@
 namespace {
 
 enum { MODE_GATEUP = LMOE_OP_GATEUP, MODE_DOWN = LMOE_OP_DOWN };
-enum { FL_FUSE_H = 1, FL_EPI16 = 2 }; /* k_fp8's flags */
+enum { FL_FUSE_H = 1, FL_EPI16 = 2, FL_XTMA = 4 }; /* k_fp8's flags */
 
 constexpr int BKQ = 128; /* base K chunk: 128 e4m3, one 128-byte row, one scale block */
 constexpr int BKL = 64;  /* expand K chunk: 64 bf16, one 128-byte row */
@@ -85,7 +85,7 @@ static_assert(shape<128, 256>::POOL <= 168 * 384, "setmaxnreg asks more than a 3
 template <int BM, int BN> constexpr size_t smem_bytes(void) {
   typedef shape<BM, BN> S;
   return 1024 + (size_t)S::ST * S::STAGE + (size_t)S::ST * S::SC * 4 + 2 * S::ST * sizeof(uint64_t) +
-         S::ST * sizeof(int32_t) + 2 * BM * sizeof(int32_t);
+         S::ST * sizeof(int32_t) + 2 * BM * sizeof(int32_t) + 4 * S::ST * sizeof(int32_t);
 }
 static_assert(smem_bytes<128, 128>() <= 232448 && smem_bytes<64, 128>() <= 232448 &&
                   smem_bytes<128, 256>() <= 232448 && smem_bytes<64, 256>() <= 232448,
@@ -106,8 +106,9 @@ constexpr int GROUP_M = 8, LORA_ALIGN = 8;
 
 template <int MODE, int BM, int BN>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
-                                         int use_lora, uint8_t *smem, float *scl, uint64_t *full, uint64_t *empty,
-                                         volatile int32_t *last, int32_t *rowg, uint64_t wd) {
+                                         const CUtensorMap *tmt, const CUtensorMap *tmp, int use_lora, int flags,
+                                         uint8_t *smem, float *scl, uint64_t *full, uint64_t *empty,
+                                         volatile int32_t *last, int32_t *rowg, volatile int32_t *sg, uint64_t wd) {
   typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
   constexpr int AR = BM / 16; /* A rows per thread (the expand's loads) */
@@ -116,9 +117,14 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BKQ - 1) / BKQ;
   const int nsb = MODE == MODE_GATEUP ? f.nbh : f.nbi; /* scale blocks a row */
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE, BN>(f), total = ntm * ntn;
+  const bool xtma = use_lora && (flags & FL_XTMA);
   if (ptid == 0) {
     prefetch_tensormap(tmb);
     prefetch_tensormap(tma);
+    if (xtma) {
+      prefetch_tensormap(tmt);
+      prefetch_tensormap(tmp);
+    }
   }
   uint32_t it = 0, tk = 0;
 #pragma unroll 1
@@ -133,7 +139,25 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
        buffers by tile parity; a tile's writes follow the previous tile's barrier, which
        follows every read of the tile before that */
     int32_t *rg = rowg + (tk & 1) * BM;
-    const int nlc = use_lora ? sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, LORA_ALIGN, BKL) : 0;
+    /* the expand's stages: 64 packed rank columns each, or (xtma) four 16-column slices,
+       whose groups thread 0 keeps in shared memory for the expand (the row-group copy's
+       space, unused on that path: two ints a group, at most BM groups) */
+    int nlc = 0, ng = 0;
+    if (xtma) {
+      int cols = 0;
+      sm90_for_groups<MODE == MODE_GATEUP, BM>(
+          f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
+        if (ptid == 0) {
+          rowg[2 * ng] = g;
+          rowg[2 * ng + 1] = slot | (rk << 16);
+        }
+        ng++;
+        cols += (rk + 15) & ~15;
+      });
+      nlc = (cols + BKL - 1) / BKL;
+    } else if (use_lora) {
+      nlc = sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, LORA_ALIGN, BKL);
+    }
     const int nch = nbase + nlc;
     /* A's codes come by TMA (x's and h's rows are both in sorted order: quant.cu);
        this thread copies the scale of row ptid (NULL: a padding row, or none) */
@@ -141,7 +165,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     if (ptid < BM) {
       const int pair = f.sorted_pair[p0 + ptid];
       if (pair >= 0) asc = (MODE == MODE_GATEUP ? f.xs : f.hsc) + (size_t)(p0 + ptid) * nsb;
-      if (use_lora) rg[ptid] = pair >= 0 ? f.sorted_group[p0 + ptid] : -2;
+      if (use_lora && !xtma) rg[ptid] = pair >= 0 ? f.sorted_group[p0 + ptid] : -2;
     }
     /* the tile's weight scale rows: gate's and up's row block (BN / 2 rows of one
        block: n0 is a multiple of BN / 2), or down's (BN rows from n0, a multiple of BN:
@@ -177,8 +201,54 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       if (ptid < BM) cp_async4_s(sc + ptid * 4, asc ? asc + c : bsc0, asc ? 4 : 0);
       cp_async_mbar_arrive(&full[s]);
     }
-    if (use_lora) producer_sync();
-    if (nlc > 0) {
+    if (use_lora && !xtma) producer_sync();
+    if (nlc > 0 && xtma) {
+      /* The expand by TMA (LMOE_FP8_EXPAND_TMA=1): each group's rank in slices of 16
+         columns, a slice t's box (the tile's BM rows, every group's) and B's (BN rows of
+         the group's slot), 32-byte rows with the 32-byte swizzle, four slices a stage
+         where the packed expand has one 64-column chunk. Thread 0 issues the slices of
+         the groups it noted at the tile's start, each with its bytes expected on the
+         stage's barrier; every thread waits for each stage and arrives once for it
+         (thread 0 twice: the arrival a base chunk's arrive_tx makes). The consumers zero the rows of t's box that belong to another
+         group before their MMAs; a stage's unused slices (group -1) are not loaded: the
+         consumers zero their t rows and multiply them by the first slice's B. */
+      constexpr int SLA = BM * 32, SLB = BN * 32;
+      static_assert(4 * SLA == (int)S::A_BYTES && 4 * SLB == (int)S::B_BYTES, "four slices a stage");
+      int gi = 0, k0 = 0;
+#pragma unroll 1
+      for (int stg = 0; stg < nlc; stg++, it++) {
+        const int s = it % ST;
+        mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+        if (ptid == 0) {
+          last[s] = stg == nlc - 1;
+#pragma unroll 1
+          for (int j = 0; j < 4; j++) {
+            if (gi >= ng) {
+              sg[s * 4 + j] = -1;
+              continue;
+            }
+            const int g = rowg[2 * gi], sr = rowg[2 * gi + 1], slot = sr & 0xffff, rk = sr >> 16;
+            uint8_t *as = smem + s * S::STAGE + j * SLA, *bs = smem + s * S::STAGE + S::A_BYTES + j * SLB;
+            sg[s * 4 + j] = g;
+            mbar_expect_tx(&full[s], SLA + SLB);
+            tma_load_2d(as, tmt, &full[s], k0, p0);
+            if (MODE == MODE_GATEUP) {
+              tma_load_3d(bs, tmp, &full[s], k0, e * 2 * I + n0, slot);
+              tma_load_3d(bs + (BN / 2) * 32, tmp, &full[s], k0, e * 2 * I + I + n0, slot);
+            } else {
+              tma_load_3d(bs, tmp, &full[s], k0, e * H + n0, slot);
+            }
+            k0 += 16;
+            if (k0 >= rk) {
+              gi++;
+              k0 = 0;
+            }
+          }
+          mbar_arrive(&full[s]);
+        }
+        mbar_arrive(&full[s]);
+      }
+    } else if (nlc > 0) {
       /* unrolled where registers allow: not where setmaxnreg leaves the producer 56 */
       constexpr int UA = S::REALLOC ? 1 : AR, UB = S::REALLOC ? 1 : 4;
       /* gemm_sm90.cu's expand, with a BN-wide tile: this thread's 16-byte piece of a
@@ -253,7 +323,7 @@ static __device__ __forceinline__ uint16_t cvt_e4m3x2(float x0, float x1) {
 
 template <int MODE, int BM, int BN>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const float *scl, uint64_t *full,
-                                         uint64_t *empty, int use_lora, int flags, uint64_t wd) {
+                                         uint64_t *empty, const int32_t *sg, int use_lora, int flags, uint64_t wd) {
   typedef shape<BM, BN> S;
   constexpr int NH = S::NH;
   constexpr int ST = S::ST;
@@ -278,6 +348,9 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
        MMAs are issued: not a dependent load chain after the last wait */
     const int pre_pair[2] = {f.sorted_pair[p0 + r0], f.sorted_pair[p0 + r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
+    /* the TMA expand: the group of the row whose slice rows this thread zeroes (row
+       ltid / 2 of the warpgroup's 64, half ltid % 2 of its 32 bytes) */
+    const int zg = use_lora && (flags & FL_XTMA) ? f.sorted_group[p0 + wgc * 64 + (ltid >> 1)] : 0;
 #pragma unroll
     for (int i = 0; i < 64 * NH; i++) acc[i] = 0.0f;
 #pragma unroll 1
@@ -337,6 +410,39 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
             ac[4 * i + 3] = fmaf(part[4 * i + 3], hi_s, ac[4 * i + 3]);
           }
         }
+      } else if (flags & FL_XTMA) {
+        /* an expand stage of four 16-column slices (the producer's TMA expand): the rows
+           of t's box of another group than the slice's zeroed first (this warpgroup's
+           64; the 32-byte swizzle keeps a row's bytes in the row), made visible to the
+           MMAs' proxy and to the warpgroup; then per slice and half one bf16 k16 step
+           added to acc. An unused slice (group -1): its t rows all zeroed, times the
+           first slice's B (finite, so the products are zeros). */
+        const uint32_t st0 = smem_u32(smem + s * S::STAGE), sgu = smem_u32(sg + 4 * s);
+        constexpr int SLA = BM * 32, SLB = BN * 32;
+        int sl[4]; /* the slice whose B each slice multiplies: its own, or (unused) the first */
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const int g = lds_s32(sgu + 4 * j);
+          sl[j] = g >= 0 ? j : 0;
+          if (g < 0 || g != zg) sts_zero16(st0 + j * SLA + (wgc * 64 + (ltid >> 1)) * 32 + (ltid & 1) * 16);
+        }
+        fence_proxy_async();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wgc) : "memory");
+#pragma unroll
+        for (int i = 0; i < 64 * NH; i++) reg_fence(acc[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const uint64_t da = desc_sw32(st0 + j * SLA + wgc * 64 * 32);
+#pragma unroll
+          for (int hh = 0; hh < NH; hh++)
+            wgmma_m64n128k16(acc + 64 * hh, da, desc_sw32(st0 + S::A_BYTES + sl[j] * SLB + hh * 128 * 32), 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64 * NH; i++) reg_fence(acc[i]);
+        mbar_arrive(&empty[s]);
       } else {
         /* an expand chunk: per half, 4 bf16 k16 steps added to acc as they are */
 #pragma unroll
@@ -480,7 +586,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
 template <int MODE, int BM, int BN>
 __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
     k_fp8(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
-          const __grid_constant__ CUtensorMap tma, int lora, int flags, unsigned long long wd) {
+          const __grid_constant__ CUtensorMap tma, const __grid_constant__ CUtensorMap tmt,
+          const __grid_constant__ CUtensorMap tmp, int lora, int flags, unsigned long long wd) {
 #if LMOE_SM90_DEVICE
   typedef shape<BM, BN> S;
   constexpr int ST = S::ST;
@@ -488,7 +595,7 @@ __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
   float *scl = (float *)(smem + ST * S::STAGE);
   uint64_t *full = (uint64_t *)(scl + ST * S::SC), *empty = full + ST;
-  int32_t *last = (int32_t *)(empty + ST), *rowg = last + ST;
+  int32_t *last = (int32_t *)(empty + ST), *rowg = last + ST, *sg = rowg + 2 * BM;
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
@@ -500,10 +607,10 @@ __global__ void __launch_bounds__(shape<BM, BN>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     if constexpr (S::REALLOC) setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, BN>(f, &tmb, &tma, use_lora, smem, scl, full, empty, last, rowg, wd);
+    producer<MODE, BM, BN>(f, &tmb, &tma, &tmt, &tmp, use_lora, flags, smem, scl, full, empty, last, rowg, sg, wd);
   } else {
     if constexpr (S::REALLOC) setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, BN>(f, smem, scl, full, empty, use_lora, flags, wd);
+    consumer<MODE, BM, BN>(f, smem, scl, full, empty, sg, use_lora, flags, wd);
   }
 #endif
 }
@@ -531,6 +638,7 @@ int ready; /* lmoe_fp8_init found the kernels usable */
 int tile_n = 256; /* the tiles' columns (LMOE_FP8_BN=128 for the narrow ones, read at init) */
 int fuse_h = 1;   /* gate_up quantizes h itself (256-column tiles only; LMOE_FP8_FUSE_H=0: quant_h does) */
 int epi16 = 1;    /* the epilogue by 16-byte stores (LMOE_SM90_EPI=0: 4-byte ones) */
+int expand_tma = 0; /* the expand's t and B by TMA slices (LMOE_FP8_EXPAND_TMA=1, for measuring) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
@@ -541,6 +649,19 @@ cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t c
   CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)base, dims, strides, box, es,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+/* The TMA expand's maps (LMOE_FP8_EXPAND_TMA=1): bf16 [planes][rows][cols] (planes 1: t13
+   or t2; else the pool's B13 or B2, a plane a slot, plane_elems apart), boxes of 16
+   columns (32 bytes, the 32-byte swizzle) by box_rows rows; outside reads zero. */
+cudaError_t make_map_lora(CUtensorMap *m, const void *base, uint64_t planes, uint64_t rows, uint64_t cols,
+                          uint64_t plane_elems, uint32_t box_rows) {
+  cuuint64_t dims[3] = {cols, rows, planes}, strides[2] = {cols * 2, plane_elems * 2};
+  cuuint32_t box[3] = {16, box_rows, 1}, es[3] = {1, 1, 1};
+  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, planes > 1 ? 3 : 2, (void *)base, dims, strides,
+                            box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_32B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -556,14 +677,32 @@ template <int MODE, int BM, int BN> cudaError_t launch(const lmoe_fwd *f, int lo
   int grid = f->mt_max * n_tiles<MODE, BN>(*f);
   if (grid > num_sms) grid = num_sms;
   if (grid < 1) grid = 1;
-  const int flags = (MODE == MODE_GATEUP && BN == 256 && fuse_h ? FL_FUSE_H : 0) | (epi16 ? FL_EPI16 : 0);
-  k_fp8<MODE, BM, BN><<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, lora, flags, watchdog_ns);
+  int flags = (MODE == MODE_GATEUP && BN == 256 && fuse_h ? FL_FUSE_H : 0) | (epi16 ? FL_EPI16 : 0);
+  CUtensorMap mt, mp; /* the TMA expand's t and pool B (unused otherwise) */
+  memset(&mt, 0, sizeof mt);
+  memset(&mp, 0, sizeof mp);
+  if (expand_tma && lora && f->pool && f->R > 0 && f->gstride > 1) {
+    const uint64_t rows = (uint64_t)f->mt_max * BM, slots = (uint64_t)f->gstride - 1;
+    cudaError_t et =
+        MODE == MODE_GATEUP
+            ? make_map_lora(&mt, f->t13, 1, rows, (uint64_t)f->t13s, 0, BM)
+            : make_map_lora(&mt, f->t2, 1, rows, (uint64_t)f->t2s, 0, BM);
+    if (!et)
+      et = MODE == MODE_GATEUP ? make_map_lora(&mp, f->pool + f->off_b13, slots, (uint64_t)f->E * 2 * f->I,
+                                               2 * (uint64_t)f->R, f->slot_elems, BN / 2)
+                               : make_map_lora(&mp, f->pool + f->off_b2, slots, (uint64_t)f->E * f->H,
+                                               (uint64_t)f->R, f->slot_elems, BN);
+    if (!et) flags |= FL_XTMA; /* else (a stride TMA cannot take) the cp.async expand */
+  }
+  k_fp8<MODE, BM, BN>
+      <<<grid, shape<BM, BN>::THREADS, smem_bytes<BM, BN>(), s>>>(*f, m, ma, mt, mp, lora, flags, watchdog_ns);
   return cudaGetLastError();
 }
 
 template <int MODE, int BM, int BN> cudaError_t setup(int smem_limit, int *usable) {
   typedef shape<BM, BN> S;
-  void (*k)(lmoe_fwd, CUtensorMap, CUtensorMap, int, int, unsigned long long) = k_fp8<MODE, BM, BN>;
+  void (*k)(lmoe_fwd, CUtensorMap, CUtensorMap, CUtensorMap, CUtensorMap, int, int, unsigned long long) =
+      k_fp8<MODE, BM, BN>;
   if ((int)smem_bytes<BM, BN>() > smem_limit) {
     *usable = 0;
     return cudaSuccess;
@@ -627,6 +766,8 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
   fuse_h = (!fh || atoi(fh) != 0) && tile_n == 256;
   const char *ep = getenv("LMOE_SM90_EPI");
   epi16 = !ep || atoi(ep) != 0;
+  const char *xt = getenv("LMOE_FP8_EXPAND_TMA"); /* not yet run on a GPU (gpu-notes 43) */
+  expand_tma = xt && atoi(xt) != 0;
   if ((e = tile_n == 256 ? setup_all<256>(smem_limit, &usable) : setup_all<128>(smem_limit, &usable))) return e;
   ready = usable;
   *available = usable;

@@ -36,6 +36,10 @@ static __device__ __forceinline__ void mbar_arrive_tx(uint64_t *b, uint32_t tx) 
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(tx)
                : "memory");
 }
+/* tx bytes of TMA traffic expected in this phase, without an arrival */
+static __device__ __forceinline__ void mbar_expect_tx(uint64_t *b, uint32_t tx) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(tx) : "memory");
+}
 /* one arrival (counted in the barrier's init count) when all of this thread's earlier
    cp.async copies have landed */
 static __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t *b) {
@@ -80,6 +84,15 @@ static __device__ __forceinline__ void tma_load_2d(void *dst, const CUtensorMap 
       "l"((uint64_t)map), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
       : "memory");
 }
+/* TMA: a 3-D box at (c0 = column, c1 = row, c2 = plane) */
+static __device__ __forceinline__ void tma_load_3d(void *dst, const CUtensorMap *map, uint64_t *bar, int c0,
+                                                   int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(
+          smem_u32(dst)),
+      "l"((uint64_t)map), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
 static __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap *map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)map) : "memory");
 }
@@ -96,6 +109,19 @@ static __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void *sr
 static __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
          ((uint64_t)1 << 62);
+}
+
+/* The same for rows of 32 bytes (16 bf16, one k16 step) with the 32-byte swizzle
+   (16-byte chunk c of row r at chunk c ^ ((r / 4) % 2)), 8-row groups 256 bytes apart,
+   the tile 256-byte aligned (layout type 3) */
+static __device__ __forceinline__ uint64_t desc_sw32(uint32_t saddr) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(256 >> 4) << 32) |
+         ((uint64_t)3 << 62);
+}
+
+/* a 16-byte zero store to shared memory */
+static __device__ __forceinline__ void sts_zero16(uint32_t a) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(a), "r"(0) : "memory");
 }
 
 static __device__ __forceinline__ void wgmma_fence(void) { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
