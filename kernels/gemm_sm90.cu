@@ -48,6 +48,7 @@ struct sm90_tune {
   int epi16;      /* the epilogue's 16-byte stores (0: 4-byte) */
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
+  int expand_tma; /* the expand's t and B by TMA slices (set per launch where its maps exist) */
 };
 
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
@@ -78,7 +79,7 @@ template <int BM> struct tile_plan {
 
 /* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers. */
 template <int BM, int ST> constexpr size_t smem_bytes(void) {
-  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t);
+  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + (4 * ST + 2 * BM) * sizeof(int32_t);
 }
 
 /* N tiles of an output */
@@ -125,8 +126,9 @@ __device__ __forceinline__ void plan_rows(const lmoe_fwd &f, int p0, int me, int
 
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
-                                         int use_lora, uint8_t *smem,
-                                         uint64_t *full, uint64_t *empty, uint64_t wd, sm90_tune tn) {
+                                         const CUtensorMap *tmt, const CUtensorMap *tmp, int use_lora,
+                                         uint8_t *smem, uint64_t *full, uint64_t *empty, volatile int32_t *sg,
+                                         int32_t *gl, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   constexpr int AR = BM / 16; /* A rows per thread */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
@@ -138,6 +140,11 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const bool a_tma = MODE == MODE_DOWN ? tn.tma_a != 0 : f.xg != nullptr;
   if (ptid == 0) prefetch_tensormap(tmb);
   if (ptid == 0 && a_tma) prefetch_tensormap(tma);
+  const bool xtma = use_lora && tn.expand_tma;
+  if (ptid == 0 && xtma) {
+    prefetch_tensormap(tmt);
+    prefetch_tensormap(tmp);
+  }
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -145,6 +152,22 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    /* the TMA expand's stages and the tile's groups, walked now (a walk inside the
+       expand made ptxas spill): thread 0 keeps them in shared memory, two ints a group */
+    int nlx = 0, ng = 0;
+    if (xtma) {
+      int cols = 0;
+      sm90_for_groups<MODE == MODE_GATEUP, BM>(
+          f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
+        if (ptid == 0) {
+          gl[2 * ng] = g;
+          gl[2 * ng + 1] = slot | (rk << 16);
+        }
+        ng++;
+        cols += (rk + 15) & ~15;
+      });
+      nlx = (cols + BK - 1) / BK;
+    }
     const uint16_t *arow[AR];
     int agrp[AR];
 #pragma unroll
@@ -189,7 +212,47 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       }
       cp_async_mbar_arrive(&full[s]);
     }
-    if (use_lora) {
+    if (xtma) {
+      /* The expand by TMA (LMOE_SM90_EXPAND_TMA=1): as the FP8 engine's (gemm_sm90_fp8.cu,
+         gpu-notes 43), each group's rank in 16-column slices, four a stage, t's box and
+         B's by TMA from thread 0 with their bytes expected on the stage's barrier; the
+         consumers zero the rows of another group and the unused slices' t. */
+      constexpr int SLA = BM * 32, SLB = BN * 32;
+      static_assert(4 * SLA == (int)S::A_BYTES && 4 * SLB == (int)S::B_BYTES, "four slices a stage");
+      int gi = 0, k0 = 0;
+#pragma unroll 1
+      for (int stg = 0; stg < nlx; stg++, it++) {
+        const int s = it % ST;
+        mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+        if (ptid == 0) {
+#pragma unroll 1
+          for (int j = 0; j < 4; j++) {
+            if (gi >= ng) {
+              sg[s * 4 + j] = -1;
+              continue;
+            }
+            const int g = gl[2 * gi], sr = gl[2 * gi + 1], slot = sr & 0xffff, rk = sr >> 16;
+            uint8_t *as = smem + s * S::STAGE + j * SLA, *bs = smem + s * S::STAGE + S::A_BYTES + j * SLB;
+            sg[s * 4 + j] = g;
+            mbar_expect_tx(&full[s], SLA + SLB);
+            tma_load_2d(as, tmt, &full[s], k0, p0);
+            if (MODE == MODE_GATEUP) {
+              tma_load_3d(bs, tmp, &full[s], k0, e * 2 * I + n0, slot);
+              tma_load_3d(bs + (BN / 2) * 32, tmp, &full[s], k0, e * 2 * I + I + n0, slot);
+            } else {
+              tma_load_3d(bs, tmp, &full[s], k0, e * H + n0, slot);
+            }
+            k0 += 16;
+            if (k0 >= rk) {
+              gi++;
+              k0 = 0;
+            }
+          }
+          mbar_arrive(&full[s]);
+        }
+        mbar_arrive(&full[s]);
+      }
+    } else if (use_lora) {
       /* This thread's 16-byte piece of a stage (column col of group g's rank, nb bytes
          of it; pb NULL: zeros): for every A row its own group's t or zero, for every
          output column the slot's B. */
@@ -260,7 +323,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
 
 template <int MODE, int BM, int ST>
 __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_t *smem, uint64_t *full,
-                                         uint64_t *empty, uint64_t wd, sm90_tune tn) {
+                                         uint64_t *empty, const int32_t *sg, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
@@ -282,20 +345,48 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
     int nch = nbase;
-    if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, tn.lora_align, BK);
+    const bool xtma = use_lora && tn.expand_tma;
+    if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, xtma ? 16 : tn.lora_align, BK);
+    /* the TMA expand: the group of the row whose slice rows this thread zeroes (row
+       ltid / 2 of the warpgroup's 64, half ltid % 2 of its 32 bytes) */
+    const int zg = xtma ? f.sorted_group[p0 + wgc * 64 + (ltid >> 1)] : 0;
 #pragma unroll 1
     for (int c = 0; c < nch; c++, it++) {
       const int s = it % ST;
       mbar_wait(&full[s], (it / ST) & 1, wd);
       fence_proxy_async();
       const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
-      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+      if (xtma && c >= nbase) {
+        /* an expand stage of the TMA expand: as the FP8 engine's (t's rows of another
+           group zeroed, then a k16 step a slice; an unused slice's t all zeroed, times the
+           first slice's B) */
+        const uint32_t st0 = smem_u32(smem + s * S::STAGE), sgu = smem_u32(sg + 4 * s);
+        constexpr int SLA = BM * 32, SLB = BN * 32;
+        int sl[4];
 #pragma unroll
-      for (int i = 0; i < 128; i++) reg_fence(acc[i]);
-      wgmma_fence();
+        for (int j = 0; j < 4; j++) {
+          const int g = lds_s32(sgu + 4 * j);
+          sl[j] = g >= 0 ? j : 0;
+          if (g < 0 || g != zg) sts_zero16(st0 + j * SLA + (wgc * 64 + (ltid >> 1)) * 32 + (ltid & 1) * 16);
+        }
+        fence_proxy_async();
+        asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wgc) : "memory");
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; kk++) wgmma_m64n256k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
-      wgmma_commit();
+        for (int i = 0; i < 128; i++) reg_fence(acc[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+          wgmma_m64n256k16(acc, desc_sw32(st0 + j * SLA + wgc * 64 * 32), desc_sw32(st0 + S::A_BYTES + sl[j] * SLB), 1);
+        wgmma_commit();
+      } else {
+        const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+#pragma unroll
+        for (int i = 0; i < 128; i++) reg_fence(acc[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) wgmma_m64n256k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+        wgmma_commit();
+      }
 #pragma unroll
       for (int i = 0; i < 128; i++) reg_fence(acc[i]);
       if (c > 0) {
@@ -370,13 +461,15 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 template <int MODE, int BM, int ST>
 __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
     k_wgmma(const __grid_constant__ lmoe_fwd f, const __grid_constant__ CUtensorMap tmb,
-            const __grid_constant__ CUtensorMap tma, int lora,
-            unsigned long long wd, sm90_tune tn) {
+            const __grid_constant__ CUtensorMap tma, const __grid_constant__ CUtensorMap tmt,
+            const __grid_constant__ CUtensorMap tmp, int lora, unsigned long long wd, sm90_tune tn) {
 #if LMOE_SM90_DEVICE
   typedef shape<BM> S;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
   uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
+  int32_t *sg = (int32_t *)(empty + ST); /* the TMA expand's slice groups, four a stage */
+  int32_t *gl = sg + 4 * ST;             /* and its tile's groups (producer thread 0) */
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
@@ -388,10 +481,10 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, ST>(f, &tmb, &tma, use_lora, smem, full, empty, wd, tn);
+    producer<MODE, BM, ST>(f, &tmb, &tma, &tmt, &tmp, use_lora, smem, full, empty, sg, gl, wd, tn);
   } else {
     setmaxnreg_inc<S::CREG>();
-    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, wd, tn);
+    consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, sg, wd, tn);
   }
 #endif
 }
@@ -655,7 +748,7 @@ unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
    (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
    (docs/gpu-notes.md 13-16 and 24-26 have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 8};
+sm90_tune tune = {8, 1, 1, 8, 0};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -667,6 +760,19 @@ cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t c
   CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, es,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+/* The TMA expand's maps (LMOE_SM90_EXPAND_TMA=1): bf16 [planes][rows][cols] (planes 1: t13
+   or t2; else the pool's B13 or B2, a plane a slot, plane_elems apart), boxes of 16
+   columns (32 bytes, the 32-byte swizzle) by box_rows rows; outside reads zero. */
+cudaError_t make_map_lora(CUtensorMap *m, const void *base, uint64_t planes, uint64_t rows, uint64_t cols,
+                          uint64_t plane_elems, uint32_t box_rows) {
+  cuuint64_t dims[3] = {cols, rows, planes}, strides[2] = {cols * 2, plane_elems * 2};
+  cuuint32_t box[3] = {16, box_rows, 1}, es[3] = {1, 1, 1};
+  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, planes > 1 ? 3 : 2, (void *)base, dims, strides,
+                            box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_32B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -684,7 +790,24 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
     return e;
   int grid = f->mt_max * n_tiles<MODE>(*f);
   if (grid > num_sms) grid = num_sms;
-  k_wgmma<MODE, BM, ST><<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, ma, lora, watchdog_ns, tune);
+  sm90_tune tn = tune;
+  CUtensorMap mt, mp; /* the TMA expand's t and pool B (unused otherwise) */
+  memset(&mt, 0, sizeof mt);
+  memset(&mp, 0, sizeof mp);
+  tn.expand_tma = 0;
+  if (tune.expand_tma && lora && f->pool && f->R > 0 && f->gstride > 1) {
+    const uint64_t rows = (uint64_t)f->mt_max * BM, slots = (uint64_t)f->gstride - 1;
+    cudaError_t et = MODE == MODE_GATEUP ? make_map_lora(&mt, f->t13, 1, rows, (uint64_t)f->t13s, 0, BM)
+                                         : make_map_lora(&mt, f->t2, 1, rows, (uint64_t)f->t2s, 0, BM);
+    if (!et)
+      et = MODE == MODE_GATEUP ? make_map_lora(&mp, f->pool + f->off_b13, slots, (uint64_t)f->E * 2 * f->I,
+                                               2 * (uint64_t)f->R, f->slot_elems, BN / 2)
+                               : make_map_lora(&mp, f->pool + f->off_b2, slots, (uint64_t)f->E * f->H,
+                                               (uint64_t)f->R, f->slot_elems, BN);
+    tn.expand_tma = !et; /* else (a stride TMA cannot take) the cp.async expand */
+  }
+  k_wgmma<MODE, BM, ST>
+      <<<grid, shape<BM>::THREADS, smem_bytes<BM, ST>(), s>>>(*f, m, ma, mt, mp, lora, watchdog_ns, tn);
   return cudaGetLastError();
 }
 
@@ -782,6 +905,8 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (ta) tune.tma_a = atoi(ta) != 0;
   const char *lp = getenv("LMOE_SM90_LORA_PACK");
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
+  const char *xt = getenv("LMOE_SM90_EXPAND_TMA"); /* not yet run on a GPU (gpu-notes 43) */
+  tune.expand_tma = xt && atoi(xt) != 0;
   int usable = 1;
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     if ((e = rows[i].init(smem_limit, &usable))) return e;
