@@ -32,6 +32,7 @@
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
 #include "sm90_walk.cuh"
+#include "tma_host.cuh"
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -327,6 +328,9 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
   typedef shape<BM> S;
   const int wgc = threadIdx.x / 128 - 1, ltid = threadIdx.x & 127;
   const int warp = ltid >> 5, lane = ltid & 31;
+  /* the TMA expand: every thread releases a stage (it wrote zeros into it), else one a
+     warpgroup */
+  const bool xtma = use_lora && tn.expand_tma, rel = ltid == 0 || xtma;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
@@ -345,7 +349,6 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
     int nch = nbase;
-    const bool xtma = use_lora && tn.expand_tma;
     if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, xtma ? 16 : tn.lora_align, BK);
     /* the TMA expand: the group of the row whose slice rows this thread zeroes (row
        ltid / 2 of the warpgroup's 64, half ltid % 2 of its 32 bytes) */
@@ -391,7 +394,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
       for (int i = 0; i < 128; i++) reg_fence(acc[i]);
       if (c > 0) {
         wgmma_wait<1>();
-        if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+        if (rel) mbar_arrive(&empty[(it - 1) % ST]);
       } else if (MODE == MODE_DOWN) {
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) pre_w[hf] = pre_pair[hf] >= 0 ? f.tw[pre_pair[hf]] : 0.0f;
@@ -400,7 +403,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < 128; i++) reg_fence(acc[i]);
-    if (ltid == 0) mbar_arrive(&empty[(it - 1) % ST]);
+    if (rel) mbar_arrive(&empty[(it - 1) % ST]);
 
     /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
     if (tn.epi16) {
@@ -470,15 +473,18 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
   int32_t *sg = (int32_t *)(empty + ST); /* the TMA expand's slice groups, four a stage */
   int32_t *gl = sg + 4 * ST;             /* and its tile's groups (producer thread 0) */
+  const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1); /* the producer's cp.async arrivals + one (TMA tx) */
-      mbar_init(&empty[s], S::NC);  /* one per consumer warpgroup */
+      /* one per consumer warpgroup; with the TMA expand, whose consumers write zeros
+         into a stage, every consumer thread after its own writes (so that each write
+         is ordered before the stage's refill by the barrier itself) */
+      mbar_init(&empty[s], use_lora && tn.expand_tma ? S::NC * 128 : S::NC);
     }
     fence_barrier_init();
   }
   __syncthreads();
-  const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
     producer<MODE, BM, ST>(f, &tmb, &tma, &tmt, &tmp, use_lora, smem, full, empty, sg, gl, wd, tn);
@@ -738,17 +744,13 @@ __global__ void k_dense_setup(int32_t *pair, float *tw, int32_t *tile_expert, in
 
 /* ------------------------------------------------------------------ host side */
 
-typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
-                              const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
-                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-encode_fn encode_tiled;
 int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
    (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
    (docs/gpu-notes.md 13-16 and 24-26 have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 8, 0};
+sm90_tune tune = {8, 1, 1, 8, 1};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -757,22 +759,9 @@ cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t c
                      uint64_t ld = 0) {
   cuuint64_t dims[2] = {cols, rows}, strides[1] = {(ld ? ld : cols) * 2};
   cuuint32_t box[2] = {BK, box_rows}, es[2] = {1, 1};
-  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, es,
+  CUresult r = lmoe_tma_encoder()(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)base, dims, strides, box, es,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
-/* The TMA expand's maps (LMOE_SM90_EXPAND_TMA=1): bf16 [planes][rows][cols] (planes 1: t13
-   or t2; else the pool's B13 or B2, a plane a slot, plane_elems apart), boxes of 16
-   columns (32 bytes, the 32-byte swizzle) by box_rows rows; outside reads zero. */
-cudaError_t make_map_lora(CUtensorMap *m, const void *base, uint64_t planes, uint64_t rows, uint64_t cols,
-                          uint64_t plane_elems, uint32_t box_rows) {
-  cuuint64_t dims[3] = {cols, rows, planes}, strides[2] = {cols * 2, plane_elems * 2};
-  cuuint32_t box[3] = {16, box_rows, 1}, es[3] = {1, 1, 1};
-  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, planes > 1 ? 3 : 2, (void *)base, dims, strides,
-                            box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_32B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -796,14 +785,7 @@ template <int MODE, int BM, int ST> cudaError_t launch(const lmoe_fwd *f, int lo
   memset(&mp, 0, sizeof mp);
   tn.expand_tma = 0;
   if (tune.expand_tma && lora && f->pool && f->R > 0 && f->gstride > 1) {
-    const uint64_t rows = (uint64_t)f->mt_max * BM, slots = (uint64_t)f->gstride - 1;
-    cudaError_t et = MODE == MODE_GATEUP ? make_map_lora(&mt, f->t13, 1, rows, (uint64_t)f->t13s, 0, BM)
-                                         : make_map_lora(&mt, f->t2, 1, rows, (uint64_t)f->t2s, 0, BM);
-    if (!et)
-      et = MODE == MODE_GATEUP ? make_map_lora(&mp, f->pool + f->off_b13, slots, (uint64_t)f->E * 2 * f->I,
-                                               2 * (uint64_t)f->R, f->slot_elems, BN / 2)
-                               : make_map_lora(&mp, f->pool + f->off_b2, slots, (uint64_t)f->E * f->H,
-                                               (uint64_t)f->R, f->slot_elems, BN);
+    cudaError_t et = lmoe_tma_maps_expand<MODE == MODE_GATEUP>(f, BM, MODE == MODE_GATEUP ? BN / 2 : BN, &mt, &mp);
     tn.expand_tma = !et; /* else (a stride TMA cannot take) the cp.async expand */
   }
   k_wgmma<MODE, BM, ST>
@@ -885,16 +867,7 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   cudaError_t e = cudaGetDevice(&dev);
   if (!e) e = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev);
   if (e) return e;
-  if (!encode_tiled) {
-    cudaDriverEntryPointQueryResult q;
-    void *fn = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) ||
-        q != cudaDriverEntryPointSuccess || !fn) {
-      (void)cudaGetLastError();
-      return cudaSuccess; /* no TMA encoder in this driver: the sm80 engine serves */
-    }
-    encode_tiled = (encode_fn)fn;
-  }
+  if (!lmoe_tma_encoder()) return cudaSuccess; /* no TMA encoder in this driver: the sm80 engine serves */
   const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
   if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
   const char *ep = getenv("LMOE_SM90_EPI");
@@ -905,8 +878,8 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (ta) tune.tma_a = atoi(ta) != 0;
   const char *lp = getenv("LMOE_SM90_LORA_PACK");
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
-  const char *xt = getenv("LMOE_SM90_EXPAND_TMA"); /* not yet run on a GPU (gpu-notes 43) */
-  tune.expand_tma = xt && atoi(xt) != 0;
+  const char *xt = getenv("LMOE_SM90_EXPAND_TMA"); /* gpu-notes 43 */
+  if (xt) tune.expand_tma = atoi(xt) != 0;
   int usable = 1;
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     if ((e = rows[i].init(smem_limit, &usable))) return e;

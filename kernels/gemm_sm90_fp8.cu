@@ -41,6 +41,7 @@
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
 #include "sm90_walk.cuh"
+#include "tma_host.cuh"
 
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -629,16 +630,12 @@ __global__ void k_dense_setup(int32_t *pair, float *tw, int32_t *tile_expert, in
 
 /* ------------------------------------------------------------------ host side */
 
-typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
-                              const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
-                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-encode_fn encode_tiled;
 int num_sms;
 int ready; /* lmoe_fp8_init found the kernels usable */
 int tile_n = 256; /* the tiles' columns (LMOE_FP8_BN=128 for the narrow ones, read at init) */
 int fuse_h = 1;   /* gate_up quantizes h itself (256-column tiles only; LMOE_FP8_FUSE_H=0: quant_h does) */
 int epi16 = 1;    /* the epilogue by 16-byte stores (LMOE_SM90_EPI=0: 4-byte ones) */
-int expand_tma = 0; /* the expand's t and B by TMA slices (LMOE_FP8_EXPAND_TMA=1, for measuring) */
+int expand_tma = 1; /* the expand's t and B by TMA slices (LMOE_FP8_EXPAND_TMA=0: cp.async pieces) */
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 
 /* A tensor map of a row-major e4m3 matrix [rows][cols] (cols a multiple of 16): boxes of
@@ -646,22 +643,9 @@ unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 cudaError_t make_map(CUtensorMap *m, const void *base, uint64_t rows, uint64_t cols, uint32_t box_rows) {
   cuuint64_t dims[2] = {cols, rows}, strides[1] = {cols};
   cuuint32_t box[2] = {BKQ, box_rows}, es[2] = {1, 1};
-  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)base, dims, strides, box, es,
+  CUresult r = lmoe_tma_encoder()(m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, (void *)base, dims, strides, box, es,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
-/* The TMA expand's maps (LMOE_FP8_EXPAND_TMA=1): bf16 [planes][rows][cols] (planes 1: t13
-   or t2; else the pool's B13 or B2, a plane a slot, plane_elems apart), boxes of 16
-   columns (32 bytes, the 32-byte swizzle) by box_rows rows; outside reads zero. */
-cudaError_t make_map_lora(CUtensorMap *m, const void *base, uint64_t planes, uint64_t rows, uint64_t cols,
-                          uint64_t plane_elems, uint32_t box_rows) {
-  cuuint64_t dims[3] = {cols, rows, planes}, strides[2] = {cols * 2, plane_elems * 2};
-  cuuint32_t box[3] = {16, box_rows, 1}, es[3] = {1, 1, 1};
-  CUresult r = encode_tiled(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, planes > 1 ? 3 : 2, (void *)base, dims, strides,
-                            box, es, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_32B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -682,16 +666,7 @@ template <int MODE, int BM, int BN> cudaError_t launch(const lmoe_fwd *f, int lo
   memset(&mt, 0, sizeof mt);
   memset(&mp, 0, sizeof mp);
   if (expand_tma && lora && f->pool && f->R > 0 && f->gstride > 1) {
-    const uint64_t rows = (uint64_t)f->mt_max * BM, slots = (uint64_t)f->gstride - 1;
-    cudaError_t et =
-        MODE == MODE_GATEUP
-            ? make_map_lora(&mt, f->t13, 1, rows, (uint64_t)f->t13s, 0, BM)
-            : make_map_lora(&mt, f->t2, 1, rows, (uint64_t)f->t2s, 0, BM);
-    if (!et)
-      et = MODE == MODE_GATEUP ? make_map_lora(&mp, f->pool + f->off_b13, slots, (uint64_t)f->E * 2 * f->I,
-                                               2 * (uint64_t)f->R, f->slot_elems, BN / 2)
-                               : make_map_lora(&mp, f->pool + f->off_b2, slots, (uint64_t)f->E * f->H,
-                                               (uint64_t)f->R, f->slot_elems, BN);
+    cudaError_t et = lmoe_tma_maps_expand<MODE == MODE_GATEUP>(f, BM, MODE == MODE_GATEUP ? BN / 2 : BN, &mt, &mp);
     if (!et) flags |= FL_XTMA; /* else (a stride TMA cannot take) the cp.async expand */
   }
   k_fp8<MODE, BM, BN>
@@ -744,16 +719,7 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
   cudaError_t e = cudaGetDevice(&dev);
   if (!e) e = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev);
   if (e) return e;
-  if (!encode_tiled) {
-    cudaDriverEntryPointQueryResult q;
-    void *fn = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) ||
-        q != cudaDriverEntryPointSuccess || !fn) {
-      (void)cudaGetLastError();
-      return cudaSuccess; /* no TMA encoder in this driver */
-    }
-    encode_tiled = (encode_fn)fn;
-  }
+  if (!lmoe_tma_encoder()) return cudaSuccess; /* no TMA encoder in this driver: the sm80 engine serves */
   const char *wd = getenv("LMOE_SM90_WATCHDOG_MS");
   if (wd) watchdog_ns = strtoull(wd, nullptr, 10) * 1000000ull;
   int usable = 1;
@@ -766,8 +732,8 @@ extern "C" cudaError_t lmoe_fp8_init(int32_t cc, int32_t smem_limit, int32_t *av
   fuse_h = (!fh || atoi(fh) != 0) && tile_n == 256;
   const char *ep = getenv("LMOE_SM90_EPI");
   epi16 = !ep || atoi(ep) != 0;
-  const char *xt = getenv("LMOE_FP8_EXPAND_TMA"); /* not yet run on a GPU (gpu-notes 43) */
-  expand_tma = xt && atoi(xt) != 0;
+  const char *xt = getenv("LMOE_FP8_EXPAND_TMA"); /* gpu-notes 43 */
+  if (xt) expand_tma = atoi(xt) != 0;
   if ((e = tile_n == 256 ? setup_all<256>(smem_limit, &usable) : setup_all<128>(smem_limit, &usable))) return e;
   ready = usable;
   *available = usable;

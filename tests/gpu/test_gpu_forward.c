@@ -125,6 +125,9 @@ static void test_random_cases(void) {
      256 on k_route_reg's two paths), k up to 8 */
   run_case(ctx, idx++, 100, 64, 32, 6, 150, 2, 8, 0, 0);
   run_case(ctx, idx++, 160, 64, 32, 8, 150, 2, 8, 0, 0);
+  /* a pool of one slot (the expand's 3-D map of the pool B with one plane), a narrow I
+     and an H whose last 256-column tile holds 8 columns */
+  run_case(ctx, idx++, 10, 264, 24, 5, 192, 1, 32, 1, 0);
   /* LMOE_TEST_QUICK: the fixed corners only (for runs under compute-sanitizer) */
   int nrand = getenv("LMOE_TEST_QUICK") ? 0 : 12;
   for (int i = 0; i < nrand; i++) {

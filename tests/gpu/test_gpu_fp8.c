@@ -253,8 +253,8 @@ static void diff(double *d, const double *a, const double *b, size_t n) {
    each adapter's effect against the bf16 twin's. `coherent`: x and the adapters' A made
    so that x's quantization error moves the shrink's result by several percent (x's
    values sit far from e4m3's grid, all of one sign, as are A's). */
-static void run_case(lmoe_context *ctx, const char *name, int E, int H, int I, int k, int M, int coherent) {
-  const int S = 4, R = 64;
+static void run_case(lmoe_context *ctx, const char *name, int E, int H, int I, int k, int M, int coherent, int S) {
+  const int R = 64;
   fp8_case f;
   fp8_init(&f, ctx, E, H, I, k, M, S, R);
   gpu_case *c = &f.c;
@@ -292,7 +292,8 @@ static void run_case(lmoe_context *ctx, const char *name, int E, int H, int I, i
     OK(ctx, lmoe_pool_load(c->pool, s, &d));
     twin_load(&f, s);
   }
-  const int slots[6] = {0, 1, -1, 2, 3, 1};
+  int slots[6] = {0, 1, -1, 2, 3, 1};
+  for (int i = 0; i < 6; i++) slots[i] = slots[i] < 0 ? -1 : slots[i] % S;
   case_set_batch(c, 6, slots);
   const int none_slots[6] = {-1, -1, -1, -1, -1, -1};
   OK(ctx, lmoe_batch_set(f.none, c->pool, 6, c->req_tok, none_slots));
@@ -432,13 +433,15 @@ int main(void) {
   FAILS(ctx, LMOE_ERR_UNSUPPORTED, lmoe_layer_create(ctx, &lc, &probe));
 
   /* 64-row tiles (few pairs an expert), partial blocks along I; then 128-row tiles */
-  run_case(ctx, "fp8 small", 8, 384, 320, 2, 300, 0);
-  run_case(ctx, "fp8 large", 8, 256, 512, 2, 1000, 0);
-  run_case(ctx, "fp8 shrink reads bf16", 4, 256, 256, 2, 200, 1);
+  run_case(ctx, "fp8 small", 8, 384, 320, 2, 300, 0, 4);
+  run_case(ctx, "fp8 large", 8, 256, 512, 2, 1000, 0, 4);
+  run_case(ctx, "fp8 shrink reads bf16", 4, 256, 256, 2, 200, 1, 4);
   /* a K of 2048 on each side: the sm90 shrinks by default (gemm_config.h), which must
      read the bf16 activations too */
-  run_case(ctx, "fp8 long K, shrink13 on sm90", 4, 2048, 256, 2, 200, 1);
-  run_case(ctx, "fp8 long K, shrink2 on sm90", 4, 256, 2048, 2, 200, 0);
+  run_case(ctx, "fp8 long K, shrink13 on sm90", 4, 2048, 256, 2, 200, 1, 4);
+  run_case(ctx, "fp8 long K, shrink2 on sm90", 4, 256, 2048, 2, 200, 0, 4);
+  /* a pool of one slot: the expand's 3-D map of the pool B with one plane */
+  run_case(ctx, "fp8 one slot", 8, 384, 320, 2, 300, 0, 1);
 #ifndef LMOE_SIM_CUDA
   dense_check(200, 272, 400);
   dense_check(512, 1024, 1024);
