@@ -160,6 +160,8 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       int cols = 0;
       sm90_for_groups<MODE == MODE_GATEUP, BM>(
           f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
+        if (rk <= 0) return; /* an adapter without this side's parts: no slice (the
+                                consumers' count, sm90_lora_chunks, gives it none) */
         if (ptid == 0) {
           gl[2 * ng] = g;
           gl[2 * ng + 1] = slot | (rk << 16);

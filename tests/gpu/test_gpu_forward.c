@@ -18,6 +18,10 @@ static void run_case(lmoe_context *ctx, int idx, int E, int H, int I, int k, int
     int rg = 1 + (int)(test_rand() % (uint64_t)R), ru = 1 + (int)(test_rand() % (uint64_t)R);
     int rd = 1 + (int)(test_rand() % (uint64_t)R);
     if (s == 0) targets = 7, rg = R, rd = R; /* one adapter with everything at max rank */
+    /* every adapter in every tile: one of them without gate / up, one without down, so
+       that a tile's groups include some with no columns on one side */
+    if (special == 3 && s == 1) targets = LMOE_TARGET_DOWN, fused = 0;
+    if (special == 3 && s == 2) targets = LMOE_TARGET_GATE | LMOE_TARGET_UP;
     case_load_adapter(&c, s, targets, fused, rg, ru, rd);
   }
   int nreq = 1 + (int)(test_rand() % 6);

@@ -270,7 +270,9 @@ static void run_case(lmoe_context *ctx, const char *name, int E, int H, int I, i
   case_set_routing(c, 0);
   const int ranks[4][3] = {{64, 64, 64}, {8, 16, 8}, {40, 24, 56}, {16, 16, 32}};
   for (int s = 0; s < S; s++) {
-    int fused = s == 3, targets = s == 2 ? LMOE_TARGET_DOWN | LMOE_TARGET_GATE : 7;
+    /* slot 1 without gate / up, slot 2 without up: groups with no columns on one side
+       sit among the others in a tile */
+    int fused = s == 3, targets = s == 2 ? LMOE_TARGET_DOWN | LMOE_TARGET_GATE : s == 1 ? LMOE_TARGET_DOWN : 7;
     if (coherent) targets = LMOE_TARGET_GATE | LMOE_TARGET_UP, fused = s == 3;
     case_load_adapter(c, s, targets, fused, ranks[s][0], ranks[s][1], ranks[s][2]);
     /* stronger than gpu_common's (scales x4): an effect of 20-50% of the output, so
