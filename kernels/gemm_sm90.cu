@@ -216,10 +216,11 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       cp_async_mbar_arrive(&full[s]);
     }
     if (xtma) {
-      /* The expand by TMA (LMOE_SM90_EXPAND_TMA=1): as the FP8 engine's (gemm_sm90_fp8.cu,
-         gpu-notes 43), each group's rank in 16-column slices, four a stage, t's box and
-         B's by TMA from thread 0 with their bytes expected on the stage's barrier; the
-         consumers zero the rows of another group and the unused slices' t. */
+      /* The expand by TMA (the default; LMOE_SM90_EXPAND_TMA=0: the cp.async one
+         below): as the FP8 engine's (gemm_sm90_fp8.cu, gpu-notes 43), each group's rank
+         in 16-column slices, four a stage, t's box and B's by TMA from thread 0 with
+         their bytes expected on the stage's barrier; the consumers zero the rows of
+         another group and the unused slices' t. */
       constexpr int SLA = BM * 32, SLB = BN * 32;
       static_assert(4 * SLA == (int)S::A_BYTES && 4 * SLB == (int)S::B_BYTES, "four slices a stage");
       int gi = 0, k0 = 0;
@@ -750,8 +751,9 @@ int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
-   (a chunk per LoRA group): knobs for measuring the alternatives, read once at init
-   (docs/gpu-notes.md 13-16 and 24-26 have the measurements behind the defaults). */
+   (a chunk per LoRA group), LMOE_SM90_EXPAND_TMA=0 (the expand by cp.async): knobs for
+   measuring the alternatives, read once at init (docs/gpu-notes.md 13-16, 24-26 and 43
+   have the measurements behind the defaults). */
 sm90_tune tune = {8, 1, 1, 8, 1};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements

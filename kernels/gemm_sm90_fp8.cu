@@ -206,15 +206,17 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     }
     if (use_lora && !xtma) producer_sync();
     if (nlc > 0 && xtma) {
-      /* The expand by TMA (LMOE_FP8_EXPAND_TMA=1): each group's rank in slices of 16
-         columns, a slice t's box (the tile's BM rows, every group's) and B's (BN rows of
-         the group's slot), 32-byte rows with the 32-byte swizzle, four slices a stage
-         where the packed expand has one 64-column chunk. Thread 0 issues the slices of
-         the groups it noted at the tile's start, each with its bytes expected on the
-         stage's barrier; every thread waits for each stage and arrives once for it
-         (thread 0 twice: the arrival a base chunk's arrive_tx makes). The consumers zero the rows of t's box that belong to another
-         group before their MMAs; a stage's unused slices (group -1) are not loaded: the
-         consumers zero their t rows and multiply them by the first slice's B. */
+      /* The expand by TMA (the default; LMOE_FP8_EXPAND_TMA=0: cp.async): each group's
+         rank in slices of 16 columns, a slice t's box (the tile's BM rows, every
+         group's) and B's (BN rows of the group's slot), 32-byte rows with the 32-byte
+         swizzle, four slices a stage where the packed expand has one 64-column chunk.
+         Thread 0 issues the slices of the groups it noted at the tile's start (those
+         with columns on this side), each with its bytes expected on the stage's
+         barrier; every thread waits for each stage and arrives once for it (thread 0
+         twice: the arrival a base chunk's arrive_tx makes). The consumers zero the rows
+         of t's box that belong to another group before their MMAs; a stage's unused
+         slices (group -1) are not loaded: the consumers zero their t rows and multiply
+         them by the first slice's B. */
       constexpr int SLA = BM * 32, SLB = BN * 32;
       static_assert(4 * SLA == (int)S::A_BYTES && 4 * SLB == (int)S::B_BYTES, "four slices a stage");
       int gi = 0, k0 = 0;
