@@ -78,7 +78,8 @@ template <int BM> struct tile_plan {
   int32_t e, ngroups, cols, pad;     /* expert; groups; their packed columns */
 };
 
-/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers. */
+/* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, the
+   TMA expand's words (four slice groups a stage, two ints for each of a tile's groups). */
 template <int BM, int ST> constexpr size_t smem_bytes(void) {
   return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + (4 * ST + 2 * BM) * sizeof(int32_t);
 }
