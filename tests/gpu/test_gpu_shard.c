@@ -12,7 +12,10 @@
    same bits; CUPTI counts no host synchronisation, device-to-host copy, blocking copy
    or allocation over forwards whose batch changes; a group forward captured in a CUDA
    graph in global capture mode replays to the eager forward's bits. Refusals: a lone
-   rank of a one-device group, ranks on different streams. */
+   rank of a one-device group, ranks on different streams.
+   Where the machine has several devices and the build NCCL: 2 (and 4) ranks on as many
+   devices through NCCL, the same checks, each rank's stream captured in its own graph
+   (the simulated device runs these in CI with LMOE_SIM_DEVICES=4 and its NCCL). */
 #include "gpu_common.h"
 
 #include "cupti_count.h"
@@ -57,19 +60,38 @@ static double rel_l2(const float *a, const float *b, int64_t n) {
 }
 
 /* The ranks' forwards: one NCCL or one-device rank alone through lmoe_forward (or the
-   group call), several through lmoe_forward_group. */
-static lmoe_status run_ranks(rank_state *rs, int32_t n, bool group, void *stream) {
-  if (n == 1 && !group) return lmoe_forward(rs[0].ctx, &rs[0].args, stream);
+   group call), several through lmoe_forward_group; streams: NULL (each context's own)
+   or one a rank (ranks of one device: streams[0] and NULLs). */
+static lmoe_status run_ranks(rank_state *rs, int32_t n, bool group, void *const *streams) {
+  if (n == 1 && !group) return lmoe_forward(rs[0].ctx, &rs[0].args, streams ? streams[0] : NULL);
   lmoe_context *ctxs[4];
   const lmoe_forward_args *args[4];
-  void *streams[4] = {stream, NULL, NULL, NULL};
   for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx, args[r] = &rs[r].args;
-  return lmoe_forward_group(n, ctxs, args, stream ? streams : NULL);
+  return lmoe_forward_group(n, ctxs, args, streams);
 }
 
-/* kind: "nccl" (one rank, lmoe_comm_create_local with NCCL) or "group" (cuda contexts
-   of one device). */
+/* A rank's cuda context: on device r where the ranks have a device each */
+static lmoe_context *rank_context(int guard, void *stream, int32_t device) {
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  cfg.backend = LMOE_BACKEND_CUDA;
+  cfg.guard = guard;
+  cfg.stream = stream;
+  cfg.device = device;
+  lmoe_context *ctx = NULL;
+  char err[256];
+  lmoe_status st = lmoe_context_create(&cfg, &ctx, err, sizeof err);
+  if (st) {
+    fprintf(stderr, "cuda context on device %d: %s: %s\n", (int)device, lmoe_status_string(st), err);
+    exit(1);
+  }
+  return ctx;
+}
+
+/* kind: "nccl" (one rank, lmoe_comm_create_local with NCCL), "group" (cuda contexts
+   of one device) or "devices" (a device a rank, NCCL). */
 static void run_case(int32_t mode, int32_t n, bool given_routing, const char *kind) {
+  const bool devices = !strcmp(kind, "devices");
   char what[128];
   snprintf(what, sizeof what, "%s n=%d %s%s", mode == LMOE_SHARD_TP ? "TP" : "EP", (int)n, kind,
            given_routing ? " given routing" : " router");
@@ -94,14 +116,14 @@ static void run_case(int32_t mode, int32_t n, bool given_routing, const char *ki
   rank_state rs[4] = {{0}};
   lmoe_context *ctxs[4];
   lmoe_comm *comms[4];
-  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = gpu_context(LMOE_GUARD_HOST, NULL);
+  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = rank_context(LMOE_GUARD_HOST, NULL, devices ? r : 0);
   char err[256];
   OK(NULL, lmoe_comm_create_local(n, ctxs, comms, err, sizeof err));
   for (int32_t r = 0; r < n; r++) {
     make_rank(&rs[r], layer_cfg(mode, r, n, comms[r]), given_routing);
     lmoe_comm_release(comms[r]); /* the layer keeps it */
   }
-  if (n > 1) { /* a lone rank of a one-device group: nothing would sum it */
+  if (n > 1 && !devices) { /* a lone rank of a one-device group: nothing would sum it */
     lmoe_status st = lmoe_forward(rs[1].ctx, &rs[1].args, NULL);
     CHECK(st == LMOE_ERR_INVALID_ARGUMENT && strstr(lmoe_context_last_error(rs[1].ctx), "lmoe_forward_group"),
           "%s: a lone rank's forward: %s \"%s\"", what, lmoe_status_string(st), lmoe_context_last_error(rs[1].ctx));
@@ -145,15 +167,23 @@ static void run_case(int32_t mode, int32_t n, bool given_routing, const char *ki
 static void run_sync_and_graph(int32_t mode, int32_t n, const char *kind) {
   char what[96];
   snprintf(what, sizeof what, "%s n=%d %s", mode == LMOE_SHARD_TP ? "TP" : "EP", (int)n, kind);
-  cudaStream_t s;
-  if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) {
-    CHECK(0, "cudaStreamCreate failed");
-    return;
+  /* one stream (ranks of one device), or one a device, each captured in its own graph */
+  const bool devices = !strcmp(kind, "devices");
+  const int32_t ns = devices ? n : 1;
+  cudaStream_t ss[4] = {NULL, NULL, NULL, NULL};
+  void *streams[4] = {NULL, NULL, NULL, NULL};
+  for (int32_t i = 0; i < ns; i++) {
+    if (cudaSetDevice(i) != cudaSuccess || cudaStreamCreateWithFlags(&ss[i], cudaStreamNonBlocking) != cudaSuccess) {
+      CHECK(0, "cudaStreamCreate on device %d failed", (int)i);
+      return;
+    }
+    streams[i] = ss[i];
   }
+  cudaSetDevice(0);
   rank_state rs[4] = {{0}};
   lmoe_context *ctxs[4];
   lmoe_comm *comms[4];
-  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = gpu_context(LMOE_GUARD_ALWAYS, s);
+  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = rank_context(LMOE_GUARD_ALWAYS, ss[devices ? r : 0], devices ? r : 0);
   char err[256];
   OK(NULL, lmoe_comm_create_local(n, ctxs, comms, err, sizeof err));
   for (int32_t r = 0; r < n; r++) {
@@ -195,35 +225,43 @@ static void run_sync_and_graph(int32_t mode, int32_t n, const char *kind) {
   /* the last batch once more, eagerly, on the stream to capture: its metadata is on the
      device in that stream's order (a capture made with cudaStreamBeginCapture needs it) */
   float *eager = malloc((size_t)(M * H) * sizeof *eager), *replay = malloc((size_t)(M * H) * sizeof *replay);
-  OK(rs[0].ctx, run_ranks(rs, n, n > 1, s));
+  OK(rs[0].ctx, run_ranks(rs, n, n > 1, streams));
   read_out(&rs[0], eager);
-  cudaGraph_t g = NULL;
-  cudaGraphExec_t ge = NULL;
-  CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaSuccess, "%s: begin capture", what);
-  lmoe_status st = run_ranks(rs, n, n > 1, s);
-  cudaError_t ce = cudaStreamEndCapture(s, &g);
+  cudaGraph_t g[4] = {NULL, NULL, NULL, NULL};
+  cudaGraphExec_t ge[4] = {NULL, NULL, NULL, NULL};
+  for (int32_t i = 0; i < ns; i++)
+    CHECK(cudaStreamBeginCapture(ss[i], cudaStreamCaptureModeGlobal) == cudaSuccess, "%s: begin capture %d", what,
+          (int)i);
+  lmoe_status st = run_ranks(rs, n, n > 1, streams);
+  cudaError_t ce = cudaSuccess;
+  for (int32_t i = 0; i < ns; i++) {
+    cudaError_t ei = cudaStreamEndCapture(ss[i], &g[i]);
+    if (!ce) ce = ei;
+  }
   CHECK(st == LMOE_OK && ce == cudaSuccess, "%s: capture: %s / %s", what, lmoe_context_last_error(rs[0].ctx),
         cudaGetErrorString(ce));
   if (!st && !ce) {
-    ce = cudaGraphInstantiate(&ge, g, 0);
+    for (int32_t i = 0; i < ns && !ce; i++) ce = cudaGraphInstantiate(&ge[i], g[i], 0);
     CHECK(ce == cudaSuccess, "%s: instantiate: %s", what, cudaGetErrorString(ce));
     for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_buffer_fill(rs[r].out, NAN, NULL));
     for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_context_synchronize(rs[r].ctx, NULL));
-    CHECK(cudaGraphLaunch(ge, s) == cudaSuccess, "%s: graph launch", what);
-    CHECK(cudaStreamSynchronize(s) == cudaSuccess, "%s: replay", what);
-    for (int32_t r = 0; r < n; r++) {
+    for (int32_t i = 0; i < ns && !ce; i++) CHECK(cudaGraphLaunch(ge[i], ss[i]) == cudaSuccess, "%s: graph launch %d", what, (int)i);
+    for (int32_t i = 0; i < ns && !ce; i++) CHECK(cudaStreamSynchronize(ss[i]) == cudaSuccess, "%s: replay %d", what, (int)i);
+    for (int32_t r = 0; r < n && !ce; r++) {
       read_out(&rs[r], replay);
       CHECK(!memcmp(replay, eager, (size_t)(M * H) * sizeof *eager),
             "%s: rank %d's output of the replay differs from the eager forward's", what, (int)r);
     }
-    printf("%s: captured in global mode, replayed: %s\n", what,
+    printf("%s: captured in global mode (%d graph%s), replayed: %s\n", what, (int)ns, ns > 1 ? "s" : "",
            memcmp(replay, eager, (size_t)(M * H) * sizeof *eager) ? "differs" : "the eager forward's bits");
-    cudaGraphExecDestroy(ge);
+    for (int32_t i = 0; i < ns; i++)
+      if (ge[i]) cudaGraphExecDestroy(ge[i]);
   }
-  if (g) cudaGraphDestroy(g);
+  for (int32_t i = 0; i < ns; i++)
+    if (g[i]) cudaGraphDestroy(g[i]);
   free(eager), free(replay);
   for (int32_t r = 0; r < n; r++) free_rank(&rs[r]);
-  cudaStreamDestroy(s);
+  for (int32_t i = 0; i < ns; i++) cudaStreamDestroy(ss[i]);
 }
 
 /* Ranks on one device given different streams are refused, naming the stream. */
@@ -271,6 +309,8 @@ int main(void) {
     return 1;
   }
   bool nccl = lmoe_has_nccl() != 0;
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess) ndev = 0;
   if (!nccl)
     printf("SKIPPED: the NCCL cases (one rank through NCCL): this build has no NCCL (cmake option LMOE_NCCL, "
            "LMOE_NCCL_ROOT); one rank runs as a one-device group instead\n");
@@ -282,7 +322,15 @@ int main(void) {
     run_case(mode, 3, false, "group");
     run_sync_and_graph(mode, 1, nccl ? "nccl" : "group");
     run_sync_and_graph(mode, 3, "group");
+    /* a device a rank, through NCCL */
+    for (int32_t n = 2; n <= 4 && nccl && n <= ndev; n *= 2) {
+      run_case(mode, n, mode == LMOE_SHARD_EP, "devices");
+      run_sync_and_graph(mode, n, "devices");
+    }
   }
+  if (!nccl || ndev < 2)
+    printf("SKIPPED: ranks on several devices (%d device%s, %s)\n", ndev, ndev == 1 ? "" : "s",
+           nccl ? "NCCL in the build" : "no NCCL in the build");
   if (cupti) cuptiUnsubscribe(sub);
   test_refusals();
   return test_summary();

@@ -24,11 +24,20 @@
    - device memory is a bounded pool (LMOE_SIM_MEMORY_MB, default 8192) filled with 0xff
      bytes (bf16 NaN) when allocated, so a read of memory never written shows; copies
      and fills into device memory must stay inside one allocation;
-   - CUPTI's runtime callbacks on entry (include/cupti.h) for the calls tests count.
-   Not modelled: the legacy default stream's implicit synchronisation, multiple
-   devices, timing. */
+   - CUPTI's runtime callbacks on entry (include/cupti.h) for the calls tests count;
+   - several devices (LMOE_SIM_DEVICES, default 1, at most 8): their numbers are
+     checked and each thread has a current one; they share the memory pool and the
+     device thread;
+   - the NCCL calls the library makes (include/nccl.h): communicators over those
+     devices, and an in-place float32 sum all-reduce that runs when every rank's stream
+     has reached its own (the ranks' buffers added in rank order, as one float32 sum
+     each); inside ncclGroupStart/End the all-reduces are only recorded and are
+     enqueued at the group's end, as NCCL does.
+   Not modelled: the legacy default stream's implicit synchronisation, memory
+   placement on devices, timing. */
 #include "cuda_runtime_api.h"
 #include "cupti.h"
+#include "nccl.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -37,7 +46,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { OP_COPY, OP_SET, OP_KERNEL, OP_RECORD, OP_RECORD_EXTERNAL, OP_WAIT };
+enum { OP_COPY, OP_SET, OP_KERNEL, OP_RECORD, OP_RECORD_EXTERNAL, OP_WAIT, OP_ALLREDUCE };
 
 typedef struct op {
   int kind;
@@ -49,8 +58,34 @@ typedef struct op {
   void (*fn)(const void *);
   struct sim_event *ev;
   uint64_t seq;
+  struct sim_nccl_comm *comm; /* OP_ALLREDUCE: the rank's communicator (dst: its buffer, n: floats) */
+  struct sim_reduce *red;     /* and, once on a stream, the all-reduce it takes part in */
   struct op *next;
 } op;
+
+enum { SIM_MAX_DEVICES = 8 };
+
+/* The ranks of one ncclCommInitAll, and their all-reduces in flight: the i-th all-reduce
+   a rank puts on a stream meets the i-th of every other rank. */
+struct sim_clique {
+  int n, refs;
+  uint64_t issued[SIM_MAX_DEVICES];
+  struct sim_reduce *pending;
+};
+
+struct sim_nccl_comm {
+  struct sim_clique *clique;
+  int rank, device;
+};
+
+struct sim_reduce {
+  uint64_t seq;
+  size_t count;
+  unsigned at_head;                         /* ranks whose op heads its stream */
+  struct op *ops[SIM_MAX_DEVICES];
+  struct sim_stream *streams[SIM_MAX_DEVICES];
+  struct sim_reduce *next;
+};
 
 struct sim_stream {
   op *head, *tail;
@@ -88,6 +123,8 @@ static int quit;           /* set when the library is unloaded: the device threa
 static int started;
 static pthread_t device;
 static _Thread_local cudaError_t last_error;
+static int ndevices = 1;
+static _Thread_local int current_device;
 
 static CUpti_CallbackFunc cb_fn;
 static void *cb_user;
@@ -142,11 +179,40 @@ static void run_op(op *o) {
     pthread_mutex_unlock(&mu);
     break;
   case OP_WAIT: /* handled by the scheduler: it runs only once the event is done */
+  case OP_ALLREDUCE: /* run by run_allreduce */
     break;
   }
 }
 
-static int runnable(const op *o) { return o->kind != OP_WAIT || o->ev->done_seq >= o->seq; }
+/* Whether the head op of stream t may run (the lock is held). An all-reduce notes that
+   its rank has reached it, and runs once every rank has. */
+static int runnable(op *o, struct sim_stream *t) {
+  if (o->kind == OP_WAIT) return o->ev->done_seq >= o->seq;
+  if (o->kind == OP_ALLREDUCE) {
+    struct sim_reduce *r = o->red;
+    r->at_head |= 1u << o->comm->rank;
+    r->ops[o->comm->rank] = o;
+    r->streams[o->comm->rank] = t;
+    return r->at_head == (1u << o->comm->clique->n) - 1;
+  }
+  return 1;
+}
+
+/* Binds an all-reduce op put on a stream (eagerly, at a group's end, or by a replay) to
+   the all-reduce of the same number on the other ranks (the lock is held). */
+static void bind_allreduce(op *o) {
+  struct sim_clique *q = o->comm->clique;
+  uint64_t seq = q->issued[o->comm->rank]++;
+  struct sim_reduce **p = &q->pending;
+  while (*p && (*p)->seq != seq) p = &(*p)->next;
+  if (!*p) {
+    *p = calloc(1, sizeof **p);
+    if (!*p) abort();
+    (*p)->seq = seq;
+    (*p)->count = o->n;
+  }
+  o->red = *p;
+}
 
 static void append(struct sim_graph *g, op *o) {
   if (g->tail) g->tail->next = o;
@@ -161,6 +227,43 @@ static void graph_free(struct sim_graph *g) {
 
 static struct sim_stream *last; /* the stream served last (round robin) */
 
+/* Every rank's op heads its stream: they leave their streams together, the buffers are
+   summed in rank order in float32 and every rank's gets the sum (the lock is held on
+   entry and exit, released while adding). */
+static void run_allreduce(struct sim_reduce *r, struct sim_clique *q) {
+  const int n = q->n;
+  for (int k = 0; k < n; k++) {
+    struct sim_stream *t = r->streams[k];
+    t->head = r->ops[k]->next;
+    if (!t->head) t->tail = NULL;
+    t->running = 1;
+  }
+  for (struct sim_reduce **p = &q->pending; *p; p = &(*p)->next)
+    if (*p == r) {
+      *p = r->next;
+      break;
+    }
+  pthread_mutex_unlock(&mu);
+  if (delay_ns) nanosleep(&(struct timespec){0, delay_ns}, NULL);
+  float *sum = malloc((r->count ? r->count : 1) * sizeof *sum);
+  if (!sum) abort();
+  memcpy(sum, r->ops[0]->dst, r->count * sizeof *sum);
+  for (int k = 1; k < n; k++) {
+    const float *b = r->ops[k]->dst;
+    for (size_t i = 0; i < r->count; i++) sum[i] += b[i];
+  }
+  for (int k = 0; k < n; k++) memcpy(r->ops[k]->dst, sum, r->count * sizeof *sum);
+  free(sum);
+  pthread_mutex_lock(&mu);
+  for (int k = 0; k < n; k++) {
+    r->streams[k]->running = 0;
+    r->ops[k]->next = NULL;
+    free_ops(r->ops[k]);
+  }
+  free(r);
+  pthread_cond_broadcast(&cv);
+}
+
 static void *device_thread(void *arg) {
   (void)arg;
   pthread_mutex_lock(&mu);
@@ -169,12 +272,17 @@ static void *device_thread(void *arg) {
     struct sim_stream *pick = NULL, *s = last && last->next ? last->next : streams;
     for (int pass = 0; pass < 2 && !pick; pass++) {
       for (struct sim_stream *t = s; t && !pick; t = t->next)
-        if (t->head && !t->running && runnable(t->head)) pick = t;
+        if (t->head && !t->running && runnable(t->head, t)) pick = t;
       s = streams;
     }
     if (!pick) {
       if (quit) break;
       pthread_cond_wait(&cv, &mu);
+      continue;
+    }
+    if (pick->head->kind == OP_ALLREDUCE) {
+      run_allreduce(pick->head->red, pick->head->comm->clique);
+      last = pick;
       continue;
     }
     op *o = pick->head;
@@ -209,6 +317,8 @@ __attribute__((destructor)) static void stop(void) {
 
 static void start(void) {
   const char *d = getenv("LMOE_SIM_DELAY_US"), *m = getenv("LMOE_SIM_MEMORY_MB");
+  const char *nd = getenv("LMOE_SIM_DEVICES");
+  if (nd && atoi(nd) >= 1 && atoi(nd) <= SIM_MAX_DEVICES) ndevices = atoi(nd);
   delay_ns = (d ? atol(d) : 20) * 1000L;
   if (delay_ns < 0 || delay_ns > 999999999L) delay_ns = 20000;
   capacity = (size_t)(m ? atol(m) : 8192) << 20;
@@ -277,6 +387,7 @@ static cudaError_t enqueue(struct sim_stream *s, op *o) {
     return cudaSuccess;
   }
   if (o->kind == OP_RECORD_EXTERNAL) o->kind = OP_RECORD, o->seq = ++o->ev->rec_seq;
+  if (o->kind == OP_ALLREDUCE) bind_allreduce(o);
   if (s->tail) s->tail->next = o;
   else s->head = o;
   s->tail = o;
@@ -508,13 +619,14 @@ cudaError_t cudaGetLastError(void) {
 }
 
 cudaError_t cudaGetDeviceCount(int *n) {
-  *n = 1;
+  pthread_once(&once, start);
+  *n = ndevices;
   return cudaSuccess;
 }
 
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int device) {
-  if (device != 0) return fail(cudaErrorInvalidDevice);
   pthread_once(&once, start);
+  if (device < 0 || device >= ndevices) return fail(cudaErrorInvalidDevice);
   memset(p, 0, sizeof *p);
   snprintf(p->name, sizeof p->name, "loramoe simulated device (CPU)");
   p->major = 9;
@@ -525,9 +637,14 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int device) {
   return cudaSuccess;
 }
 
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice); }
+cudaError_t cudaSetDevice(int device) {
+  pthread_once(&once, start);
+  if (device < 0 || device >= ndevices) return fail(cudaErrorInvalidDevice);
+  current_device = device;
+  return cudaSuccess;
+}
 cudaError_t cudaGetDevice(int *device) {
-  *device = 0;
+  *device = current_device;
   return cudaSuccess;
 }
 
@@ -713,6 +830,7 @@ static op *copy_op(const op *o) {
   *c = *o;
   c->next = NULL;
   c->owned = NULL;
+  c->red = NULL;
   if (o->kind == OP_KERNEL) {
     c->owned = malloc(o->n ? o->n : 1);
     if (!c->owned) abort();
@@ -745,6 +863,7 @@ cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   } else {
     for (op *o = exec->head; o; o = o->next) {
       op *c = copy_op(o);
+      if (c->kind == OP_ALLREDUCE) bind_allreduce(c);
       if (s->tail) s->tail->next = c;
       else s->head = c;
       s->tail = c;
@@ -764,6 +883,115 @@ cudaError_t cudaGraphDestroy(cudaGraph_t g) {
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
   if (exec) graph_free(exec);
   return cudaSuccess;
+}
+
+/* ---------------------------------------------------------------- NCCL */
+
+static _Thread_local int group_depth;
+static _Thread_local struct pending_op {
+  op *o;
+  struct sim_stream *s;
+} *group_ops;
+static _Thread_local size_t group_n, group_cap;
+
+ncclResult_t ncclCommInitAll(ncclComm_t *comms, int ndev, const int *devlist) {
+  pthread_once(&once, start);
+  if (!comms || ndev < 1 || ndev > SIM_MAX_DEVICES) return ncclInvalidArgument;
+  for (int r = 0; r < ndev; r++) {
+    int d = devlist ? devlist[r] : r;
+    if (d < 0 || d >= ndevices) return ncclInvalidArgument;
+    for (int q = 0; q < r; q++) /* NCCL refuses one device twice */
+      if ((devlist ? devlist[q] : q) == d) return ncclInvalidUsage;
+  }
+  struct sim_clique *q = calloc(1, sizeof *q);
+  if (!q) return ncclSystemError;
+  q->n = q->refs = ndev;
+  for (int r = 0; r < ndev; r++) {
+    comms[r] = calloc(1, sizeof *comms[r]);
+    if (!comms[r]) abort();
+    comms[r]->clique = q, comms[r]->rank = r, comms[r]->device = devlist ? devlist[r] : r;
+  }
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+  if (!comm) return ncclInvalidArgument;
+  lock();
+  struct sim_clique *q = comm->clique;
+  int last_ref = --q->refs == 0;
+  unlock();
+  if (last_ref) free(q);
+  free(comm);
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommCount(const ncclComm_t comm, int *count) {
+  if (!comm || !count) return ncclInvalidArgument;
+  *count = comm->clique->n;
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommUserRank(const ncclComm_t comm, int *rank) {
+  if (!comm || !rank) return ncclInvalidArgument;
+  *rank = comm->rank;
+  return ncclSuccess;
+}
+
+ncclResult_t ncclCommCuDevice(const ncclComm_t comm, int *device) {
+  if (!comm || !device) return ncclInvalidArgument;
+  *device = comm->device;
+  return ncclSuccess;
+}
+
+ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, ncclDataType_t datatype,
+                           ncclRedOp_t red, ncclComm_t comm, cudaStream_t stream) {
+  if (!comm || sendbuff != recvbuff || datatype != ncclFloat32 || red != ncclSum) return ncclInvalidArgument;
+  lock();
+  ncclResult_t r = ncclSuccess;
+  if (count && !find_region(recvbuff, count * sizeof(float), 1)) r = ncclInvalidArgument;
+  if (!r) {
+    op *o = new_op(OP_ALLREDUCE);
+    o->dst = recvbuff, o->n = count, o->comm = comm;
+    if (group_depth) { /* enqueued by the group's end */
+      if (group_n == group_cap) {
+        group_cap = group_cap ? 2 * group_cap : 8;
+        group_ops = realloc(group_ops, group_cap * sizeof *group_ops);
+        if (!group_ops) abort();
+      }
+      group_ops[group_n++] = (struct pending_op){o, S(stream)};
+    } else if (enqueue(S(stream), o)) {
+      r = ncclUnhandledCudaError;
+    }
+  }
+  unlock();
+  return r;
+}
+
+ncclResult_t ncclGroupStart(void) {
+  group_depth++;
+  return ncclSuccess;
+}
+
+ncclResult_t ncclGroupEnd(void) {
+  if (group_depth == 0) return ncclInvalidUsage;
+  if (--group_depth) return ncclSuccess;
+  ncclResult_t r = ncclSuccess;
+  lock();
+  for (size_t i = 0; i < group_n; i++)
+    if (enqueue(group_ops[i].s, group_ops[i].o)) r = ncclUnhandledCudaError;
+  group_n = 0;
+  unlock();
+  return r;
+}
+
+const char *ncclGetErrorString(ncclResult_t result) {
+  switch (result) {
+  case ncclSuccess: return "no error";
+  case ncclInvalidArgument: return "invalid argument (the simulated NCCL: in-place float32 sums only)";
+  case ncclInvalidUsage: return "invalid usage";
+  case ncclSystemError: return "system error";
+  default: return "error";
+  }
 }
 
 /* ---------------------------------------------------------------- CUPTI */
