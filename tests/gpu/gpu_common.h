@@ -424,20 +424,23 @@ static void cpu_mirror_forward(const gpu_case *c, double *out) {
   lmoe_context_release(ctx);
 }
 
-static lmoe_context *gpu_context(int guard, void *stream) {
+static lmoe_context *gpu_context_on(int guard, void *stream, int32_t device) {
   lmoe_context_config cfg;
   lmoe_context_config_init(&cfg);
   cfg.backend = LMOE_BACKEND_CUDA;
   cfg.guard = guard;
   cfg.stream = stream;
+  cfg.device = device;
   lmoe_context *ctx = NULL;
   char err[256];
   lmoe_status st = lmoe_context_create(&cfg, &ctx, err, sizeof err);
   if (st) {
-    fprintf(stderr, "cuda context: %s: %s\n", lmoe_status_string(st), err);
+    fprintf(stderr, "cuda context on device %d: %s: %s\n", (int)device, lmoe_status_string(st), err);
     exit(1);
   }
   return ctx;
 }
+
+static lmoe_context *gpu_context(int guard, void *stream) { return gpu_context_on(guard, stream, 0); }
 
 #endif

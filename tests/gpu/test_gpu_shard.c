@@ -70,24 +70,6 @@ static lmoe_status run_ranks(rank_state *rs, int32_t n, bool group, void *const 
   return lmoe_forward_group(n, ctxs, args, streams);
 }
 
-/* A rank's cuda context: on device r where the ranks have a device each */
-static lmoe_context *rank_context(int guard, void *stream, int32_t device) {
-  lmoe_context_config cfg;
-  lmoe_context_config_init(&cfg);
-  cfg.backend = LMOE_BACKEND_CUDA;
-  cfg.guard = guard;
-  cfg.stream = stream;
-  cfg.device = device;
-  lmoe_context *ctx = NULL;
-  char err[256];
-  lmoe_status st = lmoe_context_create(&cfg, &ctx, err, sizeof err);
-  if (st) {
-    fprintf(stderr, "cuda context on device %d: %s: %s\n", (int)device, lmoe_status_string(st), err);
-    exit(1);
-  }
-  return ctx;
-}
-
 /* kind: "nccl" (one rank, lmoe_comm_create_local with NCCL), "group" (cuda contexts
    of one device) or "devices" (a device a rank, NCCL). */
 static void run_case(int32_t mode, int32_t n, bool given_routing, const char *kind) {
@@ -116,7 +98,7 @@ static void run_case(int32_t mode, int32_t n, bool given_routing, const char *ki
   rank_state rs[4] = {{0}};
   lmoe_context *ctxs[4];
   lmoe_comm *comms[4];
-  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = rank_context(LMOE_GUARD_HOST, NULL, devices ? r : 0);
+  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = gpu_context_on(LMOE_GUARD_HOST, NULL, devices ? r : 0);
   char err[256];
   OK(NULL, lmoe_comm_create_local(n, ctxs, comms, err, sizeof err));
   for (int32_t r = 0; r < n; r++) {
@@ -173,7 +155,8 @@ static void run_sync_and_graph(int32_t mode, int32_t n, const char *kind) {
   cudaStream_t ss[4] = {NULL, NULL, NULL, NULL};
   void *streams[4] = {NULL, NULL, NULL, NULL};
   for (int32_t i = 0; i < ns; i++) {
-    if (cudaSetDevice(i) != cudaSuccess || cudaStreamCreateWithFlags(&ss[i], cudaStreamNonBlocking) != cudaSuccess) {
+    if (cudaSetDevice(i) != cudaSuccess ||
+        cudaStreamCreateWithFlags(&ss[i], cudaStreamNonBlocking) != cudaSuccess) {
       CHECK(0, "cudaStreamCreate on device %d failed", (int)i);
       return;
     }
@@ -183,7 +166,8 @@ static void run_sync_and_graph(int32_t mode, int32_t n, const char *kind) {
   rank_state rs[4] = {{0}};
   lmoe_context *ctxs[4];
   lmoe_comm *comms[4];
-  for (int32_t r = 0; r < n; r++) ctxs[r] = rs[r].ctx = rank_context(LMOE_GUARD_ALWAYS, ss[devices ? r : 0], devices ? r : 0);
+  for (int32_t r = 0; r < n; r++)
+    ctxs[r] = rs[r].ctx = gpu_context_on(LMOE_GUARD_ALWAYS, ss[devices ? r : 0], devices ? r : 0);
   char err[256];
   OK(NULL, lmoe_comm_create_local(n, ctxs, comms, err, sizeof err));
   for (int32_t r = 0; r < n; r++) {
@@ -245,8 +229,10 @@ static void run_sync_and_graph(int32_t mode, int32_t n, const char *kind) {
     CHECK(ce == cudaSuccess, "%s: instantiate: %s", what, cudaGetErrorString(ce));
     for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_buffer_fill(rs[r].out, NAN, NULL));
     for (int32_t r = 0; r < n; r++) OK(rs[r].ctx, lmoe_context_synchronize(rs[r].ctx, NULL));
-    for (int32_t i = 0; i < ns && !ce; i++) CHECK(cudaGraphLaunch(ge[i], ss[i]) == cudaSuccess, "%s: graph launch %d", what, (int)i);
-    for (int32_t i = 0; i < ns && !ce; i++) CHECK(cudaStreamSynchronize(ss[i]) == cudaSuccess, "%s: replay %d", what, (int)i);
+    for (int32_t i = 0; i < ns && !ce; i++)
+      CHECK(cudaGraphLaunch(ge[i], ss[i]) == cudaSuccess, "%s: graph launch %d", what, (int)i);
+    for (int32_t i = 0; i < ns && !ce; i++)
+      CHECK(cudaStreamSynchronize(ss[i]) == cudaSuccess, "%s: replay %d", what, (int)i);
     for (int32_t r = 0; r < n && !ce; r++) {
       read_out(&rs[r], replay);
       CHECK(!memcmp(replay, eager, (size_t)(M * H) * sizeof *eager),

@@ -22,7 +22,14 @@ typedef enum {
   ncclInvalidArgument = 4,
   ncclInvalidUsage = 5
 } ncclResult_t;
-typedef enum { ncclInt8 = 0, ncclInt32 = 2, ncclFloat16 = 6, ncclFloat32 = 7, ncclFloat64 = 8, ncclBfloat16 = 9 } ncclDataType_t;
+typedef enum {
+  ncclInt8 = 0,
+  ncclInt32 = 2,
+  ncclFloat16 = 6,
+  ncclFloat32 = 7,
+  ncclFloat64 = 8,
+  ncclBfloat16 = 9
+} ncclDataType_t;
 typedef enum { ncclSum = 0, ncclProd = 1, ncclMax = 2, ncclMin = 3, ncclAvg = 4 } ncclRedOp_t;
 
 ncclResult_t ncclCommInitAll(ncclComm_t *comms, int ndev, const int *devlist);
