@@ -115,6 +115,46 @@ describe("the cuda backend #gpu", function()
     assert.are.equal(3, r.syncs_per_forward) -- one per layer: the old way
   end)
 
+  -- A rank per device through NCCL, driven from one script: where the machine has two
+  -- devices and the build NCCL (in CI: two simulated devices and the simulated NCCL).
+  it("drives ranks on several devices from one script, summed through NCCL", function()
+    if lm.device_count() < 2 or not lm.has_nccl() then
+      pending("needs two devices and NCCL in the build")
+      return
+    end
+    local shape = { experts = 8, hidden = 64, intermediate = 48, top_k = 2, max_tokens = 64 }
+    local function make(c, extra)
+      local t = {}
+      for k, v in pairs(shape) do t[k] = v end
+      for k, v in pairs(extra or {}) do t[k] = v end
+      local l = assert(c:layer(t))
+      assert(l:randomize(4, 0.2))
+      local p = assert(l:pool { slots = 2, max_rank = 8 })
+      assert(p:load_random(0, { rank = 8, seed = 1, scale = 0.2 }))
+      assert(p:load_random(1, { rank = 3, seed = 2, scale = 0.2, targets = { "down" } }))
+      local b = assert(c:batch())
+      assert(b:set(p, lm.requests({ 9, 4, 14 }, { 0, nil, 1 })))
+      local inp = assert(l:inputs(27, 6))
+      return l, { pool = p, batch = b, x = inp.x, logits = inp.logits, out = inp.out }
+    end
+    local wl, wa = make(ctx)
+    assert(wl:forward(wa))
+    local want = assert(wa.out:read())
+    for _, mode in ipairs { "tp", "ep" } do
+      local ctxs = { ctx, assert(lm.context { backend = "cuda", device = 1 }) }
+      local cs = assert(lm.comms(ctxs))
+      local layers, args = {}, {}
+      for r = 1, 2 do
+        layers[r], args[r] = make(ctxs[r], { shard_mode = mode, shard_rank = r - 1, shard_size = 2, comm = cs[r] })
+      end
+      assert.is_true(lm.forward_group(layers, args))
+      local first = assert(args[1].out:read())
+      assert.are.same(first, assert(args[2].out:read()))
+      assert.is_true(rel_l2(first, want) < 1e-2, mode .. ": rel_l2 " .. rel_l2(first, want))
+      ctxs[2]:close()
+    end
+  end)
+
   it("launches no LoRA work under guard host when the batch has no adapter", function()
     local r = h.rig(ctx, 64)
     assert.is_true(ctx:set_guard("host"))
