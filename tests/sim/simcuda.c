@@ -210,6 +210,10 @@ static void bind_allreduce(op *o) {
     if (!*p) abort();
     (*p)->seq = seq;
     (*p)->count = o->n;
+  } else if ((*p)->count != o->n) { /* NCCL would read past a buffer, or hang */
+    fprintf(stderr, "simulated NCCL: all-reduce %llu of rank %d has %zu floats, another rank's %zu\n",
+            (unsigned long long)seq, o->comm->rank, o->n, (*p)->count);
+    abort();
   }
   o->red = *p;
 }
