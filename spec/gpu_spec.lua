@@ -127,15 +127,7 @@ describe("the cuda backend #gpu", function()
       local t = {}
       for k, v in pairs(shape) do t[k] = v end
       for k, v in pairs(extra or {}) do t[k] = v end
-      local l = assert(c:layer(t))
-      assert(l:randomize(4, 0.2))
-      local p = assert(l:pool { slots = 2, max_rank = 8 })
-      assert(p:load_random(0, { rank = 8, seed = 1, scale = 0.2 }))
-      assert(p:load_random(1, { rank = 3, seed = 2, scale = 0.2, targets = { "down" } }))
-      local b = assert(c:batch())
-      assert(b:set(p, lm.requests({ 9, 4, 14 }, { 0, nil, 1 })))
-      local inp = assert(l:inputs(27, 6))
-      return l, { pool = p, batch = b, x = inp.x, logits = inp.logits, out = inp.out }
+      return h.shard_rank(c, t)
     end
     local wl, wa = make(ctx)
     assert(wl:forward(wa))

@@ -66,6 +66,22 @@ function h.rig(ctx, tokens)
   return { layer = layer, pool = pool, batch = batch, args = args, requests = reqs }
 end
 
+-- One rank of a sharded layer (or the whole layer: no shard fields in cfg): the layer
+-- made from cfg and randomized, a pool of two adapters of different ranks (the second
+-- on down only), a batch of three requests and inputs; returns the layer and the
+-- forward's args.
+function h.shard_rank(ctx, cfg)
+  local l = assert(ctx:layer(cfg))
+  assert(l:randomize(4, 0.2))
+  local p = assert(l:pool { slots = 2, max_rank = 8 })
+  assert(p:load_random(0, { rank = 8, seed = 1, scale = 0.2 }))
+  assert(p:load_random(1, { rank = 3, seed = 2, scale = 0.2, targets = { "down" } }))
+  local b = assert(ctx:batch())
+  assert(b:set(p, lm.requests({ 9, 4, 14 }, { 0, nil, 1 })))
+  local inp = assert(l:inputs(27, 6))
+  return l, { pool = p, batch = b, x = inp.x, logits = inp.logits, out = inp.out }
+end
+
 -- A fresh temporary path (a file os.tmpname made, or one made here). Under WebAssembly
 -- os.tmpname's mkstemp draws names from a clock coarse enough that a quick run of specs
 -- can spend its retries on names earlier specs still hold (directories they wrote

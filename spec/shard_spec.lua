@@ -13,17 +13,7 @@ local function cfg(extra)
 end
 
 -- One rank's layer, pool (two adapters of different ranks), batch and inputs.
-local function rank(ctx, extra)
-  local l = assert(ctx:layer(cfg(extra)))
-  assert(l:randomize(4, 0.2))
-  local p = assert(l:pool { slots = 2, max_rank = 8 })
-  assert(p:load_random(0, { rank = 8, seed = 1, scale = 0.2 }))
-  assert(p:load_random(1, { rank = 3, seed = 2, scale = 0.2, targets = { "down" } }))
-  local b = assert(ctx:batch())
-  assert(b:set(p, lm.requests({ 9, 4, 14 }, { 0, nil, 1 })))
-  local inp = assert(l:inputs(27, 6))
-  return l, { pool = p, batch = b, x = inp.x, logits = inp.logits, out = inp.out }
-end
+local function rank(ctx, extra) return h.shard_rank(ctx, cfg(extra)) end
 
 -- Within one bf16 rounding of the larger of the two.
 local function within_rounding(a, b)
