@@ -33,6 +33,9 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
      gate_up, 0 never; unset, by the shape (gemm_config.h) */
   const char *ga = getenv("LMOE_SM90_GATHER");
   dev->gather_x = !ga || !*ga ? LMOE_GATHER_BY_SHAPE : atoi(ga) != 0 ? LMOE_GATHER_ON : LMOE_GATHER_OFF;
+  /* LMOE_SHARD_CHUNKS (for measuring): a sharded layer's column chunks (lmoe_k_shard_chunks) */
+  const char *sc = getenv("LMOE_SHARD_CHUNKS");
+  dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;
   if (!lmoe_gemm_supported(dev)) return cudaErrorInvalidConfiguration; /* under ~70 KB: not a supported GPU */
   return cudaSuccess;
 }

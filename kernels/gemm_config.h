@@ -80,6 +80,8 @@ typedef struct lmoe_gemm_device {
                                (LMOE_SM90_SHRINK=0 or 1 for measuring; see below) */
   int32_t gather_x;         /* whether the bf16 sm90 gate_up reads x gathered into sorted
                                order by TMA (LMOE_SM90_GATHER=1 / 0 for measuring; below) */
+  int32_t shard_chunks;     /* LMOE_SHARD_CHUNKS: the column chunks of a sharded layer's
+                               down and all-reduce (lmoe_k_shard_chunks), 0: by the shape */
 } lmoe_gemm_device;
 
 /* lmoe_gemm_device.gather_x. By shape (the default, 0): where the forward has at least

@@ -364,7 +364,7 @@ template <int BN, int ST, int BM> static constexpr size_t gemm_smem(void) {
 /* N tiles of an output (blocks per row tile); a shrink walks its N inside one block. */
 template <int MODE, int BN> static __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
   if (MODE == MODE_GATEUP) return (f.I + BN / 2 - 1) / (BN / 2);
-  if (MODE == MODE_DOWN) return (f.H + BN - 1) / BN;
+  if (MODE == MODE_DOWN) return (lmoe_k_down_cols(&f) + BN - 1) / BN;
   return 1;
 }
 
@@ -462,7 +462,7 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   tile_ctx tc;
   tc.e = f.tile_expert[m];
   tc.p0 = m * BM;
-  tc.n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+  tc.n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
   for (int r = threadIdx.x; r < BM; r += blockDim.x) {
     row_pair[r] = f.sorted_pair[tc.p0 + r];
     row_group[r] = f.sorted_group[tc.p0 + r];

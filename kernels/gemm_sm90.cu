@@ -86,7 +86,7 @@ template <int BM, int ST> constexpr size_t smem_bytes(void) {
 
 /* N tiles of an output */
 template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
-  return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (f.H + BN - 1) / BN;
+  return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (lmoe_k_down_cols(&f) + BN - 1) / BN;
 }
 
 #if LMOE_SM90_DEVICE /* the pipeline's device code exists in sm_90a code only */
@@ -153,7 +153,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
-    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
     /* the TMA expand's stages and the tile's groups, walked now (a walk inside the
        expand made ptxas spill): thread 0 keeps them in shared memory, two ints a group */
     int nlx = 0, ng = 0;
@@ -345,7 +345,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
     const int p0 = m * BM;
-    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
     /* this thread's two rows (r, r + 8): their pairs loaded now, down's weights after the
        first chunk's MMA is issued, so the epilogue does not wait on a dependent load
        chain (gpu-notes 26) */

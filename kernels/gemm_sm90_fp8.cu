@@ -93,7 +93,7 @@ static_assert(smem_bytes<128, 128>() <= 232448 && smem_bytes<64, 128>() <= 23244
               "fits an H100/H200's 227 KB");
 
 template <int MODE, int BN> __host__ __device__ __forceinline__ int n_tiles(const lmoe_fwd &f) {
-  return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (f.H + BN - 1) / BN;
+  return MODE == MODE_GATEUP ? (f.I + BN / 2 - 1) / (BN / 2) : (lmoe_k_down_cols(&f) + BN - 1) / BN;
 }
 
 #if LMOE_SM90_DEVICE
@@ -133,7 +133,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
     int m, nt;
     sm90_tile_of(t, ntm, ntn, GROUP_M, m, nt);
     const int e = f.tile_expert[m], p0 = m * BM;
-    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
     /* the expand's view of the tile's rows, its group or -2 (padding), written here and
        read after the base chunks (one barrier among the producer's threads): one shared
        load a row a piece where two dependent global loads were (gpu-notes 42). Two
@@ -348,7 +348,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, uint8_t *smem, const
     int m, nt;
     sm90_tile_of(t, ntm, ntn, GROUP_M, m, nt);
     const int p0 = m * BM;
-    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : nt * BN;
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
     /* the epilogue's rows' pairs now, down's routing weights once the first chunk's
        MMAs are issued: not a dependent load chain after the last wait */
     const int pre_pair[2] = {f.sorted_pair[p0 + r0], f.sorted_pair[p0 + r0 + 8]};

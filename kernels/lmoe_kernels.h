@@ -83,7 +83,13 @@ typedef struct lmoe_fwd {
      Routed ids stay the layer's: a pair whose id is outside [e0, e0 + E) is another
      rank's and is not counted, placed or summed here. */
   int32_t E_route, e0;
-  float *part;               /* [M, H] f32, or NULL: reduce writes its float32 sums here, unrounded */
+  /* The output columns [n0, n1) that down and reduce compute this launch (n1 = 0: all
+     of H, n0 = 0). A sharded layer cuts them in chunks so that each chunk's all-reduce
+     overlaps the next chunk's down (docs/design.md, "Sharding"); every chunk but the
+     last is a multiple of 256 columns wide, so each engine's N tiles divide it. */
+  int32_t n0, n1;
+  float *part;               /* [M, n1 - n0] f32 (the chunk's own region), or NULL: reduce
+                                writes its float32 sums here, unrounded */
   const uint16_t *x;         /* [M, H] */
   const void *logits;        /* [M, E] f32 or bf16, or NULL */
   int32_t logits_bf16;
@@ -130,6 +136,12 @@ typedef struct lmoe_fwd {
   uint8_t *hq;               /* [h rows, I] e4m3 (sorted rows, as h) */
   float *hsc;                /* [h rows, nbi] */
 } lmoe_fwd;
+
+/* Columns of down's output a launch computes (lmoe_fwd.n0, n1). */
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+static inline int32_t lmoe_k_down_cols(const struct lmoe_fwd *f) { return (f->n1 ? f->n1 : f->H) - f->n0; }
 
 /* Workspace layout for the upper bounds of a layer (and pool): byte offsets. */
 typedef struct lmoe_ws_layout {
@@ -188,6 +200,18 @@ typedef struct lmoe_k_plan_args {
    workspace is missing or smaller, returns that size and leaves *f alone. */
 size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f);
 
+/* The column chunks of a sharded layer's down, reduce and all-reduce over NCCL: chunk c
+   is columns [bounds[c], bounds[c + 1]) of H (docs/design.md, "Sharding"). Each chunk's
+   all-reduce (and its rounding into out) runs on a side stream while down computes the
+   next chunk, so only the last chunk's sum waits after the layer's GEMMs. Returns the
+   count, 1 to LMOE_K_CHUNKS_MAX; every bound but the last a multiple of 256. forced > 0
+   asks for that many (LMOE_SHARD_CHUNKS, for measuring, which also cuts an unsharded
+   layer's down; fewer where H has fewer 256-column blocks);
+   else by the shape: none for one rank (nothing to overlap), 2 from 1024 tokens, 4
+   from 4096 (a chunk's all-reduce must stay large enough to run at NCCL's bandwidth). */
+enum { LMOE_K_CHUNKS_MAX = 8 };
+int32_t lmoe_k_shard_chunks(int64_t M, int32_t H, int32_t ranks, int32_t forced, int32_t *bounds);
+
 /* Per-device setup of the current device: the GEMM kernels' shared-memory limits;
    *dev receives what the GEMM selector needs to know of the device. Fails
    (cudaErrorInvalidConfiguration) on a device that fits no configuration. */
@@ -235,6 +259,9 @@ typedef struct lmoe_k_sum {
   uint16_t *out[LMOE_K_SUM_MAX];
   int32_t n, nout;
   int64_t count; /* elements of each */
+  /* cols > 0: the parts are rows of cols elements (a chunk of columns, lmoe_fwd.n0/n1)
+     and each out holds them at a row stride of ld elements; 0: out is contiguous too */
+  int32_t cols, ld;
 } lmoe_k_sum;
 cudaError_t lmoe_k_sum_parts(const lmoe_k_sum *a, cudaStream_t s);
 

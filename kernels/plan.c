@@ -138,3 +138,16 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
   }
   return L.total;
 }
+
+int32_t lmoe_k_shard_chunks(int64_t M, int32_t H, int32_t ranks, int32_t forced, int32_t *bounds) {
+  int32_t n = forced > 0 ? forced : ranks < 2 ? 1 : M >= 4096 ? 4 : M >= 1024 ? 2 : 1;
+  int32_t blocks = H > 0 ? (H + 255) / 256 : 1; /* of 256 columns, the last maybe narrower */
+  if (n > LMOE_K_CHUNKS_MAX) n = LMOE_K_CHUNKS_MAX;
+  if (n > blocks) n = blocks;
+  for (int32_t c = 0; c < n; c++) { /* blocks shared out evenly, none left empty */
+    int64_t at = (int64_t)c * blocks / n * 256;
+    bounds[c] = at < H ? (int32_t)at : H;
+  }
+  bounds[n] = H;
+  return n;
+}

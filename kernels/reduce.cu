@@ -8,15 +8,15 @@
 /* Deterministic reduction: out[t] = sum over j in order of y[t*k + j] (already weighted).
    A sharded layer's rank sums only its own pairs (ids in [e0, e0 + E)) and, with
    f.part, keeps the sum in float32 there for the sum over ranks (lmoe_k_sum_parts, or
-   an NCCL all-reduce and then lmoe_k_sum_parts of one part). */
-static __global__ void k_reduce(lmoe_fwd f) {
-  int H = f.H, k = f.k;
-  int vec = (H & 7) == 0 ? 8 : 1;
-  int per_row = H / vec;
+   an NCCL all-reduce and then lmoe_k_sum_parts of one part). Only the columns [n0, n1)
+   of f (all of H by default); a part holds just those, rows of n1 - n0. */
+static __global__ void k_reduce(lmoe_fwd f, int vec) {
+  int H = f.H, k = f.k, n0 = f.n0, w = lmoe_k_down_cols(&f);
+  int per_row = w / vec;
   int64_t total = (int64_t)f.M * per_row;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
-    int t = (int)(i / per_row), c = (int)(i % per_row) * vec;
+    int t = (int)(i / per_row), c = n0 + (int)(i % per_row) * vec;
     float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int j = 0; j < k; j++) {
       int id = f.ids[(size_t)t * k + j], e = id - f.e0;
@@ -34,8 +34,8 @@ static __global__ void k_reduce(lmoe_fwd f) {
         s[0] += bf2f(yr[0]);
       }
     }
-    if (f.part) {
-      float *o = f.part + (size_t)t * H + c;
+    if (f.part) { /* the chunk's own region: rows of w */
+      float *o = f.part + (size_t)t * w + (c - n0);
       if (vec == 8) {
         *(float4 *)o = make_float4(s[0], s[1], s[2], s[3]);
         *(float4 *)(o + 4) = make_float4(s[4], s[5], s[6], s[7]);
@@ -59,9 +59,18 @@ static __global__ void k_reduce(lmoe_fwd f) {
 }
 
 extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {
-  int64_t n = (int64_t)f->M * ((f->H & 7) == 0 ? f->H / 8 : f->H);
-  k_reduce<<<grid_for(n, 256), 256, 0, s>>>(*f);
+  int32_t w = lmoe_k_down_cols(f);
+  int vec = (f->H & 7) == 0 && (f->n0 & 7) == 0 && (w & 7) == 0 ? 8 : 1;
+  int64_t n = (int64_t)f->M * (w / vec);
+  if (n <= 0) return cudaSuccess;
+  k_reduce<<<grid_for(n, 256), 256, 0, s>>>(*f, vec);
   return cudaGetLastError();
+}
+
+/* Where element i of the parts goes in each out: the same place, or (a.cols > 0) row
+   i / cols, column i % cols of rows ld apart. */
+static __device__ __forceinline__ int64_t sum_out_at(const lmoe_k_sum &a, int64_t i) {
+  return a.cols > 0 ? i / a.cols * a.ld + i % a.cols : i;
 }
 
 /* The sum over ranks of float32 partials on one device, in rank order, rounded once;
@@ -69,6 +78,7 @@ extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {
 static __global__ void k_sum_parts(lmoe_k_sum a, int vec) {
   int64_t n = a.count / vec;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t at = sum_out_at(a, i * vec);
     if (vec == 4) {
       float4 s = *(const float4 *)(a.part[0] + i * 4);
       for (int r = 1; r < a.n; r++) {
@@ -78,19 +88,19 @@ static __global__ void k_sum_parts(lmoe_k_sum a, int vec) {
       uint2 q;
       q.x = f2bf(s.x) | ((uint32_t)f2bf(s.y) << 16);
       q.y = f2bf(s.z) | ((uint32_t)f2bf(s.w) << 16);
-      for (int o = 0; o < a.nout; o++) *(uint2 *)(a.out[o] + i * 4) = q;
+      for (int o = 0; o < a.nout; o++) *(uint2 *)(a.out[o] + at) = q;
     } else {
       float s = a.part[0][i];
       for (int r = 1; r < a.n; r++) s += a.part[r][i];
       uint16_t b = f2bf(s);
-      for (int o = 0; o < a.nout; o++) a.out[o][i] = b;
+      for (int o = 0; o < a.nout; o++) a.out[o][at] = b;
     }
   }
 }
 
 extern "C" cudaError_t lmoe_k_sum_parts(const lmoe_k_sum *a, cudaStream_t s) {
   if (a->count <= 0 || a->n < 1) return cudaSuccess;
-  int vec = a->count % 4 == 0 ? 4 : 1;
+  int vec = a->count % 4 == 0 && (a->cols <= 0 || (a->cols % 4 == 0 && a->ld % 4 == 0)) ? 4 : 1;
   for (int r = 0; r < a->n && vec == 4; r++)
     if ((uintptr_t)a->part[r] % 16) vec = 1;
   for (int o = 0; o < a->nout && vec == 4; o++)

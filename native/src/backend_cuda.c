@@ -32,7 +32,23 @@ typedef struct cuda_ctx {
   /* lmoe_forward_group of ranks on one device: orders the ranks' streams around the
      group's stream (group_forward) */
   cudaEvent_t order_ev;
+  /* A layer sharded over NCCL sums its ranks by column chunks (lmoe_k_shard_chunks):
+     each chunk's all-reduce and rounding run on the side stream after chunk_ev[c] (its
+     reduce done), while the forward's stream computes the next chunk; join_ev, after
+     the last rounding, orders the forward's stream after them all. The chunks and
+     stream of the forward last enqueued: */
+  cudaStream_t side;
+  cudaEvent_t chunk_ev[LMOE_K_CHUNKS_MAX], join_ev;
+  int32_t nchunks, bounds[LMOE_K_CHUNKS_MAX + 1];
+  cudaStream_t chunk_stream;
 } cuda_ctx;
+
+static void destroy_side(cuda_ctx *c) {
+  if (c->side) cudaStreamSynchronize(c->side), cudaStreamDestroy(c->side);
+  for (int i = 0; i < LMOE_K_CHUNKS_MAX; i++)
+    if (c->chunk_ev[i]) cudaEventDestroy(c->chunk_ev[i]);
+  if (c->join_ev) cudaEventDestroy(c->join_ev);
+}
 
 _Static_assert((int)LMOE_DEVICE_GROUP_MAX <= (int)LMOE_K_SUM_MAX, "one sum kernel reads every rank of a one-device group");
 
@@ -161,8 +177,19 @@ static lmoe_status cu_init(lmoe_context *ctx) {
     free(c);
     return cuda_err(ctx, e, "cudaEventCreate");
   }
+  e = cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking);
+  for (int i = 0; i < LMOE_K_CHUNKS_MAX && !e; i++)
+    e = cudaEventCreateWithFlags(&c->chunk_ev[i], cudaEventDisableTiming);
+  if (!e) e = cudaEventCreateWithFlags(&c->join_ev, cudaEventDisableTiming);
+  if (e) {
+    destroy_side(c);
+    cudaEventDestroy(c->order_ev);
+    free(c);
+    return cuda_err(ctx, e, "creating the side stream of sharded layers");
+  }
   e = cudaHostAlloc((void **)&c->any_host, sizeof(int32_t), cudaHostAllocDefault);
   if (e) {
+    destroy_side(c);
     cudaEventDestroy(c->order_ev);
     free(c);
     return cuda_err(ctx, e, "cudaHostAlloc");
@@ -173,6 +200,7 @@ static lmoe_status cu_init(lmoe_context *ctx) {
     e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking);
     if (e) {
       cudaFreeHost(c->any_host);
+      destroy_side(c);
       cudaEventDestroy(c->order_ev);
       free(c);
       return cuda_err(ctx, e, "cudaStreamCreate");
@@ -193,6 +221,7 @@ static void cu_fini(lmoe_context *ctx) {
     cudaStreamDestroy(c->stream);
   }
   cudaFreeHost(c->any_host);
+  destroy_side(c);
   cudaEventDestroy(c->order_ev);
   free(c->cap); /* a capture never ended: its batches' references are not given back */
   cudaGetLastError(); /* at process exit the runtime may be gone: nothing to report */
@@ -670,18 +699,70 @@ static lmoe_status capture_meta(lmoe_context *ctx, lmoe_batch *b, cudaStream_t s
     if (e_) return cuda_err(ctx, e_, "kernel launch (" #call ")");    \
   } while (0)
 
+/* Makes the context's device the calling thread's current one (lmoe_forward_group
+   drives ranks on several devices from one thread). */
+static lmoe_status use_device(lmoe_context *ctx) {
+  int cur = -1;
+  cudaError_t e = cudaGetDevice(&cur);
+  if (!e && cur != ctx->device) e = cudaSetDevice(ctx->device);
+  return e ? cuda_err(ctx, e, "cudaSetDevice") : LMOE_OK;
+}
+
 /* A sharded layer's float32 partial, summed (nothing to add: one rank, or after the
-   all-reduce), rounded once into out. */
-static lmoe_status round_part(lmoe_context *ctx, const lmoe_forward_plan *plan, cudaStream_t s) {
+   all-reduce), rounded once into out: columns [c0, c1) of H, whose partial is the
+   region of rows c1 - c0 at part + M c0 (the whole of it, rows of H, for 0 and H). */
+static lmoe_status round_part(lmoe_context *ctx, const lmoe_forward_plan *plan, int32_t c0, int32_t c1,
+                              cudaStream_t s) {
+  int32_t H = plan->layer->cfg.hidden;
   lmoe_k_sum a;
   memset(&a, 0, sizeof a);
-  a.part[0] = part_of(ctx, plan);
-  a.out[0] = plan->out->data;
+  a.part[0] = part_of(ctx, plan) + (size_t)plan->M * (size_t)c0;
+  a.out[0] = (uint16_t *)plan->out->data + c0;
   a.n = a.nout = 1;
-  a.count = plan->M * plan->layer->cfg.hidden;
+  a.count = plan->M * (c1 - c0);
+  if (c1 - c0 < H) a.cols = c1 - c0, a.ld = H;
   LAUNCH(lmoe_k_sum_parts(&a, s), 0);
   return LMOE_OK;
 }
+
+/* Chunk c of a sharded layer's sum over NCCL, after its forward (cu_forward) enqueued
+   the chunks' reduces: phase 0 its all-reduce (inside the caller's NCCL group, if any),
+   phase 1 its rounding into out. One chunk runs on the forward's stream; several on the
+   side stream, chunk c's after its reduce, the forward's stream joined after the last
+   rounding (device-side waits; in a capture they fork and join the graph). */
+static lmoe_status cu_shard_chunk(lmoe_context *ctx, const lmoe_forward_plan *plan, int32_t c, int32_t phase,
+                                  void *stream) {
+  cuda_ctx *cc = ctx->be;
+  cudaStream_t s = (cudaStream_t)stream;
+  if (plan->M == 0) return LMOE_OK;
+  if (c < 0 || c >= cc->nchunks || s != cc->chunk_stream)
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "internal: chunk %d of a forward that enqueued %d on another stream",
+                     (int)c, (int)cc->nchunks);
+  const lmoe_comm *comm = plan->layer->comm;
+  int32_t c0 = cc->bounds[c], c1 = cc->bounds[c + 1];
+  cudaStream_t on = cc->nchunks > 1 ? cc->side : s;
+  lmoe_status st = use_device(ctx);
+  if (st) return st;
+  cudaError_t e = cudaSuccess;
+  if (phase == 0) {
+    if (on != s && (e = cudaStreamWaitEvent(on, cc->chunk_ev[c], 0)))
+      return cuda_err(ctx, e, "ordering a chunk's all-reduce after its reduce");
+#ifdef LMOE_HAVE_NCCL
+    return lmoe_comm_nccl_allreduce_f32((lmoe_comm *)comm, part_of(ctx, plan) + (size_t)plan->M * (size_t)c0,
+                                        (size_t)plan->M * (size_t)(c1 - c0), on);
+#else
+    (void)comm;
+    return lmoe_fail(ctx, LMOE_ERR_STATE, "internal: an NCCL communicator in a build without NCCL");
+#endif
+  }
+  st = round_part(ctx, plan, c0, c1, on);
+  if (st || on == s || c + 1 < cc->nchunks) return st;
+  e = cudaEventRecord(cc->join_ev, on);
+  if (!e) e = cudaStreamWaitEvent(s, cc->join_ev, 0);
+  return e ? cuda_err(ctx, e, "joining the chunks' sums") : LMOE_OK;
+}
+
+static int32_t cu_shard_chunks(lmoe_context *ctx) { return ((cuda_ctx *)ctx->be)->nchunks; }
 
 /* A sharded layer (one with a communicator, docs/design.md "Sharding") computes its
    rank's part with the local shapes: routing over all of the layer's experts, only its
@@ -707,10 +788,8 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
                      "lmoe_forward_group",
                      (int)comm->rank, (int)comm->size);
   if (comm && comm->nccl) { /* lmoe_forward_group may drive ranks on several devices */
-    int cur = -1;
-    cudaError_t de = cudaGetDevice(&cur);
-    if (!de && cur != ctx->device) de = cudaSetDevice(ctx->device);
-    if (de) return cuda_err(ctx, de, "cudaSetDevice");
+    lmoe_status st = use_device(ctx);
+    if (st) return st;
   }
 
   enum cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
@@ -798,27 +877,39 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
   if (lmoe_k_quant_h_needed(&f)) LAUNCH(lmoe_k_quant_h(&f, s), 0);
   if (run_lora) LAUNCH(lmoe_k_shrink2(&f, s), 1);
-  LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
-  LAUNCH(lmoe_k_reduce(&f, s), 0);
+  /* down and the top-k sum: over NCCL by column chunks, each one's all-reduce then
+     overlapping the next one's down (cu_shard_chunk) */
+  cuda_ctx *cc = ctx->be;
+  const bool over_nccl = comm && comm->nccl;
+  cc->nchunks = 1, cc->bounds[0] = 0, cc->bounds[1] = c->hidden, cc->chunk_stream = s;
+  /* LMOE_SHARD_CHUNKS also cuts an unsharded layer's down (for measuring and testing
+     the engines' column ranges); a one-device group's partials stay whole rows */
+  if (over_nccl || (!comm && cc->gemm_dev.shard_chunks > 0))
+    cc->nchunks = lmoe_k_shard_chunks(M, c->hidden, over_nccl ? comm->size : 1, cc->gemm_dev.shard_chunks,
+                                      cc->bounds);
+  float *part0 = f.part;
+  for (int32_t ch = 0; ch < cc->nchunks; ch++) {
+    if (cc->nchunks > 1) {
+      f.n0 = cc->bounds[ch], f.n1 = cc->bounds[ch + 1];
+      if (part0) f.part = part0 + (size_t)M * (size_t)f.n0;
+    }
+    LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
+    LAUNCH(lmoe_k_reduce(&f, s), 0);
+    if (over_nccl && cc->nchunks > 1 && (e = cudaEventRecord(cc->chunk_ev[ch], s)))
+      return cuda_err(ctx, e, "cudaEventRecord");
+  }
   if (f.meta && !capturing) {
     lmoe_status st = used_on(ctx, (cuda_batch *)b->be, s);
     if (st) return st;
   }
-  if (!comm) return LMOE_OK;
-  if (comm->nccl) {
-#ifdef LMOE_HAVE_NCCL
-    lmoe_status st = lmoe_comm_nccl_allreduce_f32((lmoe_comm *)comm, f.part, (size_t)M * c->hidden, s);
+  if (!comm || plan->shard_defer) return LMOE_OK;
+  if (!comm->nccl) return round_part(ctx, plan, 0, c->hidden, s); /* a one-device group of one rank */
+  for (int32_t ch = 0; ch < cc->nchunks; ch++) {
+    lmoe_status st = cu_shard_chunk(ctx, plan, ch, 0, s);
+    if (!st) st = cu_shard_chunk(ctx, plan, ch, 1, s);
     if (st) return st;
-#else
-    return lmoe_fail(ctx, LMOE_ERR_STATE, "internal: an NCCL communicator in a build without NCCL");
-#endif
   }
-  return plan->shard_defer ? LMOE_OK : round_part(ctx, plan, s);
-}
-
-static lmoe_status cu_shard_finish(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream) {
-  if (plan->M == 0) return LMOE_OK;
-  return round_part(ctx, plan, (cudaStream_t)stream);
+  return LMOE_OK;
 }
 
 /* lmoe_forward_group of a group communicator whose ranks share one device: every
@@ -1010,7 +1101,8 @@ static const lmoe_backend_ops cuda_ops = {
     .workspace_bytes = cu_workspace_bytes,
     .forward = cu_forward,
     .fp8_check = cu_fp8_check,
-    .shard_finish = cu_shard_finish,
+    .shard_chunks = cu_shard_chunks,
+    .shard_chunk = cu_shard_chunk,
     .group_forward = cu_group_forward,
     .pinned_alloc = cu_pinned_alloc,
     .pinned_free = cu_pinned_free,

@@ -2,8 +2,9 @@
    (docs/design.md, "Sharding"). Every rank's arguments are checked first, nothing runs
    unless all are good; on the cpu the ranks' forwards run one after another and their
    partial outputs are summed once at the end (comm.c's collect_begin/end); over NCCL
-   the forwards (each leaving its partial and enqueueing its all-reduce) are one NCCL
-   group, and each rank's rounding into out follows the group's end; ranks sharing one
+   the forwards each leave their partial by column chunks, then each chunk's all-reduces
+   are one NCCL group and each rank's rounding of the chunk follows the group's end (the
+   backend overlaps a chunk's sum with the next chunk's compute); ranks sharing one
    device (a group communicator of device contexts) are the backend's group_forward:
    the forwards and one summing kernel on one stream. Its own file so that comm.c, which forward.c calls
    for the sum, never calls back into forward.c. */
@@ -13,6 +14,20 @@
 
 #ifdef LMOE_HAVE_NCCL
 #include <nccl.h>
+#endif
+
+#ifdef LMOE_HAVE_NCCL
+static void *rank_stream(lmoe_context *ctx, void *const *streams, int32_t r) {
+  return streams && streams[r] ? streams[r] : ctx->stream;
+}
+
+/* shard_chunk of rank r, its error reported on c0 too */
+static lmoe_status shard_chunk(lmoe_context *c0, lmoe_context *ctx, const lmoe_forward_plan *plan, int32_t c,
+                               int32_t phase, void *stream, int32_t r) {
+  lmoe_status st = ctx->ops->shard_chunk(ctx, plan, c, phase, stream);
+  if (st && ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
+  return st;
+}
 #endif
 
 lmoe_status lmoe_forward_group(int32_t n, lmoe_context *const *ctxs, const lmoe_forward_args *const *args,
@@ -63,22 +78,29 @@ lmoe_status lmoe_forward_group(int32_t n, lmoe_context *const *ctxs, const lmoe_
   if (!g) {
 #ifdef LMOE_HAVE_NCCL
     if (plans[0].layer->comm && plans[0].layer->comm->nccl) {
-      /* inside the NCCL group the all-reduces are only recorded: they are enqueued by
-         ncclGroupEnd, so each rank's rounding (which reads the sum) comes after it */
-      ncclGroupStart();
+      /* every rank's compute first, each leaving its partial by column chunks; then
+         chunk by chunk, the ranks' all-reduces as one NCCL group (inside it they are
+         only recorded, and ncclGroupEnd enqueues them), each rank's rounding after it */
       for (int32_t r = 0; r < n && !st; r++) {
         lmoe_context *ctx = ctxs[r];
         plans[r].shard_defer = true;
-        st = ctx->ops->forward(ctx, &plans[r], streams && streams[r] ? streams[r] : ctx->stream);
+        st = ctx->ops->forward(ctx, &plans[r], rank_stream(ctx, streams, r));
         if (st && ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
       }
-      ncclResult_t nr = ncclGroupEnd();
-      if (!st && nr != ncclSuccess)
-        st = lmoe_fail(c0, LMOE_ERR_BACKEND, "ncclGroupEnd: %s", ncclGetErrorString(nr));
-      for (int32_t r = 0; r < n && !st; r++) {
-        lmoe_context *ctx = ctxs[r];
-        st = ctx->ops->shard_finish(ctx, &plans[r], streams && streams[r] ? streams[r] : ctx->stream);
-        if (st && ctx != c0) lmoe_fail(c0, st, "rank %d: %s", (int)r, lmoe_context_last_error(ctx));
+      int32_t chunks = st ? 0 : c0->ops->shard_chunks(c0);
+      for (int32_t r = 1; r < n && !st; r++)
+        if (ctxs[r]->ops->shard_chunks(ctxs[r]) != chunks)
+          st = lmoe_fail(c0, LMOE_ERR_STATE, "internal: rank %d's sum comes in %d chunks, rank 0's in %d", (int)r,
+                         (int)ctxs[r]->ops->shard_chunks(ctxs[r]), (int)chunks);
+      for (int32_t c = 0; c < chunks && !st; c++) {
+        ncclGroupStart();
+        for (int32_t r = 0; r < n && !st; r++)
+          st = shard_chunk(c0, ctxs[r], &plans[r], c, 0, rank_stream(ctxs[r], streams, r), r);
+        ncclResult_t nr = ncclGroupEnd();
+        if (!st && nr != ncclSuccess)
+          st = lmoe_fail(c0, LMOE_ERR_BACKEND, "ncclGroupEnd: %s", ncclGetErrorString(nr));
+        for (int32_t r = 0; r < n && !st; r++)
+          st = shard_chunk(c0, ctxs[r], &plans[r], c, 1, rank_stream(ctxs[r], streams, r), r);
       }
       goto counted;
     }

@@ -227,8 +227,8 @@ typedef struct lmoe_forward_plan {
   int32_t guard;
   bool run_lora;          /* host decision: enqueue LoRA work (guard host/always) */
   /* lmoe_forward_group on a device backend: the forward leaves the rank's float32
-     partial in its workspace (over NCCL it also enqueues the all-reduce, inside the
-     NCCL group) and the group finishes it (ops shard_finish / group_forward). */
+     partial in its workspace and the group sums it (ops shard_chunk over NCCL, else
+     group_forward). */
   bool shard_defer;
 } lmoe_forward_plan;
 
@@ -269,13 +269,17 @@ struct lmoe_backend_ops {
   /* Optional: whether this context computes an FP8 layer of config cfg (its reason
      reported with lmoe_fail if not). NULL: only the cpu backend computes FP8 layers. */
   lmoe_status (*fp8_check)(lmoe_context *ctx, const lmoe_layer_config *cfg);
-  /* Optional, sharded layers on a device (docs/design.md, "Sharding"). shard_finish:
-     after a deferred forward's NCCL all-reduce (plan->shard_defer), the rounding of the
-     summed float32 partial into out, on the forward's stream. group_forward: the ranks
-     of a group communicator whose contexts share one device (comm.c), from one thread:
-     every rank's forward, then one kernel summing the partials into every out, all
-     enqueued on one stream; plans are validated, streams as lmoe_forward_group's. */
-  lmoe_status (*shard_finish)(lmoe_context *ctx, const lmoe_forward_plan *plan, void *stream);
+  /* Optional, sharded layers on a device (docs/design.md, "Sharding"). After a
+     deferred forward over NCCL (plan->shard_defer), its sum over ranks comes in
+     shard_chunks(ctx) column chunks (those that forward enqueued), each in two phases
+     of shard_chunk on the forward's stream: 0 the chunk's all-reduce (every rank's in
+     one NCCL group), then 1 its rounding into out. group_forward: the ranks of a group
+     communicator whose contexts share one device (comm.c), from one thread: every
+     rank's forward, then one kernel summing the partials into every out, all enqueued
+     on one stream; plans are validated, streams as lmoe_forward_group's. */
+  int32_t (*shard_chunks)(lmoe_context *ctx);
+  lmoe_status (*shard_chunk)(lmoe_context *ctx, const lmoe_forward_plan *plan, int32_t c, int32_t phase,
+                             void *stream);
   lmoe_status (*group_forward)(int32_t n, lmoe_context *const *ctxs, lmoe_forward_plan *plans,
                                void *const *streams);
   /* Optional hooks for backend state hung on objects (the `be` fields). */

@@ -22,9 +22,9 @@
 
 enum { E = 8, K = 2, NREQ = 5, SLOTS = 4, MAXR = 16 };
 #ifdef LMOE_SIM_CUDA
-enum { H = 64, I = 48 }; /* the simulated device is slow */
+enum { H = 512, I = 48 }; /* the simulated device is slow; H: two column chunks (LMOE_SHARD_CHUNKS) */
 #else
-enum { H = 256, I = 192 };
+enum { H = 768, I = 192 }; /* H: three column chunks of 256 (LMOE_SHARD_CHUNKS) */
 #endif
 static const int32_t req_tokens[NREQ] = {13, 1, 22, 0, 31};
 static const int32_t req_slots[NREQ] = {0, LMOE_NO_ADAPTER, 1, 2, 3};

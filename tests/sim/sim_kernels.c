@@ -142,6 +142,8 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->sm90 = 0;
   dev->small_tile_pairs = 0;
   dev->shrink_mode = LMOE_SHRINK_BY_K; /* as lmoe_k_init without LMOE_SM90_SHRINK */
+  const char *sc = getenv("LMOE_SHARD_CHUNKS"); /* as lmoe_k_init */
+  dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;
   return cudaSuccess;
 }
 
@@ -372,9 +374,10 @@ static void down_run(const void *a_) {
       if (local_expert(f, p) >= 0) quant_row(hb + p * I, hf + p * I, (size_t)I);
   }
   pairs_by_expert(f, start, order);
+  const int32_t n0 = f->n0, n1 = f->n0 + lmoe_k_down_cols(f); /* this launch's columns */
   for (int32_t e = 0; e < f->E; e++) {
     if (start[e] == start[e + 1]) continue;
-    for (int32_t c = 0; c < H; c++) {
+    for (int32_t c = n0; c < n1; c++) {
       if (f->fp8)
         row_fp8(wf, f->w2, (size_t)e * H + c, (size_t)I, f->w2s + ((size_t)e * f->nbh + c / 128) * f->nbi);
       else
@@ -398,21 +401,22 @@ static void down_run(const void *a_) {
       to_float(af, a2, (size_t)d.r2 * I);
       to_float(bf2, b2, (size_t)H * R);
       for (int32_t r = 0; r < d.r2; r++) t2[r] = dot(af + (size_t)r * I, hf + p * I, I);
-      for (int32_t c = 0; c < H; c++) y[c] += d.sd * dot(bf2 + (size_t)c * R, t2, d.r2);
+      for (int32_t c = n0; c < n1; c++) y[c] += d.sd * dot(bf2 + (size_t)c * R, t2, d.r2);
     }
-    for (int32_t c = 0; c < H; c++) f->y[p * H + c] = to_bf(f->tw[p] * y[c]);
+    for (int32_t c = n0; c < n1; c++) f->y[p * H + c] = to_bf(f->tw[p] * y[c]);
   }
   free(hf), free(yf), free(wf), free(lf), free(start), free(order);
 }
 
 static void reduce_run(const void *a) {
   const lmoe_fwd *f = a;
+  const int32_t n0 = f->n0, w = lmoe_k_down_cols(f);
   for (int32_t t = 0; t < f->M; t++)
-    for (int32_t c = 0; c < f->H; c++) {
+    for (int32_t c = n0; c < n0 + w; c++) {
       float s = 0;
       for (int32_t j = 0; j < f->k; j++)
         if (local_expert(f, (size_t)t * f->k + j) >= 0) s += bf(f->y[((size_t)t * f->k + j) * f->H + c]);
-      if (f->part) f->part[(size_t)t * f->H + c] = s;
+      if (f->part) f->part[(size_t)t * w + (c - n0)] = s; /* the chunk's region: rows of w */
       else f->out[(size_t)t * f->H + c] = to_bf(s);
     }
 }
@@ -423,7 +427,8 @@ static void sum_parts_run(const void *a_) {
     float s = a->part[0][i];
     for (int32_t r = 1; r < a->n; r++) s += a->part[r][i];
     uint16_t b = to_bf(s);
-    for (int32_t o = 0; o < a->nout; o++) a->out[o][i] = b;
+    int64_t at = a->cols > 0 ? i / a->cols * a->ld + i % a->cols : i;
+    for (int32_t o = 0; o < a->nout; o++) a->out[o][at] = b;
   }
 }
 

@@ -17,8 +17,12 @@
      memory; a pageable source is copied at the call (the driver's staging); a copy to
      pageable memory returns once done (a host wait);
    - captured work is recorded, not run, and reads its sources at every replay; in
-     capture, copies to or from pageable memory, waits on events and launches of graphs
-     fail and invalidate the capture; calls that synchronise or allocate invalidate it
+     capture, copies to or from pageable memory, waits on events recorded outside it
+     and launches of graphs fail and invalidate the capture; a stream that waits on an
+     event recorded in a capture joins it (a fork), and the capture ends only when every
+     such stream's last work is waited on by the stream that began it (a join), else
+     with cudaErrorStreamCaptureUnjoined; the graph keeps the host's order of its nodes
+     (a valid order of the forked graph; replays run it one node after another); calls that synchronise or allocate invalidate it
      too (any thread's capture in global mode, the calling thread's in thread-local mode,
      and always a capture of the stream synchronised);
    - device memory is a bounded pool (LMOE_SIM_MEMORY_MB, default 8192) filled with 0xff
@@ -93,13 +97,22 @@ struct sim_stream {
   int capture;                      /* enum cudaStreamCaptureStatus */
   enum cudaStreamCaptureMode mode;
   pthread_t capture_thread;
-  struct sim_graph *cap;
+  struct sim_graph *cap;             /* shared by the streams a capture forked into */
+  uint64_t cap_id;                   /* the capture it takes part in (0: none) */
+  struct sim_stream *origin;         /* the stream that began that capture */
+  uint64_t cap_n;                    /* nodes it has added to the capture */
+  int joined;                        /* a forked stream: its last node is waited on by origin */
   struct sim_stream *next;
 };
 
 struct sim_event {
   uint64_t rec_seq, done_seq;
+  /* recorded in a capture (cap_id, live while that capture is): by cap_stream after its
+     cap_pos-th node */
+  uint64_t cap_id, cap_pos;
+  struct sim_stream *cap_stream;
 };
+static uint64_t next_cap_id;
 
 struct sim_graph {
   op *head, *tail;
@@ -378,16 +391,19 @@ static cudaError_t enqueue(struct sim_stream *s, op *o) {
     return fail(cudaErrorStreamCaptureInvalidated);
   }
   if (s->capture == cudaStreamCaptureStatusActive) {
-    if (o->kind == OP_WAIT) {
+    if (o->kind == OP_WAIT) { /* cudaStreamWaitEvent handles the capture's own events */
       invalidate(s);
       free_ops(o);
       return fail(cudaErrorStreamCaptureUnsupported);
     }
     if (o->kind == OP_RECORD) { /* an internal dependency: nothing to record at replay */
+      o->ev->cap_id = s->cap_id, o->ev->cap_stream = s, o->ev->cap_pos = s->cap_n;
       free_ops(o);
       return cudaSuccess;
     }
     append(s->cap, o);
+    s->cap_n++;
+    s->joined = 0; /* work after a join needs another */
     return cudaSuccess;
   }
   if (o->kind == OP_RECORD_EXTERNAL) o->kind = OP_RECORD, o->seq = ++o->ev->rec_seq;
@@ -600,6 +616,8 @@ static const struct {
      "operation failed due to a previous error during capture"},
     {cudaErrorStreamCaptureUnmatched, "cudaErrorStreamCaptureUnmatched",
      "capture was not initiated in this stream"},
+    {cudaErrorStreamCaptureUnjoined, "cudaErrorStreamCaptureUnjoined",
+     "capture sequence contains a fork that was not joined to the primary stream"},
     {cudaErrorStreamCaptureImplicit, "cudaErrorStreamCaptureImplicit",
      "operation would make the legacy stream depend on a capturing blocking stream"},
 };
@@ -689,7 +707,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     }
   if (last == stream) last = NULL;
   unlock();
-  if (stream->cap) graph_free(stream->cap);
+  if (stream->cap && stream->origin == stream) graph_free(stream->cap);
   free(stream);
   return cudaSuccess;
 }
@@ -712,12 +730,35 @@ cudaError_t cudaStreamQuery(cudaStream_t stream) {
   return e;
 }
 
+/* The stream whose capture ev was recorded in, while that capture is active (lock held). */
+static struct sim_stream *capture_of(const struct sim_event *ev) {
+  if (!ev->cap_id) return NULL;
+  for (struct sim_stream *t = streams; t; t = t->next)
+    if (t->cap_id == ev->cap_id && t->origin == t && t->capture != cudaStreamCaptureStatusNone) return t;
+  return NULL;
+}
+
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t ev, unsigned int flags) {
   (void)flags;
   if (!ev) return fail(cudaErrorInvalidResourceHandle);
   lock();
   cudaError_t e = cudaSuccess;
-  if (ev->rec_seq) { /* never recorded: nothing to wait for */
+  struct sim_stream *s = S(stream), *origin = capture_of(ev);
+  if (origin && s->capture != cudaStreamCaptureStatusNone && s->cap_id == ev->cap_id) {
+    /* a dependency inside the capture; the origin waiting on a forked stream's last
+       node joins that stream */
+    struct sim_stream *f = ev->cap_stream;
+    if (s == origin && f != origin && f->cap_id == s->cap_id && ev->cap_pos == f->cap_n) f->joined = 1;
+  } else if (origin && s->capture == cudaStreamCaptureStatusNone && s != &legacy) {
+    /* a fork: s joins the capture, its work from now on is the graph's */
+    s->capture = origin->capture;
+    s->cap = origin->cap, s->cap_id = origin->cap_id, s->origin = origin;
+    s->mode = origin->mode, s->capture_thread = origin->capture_thread;
+    s->cap_n = 0, s->joined = 0;
+  } else if (origin) {
+    if (s->capture == cudaStreamCaptureStatusActive) invalidate(s);
+    e = fail(cudaErrorStreamCaptureUnsupported);
+  } else if (ev->rec_seq) { /* never recorded: nothing to wait for */
     op *o = new_op(OP_WAIT);
     o->ev = ev, o->seq = ev->rec_seq;
     e = enqueue(S(stream), o);
@@ -753,7 +794,7 @@ cudaError_t cudaEventRecordWithFlags(cudaEvent_t ev, cudaStream_t stream, unsign
   op *o = new_op(flags & cudaEventRecordExternal ? OP_RECORD_EXTERNAL : OP_RECORD);
   o->ev = ev;
   struct sim_stream *s = S(stream);
-  if (o->kind == OP_RECORD && s->capture != cudaStreamCaptureStatusActive) o->seq = ++ev->rec_seq;
+  if (o->kind == OP_RECORD && s->capture != cudaStreamCaptureStatusActive) o->seq = ++ev->rec_seq, ev->cap_id = 0;
   cudaError_t e = enqueue(s, o);
   unlock();
   return e;
@@ -797,6 +838,7 @@ cudaError_t cudaStreamBeginCapture(cudaStream_t stream, enum cudaStreamCaptureMo
     s->capture = cudaStreamCaptureStatusActive;
     s->mode = mode;
     s->capture_thread = pthread_self();
+    s->cap_id = ++next_cap_id, s->origin = s, s->cap_n = 0;
   }
   unlock();
   return e;
@@ -807,15 +849,26 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *g) {
   struct sim_stream *s = S(stream);
   *g = NULL;
   cudaError_t e = cudaSuccess;
-  if (s->capture == cudaStreamCaptureStatusNone) {
-    e = fail(cudaErrorStreamCaptureUnmatched);
-  } else if (s->capture == cudaStreamCaptureStatusInvalidated) {
+  if (s->capture == cudaStreamCaptureStatusNone || s->origin != s) {
+    unlock();
+    return fail(cudaErrorStreamCaptureUnmatched);
+  }
+  /* the streams it forked into leave it; each must have been joined */
+  int invalid = s->capture == cudaStreamCaptureStatusInvalidated, unjoined = 0;
+  for (struct sim_stream *t = streams; t; t = t->next) {
+    if (t == s || t->cap_id != s->cap_id || t->capture == cudaStreamCaptureStatusNone) continue;
+    if (t->capture == cudaStreamCaptureStatusInvalidated) invalid = 1;
+    if (!t->joined) unjoined = 1;
+    t->capture = cudaStreamCaptureStatusNone;
+    t->cap = NULL, t->cap_id = 0, t->origin = NULL;
+  }
+  if (invalid || unjoined) {
     graph_free(s->cap);
-    e = fail(cudaErrorStreamCaptureInvalidated);
+    e = fail(invalid ? cudaErrorStreamCaptureInvalidated : cudaErrorStreamCaptureUnjoined);
   } else {
     *g = s->cap;
   }
-  s->cap = NULL;
+  s->cap = NULL, s->cap_id = 0, s->origin = NULL;
   s->capture = cudaStreamCaptureStatusNone;
   unlock();
   return e;

@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -54,7 +54,7 @@ static void test_select(void) {
    sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   /* mixtral's sizes: both shrinks' K (4096, 14336) long enough for the sm90 rows */
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
@@ -105,7 +105,7 @@ static void test_select_sm90(void) {
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13 rows for
    its shrink13, A2 rows for its shrink2, else that shrink runs on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -164,7 +164,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -208,7 +208,7 @@ static void test_plan(void) {
    activations' (x's group scales and h's codes and scales, by sorted row; x's codes in
    y's region), the weights' block scales, and every pair's sorted row. */
 static void test_plan_fp8(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0};
   lmoe_ws_layout L, L0;
   lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
   lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
@@ -265,7 +265,7 @@ static void test_plan_gather(void) {
     lmoe_ws_layout L;
     lmoe_k_layout(maxT, 8, 1024, cases[i].I, 2, 0, 0, &L);
     void *ws = malloc(L.total);
-    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode};
+    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode, 0};
     lmoe_k_plan_args a = {.max_tokens = maxT, .E = 8, .H = 1024, .I = cases[i].I, .k = 2, .w13 = w, .w2 = w,
                           .M = cases[i].M, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
                           .workspace = ws, .workspace_bytes = L.total, .dev = &d};
@@ -282,7 +282,43 @@ static void test_plan_gather(void) {
   }
 }
 
+/* The column chunks of a sharded layer's down and all-reduce: they tile [0, H) in
+   order, none empty, every bound but the last a multiple of 256 (the engines' N tiles
+   divide a chunk), as many as forced or the shape asks where H is wide enough. */
+static void test_shard_chunks(void) {
+  const int32_t Hs[] = {1, 100, 255, 256, 257, 511, 512, 1000, 1280, 2048, 4096, 5120, 7168};
+  const int64_t Ms[] = {0, 1, 1023, 1024, 4095, 4096, 16384};
+  for (size_t h = 0; h < sizeof Hs / sizeof *Hs; h++)
+    for (size_t m = 0; m < sizeof Ms / sizeof *Ms; m++)
+      for (int32_t ranks = 1; ranks <= 4; ranks++)
+        for (int32_t forced = 0; forced <= 9; forced++) {
+          int32_t b[LMOE_K_CHUNKS_MAX + 2], H = Hs[h];
+          b[LMOE_K_CHUNKS_MAX + 1] = -7;
+          int32_t n = lmoe_k_shard_chunks(Ms[m], H, ranks, forced, b);
+          int32_t want = forced ? forced : ranks < 2 ? 1 : Ms[m] >= 4096 ? 4 : Ms[m] >= 1024 ? 2 : 1;
+          if (want > LMOE_K_CHUNKS_MAX) want = LMOE_K_CHUNKS_MAX;
+          CHECK(n >= 1 && n <= want && b[LMOE_K_CHUNKS_MAX + 1] == -7, "H %d M %lld ranks %d forced %d: %d chunks",
+                (int)H, (long long)Ms[m], (int)ranks, (int)forced, (int)n);
+          /* fewer than asked only where chunks of 256 columns would not fit */
+          CHECK(n == want || want > (H + 255) / 256, "H %d forced %d: %d of %d chunks", (int)H,
+                (int)forced, (int)n, (int)want);
+          CHECK(b[0] == 0 && b[n] == H, "H %d: bounds %d..%d", (int)H, (int)b[0], (int)b[n]);
+          for (int32_t c = 0; c < n; c++) {
+            CHECK(b[c + 1] > b[c], "H %d chunk %d empty (%d..%d)", (int)H, (int)c, (int)b[c], (int)b[c + 1]);
+            CHECK(c + 1 == n || b[c + 1] % 256 == 0, "H %d bound %d = %d", (int)H, (int)(c + 1), (int)b[c + 1]);
+          }
+        }
+  int32_t b[LMOE_K_CHUNKS_MAX + 1];
+  CHECK(lmoe_k_shard_chunks(16384, 2048, 2, 0, b) == 4 && b[1] == 512 && b[2] == 1024 && b[3] == 1536,
+        "qwen3's H at 16384 tokens: four chunks of 512");
+  CHECK(lmoe_k_shard_chunks(2048, 4096, 2, 0, b) == 2 && b[1] == 2048, "mixtral's H at 2048 tokens: two halves");
+  CHECK(lmoe_k_shard_chunks(16384, 2048, 1, 0, b) == 1, "one rank: one chunk");
+  CHECK(lmoe_k_shard_chunks(512, 2048, 4, 0, b) == 1, "512 tokens: one chunk");
+  CHECK(lmoe_k_shard_chunks(4096, 1000, 2, 3, b) == 3 && b[1] == 256 && b[2] == 512, "H 1000 in three");
+}
+
 int main(void) {
+  test_shard_chunks();
   test_plan_fp8();
   test_plan_gather();
   test_select();
