@@ -21,7 +21,7 @@ cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 # adapters up to rank 80; its random cases and the 1,000-forward memory check run in
 # the plain ctest pass), so racecheck, which keeps state per shared-memory byte,
 # finishes in minutes
-export LMOE_SM90_WATCHDOG_MS=0 LMOE_TEST_SHARED_DEVICE=1 LMOE_TEST_QUICK=1 LMOE_TEST_NO_CUPTI=1
+export LMOE_SM90_WATCHDOG_MS=0 LMOE_TEST_QUICK=1 LMOE_TEST_NO_CUPTI=1
 declare -A opts=([memcheck]="--report-api-errors no" [racecheck]="--racecheck-report hazard" [synccheck]="")
 pids=()
 names=()
