@@ -82,6 +82,9 @@ typedef struct lmoe_gemm_device {
                                order by TMA (LMOE_SM90_GATHER=1 / 0 for measuring; below) */
   int32_t shard_chunks;     /* LMOE_SHARD_CHUNKS: the column chunks of a sharded layer's
                                down and all-reduce (lmoe_k_shard_chunks), 0: by the shape */
+  int32_t fuse_t2;          /* LoRA's shrink2 in the bf16 sm90 gate_up's epilogue where the
+                               shape allows (lmoe_fwd.t2p; LMOE_SM90_FUSE_T2=0: never, for
+                               measuring) */
 } lmoe_gemm_device;
 
 /* lmoe_gemm_device.gather_x. By shape (the default, 0): where the forward has at least

@@ -352,6 +352,14 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
     const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
+    /* shrink2 in this epilogue (f.t2p): the rows' groups and the tile's expert */
+    const bool t2f = MODE == MODE_GATEUP && use_lora && f.t2p != nullptr;
+    int pre_grp[2] = {-1, -1}, te = 0;
+    if (t2f) {
+      pre_grp[0] = f.sorted_group[r0];
+      pre_grp[1] = f.sorted_group[r0 + 8];
+      te = f.tile_expert[m];
+    }
     int nch = nbase;
     if (use_lora) nch += sm90_lora_chunks<MODE == MODE_GATEUP, BM>(f, p0, xtma ? 16 : tn.lora_align, BK);
     /* the TMA expand: the group of the row whose slice rows this thread zeroes (row
@@ -409,17 +417,36 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     for (int i = 0; i < 128; i++) reg_fence(acc[i]);
     if (rel) mbar_arrive(&empty[(it - 1) % ST]);
 
-    /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1} */
+    /* epilogue: thread holds rows r and r + 8, columns 8i + 2(lane % 4) + {0, 1};
+       gate_up's h of them packed in bf16 (hp), for the stores and the fused shrink2 */
+    uint32_t hp[2][16];
+    if (MODE == MODE_GATEUP) {
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+          hp[hf][i] = pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
+                            silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
+      /* the accumulators' values end here: the next tile's first wgmma ignores them
+         (scale-d 0) but reads its registers, which would keep them live through the
+         fused shrink2 below (ptxas spilled) */
+#pragma unroll
+      for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+    }
+    if (t2f) {
+      int grp[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++)
+        grp[hf] = pre_pair[hf] >= 0 && pre_grp[hf] >= 1 && pre_grp[hf] != PAD_GROUP ? pre_grp[hf] : -1;
+      sm90_shrink2_part<16>(f, hp, grp, te, n0, nt, r0);
+    }
     if (tn.epi16) {
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
         const int r = wgc * 64 + warp * 16 + (lane >> 2) + hf * 8;
         const int pair = pre_pair[hf];
         if (MODE == MODE_GATEUP) {
-          store_row16<16>(f.h + (size_t)(p0 + r) * hs, n0, I, pair >= 0, [&](int i) {
-            return pack2(silu_mul(acc[4 * i + 2 * hf], acc[4 * (i + 16) + 2 * hf]),
-                         silu_mul(acc[4 * i + 2 * hf + 1], acc[4 * (i + 16) + 2 * hf + 1]));
-          });
+          store_row16<16>(f.h + (size_t)(p0 + r) * hs, n0, I, pair >= 0, [&](int i) { return hp[hf][i]; });
         } else {
           const float w = pre_w[hf];
           store_row16<32>(f.y + (size_t)(pair >= 0 ? pair : 0) * H, n0, H, pair >= 0,
@@ -438,13 +465,10 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
         for (int i = 0; i < 16; i++) {
           int j = n0 + 8 * i + 2 * (lane & 3);
-          float g0 = acc[4 * i + 2 * hf], g1 = acc[4 * i + 2 * hf + 1];
-          float u0 = acc[4 * (i + 16) + 2 * hf], u1 = acc[4 * (i + 16) + 2 * hf + 1];
-          uint16_t v0 = f2bf(silu_mul(g0, u0)), v1 = f2bf(silu_mul(g1, u1));
           if (j + 1 < I)
-            *(uint32_t *)(dst + j) = (uint32_t)v0 | ((uint32_t)v1 << 16);
+            *(uint32_t *)(dst + j) = hp[hf][i];
           else if (j < I)
-            dst[j] = v0;
+            dst[j] = (uint16_t)(hp[hf][i] & 0xffffu);
         }
       } else {
         const float w = pre_w[hf];

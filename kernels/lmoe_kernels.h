@@ -117,6 +117,12 @@ typedef struct lmoe_fwd {
   int32_t *pair_row;         /* [M*k] sorted row of each pair (-1: another rank's expert);
                                 written by scatter where xg or an FP8 layer needs it, else NULL */
   uint16_t *t13, *t2;        /* [mt_max*BM, t13s], [mt_max*BM, t2s] */
+  /* LoRA's shrink2 inside the sm90 gate_up (docs/design.md, "shrink2 in gate_up's
+     epilogue"; the plan sets it where lmoe_k_t2p_planes says): each of gate_up's N tiles
+     writes its rows' partial t2 over its 128 columns of h, float32, plane nt of
+     [planes][h_rows][t2s] (in y's region, which down writes only later), and
+     lmoe_k_t2_finish adds the planes in order into t2; NULL: lmoe_k_shrink2 computes t2 */
+  float *t2p;
   /* batch and pool */
   const int32_t *meta;       /* device meta, or NULL (no LoRA) */
   const lmoe_dslot *slots;
@@ -142,6 +148,17 @@ typedef struct lmoe_fwd {
 __host__ __device__
 #endif
 static inline int32_t lmoe_k_down_cols(const struct lmoe_fwd *f) { return (f->n1 ? f->n1 : f->H) - f->n0; }
+
+/* The planes of t2p, one per N tile of the sm90 gate_up (128 columns of h each). The
+   plan fuses shrink2 into gate_up where there are at most LMOE_K_T2P_MAX planes and they
+   fit in y's region (float32, t2s a row): I up to 2048 (qwen3, deepseek-class experts).
+   Beyond, the finish would read more partials a row than shrink2 costs (measured on
+   qwen3 only: docs/gpu-notes.md 44). */
+enum { LMOE_K_T2P_MAX = 16 };
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+static inline int32_t lmoe_k_t2p_planes(int32_t I) { return (I + 127) / 128; }
 
 /* Workspace layout for the upper bounds of a layer (and pool): byte offsets. */
 typedef struct lmoe_ws_layout {
@@ -236,6 +253,8 @@ cudaError_t lmoe_k_gather_x(const lmoe_fwd *f, cudaStream_t s);  /* xg = x's row
 cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s);  /* t13 = s * A13 x  (LoRA) */
 cudaError_t lmoe_k_gateup(const lmoe_fwd *f, int lora, cudaStream_t s); /* h = silu(g) * u */
 cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s);   /* t2 = s * A2 h    (LoRA) */
+cudaError_t lmoe_k_t2_finish(const lmoe_fwd *f, cudaStream_t s); /* t2 = s * sum of t2p's planes
+                                                                    (LoRA, where f->t2p) */
 cudaError_t lmoe_k_down(const lmoe_fwd *f, int lora, cudaStream_t s);   /* y = w * (W2 h + B2 t2) */
 cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s);    /* out = sum_j y (or part, f32) */
 /* FP8 layers only (kernels/quant.cu): the activations quantized per row and 128-wide

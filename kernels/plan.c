@@ -124,6 +124,14 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
     f->off_b2 = pool->off_b2;
     f->al_lora = pool->al_lora;
     f->lora = 1;
+    /* shrink2 in the bf16 sm90 gate_up's epilogue: its partials in y's region, which
+       nothing reads before down writes it where x is not gathered there; A2's rows read
+       4 bytes at a time (16-byte aligned rows) */
+    const size_t planes = (size_t)lmoe_k_t2p_planes(a->I);
+    if (!a->fp8 && g.engine == LMOE_ENGINE_SM90 && a->dev->fuse_t2 && !f->xg && f->t2s > 0 &&
+        (pool->al_lora & LMOE_AL_A2) && planes <= LMOE_K_T2P_MAX &&
+        planes * (size_t)f->h_rows * (size_t)f->t2s * 4 <= L.t13 - L.y /* y's region */)
+      f->t2p = (float *)(ws + L.y);
   }
   if (a->fp8) { /* gate_up and down go to the FP8 engine (gemm.c); the shrinks as above */
     f->fp8 = 1;

@@ -67,6 +67,38 @@ extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+/* LoRA's t2 from the partials the sm90 gate_up wrote (lmoe_fwd.t2p): a warp a sorted
+   row of an adapter group, a lane a column; t2 = the slot's down scale times the sum of
+   the planes in order (so the same bits every run), rounded once, zero from the rank to
+   its LMOE_K_RANK_PAD multiple as the shrinks leave it. Rows without a group, or of a
+   group without down, are not written (the expand never reads them). */
+static __global__ void k_t2_finish(lmoe_fwd f) {
+  if (!f.meta || f.meta[1] == 0) return; /* nothing active: gate_up wrote no partials */
+  const int rows = f.ntiles[0] * f.bm, planes = lmoe_k_t2p_planes(f.I), lane = threadIdx.x & 31;
+  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  const size_t plane = (size_t)f.h_rows * f.t2s;
+  for (int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; p < rows; p += (gridDim.x * blockDim.x) >> 5) {
+    const int g = f.sorted_group[p];
+    if (f.sorted_pair[p] < 0 || g < 1 || g == PAD_GROUP) continue;
+    const lmoe_dslot ds = f.slots[act[g - 1]];
+    const int rk = ds.r2, w = min((rk + LMOE_K_RANK_PAD - 1) / LMOE_K_RANK_PAD * LMOE_K_RANK_PAD, f.t2s);
+    if (rk <= 0) continue;
+    const float *src = f.t2p + (size_t)p * f.t2s;
+    for (int c = lane; c < w; c += 32) {
+      float v = 0.0f;
+      if (c < rk)
+        for (int q = 0; q < planes; q++) v += src[q * plane + c];
+      f.t2[(size_t)p * f.t2s + c] = f2bf(ds.sd * v);
+    }
+  }
+}
+
+extern "C" cudaError_t lmoe_k_t2_finish(const lmoe_fwd *f, cudaStream_t s) {
+  if (!f->t2p || f->h_rows <= 0) return cudaSuccess;
+  k_t2_finish<<<grid_for((int64_t)f->h_rows * 32, 256), 256, 0, s>>>(*f);
+  return cudaGetLastError();
+}
+
 /* Where element i of the parts goes in each out: the same place, or (a.cols > 0) row
    i / cols, column i % cols of rows ld apart. */
 static __device__ __forceinline__ int64_t sum_out_at(const lmoe_k_sum &a, int64_t i) {

@@ -126,4 +126,68 @@ static __device__ __forceinline__ void store_row16(uint16_t *dst, int c0, int li
   }
 }
 
+/* LoRA's shrink2 in gate_up's epilogue (lmoe_fwd.t2p, docs/design.md): the partial t2
+   of this warp's 16 rows over the tile's h columns [n0, n0 + 8 NB), i.e. those columns
+   of h times the same columns of each row's group's A2, by mma.sync m16n8k16 straight
+   from the h the epilogue holds: a wgmma accumulator's layout is an mma.sync A
+   fragment's, 8-column blocks 2j and 2j + 1 of rows g and g + 8 (g = lane / 4) being
+   k-step j's four registers. A group present among the warp's rows is one pass (the
+   rows of another group enter as zeros), 32 of its rank's columns at a time, B's
+   fragments two 4-byte loads of A2 rows a k-step (A2 is [rank][I] a slot and expert,
+   read-only in the forward). A row's columns go to plane nt of t2p as float32;
+   lmoe_k_t2_finish adds the planes in order, scales and rounds. hp[hf][i]: this lane's
+   packed bf16 h of row g + 8 hf in block i; grp[hf]: that row's group, or -1 (no
+   adapter, padding); row0: the sorted row of row g. Every lane of the warp calls it. */
+template <int NB>
+static __device__ __forceinline__ void sm90_shrink2_part(const lmoe_fwd &f, const uint32_t (&hp)[2][NB],
+                                                         const int (&grp)[2], int e, int n0, int nt, int row0) {
+  static_assert(NB % 2 == 0, "k16 steps of two 8-column blocks");
+  const int lane = threadIdx.x & 31, gq = lane >> 2, t = lane & 3;
+  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  int todo0 = grp[0], todo1 = grp[1];
+#pragma unroll 1
+  for (;;) {
+    const int cand = __reduce_min_sync(0xffffffffu, min(todo0 < 0 ? 0x7fffffff : todo0, todo1 < 0 ? 0x7fffffff : todo1));
+    if (cand == 0x7fffffff) break;
+    const bool on0 = todo0 == cand, on1 = todo1 == cand;
+    if (on0) todo0 = -1;
+    if (on1) todo1 = -1;
+    const int slot = act[cand - 1], rk = f.slots[slot].r2;
+    const uint16_t *a2 = f.pool + (size_t)slot * f.slot_elems + f.off_a2 + (size_t)e * f.R * f.I;
+    float *out0 = f.t2p + ((size_t)nt * f.h_rows + row0) * f.t2s, *out1 = out0 + 8 * (size_t)f.t2s;
+#pragma unroll 1
+    for (int q0 = 0; q0 < rk; q0 += 32) {
+      float d[4][4];
+#pragma unroll
+      for (int nb = 0; nb < 4; nb++) d[nb][0] = d[nb][1] = d[nb][2] = d[nb][3] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NB / 2; j++) {
+        /* h's columns past I (a last tile's) enter as zeros: their values are not h's */
+        const int k = n0 + 16 * j + 2 * t;
+        const bool lo = on0 && k < f.I, hi = on0 && k + 8 < f.I, lo1 = on1 && k < f.I, hi1 = on1 && k + 8 < f.I;
+        const uint32_t a[4] = {lo ? hp[0][2 * j] : 0u, lo1 ? hp[1][2 * j] : 0u, hi ? hp[0][2 * j + 1] : 0u,
+                               hi1 ? hp[1][2 * j + 1] : 0u};
+#pragma unroll
+        for (int nb = 0; nb < 4; nb++) {
+          const int n = q0 + 8 * nb + gq;
+          uint32_t b[2] = {0u, 0u};
+          if (n < rk) {
+            const uint16_t *row = a2 + (size_t)n * f.I;
+            if (k < f.I) b[0] = __ldg((const unsigned int *)(row + k));
+            if (k + 8 < f.I) b[1] = __ldg((const unsigned int *)(row + k + 8));
+          }
+          mma_bf16(d[nb], a, b);
+        }
+      }
+#pragma unroll
+      for (int nb = 0; nb < 4; nb++) {
+        const int c = q0 + 8 * nb + 2 * t; /* columns c, c + 1 (past the rank: zero) */
+        if (c >= rk) continue;
+        if (on0) *(float2 *)(out0 + c) = make_float2(d[nb][0], d[nb][1]);
+        if (on1) *(float2 *)(out1 + c) = make_float2(d[nb][2], d[nb][3]);
+      }
+    }
+  }
+}
+
 #endif

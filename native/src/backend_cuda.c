@@ -876,7 +876,8 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   if (run_lora) LAUNCH(lmoe_k_shrink13(&f, s), 1);
   LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
   if (lmoe_k_quant_h_needed(&f)) LAUNCH(lmoe_k_quant_h(&f, s), 0);
-  if (run_lora) LAUNCH(lmoe_k_shrink2(&f, s), 1);
+  /* t2: its partials came out of gate_up's epilogue (f.t2p), or shrink2 */
+  if (run_lora) LAUNCH(f.t2p ? lmoe_k_t2_finish(&f, s) : lmoe_k_shrink2(&f, s), 1);
   /* down and the top-k sum: over NCCL by column chunks, each one's all-reduce then
      overlapping the next one's down (cu_shard_chunk) */
   cuda_ctx *cc = ctx->be;

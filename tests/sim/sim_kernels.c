@@ -142,6 +142,7 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->sm90 = 0;
   dev->small_tile_pairs = 0;
   dev->shrink_mode = LMOE_SHRINK_BY_K; /* as lmoe_k_init without LMOE_SM90_SHRINK */
+  dev->fuse_t2 = 1;                    /* as lmoe_k_init without LMOE_SM90_FUSE_T2 */
   const char *sc = getenv("LMOE_SHARD_CHUNKS"); /* as lmoe_k_init */
   dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;
   return cudaSuccess;
@@ -445,6 +446,7 @@ cudaError_t lmoe_k_gather_x(const lmoe_fwd *f, cudaStream_t s) { return nothing_
 int lmoe_k_quant_h_needed(const lmoe_fwd *f) { return f->fp8; } /* the simulated gate_up never quantizes h */
 cudaError_t lmoe_k_shrink13(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_shrink2(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
+cudaError_t lmoe_k_t2_finish(const lmoe_fwd *f, cudaStream_t s) { return nothing_launch(f, s); }
 cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) { return reduce_launch(f, s); }
 /* the quantization is folded into gate/up and down here (their base products read the
    quantized rows, their shrinks the bf16 ones) */

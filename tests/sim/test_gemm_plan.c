@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0, 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0, 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -54,7 +54,7 @@ static void test_select(void) {
    sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   /* mixtral's sizes: both shrinks' K (4096, 14336) long enough for the sm90 rows */
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
@@ -105,7 +105,7 @@ static void test_select_sm90(void) {
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13 rows for
    its shrink13, A2 rows for its shrink2, else that shrink runs on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -164,7 +164,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -208,7 +208,7 @@ static void test_plan(void) {
    activations' (x's group scales and h's codes and scales, by sorted row; x's codes in
    y's region), the weights' block scales, and every pair's sorted row. */
 static void test_plan_fp8(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0};
   lmoe_ws_layout L, L0;
   lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
   lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
@@ -265,7 +265,7 @@ static void test_plan_gather(void) {
     lmoe_ws_layout L;
     lmoe_k_layout(maxT, 8, 1024, cases[i].I, 2, 0, 0, &L);
     void *ws = malloc(L.total);
-    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode, 0};
+    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode, 0, 0};
     lmoe_k_plan_args a = {.max_tokens = maxT, .E = 8, .H = 1024, .I = cases[i].I, .k = 2, .w13 = w, .w2 = w,
                           .M = cases[i].M, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
                           .workspace = ws, .workspace_bytes = L.total, .dev = &d};
@@ -278,6 +278,55 @@ static void test_plan_gather(void) {
             "case %zu: x gathered into y's region, which holds its rows", i);
     else
       CHECK(!f.xg && !f.pair_row, "case %zu: x read by token", i);
+    free(ws);
+  }
+}
+
+/* shrink2 in the bf16 sm90 gate_up's epilogue (lmoe_fwd.t2p): only with LoRA on the
+   sm90 engine, bf16, x not gathered into y's region, A2 rows 16-byte aligned, at most
+   LMOE_K_T2P_MAX planes that fit y's region; the planes at y's start; off by the switch. */
+static void test_plan_t2p(void) {
+  static _Alignas(16) uint16_t x[64], out[16], w[64];
+  static float s13[16], s2[16];
+  int32_t ids[8];
+  float tw[8];
+  lmoe_dslot table[4];
+  const struct {
+    int sm90, fuse, fp8, gather, a2off, I, lora, want;
+    const char *what;
+  } cases[] = {
+      {1, 1, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, 1, "qwen3's I: fused"},
+      {1, 0, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, 0, "LMOE_SM90_FUSE_T2=0"},
+      {0, 1, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, 0, "the sm80 engine"},
+      {1, 1, 1, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, 0, "an FP8 layer"},
+      {1, 1, 0, LMOE_GATHER_ON, 8192, 768, 1, 0, "x gathered into y's region"},
+      {1, 1, 0, LMOE_GATHER_BY_SHAPE, 8200, 768, 1, 0, "A2 rows 8 bytes off"},
+      {1, 1, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 0, 0, "no LoRA"},
+      {1, 1, 0, LMOE_GATHER_OFF, 8192, 128 * LMOE_K_T2P_MAX, 1, 1, "the most planes"},
+      {1, 1, 0, LMOE_GATHER_OFF, 8192, 128 * LMOE_K_T2P_MAX + 8, 1, 0, "one plane more"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    const int32_t H = 1024, I = cases[i].I, E = 8, k = 2, R = 16;
+    const int64_t T = 2048;
+    lmoe_ws_layout L;
+    lmoe_k_layout_fp8(T, E, H, I, k, 4, R, cases[i].fp8, &L);
+    void *ws = malloc(L.total);
+    lmoe_k_pool_plan pp;
+    lmoe_k_plan_pool(H, I, 4, R, (void *)w, 1 << 24, 0, 4096, cases[i].a2off, 1 << 22, table, &pp);
+    lmoe_gemm_device d = {.cc = 90, .smem_optin = 232448, .force_cfg = -1, .sm90 = cases[i].sm90,
+                          .shrink_mode = LMOE_SHRINK_BY_K, .gather_x = cases[i].gather, .fuse_t2 = cases[i].fuse};
+    lmoe_k_plan_args a = {.max_tokens = T, .E = E, .H = H, .I = I, .k = k, .w13 = w, .w2 = w,
+                          .fp8 = cases[i].fp8, .w13s = s13, .w2s = s2, .pool = &pp, .lora = cases[i].lora,
+                          .M = T, .x = x, .out = out, .topk_ids = ids, .topk_w = tw, .workspace = ws,
+                          .workspace_bytes = L.total, .dev = &d};
+    lmoe_fwd f;
+    CHECK(lmoe_k_plan(&a, &f) == L.total, "t2p case %zu: planned", i);
+    if (cases[i].want)
+      CHECK(f.engine == LMOE_ENGINE_SM90 && (uint8_t *)f.t2p == (uint8_t *)ws + L.y &&
+                (size_t)lmoe_k_t2p_planes(I) * f.h_rows * f.t2s * 4 <= L.t13 - L.y,
+            "t2p case %zu (%s): the planes at y's start, within its region", i, cases[i].what);
+    else
+      CHECK(!f.t2p, "t2p case %zu (%s): shrink2 its own kernel", i, cases[i].what);
     free(ws);
   }
 }
@@ -321,6 +370,7 @@ int main(void) {
   test_shard_chunks();
   test_plan_fp8();
   test_plan_gather();
+  test_plan_t2p();
   test_select();
   test_select_sm90();
   test_plan();
