@@ -352,12 +352,17 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
     const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
-    /* shrink2 in this epilogue (f.t2p): the rows' groups and the tile's expert */
+    /* shrink2 in this epilogue (f.t2p): the rows' groups and the tile's expert now,
+       their slots after the first chunk's MMAs, ranks and A2's lines a few chunks on */
     const bool t2f = MODE == MODE_GATEUP && use_lora && f.t2p != nullptr;
-    int pre_grp[2] = {-1, -1}, te = 0;
+    sm90_t2rows t2r = {{-1, -1}, {0, 0}, {0, 0}};
+    int te = 0;
     if (t2f) {
-      pre_grp[0] = f.sorted_group[r0];
-      pre_grp[1] = f.sorted_group[r0 + 8];
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++) {
+        const int g = f.sorted_group[r0 + 8 * hf];
+        t2r.g[hf] = pre_pair[hf] >= 0 && g >= 1 && g != PAD_GROUP ? g : -1;
+      }
       te = f.tile_expert[m];
     }
     int nch = nbase;
@@ -411,6 +416,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) pre_w[hf] = pre_pair[hf] >= 0 ? f.tw[pre_pair[hf]] : 0.0f;
       }
+      if (t2f && c == 0) sm90_t2rows_slots(f, t2r);
+      if (t2f && c == min(2, nch - 1)) sm90_t2rows_ranks<16>(f, t2r, te, n0);
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -433,13 +440,7 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
 #pragma unroll
       for (int i = 0; i < 128; i++) acc[i] = 0.0f;
     }
-    if (t2f) {
-      int grp[2];
-#pragma unroll
-      for (int hf = 0; hf < 2; hf++)
-        grp[hf] = pre_pair[hf] >= 0 && pre_grp[hf] >= 1 && pre_grp[hf] != PAD_GROUP ? pre_grp[hf] : -1;
-      sm90_shrink2_part<16>(f, hp, grp, te, n0, nt, r0);
-    }
+    if (t2f) sm90_shrink2_part<16>(f, hp, t2r, te, n0, nt, r0);
     if (tn.epi16) {
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {

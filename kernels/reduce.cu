@@ -67,35 +67,56 @@ extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {
   return cudaGetLastError();
 }
 
-/* LoRA's t2 from the partials the sm90 gate_up wrote (lmoe_fwd.t2p): a warp a sorted
-   row of an adapter group, a lane a column; t2 = the slot's down scale times the sum of
-   the planes in order (so the same bits every run), rounded once, zero from the rank to
-   its LMOE_K_RANK_PAD multiple as the shrinks leave it. Rows without a group, or of a
-   group without down, are not written (the expand never reads them). */
-static __global__ void k_t2_finish(lmoe_fwd f) {
+/* LoRA's t2 from the partials the sm90 gate_up wrote (lmoe_fwd.t2p): a block takes 64
+   sorted rows, whose group's down rank and scale 64 of its threads look up first (one
+   chain of dependent loads a block, not one a row), then every thread a column of a
+   row at a time: t2 = the slot's down scale times the sum of the planes in order (so
+   the same bits every run), rounded once, zero from the rank to its LMOE_K_RANK_PAD
+   multiple as the shrinks leave it. Rows without a group, or of a group without down,
+   are not written (the expand never reads them). */
+enum { T2F_ROWS = 64 };
+static __global__ void __launch_bounds__(256) k_t2_finish(lmoe_fwd f) {
   if (!f.meta || f.meta[1] == 0) return; /* nothing active: gate_up wrote no partials */
-  const int rows = f.ntiles[0] * f.bm, planes = lmoe_k_t2p_planes(f.I), lane = threadIdx.x & 31;
+  __shared__ int s_rk[T2F_ROWS];
+  __shared__ float s_sd[T2F_ROWS];
+  const int rows = f.ntiles[0] * f.bm, planes = lmoe_k_t2p_planes(f.I), ts = f.t2s;
   const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
-  const size_t plane = (size_t)f.h_rows * f.t2s;
-  for (int p = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; p < rows; p += (gridDim.x * blockDim.x) >> 5) {
-    const int g = f.sorted_group[p];
-    if (f.sorted_pair[p] < 0 || g < 1 || g == PAD_GROUP) continue;
-    const lmoe_dslot ds = f.slots[act[g - 1]];
-    const int rk = ds.r2, w = min((rk + LMOE_K_RANK_PAD - 1) / LMOE_K_RANK_PAD * LMOE_K_RANK_PAD, f.t2s);
-    if (rk <= 0) continue;
-    const float *src = f.t2p + (size_t)p * f.t2s;
-    for (int c = lane; c < w; c += 32) {
-      float v = 0.0f;
-      if (c < rk)
-        for (int q = 0; q < planes; q++) v += src[q * plane + c];
-      f.t2[(size_t)p * f.t2s + c] = f2bf(ds.sd * v);
+  const size_t plane = (size_t)f.h_rows * ts;
+  for (int base = blockIdx.x * T2F_ROWS; base < rows; base += gridDim.x * T2F_ROWS) {
+    if (threadIdx.x < T2F_ROWS) {
+      const int p = base + threadIdx.x;
+      int rk = 0;
+      float sd = 0.0f;
+      if (p < rows) {
+        const int g = f.sorted_group[p];
+        if (f.sorted_pair[p] >= 0 && g >= 1 && g != PAD_GROUP) {
+          const lmoe_dslot ds = f.slots[act[g - 1]];
+          rk = ds.r2;
+          sd = ds.sd;
+        }
+      }
+      s_rk[threadIdx.x] = rk;
+      s_sd[threadIdx.x] = sd;
     }
+    __syncthreads();
+    for (int i = threadIdx.x; i < T2F_ROWS * ts; i += blockDim.x) {
+      const int r = i / ts, c = i - r * ts, rk = s_rk[r];
+      if (rk <= 0 || c >= (rk + LMOE_K_RANK_PAD - 1) / LMOE_K_RANK_PAD * LMOE_K_RANK_PAD) continue;
+      const size_t at = (size_t)(base + r) * ts + c;
+      float v = 0.0f;
+      if (c < rk) {
+#pragma unroll 4
+        for (int q = 0; q < planes; q++) v += f.t2p[q * plane + at];
+      }
+      f.t2[at] = f2bf(s_sd[r] * v);
+    }
+    __syncthreads();
   }
 }
 
 extern "C" cudaError_t lmoe_k_t2_finish(const lmoe_fwd *f, cudaStream_t s) {
   if (!f->t2p || f->h_rows <= 0) return cudaSuccess;
-  k_t2_finish<<<grid_for((int64_t)f->h_rows * 32, 256), 256, 0, s>>>(*f);
+  k_t2_finish<<<grid_for((int64_t)f->h_rows * 4, 256), 256, 0, s>>>(*f);
   return cudaGetLastError();
 }
 

@@ -126,25 +126,60 @@ static __device__ __forceinline__ void store_row16(uint16_t *dst, int c0, int li
   }
 }
 
-/* LoRA's shrink2 in gate_up's epilogue (lmoe_fwd.t2p, docs/design.md): the partial t2
-   of this warp's 16 rows over the tile's h columns [n0, n0 + 8 NB), i.e. those columns
-   of h times the same columns of each row's group's A2, by mma.sync m16n8k16 straight
-   from the h the epilogue holds: a wgmma accumulator's layout is an mma.sync A
-   fragment's, 8-column blocks 2j and 2j + 1 of rows g and g + 8 (g = lane / 4) being
-   k-step j's four registers. A group present among the warp's rows is one pass (the
-   rows of another group enter as zeros), 32 of its rank's columns at a time, B's
-   fragments two 4-byte loads of A2 rows a k-step (A2 is [rank][I] a slot and expert,
-   read-only in the forward). A row's columns go to plane nt of t2p as float32;
-   lmoe_k_t2_finish adds the planes in order, scales and rounds. hp[hf][i]: this lane's
-   packed bf16 h of row g + 8 hf in block i; grp[hf]: that row's group, or -1 (no
-   adapter, padding); row0: the sorted row of row g. Every lane of the warp calls it. */
+/* LoRA's shrink2 in gate_up's epilogue (lmoe_fwd.t2p, docs/design.md; gpu-notes 44).
+   What a consumer thread knows of its two rows (g, g + 8 of its warp's 16) for it: the
+   group (-1: none, padding), and, gathered while the main loop runs, the group's slot
+   and down rank, with the A2 lines the epilogue will read prefetched into L1. Nothing
+   in the epilogue then waits on a dependent load. */
+struct sm90_t2rows {
+  int g[2], slot[2], rk[2];
+};
+
+/* Step 1 (after the tile's first MMAs are issued): the rows' slots. */
+static __device__ __forceinline__ void sm90_t2rows_slots(const lmoe_fwd &f, sm90_t2rows &rw) {
+  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) rw.slot[hf] = rw.g[hf] >= 1 ? act[rw.g[hf] - 1] : 0;
+}
+
+/* Step 2 (a few chunks later, the slots arrived): the ranks, and the lines of A2 this
+   lane's B fragments will load in the first pass of its rows' groups (row 8 t + g of
+   the group's A2, columns [n0, n0 + 8 NB)), prefetched into L1, which the main loop's
+   TMA and cp.async traffic does not touch. */
+template <int NB>
+static __device__ __forceinline__ void sm90_t2rows_ranks(const lmoe_fwd &f, sm90_t2rows &rw, int e, int n0) {
+  const int lane = threadIdx.x & 31, n = 8 * (lane & 3) + (lane >> 2);
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) {
+    rw.rk[hf] = rw.g[hf] >= 1 ? f.slots[rw.slot[hf]].r2 : 0;
+    if (rw.g[hf] < 1 || n >= f.R || (hf == 1 && rw.g[1] == rw.g[0])) continue;
+    const uint16_t *row = f.pool + (size_t)rw.slot[hf] * f.slot_elems + f.off_a2 + ((size_t)e * f.R + n) * f.I;
+    const int last = min(n0 + 8 * NB, f.I) - 1;
+#pragma unroll
+    for (int c = 0; c < 8 * NB; c += 64)
+      if (n0 + c <= last) asm volatile("prefetch.global.L1 [%0];" ::"l"(row + n0 + c));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(row + last));
+  }
+}
+
+/* The partial t2 of this warp's 16 rows over the tile's h columns [n0, n0 + 8 NB), i.e.
+   those columns of h times the same columns of each row's group's A2, by mma.sync
+   m16n8k16 straight from the h the epilogue holds: a wgmma accumulator's layout is an
+   mma.sync A fragment's, 8-column blocks 2j and 2j + 1 of rows g and g + 8 (g = lane /
+   4) being k-step j's four registers. A group present among the warp's rows is one pass
+   (the rows of another group enter as zeros; its slot and rank from a lane that has
+   it), 32 of its rank's columns at a time, B's fragments two 4-byte loads of A2 rows a
+   k-step (A2 is [rank][I] a slot and expert, read-only in the forward). A row's columns
+   go to plane nt of t2p as float32; lmoe_k_t2_finish adds the planes in order, scales
+   and rounds. hp[hf][i]: this lane's packed bf16 h of row g + 8 hf in block i; row0:
+   the sorted row of row g. Every lane of the warp calls it. */
 template <int NB>
 static __device__ __forceinline__ void sm90_shrink2_part(const lmoe_fwd &f, const uint32_t (&hp)[2][NB],
-                                                         const int (&grp)[2], int e, int n0, int nt, int row0) {
+                                                         const sm90_t2rows &rw, int e, int n0, int nt, int row0) {
   static_assert(NB % 2 == 0, "k16 steps of two 8-column blocks");
   const int lane = threadIdx.x & 31, gq = lane >> 2, t = lane & 3;
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
-  int todo0 = grp[0], todo1 = grp[1];
+  int todo0 = rw.g[0] >= 1 && rw.rk[0] > 0 ? rw.g[0] : -1, todo1 = rw.g[1] >= 1 && rw.rk[1] > 0 ? rw.g[1] : -1;
+  float *out0 = f.t2p + ((size_t)nt * f.h_rows + row0) * f.t2s, *out1 = out0 + 8 * (size_t)f.t2s;
 #pragma unroll 1
   for (;;) {
     const int cand = __reduce_min_sync(0xffffffffu, min(todo0 < 0 ? 0x7fffffff : todo0, todo1 < 0 ? 0x7fffffff : todo1));
@@ -152,9 +187,10 @@ static __device__ __forceinline__ void sm90_shrink2_part(const lmoe_fwd &f, cons
     const bool on0 = todo0 == cand, on1 = todo1 == cand;
     if (on0) todo0 = -1;
     if (on1) todo1 = -1;
-    const int slot = act[cand - 1], rk = f.slots[slot].r2;
+    const int src = __ffs(__ballot_sync(0xffffffffu, on0 || on1)) - 1;
+    const int slot = __shfl_sync(0xffffffffu, on0 ? rw.slot[0] : rw.slot[1], src);
+    const int rk = __shfl_sync(0xffffffffu, on0 ? rw.rk[0] : rw.rk[1], src);
     const uint16_t *a2 = f.pool + (size_t)slot * f.slot_elems + f.off_a2 + (size_t)e * f.R * f.I;
-    float *out0 = f.t2p + ((size_t)nt * f.h_rows + row0) * f.t2s, *out1 = out0 + 8 * (size_t)f.t2s;
 #pragma unroll 1
     for (int q0 = 0; q0 < rk; q0 += 32) {
       float d[4][4];
