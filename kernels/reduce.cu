@@ -69,8 +69,8 @@ extern "C" cudaError_t lmoe_k_reduce(const lmoe_fwd *f, cudaStream_t s) {
 
 /* LoRA's t2 from the partials the sm90 gate_up wrote (lmoe_fwd.t2p): a block takes 64
    sorted rows, whose group's down rank and scale 64 of its threads look up first (one
-   chain of dependent loads a block, not one a row), then every thread a column of a
-   row at a time: t2 = the slot's down scale times the sum of the planes in order (so
+   chain of dependent loads a block, not one a row), then every thread four columns of
+   a row at a time: t2 = the slot's down scale times the sum of the planes in order (so
    the same bits every run), rounded once, zero from the rank to its LMOE_K_RANK_PAD
    multiple as the shrinks leave it. Rows without a group, or of a group without down,
    are not written (the expand never reads them). */
@@ -99,16 +99,29 @@ static __global__ void __launch_bounds__(256) k_t2_finish(lmoe_fwd f) {
       s_sd[threadIdx.x] = sd;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < T2F_ROWS * ts; i += blockDim.x) {
-      const int r = i / ts, c = i - r * ts, rk = s_rk[r];
+    /* four columns a thread (t2s is a multiple of LMOE_K_RANK_PAD), the planes read
+       through the read-only path so the loads of several quads overlap */
+    const int quads = ts / 4;
+#pragma unroll 2
+    for (int i = threadIdx.x; i < T2F_ROWS * quads; i += blockDim.x) {
+      const int r = i / quads, c = 4 * (i - r * quads), rk = s_rk[r];
       if (rk <= 0 || c >= (rk + LMOE_K_RANK_PAD - 1) / LMOE_K_RANK_PAD * LMOE_K_RANK_PAD) continue;
       const size_t at = (size_t)(base + r) * ts + c;
-      float v = 0.0f;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (c < rk) {
 #pragma unroll 4
-        for (int q = 0; q < planes; q++) v += f.t2p[q * plane + at];
+        for (int q = 0; q < planes; q++) {
+          const float4 u = __ldg((const float4 *)(f.t2p + q * plane + at));
+          v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
+        }
       }
-      f.t2[at] = f2bf(s_sd[r] * v);
+      const float sd = s_sd[r];
+      /* past the rank: zero (the planes hold zeros there, but a row's later columns
+         were never written) */
+      uint2 o;
+      o.x = f2bf(c < rk ? sd * v.x : 0.0f) | ((uint32_t)f2bf(c + 1 < rk ? sd * v.y : 0.0f) << 16);
+      o.y = f2bf(c + 2 < rk ? sd * v.z : 0.0f) | ((uint32_t)f2bf(c + 3 < rk ? sd * v.w : 0.0f) << 16);
+      *(uint2 *)(f.t2 + at) = o;
     }
     __syncthreads();
   }

@@ -193,26 +193,37 @@ static __device__ __forceinline__ void sm90_shrink2_part(const lmoe_fwd &f, cons
     const uint16_t *a2 = f.pool + (size_t)slot * f.slot_elems + f.off_a2 + (size_t)e * f.R * f.I;
 #pragma unroll 1
     for (int q0 = 0; q0 < rk; q0 += 32) {
+      /* B's fragments of half the pass's k-steps loaded first, then their MMAs:
+         interleaved, each mma.sync waited on its own loads (a chain of 32 L2 round trips
+         a pass, which cost the epilogue ~20 us a tile on the H200); all of them at once
+         spill at BM = 128 (ptxas gives the kernel 168 registers) */
+      constexpr int JH = NB / 4 > 0 ? NB / 4 : 1;
       float d[4][4];
 #pragma unroll
       for (int nb = 0; nb < 4; nb++) d[nb][0] = d[nb][1] = d[nb][2] = d[nb][3] = 0.0f;
 #pragma unroll
-      for (int j = 0; j < NB / 2; j++) {
-        /* h's columns past I (a last tile's) enter as zeros: their values are not h's */
-        const int k = n0 + 16 * j + 2 * t;
-        const bool lo = on0 && k < f.I, hi = on0 && k + 8 < f.I, lo1 = on1 && k < f.I, hi1 = on1 && k + 8 < f.I;
-        const uint32_t a[4] = {lo ? hp[0][2 * j] : 0u, lo1 ? hp[1][2 * j] : 0u, hi ? hp[0][2 * j + 1] : 0u,
-                               hi1 ? hp[1][2 * j + 1] : 0u};
+      for (int j0 = 0; j0 < NB / 2; j0 += JH) {
+        uint32_t b[JH][4][2];
 #pragma unroll
-        for (int nb = 0; nb < 4; nb++) {
-          const int n = q0 + 8 * nb + gq;
-          uint32_t b[2] = {0u, 0u};
-          if (n < rk) {
-            const uint16_t *row = a2 + (size_t)n * f.I;
-            if (k < f.I) b[0] = __ldg((const unsigned int *)(row + k));
-            if (k + 8 < f.I) b[1] = __ldg((const unsigned int *)(row + k + 8));
+        for (int jj = 0; jj < JH; jj++) {
+          const int k = n0 + 16 * (j0 + jj) + 2 * t;
+#pragma unroll
+          for (int nb = 0; nb < 4; nb++) {
+            const int n = q0 + 8 * nb + gq;
+            const uint16_t *row = a2 + (size_t)(n < rk ? n : 0) * f.I;
+            b[jj][nb][0] = n < rk && k < f.I ? __ldg((const unsigned int *)(row + k)) : 0u;
+            b[jj][nb][1] = n < rk && k + 8 < f.I ? __ldg((const unsigned int *)(row + k + 8)) : 0u;
           }
-          mma_bf16(d[nb], a, b);
+        }
+#pragma unroll
+        for (int jj = 0; jj < JH; jj++) {
+          const int j = j0 + jj, k = n0 + 16 * j + 2 * t;
+          /* h's columns past I (a last tile's) enter as zeros: their values are not h's */
+          const bool lo = on0 && k < f.I, hi = on0 && k + 8 < f.I, lo1 = on1 && k < f.I, hi1 = on1 && k + 8 < f.I;
+          const uint32_t a[4] = {lo ? hp[0][2 * j] : 0u, lo1 ? hp[1][2 * j] : 0u, hi ? hp[0][2 * j + 1] : 0u,
+                                 hi1 ? hp[1][2 * j + 1] : 0u};
+#pragma unroll
+          for (int nb = 0; nb < 4; nb++) mma_bf16(d[nb], a, b[jj][nb]);
         }
       }
 #pragma unroll
