@@ -223,7 +223,8 @@ static __device__ __forceinline__ void sm90_shrink2_part(const lmoe_fwd &f, cons
           const uint32_t a[4] = {lo ? hp[0][2 * j] : 0u, lo1 ? hp[1][2 * j] : 0u, hi ? hp[0][2 * j + 1] : 0u,
                                  hi1 ? hp[1][2 * j + 1] : 0u};
 #pragma unroll
-          for (int nb = 0; nb < 4; nb++) mma_bf16(d[nb], a, b[jj][nb]);
+          for (int nb = 0; nb < 4; nb++)
+            if (q0 + 8 * nb < rk) mma_bf16(d[nb], a, b[jj][nb]); /* rk is the warp's: no divergence */
         }
       }
 #pragma unroll
