@@ -33,10 +33,10 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
      gate_up, 0 never; unset, by the shape (gemm_config.h) */
   const char *ga = getenv("LMOE_SM90_GATHER");
   dev->gather_x = !ga || !*ga ? LMOE_GATHER_BY_SHAPE : atoi(ga) != 0 ? LMOE_GATHER_ON : LMOE_GATHER_OFF;
-  /* LMOE_SM90_FUSE_T2 (for measuring): 1 shrink2 in the bf16 sm90 gate_up wherever it
-     can be, 0 never; unset, by the shape (gemm_config.h) */
+  /* LMOE_SM90_FUSE_T2=1 (for measuring): shrink2 in the bf16 sm90 gate_up's epilogue
+     wherever it can be (lmoe_fwd.t2p) */
   const char *ft = getenv("LMOE_SM90_FUSE_T2");
-  dev->fuse_t2 = !ft || !*ft ? LMOE_FUSE_T2_BY_SHAPE : atoi(ft) != 0 ? LMOE_FUSE_T2_ON : LMOE_FUSE_T2_OFF;
+  dev->fuse_t2 = ft && atoi(ft) != 0;
   /* LMOE_SHARD_CHUNKS (for measuring): a sharded layer's column chunks (lmoe_k_shard_chunks) */
   const char *sc = getenv("LMOE_SHARD_CHUNKS");
   dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;

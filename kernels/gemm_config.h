@@ -82,8 +82,10 @@ typedef struct lmoe_gemm_device {
                                order by TMA (LMOE_SM90_GATHER=1 / 0 for measuring; below) */
   int32_t shard_chunks;     /* LMOE_SHARD_CHUNKS: the column chunks of a sharded layer's
                                down and all-reduce (lmoe_k_shard_chunks), 0: by the shape */
-  int32_t fuse_t2;          /* LoRA's shrink2 in the bf16 sm90 gate_up's epilogue
-                               (lmoe_fwd.t2p; LMOE_SM90_FUSE_T2=1 / 0 for measuring; below) */
+  int32_t fuse_t2;          /* LoRA's shrink2 in the bf16 sm90 gate_up's epilogue where it
+                               can be (lmoe_fwd.t2p; LMOE_SM90_FUSE_T2=1, for measuring: off
+                               by default, no faster than shrink2's kernel on the H200,
+                               docs/gpu-notes.md 44) */
 } lmoe_gemm_device;
 
 /* lmoe_gemm_device.gather_x. By shape (the default, 0): where the forward has at least
@@ -96,15 +98,6 @@ typedef struct lmoe_gemm_device {
    164 us at M = 16384, costs more than gate_up saves, 50 us). */
 enum { LMOE_GATHER_BY_SHAPE = 0, LMOE_GATHER_ON = 1, LMOE_GATHER_OFF = 2 };
 enum { LMOE_SM90_GATHER_MIN_PAIRS = 4096, LMOE_SM90_GATHER_MIN_I = 4096 };
-
-/* lmoe_gemm_device.fuse_t2. By shape (the default, 0): where the bf16 sm90 gate_up can
-   compute shrink2 (lmoe_fwd.t2p: LoRA, I at most 128 LMOE_K_T2P_MAX, x not gathered,
-   A2 rows aligned) and the forward has at least LMOE_SM90_FUSE_T2_MIN_PAIRS pairs per
-   expert on average. Measured on the H200 (docs/gpu-notes.md 44, qwen3, 4 adapters
-   r16): the epilogue's share of shrink2 costs ~1.6-1.9 us a tile, which a gate_up tile
-   of few rows a group (small M) does not win back. */
-enum { LMOE_FUSE_T2_BY_SHAPE = 0, LMOE_FUSE_T2_ON = 1, LMOE_FUSE_T2_OFF = 2 };
-enum { LMOE_SM90_FUSE_T2_MIN_PAIRS = 1024 };
 
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
    where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else

@@ -118,7 +118,8 @@ typedef struct lmoe_fwd {
                                 written by scatter where xg or an FP8 layer needs it, else NULL */
   uint16_t *t13, *t2;        /* [mt_max*BM, t13s], [mt_max*BM, t2s] */
   /* LoRA's shrink2 inside the sm90 gate_up (docs/design.md, "shrink2 in gate_up's
-     epilogue"; the plan sets it where lmoe_k_t2p_planes says): each of gate_up's N tiles
+     epilogue"; the plan sets it where LMOE_SM90_FUSE_T2=1 asks and the shape allows):
+     each of gate_up's N tiles
      writes its rows' partial t2 over its 128 columns of h, float32, plane nt of
      [planes][h_rows][t2s] (in y's region, which down writes only later), and
      lmoe_k_t2_finish adds the planes in order into t2; NULL: lmoe_k_shrink2 computes t2 */
@@ -149,11 +150,10 @@ __host__ __device__
 #endif
 static inline int32_t lmoe_k_down_cols(const struct lmoe_fwd *f) { return (f->n1 ? f->n1 : f->H) - f->n0; }
 
-/* The planes of t2p, one per N tile of the sm90 gate_up (128 columns of h each). The
-   plan fuses shrink2 into gate_up where there are at most LMOE_K_T2P_MAX planes and they
-   fit in y's region (float32, t2s a row): I up to 2048 (qwen3, deepseek-class experts).
-   Beyond, the finish would read more partials a row than shrink2 costs (measured on
-   qwen3 only: docs/gpu-notes.md 44). */
+/* The planes of t2p, one per N tile of the sm90 gate_up (128 columns of h each). shrink2
+   can be fused into gate_up where there are at most LMOE_K_T2P_MAX planes and they fit
+   in y's region (float32, t2s a row): I up to 2048 (qwen3, deepseek-class experts);
+   beyond, the finish would read more partials a row than shrink2's kernel reads of h. */
 enum { LMOE_K_T2P_MAX = 16 };
 #ifdef __CUDACC__
 __host__ __device__

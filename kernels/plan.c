@@ -124,14 +124,12 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
     f->off_b2 = pool->off_b2;
     f->al_lora = pool->al_lora;
     f->lora = 1;
-    /* shrink2 in the bf16 sm90 gate_up's epilogue: its partials in y's region, which
+    /* shrink2 in the bf16 sm90 gate_up's epilogue (LMOE_SM90_FUSE_T2=1; gemm_config.h):
+       its partials in y's region, which
        nothing reads before down writes it where x is not gathered there; A2's rows read
        4 bytes at a time (16-byte aligned rows) */
     const size_t planes = (size_t)lmoe_k_t2p_planes(a->I);
-    const int fuse = a->dev->fuse_t2 == LMOE_FUSE_T2_ON ||
-                     (a->dev->fuse_t2 == LMOE_FUSE_T2_BY_SHAPE &&
-                      a->M * a->k >= (int64_t)LMOE_SM90_FUSE_T2_MIN_PAIRS * a->E);
-    if (fuse && !a->fp8 && g.engine == LMOE_ENGINE_SM90 && !f->xg && f->t2s > 0 &&
+    if (a->dev->fuse_t2 && !a->fp8 && g.engine == LMOE_ENGINE_SM90 && !f->xg && f->t2s > 0 &&
         (pool->al_lora & LMOE_AL_A2) && planes <= LMOE_K_T2P_MAX &&
         planes * (size_t)f->h_rows * (size_t)f->t2s * 4 <= L.t13 - L.y /* y's region */)
       f->t2p = (float *)(ws + L.y);

@@ -284,32 +284,31 @@ static void test_plan_gather(void) {
 
 /* shrink2 in the bf16 sm90 gate_up's epilogue (lmoe_fwd.t2p): only with LoRA on the
    sm90 engine, bf16, x not gathered into y's region, A2 rows 16-byte aligned, at most
-   LMOE_K_T2P_MAX planes that fit y's region; by default from LMOE_SM90_FUSE_T2_MIN_PAIRS
-   pairs an expert, forced on or off by the switch; the planes at y's start. */
+   LMOE_K_T2P_MAX planes that fit y's region, and only when asked (LMOE_SM90_FUSE_T2=1:
+   fuse_t2); the planes at y's start. */
 static void test_plan_t2p(void) {
   static _Alignas(16) uint16_t x[64], out[16], w[64];
   static float s13[16], s2[16];
   int32_t ids[8];
   float tw[8];
   lmoe_dslot table[4];
-  const int64_t big = (int64_t)LMOE_SM90_FUSE_T2_MIN_PAIRS * 8 / 2; /* tokens: at the bound, k 2, E 8 */
+  const int64_t big = 4096; /* tokens: 1024 pairs an expert at k 2, E 8 */
   const struct {
     int sm90, fuse, fp8, gather, a2off, I, lora;
     int64_t M;
     int want;
     const char *what;
   } cases[] = {
-      {1, LMOE_FUSE_T2_BY_SHAPE, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 1, "qwen3's I at the bound"},
-      {1, LMOE_FUSE_T2_BY_SHAPE, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big - 1, 0, "a pair under it"},
-      {1, LMOE_FUSE_T2_ON, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, 3, 1, "forced on, 3 tokens"},
-      {1, LMOE_FUSE_T2_OFF, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 0, "forced off"},
-      {0, LMOE_FUSE_T2_ON, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 0, "the sm80 engine"},
-      {1, LMOE_FUSE_T2_ON, 1, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 0, "an FP8 layer"},
-      {1, LMOE_FUSE_T2_ON, 0, LMOE_GATHER_ON, 8192, 768, 1, big, 0, "x gathered into y's region"},
-      {1, LMOE_FUSE_T2_ON, 0, LMOE_GATHER_BY_SHAPE, 8200, 768, 1, big, 0, "A2 rows 8 bytes off"},
-      {1, LMOE_FUSE_T2_ON, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 0, big, 0, "no LoRA"},
-      {1, LMOE_FUSE_T2_ON, 0, LMOE_GATHER_OFF, 8192, 128 * LMOE_K_T2P_MAX, 1, big, 1, "the most planes"},
-      {1, LMOE_FUSE_T2_ON, 0, LMOE_GATHER_OFF, 8192, 128 * LMOE_K_T2P_MAX + 8, 1, big, 0, "one plane more"},
+      {1, 1, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 1, "qwen3's I"},
+      {1, 1, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, 3, 1, "3 tokens"},
+      {1, 0, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 0, "not asked (the default)"},
+      {0, 1, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 0, "the sm80 engine"},
+      {1, 1, 1, LMOE_GATHER_BY_SHAPE, 8192, 768, 1, big, 0, "an FP8 layer"},
+      {1, 1, 0, LMOE_GATHER_ON, 8192, 768, 1, big, 0, "x gathered into y's region"},
+      {1, 1, 0, LMOE_GATHER_BY_SHAPE, 8200, 768, 1, big, 0, "A2 rows 8 bytes off"},
+      {1, 1, 0, LMOE_GATHER_BY_SHAPE, 8192, 768, 0, big, 0, "no LoRA"},
+      {1, 1, 0, LMOE_GATHER_OFF, 8192, 128 * LMOE_K_T2P_MAX, 1, big, 1, "the most planes"},
+      {1, 1, 0, LMOE_GATHER_OFF, 8192, 128 * LMOE_K_T2P_MAX + 8, 1, big, 0, "one plane more"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     const int32_t H = 1024, I = cases[i].I, E = 8, k = 2, R = 16;
