@@ -50,6 +50,7 @@ struct sm90_tune {
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
   int expand_tma; /* the expand's t and B by TMA slices (set per launch where its maps exist) */
+  int shrink_sn;  /* the shrinks' pass width: 128 (rows 8, 9) or 64 (LMOE_SM90_SHRINK_SN=64) */
 };
 
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
@@ -538,27 +539,28 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
    last stage tells the consumer to stop, so the consumer never reads the producer's
    plan; every consumer thread releases a stage itself, after its own reads of those
    words. Two blocks an SM. */
-constexpr int SBM = 64, SN = 128;
+constexpr int SBM = 64, SN = 128; /* SN: the default pass width (rows 8, 9); LMOE_SM90_SHRINK_SN=64 the narrow one */
+constexpr int SHRINK_NARROW_ST = 6;  /* stages of the 64-column passes (17 KB each) */
 struct shrink_meta {
   int32_t p0, n0, flags, pad;
   int32_t off[SBM], rank[SBM], slot[SBM]; /* the row's group's segment start (-1: none), rank, slot */
 };
 enum { SH_PASS_END = 1, SH_EXIT = 2 };
-struct shrink_shape {
-  static constexpr uint32_t A_BYTES = SBM * BK * 2, B_BYTES = SN * BK * 2;
+template <int W> struct shrink_shape {
+  static constexpr uint32_t A_BYTES = SBM * BK * 2, B_BYTES = W * BK * 2;
   static constexpr uint32_t META = (sizeof(shrink_meta) + 1023) / 1024 * 1024; /* stages stay 1024-aligned */
   static constexpr uint32_t STAGE = A_BYTES + B_BYTES + META;
 };
-template <int ST> __host__ __device__ constexpr size_t shrink_smem_bytes(void) {
-  return 1024 + (size_t)ST * shrink_shape::STAGE + 2 * ST * sizeof(uint64_t) + sizeof(tile_plan<SBM>);
+template <int ST, int W = SN> __host__ __device__ constexpr size_t shrink_smem_bytes(void) {
+  return 1024 + (size_t)ST * shrink_shape<W>::STAGE + 2 * ST * sizeof(uint64_t) + sizeof(tile_plan<SBM>);
 }
 
 #if LMOE_SM90_DEVICE
 
-template <int MODE, int ST>
+template <int MODE, int ST, int W>
 __device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem, uint64_t *full, uint64_t *empty,
                                                 tile_plan<SBM> &P, uint64_t wd) {
-  typedef shrink_shape S;
+  typedef shrink_shape<W> S;
   constexpr bool GU = MODE == LMOE_OP_SHRINK13;
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I, R = f.R, K = GU ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
@@ -579,10 +581,10 @@ __device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem
       arow[q] = src >= 0 && g >= 1 && g != PAD_GROUP ? (GU ? f.x + (size_t)src * H : f.h + (size_t)src * hs) : nullptr;
     }
 #pragma unroll 1
-    for (int n0 = 0; n0 < cols; n0 += SN) {
-      const uint16_t *brow[SN / 16]; /* this thread's B rows: packed column n0 + n of a group's A */
+    for (int n0 = 0; n0 < cols; n0 += W) {
+      const uint16_t *brow[W / 16]; /* this thread's B rows: packed column n0 + n of a group's A */
 #pragma unroll
-      for (int q = 0; q < SN / 16; q++) {
+      for (int q = 0; q < W / 16; q++) {
         const int pc = n0 + rb + 16 * q;
         brow[q] = nullptr;
         int off = 0;
@@ -638,7 +640,7 @@ __device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem
           cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), arow[q] ? arow[q] + col : f.x, arow[q] ? nb : 0);
         }
 #pragma unroll
-        for (int q = 0; q < SN / 16; q++) {
+        for (int q = 0; q < W / 16; q++) {
           const int n = rb + 16 * q;
           cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), brow[q] ? brow[q] + col : f.x, brow[q] ? nb : 0);
         }
@@ -656,14 +658,14 @@ __device__ __forceinline__ void shrink_producer(const lmoe_fwd &f, uint8_t *smem
   mbar_arrive(&full[s]);
 }
 
-template <int MODE, int ST>
+template <int MODE, int ST, int W>
 __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem, uint64_t *full, uint64_t *empty,
                                                 uint64_t wd) {
-  typedef shrink_shape S;
+  typedef shrink_shape<W> S;
   const int ltid = threadIdx.x - 128, warp = ltid >> 5, lane = ltid & 31;
   uint16_t *tb = MODE == LMOE_OP_SHRINK13 ? f.t13 : f.t2;
   const int ts = MODE == LMOE_OP_SHRINK13 ? f.t13s : f.t2s;
-  float acc[SN / 2];
+  float acc[W / 2];
   uint32_t it = 0;
 #pragma unroll 1
   for (;;) {
@@ -688,13 +690,18 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
       const uint32_t as = smem_u32(smem + s * S::STAGE), bs = as + S::A_BYTES;
       const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
 #pragma unroll
-      for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
+      for (int i = 0; i < W / 2; i++) reg_fence(acc[i]);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BK / 16; kk++) wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+      for (int kk = 0; kk < BK / 16; kk++) {
+        if constexpr (W == 128)
+          wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+        else
+          wgmma_m64n64k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+      }
       wgmma_commit();
 #pragma unroll
-      for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
+      for (int i = 0; i < W / 2; i++) reg_fence(acc[i]);
       if (c > 0) {
         wgmma_wait<1>();
         mbar_arrive(&empty[(it - 1) % ST]);
@@ -707,7 +714,7 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
     }
     wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < SN / 2; i++) reg_fence(acc[i]);
+    for (int i = 0; i < W / 2; i++) reg_fence(acc[i]);
     mbar_arrive(&empty[(it - 1) % ST]);
     /* each row keeps its group's columns of the pass: t = scale * acc (zero past the
        rank, where B's rows are zero) */
@@ -718,7 +725,7 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
       const lmoe_dslot ds = f.slots[slot[hf]];
       uint16_t *trow = tb + (size_t)(p0 + r) * ts;
 #pragma unroll
-      for (int i = 0; i < SN / 8; i++) {
+      for (int i = 0; i < W / 8; i++) {
         const int cc = n0 + 8 * i + 2 * (lane & 3) - off[hf];
         if (cc < 0 || cc >= w) continue;
         float s0, s1;
@@ -736,13 +743,13 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
 
 #endif /* LMOE_SM90_DEVICE */
 
-template <int MODE, int ST>
+template <int MODE, int ST, int W>
 __global__ void __launch_bounds__(256, 2) k_shrink(const __grid_constant__ lmoe_fwd f, unsigned long long wd) {
 #if LMOE_SM90_DEVICE
   if (!f.meta || f.meta[1] == 0) return; /* nothing active: exit at once */
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
-  uint64_t *full = (uint64_t *)(smem + ST * shrink_shape::STAGE), *empty = full + ST;
+  uint64_t *full = (uint64_t *)(smem + ST * shrink_shape<W>::STAGE), *empty = full + ST;
   tile_plan<SBM> *plan = (tile_plan<SBM> *)(empty + ST);
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
@@ -753,9 +760,9 @@ __global__ void __launch_bounds__(256, 2) k_shrink(const __grid_constant__ lmoe_
   }
   __syncthreads();
   if (threadIdx.x < 128)
-    shrink_producer<MODE, ST>(f, smem, full, empty, *plan, wd);
+    shrink_producer<MODE, ST, W>(f, smem, full, empty, *plan, wd);
   else
-    shrink_consumer<MODE, ST>(f, smem, full, empty, wd);
+    shrink_consumer<MODE, ST, W>(f, smem, full, empty, wd);
 #endif
 }
 
@@ -777,10 +784,11 @@ int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
-   (a chunk per LoRA group), LMOE_SM90_EXPAND_TMA=0 (the expand by cp.async): knobs for
-   measuring the alternatives, read once at init (docs/gpu-notes.md 13-16, 24-26 and 43
-   have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 8, 1};
+   (a chunk per LoRA group), LMOE_SM90_EXPAND_TMA=0 (the expand by cp.async),
+   LMOE_SM90_SHRINK_SN=64 (the shrinks in 64-column passes, 6 stages): knobs for
+   measuring the alternatives, read once at init (docs/gpu-notes.md 13-16, 24-26, 43 and
+   45 have the measurements behind the defaults). */
+sm90_tune tune = {8, 1, 1, 8, 1, 128};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -846,8 +854,18 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
                     "sm90 shrink rows: 128 columns, 4 consumer warps, 64 or 128-row tiles of the forward");
       static_assert(shrink_smem_bytes<ST>() == SMEM, "the table's SMEM is not this row's need");
       if (SMEM > smem_limit) return cudaSuccess;
-      cudaError_t e = setup((void *)k_shrink<LMOE_OP_SHRINK13, ST>, SMEM, 256, 0, usable);
-      return e ? e : setup((void *)k_shrink<LMOE_OP_SHRINK2, ST>, SMEM, 256, 0, usable);
+      cudaError_t e = setup((void *)k_shrink<LMOE_OP_SHRINK13, ST, SN>, SMEM, 256, 0, usable);
+      if (!e) e = setup((void *)k_shrink<LMOE_OP_SHRINK2, ST, SN>, SMEM, 256, 0, usable);
+      /* the narrow passes (LMOE_SM90_SHRINK_SN=64): two blocks an SM still fit */
+      static_assert(2 * (shrink_smem_bytes<SHRINK_NARROW_ST, 64>() + 1024) <= 233472, "two narrow blocks an SM");
+      if (!e && shrink_smem_bytes<SHRINK_NARROW_ST, 64>() <= (size_t)smem_limit) {
+        e = setup((void *)k_shrink<LMOE_OP_SHRINK13, SHRINK_NARROW_ST, 64>, (int)shrink_smem_bytes<SHRINK_NARROW_ST, 64>(),
+                  256, 0, usable);
+        if (!e)
+          e = setup((void *)k_shrink<LMOE_OP_SHRINK2, SHRINK_NARROW_ST, 64>,
+                    (int)shrink_smem_bytes<SHRINK_NARROW_ST, 64>(), 256, 0, usable);
+      }
+      return e;
     } else {
       static_assert(KIND == LMOE_GEMM_EXPERT && BN_ == BN && WM == BM / 16 && WN == 1,
                     "sm90 rows: expert GEMMs, 256 columns, BM / 16 consumer warps x 1");
@@ -864,10 +882,15 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
       if (f->bm != BM || (op != LMOE_OP_SHRINK13 && op != LMOE_OP_SHRINK2)) return cudaErrorInvalidValue;
       int grid = f->mt_max * (BM / SBM);
       if (grid > 2 * num_sms) grid = 2 * num_sms;
-      if (op == LMOE_OP_SHRINK13)
-        k_shrink<LMOE_OP_SHRINK13, ST><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
+      constexpr int NS = (int)shrink_smem_bytes<SHRINK_NARROW_ST, 64>();
+      if (tune.shrink_sn == 64 && op == LMOE_OP_SHRINK13)
+        k_shrink<LMOE_OP_SHRINK13, SHRINK_NARROW_ST, 64><<<grid, 256, NS, s>>>(*f, watchdog_ns);
+      else if (tune.shrink_sn == 64)
+        k_shrink<LMOE_OP_SHRINK2, SHRINK_NARROW_ST, 64><<<grid, 256, NS, s>>>(*f, watchdog_ns);
+      else if (op == LMOE_OP_SHRINK13)
+        k_shrink<LMOE_OP_SHRINK13, ST, SN><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
       else
-        k_shrink<LMOE_OP_SHRINK2, ST><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
+        k_shrink<LMOE_OP_SHRINK2, ST, SN><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
       return cudaGetLastError();
     } else {
       if (op == MODE_GATEUP) return launch<MODE_GATEUP, BM, ST>(f, lora, s);
@@ -910,6 +933,8 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   const char *xt = getenv("LMOE_SM90_EXPAND_TMA"); /* gpu-notes 43 */
   if (xt) tune.expand_tma = atoi(xt) != 0;
+  const char *sw = getenv("LMOE_SM90_SHRINK_SN"); /* gpu-notes 45 */
+  if (sw && atoi(sw) == 64) tune.shrink_sn = 64;
   int usable = 1;
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     if ((e = rows[i].init(smem_limit, &usable))) return e;
