@@ -33,6 +33,10 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
      gate_up, 0 never; unset, by the shape (gemm_config.h) */
   const char *ga = getenv("LMOE_SM90_GATHER");
   dev->gather_x = !ga || !*ga ? LMOE_GATHER_BY_SHAPE : atoi(ga) != 0 ? LMOE_GATHER_ON : LMOE_GATHER_OFF;
+  /* LMOE_SM90_SHRINK_SN (for measuring): 64 or 128, the sm90 shrinks' pass width
+     whatever the shape (gemm_config.h) */
+  const char *sw = getenv("LMOE_SM90_SHRINK_SN");
+  dev->shrink_sn = sw && (atoi(sw) == 64 || atoi(sw) == 128) ? atoi(sw) : 0;
   /* LMOE_SM90_FUSE_T2=1 (for measuring): shrink2 in the bf16 sm90 gate_up's epilogue
      wherever it can be (lmoe_fwd.t2p) */
   const char *ft = getenv("LMOE_SM90_FUSE_T2");

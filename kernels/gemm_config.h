@@ -82,6 +82,8 @@ typedef struct lmoe_gemm_device {
                                order by TMA (LMOE_SM90_GATHER=1 / 0 for measuring; below) */
   int32_t shard_chunks;     /* LMOE_SHARD_CHUNKS: the column chunks of a sharded layer's
                                down and all-reduce (lmoe_k_shard_chunks), 0: by the shape */
+  int32_t shrink_sn;        /* LMOE_SM90_SHRINK_SN: the sm90 shrinks' pass width forced (64
+                               or 128), 0: by the shape (below) */
   int32_t fuse_t2;          /* LoRA's shrink2 in the bf16 sm90 gate_up's epilogue where it
                                can be (lmoe_fwd.t2p; LMOE_SM90_FUSE_T2=1, for measuring: off
                                by default, no faster than shrink2's kernel on the H200,
@@ -98,6 +100,18 @@ typedef struct lmoe_gemm_device {
    164 us at M = 16384, costs more than gate_up saves, 50 us). */
 enum { LMOE_GATHER_BY_SHAPE = 0, LMOE_GATHER_ON = 1, LMOE_GATHER_OFF = 2 };
 enum { LMOE_SM90_GATHER_MIN_PAIRS = 4096, LMOE_SM90_GATHER_MIN_I = 4096 };
+
+/* The sm90 shrinks' pass width (lmoe_fwd.shrink_sn). A 64-row shrink tile computes the
+   adapter groups present side by side, in passes of 128 columns, or of 64 (wgmma
+   m64n64k16, half the B a stage, so six stages a block fit where four did). Measured on
+   the H200 (docs/gpu-notes.md 45, qwen3, 4 adapters r16): at large M, where a tile holds
+   one or two rank-16 groups, the narrow passes take shrink13 from 269 to 218 us at M =
+   16384 and the sm90 shrink2 from 149 to 128 (the sm80 one: ~150), the layer 2-3%
+   faster; at small M, where a tile holds three or four groups and takes two narrow
+   passes (x's rows read twice), 4-6% slower. So 64 where the rows per expert and active
+   group average at least LMOE_SM90_SHRINK_NARROW_ROWS (M k / (E groups)), and there
+   shrink2 joins shrink13 on the sm90 row even with a short K (I < 2048), else 128. */
+enum { LMOE_SM90_SHRINK_NARROW_ROWS = 128 };
 
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
    where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else

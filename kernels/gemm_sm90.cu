@@ -50,7 +50,6 @@ struct sm90_tune {
   int tma_a;      /* down's A (h, rows contiguous by sorted row) by TMA instead of cp.async */
   int lora_align; /* columns a LoRA group's segment is rounded to: 64 (a chunk per group) or 8 */
   int expand_tma; /* the expand's t and B by TMA slices (set per launch where its maps exist) */
-  int shrink_sn;  /* the shrinks' pass width: 128 (rows 8, 9) or 64 (LMOE_SM90_SHRINK_SN=64) */
 };
 
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
@@ -539,7 +538,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
    last stage tells the consumer to stop, so the consumer never reads the producer's
    plan; every consumer thread releases a stage itself, after its own reads of those
    words. Two blocks an SM. */
-constexpr int SBM = 64, SN = 128; /* SN: the default pass width (rows 8, 9); LMOE_SM90_SHRINK_SN=64 the narrow one */
+constexpr int SBM = 64, SN = 128; /* SN: the wide pass (rows 8, 9); lmoe_fwd.shrink_sn picks 64 or it */
 constexpr int SHRINK_NARROW_ST = 6;  /* stages of the 64-column passes (17 KB each) */
 struct shrink_meta {
   int32_t p0, n0, flags, pad;
@@ -784,11 +783,10 @@ int num_sms;
 unsigned long long watchdog_ns = 10ull * 1000 * 1000 * 1000;
 /* LMOE_SM90_GROUP (row tiles per group of the walk), LMOE_SM90_EPI=0 (the
    4-byte-store epilogue), LMOE_SM90_TMA_A=0 (down's A by cp.async), LMOE_SM90_LORA_PACK=0
-   (a chunk per LoRA group), LMOE_SM90_EXPAND_TMA=0 (the expand by cp.async),
-   LMOE_SM90_SHRINK_SN=64 (the shrinks in 64-column passes, 6 stages): knobs for
-   measuring the alternatives, read once at init (docs/gpu-notes.md 13-16, 24-26, 43 and
-   45 have the measurements behind the defaults). */
-sm90_tune tune = {8, 1, 1, 8, 1, 128};
+   (a chunk per LoRA group), LMOE_SM90_EXPAND_TMA=0 (the expand by cp.async): knobs for
+   measuring the alternatives, read once at init (docs/gpu-notes.md 13-16, 24-26 and 43
+   have the measurements behind the defaults). */
+sm90_tune tune = {8, 1, 1, 8, 1};
 
 /* A tensor map of a row-major bf16 matrix [rows][cols] whose rows lie ld elements
    apart (ld >= cols, a multiple of 8): boxes of 64 columns (128 bytes, swizzled) by
@@ -883,9 +881,10 @@ template <int ENGINE, int KIND, int BM, int BN_, int WM, int WN, int ST, int SME
       int grid = f->mt_max * (BM / SBM);
       if (grid > 2 * num_sms) grid = 2 * num_sms;
       constexpr int NS = (int)shrink_smem_bytes<SHRINK_NARROW_ST, 64>();
-      if (tune.shrink_sn == 64 && op == LMOE_OP_SHRINK13)
+      /* the pass width the plan chose (lmoe_fwd.shrink_sn, gemm_config.h) */
+      if (f->shrink_sn == 64 && op == LMOE_OP_SHRINK13)
         k_shrink<LMOE_OP_SHRINK13, SHRINK_NARROW_ST, 64><<<grid, 256, NS, s>>>(*f, watchdog_ns);
-      else if (tune.shrink_sn == 64)
+      else if (f->shrink_sn == 64)
         k_shrink<LMOE_OP_SHRINK2, SHRINK_NARROW_ST, 64><<<grid, 256, NS, s>>>(*f, watchdog_ns);
       else if (op == LMOE_OP_SHRINK13)
         k_shrink<LMOE_OP_SHRINK13, ST, SN><<<grid, 256, SMEM, s>>>(*f, watchdog_ns);
@@ -933,8 +932,6 @@ extern "C" cudaError_t lmoe_sm90_init(int32_t cc, int32_t smem_limit, int32_t *a
   if (lp) tune.lora_align = atoi(lp) != 0 ? 8 : BK;
   const char *xt = getenv("LMOE_SM90_EXPAND_TMA"); /* gpu-notes 43 */
   if (xt) tune.expand_tma = atoi(xt) != 0;
-  const char *sw = getenv("LMOE_SM90_SHRINK_SN"); /* gpu-notes 45 */
-  if (sw && atoi(sw) == 64) tune.shrink_sn = 64;
   int usable = 1;
   for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
     if ((e = rows[i].init(smem_limit, &usable))) return e;

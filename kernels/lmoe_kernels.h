@@ -77,6 +77,8 @@ typedef struct lmoe_fwd {
   int32_t gemm_cfg;          /* row of the GEMM table for gate_up and down */
   int32_t shrink13_cfg;      /* rows of the GEMM table for the shrinks (each its own */
   int32_t shrink2_cfg;       /* engine's: gemm_config.h's shrink_mode) */
+  int32_t shrink_sn;         /* the sm90 shrinks' pass width, 64 or 128 columns (plan.c:
+                                gemm_config.h's LMOE_SM90_SHRINK_NARROW_ROWS) */
   /* Sharding (docs/design.md, "Sharding"; set by the backend after lmoe_k_plan, which
      leaves them 0). E above is the experts this rank computes, [e0, e0 + E) of the
      layer's; E_route the experts the router picks from (the logits' columns; 0: E).
@@ -201,6 +203,8 @@ typedef struct lmoe_k_plan_args {
   const float *w13s, *w2s;
   const lmoe_k_pool_plan *pool; /* or NULL */
   int32_t lora;                 /* LoRA may run: the pool's fields are filled (meta is the caller's) */
+  int32_t groups;               /* adapters active in the batch (0 if unknown): a hint for the
+                                   shrinks' pass width, never for correctness */
   /* the forward */
   int64_t M;
   const uint16_t *x;

@@ -62,7 +62,20 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
     }
   }
 
+  /* the sm90 shrinks' pass width, by the rows an expert and active group average; in
+     64-column passes shrink2 joins shrink13 on the sm90 row where its K alone would
+     keep it on sm80 (gemm_config.h) */
+  const int64_t groups = a->groups > 1 ? a->groups : 1;
+  const int32_t sn = a->dev->shrink_sn == 64 || a->dev->shrink_sn == 128
+                         ? a->dev->shrink_sn
+                         : a->M * a->k >= (int64_t)LMOE_SM90_SHRINK_NARROW_ROWS * a->E * groups ? 64 : 128;
+  if (lora && sn == 64 && a->dev->shrink_mode == LMOE_SHRINK_BY_K &&
+      lmoe_gemm_configs[g.shrink13_cfg].engine == LMOE_ENGINE_SM90 &&
+      lmoe_gemm_configs[g.shrink2_cfg].engine == LMOE_ENGINE_SM80 && (pool->al_lora & LMOE_AL_A2))
+    g.shrink2_cfg = g.shrink13_cfg;
+
   memset(f, 0, sizeof *f);
+  f->shrink_sn = sn;
   f->M = (int32_t)a->M;
   f->H = a->H;
   f->I = a->I;

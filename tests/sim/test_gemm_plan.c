@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0, 0, 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0, 0, 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -54,7 +54,7 @@ static void test_select(void) {
    sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   /* mixtral's sizes: both shrinks' K (4096, 14336) long enough for the sm90 rows */
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
@@ -105,7 +105,7 @@ static void test_select_sm90(void) {
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13 rows for
    its shrink13, A2 rows for its shrink2, else that shrink runs on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -164,7 +164,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -208,7 +208,7 @@ static void test_plan(void) {
    activations' (x's group scales and h's codes and scales, by sorted row; x's codes in
    y's region), the weights' block scales, and every pair's sorted row. */
 static void test_plan_fp8(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0, 0};
   lmoe_ws_layout L, L0;
   lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
   lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
@@ -265,7 +265,7 @@ static void test_plan_gather(void) {
     lmoe_ws_layout L;
     lmoe_k_layout(maxT, 8, 1024, cases[i].I, 2, 0, 0, &L);
     void *ws = malloc(L.total);
-    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode, 0, 0};
+    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode, 0, 0, 0};
     lmoe_k_plan_args a = {.max_tokens = maxT, .E = 8, .H = 1024, .I = cases[i].I, .k = 2, .w13 = w, .w2 = w,
                           .M = cases[i].M, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
                           .workspace = ws, .workspace_bytes = L.total, .dev = &d};
@@ -336,6 +336,54 @@ static void test_plan_t2p(void) {
   }
 }
 
+/* The sm90 shrinks' pass width (lmoe_fwd.shrink_sn): 64 columns from
+   LMOE_SM90_SHRINK_NARROW_ROWS pairs an expert and active group, and then shrink2 on
+   shrink13's sm90 row although its K is short, where its A2 rows allow; forced either
+   way by LMOE_SM90_SHRINK_SN; only by K's rule (not under LMOE_SM90_SHRINK). */
+static void test_plan_shrink_sn(void) {
+  static _Alignas(16) uint16_t x[64], out[16], w[64];
+  int32_t ids[8];
+  float tw[8];
+  lmoe_dslot table[4];
+  const int32_t E = 8, k = 2, H = 2048, I = 768, R = 16;
+  const int64_t at4 = (int64_t)LMOE_SM90_SHRINK_NARROW_ROWS * E * 4 / k; /* tokens at the bound, 4 groups */
+  const struct {
+    int64_t M;
+    int groups, forced, mode, a2off, want_sn, want_s2_sm90;
+    const char *what;
+  } cases[] = {
+      {at4, 4, 0, LMOE_SHRINK_BY_K, 8192, 64, 1, "at the bound, four groups"},
+      {at4 - 1, 4, 0, LMOE_SHRINK_BY_K, 8192, 128, 0, "a token under it"},
+      {at4 / 4, 1, 0, LMOE_SHRINK_BY_K, 8192, 64, 1, "one group: a quarter of the tokens"},
+      {at4 / 4, 0, 0, LMOE_SHRINK_BY_K, 8192, 64, 1, "groups unknown: as one"},
+      {at4, 4, 128, LMOE_SHRINK_BY_K, 8192, 128, 0, "forced 128"},
+      {3, 4, 64, LMOE_SHRINK_BY_K, 8192, 64, 1, "forced 64, 3 tokens"},
+      {at4, 4, 0, LMOE_SHRINK_BY_K, 8200, 64, 0, "A2 rows 8 bytes off: shrink2 stays on sm80"},
+      {at4, 4, 0, LMOE_SHRINK_SM80, 8192, 64, 0, "both shrinks forced on sm80"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    lmoe_ws_layout L;
+    lmoe_k_layout(at4, E, H, I, k, 4, R, &L);
+    void *ws = malloc(L.total);
+    lmoe_k_pool_plan pp;
+    lmoe_k_plan_pool(H, I, 4, R, (void *)w, 1 << 24, 0, 1 << 20, (size_t)(1 << 21) + cases[i].a2off - 8192,
+                     1 << 22, table, &pp);
+    lmoe_gemm_device d = {.cc = 90, .smem_optin = 232448, .force_cfg = -1, .sm90 = 1, .shrink_mode = cases[i].mode,
+                          .shrink_sn = cases[i].forced};
+    lmoe_k_plan_args a = {.max_tokens = at4, .E = E, .H = H, .I = I, .k = k, .w13 = w, .w2 = w, .pool = &pp,
+                          .lora = 1, .groups = cases[i].groups, .M = cases[i].M, .x = x, .out = out,
+                          .topk_ids = ids, .topk_w = tw, .workspace = ws, .workspace_bytes = L.total, .dev = &d};
+    lmoe_fwd f;
+    CHECK(lmoe_k_plan(&a, &f) == L.total, "shrink_sn case %zu: planned", i);
+    const int s2_sm90 = lmoe_gemm_configs[f.shrink2_cfg].engine == LMOE_ENGINE_SM90;
+    CHECK(f.engine == LMOE_ENGINE_SM90 && f.shrink_sn == cases[i].want_sn && s2_sm90 == cases[i].want_s2_sm90 &&
+              (!s2_sm90 || f.shrink2_cfg == f.shrink13_cfg),
+          "shrink_sn case %zu (%s): width %d, shrink2 on row %d", i, cases[i].what, (int)f.shrink_sn,
+          (int)f.shrink2_cfg);
+    free(ws);
+  }
+}
+
 /* The column chunks of a sharded layer's down and all-reduce: they tile [0, H) in
    order, none empty, every bound but the last a multiple of 256 (the engines' N tiles
    divide a chunk), as many as forced or the shape asks where H is wide enough. */
@@ -376,6 +424,7 @@ int main(void) {
   test_plan_fp8();
   test_plan_gather();
   test_plan_t2p();
+  test_plan_shrink_sn();
   test_select();
   test_select_sm90();
   test_plan();
