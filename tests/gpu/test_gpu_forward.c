@@ -222,6 +222,22 @@ static void hook_free(void *user, void *p) {
   cudaFree(p);
 }
 
+/* A cuda context whose device memory goes through the counting hooks (NULL, the test
+   failed, if it cannot be made). */
+static lmoe_context *hooked_context(hook_count *hc) {
+  lmoe_context_config cfg;
+  lmoe_context_config_init(&cfg);
+  cfg.backend = LMOE_BACKEND_CUDA;
+  cfg.guard = LMOE_GUARD_HOST;
+  cfg.allocator.alloc = hook_alloc;
+  cfg.allocator.free = hook_free;
+  cfg.allocator.user = hc;
+  lmoe_context *ctx = NULL;
+  char err[256];
+  OK(NULL, lmoe_context_create(&cfg, &ctx, err, sizeof err));
+  return ctx;
+}
+
 /* Steady state: 1,000 forwards over changing batches allocate no device memory
    (nothing per forward or per batch_set of a known size). Counted through the
    allocator hooks, which every device allocation of the library goes through (the
@@ -230,16 +246,7 @@ static void hook_free(void *user, void *p) {
    (LMOE_TEST_EXCLUSIVE_DEVICE=1: ctest's serial variant). */
 static void test_memory_steady(void) {
   hook_count hc = {0, 0, 0};
-  lmoe_context_config cfg;
-  lmoe_context_config_init(&cfg);
-  cfg.backend = LMOE_BACKEND_CUDA;
-  cfg.guard = LMOE_GUARD_HOST;
-  cfg.allocator.alloc = hook_alloc;
-  cfg.allocator.free = hook_free;
-  cfg.allocator.user = &hc;
-  lmoe_context *ctx = NULL;
-  char err[256];
-  OK(NULL, lmoe_context_create(&cfg, &ctx, err, sizeof err));
+  lmoe_context *ctx = hooked_context(&hc);
   if (!ctx) return;
   gpu_case c;
   case_init(&c, ctx, 16, 256, 128, 2, 256, 4, 16, 0, 0);
@@ -346,15 +353,7 @@ static void test_errors(void) {
    them, each is freed once by the end, and the forward is right. */
 static void test_allocator_hooks(void) {
   hook_count hc = {0, 0, 0};
-  lmoe_context_config cfg;
-  lmoe_context_config_init(&cfg);
-  cfg.backend = LMOE_BACKEND_CUDA;
-  cfg.allocator.alloc = hook_alloc;
-  cfg.allocator.free = hook_free;
-  cfg.allocator.user = &hc;
-  lmoe_context *ctx = NULL;
-  char err[256];
-  OK(NULL, lmoe_context_create(&cfg, &ctx, err, sizeof err));
+  lmoe_context *ctx = hooked_context(&hc);
   if (!ctx) return;
   gpu_case c;
   case_init(&c, ctx, 8, 128, 64, 2, 96, 2, 8, 0, 0);
