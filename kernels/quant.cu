@@ -18,6 +18,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 namespace {
 
@@ -103,6 +104,70 @@ __global__ void k_quant_x(const uint16_t *x, const int32_t *pair_row, int M, int
   }
 }
 
+/* x's tokens as k_quant_x, 16 columns a lane (H a multiple of 16, as an FP8 layer's
+   is): a pass of a warp is four 128-column groups, eight lanes a group, so a lane loads
+   32 bytes and stores its 16 codes as one 16-byte store to each pair's row, where
+   k_quant_x's lanes stored 4 bytes (four times the store instructions for the 256 MB
+   of codes qwen3 writes at M = 16384; docs/gpu-notes.md 46). Same scale and codes. */
+__global__ void k_quant_x16(const uint16_t *x, const int32_t *pair_row, int M, int k, int H, int nbh, uint8_t *xq,
+                            float *xs) {
+  const int lane = threadIdx.x & 31;
+  const int nw = gridDim.x * (blockDim.x / 32);
+  for (int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; t < M; t += nw) {
+    const uint16_t *src = x + (size_t)t * H;
+    for (int j0 = 0; j0 < k; j0 += 8) { /* 8 pairs a pass (top_k may be up to 32) */
+      uint8_t *dst[8];
+      float *sc[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        const int r = j0 + j < k ? pair_row[(size_t)t * k + j0 + j] : -1;
+        dst[j] = r >= 0 ? xq + (size_t)r * H : nullptr;
+        sc[j] = r >= 0 ? xs + (size_t)r * nbh : nullptr;
+      }
+      for (int c0 = 0; c0 < H; c0 += 512) {
+        const int c = c0 + 16 * lane; /* group (c0 / 128) + lane / 8 */
+        float v[16], a = 0.0f;
+        if (c < H) {
+          const uint4 w0 = *(const uint4 *)(src + c), w1 = *(const uint4 *)(src + c + 8);
+          const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+          for (int i = 0; i < 8; i++) {
+            v[2 * i] = bf2f((uint16_t)(w[i] & 0xffffu));
+            v[2 * i + 1] = bf2f((uint16_t)(w[i] >> 16));
+          }
+#pragma unroll
+          for (int i = 0; i < 16; i++) a = fmaxf(a, fabsf(v[i]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < 16; i++) v[i] = 0.0f;
+        }
+#pragma unroll
+        for (int o = 4; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        if (c >= H) continue; /* the shuffles above had every lane */
+        const float s = a > 0.0f ? __fdiv_rn(a, 448.0f) : 1.0f, rc = __frcp_rn(s);
+        const bool exact = s < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h: the same codes at and above */
+        uint32_t q[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          float y[4];
+#pragma unroll
+          for (int u = 0; u < 4; u++) y[u] = exact ? __fdiv_rn(v[4 * i + u], s) : lmoe_fp8_quot(v[4 * i + u], s, rc);
+          q[i] = (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(y[0], y[1]), __NV_SATFINITE, __NV_E4M3) |
+                 (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(y[2], y[3]), __NV_SATFINITE, __NV_E4M3) << 16;
+        }
+        const uint4 o = make_uint4(q[0], q[1], q[2], q[3]);
+        const int g = c / 128;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+          if (!dst[j]) continue;
+          *(uint4 *)(dst[j] + c) = o;
+          if ((lane & 7) == 0) sc[j][g] = s;
+        }
+      }
+    }
+  }
+}
+
 /* h's rows in use (ntiles x bm, sorted order), a warp each; a padding row (sorted_pair
    < 0) gets zeros: gate_up never wrote it */
 __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_t *sorted_pair, int bm, int I,
@@ -121,6 +186,17 @@ __global__ void k_quant_h(const uint16_t *h, const int32_t *ntiles, const int32_
 extern "C" cudaError_t lmoe_k_quant_x(const lmoe_fwd *f, cudaStream_t s) {
   if (!f->fp8 || f->M <= 0) return cudaSuccess;
   if (!f->pair_row) return cudaErrorInvalidValue;
+  /* LMOE_FP8_QUANT_X16=0 (for measuring): the 4-columns-a-lane kernel */
+  static int wide = -1;
+  if (wide < 0) {
+    const char *e = getenv("LMOE_FP8_QUANT_X16");
+    wide = !e || atoi(e) != 0;
+  }
+  if (wide && f->H % 16 == 0 && (uintptr_t)f->x % 16 == 0 && (uintptr_t)f->xq % 16 == 0) {
+    k_quant_x16<<<grid_for((int64_t)f->M * 32, 256), 256, 0, s>>>(f->x, f->pair_row, f->M, f->k, f->H, f->nbh, f->xq,
+                                                                  f->xs);
+    return cudaGetLastError();
+  }
   k_quant_x<<<grid_for((int64_t)f->M * 32, 256), 256, 0, s>>>(f->x, f->pair_row, f->M, f->k, f->H, f->nbh, f->xq, f->xs);
   return cudaGetLastError();
 }
