@@ -26,8 +26,8 @@
    in its columns, both by cp.async; so an adapted tile costs its groups' real ranks
    (four rank-16 groups: one chunk), not a chunk per group.
 
-   The shrinks (k_shrink, below) use the same packed layout on N: 64-row tiles, 128
-   columns a pass (wgmma m64n128k16), two blocks an SM. */
+   The shrinks (k_shrink, below) use the same packed layout on N: 64-row tiles, 128 or
+   64 columns a pass (wgmma m64n128k16 or m64n64k16), two blocks an SM. */
 #include "common.cuh"
 #include "gemm_engine.h"
 #include "ptx_sm90.cuh"
@@ -530,8 +530,10 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
 
    Tiles of SBM = 64 sorted rows (a forward's row tile holds one or two). A tile computes
    the adapter groups present side by side on N, in the expand's packed layout (each
-   group's rank rounded up to 8 columns), in passes of SN = 128 columns (wgmma
-   m64n128k16); each row keeps its own group's columns. One producer warpgroup loads A
+   group's rank rounded up to 8 columns), in passes of W = 128 columns (wgmma
+   m64n128k16, 4 stages) or, where the plan says a tile holds few groups
+   (lmoe_fwd.shrink_sn), of 64 (m64n64k16, 6 stages: more rows in flight, gpu-notes 45);
+   each row keeps its own group's columns. One producer warpgroup loads A
    (the rows of x or h that have a group) and B (the groups' A13 or A2 rows) by
    cp.async; one consumer warpgroup. The stage opening a pass carries what the
    consumer's epilogue needs (the rows' segments), the stage closing it says so, and a
