@@ -83,6 +83,18 @@ __device__ __forceinline__ void quant_row(const uint16_t *src, int cols, int nb,
   }
 }
 
+/* Where pairs j0 .. j0 + 7 of token t put x's codes and scales: their sorted rows of
+   xq and xs (pair_row; NULL past top_k and for another rank's expert, -1) */
+__device__ __forceinline__ void pair_rows(const int32_t *pair_row, int t, int k, int j0, int H, int nbh,
+                                          uint8_t *xq, float *xs, uint8_t *(&dst)[8], float *(&sc)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const int r = j0 + j < k ? pair_row[(size_t)t * k + j0 + j] : -1;
+    dst[j] = r >= 0 ? xq + (size_t)r * H : nullptr;
+    sc[j] = r >= 0 ? xs + (size_t)r * nbh : nullptr;
+  }
+}
+
 /* x's tokens, a warp each, written to their pairs' sorted rows (pair_row; -1: another
    rank's expert, not written) */
 __global__ void k_quant_x(const uint16_t *x, const int32_t *pair_row, int M, int k, int H, int nbh, uint8_t *xq,
@@ -93,12 +105,7 @@ __global__ void k_quant_x(const uint16_t *x, const int32_t *pair_row, int M, int
     for (int j0 = 0; j0 < k; j0 += 8) { /* 8 pairs a pass (top_k may be up to 32) */
       uint8_t *dst[8];
       float *sc[8];
-#pragma unroll
-      for (int j = 0; j < 8; j++) {
-        const int r = j0 + j < k ? pair_row[(size_t)t * k + j0 + j] : -1;
-        dst[j] = r >= 0 ? xq + (size_t)r * H : nullptr;
-        sc[j] = r >= 0 ? xs + (size_t)r * nbh : nullptr;
-      }
+      pair_rows(pair_row, t, k, j0, H, nbh, xq, xs, dst, sc);
       quant_row<8>(x + (size_t)t * H, H, nbh, dst, sc, k - j0, lane);
     }
   }
@@ -118,12 +125,7 @@ __global__ void k_quant_x16(const uint16_t *x, const int32_t *pair_row, int M, i
     for (int j0 = 0; j0 < k; j0 += 8) { /* 8 pairs a pass (top_k may be up to 32) */
       uint8_t *dst[8];
       float *sc[8];
-#pragma unroll
-      for (int j = 0; j < 8; j++) {
-        const int r = j0 + j < k ? pair_row[(size_t)t * k + j0 + j] : -1;
-        dst[j] = r >= 0 ? xq + (size_t)r * H : nullptr;
-        sc[j] = r >= 0 ? xs + (size_t)r * nbh : nullptr;
-      }
+      pair_rows(pair_row, t, k, j0, H, nbh, xq, xs, dst, sc);
       for (int c0 = 0; c0 < H; c0 += 512) {
         const int c = c0 + 16 * lane; /* group (c0 / 128) + lane / 8 */
         float v[16], a = 0.0f;
