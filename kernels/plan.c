@@ -138,9 +138,8 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
     f->al_lora = pool->al_lora;
     f->lora = 1;
     /* shrink2 in the bf16 sm90 gate_up's epilogue (LMOE_SM90_FUSE_T2=1; gemm_config.h):
-       its partials in y's region, which
-       nothing reads before down writes it where x is not gathered there; A2's rows read
-       4 bytes at a time (16-byte aligned rows) */
+       its partials in y's region, which nothing reads before down writes it where x is
+       not gathered there; A2's rows read 4 bytes at a time (16-byte aligned rows) */
     const size_t planes = (size_t)lmoe_k_t2p_planes(a->I);
     if (a->dev->fuse_t2 && !a->fp8 && g.engine == LMOE_ENGINE_SM90 && !f->xg && f->t2s > 0 &&
         (pool->al_lora & LMOE_AL_A2) && planes <= LMOE_K_T2P_MAX &&
