@@ -118,7 +118,9 @@ enum { LMOE_SM90_SHRINK_NARROW_ROWS = 128 };
    on sm80 rows. Measured on the H200 (docs/gpu-notes.md 21, ncu, 4 adapters r16): the
    sm90 shrinks take 0.44-0.76x the sm80 ones' time wherever K >= 2048 (qwen3's shrink13,
    both of mixtral's), but qwen3's shrink2 (K 768) is slower on them up to M = 8192
-   (16.0 -> 25.6 us at M = 512): a 64-row tile's pipeline does not fill on 12 chunks. */
+   (16.0 -> 25.6 us at M = 512): a 64-row tile's pipeline does not fill on 12 chunks.
+   Where the plan picks 64-column passes (above), shrink2 goes to shrink13's sm90 row
+   whatever its K: 128 us against sm80's ~150 at qwen3 M = 16384 (gpu-notes 45). */
 enum { LMOE_SHRINK_BY_K = 0, LMOE_SHRINK_SM80 = 1, LMOE_SHRINK_SM90 = 2 };
 enum { LMOE_SM90_SHRINK_MIN_K = 2048 };
 
