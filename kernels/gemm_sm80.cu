@@ -99,7 +99,7 @@ static __device__ __forceinline__ void load_chunk(const lmoe_fwd &f, const tile_
       i++;
     }
     lg = lg_list[i];
-    lslot = f.meta[2 + 2 * f.meta[0] + 1 + (lg - 1)];
+    lslot = lmoe_k_meta_active(f.meta)[lg - 1];
     col = rem * BK;
   }
   const int H = f.H, I = f.I, R = f.R;
@@ -473,7 +473,7 @@ static __global__ void __launch_bounds__(32 * WARPS_M * WARPS_N)
   if (threadIdx.x < 32) {
     int lane = threadIdx.x, nl = 0, nlora = 0;
     if (use_lora) {
-      const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+      const int32_t *act = lmoe_k_meta_active(f.meta);
       for (int r0 = 0; r0 < BM; r0 += 32) {
         int r = r0 + lane;
         int g = row_group[r];

@@ -54,6 +54,11 @@ enum { LMOE_META_MAX_REQ_PARAM = 400, LMOE_META_MAX_ACTIVE_PARAM = 120 };
 static inline size_t lmoe_meta_ints(int32_t n_req, int32_t n_active) {
   return 2 + ((size_t)n_req + 1) + (size_t)n_req + (size_t)n_active;
 }
+/* The active slots of device meta (group g > 0 reads its slot at [g - 1]). */
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+static inline const int32_t *lmoe_k_meta_active(const int32_t *meta) { return meta + 3 + 2 * meta[0]; }
 /* Small batches travel as kernel parameters (copied at launch, so they never race a
    later batch): the same layout, in a fixed-size struct. */
 typedef struct lmoe_meta_param {
@@ -121,8 +126,8 @@ typedef struct lmoe_fwd {
   uint16_t *t13, *t2;        /* [mt_max*BM, t13s], [mt_max*BM, t2s] */
   /* LoRA's shrink2 inside the sm90 gate_up (docs/design.md, "shrink2 in gate_up's
      epilogue"; the plan sets it where LMOE_SM90_FUSE_T2=1 asks and the shape allows):
-     each of gate_up's N tiles
-     writes its rows' partial t2 over its 128 columns of h, float32, plane nt of
+     each of gate_up's N tiles writes its rows' partial t2 over its 128 columns of h,
+     float32, plane nt of
      [planes][h_rows][t2s] (in y's region, which down writes only later), and
      lmoe_k_t2_finish adds the planes in order into t2; NULL: lmoe_k_shrink2 computes t2 */
   float *t2p;

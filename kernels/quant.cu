@@ -22,6 +22,19 @@
 
 namespace {
 
+/* A 128-wide group's scale from its largest magnitude a (1 for an all-zero group), and
+   four of its values' e4m3 codes under it, the first value's in the low byte (rc: the
+   scale's reciprocal); the rule of this file's head, for both quantizers of x and h's. */
+__device__ __forceinline__ float group_scale(float a) { return a > 0.0f ? __fdiv_rn(a, 448.0f) : 1.0f; }
+__device__ __forceinline__ uint32_t codes4(const float (&v)[4], float s, float rc) {
+  const bool exact = s < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h: the same codes at and above */
+  float x[4];
+#pragma unroll
+  for (int i = 0; i < 4; i++) x[i] = exact ? __fdiv_rn(v[i], s) : lmoe_fp8_quot(v[i], s, rc);
+  return (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(x[0], x[1]), __NV_SATFINITE, __NV_E4M3) |
+         (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(x[2], x[3]), __NV_SATFINITE, __NV_E4M3) << 16;
+}
+
 /* One warp per row, its groups 8 at a time: lane l takes columns 4l..4l+3 of each
    group (cols is a multiple of 4, of 16 for FP8 layers, so a lane's 4 columns are all in
    or all out). The 8 groups' loads are issued together and their maxima reduced side by
@@ -58,18 +71,10 @@ __device__ __forceinline__ void quant_row(const uint16_t *src, int cols, int nb,
 #pragma unroll
     for (int b = 0; b < GB; b++) {
       const int c = (g0 + b) * 128 + lane * 4;
-      const float sc = !src ? 0.0f : a[b] > 0.0f ? __fdiv_rn(a[b], 448.0f) : 1.0f;
-      const float rc = __frcp_rn(sc);
-      const bool exact = sc < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h: the same codes at and above */
+      const float sc = !src ? 0.0f : group_scale(a[b]);
       if (lane == b) mys = sc;
       if (g0 + b < nb && c < cols) {
-        float x[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) x[i] = exact ? __fdiv_rn(v[b][i], sc) : lmoe_fp8_quot(v[b][i], sc, rc);
-        const uint32_t q = !src ? 0u
-                                : (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(x[0], x[1]), __NV_SATFINITE, __NV_E4M3) |
-                                      (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(x[2], x[3]), __NV_SATFINITE, __NV_E4M3)
-                                          << 16;
+        const uint32_t q = !src ? 0u : codes4(v[b], sc, __frcp_rn(sc));
 #pragma unroll
         for (int j = 0; j < ND; j++)
           if (j < nd && dst[j]) *(uint32_t *)(dst[j] + c) = q;
@@ -128,36 +133,26 @@ __global__ void k_quant_x16(const uint16_t *x, const int32_t *pair_row, int M, i
       pair_rows(pair_row, t, k, j0, H, nbh, xq, xs, dst, sc);
       for (int c0 = 0; c0 < H; c0 += 512) {
         const int c = c0 + 16 * lane; /* group (c0 / 128) + lane / 8 */
-        float v[16], a = 0.0f;
+        float v[4][4], a = 0.0f; /* this lane's 16 columns, four a code word */
         if (c < H) {
           const uint4 w0 = *(const uint4 *)(src + c), w1 = *(const uint4 *)(src + c + 8);
           const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
           for (int i = 0; i < 8; i++) {
-            v[2 * i] = bf2f((uint16_t)(w[i] & 0xffffu));
-            v[2 * i + 1] = bf2f((uint16_t)(w[i] >> 16));
+            v[i / 2][2 * (i % 2)] = bf2f((uint16_t)(w[i] & 0xffffu));
+            v[i / 2][2 * (i % 2) + 1] = bf2f((uint16_t)(w[i] >> 16));
           }
 #pragma unroll
-          for (int i = 0; i < 16; i++) a = fmaxf(a, fabsf(v[i]));
+          for (int i = 0; i < 16; i++) a = fmaxf(a, fabsf(v[i / 4][i % 4]));
         } else {
 #pragma unroll
-          for (int i = 0; i < 16; i++) v[i] = 0.0f;
+          for (int i = 0; i < 16; i++) v[i / 4][i % 4] = 0.0f;
         }
 #pragma unroll
         for (int o = 4; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
         if (c >= H) continue; /* the shuffles above had every lane */
-        const float s = a > 0.0f ? __fdiv_rn(a, 448.0f) : 1.0f, rc = __frcp_rn(s);
-        const bool exact = s < LMOE_FP8_QUOT_MIN_S; /* fp8_quot.h: the same codes at and above */
-        uint32_t q[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-          float y[4];
-#pragma unroll
-          for (int u = 0; u < 4; u++) y[u] = exact ? __fdiv_rn(v[4 * i + u], s) : lmoe_fp8_quot(v[4 * i + u], s, rc);
-          q[i] = (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(y[0], y[1]), __NV_SATFINITE, __NV_E4M3) |
-                 (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(y[2], y[3]), __NV_SATFINITE, __NV_E4M3) << 16;
-        }
-        const uint4 o = make_uint4(q[0], q[1], q[2], q[3]);
+        const float s = group_scale(a), rc = __frcp_rn(s);
+        const uint4 o = make_uint4(codes4(v[0], s, rc), codes4(v[1], s, rc), codes4(v[2], s, rc), codes4(v[3], s, rc));
         const int g = c / 128;
 #pragma unroll
         for (int j = 0; j < 8; j++) {

@@ -80,7 +80,7 @@ static __global__ void __launch_bounds__(256) k_t2_finish(lmoe_fwd f) {
   __shared__ int s_rk[T2F_ROWS];
   __shared__ float s_sd[T2F_ROWS];
   const int rows = f.ntiles[0] * f.bm, planes = lmoe_k_t2p_planes(f.I), ts = f.t2s;
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  const int32_t *act = lmoe_k_meta_active(f.meta);
   const size_t plane = (size_t)f.h_rows * ts;
   for (int base = blockIdx.x * T2F_ROWS; base < rows; base += gridDim.x * T2F_ROWS) {
     if (threadIdx.x < T2F_ROWS) {

@@ -26,7 +26,7 @@ template <bool GU, int BM, class G, class Fn>
 static __device__ __forceinline__ void sm90_for_groups(const lmoe_fwd &f, G grp_of, Fn fn) {
   constexpr int NR = BM / 32;
   const int lane = threadIdx.x & 31;
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  const int32_t *act = lmoe_k_meta_active(f.meta);
   int g[NR], slot[NR], rk[NR];
   unsigned start[NR];
 #pragma unroll
@@ -137,7 +137,7 @@ struct sm90_t2rows {
 
 /* Step 1 (after the tile's first MMAs are issued): the rows' slots. */
 static __device__ __forceinline__ void sm90_t2rows_slots(const lmoe_fwd &f, sm90_t2rows &rw) {
-  const int32_t *act = f.meta + 2 + 2 * f.meta[0] + 1;
+  const int32_t *act = lmoe_k_meta_active(f.meta);
 #pragma unroll
   for (int hf = 0; hf < 2; hf++) rw.slot[hf] = rw.g[hf] >= 1 ? act[rw.g[hf] - 1] : 0;
 }
@@ -196,7 +196,7 @@ static __device__ __forceinline__ void sm90_shrink2_part(const lmoe_fwd &f, cons
       /* B's fragments of half the pass's k-steps loaded first, then their MMAs:
          interleaved, each mma.sync waited on its own loads (a chain of 32 L2 round trips
          a pass, which cost the epilogue ~20 us a tile on the H200); all of them at once
-         spill at BM = 128 (ptxas gives the kernel 168 registers) */
+         spilled at BM = 128 */
       constexpr int JH = NB / 4 > 0 ? NB / 4 : 1;
       float d[4][4];
 #pragma unroll
