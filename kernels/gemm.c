@@ -41,6 +41,10 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
      wherever it can be (lmoe_fwd.t2p) */
   const char *ft = getenv("LMOE_SM90_FUSE_T2");
   dev->fuse_t2 = ft && atoi(ft) != 0;
+  /* LMOE_SM90_FUSE_S13 (for measuring): 1 shrink13 inside the bf16 sm90 gate_up wherever
+     it can be, 0 never; unset, by the shape (gemm_config.h) */
+  const char *fs = getenv("LMOE_SM90_FUSE_S13");
+  dev->fuse_s13 = !fs || !*fs ? LMOE_FUSE_BY_SHAPE : atoi(fs) != 0 ? LMOE_FUSE_ON : LMOE_FUSE_OFF;
   /* LMOE_SHARD_CHUNKS (for measuring): a sharded layer's column chunks (lmoe_k_shard_chunks) */
   const char *sc = getenv("LMOE_SHARD_CHUNKS");
   dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;

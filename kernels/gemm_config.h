@@ -48,10 +48,10 @@ enum { LMOE_GEMM_EXPERT = 0, LMOE_GEMM_SHRINK = 1 };
   X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 128, 128, 4, 2, 4, 69152)                                \
   X(LMOE_ENGINE_SM80, LMOE_GEMM_SHRINK, 64, 128, 4, 2, 4, 50976)                                 \
   /* 5: sm90 128x256 (two consumer warpgroups of 64x256), 4 stages of 48 KB */                 \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 198784)                               \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 128, 256, 8, 1, 4, 199808)                               \
   /* 6, 7: sm90 64x256 (one consumer warpgroup), 4 or 5 stages of 40 KB */                      \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 165504)                                \
-  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 206496)                               \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 4, 166528)                                \
+  X(LMOE_ENGINE_SM90, LMOE_GEMM_EXPERT, 64, 256, 4, 1, 5, 207520)                               \
   /* 8, 9: sm90 shrinks (64-row tiles inside the forward's 128- or 64-row ones, 128      \
      columns a pass, 4 stages of 25 KB, two blocks an SM) */                               \
   X(LMOE_ENGINE_SM90, LMOE_GEMM_SHRINK, 128, 128, 4, 1, 4, 104784)                               \
@@ -88,6 +88,8 @@ typedef struct lmoe_gemm_device {
                                can be (lmoe_fwd.t2p; LMOE_SM90_FUSE_T2=1, for measuring: off
                                by default, no faster than shrink2's kernel on the H200,
                                docs/gpu-notes.md 44) */
+  int32_t fuse_s13;         /* LoRA's shrink13 inside the bf16 sm90 gate_up (lmoe_fwd.s13f;
+                               LMOE_SM90_FUSE_S13=1 / 0 for measuring; below) */
 } lmoe_gemm_device;
 
 /* lmoe_gemm_device.gather_x. By shape (the default, 0): where the forward has at least
@@ -112,6 +114,14 @@ enum { LMOE_SM90_GATHER_MIN_PAIRS = 4096, LMOE_SM90_GATHER_MIN_I = 4096 };
    group average at least LMOE_SM90_SHRINK_NARROW_ROWS (M k / (E groups)), and there
    shrink2 joins shrink13 on the sm90 row even with a short K (I < 2048), else 128. */
 enum { LMOE_SM90_SHRINK_NARROW_ROWS = 128 };
+
+/* lmoe_gemm_device.fuse_s13. By shape (the default): the bf16 sm90 gate_up computes
+   t13 itself (one more walk item a row tile, lmoe_fwd.s13f) where the active adapters'
+   gate_up ranks, each rounded up to 8 and side by side, take at most
+   LMOE_SM90_FUSE_S13_MAX_COLS columns (one 256-wide pass over the tile's x: a tile holds
+   at most one group an active adapter); else lmoe_k_shrink13's kernel reads x again. */
+enum { LMOE_FUSE_BY_SHAPE = 0, LMOE_FUSE_ON = 1, LMOE_FUSE_OFF = 2 };
+enum { LMOE_SM90_FUSE_S13_MAX_COLS = 256 };
 
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
    where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else

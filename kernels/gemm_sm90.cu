@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <type_traits>
 
 namespace {
 
@@ -54,6 +55,7 @@ struct sm90_tune {
 
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
 constexpr int BN = 256; /* output tile columns (gate_up: 128 gate + 128 up) */
+constexpr int S13_PASS = 128; /* the fused shrink13's columns a pass (lmoe_fwd.s13f) */
 
 template <int BM> struct shape {
   static constexpr int NC = BM / 64;              /* consumer warpgroups */
@@ -79,9 +81,11 @@ template <int BM> struct tile_plan {
 };
 
 /* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, the
-   TMA expand's words (four slice groups a stage, two ints for each of a tile's groups). */
+   TMA expand's words (four slice groups a stage, two ints for each of a tile's groups),
+   the fused shrink13's B rows (a pointer a packed column of the pass). */
 template <int BM, int ST> constexpr size_t smem_bytes(void) {
-  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + (4 * ST + 2 * BM) * sizeof(int32_t);
+  return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + (4 * ST + 2 * BM) * sizeof(int32_t) +
+         S13_PASS * sizeof(void *);
 }
 
 /* N tiles of an output */
@@ -93,6 +97,35 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
 
 /* The producer warpgroup's own barrier (the consumers never wait on it). */
 __device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
+
+/* The fused shrink13's row-tile flags (lmoe_fwd.s13f): its item's consumers publish t13
+   (each thread's stores ordered for the async proxy too, since the expand's TMA reads
+   them; then every consumer at one barrier; then a release at GPU scope), and an N tile's
+   producer waits for it (acquire; then the proxy fence before its TMA or cp.async
+   reads). The wait has the pipeline's watchdog. */
+__device__ __forceinline__ int ld_acquire_gpu(const int32_t *p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void s13_wait(const int32_t *flag, uint64_t wd_ns) {
+  /* the watchdog counts sleeps of at least 256 ns (the clock read kept more registers live
+     in the producer than its 88 hold) */
+  const uint32_t most = (uint32_t)min(wd_ns / 256, (uint64_t)0xffffffffu);
+  for (uint32_t n = 0; !ld_acquire_gpu(flag); n++) {
+    __nanosleep(256);
+    if (most && n > most) __trap();
+  }
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+template <int NC> __device__ __forceinline__ void s13_publish(int32_t *flag) {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  asm volatile("bar.sync 4, %0;\n" ::"n"(NC * 128) : "memory");
+  if (threadIdx.x == 128) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(1) : "memory");
+}
+/* The wgmma width of a fused shrink13 pass: the columns left, up to S13_PASS, rounded up
+   to 64 or 128 */
+__device__ __forceinline__ int s13_width(int cols_left) { return cols_left > 64 ? 128 : 64; }
 
 /* The plan of the BM rows at sorted row p0 (expert of row tile me), written by the 128
    producer threads (barrier 1: the consumers never wait on it). GU: gate_up's side
@@ -130,13 +163,15 @@ template <int MODE, int BM, int ST>
 __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *tmb, const CUtensorMap *tma,
                                          const CUtensorMap *tmt, const CUtensorMap *tmp, int use_lora,
                                          uint8_t *smem, uint64_t *full, uint64_t *empty, volatile int32_t *sg,
-                                         int32_t *gl, uint64_t wd, sm90_tune tn) {
+                                         int32_t *gl, const uint16_t **btab, uint64_t wd, sm90_tune tn) {
   typedef shape<BM> S;
   constexpr int AR = BM / 16; /* A rows per thread */
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  /* shrink13 fused (f.s13f): each row tile's first item of the walk computes its t13 */
+  const bool fs = MODE == MODE_GATEUP && use_lora && f.s13f != nullptr;
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f) + (fs ? 1 : 0), total = ntm * ntn;
   /* A by TMA: down's (h, in sorted order) where tune.tma_a, gate_up's where x was
      gathered into sorted order (xg) */
   const bool a_tma = MODE == MODE_DOWN ? tn.tma_a != 0 : f.xg != nullptr;
@@ -152,12 +187,14 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
+    const bool shr = fs && nt == 0; /* the row tile's shrink13 */
+    if (fs) nt--;
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
     /* the TMA expand's stages and the tile's groups, walked now (a walk inside the
        expand made ptxas spill): thread 0 keeps them in shared memory, two ints a group */
     int nlx = 0, ng = 0;
-    if (xtma) {
+    if (xtma && !shr) {
       int cols = 0;
       sm90_for_groups<MODE == MODE_GATEUP, BM>(
           f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
@@ -173,7 +210,6 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
       nlx = (cols + BK - 1) / BK;
     }
     const uint16_t *arow[AR];
-    int agrp[AR];
 #pragma unroll
     for (int q = 0; q < AR; q++) {
       int r = rb + 16 * q, pair = f.sorted_pair[p0 + r];
@@ -181,8 +217,69 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         arow[q] = pair >= 0 ? f.x + (size_t)(pair / f.k) * H : nullptr;
       else
         arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
-      agrp[q] = use_lora ? f.sorted_group[p0 + r] : 0;
     }
+    if (shr) {
+      /* The row tile's shrink13: its x (A as below) times its groups' A13 rows side by
+         side (B, each group's rank rounded up to 8 columns, zeros past it), by cp.async
+         from the pool, in passes of up to S13_PASS columns (btab: a pass's B rows). */
+      auto grp_of = [&](int r) { return f.sorted_group[p0 + r]; };
+      int cols = 0;
+      sm90_for_groups<true, BM>(f, grp_of, [&](int, int, int rk) { cols += (rk + 7) & ~7; });
+#pragma unroll 1
+      for (int np = 0; np < cols; np += S13_PASS) {
+        static_assert(S13_PASS == 128, "a producer thread a B row of the pass");
+        producer_sync(); /* the previous pass's rows are no longer read */
+        {
+          /* this thread's row: packed column np + ptid, row q of a group's A13 (or zeros) */
+          int off = 0, bslot = -1, bq = 0;
+          sm90_for_groups<true, BM>(f, grp_of, [&](int, int slot, int rk) {
+            if (np + ptid >= off && np + ptid < off + rk) {
+              bslot = slot;
+              bq = np + ptid - off;
+            }
+            off += (rk + 7) & ~7;
+          });
+          btab[ptid] = bslot < 0 ? nullptr
+                                 : f.pool + (size_t)bslot * f.slot_elems + f.off_a13 + ((size_t)e * 2 * f.R + bq) * H;
+        }
+        producer_sync();
+        const int W = s13_width(cols - np);
+#pragma unroll 1
+        for (int c = 0; c < nbase; c++, it++) {
+          const int s = it % ST;
+          mbar_wait(&empty[s], ((it / ST) & 1) ^ 1, wd);
+          uint8_t *As = smem + s * S::STAGE, *Bs = As + S::A_BYTES;
+          if (ptid == 0) {
+            if (a_tma) {
+              mbar_arrive_tx(&full[s], S::A_BYTES);
+              tma_load_2d(As, tma, &full[s], c * BK, p0);
+            } else {
+              mbar_arrive(&full[s]);
+            }
+          }
+          const int col = c * BK + ch * 8, nb = sm90_piece_bytes(col, K, 2);
+          const uint32_t a0 = smem_u32(As), b0 = smem_u32(Bs);
+          if (!a_tma) {
+#pragma unroll
+            for (int q = 0; q < AR; q++) {
+              int r = rb + 16 * q;
+              const uint16_t *src = arow[q] ? arow[q] + col : f.x;
+              cp_async16_s(a0 + r * 128 + ((ch ^ (r & 7)) << 4), src, arow[q] ? nb : 0);
+            }
+          }
+#pragma unroll 1
+          for (int n = rb; n < W; n += 16) {
+            const uint16_t *src = btab[n];
+            cp_async16_s(b0 + n * 128 + ((ch ^ (n & 7)) << 4), src ? src + col : f.x, src ? nb : 0);
+          }
+          cp_async_mbar_arrive(&full[s]);
+        }
+      }
+      continue;
+    }
+    int agrp[AR]; /* the rows' groups, for the cp.async expand */
+#pragma unroll
+    for (int q = 0; q < AR; q++) agrp[q] = use_lora ? f.sorted_group[p0 + rb + 16 * q] : 0;
 #pragma unroll 1
     for (int c = 0; c < nbase; c++, it++) {
       const int s = it % ST;
@@ -224,6 +321,12 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
          another group and the unused slices' t. */
       constexpr int SLA = BM * 32, SLB = BN * 32;
       static_assert(4 * SLA == (int)S::A_BYTES && 4 * SLB == (int)S::B_BYTES, "four slices a stage");
+      if (fs && nlx > 0) { /* t13 by this walk's item: a lane of warp 1 acquires it (in
+                              thread 0, which issues the TMA, the wait made ptxas spill) */
+        if (ptid == 32) s13_wait(f.s13f + m, wd);
+        producer_sync();
+        if (ptid == 0) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+      }
       int gi = 0, k0 = 0;
 #pragma unroll 1
       for (int stg = 0; stg < nlx; stg++, it++) {
@@ -258,6 +361,10 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         mbar_arrive(&full[s]);
       }
     } else if (use_lora) {
+      if (fs) { /* t13 by this walk's item: thread 0 acquires it for the producer */
+        if (ptid == 0) s13_wait(f.s13f + m, wd);
+        producer_sync();
+      }
       /* This thread's 16-byte piece of a stage (column col of group g's rank, nb bytes
          of it; pb NULL: zeros): for every A row its own group's t or zero, for every
          output column the slot's B. */
@@ -337,13 +444,16 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
   const bool xtma = use_lora && tn.expand_tma, rel = ltid == 0 || xtma;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f), total = ntm * ntn;
+  const bool fs = MODE == MODE_GATEUP && use_lora && f.s13f != nullptr; /* as the producer's */
+  const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f) + (fs ? 1 : 0), total = ntm * ntn;
   float acc[128];
   uint32_t it = 0;
 #pragma unroll 1
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
+    const bool shr = fs && nt == 0;
+    if (fs) nt--;
     const int p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
     /* this thread's two rows (r, r + 8): their pairs loaded now, down's weights after the
@@ -351,6 +461,86 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
        chain (gpu-notes 26) */
     const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
     const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
+    if (shr) {
+      /* The row tile's shrink13 (the producer's passes): each of this thread's rows keeps
+         its own group's columns, t13 = scale x acc, as lmoe_k_shrink13 writes it */
+      const int rg[2] = {f.sorted_group[r0], f.sorted_group[r0 + 8]};
+      int cols = 0, roff[2] = {-1, -1}, rrk[2] = {0, 0}, rsl[2] = {0, 0};
+      sm90_for_groups<true, BM>(f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++)
+          if (g == rg[hf] && pre_pair[hf] >= 0) {
+            roff[hf] = cols;
+            rrk[hf] = rk;
+            rsl[hf] = slot;
+          }
+        cols += (rk + 7) & ~7;
+      });
+      /* a pass's main loop at one wgmma width (the width's branch outside the loop: inside
+         it, ptxas merged three accumulator shapes at every step and spilled) */
+      auto pass = [&](auto wtag) {
+        constexpr int WW = decltype(wtag)::value;
+#pragma unroll 1
+        for (int c = 0; c < nbase; c++, it++) {
+          const int s = it % ST;
+          mbar_wait(&full[s], (it / ST) & 1, wd);
+          fence_proxy_async();
+          const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
+          const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+#pragma unroll
+          for (int i = 0; i < WW / 2; i++) reg_fence(acc[i]);
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < BK / 16; kk++) {
+            if constexpr (WW == 128)
+              wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+            else
+              wgmma_m64n64k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
+          }
+          wgmma_commit();
+#pragma unroll
+          for (int i = 0; i < WW / 2; i++) reg_fence(acc[i]);
+          if (c > 0) {
+            wgmma_wait<1>();
+            if (rel) mbar_arrive(&empty[(it - 1) % ST]);
+          }
+        }
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < WW / 2; i++) reg_fence(acc[i]);
+        if (rel) mbar_arrive(&empty[(it - 1) % ST]);
+      };
+#pragma unroll 1
+      for (int np = 0; np < cols; np += S13_PASS) {
+        const int W = s13_width(cols - np);
+        if (W == 128)
+          pass(std::integral_constant<int, 128>());
+        else
+          pass(std::integral_constant<int, 64>());
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+          if (roff[hf] < 0) continue;
+          const int w = (rrk[hf] + 7) & ~7;
+          const lmoe_dslot ds = f.slots[rsl[hf]];
+          uint16_t *trow = f.t13 + (size_t)(r0 + 8 * hf) * f.t13s;
+#pragma unroll
+          for (int i = 0; i < S13_PASS / 8; i++) {
+            const int cc = np + 8 * i + 2 * (lane & 3) - roff[hf];
+            if (8 * i >= W || cc < 0 || cc >= w) continue;
+            const float s0 = cc >= ds.g_lo && cc < ds.g_hi ? ds.sg : cc >= ds.u_lo && cc < ds.u_hi ? ds.su : 0.0f;
+            const float s1 =
+                cc + 1 >= ds.g_lo && cc + 1 < ds.g_hi ? ds.sg : cc + 1 >= ds.u_lo && cc + 1 < ds.u_hi ? ds.su : 0.0f;
+            *(uint32_t *)(trow + cc) = pack2(s0 * acc[4 * i + 2 * hf], s1 * acc[4 * i + 2 * hf + 1]);
+          }
+        }
+      }
+      /* the accumulators' values end here (as gate_up's epilogue does, so that the next
+         tile's first wgmma does not keep them live through this item) */
+#pragma unroll
+      for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+      s13_publish<S::NC>(f.s13f + m);
+      continue;
+    }
     float pre_w[2] = {0.0f, 0.0f};
     /* shrink2 in this epilogue (f.t2p): the rows' groups and the tile's expert now,
        their slots after the first chunk's MMAs, ranks and A2's lines a few chunks on */
@@ -502,6 +692,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
   int32_t *sg = (int32_t *)(empty + ST); /* the TMA expand's slice groups, four a stage */
   int32_t *gl = sg + 4 * ST;             /* and its tile's groups (producer thread 0) */
+  const uint16_t **btab = (const uint16_t **)(gl + 2 * BM); /* the fused shrink13's B rows */
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
@@ -516,7 +707,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   __syncthreads();
   if (threadIdx.x < 128) {
     setmaxnreg_dec<S::PREG>();
-    producer<MODE, BM, ST>(f, &tmb, &tma, &tmt, &tmp, use_lora, smem, full, empty, sg, gl, wd, tn);
+    producer<MODE, BM, ST>(f, &tmb, &tma, &tmt, &tmp, use_lora, smem, full, empty, sg, gl, btab, wd, tn);
   } else {
     setmaxnreg_inc<S::CREG>();
     consumer<MODE, BM, ST>(f, use_lora, smem, full, empty, sg, wd, tn);

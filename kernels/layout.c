@@ -33,6 +33,7 @@ void lmoe_k_layout_fp8(int64_t max_tokens, int32_t E, int32_t H, int32_t I, int3
   LMOE_TAKE(cnt, cnt_bytes);
   LMOE_TAKE(off, cnt_bytes);
   LMOE_TAKE(tile_expert, mt * 4);
+  LMOE_TAKE(s13f, mt * 4); /* a flag a row tile (lmoe_fwd.s13f) */
   LMOE_TAKE(ntiles, 4);
   LMOE_TAKE(any, 4);
   LMOE_TAKE(sorted_pair, rows * 4);

@@ -131,6 +131,13 @@ typedef struct lmoe_fwd {
      [planes][h_rows][t2s] (in y's region, which down writes only later), and
      lmoe_k_t2_finish adds the planes in order into t2; NULL: lmoe_k_shrink2 computes t2 */
   float *t2p;
+  /* LoRA's shrink13 inside the bf16 sm90 gate_up (docs/design.md, "shrink13 inside
+     gate_up"; the plan sets it where LMOE_SM90_FUSE_S13 and the shape say): the walk
+     gives each row tile one more item, before its N tiles, that multiplies the tile's x
+     by its groups' A13 and writes t13; it then sets the tile's flag here (release, GPU
+     scope), and an N tile's producer waits for it (acquire) before loading the expand's
+     t13. Zeroed by the scan each forward. NULL: lmoe_k_shrink13 computes t13 */
+  int32_t *s13f;             /* [mt_max] */
   /* batch and pool */
   const int32_t *meta;       /* device meta, or NULL (no LoRA) */
   const lmoe_dslot *slots;
@@ -169,7 +176,7 @@ static inline int32_t lmoe_k_t2p_planes(int32_t I) { return (I + 127) / 128; }
 
 /* Workspace layout for the upper bounds of a layer (and pool): byte offsets. */
 typedef struct lmoe_ws_layout {
-  size_t ids, tw, tok_group, cnt, off, tile_expert, ntiles, any, sorted_pair, sorted_group, pair_row, h, y,
+  size_t ids, tw, tok_group, cnt, off, tile_expert, s13f, ntiles, any, sorted_pair, sorted_group, pair_row, h, y,
       t13, t2, total; /* y's region also holds xg (or xq): the larger of M*k and the rows, x H x 2 bytes */
   int32_t mt_max, t13s, t2s;
   size_t xs, hq, hsc; /* FP8 layers' quantized activations (0 without; their x codes at y) */
@@ -210,6 +217,9 @@ typedef struct lmoe_k_plan_args {
   int32_t lora;                 /* LoRA may run: the pool's fields are filled (meta is the caller's) */
   int32_t groups;               /* adapters active in the batch (0 if unknown): a hint for the
                                    shrinks' pass width, never for correctness */
+  int32_t cols13;               /* the active adapters' gate_up ranks, each rounded up to 8,
+                                   summed (0 if unknown): a hint for where shrink13 runs
+                                   (gemm_config.h's fuse_s13), never for correctness */
   /* the forward */
   int64_t M;
   const uint16_t *x;

@@ -390,6 +390,16 @@ static size_t cu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_confi
   return L.total + part_bytes(cfg);
 }
 
+/* The batch's active adapters' gate_up ranks, each rounded up to 8, summed: the columns
+   a row tile's shrink13 takes at most (the plan's hint for fusing it into gate_up). */
+static int32_t active_cols13(const lmoe_pool *pool, const int32_t *meta) {
+  const int32_t n = lmoe_meta_active_count(meta), *act = lmoe_meta_active(meta);
+  int64_t cols = 0;
+  for (int32_t i = 0; i < n; i++)
+    if (act[i] >= 0 && act[i] < pool->cfg.num_slots) cols += (pool->slots[act[i]].r13 + 7) / 8 * 8;
+  return cols > INT32_MAX ? INT32_MAX : (int32_t)cols;
+}
+
 /* Where a forward of this plan keeps its partial: after the layout lmoe_k_plan carved
    for the same layer and pool. */
 static float *part_of(const lmoe_context *ctx, const lmoe_forward_plan *plan) {
@@ -816,6 +826,7 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
       .pool = pool ? &((cuda_pool *)pool->be)->plan : NULL,
       .lora = lora_possible,
       .groups = plan->meta ? lmoe_meta_active_count(plan->meta) : 0,
+      .cols13 = pool && plan->meta ? active_cols13(pool, plan->meta) : 0,
       .M = M,
       .x = plan->x->data,
       .out = plan->out->data,
@@ -874,7 +885,8 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
      or x's rows where the plan gathers them (f.xg) */
   if (f.fp8) LAUNCH(lmoe_k_quant_x(&f, s), 0);
   if (f.xg) LAUNCH(lmoe_k_gather_x(&f, s), 0);
-  if (run_lora) LAUNCH(lmoe_k_shrink13(&f, s), 1);
+  /* t13: computed inside gate_up where the plan says (f.s13f), else by shrink13 */
+  if (run_lora && !f.s13f) LAUNCH(lmoe_k_shrink13(&f, s), 1);
   LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
   if (lmoe_k_quant_h_needed(&f)) LAUNCH(lmoe_k_quant_h(&f, s), 0);
   /* t2: its partials came out of gate_up's epilogue (f.t2p), or shrink2 */
