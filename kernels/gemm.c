@@ -45,6 +45,9 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
      it can be, 0 never; unset, by the shape (gemm_config.h) */
   const char *fs = getenv("LMOE_SM90_FUSE_S13");
   dev->fuse_s13 = !fs || !*fs ? LMOE_FUSE_BY_SHAPE : atoi(fs) != 0 ? LMOE_FUSE_ON : LMOE_FUSE_OFF;
+  /* LMOE_SM90_FUSE_S2 (for measuring): the same for shrink2 inside the bf16 sm90 down */
+  const char *f2 = getenv("LMOE_SM90_FUSE_S2");
+  dev->fuse_s2 = !f2 || !*f2 ? LMOE_FUSE_BY_SHAPE : atoi(f2) != 0 ? LMOE_FUSE_ON : LMOE_FUSE_OFF;
   /* LMOE_SHARD_CHUNKS (for measuring): a sharded layer's column chunks (lmoe_k_shard_chunks) */
   const char *sc = getenv("LMOE_SHARD_CHUNKS");
   dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;

@@ -90,6 +90,7 @@ typedef struct lmoe_gemm_device {
                                docs/gpu-notes.md 44) */
   int32_t fuse_s13;         /* LoRA's shrink13 inside the bf16 sm90 gate_up (lmoe_fwd.s13f;
                                LMOE_SM90_FUSE_S13=1 / 0 for measuring; below) */
+  int32_t fuse_s2;          /* and shrink2 inside its down (lmoe_fwd.s2f; LMOE_SM90_FUSE_S2) */
 } lmoe_gemm_device;
 
 /* lmoe_gemm_device.gather_x. By shape (the default, 0): where the forward has at least
@@ -115,13 +116,17 @@ enum { LMOE_SM90_GATHER_MIN_PAIRS = 4096, LMOE_SM90_GATHER_MIN_I = 4096 };
    shrink2 joins shrink13 on the sm90 row even with a short K (I < 2048), else 128. */
 enum { LMOE_SM90_SHRINK_NARROW_ROWS = 128 };
 
-/* lmoe_gemm_device.fuse_s13. By shape (the default): the bf16 sm90 gate_up computes
-   t13 itself (one more walk item a row tile, lmoe_fwd.s13f) where the active adapters'
-   gate_up ranks, each rounded up to 8 and side by side, take at most
-   LMOE_SM90_FUSE_S13_MAX_COLS columns (one 256-wide pass over the tile's x: a tile holds
-   at most one group an active adapter); else lmoe_k_shrink13's kernel reads x again. */
+/* lmoe_gemm_device.fuse_s13 and fuse_s2. By shape (the default): the bf16 sm90 gate_up
+   computes t13 itself (one more walk item a row tile, lmoe_fwd.s13f), and its down t2
+   (s2f), where the active adapters' ranks on that side, each rounded up to 8 and side by
+   side, take at most LMOE_SM90_FUSE_S13_MAX_COLS columns (two 128-wide passes over the
+   tile's x or h: a tile holds at most one group an active adapter); else the shrink's
+   own kernel reads x (h) again. */
 enum { LMOE_FUSE_BY_SHAPE = 0, LMOE_FUSE_ON = 1, LMOE_FUSE_OFF = 2 };
 enum { LMOE_SM90_FUSE_S13_MAX_COLS = 256 };
+/* shrink2 inside down only with this row tile (gemm_sm90.cu's shrink_flags: with 128-row
+   tiles down's consumers would spill) */
+enum { LMOE_SM90_FUSE_S2_BM = 64 };
 
 /* lmoe_gemm_device.shrink_mode. By K (the default): each shrink on the sm90 engine's row
    where its K (H for shrink13, I for shrink2) is at least LMOE_SM90_SHRINK_MIN_K, else

@@ -55,7 +55,7 @@ struct sm90_tune {
 
 constexpr int BK = 64;  /* K chunk: one 128-byte swizzled row of bf16 */
 constexpr int BN = 256; /* output tile columns (gate_up: 128 gate + 128 up) */
-constexpr int S13_PASS = 128; /* the fused shrink13's columns a pass (lmoe_fwd.s13f) */
+constexpr int SF_PASS = 128; /* a fused shrink's columns a pass (lmoe_fwd.s13f, s2f) */
 
 template <int BM> struct shape {
   static constexpr int NC = BM / 64;              /* consumer warpgroups */
@@ -82,10 +82,10 @@ template <int BM> struct tile_plan {
 
 /* Dynamic shared memory: 1024 bytes of alignment slack, the stages, the barriers, the
    TMA expand's words (four slice groups a stage, two ints for each of a tile's groups),
-   the fused shrink13's B rows (a pointer a packed column of the pass). */
+   a fused shrink's B rows (a pointer a packed column of the pass). */
 template <int BM, int ST> constexpr size_t smem_bytes(void) {
   return 1024 + (size_t)ST * shape<BM>::STAGE + 2 * ST * sizeof(uint64_t) + (4 * ST + 2 * BM) * sizeof(int32_t) +
-         S13_PASS * sizeof(void *);
+         SF_PASS * sizeof(void *);
 }
 
 /* N tiles of an output */
@@ -98,34 +98,43 @@ template <int MODE> __host__ __device__ __forceinline__ int n_tiles(const lmoe_f
 /* The producer warpgroup's own barrier (the consumers never wait on it). */
 __device__ __forceinline__ void producer_sync(void) { asm volatile("bar.sync 1, 128;" ::: "memory"); }
 
-/* The fused shrink13's row-tile flags (lmoe_fwd.s13f): its item's consumers publish t13
-   (each thread's stores ordered for the async proxy too, since the expand's TMA reads
-   them; then every consumer at one barrier; then a release at GPU scope), and an N tile's
-   producer waits for it (acquire; then the proxy fence before its TMA or cp.async
-   reads). The wait has the pipeline's watchdog. */
+/* The fused shrinks' row-tile flags (lmoe_fwd.s13f, s2f: one array, zeroed by the scan;
+   gate_up's shrink13 item sets a tile's to 1, down's shrink2 item to 2): the item's
+   consumers publish t (each thread's stores ordered for the async proxy too, since the
+   expand's TMA reads them; then every consumer at one barrier; then a release at GPU
+   scope), and an N tile's producer waits for its phase (acquire; then the proxy fence
+   before its TMA or cp.async reads). The wait has the pipeline's watchdog. */
 __device__ __forceinline__ int ld_acquire_gpu(const int32_t *p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
-__device__ __forceinline__ void s13_wait(const int32_t *flag, uint64_t wd_ns) {
+__device__ __forceinline__ void sf_wait(const int32_t *flag, int phase, uint64_t wd_ns) {
   /* the watchdog counts sleeps of at least 256 ns (the clock read kept more registers live
      in the producer than its 88 hold) */
   const uint32_t most = (uint32_t)min(wd_ns / 256, (uint64_t)0xffffffffu);
-  for (uint32_t n = 0; !ld_acquire_gpu(flag); n++) {
+  for (uint32_t n = 0; ld_acquire_gpu(flag) < phase; n++) {
     __nanosleep(256);
     if (most && n > most) __trap();
   }
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
 }
-template <int NC> __device__ __forceinline__ void s13_publish(int32_t *flag) {
+template <int NC> __device__ __forceinline__ void sf_publish(int32_t *flag, int phase) {
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
   asm volatile("bar.sync 4, %0;\n" ::"n"(NC * 128) : "memory");
-  if (threadIdx.x == 128) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(1) : "memory");
+  if (threadIdx.x == 128) asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(phase) : "memory");
 }
-/* The wgmma width of a fused shrink13 pass: the columns left, up to S13_PASS, rounded up
+/* A mode's fused shrink: its row-tile flags (NULL: the shrink is its own kernel) and
+   the phase its item publishes. Down's at BM = 64 only: with 128-row tiles even an
+   empty branch for the item made ptxas spill 20 bytes in down's consumers (128
+   accumulators in 168 registers), so the plan leaves shrink2 to its kernel there. */
+template <int MODE, int BM> __device__ __forceinline__ int32_t *shrink_flags(const lmoe_fwd &f) {
+  return MODE == MODE_GATEUP ? f.s13f : BM == LMOE_SM90_FUSE_S2_BM ? f.s2f : nullptr;
+}
+__host__ __device__ constexpr int shrink_phase(int mode) { return mode == MODE_GATEUP ? 1 : 2; }
+/* The wgmma width of a fused shrink pass: the columns left, up to SF_PASS, rounded up
    to 64 or 128 */
-__device__ __forceinline__ int s13_width(int cols_left) { return cols_left > 64 ? 128 : 64; }
+__device__ __forceinline__ int sf_width(int cols_left) { return cols_left > 64 ? 128 : 64; }
 
 /* The plan of the BM rows at sorted row p0 (expert of row tile me), written by the 128
    producer threads (barrier 1: the consumers never wait on it). GU: gate_up's side
@@ -169,8 +178,10 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   const int ptid = threadIdx.x, ch = ptid & 7, rb = ptid >> 3;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  /* shrink13 fused (f.s13f): each row tile's first item of the walk computes its t13 */
-  const bool fs = MODE == MODE_GATEUP && use_lora && f.s13f != nullptr;
+  /* the mode's shrink fused (f.s13f, f.s2f): each row tile's first item of the walk
+     computes its t13 (t2) */
+  int32_t *const sfl = shrink_flags<MODE, BM>(f);
+  const bool fs = use_lora && sfl != nullptr;
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f) + (fs ? 1 : 0), total = ntm * ntn;
   /* A by TMA: down's (h, in sorted order) where tune.tma_a, gate_up's where x was
      gathered into sorted order (xg) */
@@ -187,7 +198,7 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     int m, nt;
     sm90_tile_of(t, ntm, ntn, tn.group_m, m, nt);
-    const bool shr = fs && nt == 0; /* the row tile's shrink13 */
+    const bool shr = fs && nt == 0; /* the row tile's shrink */
     if (fs) nt--;
     const int e = f.tile_expert[m], p0 = m * BM;
     const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
@@ -219,31 +230,35 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         arow[q] = pair >= 0 ? f.h + (size_t)(p0 + r) * hs : nullptr;
     }
     if (shr) {
-      /* The row tile's shrink13: its x (A as below) times its groups' A13 rows side by
-         side (B, each group's rank rounded up to 8 columns, zeros past it), by cp.async
-         from the pool, in passes of up to S13_PASS columns (btab: a pass's B rows). */
+      /* The row tile's shrink: its x or h (A as below) times its groups' A13 or A2 rows
+         side by side (B, each group's rank rounded up to 8 columns, zeros past it), by
+         cp.async from the pool, in passes of up to SF_PASS columns (btab: a pass's B
+         rows). */
+      constexpr bool GU = MODE == MODE_GATEUP;
       auto grp_of = [&](int r) { return f.sorted_group[p0 + r]; };
       int cols = 0;
-      sm90_for_groups<true, BM>(f, grp_of, [&](int, int, int rk) { cols += (rk + 7) & ~7; });
+      sm90_for_groups<GU, BM>(f, grp_of, [&](int, int, int rk) { cols += (rk + 7) & ~7; });
 #pragma unroll 1
-      for (int np = 0; np < cols; np += S13_PASS) {
-        static_assert(S13_PASS == 128, "a producer thread a B row of the pass");
+      for (int np = 0; np < cols; np += SF_PASS) {
+        static_assert(SF_PASS == 128, "a producer thread a B row of the pass");
         producer_sync(); /* the previous pass's rows are no longer read */
         {
-          /* this thread's row: packed column np + ptid, row q of a group's A13 (or zeros) */
+          /* this thread's row: packed column np + ptid, row q of a group's A (or zeros) */
           int off = 0, bslot = -1, bq = 0;
-          sm90_for_groups<true, BM>(f, grp_of, [&](int, int slot, int rk) {
+          sm90_for_groups<GU, BM>(f, grp_of, [&](int, int slot, int rk) {
             if (np + ptid >= off && np + ptid < off + rk) {
               bslot = slot;
               bq = np + ptid - off;
             }
             off += (rk + 7) & ~7;
           });
+          const uint16_t *sb = f.pool + (size_t)bslot * f.slot_elems;
           btab[ptid] = bslot < 0 ? nullptr
-                                 : f.pool + (size_t)bslot * f.slot_elems + f.off_a13 + ((size_t)e * 2 * f.R + bq) * H;
+                       : GU      ? sb + f.off_a13 + ((size_t)e * 2 * f.R + bq) * H
+                                 : sb + f.off_a2 + ((size_t)e * f.R + bq) * I;
         }
         producer_sync();
-        const int W = s13_width(cols - np);
+        const int W = sf_width(cols - np);
 #pragma unroll 1
         for (int c = 0; c < nbase; c++, it++) {
           const int s = it % ST;
@@ -321,9 +336,9 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
          another group and the unused slices' t. */
       constexpr int SLA = BM * 32, SLB = BN * 32;
       static_assert(4 * SLA == (int)S::A_BYTES && 4 * SLB == (int)S::B_BYTES, "four slices a stage");
-      if (fs && nlx > 0) { /* t13 by this walk's item: a lane of warp 1 acquires it (in
+      if (fs && nlx > 0) { /* t by this walk's item: a lane of warp 1 acquires it (in
                               thread 0, which issues the TMA, the wait made ptxas spill) */
-        if (ptid == 32) s13_wait(f.s13f + m, wd);
+        if (ptid == 32) sf_wait(sfl + m, shrink_phase(MODE), wd);
         producer_sync();
         if (ptid == 0) asm volatile("fence.proxy.async.global;\n" ::: "memory");
       }
@@ -361,8 +376,8 @@ __device__ __forceinline__ void producer(const lmoe_fwd &f, const CUtensorMap *t
         mbar_arrive(&full[s]);
       }
     } else if (use_lora) {
-      if (fs) { /* t13 by this walk's item: thread 0 acquires it for the producer */
-        if (ptid == 0) s13_wait(f.s13f + m, wd);
+      if (fs) { /* t by this walk's item: thread 0 acquires it for the producer */
+        if (ptid == 0) sf_wait(sfl + m, shrink_phase(MODE), wd);
         producer_sync();
       }
       /* This thread's 16-byte piece of a stage (column col of group g's rank, nb bytes
@@ -444,7 +459,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
   const bool xtma = use_lora && tn.expand_tma, rel = ltid == 0 || xtma;
   const int H = f.H, I = f.I;
   const int K = MODE == MODE_GATEUP ? H : I, nbase = (K + BK - 1) / BK, hs = (I + 7) & ~7;
-  const bool fs = MODE == MODE_GATEUP && use_lora && f.s13f != nullptr; /* as the producer's */
+  int32_t *const sfl = shrink_flags<MODE, BM>(f);
+  const bool fs = use_lora && sfl != nullptr; /* as the producer's */
   const int ntm = f.ntiles[0], ntn = n_tiles<MODE>(f) + (fs ? 1 : 0), total = ntm * ntn;
   float acc[128];
   uint32_t it = 0;
@@ -455,18 +471,15 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
     const bool shr = fs && nt == 0;
     if (fs) nt--;
     const int p0 = m * BM;
-    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
-    /* this thread's two rows (r, r + 8): their pairs loaded now, down's weights after the
-       first chunk's MMA is issued, so the epilogue does not wait on a dependent load
-       chain (gpu-notes 26) */
-    const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
-    const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     if (shr) {
-      /* The row tile's shrink13 (the producer's passes): each of this thread's rows keeps
-         its own group's columns, t13 = scale x acc, as lmoe_k_shrink13 writes it */
+      /* The row tile's shrink (the producer's passes): each of this thread's rows keeps
+         its own group's columns, t = scale x acc, as the shrink kernels write it */
+      constexpr bool GU = MODE == MODE_GATEUP;
+      const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
+      const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
       const int rg[2] = {f.sorted_group[r0], f.sorted_group[r0 + 8]};
       int cols = 0, roff[2] = {-1, -1}, rrk[2] = {0, 0}, rsl[2] = {0, 0};
-      sm90_for_groups<true, BM>(f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
+      sm90_for_groups<GU, BM>(f, [&](int r) { return f.sorted_group[p0 + r]; }, [&](int g, int slot, int rk) {
 #pragma unroll
         for (int hf = 0; hf < 2; hf++)
           if (g == rg[hf] && pre_pair[hf] >= 0) {
@@ -476,6 +489,10 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           }
         cols += (rk + 7) & ~7;
       });
+      /* the previous tile's accumulators end here, after the walk (down's epilogue leaves
+         them live for the next tile's first wgmma: kept through the walk, they spilled) */
+#pragma unroll
+      for (int i = 0; i < 128; i++) acc[i] = 0.0f;
       /* a pass's main loop at one wgmma width (the width's branch outside the loop: inside
          it, ptxas merged three accumulator shapes at every step and spilled) */
       auto pass = [&](auto wtag) {
@@ -511,8 +528,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
         if (rel) mbar_arrive(&empty[(it - 1) % ST]);
       };
 #pragma unroll 1
-      for (int np = 0; np < cols; np += S13_PASS) {
-        const int W = s13_width(cols - np);
+      for (int np = 0; np < cols; np += SF_PASS) {
+        const int W = sf_width(cols - np);
         if (W == 128)
           pass(std::integral_constant<int, 128>());
         else
@@ -522,14 +539,16 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           if (roff[hf] < 0) continue;
           const int w = (rrk[hf] + 7) & ~7;
           const lmoe_dslot ds = f.slots[rsl[hf]];
-          uint16_t *trow = f.t13 + (size_t)(r0 + 8 * hf) * f.t13s;
+          uint16_t *trow = GU ? f.t13 + (size_t)(r0 + 8 * hf) * f.t13s : f.t2 + (size_t)(r0 + 8 * hf) * f.t2s;
 #pragma unroll
-          for (int i = 0; i < S13_PASS / 8; i++) {
+          for (int i = 0; i < SF_PASS / 8; i++) {
             const int cc = np + 8 * i + 2 * (lane & 3) - roff[hf];
             if (8 * i >= W || cc < 0 || cc >= w) continue;
-            const float s0 = cc >= ds.g_lo && cc < ds.g_hi ? ds.sg : cc >= ds.u_lo && cc < ds.u_hi ? ds.su : 0.0f;
-            const float s1 =
-                cc + 1 >= ds.g_lo && cc + 1 < ds.g_hi ? ds.sg : cc + 1 >= ds.u_lo && cc + 1 < ds.u_hi ? ds.su : 0.0f;
+            float s0 = ds.sd, s1 = ds.sd;
+            if (GU) {
+              s0 = cc >= ds.g_lo && cc < ds.g_hi ? ds.sg : cc >= ds.u_lo && cc < ds.u_hi ? ds.su : 0.0f;
+              s1 = cc + 1 >= ds.g_lo && cc + 1 < ds.g_hi ? ds.sg : cc + 1 >= ds.u_lo && cc + 1 < ds.u_hi ? ds.su : 0.0f;
+            }
             *(uint32_t *)(trow + cc) = pack2(s0 * acc[4 * i + 2 * hf], s1 * acc[4 * i + 2 * hf + 1]);
           }
         }
@@ -538,9 +557,15 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
          tile's first wgmma does not keep them live through this item) */
 #pragma unroll
       for (int i = 0; i < 128; i++) acc[i] = 0.0f;
-      s13_publish<S::NC>(f.s13f + m);
+      sf_publish<S::NC>(sfl + m, shrink_phase(MODE));
       continue;
     }
+    const int n0 = MODE == MODE_GATEUP ? nt * (BN / 2) : f.n0 + nt * BN;
+    /* this thread's two rows (r, r + 8): their pairs loaded now, down's weights after the
+       first chunk's MMA is issued, so the epilogue does not wait on a dependent load
+       chain (gpu-notes 26) */
+    const int r0 = p0 + wgc * 64 + warp * 16 + (lane >> 2);
+    const int pre_pair[2] = {f.sorted_pair[r0], f.sorted_pair[r0 + 8]};
     float pre_w[2] = {0.0f, 0.0f};
     /* shrink2 in this epilogue (f.t2p): the rows' groups and the tile's expert now,
        their slots after the first chunk's MMAs, ranks and A2's lines a few chunks on */
@@ -692,7 +717,7 @@ __global__ void __launch_bounds__(shape<BM>::THREADS, 1)
   uint64_t *full = (uint64_t *)(smem + ST * S::STAGE), *empty = full + ST;
   int32_t *sg = (int32_t *)(empty + ST); /* the TMA expand's slice groups, four a stage */
   int32_t *gl = sg + 4 * ST;             /* and its tile's groups (producer thread 0) */
-  const uint16_t **btab = (const uint16_t **)(gl + 2 * BM); /* the fused shrink13's B rows */
+  const uint16_t **btab = (const uint16_t **)(gl + 2 * BM); /* a fused shrink's B rows */
   const int use_lora = lora && f.meta && f.meta[1] > 0;
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {

@@ -138,6 +138,12 @@ typedef struct lmoe_fwd {
      scope), and an N tile's producer waits for it (acquire) before loading the expand's
      t13. Zeroed by the scan each forward. NULL: lmoe_k_shrink13 computes t13 */
   int32_t *s13f;             /* [mt_max] */
+  /* The same for shrink2 inside the bf16 sm90 down (its row tile's h times the groups'
+     A2, into t2), on the same flags: gate_up's items set a tile's flag to 1, down's to
+     2, and each kernel's N tiles wait for their own value. NULL: lmoe_k_shrink2 (or
+     t2p's finish) computes t2; the backend clears it for every column chunk of down but
+     the first, whose launch has written t2 whole */
+  int32_t *s2f;              /* [mt_max] (the region of s13f) */
   /* batch and pool */
   const int32_t *meta;       /* device meta, or NULL (no LoRA) */
   const lmoe_dslot *slots;
@@ -217,9 +223,9 @@ typedef struct lmoe_k_plan_args {
   int32_t lora;                 /* LoRA may run: the pool's fields are filled (meta is the caller's) */
   int32_t groups;               /* adapters active in the batch (0 if unknown): a hint for the
                                    shrinks' pass width, never for correctness */
-  int32_t cols13;               /* the active adapters' gate_up ranks, each rounded up to 8,
-                                   summed (0 if unknown): a hint for where shrink13 runs
-                                   (gemm_config.h's fuse_s13), never for correctness */
+  int32_t cols13, cols2;        /* the active adapters' gate_up (down) ranks, each rounded up
+                                   to 8, summed (0 if unknown): hints for where the shrinks
+                                   run (gemm_config.h's fuse_s13), never for correctness */
   /* the forward */
   int64_t M;
   const uint16_t *x;

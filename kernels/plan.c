@@ -146,14 +146,22 @@ size_t lmoe_k_plan(const lmoe_k_plan_args *a, lmoe_fwd *f) {
         planes * (size_t)f->h_rows * (size_t)f->t2s * 4 <= L.t13 - L.y /* y's region */)
       f->t2p = (float *)(ws + L.y);
   }
-  /* shrink13 inside the bf16 sm90 gate_up (gemm_config.h's fuse_s13): its B, the pool's
-     A13 rows, read in 16-byte pieces; by the shape where the batch's active adapters
-     (or, not known, groups x the pool's widest) fit one 256-column pass */
-  if (lora && !a->fp8 && g.engine == LMOE_ENGINE_SM90 && (pool->al_lora & LMOE_AL_A13) &&
-      a->dev->fuse_s13 != LMOE_FUSE_OFF) {
-    const int64_t cols = a->cols13 > 0 ? a->cols13 : groups * (((int64_t)2 * pool->max_rank + 7) / 8 * 8);
-    if (a->dev->fuse_s13 == LMOE_FUSE_ON || cols <= LMOE_SM90_FUSE_S13_MAX_COLS)
+  /* shrink13 inside the bf16 sm90 gate_up, shrink2 inside its down (gemm_config.h's
+     fuse_s13, fuse_s2): their B, the pool's A13 (A2) rows, read in 16-byte pieces; by
+     the shape where the batch's active adapters' ranks on that side (or, not known,
+     groups x the pool's widest) fit LMOE_SM90_FUSE_S13_MAX_COLS columns; shrink2 only
+     in 64-row tiles (LMOE_SM90_FUSE_S2_BM) and not where gate_up's epilogue computes it
+     (t2p) */
+  if (lora && !a->fp8 && g.engine == LMOE_ENGINE_SM90) {
+    const int64_t c13 = a->cols13 > 0 ? a->cols13 : groups * (((int64_t)2 * pool->max_rank + 7) / 8 * 8);
+    const int64_t c2 = a->cols2 > 0 ? a->cols2 : groups * (((int64_t)pool->max_rank + 7) / 8 * 8);
+    if ((pool->al_lora & LMOE_AL_A13) && (a->dev->fuse_s13 == LMOE_FUSE_ON ||
+                                          (a->dev->fuse_s13 == LMOE_FUSE_BY_SHAPE && c13 <= LMOE_SM90_FUSE_S13_MAX_COLS)))
       f->s13f = (int32_t *)(ws + L.s13f);
+    if ((pool->al_lora & LMOE_AL_A2) && !f->t2p && f->bm == LMOE_SM90_FUSE_S2_BM &&
+        (a->dev->fuse_s2 == LMOE_FUSE_ON ||
+         (a->dev->fuse_s2 == LMOE_FUSE_BY_SHAPE && c2 <= LMOE_SM90_FUSE_S13_MAX_COLS)))
+      f->s2f = (int32_t *)(ws + L.s13f);
   }
   if (a->fp8) { /* gate_up and down go to the FP8 engine (gemm.c); the shrinks as above */
     f->fp8 = 1;

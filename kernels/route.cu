@@ -210,9 +210,11 @@ static __global__ void k_scan(lmoe_fwd f) {
   if (G > gs) G = gs;
   int *send = sbase + E;
   for (int e = threadIdx.x; e < E; e += blockDim.x) send[e] = 0;
-  /* the row tiles' t13 flags of a gate_up that computes shrink13 (lmoe_fwd.s13f) */
-  if (f.s13f)
-    for (int m = threadIdx.x; m < f.mt_max; m += blockDim.x) f.s13f[m] = 0;
+  /* the row tiles' flags of a gate_up or down that computes its shrink (lmoe_fwd.s13f,
+     s2f: one region) */
+  int32_t *const sfl = f.s13f ? f.s13f : f.s2f;
+  if (sfl)
+    for (int m = threadIdx.x; m < f.mt_max; m += blockDim.x) sfl[m] = 0;
   __syncthreads();
   /* each (expert, group)'s count summed over the replicas, kept in off's first replica
      until its start is written there; an expert's real rows in send */

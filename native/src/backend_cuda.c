@@ -390,13 +390,15 @@ static size_t cu_workspace_bytes(const lmoe_context *ctx, const lmoe_layer_confi
   return L.total + part_bytes(cfg);
 }
 
-/* The batch's active adapters' gate_up ranks, each rounded up to 8, summed: the columns
-   a row tile's shrink13 takes at most (the plan's hint for fusing it into gate_up). */
-static int32_t active_cols13(const lmoe_pool *pool, const int32_t *meta) {
+/* The batch's active adapters' gate_up (down: r2) ranks, each rounded up to 8, summed:
+   the columns a row tile's shrink takes at most (the plan's hint for fusing it into
+   gate_up, down). */
+static int32_t active_cols(const lmoe_pool *pool, const int32_t *meta, bool down) {
   const int32_t n = lmoe_meta_active_count(meta), *act = lmoe_meta_active(meta);
   int64_t cols = 0;
   for (int32_t i = 0; i < n; i++)
-    if (act[i] >= 0 && act[i] < pool->cfg.num_slots) cols += (pool->slots[act[i]].r13 + 7) / 8 * 8;
+    if (act[i] >= 0 && act[i] < pool->cfg.num_slots)
+      cols += ((down ? pool->slots[act[i]].r2 : pool->slots[act[i]].r13) + 7) / 8 * 8;
   return cols > INT32_MAX ? INT32_MAX : (int32_t)cols;
 }
 
@@ -826,7 +828,8 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
       .pool = pool ? &((cuda_pool *)pool->be)->plan : NULL,
       .lora = lora_possible,
       .groups = plan->meta ? lmoe_meta_active_count(plan->meta) : 0,
-      .cols13 = pool && plan->meta ? active_cols13(pool, plan->meta) : 0,
+      .cols13 = pool && plan->meta ? active_cols(pool, plan->meta, false) : 0,
+      .cols2 = pool && plan->meta ? active_cols(pool, plan->meta, true) : 0,
       .M = M,
       .x = plan->x->data,
       .out = plan->out->data,
@@ -887,10 +890,12 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
   if (f.xg) LAUNCH(lmoe_k_gather_x(&f, s), 0);
   /* t13: computed inside gate_up where the plan says (f.s13f), else by shrink13 */
   if (run_lora && !f.s13f) LAUNCH(lmoe_k_shrink13(&f, s), 1);
-  LAUNCH(lmoe_k_gateup(&f, run_lora, s), 0);
+  LAUNCH(lmoe_k_gateup(&f, run_lora, s), run_lora && f.s13f); /* LoRA work where it holds shrink13 */
   if (lmoe_k_quant_h_needed(&f)) LAUNCH(lmoe_k_quant_h(&f, s), 0);
-  /* t2: its partials came out of gate_up's epilogue (f.t2p), or shrink2 */
-  if (run_lora) LAUNCH(f.t2p ? lmoe_k_t2_finish(&f, s) : lmoe_k_shrink2(&f, s), 1);
+  /* t2: its partials came out of gate_up's epilogue (f.t2p), or shrink2, unless down
+     computes it (f.s2f) */
+  if (run_lora && f.t2p) LAUNCH(lmoe_k_t2_finish(&f, s), 1);
+  if (run_lora && !f.t2p && !f.s2f) LAUNCH(lmoe_k_shrink2(&f, s), 1);
   /* down and the top-k sum: over NCCL by column chunks, each one's all-reduce then
      overlapping the next one's down (cu_shard_chunk) */
   cuda_ctx *cc = ctx->be;
@@ -907,7 +912,8 @@ static lmoe_status cu_forward(lmoe_context *ctx, const lmoe_forward_plan *plan, 
       f.n0 = cc->bounds[ch], f.n1 = cc->bounds[ch + 1];
       if (part0) f.part = part0 + (size_t)M * (size_t)f.n0;
     }
-    LAUNCH(lmoe_k_down(&f, run_lora, s), 0);
+    LAUNCH(lmoe_k_down(&f, run_lora, s), run_lora && f.s2f);
+    f.s2f = NULL; /* the first chunk's down has written t2 whole */
     LAUNCH(lmoe_k_reduce(&f, s), 0);
     if (over_nccl && cc->nchunks > 1 && (e = cudaEventRecord(cc->chunk_ev[ch], s)))
       return cuda_err(ctx, e, "cudaEventRecord");

@@ -26,7 +26,7 @@ static void test_select(void) {
   const int64_t pairs[] = {0, 1, 95, 96, 767, 768, 6143, 6144, 12288, 1 << 20};
   for (size_t a = 0; a < sizeof smems / sizeof *smems; a++)
     for (size_t b = 0; b < sizeof envs / sizeof *envs; b++) {
-      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0, 0, 0, 0, 0};
+      lmoe_gemm_device d = {90, smems[a], envs[b], 0, 0, 0, 0, 0, 0, 0, 0, 0};
       int sup = lmoe_gemm_supported(&d);
       CHECK(sup == old_supported(smems[a]), "smem %d: supported %d", smems[a], sup);
       if (!sup) continue;
@@ -54,7 +54,7 @@ static void test_select(void) {
    sm90 row fits the device. */
 static void test_select_sm90(void) {
   lmoe_gemm_choice g;
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0, 0, 0, 0};
   CHECK(lmoe_gemm_supported(&d), "an H200 is supported");
   /* mixtral's sizes: both shrinks' K (4096, 14336) long enough for the sm90 rows */
   CHECK(lmoe_gemm_select(&d, 1 << 20, 128, 4096, 14336, 1, &g) == 0 && g.engine == LMOE_ENGINE_SM90 &&
@@ -105,7 +105,7 @@ static void test_select_sm90(void) {
    W2 rows and pointers, and with LoRA the pool's B13 and B2 rows (and A13 rows for
    its shrink13, A2 rows for its shrink2, else that shrink runs on sm80). */
 static void test_plan_sm90(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, LMOE_SHRINK_SM90, 0, 0, 0, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(4096, 8, 1024, 768, 2, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -164,7 +164,7 @@ static void test_plan_sm90(void) {
 }
 
 static void test_plan(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0};
   lmoe_ws_layout L;
   lmoe_k_layout(512, 64, 1024, 768, 8, 4, 16, &L);
   void *ws = malloc(L.total);
@@ -208,7 +208,7 @@ static void test_plan(void) {
    activations' (x's group scales and h's codes and scales, by sorted row; x's codes in
    y's region), the weights' block scales, and every pair's sorted row. */
 static void test_plan_fp8(void) {
-  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0, 0, 0};
+  lmoe_gemm_device d = {90, 232448, -1, 1, 0, 0, 0, 0, 0, 0, 0, 0};
   lmoe_ws_layout L, L0;
   lmoe_k_layout(512, 8, 1024, 768, 2, 0, 0, &L0);
   lmoe_k_layout_fp8(512, 8, 1024, 768, 2, 0, 0, 1, &L);
@@ -265,7 +265,7 @@ static void test_plan_gather(void) {
     lmoe_ws_layout L;
     lmoe_k_layout(maxT, 8, 1024, cases[i].I, 2, 0, 0, &L);
     void *ws = malloc(L.total);
-    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode, 0, 0, 0, 0};
+    lmoe_gemm_device d = {90, 232448, -1, cases[i].sm90, 0, 0, cases[i].mode, 0, 0, 0, 0, 0};
     lmoe_k_plan_args a = {.max_tokens = maxT, .E = 8, .H = 1024, .I = cases[i].I, .k = 2, .w13 = w, .w2 = w,
                           .M = cases[i].M, .x = x, .out = out, .topk_ids = ids, .topk_w = tw,
                           .workspace = ws, .workspace_bytes = L.total, .dev = &d};
@@ -388,7 +388,9 @@ static void test_plan_shrink_sn(void) {
    engine, bf16, the pool's A13 rows 16-byte aligned; by the shape where the active
    adapters' packed gate_up ranks (cols13, or groups x the pool's widest when not known)
    take at most LMOE_SM90_FUSE_S13_MAX_COLS, or forced either way (LMOE_SM90_FUSE_S13);
-   the flags in their own region, a row tile each. */
+   the flags in their own region, a row tile each. shrink2 inside down (s2f) likewise
+   on the down ranks (cols2) and A2's alignment, in 64-row tiles only, and not where
+   gate_up's epilogue computes it (t2p); on the same flags. */
 static void test_plan_s13f(void) {
   static _Alignas(16) uint16_t x[64], out[16], w[64];
   static float s13[16], s2[16];
@@ -427,12 +429,63 @@ static void test_plan_s13f(void) {
                           .topk_ids = ids, .topk_w = tw, .workspace = ws, .workspace_bytes = L.total, .dev = &d};
     lmoe_fwd f;
     CHECK(lmoe_k_plan(&a, &f) == L.total, "s13f case %zu: planned", i);
+    CHECK(f.bm == 128 && !f.s2f, "s13f case %zu (%s): shrink2 its own kernel with 128-row tiles", i,
+          cases[i].what);
     if (cases[i].want)
       CHECK(f.engine == LMOE_ENGINE_SM90 && (uint8_t *)f.s13f == (uint8_t *)ws + L.s13f &&
                 L.s13f + (size_t)f.mt_max * 4 <= L.ntiles && L.s13f >= L.tile_expert + (size_t)f.mt_max * 4,
             "s13f case %zu (%s): a flag a row tile, in its own region", i, cases[i].what);
     else
       CHECK(!f.s13f, "s13f case %zu (%s): shrink13 its own kernel", i, cases[i].what);
+    free(ws);
+  }
+}
+
+/* shrink2 inside the bf16 sm90 down (lmoe_fwd.s2f): see test_plan_s13f. */
+static void test_plan_s2f(void) {
+  static _Alignas(16) uint16_t x[64], out[16], w[64];
+  int32_t ids[8];
+  float tw[8];
+  lmoe_dslot table[4];
+  const int32_t H = 2048, I = 768, E = 64, k = 2, R = 16; /* the pool's widest down rank: 16 */
+  const int64_t T = 256;                                  /* 8 pairs an expert: 64-row tiles */
+  const struct {
+    int sm90, fuse, t2, a2off, groups, cols2, want;
+    const char *what;
+  } cases[] = {
+      {1, LMOE_FUSE_BY_SHAPE, 0, 0, 4, 64, 1, "four rank-16 adapters"},
+      {1, LMOE_FUSE_BY_SHAPE, 0, 0, 32, LMOE_SM90_FUSE_S13_MAX_COLS, 1, "at the bound"},
+      {1, LMOE_FUSE_BY_SHAPE, 0, 0, 33, LMOE_SM90_FUSE_S13_MAX_COLS + 8, 0, "a group's columns past it"},
+      {1, LMOE_FUSE_BY_SHAPE, 0, 0, 16, 0, 1, "ranks unknown: 16 groups x 16"},
+      {1, LMOE_FUSE_BY_SHAPE, 0, 0, 17, 0, 0, "ranks unknown: 17 groups x 16"},
+      {1, LMOE_FUSE_ON, 0, 0, 40, 4000, 1, "forced on, many passes"},
+      {1, LMOE_FUSE_OFF, 0, 0, 4, 64, 0, "forced off"},
+      {0, LMOE_FUSE_ON, 0, 0, 4, 64, 0, "the sm80 engine"},
+      {1, LMOE_FUSE_ON, 1, 0, 4, 64, 0, "shrink2 in gate_up's epilogue"},
+      {1, LMOE_FUSE_ON, 0, 8, 4, 64, 0, "A2 rows 8 bytes off"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    lmoe_ws_layout L;
+    lmoe_k_layout(T, E, H, I, k, 4, R, &L);
+    void *ws = malloc(L.total);
+    lmoe_k_pool_plan pp;
+    lmoe_k_plan_pool(H, I, 4, R, (void *)w, 1 << 24, 0, 1 << 20, (size_t)(1 << 21) + (size_t)cases[i].a2off,
+                     1 << 22, table, &pp);
+    lmoe_gemm_device d = {.cc = 90, .smem_optin = 232448, .force_cfg = -1, .sm90 = cases[i].sm90,
+                          .shrink_mode = LMOE_SHRINK_BY_K, .fuse_t2 = cases[i].t2, .fuse_s13 = LMOE_FUSE_OFF,
+                          .fuse_s2 = cases[i].fuse};
+    lmoe_k_plan_args a = {.max_tokens = T, .E = E, .H = H, .I = I, .k = k, .w13 = w, .w2 = w, .pool = &pp,
+                          .lora = 1, .groups = cases[i].groups, .cols2 = cases[i].cols2, .M = T, .x = x,
+                          .out = out, .topk_ids = ids, .topk_w = tw, .workspace = ws, .workspace_bytes = L.total,
+                          .dev = &d};
+    lmoe_fwd f;
+    CHECK(lmoe_k_plan(&a, &f) == L.total, "s2f case %zu: planned", i);
+    CHECK(!f.s13f, "s2f case %zu: shrink13 its own kernel (fuse_s13 off)", i);
+    if (cases[i].want)
+      CHECK(f.engine == LMOE_ENGINE_SM90 && f.bm == LMOE_SM90_FUSE_S2_BM && (uint8_t *)f.s2f == (uint8_t *)ws + L.s13f,
+            "s2f case %zu (%s): down computes shrink2, on the flags' region", i, cases[i].what);
+    else
+      CHECK(!f.s2f, "s2f case %zu (%s): shrink2 its own kernel", i, cases[i].what);
     free(ws);
   }
 }
@@ -478,6 +531,7 @@ int main(void) {
   test_plan_gather();
   test_plan_t2p();
   test_plan_s13f();
+  test_plan_s2f();
   test_plan_shrink_sn();
   test_select();
   test_select_sm90();
