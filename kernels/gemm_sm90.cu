@@ -489,10 +489,6 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           }
         cols += (rk + 7) & ~7;
       });
-      /* the previous tile's accumulators end here, after the walk (down's epilogue leaves
-         them live for the next tile's first wgmma: kept through the walk, they spilled) */
-#pragma unroll
-      for (int i = 0; i < 128; i++) acc[i] = 0.0f;
       /* a pass's main loop at one wgmma width (the width's branch outside the loop: inside
          it, ptxas merged three accumulator shapes at every step and spilled) */
       auto pass = [&](auto wtag) {
@@ -553,10 +549,14 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           }
         }
       }
-      /* the accumulators' values end here (as gate_up's epilogue does, so that the next
-         tile's first wgmma does not keep them live through this item) */
+      /* gate_up: the accumulators' values end here (as its epilogue does, so that the
+         next tile's first wgmma does not keep them live through this item). Not in down,
+         whose epilogue leaves them live: there the zeros made ptxas serialise every
+         wgmma of the kernel (its C7515 remark) */
+      if (MODE == MODE_GATEUP) {
 #pragma unroll
-      for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+        for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+      }
       sf_publish<S::NC>(sfl + m, shrink_phase(MODE));
       continue;
     }
