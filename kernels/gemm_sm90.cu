@@ -132,6 +132,26 @@ template <int MODE, int BM> __device__ __forceinline__ int32_t *shrink_flags(con
   return MODE == MODE_GATEUP ? f.s13f : BM == LMOE_SM90_FUSE_S2_BM ? f.s2f : nullptr;
 }
 __host__ __device__ constexpr int shrink_phase(int mode) { return mode == MODE_GATEUP ? 1 : 2; }
+/* A shrink stage's four k16 steps, W columns wide (wgmma m64nWk16: 64 or 128), A's 64
+   rows at as and B's W rows at bs, both 128-byte swizzled K-major tiles; the
+   accumulators start from zero where first (k_shrink's passes and the fused shrinks'). */
+template <int W> __device__ __forceinline__ void shrink_stage_mma(float *acc, uint32_t as, uint32_t bs, bool first) {
+  static_assert(W == 64 || W == 128, "a shrink pass is 64 or 128 columns wide");
+  const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
+#pragma unroll
+  for (int i = 0; i < W / 2; i++) reg_fence(acc[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BK / 16; kk++) {
+    if constexpr (W == 128)
+      wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, !first || kk > 0);
+    else
+      wgmma_m64n64k16(acc, da + 2 * kk, db + 2 * kk, !first || kk > 0);
+  }
+  wgmma_commit();
+#pragma unroll
+  for (int i = 0; i < W / 2; i++) reg_fence(acc[i]);
+}
 /* The wgmma width of a fused shrink pass: the columns left, up to SF_PASS, rounded up
    to 64 or 128 */
 __device__ __forceinline__ int sf_width(int cols_left) { return cols_left > 64 ? 128 : 64; }
@@ -498,21 +518,8 @@ __device__ __forceinline__ void consumer(const lmoe_fwd &f, int use_lora, uint8_
           const int s = it % ST;
           mbar_wait(&full[s], (it / ST) & 1, wd);
           fence_proxy_async();
-          const uint32_t as = smem_u32(smem + s * S::STAGE) + wgc * 64 * 128, bs = smem_u32(smem + s * S::STAGE + S::A_BYTES);
-          const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
-#pragma unroll
-          for (int i = 0; i < WW / 2; i++) reg_fence(acc[i]);
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < BK / 16; kk++) {
-            if constexpr (WW == 128)
-              wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
-            else
-              wgmma_m64n64k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
-          }
-          wgmma_commit();
-#pragma unroll
-          for (int i = 0; i < WW / 2; i++) reg_fence(acc[i]);
+          shrink_stage_mma<WW>(acc, smem_u32(smem + s * S::STAGE) + wgc * 64 * 128,
+                               smem_u32(smem + s * S::STAGE + S::A_BYTES), c == 0);
           if (c > 0) {
             wgmma_wait<1>();
             if (rel) mbar_arrive(&empty[(it - 1) % ST]);
@@ -904,21 +911,8 @@ __device__ __forceinline__ void shrink_consumer(const lmoe_fwd &f, uint8_t *smem
       s = it % ST;
       if (c > 0) mbar_wait(&full[s], (it / ST) & 1, wd);
       fence_proxy_async();
-      const uint32_t as = smem_u32(smem + s * S::STAGE), bs = as + S::A_BYTES;
-      const uint64_t da = desc_sw128(as), db = desc_sw128(bs);
-#pragma unroll
-      for (int i = 0; i < W / 2; i++) reg_fence(acc[i]);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BK / 16; kk++) {
-        if constexpr (W == 128)
-          wgmma_m64n128k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
-        else
-          wgmma_m64n64k16(acc, da + 2 * kk, db + 2 * kk, c > 0 || kk > 0);
-      }
-      wgmma_commit();
-#pragma unroll
-      for (int i = 0; i < W / 2; i++) reg_fence(acc[i]);
+      const uint32_t as = smem_u32(smem + s * S::STAGE);
+      shrink_stage_mma<W>(acc, as, as + S::A_BYTES, c == 0);
       if (c > 0) {
         wgmma_wait<1>();
         mbar_arrive(&empty[(it - 1) % ST]);
