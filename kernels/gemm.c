@@ -6,6 +6,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A fused shrink's switch: "1" on wherever it can be, "0" off, "shape" by the shape,
+   unset or empty the default (gemm_config.h's LMOE_SM90_FUSE_DEFAULT) */
+static int32_t fuse_mode(const char *v) {
+  if (!v || !*v) return LMOE_SM90_FUSE_DEFAULT;
+  if (strcmp(v, "shape") == 0) return LMOE_FUSE_BY_SHAPE;
+  return atoi(v) != 0 ? LMOE_FUSE_ON : LMOE_FUSE_OFF;
+}
+
 cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   int d = 0, limit = 0, major = 0, minor = 0;
   cudaError_t e = cudaGetDevice(&d);
@@ -42,12 +50,10 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   const char *ft = getenv("LMOE_SM90_FUSE_T2");
   dev->fuse_t2 = ft && atoi(ft) != 0;
   /* LMOE_SM90_FUSE_S13 (for measuring): 1 shrink13 inside the bf16 sm90 gate_up wherever
-     it can be, 0 never; unset, by the shape (gemm_config.h) */
-  const char *fs = getenv("LMOE_SM90_FUSE_S13");
-  dev->fuse_s13 = !fs || !*fs ? LMOE_FUSE_BY_SHAPE : atoi(fs) != 0 ? LMOE_FUSE_ON : LMOE_FUSE_OFF;
+     it can be, 0 never, "shape" by the shape (gemm_config.h); unset, LMOE_SM90_FUSE_DEFAULT */
+  dev->fuse_s13 = fuse_mode(getenv("LMOE_SM90_FUSE_S13"));
   /* LMOE_SM90_FUSE_S2 (for measuring): the same for shrink2 inside the bf16 sm90 down */
-  const char *f2 = getenv("LMOE_SM90_FUSE_S2");
-  dev->fuse_s2 = !f2 || !*f2 ? LMOE_FUSE_BY_SHAPE : atoi(f2) != 0 ? LMOE_FUSE_ON : LMOE_FUSE_OFF;
+  dev->fuse_s2 = fuse_mode(getenv("LMOE_SM90_FUSE_S2"));
   /* LMOE_SHARD_CHUNKS (for measuring): a sharded layer's column chunks (lmoe_k_shard_chunks) */
   const char *sc = getenv("LMOE_SHARD_CHUNKS");
   dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;

@@ -123,6 +123,9 @@ enum { LMOE_SM90_SHRINK_NARROW_ROWS = 128 };
    tile's x or h: a tile holds at most one group an active adapter); else the shrink's
    own kernel reads x (h) again. */
 enum { LMOE_FUSE_BY_SHAPE = 0, LMOE_FUSE_ON = 1, LMOE_FUSE_OFF = 2 };
+/* The default while the fused shrinks have not been measured on a GPU: off (the shrinks
+   their own kernels, as before them); LMOE_SM90_FUSE_S13 / _S2 = shape, 1 or 0 choose. */
+enum { LMOE_SM90_FUSE_DEFAULT = LMOE_FUSE_OFF };
 enum { LMOE_SM90_FUSE_S13_MAX_COLS = 256 };
 /* shrink2 inside down only with this row tile (gemm_sm90.cu's shrink_flags: with 128-row
    tiles down's consumers would spill) */

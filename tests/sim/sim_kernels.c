@@ -144,8 +144,8 @@ cudaError_t lmoe_k_init(lmoe_gemm_device *dev) {
   dev->shrink_mode = LMOE_SHRINK_BY_K; /* as lmoe_k_init without LMOE_SM90_SHRINK */
   dev->shrink_sn = 0;                  /* as lmoe_k_init without LMOE_SM90_SHRINK_SN */
   dev->fuse_t2 = 0;                    /* as lmoe_k_init without LMOE_SM90_FUSE_T2 */
-  dev->fuse_s13 = LMOE_FUSE_BY_SHAPE;  /* as lmoe_k_init without LMOE_SM90_FUSE_S13 and */
-  dev->fuse_s2 = LMOE_FUSE_BY_SHAPE;   /* _S2 (sm90 is off here: the shrinks stay kernels) */
+  dev->fuse_s13 = LMOE_SM90_FUSE_DEFAULT; /* as lmoe_k_init without LMOE_SM90_FUSE_S13 and */
+  dev->fuse_s2 = LMOE_SM90_FUSE_DEFAULT;  /* _S2 (sm90 is off here: the shrinks stay kernels) */
   const char *sc = getenv("LMOE_SHARD_CHUNKS"); /* as lmoe_k_init */
   dev->shard_chunks = sc && atoi(sc) > 0 ? atoi(sc) : 0;
   return cudaSuccess;
